@@ -1,0 +1,95 @@
+//! Every way a build can fail, each with the context a person needs to fix it:
+//! the file, key, URL or package, and what was expected.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Config { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    ConfigKey {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{file}: no lock entry for Debian package `{package}`; run `make lock variant={variant}` to resolve and pin it")]
+    NotLocked {
+        file: PathBuf,
+        package: String,
+        variant: String,
+    },
+    #[error("Debian package resolution failed: {message}")]
+    Resolve { message: String },
+    #[error("downloading {url}: {message}")]
+    Download { url: String, message: String },
+    #[error("{what} is pinned in the lock but has left Debian's archive ({url} answered {status}); run `make lock variant={variant}` to re-pin to what the archive serves now, then rebuild")]
+    PinGone {
+        what: String,
+        url: String,
+        status: u16,
+        variant: String,
+    },
+    #[error("{what}: sha256 mismatch: the lock pins {expected} but {url} served {found}; the file was not cached")]
+    HashMismatch {
+        what: String,
+        url: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{what} is not in the cache and cannot be fetched offline: download {url} (sha256 {sha256}) and put it at {cache_path}")]
+    OfflineMissing {
+        what: String,
+        url: String,
+        sha256: String,
+        cache_path: PathBuf,
+    },
+    #[error("{what}: {message}")]
+    Package { what: String, message: String },
+    #[error("kernel {kernel_version}: options required by {file} are missing or wrong in the kernel's config: {missing}")]
+    KernelConfig {
+        file: PathBuf,
+        kernel_version: String,
+        missing: String,
+    },
+    #[error("`{command}` failed: {message}")]
+    Command { command: String, message: String },
+    #[error("missing host tool `{tool}` (Debian package `{package}`); run `make host-tools` or `apt-get install {package}`")]
+    HostTool { tool: String, package: String },
+    #[error(transparent)]
+    Format(#[from] os_format::FormatError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl BuildError {
+    /// An IO error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BuildError {
+        let path = path.into();
+        move |source| BuildError::Io { path, source }
+    }
+
+    /// Process exit code for `main`: 2 for bad input a person must fix, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuildError::Config { .. }
+            | BuildError::ConfigKey { .. }
+            | BuildError::NotLocked { .. }
+            | BuildError::KernelConfig { .. }
+            | BuildError::HostTool { .. }
+            | BuildError::OfflineMissing { .. }
+            | BuildError::PinGone { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T, E = BuildError> = std::result::Result<T, E>;

@@ -1,0 +1,90 @@
+//! `racklet-image`: a thin CLI over the image-builder library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use image_builder::lock::{self, LockFile, Requested};
+use image_builder::mirror::Mirrors;
+use image_builder::recipe::Recipe;
+use image_builder::variant::Variant;
+use image_builder::{BuildError, Result};
+
+#[derive(Parser)]
+#[command(name = "racklet-image", version, about = "Build Racklet OS images from pinned inputs")]
+struct Cli {
+    /// The project's top directory (holds variants/, packages/, kernel-config/).
+    #[arg(long, global = true, default_value = ".")]
+    project: PathBuf,
+    /// Print a JSON result on stdout for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve the variant's Debian packages with apt and pin them in its lock file.
+    Lock {
+        #[arg(long)]
+        variant: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RACKLET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(&cli) {
+        Ok(value) => {
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": error.to_string()})
+                );
+            }
+            ExitCode::from(error.exit_code() as u8)
+        }
+    }
+}
+
+fn load_recipes(cli: &Cli, variant: &Variant) -> Result<Vec<Recipe>> {
+    variant
+        .recipes
+        .iter()
+        .map(|name| Recipe::load(&cli.project, name))
+        .collect()
+}
+
+fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
+    match &cli.command {
+        Command::Lock { variant } => {
+            let variant = Variant::load(&cli.project, variant)?;
+            let recipes = load_recipes(cli, &variant)?;
+            let requested = Requested::of(&variant, &recipes);
+            let mirrors = Mirrors::from_system()?;
+            let path = variant.lock_file(&cli.project);
+            let lock: LockFile = lock::resolve(&variant, &requested, &mirrors, &path)?;
+            tracing::info!(packages = lock.package.len(), file = %path.display(), "lock written");
+            Ok(serde_json::json!({"ok": true, "lock": path, "packages": lock.package.len()}))
+        }
+    }
+}

@@ -1,0 +1,1898 @@
+//! GUID Partition Table (GPT) reading and writing.
+//!
+//! The image builder uses this module to write the partition table of `disk.img`;
+//! the update agent and the initramfs use it to find partitions by their unique
+//! GUID on a real disk or on a disk image file. It only needs `Read`/`Write`/`Seek`,
+//! so it works the same on a file, a block device or an in-memory buffer.
+//!
+//! Terms used throughout:
+//! - *GUID*: a 128-bit globally unique identifier (the same thing as a UUID).
+//! - *LBA* (logical block address): the index of a 512-byte sector on the disk.
+//! - *MBR* (master boot record): the legacy partition table in LBA 0. A GPT disk
+//!   carries a *protective* MBR there, which claims the whole disk with one
+//!   partition of type `0xEE` so that legacy tools leave the disk alone.
+//! - *CRC*: the CRC-32 checksum (IEEE polynomial) that protects the GPT headers
+//!   and the partition entry array.
+//!
+//! On-disk layout written by [`GptDisk::write`] (N = number of sectors on the disk):
+//!
+//! | LBA            | contents                                  |
+//! |----------------|-------------------------------------------|
+//! | 0              | protective MBR                            |
+//! | 1              | primary GPT header                        |
+//! | 2 ..= 33       | primary partition entry array (128 × 128) |
+//! | 34 ..= N-34    | usable area (partitions)                  |
+//! | N-33 ..= N-2   | backup partition entry array              |
+//! | N-1            | backup GPT header                         |
+//!
+//! Only disks with 512-byte logical sectors are supported.
+//!
+//! Writing is deterministic: the bytes written are a pure function of the
+//! [`GptDisk`] value.
+
+use std::fmt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Size of one logical sector (one LBA) in bytes.
+pub const SECTOR_SIZE: u64 = 512;
+/// Number of entries in the partition entry arrays this module writes.
+pub const PARTITION_ENTRY_COUNT: u32 = 128;
+/// Size of one partition entry in bytes, as written by this module.
+pub const ENTRY_SIZE: u32 = 128;
+
+/// Attribute bit 0: the platform requires this partition to function.
+pub const ATTRIBUTE_REQUIRED: u64 = 1 << 0;
+/// Attribute bit 60 (Discoverable Partitions Specification): mount read-only.
+pub const ATTRIBUTE_READ_ONLY: u64 = 1 << 60;
+/// Attribute bit 59 (Discoverable Partitions Specification): grow the file system to the partition size.
+pub const ATTRIBUTE_GROWFS: u64 = 1 << 59;
+/// Attribute bit 63 (Discoverable Partitions Specification): do not mount automatically.
+pub const ATTRIBUTE_NO_AUTO: u64 = 1 << 63;
+
+/// Alignment of partition starts and sizes chosen by [`GptDisk::plan`]: 1 MiB.
+pub const PARTITION_ALIGNMENT_BYTES: u64 = 1024 * 1024;
+/// Maximum length of a partition name, in UTF-16 code units.
+pub const MAX_NAME_UTF16_UNITS: usize = 36;
+
+/// The 8-byte signature that starts every GPT header.
+const HEADER_SIGNATURE: [u8; 8] = *b"EFI PART";
+/// GPT revision 1.0, the only revision defined by the UEFI specification.
+const HEADER_REVISION_1_0: u32 = 0x0001_0000;
+/// Size of the defined part of the GPT header in bytes; the rest of its sector is zero.
+const HEADER_SIZE: u32 = 92;
+/// Byte offset of the header CRC field inside the header.
+const HEADER_CRC_OFFSET: usize = 16;
+/// LBA of the protective MBR.
+const MBR_LBA: u64 = 0;
+/// LBA of the primary GPT header.
+const PRIMARY_HEADER_LBA: u64 = 1;
+/// LBA where the primary partition entry array starts.
+const PRIMARY_ENTRIES_LBA: u64 = 2;
+/// Number of sectors taken by one partition entry array of 128 entries of 128 bytes.
+const ENTRY_ARRAY_SECTORS: u64 = PARTITION_ENTRY_COUNT as u64 * ENTRY_SIZE as u64 / SECTOR_SIZE;
+/// Number of sectors at each end of the disk that the GPT itself occupies
+/// (MBR + primary header + entries at the start; entries + backup header at the end).
+const RESERVED_SECTORS_AT_EACH_END: u64 = 2 + ENTRY_ARRAY_SECTORS;
+/// The smallest disk that can hold a GPT with one usable sector, in sectors.
+const MINIMUM_DISK_SECTORS: u64 = 2 * RESERVED_SECTORS_AT_EACH_END;
+/// Largest partition entry array this reader accepts, in bytes (guards memory use
+/// against a corrupted entry count that still passes the header CRC).
+const MAX_ENTRY_ARRAY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// MBR partition type that marks a protective MBR.
+const PROTECTIVE_MBR_PARTITION_TYPE: u8 = 0xEE;
+/// Byte offset of the disk signature in the MBR.
+const MBR_DISK_SIGNATURE_OFFSET: usize = 440;
+/// Byte offset of the first of the four MBR partition records.
+const MBR_PARTITION_TABLE_OFFSET: usize = 446;
+/// Size of one MBR partition record in bytes.
+const MBR_PARTITION_RECORD_SIZE: usize = 16;
+/// Number of partition records in an MBR.
+const MBR_PARTITION_RECORD_COUNT: usize = 4;
+/// Byte offset of the boot signature at the end of the MBR.
+const MBR_BOOT_SIGNATURE_OFFSET: usize = 510;
+/// The boot signature bytes that end a valid MBR.
+const MBR_BOOT_SIGNATURE: [u8; 2] = [0x55, 0xAA];
+/// Heads per cylinder of the conventional geometry used to fill the MBR CHS
+/// (cylinder/head/sector) fields.
+const CHS_HEADS_PER_CYLINDER: u64 = 255;
+/// Sectors per track of the conventional geometry used for the MBR CHS fields.
+const CHS_SECTORS_PER_TRACK: u64 = 63;
+/// Largest cylinder number representable in an MBR CHS field.
+const CHS_MAX_CYLINDER: u64 = 1023;
+/// CHS value meaning "not representable" in an MBR partition record.
+const CHS_NOT_REPRESENTABLE: [u8; 3] = [0xFF, 0xFF, 0xFF];
+
+/// Length of the canonical GUID string form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+const GUID_TEXT_LENGTH: usize = 36;
+/// Byte indices (into the 16 GUID bytes) before which the string form has a hyphen.
+const GUID_HYPHEN_BEFORE_BYTE: [usize; 4] = [4, 6, 8, 10];
+
+/// A GUID/UUID, stored in canonical RFC 4122 byte order (the order of the hex
+/// digits in its string form).
+///
+/// GPT stores GUIDs on disk in a mixed-endian form; use [`Guid::to_gpt_bytes`] and
+/// [`Guid::from_gpt_bytes`] to convert.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Guid(pub [u8; 16]);
+
+/// Why a GUID string could not be parsed (usable in `const` context).
+#[derive(Clone, Copy)]
+enum GuidSyntaxError {
+    /// The string does not have 36 bytes.
+    Length { found: usize },
+    /// A hyphen is missing at this zero-based byte position.
+    Hyphen { position: usize },
+    /// A non-hexadecimal character at this zero-based byte position.
+    HexDigit { position: usize },
+}
+
+impl GuidSyntaxError {
+    /// A sentence saying what was expected and what was found in `text`.
+    fn describe(self, text: &str) -> String {
+        match self {
+            GuidSyntaxError::Length { found } => format!(
+                "expected {GUID_TEXT_LENGTH} characters in the form \
+                 xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, found {found} bytes"
+            ),
+            GuidSyntaxError::Hyphen { position } => format!(
+                "expected '-' at character {}, found {:?}",
+                position + 1,
+                char_at(text, position)
+            ),
+            GuidSyntaxError::HexDigit { position } => format!(
+                "expected a hexadecimal digit at character {}, found {:?}",
+                position + 1,
+                char_at(text, position)
+            ),
+        }
+    }
+}
+
+/// The (possibly partial) character at byte `position` of `text`, for error messages.
+fn char_at(text: &str, position: usize) -> String {
+    match text.get(position..) {
+        Some(rest) => rest.chars().next().map(String::from).unwrap_or_default(),
+        None => format!("byte 0x{:02x}", text.as_bytes()[position]),
+    }
+}
+
+/// The value of one ASCII hexadecimal digit, or `None`.
+const fn hex_digit_value(character: u8) -> Option<u8> {
+    match character {
+        b'0'..=b'9' => Some(character - b'0'),
+        b'a'..=b'f' => Some(character - b'a' + 10),
+        b'A'..=b'F' => Some(character - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Parses the canonical 8-4-4-4-12 string form into RFC 4122 byte order.
+const fn parse_guid_text(text: &[u8]) -> Result<[u8; 16], GuidSyntaxError> {
+    if text.len() != GUID_TEXT_LENGTH {
+        return Err(GuidSyntaxError::Length { found: text.len() });
+    }
+    let mut bytes = [0u8; 16];
+    let mut byte_index = 0;
+    let mut position = 0;
+    while position < GUID_TEXT_LENGTH {
+        if position == 8 || position == 13 || position == 18 || position == 23 {
+            if text[position] != b'-' {
+                return Err(GuidSyntaxError::Hyphen { position });
+            }
+            position += 1;
+            continue;
+        }
+        let high = match hex_digit_value(text[position]) {
+            Some(value) => value,
+            None => return Err(GuidSyntaxError::HexDigit { position }),
+        };
+        let low = match hex_digit_value(text[position + 1]) {
+            Some(value) => value,
+            None => {
+                return Err(GuidSyntaxError::HexDigit {
+                    position: position + 1,
+                })
+            }
+        };
+        bytes[byte_index] = (high << 4) | low;
+        byte_index += 1;
+        position += 2;
+    }
+    Ok(bytes)
+}
+
+impl Guid {
+    /// The all-zero GUID, which GPT uses to mark an unused partition entry.
+    pub const ZERO: Guid = Guid([0; 16]);
+
+    /// A GUID from its 16 bytes in RFC 4122 (string) order.
+    pub const fn from_rfc_bytes(bytes: [u8; 16]) -> Guid {
+        Guid(bytes)
+    }
+
+    /// Parses the canonical form `c12a7328-f81f-11d2-ba4b-00a0c93ec93b`
+    /// (hexadecimal digits in either case, no braces).
+    pub fn parse(text: &str) -> Result<Guid, GptError> {
+        parse_guid_text(text.as_bytes())
+            .map(Guid)
+            .map_err(|error| GptError::InvalidGuid {
+                text: text.to_owned(),
+                reason: error.describe(text),
+            })
+    }
+
+    /// Like [`Guid::parse`] but usable in constants:
+    /// `const X: Guid = Guid::parse_const("...")`. Invalid input fails the
+    /// build when evaluated at compile time (and panics at run time).
+    pub const fn parse_const(text: &str) -> Guid {
+        match parse_guid_text(text.as_bytes()) {
+            Ok(bytes) => Guid(bytes),
+            Err(_) => panic!(
+                "Guid::parse_const: invalid GUID; expected the form \
+                 xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx with hexadecimal digits"
+            ),
+        }
+    }
+
+    /// The mixed-endian form GPT stores on disk: the first three fields
+    /// (4, 2 and 2 bytes) little-endian, the last 8 bytes as they are.
+    pub const fn to_gpt_bytes(&self) -> [u8; 16] {
+        swap_guid_field_order(self.0)
+    }
+
+    /// A GUID from the mixed-endian form GPT stores on disk.
+    pub const fn from_gpt_bytes(bytes: [u8; 16]) -> Guid {
+        Guid(swap_guid_field_order(bytes))
+    }
+
+    /// Whether this is the all-zero GUID.
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 16]
+    }
+
+    /// A deterministic version-4-shaped GUID from arbitrary bytes: the first 16
+    /// bytes of SHA-256(`seed`), with the RFC 4122 version (4) and variant bits set.
+    pub fn derive(seed: &[u8]) -> Guid {
+        let digest = Sha256::digest(seed);
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        bytes[6] = (bytes[6] & 0x0F) | 0x40;
+        bytes[8] = (bytes[8] & 0x3F) | 0x80;
+        Guid(bytes)
+    }
+}
+
+/// Converts between RFC 4122 order and GPT's mixed-endian order (the conversion
+/// is its own inverse).
+const fn swap_guid_field_order(bytes: [u8; 16]) -> [u8; 16] {
+    [
+        bytes[3], bytes[2], bytes[1], bytes[0], bytes[5], bytes[4], bytes[7], bytes[6], bytes[8],
+        bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+    ]
+}
+
+impl fmt::Display for Guid {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, byte) in self.0.iter().enumerate() {
+            if GUID_HYPHEN_BEFORE_BYTE.contains(&index) {
+                formatter.write_str("-")?;
+            }
+            write!(formatter, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Guid {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, formatter)
+    }
+}
+
+impl FromStr for Guid {
+    type Err = GptError;
+
+    fn from_str(text: &str) -> Result<Guid, GptError> {
+        Guid::parse(text)
+    }
+}
+
+impl serde::Serialize for Guid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Guid {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Guid, D::Error> {
+        /// Accepts the canonical string form.
+        struct GuidVisitor;
+
+        impl serde::de::Visitor<'_> for GuidVisitor {
+            type Value = Guid;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a GUID string like \"c12a7328-f81f-11d2-ba4b-00a0c93ec93b\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Guid, E> {
+                Guid::parse(text).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(GuidVisitor)
+    }
+}
+
+/// One entry of the partition table.
+///
+/// An entry whose `type_guid` is all zero is an unused slot: it is written as 128
+/// zero bytes and skipped by the `find_*` functions. [`GptDisk::read`] produces such
+/// slots only to keep partition numbers when a table has gaps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionEntry {
+    /// What the partition contains (e.g. EFI System Partition, root file system).
+    pub type_guid: Guid,
+    /// Identifies this particular partition (shown as PARTUUID by Linux).
+    pub unique_guid: Guid,
+    /// First sector of the partition.
+    pub first_lba: u64,
+    /// Last sector of the partition (inclusive).
+    pub last_lba: u64,
+    /// Attribute bits, see the `ATTRIBUTE_*` constants.
+    pub attributes: u64,
+    /// Partition label (PARTLABEL), up to 36 UTF-16 code units.
+    pub name: String,
+}
+
+impl PartitionEntry {
+    /// Size of the partition in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        (self.last_lba + 1).saturating_sub(self.first_lba) * SECTOR_SIZE
+    }
+
+    /// Byte offset of the partition from the start of the disk.
+    pub fn offset_bytes(&self) -> u64 {
+        self.first_lba * SECTOR_SIZE
+    }
+
+    /// Whether this is an unused slot (all-zero type GUID).
+    pub fn is_unused(&self) -> bool {
+        self.type_guid.is_zero()
+    }
+}
+
+/// One partition the planner ([`GptDisk::plan`]) is asked to lay out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionSpec {
+    /// Partition label.
+    pub name: String,
+    /// Partition type GUID.
+    pub type_guid: Guid,
+    /// Unique partition GUID.
+    pub unique_guid: Guid,
+    /// Requested size in bytes (rounded up to 1 MiB), or `None` to fill the rest
+    /// of the disk (allowed only for the last partition).
+    pub size_bytes: Option<u64>,
+    /// Attribute bits, see the `ATTRIBUTE_*` constants.
+    pub attributes: u64,
+}
+
+/// Which copy of the GPT [`GptDisk::read_with_report`] used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GptSource {
+    /// The primary header at LBA 1 was valid.
+    Primary,
+    /// The primary header was damaged; the backup header at the last LBA was used.
+    Backup,
+}
+
+/// A whole-disk GPT: disk GUID, disk size and partition entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GptDisk {
+    /// GUID identifying the disk.
+    pub disk_guid: Guid,
+    /// Size of the whole disk in bytes (a multiple of [`SECTOR_SIZE`]).
+    pub disk_size_bytes: u64,
+    /// Partition entries in table order: entry `i` is partition number `i + 1`.
+    pub partitions: Vec<PartitionEntry>,
+}
+
+/// Everything that can go wrong while planning, writing or reading a GPT.
+#[derive(Debug, Error)]
+pub enum GptError {
+    /// Reading from or writing to the disk failed.
+    #[error("I/O error while {action}: {source}")]
+    Io {
+        /// What was being done, e.g. "reading the primary GPT header at LBA 1".
+        action: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The disk size is not a whole number of sectors.
+    #[error(
+        "disk size {disk_size_bytes} bytes is not a multiple of the {SECTOR_SIZE}-byte sector size"
+    )]
+    DiskSizeNotSectorMultiple {
+        /// The size given.
+        disk_size_bytes: u64,
+    },
+    /// The disk cannot hold a GPT.
+    #[error(
+        "disk of {disk_size_bytes} bytes is too small for a GPT: expected at least \
+         {minimum_bytes} bytes (protective MBR, two headers, two entry arrays and usable space)"
+    )]
+    TooSmall {
+        /// The size given.
+        disk_size_bytes: u64,
+        /// The smallest size that works.
+        minimum_bytes: u64,
+    },
+    /// More partitions than the entry array can hold.
+    #[error("{count} partitions requested, but a GPT written here holds at most {maximum}")]
+    TooManyPartitions {
+        /// Number of partitions (or table slots) given.
+        count: usize,
+        /// Maximum number of entries.
+        maximum: u32,
+    },
+    /// The MBR boot signature is missing.
+    #[error(
+        "LBA 0 is not a protective MBR: expected boot signature 55 aa at byte 510, found {:02x} {:02x}",
+        found[0],
+        found[1]
+    )]
+    BadBootSignature {
+        /// The two bytes found at offset 510.
+        found: [u8; 2],
+    },
+    /// The MBR has no partition of type 0xEE.
+    #[error(
+        "LBA 0 is not a protective MBR: expected a partition of type 0xee, found partition types \
+         {found_types:02x?}"
+    )]
+    NotProtectiveMbr {
+        /// The types of the four MBR partition records.
+        found_types: [u8; 4],
+    },
+    /// The sector does not start with "EFI PART".
+    #[error(
+        "no GPT header at LBA {lba}: expected signature \"EFI PART\", found {:?}",
+        String::from_utf8_lossy(found)
+    )]
+    BadSignature {
+        /// Where the header was expected.
+        lba: u64,
+        /// The first 8 bytes of that sector.
+        found: [u8; 8],
+    },
+    /// The header revision is not 1.0.
+    #[error("GPT header at LBA {lba}: expected revision 1.0 (0x00010000), found {found:#010x}")]
+    UnsupportedRevision {
+        /// Where the header is.
+        lba: u64,
+        /// The revision found.
+        found: u32,
+    },
+    /// The header size field is out of range.
+    #[error(
+        "GPT header at LBA {lba}: expected a header size between {HEADER_SIZE} and \
+         {SECTOR_SIZE} bytes, found {found}"
+    )]
+    BadHeaderSize {
+        /// Where the header is.
+        lba: u64,
+        /// The header size found.
+        found: u32,
+    },
+    /// The header checksum does not match its contents.
+    #[error(
+        "GPT header at LBA {lba} is corrupt: it records CRC32 {expected:#010x}, but its \
+         contents have CRC32 {found:#010x}"
+    )]
+    HeaderCrc {
+        /// Where the header is.
+        lba: u64,
+        /// The CRC recorded in the header.
+        expected: u32,
+        /// The CRC computed from the header contents.
+        found: u32,
+    },
+    /// The header says it lives at a different LBA than where it was read.
+    #[error("GPT header read at LBA {lba} says it belongs at LBA {found}; expected {lba}")]
+    WrongHeaderLocation {
+        /// Where the header was read.
+        lba: u64,
+        /// The location recorded in the header.
+        found: u64,
+    },
+    /// The entry size or count is unusable.
+    #[error(
+        "GPT header at LBA {lba}: expected an entry size that is a power of two of at least \
+         {ENTRY_SIZE} bytes and an entry array of at most {MAX_ENTRY_ARRAY_BYTES} bytes, found \
+         {entry_count} entries of {entry_size} bytes"
+    )]
+    BadEntryLayout {
+        /// Where the header is.
+        lba: u64,
+        /// Size of one entry found in the header.
+        entry_size: u32,
+        /// Number of entries found in the header.
+        entry_count: u32,
+    },
+    /// The usable LBA range recorded in the header does not fit the disk.
+    #[error(
+        "GPT header at LBA {lba}: expected a usable range within LBA 2 ..= {} of this \
+         {disk_sectors}-sector disk, found {first_usable_lba} ..= {last_usable_lba}",
+        disk_sectors.saturating_sub(2)
+    )]
+    BadUsableRange {
+        /// Where the header is.
+        lba: u64,
+        /// First usable LBA recorded in the header.
+        first_usable_lba: u64,
+        /// Last usable LBA recorded in the header.
+        last_usable_lba: u64,
+        /// Number of sectors on the disk.
+        disk_sectors: u64,
+    },
+    /// The partition entry array lies outside the disk or inside the usable area.
+    #[error(
+        "GPT header at LBA {lba}: expected the partition entry array between LBA 2 and LBA {} \
+         and outside the usable range {first_usable_lba} ..= {last_usable_lba}, found it at \
+         LBA {entries_first_lba} ..= {entries_last_lba}",
+        disk_sectors.saturating_sub(2)
+    )]
+    BadEntriesLocation {
+        /// Where the header is.
+        lba: u64,
+        /// First sector of the entry array.
+        entries_first_lba: u64,
+        /// Last sector of the entry array.
+        entries_last_lba: u64,
+        /// First usable LBA recorded in the header.
+        first_usable_lba: u64,
+        /// Last usable LBA recorded in the header.
+        last_usable_lba: u64,
+        /// Number of sectors on the disk.
+        disk_sectors: u64,
+    },
+    /// The partition entry array checksum does not match.
+    #[error(
+        "partition entry array at LBA {entries_lba} (of the GPT header at LBA {lba}) is corrupt: \
+         the header records CRC32 {expected:#010x}, but the entries have CRC32 {found:#010x}"
+    )]
+    EntriesCrc {
+        /// Where the header is.
+        lba: u64,
+        /// Where the entry array starts.
+        entries_lba: u64,
+        /// The CRC recorded in the header.
+        expected: u32,
+        /// The CRC computed from the entry array.
+        found: u32,
+    },
+    /// Neither the primary nor the backup GPT could be used.
+    #[error(
+        "no valid GPT on the disk: the primary copy is unusable ({primary}) and the backup \
+         copy is unusable ({backup})"
+    )]
+    NoValidHeader {
+        /// Why the primary GPT (LBA 1) was rejected.
+        primary: Box<GptError>,
+        /// Why the backup GPT (last LBA) was rejected.
+        backup: Box<GptError>,
+    },
+    /// A GUID string is malformed.
+    #[error("invalid GUID {text:?}: {reason}")]
+    InvalidGuid {
+        /// The text given.
+        text: String,
+        /// What was expected and found.
+        reason: String,
+    },
+    /// A GUID that must be set is all zero.
+    #[error(
+        "{what} is the all-zero GUID; expected a non-zero GUID (all zero marks an unused entry)"
+    )]
+    ZeroGuid {
+        /// Which GUID, e.g. "the unique GUID of partition \"esp\"".
+        what: String,
+    },
+    /// Two partitions share a unique GUID.
+    #[error(
+        "partitions {first_number} ({first_name:?}) and {second_number} ({second_name:?}) both \
+         have unique GUID {guid}; expected every partition to have its own"
+    )]
+    DuplicateUniqueGuid {
+        /// The shared GUID.
+        guid: Guid,
+        /// Number of the first partition.
+        first_number: u32,
+        /// Name of the first partition.
+        first_name: String,
+        /// Number of the second partition.
+        second_number: u32,
+        /// Name of the second partition.
+        second_name: String,
+    },
+    /// A partition name does not fit the 36 UTF-16 code units of an entry.
+    #[error(
+        "partition name {name:?} is too long: expected at most {MAX_NAME_UTF16_UNITS} UTF-16 \
+         code units, found {units}"
+    )]
+    NameTooLong {
+        /// The name given.
+        name: String,
+        /// Its length in UTF-16 code units.
+        units: usize,
+    },
+    /// A partition name contains a NUL character, which would end it early on disk.
+    #[error("partition name {name:?} contains a NUL character; expected none")]
+    NameContainsNul {
+        /// The name given.
+        name: String,
+    },
+    /// The planned partitions do not fit on the disk.
+    #[error(
+        "partition {partition:?} does not fit: it needs {needed_bytes} bytes (1 MiB aligned), \
+         but only {available_bytes} bytes are left on the disk"
+    )]
+    DoesNotFit {
+        /// Name of the partition.
+        partition: String,
+        /// Bytes it needs.
+        needed_bytes: u64,
+        /// Bytes available from its aligned start to the end of the usable area.
+        available_bytes: u64,
+    },
+    /// A partition was given size zero.
+    #[error("partition {partition:?} has size 0; expected a positive size or None to fill the disk")]
+    ZeroSize {
+        /// Name of the partition.
+        partition: String,
+    },
+    /// A partition other than the last asked to fill the disk.
+    #[error(
+        "partition {partition:?} asks to fill the rest of the disk (size None), but it is not \
+         the last partition; expected only the last partition to have no size"
+    )]
+    FillNotLast {
+        /// Name of the partition.
+        partition: String,
+    },
+    /// A partition ends before it starts.
+    #[error(
+        "partition {number} ({name:?}) ends before it starts: expected first LBA <= last LBA, \
+         found {first_lba} > {last_lba}"
+    )]
+    BadPartitionRange {
+        /// Partition number (1-based).
+        number: u32,
+        /// Partition name.
+        name: String,
+        /// First sector.
+        first_lba: u64,
+        /// Last sector (inclusive).
+        last_lba: u64,
+    },
+    /// A partition lies (partly) outside the usable area.
+    #[error(
+        "partition {number} ({name:?}) is outside the usable area: expected it within LBA \
+         {first_usable_lba} ..= {last_usable_lba}, found LBA {first_lba} ..= {last_lba}"
+    )]
+    PartitionOutOfRange {
+        /// Partition number (1-based).
+        number: u32,
+        /// Partition name.
+        name: String,
+        /// First sector.
+        first_lba: u64,
+        /// Last sector (inclusive).
+        last_lba: u64,
+        /// First usable LBA of the disk.
+        first_usable_lba: u64,
+        /// Last usable LBA of the disk.
+        last_usable_lba: u64,
+    },
+    /// Two partitions share sectors.
+    #[error(
+        "partitions {first_number} ({first_name:?}, LBA {first_first_lba} ..= {first_last_lba}) \
+         and {second_number} ({second_name:?}, LBA {second_first_lba} ..= {second_last_lba}) \
+         overlap; expected disjoint partitions"
+    )]
+    Overlap {
+        /// Number of the partition that starts first.
+        first_number: u32,
+        /// Its name.
+        first_name: String,
+        /// Its first sector.
+        first_first_lba: u64,
+        /// Its last sector.
+        first_last_lba: u64,
+        /// Number of the other partition.
+        second_number: u32,
+        /// Its name.
+        second_name: String,
+        /// Its first sector.
+        second_first_lba: u64,
+        /// Its last sector.
+        second_last_lba: u64,
+    },
+}
+
+impl From<io::Error> for GptError {
+    fn from(source: io::Error) -> GptError {
+        GptError::Io {
+            action: "accessing the disk".to_owned(),
+            source,
+        }
+    }
+}
+
+/// The fields of a GPT header that vary (everything else is fixed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    /// LBA of this header.
+    my_lba: u64,
+    /// LBA of the other copy of the header.
+    alternate_lba: u64,
+    /// First sector partitions may use.
+    first_usable_lba: u64,
+    /// Last sector partitions may use (inclusive).
+    last_usable_lba: u64,
+    /// GUID of the disk.
+    disk_guid: Guid,
+    /// First sector of the partition entry array this header describes.
+    entries_lba: u64,
+    /// Number of entries in the array.
+    entry_count: u32,
+    /// Size of one entry in bytes.
+    entry_size: u32,
+    /// CRC32 of the whole entry array.
+    entries_crc: u32,
+}
+
+impl Header {
+    /// The full header sector, with the header CRC filled in.
+    fn encode(&self) -> [u8; SECTOR_SIZE as usize] {
+        let mut sector = [0u8; SECTOR_SIZE as usize];
+        sector[0..8].copy_from_slice(&HEADER_SIGNATURE);
+        sector[8..12].copy_from_slice(&HEADER_REVISION_1_0.to_le_bytes());
+        sector[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
+        // Bytes 16..20 hold the header CRC (computed below), 20..24 are reserved (zero).
+        sector[24..32].copy_from_slice(&self.my_lba.to_le_bytes());
+        sector[32..40].copy_from_slice(&self.alternate_lba.to_le_bytes());
+        sector[40..48].copy_from_slice(&self.first_usable_lba.to_le_bytes());
+        sector[48..56].copy_from_slice(&self.last_usable_lba.to_le_bytes());
+        sector[56..72].copy_from_slice(&self.disk_guid.to_gpt_bytes());
+        sector[72..80].copy_from_slice(&self.entries_lba.to_le_bytes());
+        sector[80..84].copy_from_slice(&self.entry_count.to_le_bytes());
+        sector[84..88].copy_from_slice(&self.entry_size.to_le_bytes());
+        sector[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
+        let header_crc = crc32fast::hash(&sector[..HEADER_SIZE as usize]);
+        sector[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+        sector
+    }
+
+    /// Parses and checks the header sector read at `lba`: signature, revision,
+    /// header size, header CRC and recorded location.
+    fn decode(sector: &[u8; SECTOR_SIZE as usize], lba: u64) -> Result<Header, GptError> {
+        let mut signature = [0u8; 8];
+        signature.copy_from_slice(&sector[0..8]);
+        if signature != HEADER_SIGNATURE {
+            return Err(GptError::BadSignature {
+                lba,
+                found: signature,
+            });
+        }
+        let revision = le_u32(sector, 8);
+        if revision != HEADER_REVISION_1_0 {
+            return Err(GptError::UnsupportedRevision {
+                lba,
+                found: revision,
+            });
+        }
+        let header_size = le_u32(sector, 12);
+        if !(HEADER_SIZE as u64..=SECTOR_SIZE).contains(&u64::from(header_size)) {
+            return Err(GptError::BadHeaderSize {
+                lba,
+                found: header_size,
+            });
+        }
+        let recorded_crc = le_u32(sector, HEADER_CRC_OFFSET);
+        let mut crc_input = sector[..header_size as usize].to_vec();
+        crc_input[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].fill(0);
+        let computed_crc = crc32fast::hash(&crc_input);
+        if computed_crc != recorded_crc {
+            return Err(GptError::HeaderCrc {
+                lba,
+                expected: recorded_crc,
+                found: computed_crc,
+            });
+        }
+        let my_lba = le_u64(sector, 24);
+        if my_lba != lba {
+            return Err(GptError::WrongHeaderLocation { lba, found: my_lba });
+        }
+        let mut disk_guid_bytes = [0u8; 16];
+        disk_guid_bytes.copy_from_slice(&sector[56..72]);
+        Ok(Header {
+            my_lba,
+            alternate_lba: le_u64(sector, 32),
+            first_usable_lba: le_u64(sector, 40),
+            last_usable_lba: le_u64(sector, 48),
+            disk_guid: Guid::from_gpt_bytes(disk_guid_bytes),
+            entries_lba: le_u64(sector, 72),
+            entry_count: le_u32(sector, 80),
+            entry_size: le_u32(sector, 84),
+            entries_crc: le_u32(sector, 88),
+        })
+    }
+}
+
+/// Reads a little-endian `u32` at `offset`.
+fn le_u32(bytes: &[u8], offset: usize) -> u32 {
+    let mut array = [0u8; 4];
+    array.copy_from_slice(&bytes[offset..offset + 4]);
+    u32::from_le_bytes(array)
+}
+
+/// Reads a little-endian `u64` at `offset`.
+fn le_u64(bytes: &[u8], offset: usize) -> u64 {
+    let mut array = [0u8; 8];
+    array.copy_from_slice(&bytes[offset..offset + 8]);
+    u64::from_le_bytes(array)
+}
+
+/// Encodes one used partition entry (128 bytes). The name must already be checked.
+fn encode_entry(entry: &PartitionEntry) -> [u8; ENTRY_SIZE as usize] {
+    let mut bytes = [0u8; ENTRY_SIZE as usize];
+    if entry.is_unused() {
+        return bytes;
+    }
+    bytes[0..16].copy_from_slice(&entry.type_guid.to_gpt_bytes());
+    bytes[16..32].copy_from_slice(&entry.unique_guid.to_gpt_bytes());
+    bytes[32..40].copy_from_slice(&entry.first_lba.to_le_bytes());
+    bytes[40..48].copy_from_slice(&entry.last_lba.to_le_bytes());
+    bytes[48..56].copy_from_slice(&entry.attributes.to_le_bytes());
+    for (index, unit) in entry.name.encode_utf16().take(MAX_NAME_UTF16_UNITS).enumerate() {
+        let offset = 56 + 2 * index;
+        bytes[offset..offset + 2].copy_from_slice(&unit.to_le_bytes());
+    }
+    bytes
+}
+
+/// Decodes the first 128 bytes of one partition entry.
+fn decode_entry(bytes: &[u8]) -> PartitionEntry {
+    let mut type_bytes = [0u8; 16];
+    type_bytes.copy_from_slice(&bytes[0..16]);
+    let mut unique_bytes = [0u8; 16];
+    unique_bytes.copy_from_slice(&bytes[16..32]);
+    let name_units: Vec<u16> = (0..MAX_NAME_UTF16_UNITS)
+        .map(|index| u16::from_le_bytes([bytes[56 + 2 * index], bytes[57 + 2 * index]]))
+        .take_while(|&unit| unit != 0)
+        .collect();
+    PartitionEntry {
+        type_guid: Guid::from_gpt_bytes(type_bytes),
+        unique_guid: Guid::from_gpt_bytes(unique_bytes),
+        first_lba: le_u64(bytes, 32),
+        last_lba: le_u64(bytes, 40),
+        attributes: le_u64(bytes, 48),
+        // Lenient on purpose: a malformed label must not hide the partition.
+        name: String::from_utf16_lossy(&name_units),
+    }
+}
+
+/// Checks that `name` fits a partition entry.
+fn check_name(name: &str) -> Result<(), GptError> {
+    if name.contains('\0') {
+        return Err(GptError::NameContainsNul {
+            name: name.to_owned(),
+        });
+    }
+    let units = name.encode_utf16().count();
+    if units > MAX_NAME_UTF16_UNITS {
+        return Err(GptError::NameTooLong {
+            name: name.to_owned(),
+            units,
+        });
+    }
+    Ok(())
+}
+
+/// Number of sectors of a disk of `disk_size_bytes`, checking it can hold a GPT.
+fn disk_sectors_of(disk_size_bytes: u64) -> Result<u64, GptError> {
+    if disk_size_bytes % SECTOR_SIZE != 0 {
+        return Err(GptError::DiskSizeNotSectorMultiple { disk_size_bytes });
+    }
+    let disk_sectors = disk_size_bytes / SECTOR_SIZE;
+    if disk_sectors < MINIMUM_DISK_SECTORS {
+        return Err(GptError::TooSmall {
+            disk_size_bytes,
+            minimum_bytes: MINIMUM_DISK_SECTORS * SECTOR_SIZE,
+        });
+    }
+    Ok(disk_sectors)
+}
+
+/// Rounds `value` up to a multiple of `alignment`, or `None` on overflow.
+fn align_up(value: u64, alignment: u64) -> Option<u64> {
+    value.checked_next_multiple_of(alignment)
+}
+
+/// Rounds `value` down to a multiple of `alignment`.
+fn align_down(value: u64, alignment: u64) -> u64 {
+    value - value % alignment
+}
+
+/// Checks that no two used partitions share a sector.
+fn check_overlaps(partitions: &[PartitionEntry]) -> Result<(), GptError> {
+    let mut used: Vec<(u32, &PartitionEntry)> = partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.is_unused())
+        .map(|(index, entry)| (index as u32 + 1, entry))
+        .collect();
+    used.sort_by_key(|(number, entry)| (entry.first_lba, *number));
+    for pair in used.windows(2) {
+        let (first_number, first) = pair[0];
+        let (second_number, second) = pair[1];
+        if second.first_lba <= first.last_lba {
+            return Err(GptError::Overlap {
+                first_number,
+                first_name: first.name.clone(),
+                first_first_lba: first.first_lba,
+                first_last_lba: first.last_lba,
+                second_number,
+                second_name: second.name.clone(),
+                second_first_lba: second.first_lba,
+                second_last_lba: second.last_lba,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that used partitions start before they end and lie in the usable range.
+fn check_partition_ranges(
+    partitions: &[PartitionEntry],
+    first_usable_lba: u64,
+    last_usable_lba: u64,
+) -> Result<(), GptError> {
+    for (index, entry) in partitions.iter().enumerate() {
+        if entry.is_unused() {
+            continue;
+        }
+        let number = index as u32 + 1;
+        if entry.first_lba > entry.last_lba {
+            return Err(GptError::BadPartitionRange {
+                number,
+                name: entry.name.clone(),
+                first_lba: entry.first_lba,
+                last_lba: entry.last_lba,
+            });
+        }
+        if entry.first_lba < first_usable_lba || entry.last_lba > last_usable_lba {
+            return Err(GptError::PartitionOutOfRange {
+                number,
+                name: entry.name.clone(),
+                first_lba: entry.first_lba,
+                last_lba: entry.last_lba,
+                first_usable_lba,
+                last_usable_lba,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The CHS (cylinder/head/sector) bytes of an MBR partition record for `lba`,
+/// using the conventional 255-head, 63-sector geometry.
+fn chs_bytes(lba: u64) -> [u8; 3] {
+    let cylinder = lba / (CHS_HEADS_PER_CYLINDER * CHS_SECTORS_PER_TRACK);
+    if cylinder > CHS_MAX_CYLINDER {
+        return CHS_NOT_REPRESENTABLE;
+    }
+    let head = (lba / CHS_SECTORS_PER_TRACK) % CHS_HEADS_PER_CYLINDER;
+    let sector = lba % CHS_SECTORS_PER_TRACK + 1;
+    [
+        head as u8,
+        (sector as u8) | (((cylinder >> 2) & 0xC0) as u8),
+        (cylinder & 0xFF) as u8,
+    ]
+}
+
+/// The protective MBR for a disk of `disk_sectors` sectors: one partition of type
+/// 0xEE from LBA 1 covering the disk (capped at 2^32 - 1 sectors), disk signature 0.
+fn protective_mbr(disk_sectors: u64) -> [u8; SECTOR_SIZE as usize] {
+    let mut sector = [0u8; SECTOR_SIZE as usize];
+    let size_sectors = (disk_sectors - 1).min(u64::from(u32::MAX));
+    let record = &mut sector
+        [MBR_PARTITION_TABLE_OFFSET..MBR_PARTITION_TABLE_OFFSET + MBR_PARTITION_RECORD_SIZE];
+    // Byte 0: boot indicator 0 (not bootable).
+    record[1..4].copy_from_slice(&chs_bytes(PRIMARY_HEADER_LBA));
+    record[4] = PROTECTIVE_MBR_PARTITION_TYPE;
+    record[5..8].copy_from_slice(&chs_bytes(size_sectors));
+    record[8..12].copy_from_slice(&(PRIMARY_HEADER_LBA as u32).to_le_bytes());
+    record[12..16].copy_from_slice(&(size_sectors as u32).to_le_bytes());
+    // The disk signature at MBR_DISK_SIGNATURE_OFFSET stays 0.
+    debug_assert_eq!(sector[MBR_DISK_SIGNATURE_OFFSET..MBR_DISK_SIGNATURE_OFFSET + 4], [0; 4]);
+    sector[MBR_BOOT_SIGNATURE_OFFSET..MBR_BOOT_SIGNATURE_OFFSET + 2]
+        .copy_from_slice(&MBR_BOOT_SIGNATURE);
+    sector
+}
+
+/// Checks that LBA 0 holds a (protective or hybrid) MBR with a 0xEE partition.
+fn check_protective_mbr(sector: &[u8; SECTOR_SIZE as usize]) -> Result<(), GptError> {
+    let boot_signature = [
+        sector[MBR_BOOT_SIGNATURE_OFFSET],
+        sector[MBR_BOOT_SIGNATURE_OFFSET + 1],
+    ];
+    if boot_signature != MBR_BOOT_SIGNATURE {
+        return Err(GptError::BadBootSignature {
+            found: boot_signature,
+        });
+    }
+    let mut found_types = [0u8; MBR_PARTITION_RECORD_COUNT];
+    for (index, found_type) in found_types.iter_mut().enumerate() {
+        *found_type =
+            sector[MBR_PARTITION_TABLE_OFFSET + index * MBR_PARTITION_RECORD_SIZE + 4];
+    }
+    if !found_types.contains(&PROTECTIVE_MBR_PARTITION_TYPE) {
+        return Err(GptError::NotProtectiveMbr { found_types });
+    }
+    Ok(())
+}
+
+/// Seeks to `offset` and fills `buffer`, naming `action` in any error.
+fn read_at<R: Read + Seek>(
+    disk: &mut R,
+    offset: u64,
+    buffer: &mut [u8],
+    action: impl FnOnce() -> String,
+) -> Result<(), GptError> {
+    disk.seek(SeekFrom::Start(offset))
+        .and_then(|_| disk.read_exact(buffer))
+        .map_err(|source| GptError::Io {
+            action: action(),
+            source,
+        })
+}
+
+/// Seeks to `offset` and writes `bytes`, naming `action` in any error.
+fn write_at<W: Write + Seek>(
+    disk: &mut W,
+    offset: u64,
+    bytes: &[u8],
+    action: impl FnOnce() -> String,
+) -> Result<(), GptError> {
+    disk.seek(SeekFrom::Start(offset))
+        .and_then(|_| disk.write_all(bytes))
+        .map_err(|source| GptError::Io {
+            action: action(),
+            source,
+        })
+}
+
+/// Reads and checks one copy of the GPT (header at `header_lba` and its entry
+/// array), returning the disk GUID and the partition entries up to the last used one.
+fn read_table<R: Read + Seek>(
+    disk: &mut R,
+    disk_sectors: u64,
+    header_lba: u64,
+) -> Result<(Guid, Vec<PartitionEntry>), GptError> {
+    let mut sector = [0u8; SECTOR_SIZE as usize];
+    read_at(disk, header_lba * SECTOR_SIZE, &mut sector, || {
+        format!("reading the GPT header at LBA {header_lba}")
+    })?;
+    let header = Header::decode(&sector, header_lba)?;
+
+    if header.first_usable_lba < PRIMARY_ENTRIES_LBA
+        || header.first_usable_lba > header.last_usable_lba
+        || header.last_usable_lba >= disk_sectors - 1
+    {
+        return Err(GptError::BadUsableRange {
+            lba: header_lba,
+            first_usable_lba: header.first_usable_lba,
+            last_usable_lba: header.last_usable_lba,
+            disk_sectors,
+        });
+    }
+
+    let entry_array_bytes = u64::from(header.entry_count) * u64::from(header.entry_size);
+    if header.entry_size < ENTRY_SIZE
+        || !header.entry_size.is_power_of_two()
+        || entry_array_bytes > MAX_ENTRY_ARRAY_BYTES
+    {
+        return Err(GptError::BadEntryLayout {
+            lba: header_lba,
+            entry_size: header.entry_size,
+            entry_count: header.entry_count,
+        });
+    }
+
+    let entry_array_sectors = entry_array_bytes.div_ceil(SECTOR_SIZE).max(1);
+    let entries_last_lba = header.entries_lba.saturating_add(entry_array_sectors - 1);
+    let inside_disk = header.entries_lba >= PRIMARY_ENTRIES_LBA && entries_last_lba < disk_sectors - 1;
+    let outside_usable =
+        entries_last_lba < header.first_usable_lba || header.entries_lba > header.last_usable_lba;
+    if !inside_disk || !outside_usable {
+        return Err(GptError::BadEntriesLocation {
+            lba: header_lba,
+            entries_first_lba: header.entries_lba,
+            entries_last_lba,
+            first_usable_lba: header.first_usable_lba,
+            last_usable_lba: header.last_usable_lba,
+            disk_sectors,
+        });
+    }
+
+    let mut entries = vec![0u8; entry_array_bytes as usize];
+    read_at(disk, header.entries_lba * SECTOR_SIZE, &mut entries, || {
+        format!(
+            "reading the partition entry array at LBA {} of the GPT header at LBA {header_lba}",
+            header.entries_lba
+        )
+    })?;
+    let computed_crc = crc32fast::hash(&entries);
+    if computed_crc != header.entries_crc {
+        return Err(GptError::EntriesCrc {
+            lba: header_lba,
+            entries_lba: header.entries_lba,
+            expected: header.entries_crc,
+            found: computed_crc,
+        });
+    }
+
+    let mut partitions: Vec<PartitionEntry> = entries
+        .chunks_exact(header.entry_size as usize)
+        .map(decode_entry)
+        .collect();
+    while partitions.last().is_some_and(PartitionEntry::is_unused) {
+        partitions.pop();
+    }
+    for entry in partitions.iter_mut().filter(|entry| entry.is_unused()) {
+        *entry = PartitionEntry::default();
+    }
+    check_partition_ranges(
+        &partitions,
+        header.first_usable_lba,
+        header.last_usable_lba,
+    )?;
+    check_overlaps(&partitions)?;
+    Ok((header.disk_guid, partitions))
+}
+
+impl GptDisk {
+    /// Lays out `specs` in order, each partition starting on a 1 MiB boundary with
+    /// its size rounded up to a multiple of 1 MiB. A `None` size (allowed only for
+    /// the last partition) takes the rest of the usable area, rounded down to a
+    /// multiple of 1 MiB.
+    ///
+    /// Errors name the partition: a size of 0, partitions that do not fit, a
+    /// `None` size that is not last, a name that is too long, a zero or duplicate GUID.
+    pub fn plan(
+        disk_guid: Guid,
+        disk_size_bytes: u64,
+        specs: &[PartitionSpec],
+    ) -> Result<GptDisk, GptError> {
+        let disk_sectors = disk_sectors_of(disk_size_bytes)?;
+        if specs.len() > PARTITION_ENTRY_COUNT as usize {
+            return Err(GptError::TooManyPartitions {
+                count: specs.len(),
+                maximum: PARTITION_ENTRY_COUNT,
+            });
+        }
+        let alignment_sectors = PARTITION_ALIGNMENT_BYTES / SECTOR_SIZE;
+        let last_usable_lba = disk_sectors - RESERVED_SECTORS_AT_EACH_END;
+        let mut next_free_lba = RESERVED_SECTORS_AT_EACH_END;
+        let mut partitions = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            check_name(&spec.name)?;
+            if spec.type_guid.is_zero() {
+                return Err(GptError::ZeroGuid {
+                    what: format!("the type GUID of partition {:?}", spec.name),
+                });
+            }
+            let start_lba = align_up(next_free_lba, alignment_sectors).unwrap_or(u64::MAX);
+            let available_bytes = if start_lba > last_usable_lba {
+                0
+            } else {
+                (last_usable_lba + 1 - start_lba) * SECTOR_SIZE
+            };
+            let size_bytes = match spec.size_bytes {
+                Some(0) => {
+                    return Err(GptError::ZeroSize {
+                        partition: spec.name.clone(),
+                    })
+                }
+                Some(requested) => align_up(requested, PARTITION_ALIGNMENT_BYTES).unwrap_or(requested),
+                None if index + 1 != specs.len() => {
+                    return Err(GptError::FillNotLast {
+                        partition: spec.name.clone(),
+                    })
+                }
+                None => match align_down(available_bytes, PARTITION_ALIGNMENT_BYTES) {
+                    0 => PARTITION_ALIGNMENT_BYTES,
+                    rest => rest,
+                },
+            };
+            if size_bytes > available_bytes || size_bytes % PARTITION_ALIGNMENT_BYTES != 0 {
+                return Err(GptError::DoesNotFit {
+                    partition: spec.name.clone(),
+                    needed_bytes: size_bytes,
+                    available_bytes,
+                });
+            }
+            let last_lba = start_lba + size_bytes / SECTOR_SIZE - 1;
+            partitions.push(PartitionEntry {
+                type_guid: spec.type_guid,
+                unique_guid: spec.unique_guid,
+                first_lba: start_lba,
+                last_lba,
+                attributes: spec.attributes,
+                name: spec.name.clone(),
+            });
+            next_free_lba = last_lba + 1;
+        }
+        let disk = GptDisk {
+            disk_guid,
+            disk_size_bytes,
+            partitions,
+        };
+        disk.validate()?;
+        Ok(disk)
+    }
+
+    /// First sector partitions may use: 34 (after the MBR, the primary header and
+    /// the 32-sector primary entry array).
+    pub fn first_usable_lba(&self) -> u64 {
+        RESERVED_SECTORS_AT_EACH_END
+    }
+
+    /// Last sector partitions may use (inclusive): number of disk sectors - 34
+    /// (before the 32-sector backup entry array and the backup header).
+    pub fn last_usable_lba(&self) -> u64 {
+        (self.disk_size_bytes / SECTOR_SIZE).saturating_sub(RESERVED_SECTORS_AT_EACH_END)
+    }
+
+    /// Checks that this table can be written: disk size, partition count, names,
+    /// non-zero and distinct GUIDs, partitions inside the usable area, no overlaps.
+    /// Unused slots (zero type GUID) are ignored.
+    pub fn validate(&self) -> Result<(), GptError> {
+        disk_sectors_of(self.disk_size_bytes)?;
+        if self.partitions.len() > PARTITION_ENTRY_COUNT as usize {
+            return Err(GptError::TooManyPartitions {
+                count: self.partitions.len(),
+                maximum: PARTITION_ENTRY_COUNT,
+            });
+        }
+        if self.disk_guid.is_zero() {
+            return Err(GptError::ZeroGuid {
+                what: "the disk GUID".to_owned(),
+            });
+        }
+        let used: Vec<(u32, &PartitionEntry)> = self.used_partitions().collect();
+        for (_, entry) in &used {
+            check_name(&entry.name)?;
+            if entry.unique_guid.is_zero() {
+                return Err(GptError::ZeroGuid {
+                    what: format!("the unique GUID of partition {:?}", entry.name),
+                });
+            }
+        }
+        for (position, (first_number, first)) in used.iter().enumerate() {
+            for (second_number, second) in &used[position + 1..] {
+                if first.unique_guid == second.unique_guid {
+                    return Err(GptError::DuplicateUniqueGuid {
+                        guid: first.unique_guid,
+                        first_number: *first_number,
+                        first_name: first.name.clone(),
+                        second_number: *second_number,
+                        second_name: second.name.clone(),
+                    });
+                }
+            }
+        }
+        check_partition_ranges(
+            &self.partitions,
+            self.first_usable_lba(),
+            self.last_usable_lba(),
+        )?;
+        check_overlaps(&self.partitions)
+    }
+
+    /// Writes the protective MBR (LBA 0), the primary entry array (LBA 2..=33) and
+    /// header (LBA 1), then the backup entry array (LBA N-33..=N-2) and header
+    /// (LBA N-1), in that order, so an interrupted write leaves at least one
+    /// consistent copy. Partition contents are not touched. The disk (file) must
+    /// already be `disk_size_bytes` long, or it is extended by the write of the
+    /// backup header.
+    pub fn write<W: Write + Seek>(&self, disk: &mut W) -> Result<(), GptError> {
+        self.validate()?;
+        let disk_sectors = self.disk_size_bytes / SECTOR_SIZE;
+
+        let mut entries = vec![0u8; (PARTITION_ENTRY_COUNT * ENTRY_SIZE) as usize];
+        for (entry, slot) in self
+            .partitions
+            .iter()
+            .zip(entries.chunks_exact_mut(ENTRY_SIZE as usize))
+        {
+            slot.copy_from_slice(&encode_entry(entry));
+        }
+        let entries_crc = crc32fast::hash(&entries);
+
+        let backup_header_lba = disk_sectors - 1;
+        let backup_entries_lba = backup_header_lba - ENTRY_ARRAY_SECTORS;
+        let primary = Header {
+            my_lba: PRIMARY_HEADER_LBA,
+            alternate_lba: backup_header_lba,
+            first_usable_lba: self.first_usable_lba(),
+            last_usable_lba: self.last_usable_lba(),
+            disk_guid: self.disk_guid,
+            entries_lba: PRIMARY_ENTRIES_LBA,
+            entry_count: PARTITION_ENTRY_COUNT,
+            entry_size: ENTRY_SIZE,
+            entries_crc,
+        };
+        let backup = Header {
+            my_lba: backup_header_lba,
+            alternate_lba: PRIMARY_HEADER_LBA,
+            entries_lba: backup_entries_lba,
+            ..primary
+        };
+
+        write_at(disk, MBR_LBA, &protective_mbr(disk_sectors), || {
+            "writing the protective MBR at LBA 0".to_owned()
+        })?;
+        write_at(disk, PRIMARY_ENTRIES_LBA * SECTOR_SIZE, &entries, || {
+            format!("writing the primary partition entry array at LBA {PRIMARY_ENTRIES_LBA}")
+        })?;
+        write_at(disk, PRIMARY_HEADER_LBA * SECTOR_SIZE, &primary.encode(), || {
+            format!("writing the primary GPT header at LBA {PRIMARY_HEADER_LBA}")
+        })?;
+        write_at(disk, backup_entries_lba * SECTOR_SIZE, &entries, || {
+            format!("writing the backup partition entry array at LBA {backup_entries_lba}")
+        })?;
+        write_at(disk, backup_header_lba * SECTOR_SIZE, &backup.encode(), || {
+            format!("writing the backup GPT header at LBA {backup_header_lba}")
+        })?;
+        disk.flush().map_err(|source| GptError::Io {
+            action: "flushing the partition table to the disk".to_owned(),
+            source,
+        })
+    }
+
+    /// Reads and validates the GPT of a disk of `disk_size_bytes`; see
+    /// [`GptDisk::read_with_report`].
+    pub fn read<R: Read + Seek>(disk: &mut R, disk_size_bytes: u64) -> Result<GptDisk, GptError> {
+        Self::read_with_report(disk, disk_size_bytes).map(|(gpt, _)| gpt)
+    }
+
+    /// Reads and validates the GPT of a disk of `disk_size_bytes` and says which
+    /// copy was used.
+    ///
+    /// Checks the protective MBR, then the primary header (signature, revision,
+    /// header size, header CRC, location, usable range, entry layout) and its entry
+    /// array (CRC, partitions inside the usable range, no overlaps). If anything in
+    /// the primary copy is wrong, the backup header at the last LBA is tried.
+    ///
+    /// The returned `disk_size_bytes` is the caller's. A valid primary whose backup
+    /// is not at the end of the disk (an image written to a larger disk) is
+    /// accepted; writing the result back moves the backup to the real end.
+    /// Trailing unused entries are dropped; unused entries between used ones are
+    /// kept as [`PartitionEntry::default`] so partition numbers are preserved.
+    pub fn read_with_report<R: Read + Seek>(
+        disk: &mut R,
+        disk_size_bytes: u64,
+    ) -> Result<(GptDisk, GptSource), GptError> {
+        let disk_sectors = disk_sectors_of(disk_size_bytes)?;
+        let mut mbr = [0u8; SECTOR_SIZE as usize];
+        read_at(disk, MBR_LBA, &mut mbr, || {
+            "reading the protective MBR at LBA 0".to_owned()
+        })?;
+        check_protective_mbr(&mbr)?;
+
+        let (disk_guid, partitions, source) =
+            match read_table(disk, disk_sectors, PRIMARY_HEADER_LBA) {
+                Ok((disk_guid, partitions)) => (disk_guid, partitions, GptSource::Primary),
+                Err(primary_error) => match read_table(disk, disk_sectors, disk_sectors - 1) {
+                    Ok((disk_guid, partitions)) => (disk_guid, partitions, GptSource::Backup),
+                    Err(backup_error) => {
+                        return Err(GptError::NoValidHeader {
+                            primary: Box::new(primary_error),
+                            backup: Box::new(backup_error),
+                        })
+                    }
+                },
+            };
+        Ok((
+            GptDisk {
+                disk_guid,
+                disk_size_bytes,
+                partitions,
+            },
+            source,
+        ))
+    }
+
+    /// The partition with this unique GUID, with its 1-based partition number.
+    pub fn find_by_unique_guid(&self, guid: &Guid) -> Option<(u32, &PartitionEntry)> {
+        self.used_partitions()
+            .find(|(_, entry)| entry.unique_guid == *guid)
+    }
+
+    /// The first partition with this name, with its 1-based partition number.
+    pub fn find_by_name(&self, name: &str) -> Option<(u32, &PartitionEntry)> {
+        self.used_partitions().find(|(_, entry)| entry.name == name)
+    }
+
+    /// Used partitions with their 1-based partition numbers.
+    fn used_partitions(&self) -> impl Iterator<Item = (u32, &PartitionEntry)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| !entry.is_unused())
+            .map(|(index, entry)| (index as u32 + 1, entry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const MIB: u64 = 1024 * 1024;
+    const ESP_TYPE: Guid = Guid::parse_const("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+    const LINUX_DATA_TYPE: Guid = Guid::parse_const("0fc63daf-8483-4772-8e79-3d69d8477de4");
+    const DISK_GUID: Guid = Guid::parse_const("11111111-2222-4333-8444-555555555555");
+
+    fn spec(name: &str, size_bytes: Option<u64>) -> PartitionSpec {
+        PartitionSpec {
+            name: name.to_owned(),
+            type_guid: if name == "esp" {
+                ESP_TYPE
+            } else {
+                LINUX_DATA_TYPE
+            },
+            unique_guid: Guid::derive(name.as_bytes()),
+            size_bytes,
+            attributes: 0,
+        }
+    }
+
+    fn sample_disk(disk_size_bytes: u64) -> GptDisk {
+        let mut specs = vec![
+            spec("esp", Some(2 * MIB)),
+            spec("root-a", Some(3 * MIB + 1)),
+            spec("data", None),
+        ];
+        specs[1].attributes = ATTRIBUTE_READ_ONLY | ATTRIBUTE_REQUIRED;
+        specs[2].attributes = ATTRIBUTE_GROWFS;
+        GptDisk::plan(DISK_GUID, disk_size_bytes, &specs).expect("plan sample disk")
+    }
+
+    fn written_image(gpt: &GptDisk) -> Vec<u8> {
+        let mut image = Cursor::new(vec![0u8; gpt.disk_size_bytes as usize]);
+        gpt.write(&mut image).expect("write GPT");
+        image.into_inner()
+    }
+
+    #[test]
+    fn guid_parse_format_round_trip() {
+        let text = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+        let guid = Guid::parse(text).unwrap();
+        assert_eq!(guid, ESP_TYPE);
+        assert_eq!(guid.to_string(), text);
+        assert_eq!(format!("{guid:?}"), text);
+        assert_eq!(Guid::parse(&text.to_uppercase()).unwrap(), guid);
+        assert_eq!(text.parse::<Guid>().unwrap(), guid);
+        assert_eq!(
+            guid.0,
+            [
+                0xc1, 0x2a, 0x73, 0x28, 0xf8, 0x1f, 0x11, 0xd2, 0xba, 0x4b, 0x00, 0xa0, 0xc9,
+                0x3e, 0xc9, 0x3b
+            ]
+        );
+    }
+
+    #[test]
+    fn guid_mixed_endian_round_trip() {
+        let on_disk = [
+            0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+            0xc9, 0x3b,
+        ];
+        assert_eq!(ESP_TYPE.to_gpt_bytes(), on_disk);
+        assert_eq!(Guid::from_gpt_bytes(on_disk), ESP_TYPE);
+        let other = Guid::derive(b"anything");
+        assert_eq!(Guid::from_gpt_bytes(other.to_gpt_bytes()), other);
+    }
+
+    #[test]
+    fn guid_rejects_malformed_text() {
+        for bad in [
+            "",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93bb",
+            "c12a7328f-81f-11d2-ba4b-00a0c93ec93b",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93g",
+            "{c12a7328-f81f-11d2-ba4b-00a0c93ec9}",
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec9é",
+        ] {
+            let error = Guid::parse(bad).unwrap_err();
+            assert!(
+                matches!(&error, GptError::InvalidGuid { text, .. } if text == bad),
+                "{bad:?} gave {error}"
+            );
+            let message = error.to_string();
+            assert!(message.contains("expected"), "{message}");
+            assert!(message.contains("found"), "{message}");
+        }
+        let message = Guid::parse("c12a7328-f81f-11d2-ba4b-00a0c93ec93g")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("character 36"), "{message}");
+        assert!(message.contains("\"g\""), "{message}");
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid GUID")]
+    fn guid_parse_const_panics_on_bad_input() {
+        let _ = Guid::parse_const(std::hint::black_box("not-a-guid"));
+    }
+
+    #[test]
+    fn guid_serde_uses_string_form() {
+        let json = serde_json::to_string(&ESP_TYPE).unwrap();
+        assert_eq!(json, "\"c12a7328-f81f-11d2-ba4b-00a0c93ec93b\"");
+        let back: Guid = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ESP_TYPE);
+        let error = serde_json::from_str::<Guid>("\"nope\"").unwrap_err();
+        assert!(error.to_string().contains("invalid GUID"), "{error}");
+        assert!(serde_json::from_str::<Guid>("42").is_err());
+    }
+
+    #[test]
+    fn guid_derive_is_deterministic_version_4() {
+        let first = Guid::derive(b"seed");
+        assert_eq!(first, Guid::derive(b"seed"));
+        assert_ne!(first, Guid::derive(b"other seed"));
+        assert_eq!(first.0[6] >> 4, 4, "version nibble");
+        assert_eq!(first.0[8] & 0xC0, 0x80, "RFC 4122 variant");
+        let digest = Sha256::digest(b"seed");
+        assert_eq!(first.0[..6], digest[..6]);
+        assert_eq!(first.0[9..], digest[9..16]);
+        assert!(!first.is_zero());
+        assert!(Guid::default().is_zero());
+    }
+
+    #[test]
+    fn plan_aligns_to_one_mebibyte() {
+        let disk_size_bytes = 16 * MIB;
+        let gpt = sample_disk(disk_size_bytes);
+        assert_eq!(gpt.first_usable_lba(), 34);
+        assert_eq!(gpt.last_usable_lba(), disk_size_bytes / SECTOR_SIZE - 34);
+        let [esp, root, data] = &gpt.partitions[..] else {
+            panic!("expected three partitions, found {:?}", gpt.partitions);
+        };
+        assert_eq!(esp.offset_bytes(), MIB);
+        assert_eq!(esp.size_bytes(), 2 * MIB);
+        assert_eq!(root.offset_bytes(), 3 * MIB);
+        assert_eq!(root.size_bytes(), 4 * MIB, "3 MiB + 1 byte rounds up to 4 MiB");
+        assert_eq!(root.attributes, ATTRIBUTE_READ_ONLY | ATTRIBUTE_REQUIRED);
+        assert_eq!(data.offset_bytes(), 7 * MIB);
+        // 16 MiB disk minus 1 MiB start, minus the 17 KiB backup GPT: the fill
+        // partition gets the whole MiBs left, 8 MiB.
+        assert_eq!(data.size_bytes(), 8 * MIB);
+        assert!(data.last_lba <= gpt.last_usable_lba());
+        for entry in &gpt.partitions {
+            assert_eq!(entry.offset_bytes() % MIB, 0);
+            assert_eq!(entry.size_bytes() % MIB, 0);
+        }
+    }
+
+    #[test]
+    fn plan_reports_errors_naming_the_partition() {
+        let disk_size_bytes = 16 * MIB;
+        let error = GptDisk::plan(DISK_GUID, disk_size_bytes, &[spec("esp", Some(0))]).unwrap_err();
+        assert!(matches!(&error, GptError::ZeroSize { partition } if partition == "esp"));
+
+        let error = GptDisk::plan(
+            DISK_GUID,
+            disk_size_bytes,
+            &[spec("data", None), spec("esp", Some(MIB))],
+        )
+        .unwrap_err();
+        assert!(matches!(&error, GptError::FillNotLast { partition } if partition == "data"));
+
+        let error = GptDisk::plan(
+            DISK_GUID,
+            disk_size_bytes,
+            &[spec("esp", Some(10 * MIB)), spec("root-a", Some(5 * MIB))],
+        )
+        .unwrap_err();
+        match &error {
+            GptError::DoesNotFit {
+                partition,
+                needed_bytes,
+                available_bytes,
+            } => {
+                assert_eq!(partition, "root-a");
+                assert_eq!(*needed_bytes, 5 * MIB);
+                assert_eq!(*available_bytes, 16 * MIB - 11 * MIB - 33 * SECTOR_SIZE);
+            }
+            other => panic!("expected DoesNotFit, found {other}"),
+        }
+        let message = error.to_string();
+        assert!(message.contains("\"root-a\"") && message.contains("5242880"), "{message}");
+
+        let error = GptDisk::plan(
+            DISK_GUID,
+            disk_size_bytes,
+            &[spec("esp", Some(14 * MIB)), spec("data", None)],
+        )
+        .unwrap_err();
+        assert!(matches!(&error, GptError::DoesNotFit { partition, .. } if partition == "data"));
+
+        let error = GptDisk::plan(DISK_GUID, 4096, &[]).unwrap_err();
+        assert!(matches!(error, GptError::TooSmall { disk_size_bytes: 4096, .. }));
+
+        let error = GptDisk::plan(DISK_GUID, 16 * MIB + 1, &[]).unwrap_err();
+        assert!(matches!(error, GptError::DiskSizeNotSectorMultiple { .. }));
+
+        let mut duplicate = spec("root-b", Some(MIB));
+        duplicate.unique_guid = Guid::derive(b"root-a");
+        let error = GptDisk::plan(
+            DISK_GUID,
+            disk_size_bytes,
+            &[spec("root-a", Some(MIB)), duplicate],
+        )
+        .unwrap_err();
+        assert!(matches!(
+            error,
+            GptError::DuplicateUniqueGuid {
+                first_number: 1,
+                second_number: 2,
+                ..
+            }
+        ));
+
+        let mut zero = spec("esp", Some(MIB));
+        zero.unique_guid = Guid::ZERO;
+        let error = GptDisk::plan(DISK_GUID, disk_size_bytes, &[zero]).unwrap_err();
+        assert!(matches!(error, GptError::ZeroGuid { .. }));
+
+        let too_many: Vec<PartitionSpec> = (0..129)
+            .map(|index| spec(&format!("p{index}"), Some(MIB)))
+            .collect();
+        let error = GptDisk::plan(DISK_GUID, 1024 * MIB, &too_many).unwrap_err();
+        assert!(matches!(error, GptError::TooManyPartitions { count: 129, .. }));
+    }
+
+    #[test]
+    fn name_too_long_is_rejected() {
+        let exactly_36 = "x".repeat(36);
+        GptDisk::plan(DISK_GUID, 16 * MIB, &[spec(&exactly_36, Some(MIB))])
+            .expect("36 code units fit");
+        let long_name = "y".repeat(37);
+        let error = GptDisk::plan(DISK_GUID, 16 * MIB, &[spec(&long_name, Some(MIB))]).unwrap_err();
+        assert!(
+            matches!(&error, GptError::NameTooLong { name, units: 37 } if *name == long_name),
+            "{error}"
+        );
+        // Characters outside the Basic Multilingual Plane take two UTF-16 units.
+        let emoji_name = "🦀".repeat(19);
+        let error =
+            GptDisk::plan(DISK_GUID, 16 * MIB, &[spec(&emoji_name, Some(MIB))]).unwrap_err();
+        assert!(matches!(error, GptError::NameTooLong { units: 38, .. }));
+        let error = GptDisk::plan(DISK_GUID, 16 * MIB, &[spec("a\0b", Some(MIB))]).unwrap_err();
+        assert!(matches!(error, GptError::NameContainsNul { .. }));
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let mut gpt = sample_disk(16 * MIB);
+        gpt.partitions[0].name = "EFI Systempartition ü 🦀".to_owned();
+        let image = written_image(&gpt);
+        let (read_back, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), 16 * MIB).unwrap();
+        assert_eq!(source, GptSource::Primary);
+        assert_eq!(read_back, gpt);
+
+        let (number, entry) = read_back
+            .find_by_unique_guid(&Guid::derive(b"root-a"))
+            .unwrap();
+        assert_eq!(number, 2);
+        assert_eq!(entry.name, "root-a");
+        assert_eq!(read_back.find_by_name("data").unwrap().0, 3);
+        assert!(read_back.find_by_name("missing").is_none());
+        assert!(read_back.find_by_unique_guid(&Guid::ZERO).is_none());
+    }
+
+    #[test]
+    fn write_layout_is_exact_and_deterministic() {
+        let disk_size_bytes = 16 * MIB;
+        let gpt = sample_disk(disk_size_bytes);
+        let image = written_image(&gpt);
+        assert_eq!(image, written_image(&gpt.clone()), "same input, same bytes");
+        let disk_sectors = disk_size_bytes / SECTOR_SIZE;
+        let sector = |lba: u64| &image[(lba * SECTOR_SIZE) as usize..((lba + 1) * SECTOR_SIZE) as usize];
+
+        let mbr = sector(0);
+        assert!(mbr[..446].iter().all(|&byte| byte == 0), "boot code and disk signature zero");
+        assert_eq!(mbr[446 + 4], 0xEE);
+        assert_eq!(le_u32(mbr, 446 + 8), 1);
+        assert_eq!(u64::from(le_u32(mbr, 446 + 12)), disk_sectors - 1);
+        assert!(mbr[462..510].iter().all(|&byte| byte == 0), "other MBR records empty");
+        assert_eq!(mbr[510..], [0x55, 0xAA]);
+
+        let primary = sector(1);
+        assert_eq!(&primary[..8], b"EFI PART");
+        assert_eq!(le_u32(primary, 8), 0x0001_0000);
+        assert_eq!(le_u32(primary, 12), 92);
+        assert_eq!(le_u64(primary, 24), 1);
+        assert_eq!(le_u64(primary, 32), disk_sectors - 1);
+        assert_eq!(le_u64(primary, 40), 34);
+        assert_eq!(le_u64(primary, 48), disk_sectors - 34);
+        assert_eq!(primary[56..72], DISK_GUID.to_gpt_bytes());
+        assert_eq!(le_u64(primary, 72), 2);
+        assert_eq!(le_u32(primary, 80), 128);
+        assert_eq!(le_u32(primary, 84), 128);
+        assert!(primary[92..].iter().all(|&byte| byte == 0));
+
+        let backup = sector(disk_sectors - 1);
+        assert_eq!(le_u64(backup, 24), disk_sectors - 1);
+        assert_eq!(le_u64(backup, 32), 1);
+        assert_eq!(le_u64(backup, 72), disk_sectors - 33);
+
+        let primary_entries = &image[1024..1024 + 16384];
+        let backup_start = ((disk_sectors - 33) * SECTOR_SIZE) as usize;
+        assert_eq!(primary_entries, &image[backup_start..backup_start + 16384]);
+        assert_eq!(primary_entries[..16], ESP_TYPE.to_gpt_bytes());
+        assert!(
+            primary_entries[3 * 128..].iter().all(|&byte| byte == 0),
+            "unused entries are all zero"
+        );
+        // Partition contents were not touched.
+        let data = &gpt.partitions[2];
+        assert!(image[data.offset_bytes() as usize..(data.offset_bytes() + data.size_bytes()) as usize]
+            .iter()
+            .all(|&byte| byte == 0));
+    }
+
+    #[test]
+    fn write_extends_a_short_disk() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = Cursor::new(Vec::new());
+        gpt.write(&mut image).unwrap();
+        assert_eq!(image.get_ref().len() as u64, 16 * MIB);
+        assert_eq!(GptDisk::read(&mut image, 16 * MIB).unwrap(), gpt);
+    }
+
+    #[test]
+    fn damaged_primary_header_falls_back_to_backup() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = written_image(&gpt);
+        image[512 + 40] ^= 0x01; // first usable LBA, covered by the header CRC
+        let primary_error = read_table(&mut Cursor::new(&image), 16 * MIB / SECTOR_SIZE, 1)
+            .unwrap_err();
+        assert!(matches!(primary_error, GptError::HeaderCrc { lba: 1, .. }));
+        let (read_back, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), 16 * MIB).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(read_back, gpt);
+    }
+
+    #[test]
+    fn damaged_primary_entries_fall_back_to_backup() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = written_image(&gpt);
+        image[1024 + 128 + 60] ^= 0xFF; // a name byte of partition 2
+        let (read_back, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), 16 * MIB).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(read_back, gpt);
+    }
+
+    #[test]
+    fn both_copies_damaged_is_an_error() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = written_image(&gpt);
+        image[512] = b'X'; // primary signature
+        let last_entries = (16 * MIB - 33 * SECTOR_SIZE) as usize;
+        image[last_entries + 5] ^= 0xFF; // backup entry array
+        let error = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap_err();
+        match &error {
+            GptError::NoValidHeader { primary, backup } => {
+                assert!(matches!(**primary, GptError::BadSignature { lba: 1, .. }));
+                assert!(matches!(**backup, GptError::EntriesCrc { .. }));
+            }
+            other => panic!("expected NoValidHeader, found {other}"),
+        }
+        let message = error.to_string();
+        assert!(message.contains("expected signature \"EFI PART\", found \"XFI PART\""), "{message}");
+        assert!(message.contains("CRC32"), "{message}");
+    }
+
+    #[test]
+    fn missing_protective_mbr_is_an_error() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = written_image(&gpt);
+        image[446 + 4] = 0x83;
+        let error = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap_err();
+        assert!(matches!(error, GptError::NotProtectiveMbr { found_types: [0x83, 0, 0, 0] }));
+        assert!(error.to_string().contains("expected a partition of type 0xee"));
+
+        image[510] = 0;
+        let error = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap_err();
+        assert!(matches!(error, GptError::BadBootSignature { found: [0, 0xAA] }));
+    }
+
+    #[test]
+    fn image_on_a_larger_disk_reads_from_primary() {
+        let gpt = sample_disk(16 * MIB);
+        let mut image = written_image(&gpt);
+        image.resize((32 * MIB) as usize, 0);
+        let (read_back, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), 32 * MIB).unwrap();
+        assert_eq!(source, GptSource::Primary);
+        assert_eq!(read_back.partitions, gpt.partitions);
+        assert_eq!(read_back.disk_size_bytes, 32 * MIB);
+        assert_eq!(read_back.last_usable_lba(), 32 * MIB / SECTOR_SIZE - 34);
+    }
+
+    #[test]
+    fn truncated_disk_is_an_error() {
+        let gpt = sample_disk(16 * MIB);
+        let image = written_image(&gpt);
+        let error = GptDisk::read(&mut Cursor::new(&image[..(8 * MIB) as usize]), 8 * MIB)
+            .unwrap_err();
+        assert!(matches!(error, GptError::NoValidHeader { .. }), "{error}");
+    }
+
+    #[test]
+    fn gaps_in_the_table_keep_partition_numbers() {
+        let mut gpt = sample_disk(16 * MIB);
+        gpt.partitions[1] = PartitionEntry::default();
+        let image = written_image(&gpt);
+        let read_back = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap();
+        assert_eq!(read_back, gpt);
+        assert_eq!(read_back.find_by_name("data").unwrap().0, 3);
+    }
+
+    #[test]
+    fn write_rejects_invalid_tables() {
+        let mut gpt = sample_disk(16 * MIB);
+        gpt.partitions[1].first_lba = gpt.partitions[0].last_lba;
+        let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
+        assert!(
+            matches!(error, GptError::Overlap { first_number: 1, second_number: 2, .. }),
+            "{error}"
+        );
+
+        let mut gpt = sample_disk(16 * MIB);
+        gpt.partitions[2].last_lba = gpt.last_usable_lba() + 1;
+        let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
+        assert!(matches!(error, GptError::PartitionOutOfRange { number: 3, .. }), "{error}");
+
+        let mut gpt = sample_disk(16 * MIB);
+        gpt.partitions[0].last_lba = gpt.partitions[0].first_lba - 1;
+        let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
+        assert!(matches!(error, GptError::BadPartitionRange { number: 1, .. }), "{error}");
+    }
+
+    #[test]
+    fn protective_mbr_size_is_capped() {
+        let huge_disk_sectors = 1u64 << 33;
+        let mbr = protective_mbr(huge_disk_sectors);
+        assert_eq!(le_u32(&mbr, 446 + 12), u32::MAX);
+        assert_eq!(mbr[446 + 5..446 + 8], [0xFF, 0xFF, 0xFF]);
+        assert_eq!(mbr[446 + 1..446 + 4], [0x00, 0x02, 0x00]);
+    }
+}

@@ -1,0 +1,205 @@
+//! The disk layout both sides agree on: slots, partition names, and the
+//! partition type GUIDs of the Discoverable Partitions Specification (DPS).
+//!
+//! ```text
+//! | GPT | esp | root-a | verity-a | root-b | verity-b | data (fills, /var) | GPT backup |
+//! ```
+//! Partition unique GUIDs follow the DPS rule: a root partition's UUID is the
+//! first 128 bits of its dm-verity root hash, its verity partition's UUID the
+//! last 128 bits, so nothing random enters an image and the initramfs can find
+//! a slot from the root hash on the kernel command line alone.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpt::Guid;
+use crate::verity::RootHash;
+
+/// GPT partition names (what `sfdisk --json` shows as `name`).
+pub const ESP_PARTITION_NAME: &str = "esp";
+pub const DATA_PARTITION_NAME: &str = "data";
+
+/// EFI System Partition.
+pub const ESP_TYPE: Guid = Guid::parse_const("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+/// DPS "Variable Data Partition" (/var).
+pub const VAR_TYPE: Guid = Guid::parse_const("4d21b016-b534-45c2-a9fb-5c16e091fd2d");
+/// DPS root partition, x86-64.
+pub const ROOT_X86_64_TYPE: Guid = Guid::parse_const("4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
+/// DPS root verity partition, x86-64.
+pub const ROOT_VERITY_X86_64_TYPE: Guid = Guid::parse_const("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5");
+/// DPS root partition, 64-bit ARM.
+pub const ROOT_AARCH64_TYPE: Guid = Guid::parse_const("b921b045-1df0-41c3-af44-4c6f280d3fae");
+/// DPS root verity partition, 64-bit ARM.
+pub const ROOT_VERITY_AARCH64_TYPE: Guid = Guid::parse_const("df3300ce-d69f-4c92-978c-9bfb0f38d820");
+
+/// A CPU architecture an image is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    #[serde(rename = "x86_64")]
+    X86_64,
+    #[serde(rename = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    /// Debian's name for the architecture (`dpkg --print-architecture`).
+    pub fn debian_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+    /// Rust's target triple for binaries that run on the image.
+    pub fn rust_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-gnu",
+            Arch::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+    /// The name the UEFI removable-media path uses (`BOOTX64.EFI`, `BOOTAA64.EFI`).
+    pub fn efi_suffix(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "X64",
+            Arch::Aarch64 => "AA64",
+        }
+    }
+    pub fn root_type(self) -> Guid {
+        match self {
+            Arch::X86_64 => ROOT_X86_64_TYPE,
+            Arch::Aarch64 => ROOT_AARCH64_TYPE,
+        }
+    }
+    pub fn root_verity_type(self) -> Guid {
+        match self {
+            Arch::X86_64 => ROOT_VERITY_X86_64_TYPE,
+            Arch::Aarch64 => ROOT_VERITY_AARCH64_TYPE,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of the two A/B slots. Each slot is a root partition plus its verity partition
+/// and a Unified Kernel Image on the ESP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
+
+    /// Lower-case name as used on the command line (`racklet.slot=a`) and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+    pub fn parse(text: &str) -> Option<Slot> {
+        match text {
+            "a" | "A" => Some(Slot::A),
+            "b" | "B" => Some(Slot::B),
+            _ => None,
+        }
+    }
+    /// GPT partition name of the slot's root file system.
+    pub fn root_partition_name(self) -> &'static str {
+        match self {
+            Slot::A => "root-a",
+            Slot::B => "root-b",
+        }
+    }
+    /// GPT partition name of the slot's dm-verity hash tree.
+    pub fn verity_partition_name(self) -> &'static str {
+        match self {
+            Slot::A => "verity-a",
+            Slot::B => "verity-b",
+        }
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// DPS rule: a root partition's unique GUID is the first 128 bits of its root hash.
+pub fn root_partition_uuid(verity_root_hash: &RootHash) -> Guid {
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&verity_root_hash[..16]);
+    Guid::from_rfc_bytes(bytes)
+}
+
+/// DPS rule: a verity partition's unique GUID is the last 128 bits of the root hash.
+pub fn verity_partition_uuid(verity_root_hash: &RootHash) -> Guid {
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&verity_root_hash[16..]);
+    Guid::from_rfc_bytes(bytes)
+}
+
+/// Unique GUID of an empty slot partition (slot B in a fresh image): derived from
+/// the disk GUID and the partition name, so it is deterministic and distinct.
+pub fn empty_partition_uuid(disk_guid: &Guid, partition_name: &str) -> Guid {
+    let mut seed = Vec::with_capacity(16 + partition_name.len() + 16);
+    seed.extend_from_slice(b"racklet-empty:");
+    seed.extend_from_slice(&disk_guid.0);
+    seed.extend_from_slice(partition_name.as_bytes());
+    Guid::derive(&seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_uuids_split_the_root_hash() {
+        let mut hash = [0u8; 32];
+        for (index, byte) in hash.iter_mut().enumerate() {
+            *byte = index as u8;
+        }
+        assert_eq!(
+            root_partition_uuid(&hash).to_string(),
+            "00010203-0405-0607-0809-0a0b0c0d0e0f"
+        );
+        assert_eq!(
+            verity_partition_uuid(&hash).to_string(),
+            "10111213-1415-1617-1819-1a1b1c1d1e1f"
+        );
+    }
+
+    #[test]
+    fn slots_name_their_partitions_and_each_other() {
+        assert_eq!(Slot::A.other(), Slot::B);
+        assert_eq!(Slot::B.root_partition_name(), "root-b");
+        assert_eq!(Slot::parse("a"), Some(Slot::A));
+        assert_eq!(Slot::parse("c"), None);
+    }
+
+    #[test]
+    fn empty_partitions_get_distinct_stable_uuids() {
+        let disk = Guid::from_rfc_bytes([7; 16]);
+        let root = empty_partition_uuid(&disk, "root-b");
+        assert_eq!(root, empty_partition_uuid(&disk, "root-b"));
+        assert_ne!(root, empty_partition_uuid(&disk, "verity-b"));
+    }
+}

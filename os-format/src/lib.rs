@@ -1,0 +1,13 @@
+//! The contract shared by the image builder and the update agent.
+//!
+//! Pure and IO-free apart from `Read`/`Write`/`Seek`: everything both sides of an
+//! update must agree on lives here, once.
+
+pub mod cmdline;
+pub mod error;
+pub mod gpt;
+pub mod layout;
+pub mod manifest;
+pub mod verity;
+
+pub use error::FormatError;

@@ -1,0 +1,1148 @@
+//! dm-verity hash trees and superblocks, byte-for-byte as `veritysetup format`
+//! writes them for a *separate* hash device.
+//!
+//! # On-disk format
+//!
+//! The hash device starts with one 4096-byte block whose first
+//! [`SUPERBLOCK_SIZE`] bytes are the verity superblock (the rest is zero). The
+//! hash tree follows from hash block [`HASH_START_BLOCK`] on.
+//!
+//! * Hash type 1 ("normal"): every digest is `sha256(salt || block)`.
+//! * A hash block holds [`DIGESTS_PER_HASH_BLOCK`] digests back to back, its
+//!   unused tail zero-filled.
+//! * Level 0 holds the digests of the data blocks; level `i + 1` holds the
+//!   digests of the hash blocks of level `i`; the top level is a single block.
+//! * Levels are stored top level first, level 0 last.
+//! * The root hash is `sha256(salt || top hash block)`.
+//! * Special case (as in cryptsetup and the kernel): data of exactly one block
+//!   has no hash levels at all; the root hash is the digest of that data
+//!   block and the hash device is the superblock block alone.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Size in bytes of both data blocks and hash blocks.
+pub const VERITY_BLOCK_SIZE: u64 = 4096;
+/// Size in bytes of the on-disk verity superblock (it occupies the start of
+/// the first hash-device block).
+pub const SUPERBLOCK_SIZE: usize = 512;
+/// The only hash algorithm this module writes or accepts.
+pub const ALGORITHM: &str = "sha256";
+/// A dm-verity root hash (sha256 digest).
+pub type RootHash = [u8; 32];
+
+/// Hash-device block index where the tree starts: block 0 holds the superblock.
+pub const HASH_START_BLOCK: u64 = 1;
+/// Number of sha256 digests in one 4096-byte hash block.
+pub const DIGESTS_PER_HASH_BLOCK: u64 = VERITY_BLOCK_SIZE / DIGEST_SIZE as u64;
+/// Largest salt the superblock can hold, in bytes.
+pub const MAX_SALT_SIZE: usize = 256;
+
+/// [`VERITY_BLOCK_SIZE`] as a `usize`, for slicing.
+const BLOCK_SIZE: usize = VERITY_BLOCK_SIZE as usize;
+/// Size in bytes of one sha256 digest.
+const DIGEST_SIZE: usize = 32;
+/// How much data is read (and hashed) per `read` round trip.
+const READ_CHUNK_SIZE: usize = 1 << 20;
+/// Domain-separation prefix of [`salt_from_content_digest`].
+const SALT_DERIVATION_PREFIX: &[u8] = b"racklet-verity-salt";
+/// Version field of the dm-verity superblock and of the dm table line.
+const FORMAT_VERSION: u32 = 1;
+/// Hash type 1: digest = hash(salt || block) ("normal", not Chrome OS).
+const HASH_TYPE_NORMAL: u32 = 1;
+/// What the kernel table line says for "no salt".
+const EMPTY_SALT_TABLE_TEXT: &str = "-";
+
+/// Superblock magic: "verity" padded with two NUL bytes.
+const SB_SIGNATURE: &[u8; 8] = b"verity\0\0";
+/// Byte offsets and sizes of the little-endian superblock fields
+/// (cryptsetup's `struct verity_sb`).
+const SB_SIGNATURE_OFFSET: usize = 0;
+const SB_VERSION_OFFSET: usize = 8;
+const SB_HASH_TYPE_OFFSET: usize = 12;
+const SB_UUID_OFFSET: usize = 16;
+const SB_UUID_SIZE: usize = 16;
+const SB_ALGORITHM_OFFSET: usize = 32;
+const SB_ALGORITHM_SIZE: usize = 32;
+const SB_DATA_BLOCK_SIZE_OFFSET: usize = 64;
+const SB_HASH_BLOCK_SIZE_OFFSET: usize = 68;
+const SB_DATA_BLOCKS_OFFSET: usize = 72;
+const SB_SALT_SIZE_OFFSET: usize = 80;
+const SB_SALT_OFFSET: usize = 88;
+
+/// Everything that can go wrong computing or checking a verity tree.
+#[derive(Debug, Error)]
+pub enum VerityError {
+    /// An I/O operation failed; `context` says which.
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The data size is not a whole number of verity blocks.
+    #[error(
+        "data size {size} bytes is not a multiple of the {VERITY_BLOCK_SIZE}-byte verity block size \
+         ({remainder} bytes past the last whole block)",
+        remainder = size % VERITY_BLOCK_SIZE
+    )]
+    NotBlockAligned { size: u64 },
+    /// The data is empty; dm-verity needs at least one block.
+    #[error("data size is 0 bytes; dm-verity needs at least one {VERITY_BLOCK_SIZE}-byte block")]
+    EmptyData,
+    /// The salt does not fit the superblock.
+    #[error("salt is {len} bytes long; the verity superblock holds at most {MAX_SALT_SIZE}")]
+    SaltTooLong { len: usize },
+    /// The superblock is not one this module writes; `reason` says what was
+    /// expected and what was found.
+    #[error("bad verity superblock: {reason}")]
+    BadSuperblock { reason: String },
+    /// The top of the tree does not hash to the expected root hash (for
+    /// single-block data: the data block itself does not).
+    #[error(
+        "root hash mismatch: expected {expected_hex}, found {found_hex}",
+        expected_hex = hex::encode(expected),
+        found_hex = hex::encode(found)
+    )]
+    RootHashMismatch { expected: RootHash, found: RootHash },
+    /// A data block does not match its digest in the (root-verified) tree.
+    #[error(
+        "data block {block} (byte offset {offset}) is corrupt: its sha256 does not match \
+         the digest the verified hash tree records for it",
+        offset = block * VERITY_BLOCK_SIZE
+    )]
+    CorruptDataBlock { block: u64 },
+    /// A hash block does not match the digest its (verified) parent records.
+    #[error(
+        "hash block at byte offset {offset} of the hash device (hash block {index}) is corrupt: \
+         its sha256 does not match the digest its verified parent level records for it",
+        index = offset / VERITY_BLOCK_SIZE
+    )]
+    CorruptHashBlock { offset: u64 },
+    /// Text that should be a root hash is not 64 hex digits.
+    #[error(
+        "invalid root hash {text:?}: expected {expected_len} hex digits, found {found_len} \
+         characters{non_hex}",
+        expected_len = DIGEST_SIZE * 2,
+        found_len = text.chars().count(),
+        non_hex = if text.chars().all(|c| c.is_ascii_hexdigit()) { "" } else { " (not all hex digits)" }
+    )]
+    InvalidRootHashHex { text: String },
+    /// An input ended before the expected number of bytes was read.
+    #[error(
+        "short read of {what}: expected {expected} bytes, found only {found} before end of input"
+    )]
+    ShortRead {
+        what: String,
+        expected: u64,
+        found: u64,
+    },
+}
+
+/// The dm-verity superblock at the start of the hash device.
+///
+/// Only `hash_type` 1, `sha256` and 4096-byte blocks are supported, so those
+/// fields are implied or checked rather than free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VeritySuperblock {
+    /// UUID of the hash device, in canonical (big-endian string) byte order.
+    pub uuid: [u8; 16],
+    /// Data block size in bytes (always 4096 here).
+    pub data_block_size: u32,
+    /// Hash block size in bytes (always 4096 here).
+    pub hash_block_size: u32,
+    /// Number of data blocks the tree covers.
+    pub data_blocks: u64,
+    /// Hash algorithm name (always `sha256` here).
+    pub algorithm: String,
+    /// Salt prepended to every hashed block (at most 256 bytes).
+    pub salt: Vec<u8>,
+}
+
+impl VeritySuperblock {
+    /// A superblock for `data_blocks` 4096-byte blocks hashed with sha256.
+    pub fn new(uuid: [u8; 16], data_blocks: u64, salt: Vec<u8>) -> VeritySuperblock {
+        VeritySuperblock {
+            uuid,
+            data_block_size: VERITY_BLOCK_SIZE as u32,
+            hash_block_size: VERITY_BLOCK_SIZE as u32,
+            data_blocks,
+            algorithm: ALGORITHM.to_string(),
+            salt,
+        }
+    }
+
+    /// The 512 on-disk bytes.
+    ///
+    /// Fields too long for their slot (an algorithm name over 32 bytes, a salt
+    /// over [`MAX_SALT_SIZE`] bytes) are truncated; the constructors in this
+    /// module never produce such values.
+    pub fn to_bytes(&self) -> [u8; SUPERBLOCK_SIZE] {
+        let mut bytes = [0u8; SUPERBLOCK_SIZE];
+        bytes[SB_SIGNATURE_OFFSET..SB_SIGNATURE_OFFSET + SB_SIGNATURE.len()]
+            .copy_from_slice(SB_SIGNATURE);
+        put_u32(&mut bytes, SB_VERSION_OFFSET, FORMAT_VERSION);
+        put_u32(&mut bytes, SB_HASH_TYPE_OFFSET, HASH_TYPE_NORMAL);
+        bytes[SB_UUID_OFFSET..SB_UUID_OFFSET + SB_UUID_SIZE].copy_from_slice(&self.uuid);
+        let algorithm = self.algorithm.as_bytes();
+        let algorithm_len = algorithm.len().min(SB_ALGORITHM_SIZE);
+        bytes[SB_ALGORITHM_OFFSET..SB_ALGORITHM_OFFSET + algorithm_len]
+            .copy_from_slice(&algorithm[..algorithm_len]);
+        put_u32(&mut bytes, SB_DATA_BLOCK_SIZE_OFFSET, self.data_block_size);
+        put_u32(&mut bytes, SB_HASH_BLOCK_SIZE_OFFSET, self.hash_block_size);
+        bytes[SB_DATA_BLOCKS_OFFSET..SB_DATA_BLOCKS_OFFSET + 8]
+            .copy_from_slice(&self.data_blocks.to_le_bytes());
+        let salt_len = self.salt.len().min(MAX_SALT_SIZE);
+        bytes[SB_SALT_SIZE_OFFSET..SB_SALT_SIZE_OFFSET + 2]
+            .copy_from_slice(&(salt_len as u16).to_le_bytes());
+        bytes[SB_SALT_OFFSET..SB_SALT_OFFSET + salt_len].copy_from_slice(&self.salt[..salt_len]);
+        bytes
+    }
+
+    /// Parses the first [`SUPERBLOCK_SIZE`] bytes of `bytes`.
+    ///
+    /// Checks the signature, version 1, hash type 1, algorithm `sha256`, both
+    /// block sizes 4096, a non-zero data block count and a salt size of at
+    /// most 256.
+    pub fn parse(bytes: &[u8]) -> Result<VeritySuperblock, VerityError> {
+        let bad = |reason: String| Err(VerityError::BadSuperblock { reason });
+        if bytes.len() < SUPERBLOCK_SIZE {
+            return bad(format!(
+                "expected at least {SUPERBLOCK_SIZE} bytes, found {}",
+                bytes.len()
+            ));
+        }
+        let signature = &bytes[SB_SIGNATURE_OFFSET..SB_SIGNATURE_OFFSET + SB_SIGNATURE.len()];
+        if signature != SB_SIGNATURE {
+            return bad(format!(
+                "expected signature {:?}, found {:?}",
+                String::from_utf8_lossy(SB_SIGNATURE),
+                String::from_utf8_lossy(signature)
+            ));
+        }
+        let version = get_u32(bytes, SB_VERSION_OFFSET);
+        if version != FORMAT_VERSION {
+            return bad(format!(
+                "expected version {FORMAT_VERSION}, found {version}"
+            ));
+        }
+        let hash_type = get_u32(bytes, SB_HASH_TYPE_OFFSET);
+        if hash_type != HASH_TYPE_NORMAL {
+            return bad(format!(
+                "expected hash type {HASH_TYPE_NORMAL} (normal), found {hash_type}"
+            ));
+        }
+        let algorithm_field = &bytes[SB_ALGORITHM_OFFSET..SB_ALGORITHM_OFFSET + SB_ALGORITHM_SIZE];
+        let algorithm_len = algorithm_field
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(SB_ALGORITHM_SIZE);
+        let algorithm = String::from_utf8_lossy(&algorithm_field[..algorithm_len]).into_owned();
+        if algorithm != ALGORITHM {
+            return bad(format!(
+                "expected algorithm {ALGORITHM:?}, found {algorithm:?}"
+            ));
+        }
+        let data_block_size = get_u32(bytes, SB_DATA_BLOCK_SIZE_OFFSET);
+        let hash_block_size = get_u32(bytes, SB_HASH_BLOCK_SIZE_OFFSET);
+        for (name, size) in [("data", data_block_size), ("hash", hash_block_size)] {
+            if u64::from(size) != VERITY_BLOCK_SIZE {
+                return bad(format!(
+                    "expected {name} block size {VERITY_BLOCK_SIZE}, found {size}"
+                ));
+            }
+        }
+        let data_blocks = u64::from_le_bytes(
+            bytes[SB_DATA_BLOCKS_OFFSET..SB_DATA_BLOCKS_OFFSET + 8]
+                .try_into()
+                .expect("8-byte slice"),
+        );
+        if data_blocks == 0 {
+            return bad("expected at least 1 data block, found 0".to_string());
+        }
+        let salt_size = usize::from(u16::from_le_bytes([
+            bytes[SB_SALT_SIZE_OFFSET],
+            bytes[SB_SALT_SIZE_OFFSET + 1],
+        ]));
+        if salt_size > MAX_SALT_SIZE {
+            return bad(format!(
+                "expected salt size at most {MAX_SALT_SIZE}, found {salt_size}"
+            ));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&bytes[SB_UUID_OFFSET..SB_UUID_OFFSET + SB_UUID_SIZE]);
+        Ok(VeritySuperblock {
+            uuid,
+            data_block_size,
+            hash_block_size,
+            data_blocks,
+            algorithm,
+            salt: bytes[SB_SALT_OFFSET..SB_SALT_OFFSET + salt_size].to_vec(),
+        })
+    }
+
+    /// Size in bytes of the data the tree covers.
+    pub fn data_size_bytes(&self) -> u64 {
+        self.data_blocks * u64::from(self.data_block_size)
+    }
+}
+
+/// Where the tree was written and what it proves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerityTree {
+    /// The superblock written at the start of the hash device.
+    pub superblock: VeritySuperblock,
+    /// The root hash (to pass to the kernel / `veritysetup`).
+    pub root_hash: RootHash,
+    /// Bytes written: the superblock block plus all hash blocks.
+    pub hash_device_size_bytes: u64,
+}
+
+/// Number of bytes the hash device needs (superblock block + tree) for
+/// `data_size_bytes` of data; a partial last block counts as a whole one.
+pub fn hash_device_size(data_size_bytes: u64) -> u64 {
+    let geometry = TreeGeometry::for_data_blocks(data_size_bytes.div_ceil(VERITY_BLOCK_SIZE));
+    geometry.hash_device_size_bytes()
+}
+
+/// The salt for content whose sha256 is `content_sha256`:
+/// `sha256("racklet-verity-salt" || content_sha256)`, 32 bytes.
+///
+/// Deterministic, so rebuilding the same image yields the same tree.
+pub fn salt_from_content_digest(content_sha256: &[u8; 32]) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(SALT_DERIVATION_PREFIX);
+    hasher.update(content_sha256);
+    hasher.finalize().to_vec()
+}
+
+/// Reads `data_size_bytes` (a non-zero multiple of 4096) from `data`, builds
+/// the tree in memory (only the hash levels, never the data) and writes
+/// superblock + tree to `hash_out` starting at its current position.
+pub fn build_hash_tree<R: Read, W: Write>(
+    data: R,
+    data_size_bytes: u64,
+    salt: &[u8],
+    uuid: [u8; 16],
+    hash_out: W,
+) -> Result<VerityTree, VerityError> {
+    build_hash_tree_with_progress(data, data_size_bytes, salt, uuid, hash_out, &mut |_| {})
+}
+
+/// Like [`build_hash_tree`] but also calls `progress(bytes_done)` before the
+/// first read, after every chunk read (about every MiB) and once with
+/// `data_size_bytes` when all data is hashed.
+pub fn build_hash_tree_with_progress<R: Read, W: Write>(
+    data: R,
+    data_size_bytes: u64,
+    salt: &[u8],
+    uuid: [u8; 16],
+    mut hash_out: W,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerityTree, VerityError> {
+    let tree = InMemoryTree::build(data, data_size_bytes, salt, progress)?;
+    let superblock = VeritySuperblock::new(uuid, tree.geometry.data_blocks, salt.to_vec());
+
+    let mut superblock_block = vec![0u8; BLOCK_SIZE];
+    superblock_block[..SUPERBLOCK_SIZE].copy_from_slice(&superblock.to_bytes());
+    hash_out
+        .write_all(&superblock_block)
+        .map_err(|source| io_error("writing the verity superblock", source))?;
+    for (level, blocks) in tree.levels.iter().enumerate().rev() {
+        hash_out
+            .write_all(blocks)
+            .map_err(|source| io_error(format!("writing hash tree level {level}"), source))?;
+    }
+    hash_out
+        .flush()
+        .map_err(|source| io_error("flushing the hash device", source))?;
+
+    Ok(VerityTree {
+        superblock,
+        root_hash: tree.root_hash,
+        hash_device_size_bytes: tree.geometry.hash_device_size_bytes(),
+    })
+}
+
+/// Verifies `data` against `hash_device` (superblock at offset 0) and
+/// `expected_root_hash`; both inputs are rewound to offset 0 first.
+///
+/// Checks, in this order: the superblock, the top hash block against the
+/// root hash, every hash block against its parent, every data block against
+/// its leaf digest. Memory use is bounded by the tree size; data is streamed.
+/// Returns the superblock on success. For single-block data (no hash levels)
+/// a corrupt data block is reported as [`VerityError::RootHashMismatch`],
+/// since the root hash is that block's digest.
+pub fn verify<R1: Read + Seek, R2: Read + Seek>(
+    mut data: R1,
+    mut hash_device: R2,
+    expected_root_hash: &RootHash,
+) -> Result<VeritySuperblock, VerityError> {
+    hash_device
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| io_error("seeking to the start of the hash device", source))?;
+    let mut superblock_block = vec![0u8; BLOCK_SIZE];
+    read_exactly(
+        &mut hash_device,
+        &mut superblock_block,
+        "the hash device superblock block",
+    )?;
+    let superblock = VeritySuperblock::parse(&superblock_block)?;
+    let geometry = TreeGeometry::for_data_blocks(superblock.data_blocks);
+    let hasher = SaltedHasher::new(&superblock.salt);
+
+    // The superblock is not covered by the root hash: check both lengths
+    // before trusting its block count for an allocation.
+    require_length(
+        &mut hash_device,
+        geometry.hash_device_size_bytes(),
+        "the hash device",
+    )?;
+    require_length(&mut data, superblock.data_size_bytes(), "the data")?;
+    hash_device
+        .seek(SeekFrom::Start(VERITY_BLOCK_SIZE))
+        .map_err(|source| io_error("seeking to the hash tree", source))?;
+
+    // Read the whole tree, split it into levels (index 0 = lowest).
+    let mut tree_bytes = vec![0u8; to_usize(geometry.total_hash_blocks() * VERITY_BLOCK_SIZE)?];
+    read_exactly(&mut hash_device, &mut tree_bytes, "the hash tree")?;
+    let level_byte_range = |level: usize| {
+        let start = (geometry.level_start_block(level) - HASH_START_BLOCK) * VERITY_BLOCK_SIZE;
+        let len = geometry.level_blocks[level] * VERITY_BLOCK_SIZE;
+        start as usize..(start + len) as usize
+    };
+
+    let leaf_digests: &[u8] = match geometry.level_blocks.len() {
+        0 => expected_root_hash,
+        level_count => {
+            let top = &tree_bytes[level_byte_range(level_count - 1)];
+            let found_root = hasher.digest(top);
+            if &found_root != expected_root_hash {
+                return Err(VerityError::RootHashMismatch {
+                    expected: *expected_root_hash,
+                    found: found_root,
+                });
+            }
+            for parent_level in (1..level_count).rev() {
+                let parent = &tree_bytes[level_byte_range(parent_level)];
+                let child_level = parent_level - 1;
+                let children = &tree_bytes[level_byte_range(child_level)];
+                for (index, child) in children.chunks_exact(BLOCK_SIZE).enumerate() {
+                    if hasher.digest(child)[..] != parent[index * DIGEST_SIZE..][..DIGEST_SIZE] {
+                        let block = geometry.level_start_block(child_level) + index as u64;
+                        return Err(VerityError::CorruptHashBlock {
+                            offset: block * VERITY_BLOCK_SIZE,
+                        });
+                    }
+                }
+            }
+            &tree_bytes[level_byte_range(0)]
+        }
+    };
+
+    data.seek(SeekFrom::Start(0))
+        .map_err(|source| io_error("seeking to the start of the data", source))?;
+    let mut first_block_in_chunk = 0u64;
+    for_each_data_chunk(
+        &mut data,
+        superblock.data_size_bytes(),
+        &mut |_| {},
+        &mut |chunk| {
+            for (index, block) in chunk.chunks_exact(BLOCK_SIZE).enumerate() {
+                let block_index = first_block_in_chunk + index as u64;
+                let found = hasher.digest(block);
+                let expected = &leaf_digests[block_index as usize * DIGEST_SIZE..][..DIGEST_SIZE];
+                if found[..] != *expected {
+                    return Err(if geometry.level_blocks.is_empty() {
+                        VerityError::RootHashMismatch {
+                            expected: *expected_root_hash,
+                            found,
+                        }
+                    } else {
+                        VerityError::CorruptDataBlock { block: block_index }
+                    });
+                }
+            }
+            first_block_in_chunk += (chunk.len() / BLOCK_SIZE) as u64;
+            Ok(())
+        },
+    )?;
+    Ok(superblock)
+}
+
+/// Computes only the root hash of `data_size_bytes` of `data` (reads the data
+/// once, writes nothing), e.g. to re-check a written slot.
+pub fn compute_root_hash<R: Read>(
+    data: R,
+    data_size_bytes: u64,
+    salt: &[u8],
+) -> Result<RootHash, VerityError> {
+    Ok(InMemoryTree::build(data, data_size_bytes, salt, &mut |_| {})?.root_hash)
+}
+
+/// The device-mapper `verity` target parameters (what follows
+/// `0 <sectors> verity ` in a table line):
+/// `1 <data_dev> <hash_dev> 4096 4096 <data_blocks> 1 sha256 <root_hex> <salt_hex>`,
+/// then, if any, ` <count> <args...>`. The count is the number of
+/// whitespace-separated words, so `&["restart_on_corruption"]` gives
+/// ` 1 restart_on_corruption` and an element like `"fec_roots 2"` counts as
+/// two. An empty salt is written as `-`.
+pub fn dm_table_params(
+    superblock: &VeritySuperblock,
+    root_hash: &RootHash,
+    data_device: &str,
+    hash_device: &str,
+    optional_args: &[&str],
+) -> String {
+    let salt_text = if superblock.salt.is_empty() {
+        EMPTY_SALT_TABLE_TEXT.to_string()
+    } else {
+        hex::encode(&superblock.salt)
+    };
+    let mut params = format!(
+        "{FORMAT_VERSION} {data_device} {hash_device} {} {} {} {HASH_START_BLOCK} {} {} {salt_text}",
+        superblock.data_block_size,
+        superblock.hash_block_size,
+        superblock.data_blocks,
+        superblock.algorithm,
+        root_hash_to_hex(root_hash),
+    );
+    let words: Vec<&str> = optional_args
+        .iter()
+        .flat_map(|arg| arg.split_whitespace())
+        .collect();
+    if !words.is_empty() {
+        params.push_str(&format!(" {} {}", words.len(), words.join(" ")));
+    }
+    params
+}
+
+/// Lower-case hex of a root hash (64 characters).
+pub fn root_hash_to_hex(h: &RootHash) -> String {
+    hex::encode(h)
+}
+
+/// Parses 64 hex digits (either case; surrounding whitespace ignored).
+pub fn root_hash_from_hex(s: &str) -> Result<RootHash, VerityError> {
+    let mut hash = [0u8; DIGEST_SIZE];
+    hex::decode_to_slice(s.trim(), &mut hash).map_err(|_| VerityError::InvalidRootHashHex {
+        text: s.to_string(),
+    })?;
+    Ok(hash)
+}
+
+/// Shape of a dm-verity hash tree for a given number of data blocks, as
+/// cryptsetup's `hash_levels()` and the kernel compute it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TreeGeometry {
+    /// Number of data blocks covered.
+    data_blocks: u64,
+    /// Hash blocks per level; index 0 is the lowest level (digests of data
+    /// blocks), the last entry is the single top block. Empty for one data
+    /// block.
+    level_blocks: Vec<u64>,
+}
+
+impl TreeGeometry {
+    fn for_data_blocks(data_blocks: u64) -> TreeGeometry {
+        let mut level_blocks = Vec::new();
+        let mut blocks_below = data_blocks;
+        while blocks_below > 1 {
+            blocks_below = blocks_below.div_ceil(DIGESTS_PER_HASH_BLOCK);
+            level_blocks.push(blocks_below);
+        }
+        TreeGeometry {
+            data_blocks,
+            level_blocks,
+        }
+    }
+
+    /// Hash blocks in all levels together (not counting the superblock block).
+    fn total_hash_blocks(&self) -> u64 {
+        self.level_blocks.iter().sum()
+    }
+
+    /// Hash-device block index where `level` starts (levels are stored top
+    /// first, after the superblock block).
+    fn level_start_block(&self, level: usize) -> u64 {
+        HASH_START_BLOCK + self.level_blocks[level + 1..].iter().sum::<u64>()
+    }
+
+    /// Superblock block plus all hash blocks, in bytes.
+    fn hash_device_size_bytes(&self) -> u64 {
+        (HASH_START_BLOCK + self.total_hash_blocks()) * VERITY_BLOCK_SIZE
+    }
+}
+
+/// A complete hash tree held in memory.
+struct InMemoryTree {
+    geometry: TreeGeometry,
+    /// Level contents, index 0 = lowest level; each a whole number of
+    /// zero-padded hash blocks.
+    levels: Vec<Vec<u8>>,
+    root_hash: RootHash,
+}
+
+impl InMemoryTree {
+    /// Streams `data_size_bytes` of `data` and builds every level.
+    fn build<R: Read>(
+        mut data: R,
+        data_size_bytes: u64,
+        salt: &[u8],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<InMemoryTree, VerityError> {
+        if data_size_bytes == 0 {
+            return Err(VerityError::EmptyData);
+        }
+        if data_size_bytes % VERITY_BLOCK_SIZE != 0 {
+            return Err(VerityError::NotBlockAligned {
+                size: data_size_bytes,
+            });
+        }
+        if salt.len() > MAX_SALT_SIZE {
+            return Err(VerityError::SaltTooLong { len: salt.len() });
+        }
+        let geometry = TreeGeometry::for_data_blocks(data_size_bytes / VERITY_BLOCK_SIZE);
+        let hasher = SaltedHasher::new(salt);
+
+        // Leaf digests: level 0 if there is a tree, else just the root digest.
+        let leaf_len = match geometry.level_blocks.first() {
+            Some(&blocks) => to_usize(blocks * VERITY_BLOCK_SIZE)?,
+            None => DIGEST_SIZE,
+        };
+        let mut leaf_digests = vec![0u8; leaf_len];
+        let mut next_leaf = leaf_digests.chunks_exact_mut(DIGEST_SIZE);
+        for_each_data_chunk(&mut data, data_size_bytes, progress, &mut |chunk| {
+            for block in chunk.chunks_exact(BLOCK_SIZE) {
+                let slot = next_leaf
+                    .next()
+                    .expect("leaf level sized for every data block");
+                slot.copy_from_slice(&hasher.digest(block));
+            }
+            Ok(())
+        })?;
+
+        if geometry.level_blocks.is_empty() {
+            let root_hash = leaf_digests[..].try_into().expect("one digest");
+            return Ok(InMemoryTree {
+                geometry,
+                levels: Vec::new(),
+                root_hash,
+            });
+        }
+        let mut levels = vec![leaf_digests];
+        for &blocks in &geometry.level_blocks[1..] {
+            let below = levels.last().expect("level 0 present");
+            let mut level = vec![0u8; to_usize(blocks * VERITY_BLOCK_SIZE)?];
+            for (slot, child) in level
+                .chunks_exact_mut(DIGEST_SIZE)
+                .zip(below.chunks_exact(BLOCK_SIZE))
+            {
+                slot.copy_from_slice(&hasher.digest(child));
+            }
+            levels.push(level);
+        }
+        let top = levels.last().expect("at least one level");
+        let root_hash = hasher.digest(top);
+        Ok(InMemoryTree {
+            geometry,
+            levels,
+            root_hash,
+        })
+    }
+}
+
+/// sha256 with the salt already absorbed, cloned for every block.
+struct SaltedHasher {
+    salted: Sha256,
+}
+
+impl SaltedHasher {
+    fn new(salt: &[u8]) -> SaltedHasher {
+        let mut salted = Sha256::new();
+        salted.update(salt);
+        SaltedHasher { salted }
+    }
+
+    /// `sha256(salt || block)`.
+    fn digest(&self, block: &[u8]) -> [u8; DIGEST_SIZE] {
+        let mut hasher = self.salted.clone();
+        hasher.update(block);
+        hasher.finalize().into()
+    }
+}
+
+/// Reads exactly `total_bytes` from `data` in chunks of up to
+/// [`READ_CHUNK_SIZE`] (each a whole number of blocks, since `total_bytes` is
+/// block-aligned), handing each to `consume` and reporting progress.
+fn for_each_data_chunk<R: Read>(
+    data: &mut R,
+    total_bytes: u64,
+    progress: &mut dyn FnMut(u64),
+    consume: &mut dyn FnMut(&[u8]) -> Result<(), VerityError>,
+) -> Result<(), VerityError> {
+    let mut chunk = vec![0u8; total_bytes.min(READ_CHUNK_SIZE as u64) as usize];
+    let mut done = 0u64;
+    progress(done);
+    while done < total_bytes {
+        let len = (total_bytes - done).min(chunk.len() as u64) as usize;
+        let got = read_until_full_or_eof(data, &mut chunk[..len])
+            .map_err(|source| io_error(format!("reading data at byte offset {done}"), source))?;
+        if got < len {
+            return Err(VerityError::ShortRead {
+                what: "data".to_string(),
+                expected: total_bytes,
+                found: done + got as u64,
+            });
+        }
+        consume(&chunk[..len])?;
+        done += len as u64;
+        progress(done);
+    }
+    Ok(())
+}
+
+/// Errors with [`VerityError::ShortRead`] if `input` is shorter than
+/// `required_bytes` (its position afterwards is unspecified).
+fn require_length<S: Seek>(
+    input: &mut S,
+    required_bytes: u64,
+    what: &str,
+) -> Result<(), VerityError> {
+    let length = input
+        .seek(SeekFrom::End(0))
+        .map_err(|source| io_error(format!("seeking to the end of {what}"), source))?;
+    if length < required_bytes {
+        return Err(VerityError::ShortRead {
+            what: what.to_string(),
+            expected: required_bytes,
+            found: length,
+        });
+    }
+    Ok(())
+}
+
+/// Fills `buf` completely or errors with [`VerityError::ShortRead`] naming `what`.
+fn read_exactly<R: Read>(reader: &mut R, buf: &mut [u8], what: &str) -> Result<(), VerityError> {
+    let got = read_until_full_or_eof(reader, buf)
+        .map_err(|source| io_error(format!("reading {what}"), source))?;
+    if got < buf.len() {
+        return Err(VerityError::ShortRead {
+            what: what.to_string(),
+            expected: buf.len() as u64,
+            found: got as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the reader hits end of input; returns the
+/// number of bytes read. Retries interrupted reads.
+fn read_until_full_or_eof<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
+}
+
+/// A tree size as an in-memory length, or an error if it cannot be one.
+fn to_usize(len: u64) -> Result<usize, VerityError> {
+    usize::try_from(len).map_err(|_| {
+        io_error(
+            "allocating the hash tree",
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("expected a tree size addressable in memory, found {len} bytes"),
+            ),
+        )
+    })
+}
+
+fn io_error(context: impl Into<String>, source: io::Error) -> VerityError {
+    VerityError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
+    bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn get_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4-byte slice"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const TEST_UUID: [u8; 16] = [
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd,
+        0xef,
+    ];
+    const TEST_SALT: &[u8] = &[0x00, 0x11, 0x22, 0x33, 0x44];
+
+    /// Deterministic pseudo-random bytes (xorshift64).
+    fn pseudo_random_data(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn build(data: &[u8], salt: &[u8]) -> (VerityTree, Vec<u8>) {
+        let mut hash_device = Vec::new();
+        let tree =
+            build_hash_tree(data, data.len() as u64, salt, TEST_UUID, &mut hash_device).unwrap();
+        (tree, hash_device)
+    }
+
+    fn run_verify(
+        data: &[u8],
+        hash_device: &[u8],
+        root: &RootHash,
+    ) -> Result<VeritySuperblock, VerityError> {
+        verify(Cursor::new(data), Cursor::new(hash_device), root)
+    }
+
+    fn sample_superblock() -> VeritySuperblock {
+        VeritySuperblock::new(TEST_UUID, 129, TEST_SALT.to_vec())
+    }
+
+    #[test]
+    fn superblock_round_trips_and_has_cryptsetup_layout() {
+        let superblock = sample_superblock();
+        let bytes = superblock.to_bytes();
+        assert_eq!(&bytes[..8], b"verity\0\0");
+        assert_eq!(&bytes[8..16], &[1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(&bytes[16..32], &TEST_UUID);
+        assert_eq!(&bytes[32..40], b"sha256\0\0");
+        assert_eq!(&bytes[64..72], &[0, 0x10, 0, 0, 0, 0x10, 0, 0]);
+        assert_eq!(&bytes[72..80], &129u64.to_le_bytes());
+        assert_eq!(&bytes[80..82], &[5, 0]);
+        assert_eq!(&bytes[88..93], TEST_SALT);
+        assert!(bytes[93..].iter().all(|&b| b == 0));
+        assert_eq!(VeritySuperblock::parse(&bytes).unwrap(), superblock);
+        assert_eq!(superblock.data_size_bytes(), 129 * 4096);
+    }
+
+    #[test]
+    fn superblock_parse_rejects_unsupported_fields() {
+        let good = sample_superblock().to_bytes();
+        let expect_reason = |bytes: &[u8], needle: &str| match VeritySuperblock::parse(bytes) {
+            Err(VerityError::BadSuperblock { reason }) => {
+                assert!(reason.contains(needle), "{reason:?} lacks {needle:?}")
+            }
+            other => panic!("expected BadSuperblock({needle}), got {other:?}"),
+        };
+        expect_reason(&good[..100], "expected at least 512 bytes, found 100");
+
+        let mut bytes = good;
+        bytes[0] = b'V';
+        expect_reason(&bytes, "expected signature");
+
+        let mut bytes = good;
+        bytes[8] = 2;
+        expect_reason(&bytes, "expected version 1, found 2");
+
+        let mut bytes = good;
+        bytes[12] = 0;
+        expect_reason(&bytes, "expected hash type 1 (normal), found 0");
+
+        let mut bytes = good;
+        bytes[32..40].copy_from_slice(b"sha1\0\0\0\0");
+        expect_reason(&bytes, "expected algorithm \"sha256\", found \"sha1\"");
+
+        let mut bytes = good;
+        put_u32(&mut bytes, 64, 512);
+        expect_reason(&bytes, "expected data block size 4096, found 512");
+
+        let mut bytes = good;
+        put_u32(&mut bytes, 68, 1024);
+        expect_reason(&bytes, "expected hash block size 4096, found 1024");
+
+        let mut bytes = good;
+        bytes[72..80].copy_from_slice(&0u64.to_le_bytes());
+        expect_reason(&bytes, "expected at least 1 data block, found 0");
+
+        let mut bytes = good;
+        bytes[80..82].copy_from_slice(&300u16.to_le_bytes());
+        expect_reason(&bytes, "expected salt size at most 256, found 300");
+    }
+
+    #[test]
+    fn level_geometry_matches_cryptsetup() {
+        let cases: &[(u64, &[u64])] = &[
+            (1, &[]),
+            (2, &[1]),
+            (128, &[1]),
+            (129, &[2, 1]),
+            (128 * 128, &[128, 1]),
+            (128 * 128 + 1, &[129, 2, 1]),
+        ];
+        for &(data_blocks, expected_levels) in cases {
+            let geometry = TreeGeometry::for_data_blocks(data_blocks);
+            assert_eq!(
+                geometry.level_blocks, expected_levels,
+                "{data_blocks} blocks"
+            );
+            let total: u64 = expected_levels.iter().sum();
+            assert_eq!(
+                hash_device_size(data_blocks * VERITY_BLOCK_SIZE),
+                (1 + total) * VERITY_BLOCK_SIZE
+            );
+        }
+        // Top level first, right after the superblock block.
+        let geometry = TreeGeometry::for_data_blocks(128 * 128 + 1);
+        assert_eq!(geometry.level_start_block(2), 1);
+        assert_eq!(geometry.level_start_block(1), 2);
+        assert_eq!(geometry.level_start_block(0), 4);
+        // A partial block counts as a whole one.
+        assert_eq!(hash_device_size(4097), 2 * VERITY_BLOCK_SIZE);
+    }
+
+    #[test]
+    fn single_block_root_is_the_salted_block_digest() {
+        let data = pseudo_random_data(BLOCK_SIZE, 7);
+        let (tree, hash_device) = build(&data, TEST_SALT);
+        let mut hasher = Sha256::new();
+        hasher.update(TEST_SALT);
+        hasher.update(&data);
+        let expected: RootHash = hasher.finalize().into();
+        assert_eq!(tree.root_hash, expected);
+        assert_eq!(hash_device.len(), BLOCK_SIZE);
+        assert_eq!(tree.hash_device_size_bytes, VERITY_BLOCK_SIZE);
+    }
+
+    #[test]
+    fn two_level_tree_layout_by_hand() {
+        let data = pseudo_random_data(129 * BLOCK_SIZE, 3);
+        let (tree, hash_device) = build(&data, TEST_SALT);
+        assert_eq!(hash_device.len() as u64, tree.hash_device_size_bytes);
+        assert_eq!(hash_device.len(), 4 * BLOCK_SIZE);
+        let digest = |bytes: &[u8]| SaltedHasher::new(TEST_SALT).digest(bytes);
+        // Block 1: top level, digests of the two level-0 blocks (2 and 3).
+        let top = &hash_device[BLOCK_SIZE..2 * BLOCK_SIZE];
+        assert_eq!(
+            &top[..32],
+            &digest(&hash_device[2 * BLOCK_SIZE..3 * BLOCK_SIZE])
+        );
+        assert_eq!(&top[32..64], &digest(&hash_device[3 * BLOCK_SIZE..]));
+        assert!(top[64..].iter().all(|&b| b == 0));
+        // Last level-0 block: digest of data block 128, then zeros.
+        let last_leaf_block = &hash_device[3 * BLOCK_SIZE..];
+        assert_eq!(&last_leaf_block[..32], &digest(&data[128 * BLOCK_SIZE..]));
+        assert!(last_leaf_block[32..].iter().all(|&b| b == 0));
+        assert_eq!(tree.root_hash, digest(top));
+        assert_eq!(
+            compute_root_hash(&data[..], data.len() as u64, TEST_SALT).unwrap(),
+            tree.root_hash
+        );
+        assert_eq!(
+            VeritySuperblock::parse(&hash_device).unwrap(),
+            tree.superblock
+        );
+    }
+
+    #[test]
+    fn build_rejects_bad_sizes_salts_and_short_data() {
+        let data = vec![0u8; 3 * BLOCK_SIZE];
+        let err = build_hash_tree(&data[..], 4097, &[], TEST_UUID, io::sink()).unwrap_err();
+        assert!(
+            matches!(err, VerityError::NotBlockAligned { size: 4097 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("4097"), "{err}");
+        let err = build_hash_tree(&data[..], 0, &[], TEST_UUID, io::sink()).unwrap_err();
+        assert!(matches!(err, VerityError::EmptyData), "{err}");
+        let err = build_hash_tree(&data[..], 4096, &[0; 257], TEST_UUID, io::sink()).unwrap_err();
+        assert!(
+            matches!(err, VerityError::SaltTooLong { len: 257 }),
+            "{err}"
+        );
+        let err = build_hash_tree(&data[..], 4 * VERITY_BLOCK_SIZE, &[], TEST_UUID, io::sink())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerityError::ShortRead {
+                    expected: 16384,
+                    found: 12288,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn progress_is_monotonic_and_ends_at_the_data_size() {
+        let data = vec![0u8; 3 * READ_CHUNK_SIZE + BLOCK_SIZE];
+        let mut reports = Vec::new();
+        build_hash_tree_with_progress(
+            &data[..],
+            data.len() as u64,
+            TEST_SALT,
+            TEST_UUID,
+            io::sink(),
+            &mut |done| reports.push(done),
+        )
+        .unwrap();
+        assert_eq!(reports.first(), Some(&0));
+        assert_eq!(reports.last(), Some(&(data.len() as u64)));
+        assert!(reports.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(reports.len() >= 5);
+    }
+
+    #[test]
+    fn verify_accepts_a_good_tree_and_locates_corruption() {
+        let data = pseudo_random_data(129 * BLOCK_SIZE, 11);
+        let (tree, hash_device) = build(&data, TEST_SALT);
+        let superblock = run_verify(&data, &hash_device, &tree.root_hash).unwrap();
+        assert_eq!(superblock, tree.superblock);
+
+        let mut bad_data = data.clone();
+        bad_data[100 * BLOCK_SIZE + 17] ^= 0x01;
+        let err = run_verify(&bad_data, &hash_device, &tree.root_hash).unwrap_err();
+        assert!(
+            matches!(err, VerityError::CorruptDataBlock { block: 100 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("data block 100"), "{err}");
+
+        // Level 0 occupies hash blocks 2 and 3; corrupt block 3.
+        let mut bad_hash = hash_device.clone();
+        bad_hash[3 * BLOCK_SIZE + 5] ^= 0x80;
+        let err = run_verify(&data, &bad_hash, &tree.root_hash).unwrap_err();
+        assert!(
+            matches!(err, VerityError::CorruptHashBlock { offset: 12288 }),
+            "{err}"
+        );
+
+        // The top block is covered by the root hash itself.
+        let mut bad_top = hash_device.clone();
+        bad_top[BLOCK_SIZE + 4000] ^= 0x01;
+        let err = run_verify(&data, &bad_top, &tree.root_hash).unwrap_err();
+        assert!(matches!(err, VerityError::RootHashMismatch { .. }), "{err}");
+
+        let mut wrong_root = tree.root_hash;
+        wrong_root[0] ^= 0xff;
+        let err = run_verify(&data, &hash_device, &wrong_root).unwrap_err();
+        match &err {
+            VerityError::RootHashMismatch { expected, found } => {
+                assert_eq!(expected, &wrong_root);
+                assert_eq!(found, &tree.root_hash);
+            }
+            other => panic!("expected RootHashMismatch, got {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains(&root_hash_to_hex(&wrong_root)),
+            "{message}"
+        );
+        assert!(
+            message.contains(&root_hash_to_hex(&tree.root_hash)),
+            "{message}"
+        );
+
+        let err = run_verify(&data[..BLOCK_SIZE * 50], &hash_device, &tree.root_hash).unwrap_err();
+        assert!(matches!(err, VerityError::ShortRead { .. }), "{err}");
+        let err = run_verify(&data, &hash_device[..BLOCK_SIZE * 2], &tree.root_hash).unwrap_err();
+        assert!(matches!(err, VerityError::ShortRead { .. }), "{err}");
+
+        // A tampered block count must not turn into a huge allocation.
+        let mut huge_count = hash_device.clone();
+        huge_count[72..80].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let err = run_verify(&data, &huge_count, &tree.root_hash).unwrap_err();
+        assert!(
+            matches!(&err, VerityError::ShortRead { what, found: 16384, .. } if what == "the hash device"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn verify_single_block_data() {
+        let data = pseudo_random_data(BLOCK_SIZE, 5);
+        let (tree, hash_device) = build(&data, &[]);
+        run_verify(&data, &hash_device, &tree.root_hash).unwrap();
+        let mut bad_data = data.clone();
+        bad_data[0] ^= 1;
+        let err = run_verify(&bad_data, &hash_device, &tree.root_hash).unwrap_err();
+        assert!(matches!(err, VerityError::RootHashMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn dm_table_params_format() {
+        let superblock = sample_superblock();
+        let root = [0xabu8; 32];
+        let root_hex = "ab".repeat(32);
+        assert_eq!(
+            dm_table_params(&superblock, &root, "/dev/vda3", "/dev/vda4", &[]),
+            format!("1 /dev/vda3 /dev/vda4 4096 4096 129 1 sha256 {root_hex} 0011223344")
+        );
+        assert_eq!(
+            dm_table_params(&superblock, &root, "8:3", "8:4", &["restart_on_corruption"]),
+            format!(
+                "1 8:3 8:4 4096 4096 129 1 sha256 {root_hex} 0011223344 1 restart_on_corruption"
+            )
+        );
+        let unsalted = VeritySuperblock::new(TEST_UUID, 1, Vec::new());
+        assert_eq!(
+            dm_table_params(
+                &unsalted,
+                &root,
+                "a",
+                "b",
+                &["panic_on_corruption", "fec_roots 2"]
+            ),
+            format!("1 a b 4096 4096 1 1 sha256 {root_hex} - 3 panic_on_corruption fec_roots 2")
+        );
+    }
+
+    #[test]
+    fn root_hash_hex_round_trip_and_errors() {
+        let root: RootHash = core::array::from_fn(|i| (i * 7) as u8);
+        let text = root_hash_to_hex(&root);
+        assert_eq!(text.len(), 64);
+        assert_eq!(root_hash_from_hex(&text).unwrap(), root);
+        assert_eq!(root_hash_from_hex(&text.to_uppercase()).unwrap(), root);
+        assert_eq!(root_hash_from_hex(&format!(" {text}\n")).unwrap(), root);
+
+        let err = root_hash_from_hex("abcd").unwrap_err();
+        assert!(matches!(&err, VerityError::InvalidRootHashHex { text } if text == "abcd"));
+        assert!(
+            err.to_string().contains("expected 64 hex digits, found 4"),
+            "{err}"
+        );
+        let not_hex = "zz".repeat(32);
+        let err = root_hash_from_hex(&not_hex).unwrap_err();
+        assert!(err.to_string().contains("not all hex digits"), "{err}");
+    }
+
+    #[test]
+    fn salt_from_content_digest_is_prefixed_sha256() {
+        let content = [9u8; 32];
+        let salt = salt_from_content_digest(&content);
+        let mut hasher = Sha256::new();
+        hasher.update(b"racklet-verity-salt");
+        hasher.update(content);
+        assert_eq!(salt, hasher.finalize().to_vec());
+        assert_eq!(salt.len(), 32);
+        assert_ne!(salt, salt_from_content_digest(&[8u8; 32]));
+    }
+}

@@ -1,0 +1,514 @@
+//! Finding a slot's root and verity partitions from the root hash alone.
+//!
+//! By the DPS rule the root partition's unique GUID (PARTUUID) is the first
+//! 128 bits of the root hash and the verity partition's the last 128 bits.
+//! `/init` reads the GPT of every disk in [`SYS_BLOCK_DIR`] itself (no udev,
+//! no `/dev/disk/by-partuuid`), and maps the partition number to the kernel's
+//! partition device through sysfs: the child directory of
+//! `/sys/block/<disk>` whose `partition` file holds that number.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use os_format::gpt::{GptDisk, Guid};
+use os_format::layout::{root_partition_uuid, verity_partition_uuid, Slot};
+use os_format::verity::{root_hash_to_hex, RootHash};
+
+use crate::device_mapper::DeviceNumber;
+
+/// Where the kernel lists whole disks.
+pub const SYS_BLOCK_DIR: &str = "/sys/block";
+/// Where devtmpfs puts device nodes.
+pub const DEV_DIR: &str = "/dev";
+/// How long to wait for the partitions to appear (TCG emulation is slow to
+/// probe disks; real hardware with USB or SD cards can be too).
+pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
+/// How often to look again while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Disks never searched: loop, RAM, device-mapper, zram and floppy devices
+/// (reading an empty floppy drive stalls).
+const SKIPPED_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
+/// sysfs `size` files count 512-byte sectors whatever the logical block size.
+const SYSFS_SECTOR_SIZE: u64 = 512;
+
+/// A block device the kernel knows, as sysfs describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// Kernel name, e.g. `vda2`, `nvme0n1p3`.
+    pub name: String,
+    /// Major and minor number (for device-mapper tables).
+    pub number: DeviceNumber,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+impl BlockDevice {
+    /// The device node under `dev_dir`.
+    pub fn node(&self, dev_dir: &Path) -> PathBuf {
+        dev_dir.join(&self.name)
+    }
+}
+
+/// The two partitions of a slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPartitions {
+    /// The partition holding the root file system.
+    pub root: BlockDevice,
+    /// The partition holding its dm-verity superblock and hash tree.
+    pub verity: BlockDevice,
+}
+
+/// What one disk looked like during the last scan (for the error message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSeen {
+    /// Kernel name, e.g. `vda`.
+    pub name: String,
+    /// What was found on it.
+    pub state: DiskState,
+}
+
+/// What a scan found on a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskState {
+    /// Size 0 (no medium).
+    Empty,
+    /// A valid GPT with this many used partitions.
+    Gpt { partitions: usize },
+    /// No usable GPT, or the disk could not be read; the reason.
+    NoGpt(String),
+}
+
+impl fmt::Display for DiskSeen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.state {
+            DiskState::Empty => write!(f, "{} (empty)", self.name),
+            DiskState::Gpt { partitions } => {
+                write!(f, "{} (GPT, {partitions} partitions)", self.name)
+            }
+            DiskState::NoGpt(reason) => write!(f, "{} ({reason})", self.name),
+        }
+    }
+}
+
+/// The result of one pass over all disks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// The partition with the root PARTUUID, if found and present in sysfs.
+    pub root: Option<BlockDevice>,
+    /// The partition with the verity PARTUUID, if found and present in sysfs.
+    pub verity: Option<BlockDevice>,
+    /// Every disk looked at, in name order.
+    pub disks: Vec<DiskSeen>,
+}
+
+/// The slot's partitions did not show up in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingPartitions {
+    /// The slot being booted.
+    pub slot: Slot,
+    /// Its root hash from the command line.
+    pub root_hash: RootHash,
+    /// Whether the root partition was found.
+    pub root_found: bool,
+    /// Whether the verity partition was found.
+    pub verity_found: bool,
+    /// How long `/init` waited.
+    pub waited: Duration,
+    /// What the last scan saw.
+    pub disks: Vec<DiskSeen>,
+}
+
+impl fmt::Display for MissingPartitions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let root = root_partition_uuid(&self.root_hash);
+        let verity = verity_partition_uuid(&self.root_hash);
+        let slot = self.slot;
+        let (uuids, expected) = match (self.root_found, self.verity_found) {
+            (false, false) => (
+                format!("partitions with PARTUUID {root} or {verity}"),
+                "the root and verity partitions",
+            ),
+            (false, true) => (format!("partition with PARTUUID {root}"), "the root"),
+            _ => (
+                format!("partition with PARTUUID {verity}"),
+                "the verity hash tree",
+            ),
+        };
+        let disks = if self.disks.is_empty() {
+            "none".to_string()
+        } else {
+            self.disks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "no {uuids} after {} s; expected {expected} of slot {slot} (roothash={}); disks: {disks}",
+            self.waited.as_secs(),
+            root_hash_to_hex(&self.root_hash),
+        )
+    }
+}
+
+/// Read a small sysfs attribute file, trimmed.
+fn read_attribute(path: &Path) -> io::Result<String> {
+    Ok(fs::read_to_string(path)?.trim().to_string())
+}
+
+/// Parse a sysfs `dev` attribute: `major:minor`.
+pub fn parse_device_number(text: &str) -> Option<DeviceNumber> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(DeviceNumber {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+    })
+}
+
+/// Describe the block device whose sysfs directory is `dir` (a disk or a
+/// partition).
+pub fn block_device(dir: &Path) -> io::Result<BlockDevice> {
+    let name = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad sysfs name"))?
+        .to_string();
+    let dev_text = read_attribute(&dir.join("dev"))?;
+    let number = parse_device_number(&dev_text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}/dev: expected major:minor, found {dev_text:?}", dir.display()),
+        )
+    })?;
+    let size_text = read_attribute(&dir.join("size"))?;
+    let sectors: u64 = size_text.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}/size: expected a sector count, found {size_text:?}", dir.display()),
+        )
+    })?;
+    Ok(BlockDevice {
+        name,
+        number,
+        size_bytes: sectors * SYSFS_SECTOR_SIZE,
+    })
+}
+
+/// The partition device numbered `number` of the disk whose sysfs directory
+/// is `disk_dir`: the child directory whose `partition` file holds `number`.
+/// `None` if the kernel has not (yet) created it.
+pub fn partition_device(disk_dir: &Path, number: u32) -> io::Result<Option<BlockDevice>> {
+    for entry in fs::read_dir(disk_dir)? {
+        let child = entry?.path();
+        let Ok(text) = read_attribute(&child.join("partition")) else {
+            continue;
+        };
+        if text.parse::<u32>().ok() == Some(number) {
+            return block_device(&child).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a disk name is one never searched for partitions.
+fn is_skipped_disk(name: &str) -> bool {
+    SKIPPED_DISK_PREFIXES
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// Look for partitions with unique GUIDs `root_uuid` and `verity_uuid` on
+/// every disk listed in `sys_block`, reading each disk's GPT from its node
+/// in `dev_dir`. The first match in disk-name order wins.
+pub fn scan_disks(sys_block: &Path, dev_dir: &Path, root_uuid: &Guid, verity_uuid: &Guid) -> Scan {
+    let mut scan = Scan::default();
+    let mut names: Vec<String> = match fs::read_dir(sys_block) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| !is_skipped_disk(name))
+            .collect(),
+        Err(_) => return scan,
+    };
+    names.sort();
+    for name in names {
+        let disk_dir = sys_block.join(&name);
+        let state = match scan_disk(&disk_dir, dev_dir, root_uuid, verity_uuid) {
+            Ok((state, root, verity)) => {
+                scan.root = scan.root.take().or(root);
+                scan.verity = scan.verity.take().or(verity);
+                state
+            }
+            Err(reason) => DiskState::NoGpt(reason),
+        };
+        scan.disks.push(DiskSeen { name, state });
+    }
+    scan
+}
+
+/// A disk's state and the wanted partitions on it, if any.
+type DiskScan = (DiskState, Option<BlockDevice>, Option<BlockDevice>);
+
+/// Read one disk's GPT and look up the two GUIDs on it.
+fn scan_disk(
+    disk_dir: &Path,
+    dev_dir: &Path,
+    root_uuid: &Guid,
+    verity_uuid: &Guid,
+) -> Result<DiskScan, String> {
+    let disk = block_device(disk_dir).map_err(|error| format!("unreadable sysfs entry: {error}"))?;
+    if disk.size_bytes == 0 {
+        return Ok((DiskState::Empty, None, None));
+    }
+    let node = disk.node(dev_dir);
+    let mut file = File::open(&node).map_err(|error| format!("cannot open {}: {error}", node.display()))?;
+    let gpt = GptDisk::read(&mut file, disk.size_bytes).map_err(|error| match error {
+        os_format::gpt::GptError::Io { .. } => format!("unreadable: {error}"),
+        _ => "no GPT".to_string(),
+    })?;
+    let find = |guid: &Guid| -> Result<Option<BlockDevice>, String> {
+        match gpt.find_by_unique_guid(guid) {
+            Some((number, _)) => partition_device(disk_dir, number)
+                .map_err(|error| format!("cannot list {}: {error}", disk_dir.display())),
+            None => Ok(None),
+        }
+    };
+    let root = find(root_uuid)?;
+    let verity = find(verity_uuid)?;
+    let partitions = gpt
+        .partitions
+        .iter()
+        .filter(|entry| !entry.is_unused())
+        .count();
+    Ok((DiskState::Gpt { partitions }, root, verity))
+}
+
+/// Poll [`scan_disks`] until both of the slot's partitions show up or
+/// `timeout` passes.
+pub fn wait_for_slot_partitions(
+    sys_block: &Path,
+    dev_dir: &Path,
+    slot: Slot,
+    root_hash: &RootHash,
+    timeout: Duration,
+) -> Result<SlotPartitions, MissingPartitions> {
+    let root_uuid = root_partition_uuid(root_hash);
+    let verity_uuid = verity_partition_uuid(root_hash);
+    let started = Instant::now();
+    loop {
+        let scan = scan_disks(sys_block, dev_dir, &root_uuid, &verity_uuid);
+        if let (Some(root), Some(verity)) = (&scan.root, &scan.verity) {
+            return Ok(SlotPartitions {
+                root: root.clone(),
+                verity: verity.clone(),
+            });
+        }
+        let waited = started.elapsed();
+        if waited >= timeout {
+            return Err(MissingPartitions {
+                slot,
+                root_hash: *root_hash,
+                root_found: scan.root.is_some(),
+                verity_found: scan.verity.is_some(),
+                waited,
+                disks: scan.disks,
+            });
+        }
+        thread::sleep(POLL_INTERVAL.min(timeout - waited));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use os_format::gpt::PartitionSpec;
+    use os_format::layout::{ROOT_VERITY_X86_64_TYPE, ROOT_X86_64_TYPE};
+    use std::io::{Seek, SeekFrom, Write};
+
+    const MIB: u64 = 1 << 20;
+
+    fn test_hash() -> RootHash {
+        core::array::from_fn(|index| (index as u8).wrapping_mul(37).wrapping_add(1))
+    }
+
+    /// A fake sysfs + /dev: `sys/block/<disk>` with `dev`, `size` and one
+    /// child per partition; `dev/<disk>` holding `image`.
+    struct FakeMachine {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeMachine {
+        fn new() -> FakeMachine {
+            let machine = FakeMachine {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            fs::create_dir_all(machine.sys_block()).unwrap();
+            fs::create_dir_all(machine.dev()).unwrap();
+            machine
+        }
+        fn sys_block(&self) -> PathBuf {
+            self.dir.path().join("sys/block")
+        }
+        fn dev(&self) -> PathBuf {
+            self.dir.path().join("dev")
+        }
+        fn add_disk(&self, name: &str, major: u32, image: &[u8], partitions: &[(&str, u32)]) {
+            let disk_dir = self.sys_block().join(name);
+            fs::create_dir_all(disk_dir.join("queue")).unwrap();
+            fs::write(disk_dir.join("dev"), format!("{major}:0\n")).unwrap();
+            fs::write(disk_dir.join("size"), format!("{}\n", image.len() / 512)).unwrap();
+            for (child, number) in partitions {
+                let child_dir = disk_dir.join(child);
+                fs::create_dir_all(&child_dir).unwrap();
+                fs::write(child_dir.join("partition"), format!("{number}\n")).unwrap();
+                fs::write(child_dir.join("dev"), format!("{major}:{number}\n")).unwrap();
+                fs::write(child_dir.join("size"), "2048\n").unwrap();
+            }
+            fs::write(self.dev().join(name), image).unwrap();
+        }
+    }
+
+    /// A 16 MiB disk image with an ESP, then the slot's root and verity partitions.
+    fn disk_image(root_hash: &RootHash) -> Vec<u8> {
+        let spec = |name: &str, type_guid, unique_guid| PartitionSpec {
+            name: name.into(),
+            type_guid,
+            unique_guid,
+            size_bytes: Some(MIB),
+            attributes: 0,
+        };
+        let gpt = GptDisk::plan(
+            Guid::derive(b"disk"),
+            16 * MIB,
+            &[
+                spec("esp", os_format::layout::ESP_TYPE, Guid::derive(b"esp")),
+                spec("root-a", ROOT_X86_64_TYPE, root_partition_uuid(root_hash)),
+                spec(
+                    "verity-a",
+                    ROOT_VERITY_X86_64_TYPE,
+                    verity_partition_uuid(root_hash),
+                ),
+            ],
+        )
+        .unwrap();
+        let mut image = io::Cursor::new(Vec::new());
+        image.seek(SeekFrom::Start(16 * MIB - 1)).unwrap();
+        image.write_all(&[0]).unwrap();
+        gpt.write(&mut image).unwrap();
+        image.into_inner()
+    }
+
+    #[test]
+    fn sysfs_dev_attribute_parses() {
+        assert_eq!(
+            parse_device_number("254:3\n"),
+            Some(DeviceNumber {
+                major: 254,
+                minor: 3
+            })
+        );
+        assert_eq!(parse_device_number("254"), None);
+        assert_eq!(parse_device_number("a:b"), None);
+    }
+
+    #[test]
+    fn partition_device_is_the_child_with_that_number() {
+        let machine = FakeMachine::new();
+        machine.add_disk("nvme0n1", 259, &[0; 1024], &[("nvme0n1p1", 1), ("nvme0n1p2", 2)]);
+        let disk_dir = machine.sys_block().join("nvme0n1");
+        let found = partition_device(&disk_dir, 2).unwrap().unwrap();
+        assert_eq!(found.name, "nvme0n1p2");
+        assert_eq!(found.number, DeviceNumber { major: 259, minor: 2 });
+        assert_eq!(found.size_bytes, 2048 * 512);
+        assert_eq!(found.node(Path::new("/dev")), Path::new("/dev/nvme0n1p2"));
+        assert_eq!(partition_device(&disk_dir, 3).unwrap(), None);
+    }
+
+    #[test]
+    fn scan_finds_both_partitions_by_partuuid() {
+        let hash = test_hash();
+        let machine = FakeMachine::new();
+        machine.add_disk("sr0", 11, &[], &[]);
+        machine.add_disk("loop0", 7, &disk_image(&hash), &[("loop0p2", 2), ("loop0p3", 3)]);
+        machine.add_disk("vdb", 252, &[0; 4096], &[]);
+        machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2), ("vda3", 3)]);
+        let found = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::A,
+            &hash,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(found.root.name, "vda2");
+        assert_eq!(found.verity.name, "vda3");
+        assert_eq!(found.verity.number.to_string(), "253:3");
+    }
+
+    #[test]
+    fn a_wrong_root_hash_names_partuuids_slot_and_disks() {
+        let hash = test_hash();
+        let machine = FakeMachine::new();
+        machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2), ("vda3", 3)]);
+        machine.add_disk("vdb", 252, &[0; 4096], &[]);
+        machine.add_disk("sr0", 11, &[], &[]);
+        let mut wrong = hash;
+        wrong[0] ^= 0xff;
+        let missing = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::A,
+            &wrong,
+            Duration::from_millis(150),
+        )
+        .unwrap_err();
+        assert!(!missing.root_found);
+        assert!(missing.verity_found, "the verity half of the hash still matches");
+        let text = missing.to_string();
+        assert_eq!(
+            text,
+            format!(
+                "no partition with PARTUUID {} after 0 s; expected the root of slot a \
+                 (roothash={}); disks: sr0 (empty), vda (GPT, 3 partitions), vdb (no GPT)",
+                root_partition_uuid(&wrong),
+                root_hash_to_hex(&wrong)
+            )
+        );
+    }
+
+    #[test]
+    fn a_partition_missing_from_sysfs_is_not_found_yet() {
+        let hash = test_hash();
+        let machine = FakeMachine::new();
+        machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2)]);
+        let scan = scan_disks(
+            &machine.sys_block(),
+            &machine.dev(),
+            &root_partition_uuid(&hash),
+            &verity_partition_uuid(&hash),
+        );
+        assert_eq!(scan.root.unwrap().name, "vda2");
+        assert_eq!(scan.verity, None);
+    }
+
+    #[test]
+    fn no_disks_at_all_says_so() {
+        let machine = FakeMachine::new();
+        let missing = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::B,
+            &test_hash(),
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        let text = missing.to_string();
+        assert!(text.contains("partitions with PARTUUID"), "{text}");
+        assert!(text.contains("the root and verity partitions of slot b"), "{text}");
+        assert!(text.ends_with("disks: none"), "{text}");
+    }
+}
