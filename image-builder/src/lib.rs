@@ -10,3 +10,14 @@ pub mod recipe;
 pub mod variant;
 
 pub use error::{BuildError, Result};
+pub mod compose;
+pub mod inputs;
+pub mod unpack;
+pub mod kernel;
+pub mod initramfs;
+pub mod uki;
+pub mod filesystem;
+pub mod esp;
+pub mod disk;
+pub mod bootloader;
+pub mod build;

@@ -8,6 +8,7 @@ use image_builder::lock::{self, LockFile, Requested};
 use image_builder::mirror::Mirrors;
 use image_builder::recipe::Recipe;
 use image_builder::variant::Variant;
+use image_builder::build::{BuildOptions, K3sChoice};
 use image_builder::{BuildError, Result};
 
 #[derive(Parser)]
@@ -29,6 +30,26 @@ enum Command {
     Lock {
         #[arg(long)]
         variant: String,
+    },
+    /// Build disk.img, update/ and manifest.json under <output>/<variant>/.
+    Build {
+        #[arg(long)]
+        variant: String,
+        /// Where build results go.
+        #[arg(long, default_value = "build")]
+        output: PathBuf,
+        /// Directory holding our binaries (racklet-update...) built for the variant's arch.
+        #[arg(long)]
+        binaries: PathBuf,
+        /// The static racklet-init for the variant's arch.
+        #[arg(long)]
+        init: PathBuf,
+        /// Which k3s goes in: the variant's default, the official pin, the labelled stand-in, or none.
+        #[arg(long, value_enum, default_value = "default")]
+        k3s: K3sChoice,
+        /// Timestamp for every file (default: $SOURCE_DATE_EPOCH, else derived from the version).
+        #[arg(long, env = "SOURCE_DATE_EPOCH")]
+        source_date_epoch: Option<u64>,
     },
 }
 
@@ -85,6 +106,30 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
             let lock: LockFile = lock::resolve(&variant, &requested, &mirrors, &path)?;
             tracing::info!(packages = lock.package.len(), file = %path.display(), "lock written");
             Ok(serde_json::json!({"ok": true, "lock": path, "packages": lock.package.len()}))
+        }
+        Command::Build {
+            variant,
+            output,
+            binaries,
+            init,
+            k3s,
+            source_date_epoch,
+        } => {
+            let manifest = image_builder::build::build(&BuildOptions {
+                project_root: cli.project.clone(),
+                variant: variant.clone(),
+                output_root: output.clone(),
+                binaries_dir: binaries.clone(),
+                init_binary: init.clone(),
+                k3s: *k3s,
+                source_date_epoch: *source_date_epoch,
+            })?;
+            Ok(serde_json::json!({
+                "ok": true,
+                "output": output.join(variant),
+                "version": manifest.version,
+                "verity_root_hash": manifest.verity.root_hash,
+            }))
         }
     }
 }

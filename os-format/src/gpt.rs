@@ -652,7 +652,9 @@ pub enum GptError {
         available_bytes: u64,
     },
     /// A partition was given size zero.
-    #[error("partition {partition:?} has size 0; expected a positive size or None to fill the disk")]
+    #[error(
+        "partition {partition:?} has size 0; expected a positive size or None to fill the disk"
+    )]
     ZeroSize {
         /// Name of the partition.
         partition: String,
@@ -861,7 +863,12 @@ fn encode_entry(entry: &PartitionEntry) -> [u8; ENTRY_SIZE as usize] {
     bytes[32..40].copy_from_slice(&entry.first_lba.to_le_bytes());
     bytes[40..48].copy_from_slice(&entry.last_lba.to_le_bytes());
     bytes[48..56].copy_from_slice(&entry.attributes.to_le_bytes());
-    for (index, unit) in entry.name.encode_utf16().take(MAX_NAME_UTF16_UNITS).enumerate() {
+    for (index, unit) in entry
+        .name
+        .encode_utf16()
+        .take(MAX_NAME_UTF16_UNITS)
+        .enumerate()
+    {
         let offset = 56 + 2 * index;
         bytes[offset..offset + 2].copy_from_slice(&unit.to_le_bytes());
     }
@@ -908,7 +915,7 @@ fn check_name(name: &str) -> Result<(), GptError> {
 
 /// Number of sectors of a disk of `disk_size_bytes`, checking it can hold a GPT.
 fn disk_sectors_of(disk_size_bytes: u64) -> Result<u64, GptError> {
-    if disk_size_bytes % SECTOR_SIZE != 0 {
+    if !is_aligned(disk_size_bytes, SECTOR_SIZE) {
         return Err(GptError::DiskSizeNotSectorMultiple { disk_size_bytes });
     }
     let disk_sectors = disk_size_bytes / SECTOR_SIZE;
@@ -929,6 +936,12 @@ fn align_up(value: u64, alignment: u64) -> Option<u64> {
 /// Rounds `value` down to a multiple of `alignment`.
 fn align_down(value: u64, alignment: u64) -> u64 {
     value - value % alignment
+}
+
+/// Whether `value` is a multiple of `alignment` (`u64::is_multiple_of` needs Rust 1.87,
+/// newer than the workspace's minimum).
+fn is_aligned(value: u64, alignment: u64) -> bool {
+    align_down(value, alignment) == value
 }
 
 /// Checks that no two used partitions share a sector.
@@ -1022,7 +1035,10 @@ fn protective_mbr(disk_sectors: u64) -> [u8; SECTOR_SIZE as usize] {
     record[8..12].copy_from_slice(&(PRIMARY_HEADER_LBA as u32).to_le_bytes());
     record[12..16].copy_from_slice(&(size_sectors as u32).to_le_bytes());
     // The disk signature at MBR_DISK_SIGNATURE_OFFSET stays 0.
-    debug_assert_eq!(sector[MBR_DISK_SIGNATURE_OFFSET..MBR_DISK_SIGNATURE_OFFSET + 4], [0; 4]);
+    debug_assert_eq!(
+        sector[MBR_DISK_SIGNATURE_OFFSET..MBR_DISK_SIGNATURE_OFFSET + 4],
+        [0; 4]
+    );
     sector[MBR_BOOT_SIGNATURE_OFFSET..MBR_BOOT_SIGNATURE_OFFSET + 2]
         .copy_from_slice(&MBR_BOOT_SIGNATURE);
     sector
@@ -1041,8 +1057,7 @@ fn check_protective_mbr(sector: &[u8; SECTOR_SIZE as usize]) -> Result<(), GptEr
     }
     let mut found_types = [0u8; MBR_PARTITION_RECORD_COUNT];
     for (index, found_type) in found_types.iter_mut().enumerate() {
-        *found_type =
-            sector[MBR_PARTITION_TABLE_OFFSET + index * MBR_PARTITION_RECORD_SIZE + 4];
+        *found_type = sector[MBR_PARTITION_TABLE_OFFSET + index * MBR_PARTITION_RECORD_SIZE + 4];
     }
     if !found_types.contains(&PROTECTIVE_MBR_PARTITION_TYPE) {
         return Err(GptError::NotProtectiveMbr { found_types });
@@ -1119,7 +1134,8 @@ fn read_table<R: Read + Seek>(
 
     let entry_array_sectors = entry_array_bytes.div_ceil(SECTOR_SIZE).max(1);
     let entries_last_lba = header.entries_lba.saturating_add(entry_array_sectors - 1);
-    let inside_disk = header.entries_lba >= PRIMARY_ENTRIES_LBA && entries_last_lba < disk_sectors - 1;
+    let inside_disk =
+        header.entries_lba >= PRIMARY_ENTRIES_LBA && entries_last_lba < disk_sectors - 1;
     let outside_usable =
         entries_last_lba < header.first_usable_lba || header.entries_lba > header.last_usable_lba;
     if !inside_disk || !outside_usable {
@@ -1160,11 +1176,7 @@ fn read_table<R: Read + Seek>(
     for entry in partitions.iter_mut().filter(|entry| entry.is_unused()) {
         *entry = PartitionEntry::default();
     }
-    check_partition_ranges(
-        &partitions,
-        header.first_usable_lba,
-        header.last_usable_lba,
-    )?;
+    check_partition_ranges(&partitions, header.first_usable_lba, header.last_usable_lba)?;
     check_overlaps(&partitions)?;
     Ok((header.disk_guid, partitions))
 }
@@ -1212,7 +1224,9 @@ impl GptDisk {
                         partition: spec.name.clone(),
                     })
                 }
-                Some(requested) => align_up(requested, PARTITION_ALIGNMENT_BYTES).unwrap_or(requested),
+                Some(requested) => {
+                    align_up(requested, PARTITION_ALIGNMENT_BYTES).unwrap_or(requested)
+                }
                 None if index + 1 != specs.len() => {
                     return Err(GptError::FillNotLast {
                         partition: spec.name.clone(),
@@ -1223,7 +1237,7 @@ impl GptDisk {
                     rest => rest,
                 },
             };
-            if size_bytes > available_bytes || size_bytes % PARTITION_ALIGNMENT_BYTES != 0 {
+            if size_bytes > available_bytes || !is_aligned(size_bytes, PARTITION_ALIGNMENT_BYTES) {
                 return Err(GptError::DoesNotFit {
                     partition: spec.name.clone(),
                     needed_bytes: size_bytes,
@@ -1354,15 +1368,21 @@ impl GptDisk {
         write_at(disk, PRIMARY_ENTRIES_LBA * SECTOR_SIZE, &entries, || {
             format!("writing the primary partition entry array at LBA {PRIMARY_ENTRIES_LBA}")
         })?;
-        write_at(disk, PRIMARY_HEADER_LBA * SECTOR_SIZE, &primary.encode(), || {
-            format!("writing the primary GPT header at LBA {PRIMARY_HEADER_LBA}")
-        })?;
+        write_at(
+            disk,
+            PRIMARY_HEADER_LBA * SECTOR_SIZE,
+            &primary.encode(),
+            || format!("writing the primary GPT header at LBA {PRIMARY_HEADER_LBA}"),
+        )?;
         write_at(disk, backup_entries_lba * SECTOR_SIZE, &entries, || {
             format!("writing the backup partition entry array at LBA {backup_entries_lba}")
         })?;
-        write_at(disk, backup_header_lba * SECTOR_SIZE, &backup.encode(), || {
-            format!("writing the backup GPT header at LBA {backup_header_lba}")
-        })?;
+        write_at(
+            disk,
+            backup_header_lba * SECTOR_SIZE,
+            &backup.encode(),
+            || format!("writing the backup GPT header at LBA {backup_header_lba}"),
+        )?;
         disk.flush().map_err(|source| GptError::Io {
             action: "flushing the partition table to the disk".to_owned(),
             source,
@@ -1496,8 +1516,8 @@ mod tests {
         assert_eq!(
             guid.0,
             [
-                0xc1, 0x2a, 0x73, 0x28, 0xf8, 0x1f, 0x11, 0xd2, 0xba, 0x4b, 0x00, 0xa0, 0xc9,
-                0x3e, 0xc9, 0x3b
+                0xc1, 0x2a, 0x73, 0x28, 0xf8, 0x1f, 0x11, 0xd2, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+                0xc9, 0x3b
             ]
         );
     }
@@ -1584,7 +1604,11 @@ mod tests {
         assert_eq!(esp.offset_bytes(), MIB);
         assert_eq!(esp.size_bytes(), 2 * MIB);
         assert_eq!(root.offset_bytes(), 3 * MIB);
-        assert_eq!(root.size_bytes(), 4 * MIB, "3 MiB + 1 byte rounds up to 4 MiB");
+        assert_eq!(
+            root.size_bytes(),
+            4 * MIB,
+            "3 MiB + 1 byte rounds up to 4 MiB"
+        );
         assert_eq!(root.attributes, ATTRIBUTE_READ_ONLY | ATTRIBUTE_REQUIRED);
         assert_eq!(data.offset_bytes(), 7 * MIB);
         // 16 MiB disk minus 1 MiB start, minus the 17 KiB backup GPT: the fill
@@ -1630,7 +1654,10 @@ mod tests {
             other => panic!("expected DoesNotFit, found {other}"),
         }
         let message = error.to_string();
-        assert!(message.contains("\"root-a\"") && message.contains("5242880"), "{message}");
+        assert!(
+            message.contains("\"root-a\"") && message.contains("5242880"),
+            "{message}"
+        );
 
         let error = GptDisk::plan(
             DISK_GUID,
@@ -1641,7 +1668,13 @@ mod tests {
         assert!(matches!(&error, GptError::DoesNotFit { partition, .. } if partition == "data"));
 
         let error = GptDisk::plan(DISK_GUID, 4096, &[]).unwrap_err();
-        assert!(matches!(error, GptError::TooSmall { disk_size_bytes: 4096, .. }));
+        assert!(matches!(
+            error,
+            GptError::TooSmall {
+                disk_size_bytes: 4096,
+                ..
+            }
+        ));
 
         let error = GptDisk::plan(DISK_GUID, 16 * MIB + 1, &[]).unwrap_err();
         assert!(matches!(error, GptError::DiskSizeNotSectorMultiple { .. }));
@@ -1672,7 +1705,10 @@ mod tests {
             .map(|index| spec(&format!("p{index}"), Some(MIB)))
             .collect();
         let error = GptDisk::plan(DISK_GUID, 1024 * MIB, &too_many).unwrap_err();
-        assert!(matches!(error, GptError::TooManyPartitions { count: 129, .. }));
+        assert!(matches!(
+            error,
+            GptError::TooManyPartitions { count: 129, .. }
+        ));
     }
 
     #[test]
@@ -1722,14 +1758,21 @@ mod tests {
         let image = written_image(&gpt);
         assert_eq!(image, written_image(&gpt.clone()), "same input, same bytes");
         let disk_sectors = disk_size_bytes / SECTOR_SIZE;
-        let sector = |lba: u64| &image[(lba * SECTOR_SIZE) as usize..((lba + 1) * SECTOR_SIZE) as usize];
+        let sector =
+            |lba: u64| &image[(lba * SECTOR_SIZE) as usize..((lba + 1) * SECTOR_SIZE) as usize];
 
         let mbr = sector(0);
-        assert!(mbr[..446].iter().all(|&byte| byte == 0), "boot code and disk signature zero");
+        assert!(
+            mbr[..446].iter().all(|&byte| byte == 0),
+            "boot code and disk signature zero"
+        );
         assert_eq!(mbr[446 + 4], 0xEE);
         assert_eq!(le_u32(mbr, 446 + 8), 1);
         assert_eq!(u64::from(le_u32(mbr, 446 + 12)), disk_sectors - 1);
-        assert!(mbr[462..510].iter().all(|&byte| byte == 0), "other MBR records empty");
+        assert!(
+            mbr[462..510].iter().all(|&byte| byte == 0),
+            "other MBR records empty"
+        );
         assert_eq!(mbr[510..], [0x55, 0xAA]);
 
         let primary = sector(1);
@@ -1761,7 +1804,8 @@ mod tests {
         );
         // Partition contents were not touched.
         let data = &gpt.partitions[2];
-        assert!(image[data.offset_bytes() as usize..(data.offset_bytes() + data.size_bytes()) as usize]
+        assert!(image
+            [data.offset_bytes() as usize..(data.offset_bytes() + data.size_bytes()) as usize]
             .iter()
             .all(|&byte| byte == 0));
     }
@@ -1780,8 +1824,8 @@ mod tests {
         let gpt = sample_disk(16 * MIB);
         let mut image = written_image(&gpt);
         image[512 + 40] ^= 0x01; // first usable LBA, covered by the header CRC
-        let primary_error = read_table(&mut Cursor::new(&image), 16 * MIB / SECTOR_SIZE, 1)
-            .unwrap_err();
+        let primary_error =
+            read_table(&mut Cursor::new(&image), 16 * MIB / SECTOR_SIZE, 1).unwrap_err();
         assert!(matches!(primary_error, GptError::HeaderCrc { lba: 1, .. }));
         let (read_back, source) =
             GptDisk::read_with_report(&mut Cursor::new(&image), 16 * MIB).unwrap();
@@ -1816,7 +1860,10 @@ mod tests {
             other => panic!("expected NoValidHeader, found {other}"),
         }
         let message = error.to_string();
-        assert!(message.contains("expected signature \"EFI PART\", found \"XFI PART\""), "{message}");
+        assert!(
+            message.contains("expected signature \"EFI PART\", found \"XFI PART\""),
+            "{message}"
+        );
         assert!(message.contains("CRC32"), "{message}");
     }
 
@@ -1826,12 +1873,22 @@ mod tests {
         let mut image = written_image(&gpt);
         image[446 + 4] = 0x83;
         let error = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap_err();
-        assert!(matches!(error, GptError::NotProtectiveMbr { found_types: [0x83, 0, 0, 0] }));
-        assert!(error.to_string().contains("expected a partition of type 0xee"));
+        assert!(matches!(
+            error,
+            GptError::NotProtectiveMbr {
+                found_types: [0x83, 0, 0, 0]
+            }
+        ));
+        assert!(error
+            .to_string()
+            .contains("expected a partition of type 0xee"));
 
         image[510] = 0;
         let error = GptDisk::read(&mut Cursor::new(&image), 16 * MIB).unwrap_err();
-        assert!(matches!(error, GptError::BadBootSignature { found: [0, 0xAA] }));
+        assert!(matches!(
+            error,
+            GptError::BadBootSignature { found: [0, 0xAA] }
+        ));
     }
 
     #[test]
@@ -1851,8 +1908,8 @@ mod tests {
     fn truncated_disk_is_an_error() {
         let gpt = sample_disk(16 * MIB);
         let image = written_image(&gpt);
-        let error = GptDisk::read(&mut Cursor::new(&image[..(8 * MIB) as usize]), 8 * MIB)
-            .unwrap_err();
+        let error =
+            GptDisk::read(&mut Cursor::new(&image[..(8 * MIB) as usize]), 8 * MIB).unwrap_err();
         assert!(matches!(error, GptError::NoValidHeader { .. }), "{error}");
     }
 
@@ -1872,19 +1929,32 @@ mod tests {
         gpt.partitions[1].first_lba = gpt.partitions[0].last_lba;
         let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
         assert!(
-            matches!(error, GptError::Overlap { first_number: 1, second_number: 2, .. }),
+            matches!(
+                error,
+                GptError::Overlap {
+                    first_number: 1,
+                    second_number: 2,
+                    ..
+                }
+            ),
             "{error}"
         );
 
         let mut gpt = sample_disk(16 * MIB);
         gpt.partitions[2].last_lba = gpt.last_usable_lba() + 1;
         let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
-        assert!(matches!(error, GptError::PartitionOutOfRange { number: 3, .. }), "{error}");
+        assert!(
+            matches!(error, GptError::PartitionOutOfRange { number: 3, .. }),
+            "{error}"
+        );
 
         let mut gpt = sample_disk(16 * MIB);
         gpt.partitions[0].last_lba = gpt.partitions[0].first_lba - 1;
         let error = gpt.write(&mut Cursor::new(Vec::new())).unwrap_err();
-        assert!(matches!(error, GptError::BadPartitionRange { number: 1, .. }), "{error}");
+        assert!(
+            matches!(error, GptError::BadPartitionRange { number: 1, .. }),
+            "{error}"
+        );
     }
 
     #[test]

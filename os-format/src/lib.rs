@@ -3,6 +3,7 @@
 //! Pure and IO-free apart from `Read`/`Write`/`Seek`: everything both sides of an
 //! update must agree on lives here, once.
 
+pub mod boot_state;
 pub mod cmdline;
 pub mod error;
 pub mod gpt;

@@ -52,22 +52,26 @@ fn run_tool(program: &str, package: &str, arguments: &[&str], disk: &Path) -> Ou
 
 /// The six partitions of a Racklet disk, the last one filling the disk.
 fn racklet_specs() -> Vec<PartitionSpec> {
-    let spec = |name: &str, type_guid: Guid, size_bytes: Option<u64>, attributes: u64| {
-        PartitionSpec {
+    let spec =
+        |name: &str, type_guid: Guid, size_bytes: Option<u64>, attributes: u64| PartitionSpec {
             name: name.to_owned(),
             type_guid,
             unique_guid: Guid::derive(format!("gpt_tools test/{name}").as_bytes()),
             size_bytes,
             attributes,
-        }
-    };
+        };
     let read_only = ATTRIBUTE_READ_ONLY | ATTRIBUTE_REQUIRED;
     vec![
         spec("esp", ESP_TYPE, Some(8 * MIB), ATTRIBUTE_REQUIRED),
         spec("root-a", ROOT_X86_64_TYPE, Some(16 * MIB), read_only),
         spec("verity-a", ROOT_VERITY_X86_64_TYPE, Some(MIB), read_only),
         spec("root-b", ROOT_X86_64_TYPE, Some(16 * MIB), read_only),
-        spec("verity-b", ROOT_VERITY_X86_64_TYPE, Some(MIB / 2), read_only),
+        spec(
+            "verity-b",
+            ROOT_VERITY_X86_64_TYPE,
+            Some(MIB / 2),
+            read_only,
+        ),
         spec("data", VAR_TYPE, None, ATTRIBUTE_GROWFS),
     ]
 }
@@ -96,7 +100,7 @@ fn json_u64(object: &serde_json::Value, field: &str) -> u64 {
 }
 
 #[test]
-fn sgdisk_and_sfdisk_accept_the_written_table() {
+fn gpt_written_here_is_accepted_by_sgdisk_and_sfdisk() {
     let mut disk = sparse_disk(DISK_SIZE_BYTES);
     let disk_guid = Guid::derive(b"gpt_tools test/disk");
     let gpt = GptDisk::plan(disk_guid, DISK_SIZE_BYTES, &racklet_specs()).expect("plan");
@@ -157,7 +161,7 @@ fn sgdisk_and_sfdisk_accept_the_written_table() {
 }
 
 #[test]
-fn reads_a_table_written_by_sgdisk() {
+fn gpt_written_by_sgdisk_is_read_and_rewritten() {
     let disk = sparse_disk(DISK_SIZE_BYTES);
     let disk_guid = Guid::derive(b"gpt_tools test/sgdisk disk");
     let esp_guid = Guid::derive(b"gpt_tools test/sgdisk esp");

@@ -51,11 +51,7 @@ pub fn ensure_console_fds() {
     if !(0..=2).any(closed) {
         return;
     }
-    let Ok(console) = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(CONSOLE_PATH)
-    else {
+    let Ok(console) = OpenOptions::new().read(true).write(true).open(CONSOLE_PATH) else {
         return;
     };
     for fd in 0..=2 {

@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 use std::os::fd::AsRawFd;
 
 /// The device-mapper control node (devtmpfs creates it when `dm-mod` loads).
@@ -234,7 +234,10 @@ impl DmIoctl {
 
     /// Read a header back from the start of an ioctl buffer.
     pub fn from_buffer(buffer: &[u8]) -> DmIoctl {
-        assert!(buffer.len() >= DM_IOCTL_SIZE, "ioctl buffer shorter than its header");
+        assert!(
+            buffer.len() >= DM_IOCTL_SIZE,
+            "ioctl buffer shorter than its header"
+        );
         // SAFETY: the buffer holds at least DM_IOCTL_SIZE bytes and every bit
         // pattern is a valid `DmIoctl`; the read is unaligned-safe.
         unsafe { std::ptr::read_unaligned(buffer.as_ptr().cast()) }
@@ -315,13 +318,8 @@ impl DeviceMapper {
     fn ioctl(&self, request: u64, buffer: &mut [u8]) -> io::Result<DmIoctl> {
         // SAFETY: `buffer` starts with a complete header whose data_size is the
         // buffer's length, so the kernel reads and writes only inside it.
-        let result = unsafe {
-            libc::ioctl(
-                self.control.as_raw_fd(),
-                request as _,
-                buffer.as_mut_ptr(),
-            )
-        };
+        let result =
+            unsafe { libc::ioctl(self.control.as_raw_fd(), request as _, buffer.as_mut_ptr()) };
         if result == -1 {
             return Err(io::Error::last_os_error());
         }
@@ -366,6 +364,7 @@ impl DeviceMapper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::offset_of;
 
     #[test]
     fn header_layout_matches_linux_dm_ioctl_h() {
@@ -425,8 +424,12 @@ mod tests {
             target_type: "verity".into(),
             params: "1 254:2 254:3 4096 4096 256 1 sha256 ab 00".into(),
         };
-        let buffer = table_load_buffer("racklet-root", DM_READONLY_FLAG, &[target.clone()])
-            .unwrap();
+        let buffer = table_load_buffer(
+            "racklet-root",
+            DM_READONLY_FLAG,
+            std::slice::from_ref(&target),
+        )
+        .unwrap();
         let params_len = target.params.len();
         let spec_len = (40 + params_len + 1).next_multiple_of(8);
         assert_eq!(buffer.len(), 312 + spec_len);
@@ -473,7 +476,10 @@ mod tests {
             simple_buffer(&"x".repeat(128), 0),
             Err(BufferError::BadName(_))
         ));
-        assert!(matches!(simple_buffer("a/b", 0), Err(BufferError::BadName(_))));
+        assert!(matches!(
+            simple_buffer("a/b", 0),
+            Err(BufferError::BadName(_))
+        ));
         let target = Target {
             start_sector: 0,
             length_sectors: 1,
@@ -491,7 +497,10 @@ mod tests {
         // huge_encode_dev(MKDEV(254, 0)) and MKDEV(254, 300).
         assert_eq!(
             DeviceNumber::from_huge_encoded(254 << 8),
-            DeviceNumber { major: 254, minor: 0 }
+            DeviceNumber {
+                major: 254,
+                minor: 0
+            }
         );
         let encoded = (300 & 0xff) | (254 << 8) | ((300 & !0xff) << 12);
         assert_eq!(

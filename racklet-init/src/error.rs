@@ -181,7 +181,9 @@ impl std::error::Error for Fatal {
 /// A hint for the errors `finit_module` commonly returns.
 fn module_error_hint(error: &io::Error) -> &'static str {
     match error.raw_os_error() {
-        Some(libc::ENOENT) => " (unknown symbol: a module it needs is missing from the list or listed after it)",
+        Some(libc::ENOENT) => {
+            " (unknown symbol: a module it needs is missing from the list or listed after it)"
+        }
         Some(libc::ENOEXEC) => " (not a module for this kernel, or compressed)",
         Some(libc::EKEYREJECTED) | Some(libc::EBADMSG) => " (signature rejected)",
         _ => "",

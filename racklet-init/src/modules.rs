@@ -171,7 +171,9 @@ mod tests {
         let error = load_module(Path::new("/nonexistent/racklet/dm-verity.ko")).unwrap_err();
         assert!(matches!(error, InitError::ModuleMissing { .. }), "{error}");
         assert!(
-            error.to_string().contains("/nonexistent/racklet/dm-verity.ko"),
+            error
+                .to_string()
+                .contains("/nonexistent/racklet/dm-verity.ko"),
             "{error}"
         );
     }

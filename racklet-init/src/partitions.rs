@@ -182,14 +182,20 @@ pub fn block_device(dir: &Path) -> io::Result<BlockDevice> {
     let number = parse_device_number(&dev_text).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}/dev: expected major:minor, found {dev_text:?}", dir.display()),
+            format!(
+                "{}/dev: expected major:minor, found {dev_text:?}",
+                dir.display()
+            ),
         )
     })?;
     let size_text = read_attribute(&dir.join("size"))?;
     let sectors: u64 = size_text.parse().map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}/size: expected a sector count, found {size_text:?}", dir.display()),
+            format!(
+                "{}/size: expected a sector count, found {size_text:?}",
+                dir.display()
+            ),
         )
     })?;
     Ok(BlockDevice {
@@ -260,12 +266,14 @@ fn scan_disk(
     root_uuid: &Guid,
     verity_uuid: &Guid,
 ) -> Result<DiskScan, String> {
-    let disk = block_device(disk_dir).map_err(|error| format!("unreadable sysfs entry: {error}"))?;
+    let disk =
+        block_device(disk_dir).map_err(|error| format!("unreadable sysfs entry: {error}"))?;
     if disk.size_bytes == 0 {
         return Ok((DiskState::Empty, None, None));
     }
     let node = disk.node(dev_dir);
-    let mut file = File::open(&node).map_err(|error| format!("cannot open {}: {error}", node.display()))?;
+    let mut file =
+        File::open(&node).map_err(|error| format!("cannot open {}: {error}", node.display()))?;
     let gpt = GptDisk::read(&mut file, disk.size_bytes).map_err(|error| match error {
         os_format::gpt::GptError::Io { .. } => format!("unreadable: {error}"),
         _ => "no GPT".to_string(),
@@ -418,11 +426,22 @@ mod tests {
     #[test]
     fn partition_device_is_the_child_with_that_number() {
         let machine = FakeMachine::new();
-        machine.add_disk("nvme0n1", 259, &[0; 1024], &[("nvme0n1p1", 1), ("nvme0n1p2", 2)]);
+        machine.add_disk(
+            "nvme0n1",
+            259,
+            &[0; 1024],
+            &[("nvme0n1p1", 1), ("nvme0n1p2", 2)],
+        );
         let disk_dir = machine.sys_block().join("nvme0n1");
         let found = partition_device(&disk_dir, 2).unwrap().unwrap();
         assert_eq!(found.name, "nvme0n1p2");
-        assert_eq!(found.number, DeviceNumber { major: 259, minor: 2 });
+        assert_eq!(
+            found.number,
+            DeviceNumber {
+                major: 259,
+                minor: 2
+            }
+        );
         assert_eq!(found.size_bytes, 2048 * 512);
         assert_eq!(found.node(Path::new("/dev")), Path::new("/dev/nvme0n1p2"));
         assert_eq!(partition_device(&disk_dir, 3).unwrap(), None);
@@ -433,9 +452,19 @@ mod tests {
         let hash = test_hash();
         let machine = FakeMachine::new();
         machine.add_disk("sr0", 11, &[], &[]);
-        machine.add_disk("loop0", 7, &disk_image(&hash), &[("loop0p2", 2), ("loop0p3", 3)]);
+        machine.add_disk(
+            "loop0",
+            7,
+            &disk_image(&hash),
+            &[("loop0p2", 2), ("loop0p3", 3)],
+        );
         machine.add_disk("vdb", 252, &[0; 4096], &[]);
-        machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2), ("vda3", 3)]);
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image(&hash),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3)],
+        );
         let found = wait_for_slot_partitions(
             &machine.sys_block(),
             &machine.dev(),
@@ -453,7 +482,12 @@ mod tests {
     fn a_wrong_root_hash_names_partuuids_slot_and_disks() {
         let hash = test_hash();
         let machine = FakeMachine::new();
-        machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2), ("vda3", 3)]);
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image(&hash),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3)],
+        );
         machine.add_disk("vdb", 252, &[0; 4096], &[]);
         machine.add_disk("sr0", 11, &[], &[]);
         let mut wrong = hash;
@@ -467,7 +501,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(!missing.root_found);
-        assert!(missing.verity_found, "the verity half of the hash still matches");
+        assert!(
+            missing.verity_found,
+            "the verity half of the hash still matches"
+        );
         let text = missing.to_string();
         assert_eq!(
             text,
@@ -508,7 +545,10 @@ mod tests {
         .unwrap_err();
         let text = missing.to_string();
         assert!(text.contains("partitions with PARTUUID"), "{text}");
-        assert!(text.contains("the root and verity partitions of slot b"), "{text}");
+        assert!(
+            text.contains("the root and verity partitions of slot b"),
+            "{text}"
+        );
         assert!(text.ends_with("disks: none"), "{text}");
     }
 }

@@ -132,7 +132,10 @@ pub fn mount(
     let source = source.map(c_string).transpose()?;
     let target = c_string(target)?;
     let fs_type = fs_type.map(c_string).transpose()?;
-    let data = data.filter(|data| !data.is_empty()).map(c_string).transpose()?;
+    let data = data
+        .filter(|data| !data.is_empty())
+        .map(c_string)
+        .transpose()?;
     let as_ptr = |text: &Option<CString>| text.as_ref().map_or(ptr::null(), |text| text.as_ptr());
     // SAFETY: every pointer is either null or a NUL-terminated string that
     // outlives the call.

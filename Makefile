@@ -1,0 +1,55 @@
+# Racklet OS. `make variant=qemu-x86_64 build`, `make test`; see README.md.
+
+variant ?= qemu-x86_64
+# k3s in the image: default (what the variant says), official, stand-in, none.
+K3S ?= default
+OUTPUT ?= build
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CARGO_HOME ?= $(HOME)/.cargo
+arch := $(shell sed -n 's/^arch = "\(.*\)"/\1/p' variants/$(variant)/variant.toml 2>/dev/null)
+ifeq ($(arch),aarch64)
+  triple := aarch64-unknown-linux-gnu
+else
+  triple := x86_64-unknown-linux-gnu
+endif
+# The image's timestamps: the last commit's time, else (no git) the variant's version.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+export SOURCE_DATE_EPOCH
+
+# Binaries that go into images are built with paths remapped, so two checkouts
+# in different directories produce identical bytes.
+image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(CARGO_HOME)=/cargo
+builder := target/release/racklet-image
+k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
+
+.PHONY: build lock host-tools image-binaries builder test test-boot e2e bench clean check-variant
+
+check-variant:
+	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
+
+host-tools: check-variant
+	@image-builder/scripts/host-tools.sh $(arch)
+
+builder:
+	$(CARGO) build --release -p image-builder
+
+image-binaries: host-tools
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent --target $(triple) --target-dir target/image
+	RUSTFLAGS="-C target-feature=+crt-static $(image_rustflags)" $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
+
+build: host-tools builder image-binaries
+	$(builder) build --variant $(variant) --output $(OUTPUT) \
+	  --binaries target/image/$(triple)/release \
+	  --init target/init/$(triple)/release/racklet-init \
+	  --k3s $(k3s_flag)
+
+lock: check-variant builder
+	$(builder) lock --variant $(variant)
+
+test:
+	$(CARGO) test --workspace --locked
+
+clean:
+	rm -rf $(OUTPUT)

@@ -1,0 +1,123 @@
+//! What goes on the ESP besides the UKIs: systemd-boot (x86_64) or the Pi
+//! firmware, Debian's U-Boot and our boot script (rpi4).
+
+use std::path::Path;
+use std::process::Command;
+
+use os_format::boot_state::{BootState, STATE_COPIES};
+use os_format::layout::{Arch, Slot};
+
+use crate::error::{BuildError, Result};
+use crate::esp::EspContents;
+use crate::variant::{Bootloader, Variant};
+
+const SYSTEMD_BOOT_DIR: &str = "usr/lib/systemd/boot/efi";
+const RASPI_FIRMWARE_DIR: &str = "usr/lib/raspi-firmware";
+const RASPI_FIRMWARE_FILES: [&str; 2] = ["start4.elf", "fixup4.dat"];
+const U_BOOT_RPI: &str = "usr/lib/u-boot/rpi_arm64/u-boot.bin";
+const BOOT_SCRIPT_SOURCE: &str = include_str!("../assets/u-boot/boot.cmd");
+/// Files from `variants/<name>/esp/` are copied to the ESP's top as they are.
+pub const VARIANT_ESP_DIR: &str = "esp";
+
+/// The ESP name of a slot's UKI (committed: no boot-counting suffix).
+pub fn uki_file_name(slot: Slot) -> String {
+    format!("EFI/Linux/racklet-{}.efi", slot.name())
+}
+
+/// systemd-boot's loader.conf: no menu delay, no editing the command line (it
+/// carries the root hash), no auto entries.
+pub const LOADER_CONF: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(BuildError::io(path))
+}
+
+/// Add the boot loader files for the variant. `root` is the composed root tree
+/// (systemd-boot comes from there), `boot_tree` the unpacked boot packages,
+/// `device_tree_dir` the kernel's DTBs.
+pub fn add_boot_files(
+    contents: &mut EspContents,
+    variant: &Variant,
+    project_root: &Path,
+    root: &Path,
+    boot_tree: &Path,
+    device_tree_dir: Option<&Path>,
+    source_date_epoch: u64,
+) -> Result<()> {
+    match variant.bootloader {
+        Bootloader::SystemdBoot => {
+            let name = format!("systemd-boot{}.efi", variant.arch.efi_suffix().to_lowercase());
+            let loader = read(&root.join(SYSTEMD_BOOT_DIR).join(&name))?;
+            contents.insert(format!("EFI/BOOT/BOOT{}.EFI", variant.arch.efi_suffix()), loader.clone());
+            contents.insert(format!("EFI/systemd/{name}"), loader);
+            contents.insert("loader/loader.conf".into(), LOADER_CONF.as_bytes().to_vec());
+        }
+        Bootloader::UBoot => {
+            for file in RASPI_FIRMWARE_FILES {
+                contents.insert(file.into(), read(&boot_tree.join(RASPI_FIRMWARE_DIR).join(file))?);
+            }
+            contents.insert("u-boot.bin".into(), read(&boot_tree.join(U_BOOT_RPI))?);
+            let device_tree = variant.kernel.device_tree.as_deref().expect("validated for u-boot");
+            let device_tree_dir = device_tree_dir.ok_or_else(|| {
+                BuildError::Other("the kernel package has no device trees (usr/lib/linux-image-*)".into())
+            })?;
+            let file_name = Path::new(device_tree).file_name().expect("a file").to_string_lossy().into_owned();
+            contents.insert(file_name, read(&device_tree_dir.join(device_tree))?);
+            contents.insert("boot.scr".into(), compile_boot_script(variant.arch, source_date_epoch)?);
+            let state = BootState::fresh(Slot::A).encode().map_err(|error| BuildError::Other(error.to_string()))?;
+            for copy in STATE_COPIES {
+                contents.insert(copy.into(), state.clone());
+            }
+        }
+    }
+    let variant_esp = crate::variant::Variant::directory(project_root, &variant.name).join(VARIANT_ESP_DIR);
+    if variant_esp.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(&variant_esp)
+            .map_err(BuildError::io(&variant_esp))?
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().expect("entry").to_string_lossy().into_owned();
+            contents.insert(name, read(&path)?);
+        }
+    }
+    Ok(())
+}
+
+/// `mkimage -T script` (u-boot-tools) with SOURCE_DATE_EPOCH for the header time.
+pub fn compile_boot_script(arch: Arch, source_date_epoch: u64) -> Result<Vec<u8>> {
+    let directory = tempfile::tempdir().map_err(BuildError::io(std::env::temp_dir()))?;
+    let source = directory.path().join("boot.cmd");
+    let output = directory.path().join("boot.scr");
+    std::fs::write(&source, BOOT_SCRIPT_SOURCE).map_err(BuildError::io(&source))?;
+    let architecture = match arch {
+        Arch::X86_64 => "x86_64",
+        Arch::Aarch64 => "arm64",
+    };
+    let result = Command::new("mkimage")
+        .args(["-A", architecture, "-O", "linux", "-T", "script", "-C", "none", "-n", "racklet-ab"])
+        .arg("-d")
+        .arg(&source)
+        .arg(&output)
+        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+        .output()
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                BuildError::HostTool {
+                    tool: "mkimage".into(),
+                    package: "u-boot-tools".into(),
+                }
+            } else {
+                BuildError::io("mkimage")(error)
+            }
+        })?;
+    if !result.status.success() {
+        return Err(BuildError::Command {
+            command: "mkimage (boot.scr)".into(),
+            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
+        });
+    }
+    read(&output)
+}

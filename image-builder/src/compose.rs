@@ -1,0 +1,428 @@
+//! Compose the root file system tree from pinned packages, our binaries and
+//! declared configuration. What Debian's maintainer scripts would do is done
+//! here, in the declared steps listed in docs/packages.md:
+//!
+//! 1. merged-/usr skeleton, then every root package unpacked in name order;
+//! 2. the kernel package unpacked; its image and config moved out of the root
+//!    (they go into the UKI), `depmod` run for its modules;
+//! 3. users and groups: base-passwd's master files, then `systemd-sysusers --root`;
+//! 4. alternatives from the recipes (`/etc/alternatives/<name>` links);
+//! 5. units from the recipes enabled with `systemctl --root`;
+//! 6. the CA bundle concatenated as update-ca-certificates would;
+//! 7. `ldconfig -r` for native images (Debian's loader searches the multiarch
+//!    directories without a cache, so foreign-arch images skip it);
+//! 8. our binaries, recipe files, k3s, os-release, machine-id, fstab;
+//! 9. every timestamp clamped to SOURCE_DATE_EPOCH.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use os_format::layout::Arch;
+
+use crate::error::{BuildError, Result};
+use crate::inputs::CachedPackage;
+use crate::recipe::{parse_mode, Recipe, RecipeFile, UpstreamRecipe, PACKAGES_DIR};
+use crate::unpack;
+use crate::variant::Variant;
+
+const BASE_PASSWD_MASTER: &str = "usr/share/base-passwd/passwd.master";
+const BASE_GROUP_MASTER: &str = "usr/share/base-passwd/group.master";
+const OS_RELEASE: &str = "usr/lib/os-release";
+const CA_CERTIFICATES_DIR: &str = "usr/share/ca-certificates";
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+pub const MODULES_DIR: &str = "usr/lib/modules";
+const HOSTNAME: &str = "racklet";
+
+/// k3s (or its stand-in) as it goes into the image.
+#[derive(Clone, Debug)]
+pub struct K3sInput {
+    pub recipe: UpstreamRecipe,
+    pub binary: PathBuf,
+    pub sha256: String,
+}
+
+pub struct ComposeInput<'a> {
+    pub project_root: &'a Path,
+    pub variant: &'a Variant,
+    pub recipes: &'a [Recipe],
+    pub root_packages: Vec<&'a CachedPackage>,
+    pub kernel_packages: Vec<&'a CachedPackage>,
+    /// Directory holding our cargo binaries for the variant's architecture.
+    pub binaries_dir: &'a Path,
+    pub k3s: Option<K3sInput>,
+    pub source_date_epoch: u64,
+}
+
+/// The kernel pieces that leave the root for the UKI and the ESP.
+#[derive(Clone, Debug)]
+pub struct KernelFiles {
+    pub version: String,
+    pub image: PathBuf,
+    pub config: PathBuf,
+    /// `usr/lib/linux-image-<version>` (device trees), arm64 only.
+    pub device_tree_dir: Option<PathBuf>,
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let description = format!("{command:?}");
+    let output = command.output().map_err(|error| BuildError::Command {
+        command: description.clone(),
+        message: error.to_string(),
+    })?;
+    if !output.status.success() {
+        return Err(BuildError::Command {
+            command: description,
+            message: format!(
+                "{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(BuildError::io(parent))?;
+    }
+    if path.is_symlink() {
+        std::fs::remove_file(path).map_err(BuildError::io(path))?;
+    }
+    std::fs::write(path, contents).map_err(BuildError::io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(BuildError::io(path))
+}
+
+fn symlink(target: &str, link: &Path) -> Result<()> {
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(BuildError::io(parent))?;
+    }
+    if link.symlink_metadata().is_ok() {
+        std::fs::remove_file(link).map_err(BuildError::io(link))?;
+    }
+    std::os::unix::fs::symlink(target, link).map_err(BuildError::io(link))
+}
+
+/// Build the root tree at `root` (an empty directory); the kernel's files go to `kernel_dir`.
+pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
+    unpack::prepare_tree(root, input.variant.arch == Arch::X86_64)?;
+    let total = input.root_packages.len() + input.kernel_packages.len();
+    let bar = crate::progress::bytes_bar(total as u64, "unpacking packages");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len}").expect("template"),
+    );
+    for package in input.root_packages.iter().chain(input.kernel_packages.iter()) {
+        unpack::unpack_deb(&package.path, root).map_err(|error| BuildError::Package {
+            what: format!("{} {}", package.locked.name, package.locked.version),
+            message: error.to_string(),
+        })?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let kernel = move_kernel_out(root, kernel_dir)?;
+    run(Command::new("depmod").arg("-b").arg(root).arg(&kernel.version))?;
+    create_users(root, input.source_date_epoch)?;
+    for recipe in input.recipes {
+        for alternative in &recipe.alternatives {
+            let target = root.join(alternative.path.trim_start_matches('/'));
+            if target.symlink_metadata().is_err() {
+                return Err(BuildError::ConfigKey {
+                    file: crate::recipe::recipe_path(input.project_root, &recipe.name),
+                    key: "alternatives.path".into(),
+                    message: format!("{} is not in the image", alternative.path),
+                });
+            }
+            let chosen = format!("/etc/alternatives/{}", alternative.name);
+            symlink(&alternative.path, &root.join(chosen.trim_start_matches('/')))?;
+            symlink(&chosen, &root.join(alternative.link.trim_start_matches('/')))?;
+        }
+    }
+    write_ca_bundle(root)?;
+    install_binaries(input, root)?;
+    install_k3s(input, root)?;
+    write_system_files(input, root)?;
+    enable_units(input, root)?;
+    if native_arch() == Some(input.variant.arch) {
+        run(Command::new("ldconfig").arg("-X").arg("-r").arg(root))?;
+    }
+    // Nothing of the build host's package management belongs in the image.
+    for leftover in ["var/cache/ldconfig/aux-cache", "var/lib/dpkg", "etc/ld.so.cache~"] {
+        let path = root.join(leftover);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(BuildError::io(&path))?;
+        } else if path.symlink_metadata().is_ok() {
+            std::fs::remove_file(&path).map_err(BuildError::io(&path))?;
+        }
+    }
+    clamp_times(root, input.source_date_epoch)?;
+    Ok(kernel)
+}
+
+fn native_arch() -> Option<Arch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(Arch::X86_64),
+        "aarch64" => Some(Arch::Aarch64),
+        _ => None,
+    }
+}
+
+fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
+    let boot = root.join("boot");
+    let mut version = None;
+    for entry in std::fs::read_dir(&boot).map_err(BuildError::io(&boot))? {
+        let name = entry.map_err(BuildError::io(&boot))?.file_name().to_string_lossy().into_owned();
+        if let Some(found) = name.strip_prefix("vmlinuz-") {
+            if version.replace(found.to_string()).is_some() {
+                return Err(BuildError::Other(format!(
+                    "{}: more than one kernel; expected exactly one kernel package in the lock",
+                    boot.display()
+                )));
+            }
+        }
+    }
+    let version = version.ok_or_else(|| {
+        BuildError::Other(format!("{}: no vmlinuz-*; the kernel package did not unpack a kernel", boot.display()))
+    })?;
+    std::fs::create_dir_all(kernel_dir).map_err(BuildError::io(kernel_dir))?;
+    let image = kernel_dir.join("vmlinuz");
+    let config = kernel_dir.join("config");
+    std::fs::rename(boot.join(format!("vmlinuz-{version}")), &image).map_err(BuildError::io(&image))?;
+    std::fs::rename(boot.join(format!("config-{version}")), &config).map_err(BuildError::io(&config))?;
+    std::fs::remove_dir_all(&boot).map_err(BuildError::io(&boot))?;
+    std::fs::create_dir(&boot).map_err(BuildError::io(&boot))?;
+    let device_trees = root.join(format!("usr/lib/linux-image-{version}"));
+    let device_tree_dir = if device_trees.is_dir() {
+        let destination = kernel_dir.join("dtbs");
+        std::fs::rename(&device_trees, &destination).map_err(BuildError::io(&destination))?;
+        Some(destination)
+    } else {
+        None
+    };
+    if !root.join(MODULES_DIR).join(&version).is_dir() {
+        return Err(BuildError::Other(format!("kernel {version} has no modules under /{MODULES_DIR}")));
+    }
+    Ok(KernelFiles {
+        version,
+        image,
+        config,
+        device_tree_dir,
+    })
+}
+
+fn create_users(root: &Path, source_date_epoch: u64) -> Result<()> {
+    let passwd = std::fs::read_to_string(root.join(BASE_PASSWD_MASTER)).map_err(BuildError::io(root.join(BASE_PASSWD_MASTER)))?;
+    let group = std::fs::read_to_string(root.join(BASE_GROUP_MASTER)).map_err(BuildError::io(root.join(BASE_GROUP_MASTER)))?;
+    write_file(&root.join("etc/passwd"), &passwd, 0o644)?;
+    write_file(&root.join("etc/group"), &group, 0o644)?;
+    // Every account locked: there are no passwords in an image.
+    let days = source_date_epoch / 86_400;
+    let shadow: String = passwd
+        .lines()
+        .filter_map(|line| line.split(':').next())
+        .map(|user| format!("{user}:*:{days}:0:99999:7:::\n"))
+        .collect();
+    let gshadow: String = group
+        .lines()
+        .filter_map(|line| line.split(':').next())
+        .map(|name| format!("{name}:*::\n"))
+        .collect();
+    write_file(&root.join("etc/shadow"), shadow, 0o640)?;
+    write_file(&root.join("etc/gshadow"), gshadow, 0o640)?;
+    let shadow_gid = group
+        .lines()
+        .find(|line| line.starts_with("shadow:"))
+        .and_then(|line| line.split(':').nth(2))
+        .and_then(|gid| gid.parse::<u32>().ok());
+    if let Some(gid) = shadow_gid {
+        for file in ["etc/shadow", "etc/gshadow"] {
+            std::os::unix::fs::lchown(root.join(file), Some(0), Some(gid)).map_err(BuildError::io(root.join(file)))?;
+        }
+    }
+    run(Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.display()))
+        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string()))?;
+    // sysusers leaves backups of the files it changed.
+    for backup in ["etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-"] {
+        let _ = std::fs::remove_file(root.join(backup));
+    }
+    Ok(())
+}
+
+fn write_ca_bundle(root: &Path) -> Result<()> {
+    let directory = root.join(CA_CERTIFICATES_DIR);
+    if !directory.is_dir() {
+        return Ok(());
+    }
+    let mut certificates = Vec::new();
+    collect_files(&directory, &mut certificates)?;
+    certificates.retain(|path| path.extension().is_some_and(|extension| extension == "crt"));
+    certificates.sort();
+    let mut bundle = Vec::new();
+    for certificate in &certificates {
+        let mut text = std::fs::read(certificate).map_err(BuildError::io(certificate))?;
+        if !text.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        bundle.extend_from_slice(&text);
+    }
+    write_file(&root.join(CA_BUNDLE), bundle, 0o644)
+}
+
+fn collect_files(directory: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(directory).map_err(BuildError::io(directory))? {
+        let path = entry.map_err(BuildError::io(directory))?.path();
+        if path.is_dir() && !path.is_symlink() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn install_recipe_file(project_root: &Path, root: &Path, file: &RecipeFile) -> Result<()> {
+    let source = project_root.join(PACKAGES_DIR).join(&file.source);
+    let bytes = std::fs::read(&source).map_err(BuildError::io(&source))?;
+    write_file(&root.join(file.target.trim_start_matches('/')), bytes, parse_mode(&file.mode).expect("validated"))
+}
+
+fn install_binaries(input: &ComposeInput, root: &Path) -> Result<()> {
+    for recipe in input.recipes {
+        for binary in &recipe.binaries {
+            let source = input.binaries_dir.join(binary);
+            let bytes = std::fs::read(&source).map_err(|error| BuildError::Package {
+                what: format!("our binary `{binary}`"),
+                message: format!(
+                    "{}: {error}; expected it built for {} (the Makefile runs cargo build --target {})",
+                    source.display(),
+                    input.variant.arch,
+                    input.variant.arch.rust_target()
+                ),
+            })?;
+            write_file(&root.join("usr/bin").join(binary), bytes, 0o755)?;
+        }
+        for file in &recipe.files {
+            install_recipe_file(input.project_root, root, file)?;
+        }
+    }
+    Ok(())
+}
+
+fn install_k3s(input: &ComposeInput, root: &Path) -> Result<()> {
+    let Some(k3s) = &input.k3s else {
+        return Ok(());
+    };
+    let bytes = std::fs::read(&k3s.binary).map_err(BuildError::io(&k3s.binary))?;
+    write_file(&root.join(k3s.recipe.install.trim_start_matches('/')), bytes, 0o755)?;
+    for file in &k3s.recipe.files {
+        install_recipe_file(input.project_root, root, file)?;
+    }
+    Ok(())
+}
+
+/// The os-release fields that say what an image is.
+pub fn os_release(variant: &Variant, k3s: &Option<K3sInput>) -> String {
+    let k3s_line = match k3s {
+        Some(k3s) if k3s.recipe.file.is_some() => format!(
+            "RACKLET_K3S=\"STAND-IN {} (not k3s; for tests only)\"\n",
+            k3s.recipe.name
+        ),
+        Some(k3s) => format!("RACKLET_K3S=\"{} {}\"\n", k3s.recipe.name, k3s.recipe.version),
+        None => "RACKLET_K3S=\"absent\"\n".to_string(),
+    };
+    format!(
+        "PRETTY_NAME=\"Racklet OS {version} ({name})\"\n\
+         NAME=\"Racklet OS\"\n\
+         ID=racklet\n\
+         ID_LIKE=debian\n\
+         VERSION=\"{version}\"\n\
+         VERSION_ID={version}\n\
+         IMAGE_ID={image}\n\
+         IMAGE_VERSION={version}\n\
+         VARIANT_ID={name}\n\
+         ARCHITECTURE={arch}\n\
+         {k3s_line}",
+        version = variant.version,
+        name = variant.name,
+        image = os_format::manifest::IMAGE_NAME,
+        arch = variant.arch,
+    )
+}
+
+fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
+    write_file(&root.join(OS_RELEASE), os_release(input.variant, &input.k3s), 0o644)?;
+    symlink("../usr/lib/os-release", &root.join("etc/os-release"))?;
+    // Empty: systemd generates the machine ID on first boot (read-only root:
+    // it is kept on a tmpfs until /etc is writable, see docs/disk-layout.md).
+    write_file(&root.join("etc/machine-id"), "", 0o444)?;
+    write_file(&root.join("etc/hostname"), format!("{HOSTNAME}\n"), 0o644)?;
+    write_file(
+        &root.join("etc/hosts"),
+        format!("127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        0o644,
+    )?;
+    write_file(
+        &root.join("etc/fstab"),
+        "# Racklet OS. The root is the dm-verity device the initramfs opened, read-only.\n\
+         # <file system>                  <mount point> <type> <options>                          <dump> <pass>\n\
+         tmpfs                            /tmp          tmpfs  mode=1777,nosuid,nodev,size=50%    0      0\n\
+         PARTLABEL=esp                    /efi          vfat   umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60 0 2\n",
+        0o644,
+    )?;
+    for directory in ["efi", "sysroot", "var", "tmp"] {
+        std::fs::create_dir_all(root.join(directory)).map_err(BuildError::io(root.join(directory)))?;
+    }
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).map_err(BuildError::io(root.join("tmp")))?;
+    Ok(())
+}
+
+fn enable_units(input: &ComposeInput, root: &Path) -> Result<()> {
+    let mut units: Vec<&String> = input.recipes.iter().flat_map(|recipe| recipe.enable.iter()).collect();
+    if input.k3s.is_some() {
+        static K3S_UNIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        units.push(K3S_UNIT.get_or_init(|| "k3s.service".to_string()));
+    }
+    let mut command = Command::new("systemctl");
+    command.arg(format!("--root={}", root.display())).arg("enable");
+    command.args(units.iter().map(|unit| unit.as_str()));
+    run(&mut command)?;
+    run(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .arg("set-default")
+        .arg("multi-user.target"))
+}
+
+/// Set every mtime in the tree to SOURCE_DATE_EPOCH (symlinks included).
+fn clamp_times(root: &Path, source_date_epoch: u64) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    set_times(root, source_date_epoch)?;
+    while let Some(directory) = stack.pop() {
+        for entry in std::fs::read_dir(&directory).map_err(BuildError::io(&directory))? {
+            let entry = entry.map_err(BuildError::io(&directory))?;
+            let path = entry.path();
+            if entry.file_type().map_err(BuildError::io(&path))?.is_dir() {
+                stack.push(path.clone());
+            }
+            set_times(&path, source_date_epoch)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_times(path: &Path, seconds: u64) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| BuildError::Other(format!("{}: path contains NUL", path.display())))?;
+    let time = libc::timespec {
+        tv_sec: seconds as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [time, time];
+    // SAFETY: c_path is a valid NUL-terminated string and times has two entries.
+    let result = unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if result != 0 {
+        return Err(BuildError::io(path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The kernel: its config checked against `kernel-config/<variant>.toml`, and
+//! the closure of the modules the initramfs needs, from `modules.dep`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{BuildError, Result};
+
+pub const KERNEL_CONFIG_DIR: &str = "kernel-config";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Requirement {
+    #[serde(rename = "built-in")]
+    BuiltIn,
+    #[serde(rename = "module")]
+    Module,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequirementsFile {
+    options: BTreeMap<String, Requirement>,
+}
+
+pub fn requirements_path(project_root: &Path, variant: &str) -> PathBuf {
+    project_root.join(KERNEL_CONFIG_DIR).join(format!("{variant}.toml"))
+}
+
+pub fn load_requirements(path: &Path) -> Result<BTreeMap<String, Requirement>> {
+    let text = std::fs::read_to_string(path).map_err(BuildError::io(path))?;
+    let file: RequirementsFile = toml::from_str(&text).map_err(|error| BuildError::Config {
+        file: path.to_path_buf(),
+        message: error.to_string().trim_end().to_string(),
+    })?;
+    for option in file.options.keys() {
+        if !option.starts_with("CONFIG_") {
+            return Err(BuildError::ConfigKey {
+                file: path.to_path_buf(),
+                key: format!("options.{option}"),
+                message: "expected a kernel option name starting with CONFIG_".into(),
+            });
+        }
+    }
+    Ok(file.options)
+}
+
+/// Parse a kernel `.config`: `CONFIG_X=y|m|"..."`; `# CONFIG_X is not set` lines are absent.
+pub fn parse_kernel_config(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter(|line| line.starts_with("CONFIG_"))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+/// Every requirement the config does not meet, as `CONFIG_X (want built-in, found m)`.
+pub fn unmet_requirements(
+    requirements: &BTreeMap<String, Requirement>,
+    config: &HashMap<String, String>,
+) -> Vec<String> {
+    requirements
+        .iter()
+        .filter_map(|(option, requirement)| {
+            let found = config.get(option).map(String::as_str);
+            let ok = match requirement {
+                Requirement::BuiltIn => found == Some("y"),
+                Requirement::Module => matches!(found, Some("y") | Some("m")),
+            };
+            (!ok).then(|| {
+                let want = match requirement {
+                    Requirement::BuiltIn => "built-in (=y)",
+                    Requirement::Module => "module or built-in (=m or =y)",
+                };
+                format!("{option} (want {want}, found {})", found.unwrap_or("not set"))
+            })
+        })
+        .collect()
+}
+
+/// Check the kernel package's `/boot/config-<version>` before anything is built.
+pub fn check_package_config(requirements_file: &Path, kernel_deb: &Path, package: &str) -> Result<()> {
+    let found = crate::unpack::read_file_from_deb(kernel_deb, |path| path.starts_with("boot/config-"))?;
+    let (path, contents) = found.ok_or_else(|| BuildError::Package {
+        what: package.to_string(),
+        message: "has no /boot/config-*; expected a Debian linux-image package".into(),
+    })?;
+    let version = path.trim_start_matches("boot/config-").to_string();
+    check_config_text(requirements_file, &String::from_utf8_lossy(&contents), &version)
+}
+
+pub fn check_config_text(requirements_file: &Path, text: &str, kernel_version: &str) -> Result<()> {
+    let requirements = load_requirements(requirements_file)?;
+    let unmet = unmet_requirements(&requirements, &parse_kernel_config(text));
+    if unmet.is_empty() {
+        Ok(())
+    } else {
+        Err(BuildError::KernelConfig {
+            file: requirements_file.to_path_buf(),
+            kernel_version: kernel_version.to_string(),
+            missing: unmet.join(", "),
+        })
+    }
+}
+
+/// Module names treat `-` and `_` alike.
+fn module_key(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn module_name_of(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    module_key(stem)
+}
+
+/// The modules to load, dependencies first, as paths relative to the modules
+/// directory. Built-in modules are skipped; an unknown module is an error.
+pub fn module_closure(modules_dep: &str, modules_builtin: &str, wanted: &[String]) -> Result<Vec<String>> {
+    let mut dependencies: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    for line in modules_dep.lines() {
+        let Some((module, deps)) = line.split_once(':') else {
+            continue;
+        };
+        dependencies.insert(
+            module_name_of(module),
+            (module.to_string(), deps.split_whitespace().map(str::to_string).collect()),
+        );
+    }
+    let builtin: HashSet<String> = modules_builtin.lines().map(module_name_of).collect();
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    fn visit(
+        key: &str,
+        dependencies: &HashMap<String, (String, Vec<String>)>,
+        seen: &mut HashSet<String>,
+        order: &mut Vec<String>,
+    ) {
+        if !seen.insert(key.to_string()) {
+            return;
+        }
+        let (path, deps) = &dependencies[key];
+        // modules.dep lists a module's dependencies so that the last must load first.
+        for dep in deps.iter().rev() {
+            visit(&module_name_of(dep), dependencies, seen, order);
+        }
+        order.push(path.clone());
+    }
+    for name in wanted {
+        let key = module_key(name);
+        if dependencies.contains_key(&key) {
+            visit(&key, &dependencies, &mut seen, &mut order);
+        } else if !builtin.contains(&key) {
+            return Err(BuildError::Other(format!(
+                "initramfs module `{name}` is neither in the kernel's modules.dep nor built in; expected a module name such as dm-verity"
+            )));
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_requirements_name_what_is_missing() {
+        let config = parse_kernel_config("CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\n");
+        let mut requirements = BTreeMap::new();
+        requirements.insert("CONFIG_A".to_string(), Requirement::BuiltIn);
+        requirements.insert("CONFIG_B".to_string(), Requirement::BuiltIn);
+        requirements.insert("CONFIG_C".to_string(), Requirement::Module);
+        requirements.insert("CONFIG_D".to_string(), Requirement::Module);
+        let unmet = unmet_requirements(&requirements, &config);
+        assert_eq!(
+            unmet,
+            vec![
+                "CONFIG_B (want built-in (=y), found m)".to_string(),
+                "CONFIG_C (want module or built-in (=m or =y), found not set)".to_string(),
+                "CONFIG_D (want module or built-in (=m or =y), found not set)".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn closure_loads_dependencies_first() {
+        let dep = "kernel/drivers/md/dm-verity.ko: kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-mod.ko\n\
+                   kernel/drivers/md/dm-bufio.ko: kernel/drivers/md/dm-mod.ko\n\
+                   kernel/drivers/md/dm-mod.ko:\n\
+                   kernel/fs/erofs/erofs.ko:\n";
+        let order = module_closure(dep, "kernel/drivers/virtio/virtio_pci.ko\n", &[
+            "dm_verity".into(),
+            "erofs".into(),
+            "virtio-pci".into(),
+        ])
+        .unwrap();
+        assert_eq!(order, vec![
+            "kernel/drivers/md/dm-mod.ko",
+            "kernel/drivers/md/dm-bufio.ko",
+            "kernel/drivers/md/dm-verity.ko",
+            "kernel/fs/erofs/erofs.ko",
+        ]);
+        let error = module_closure(dep, "", &["nope".into()]).unwrap_err().to_string();
+        assert!(error.contains("`nope`"), "{error}");
+    }
+}

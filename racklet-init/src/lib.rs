@@ -1,0 +1,134 @@
+//! `racklet-init`: the `/init` of the initramfs inside each slot's Unified
+//! Kernel Image.
+//!
+//! It mounts the API file systems, reads the slot and its dm-verity root hash
+//! from the kernel command line, loads the kernel modules the image builder
+//! listed, finds the slot's root and verity partitions by their PARTUUIDs
+//! (derived from the root hash), opens a read-only dm-verity device over them,
+//! mounts it on `/sysroot` and switches root to the slot's init.
+//!
+//! Any failure ends in one `racklet-init: FATAL: ...` line on the console and
+//! a reboot (see [`fail`]); there is no shell.
+
+pub mod console;
+pub mod device_mapper;
+pub mod error;
+pub mod modules;
+pub mod partitions;
+pub mod switch_root;
+pub mod sys;
+pub mod verity_root;
+
+use std::convert::Infallible;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use os_format::cmdline::BootParams;
+
+pub use error::{Fatal, InitError};
+
+/// The kernel command line.
+pub const PROC_CMDLINE: &str = "/proc/cmdline";
+/// How long the fatal line stays on screen before the reboot.
+const FATAL_REBOOT_DELAY: Duration = Duration::from_secs(3);
+
+/// Boot the slot named on the kernel command line. Returns only on failure
+/// (on success the process has become the root's init).
+pub fn run() -> Result<Infallible, Fatal> {
+    sys::mount_api_filesystems().map_err(Fatal::early)?;
+    if sys::is_pid1() {
+        console::ensure_console_fds();
+        console::attach_kmsg();
+    }
+
+    let cmdline = fs::read_to_string(PROC_CMDLINE).map_err(|source| {
+        Fatal::early(InitError::Read {
+            path: PROC_CMDLINE.into(),
+            source,
+        })
+    })?;
+    let params = BootParams::parse(&cmdline).map_err(Fatal::early)?;
+    let slot = params.slot;
+    let in_slot = |error| Fatal::in_slot(slot, error);
+    let fs_type = verity_root::root_fs_type(&cmdline);
+
+    let summary =
+        modules::load_listed_modules(Path::new(modules::MODULE_LIST_PATH)).map_err(in_slot)?;
+    for module in &summary.not_for_this_machine {
+        info!(
+            "{}: not for this machine (ENODEV), skipped",
+            module.display()
+        );
+    }
+
+    let dev_dir = Path::new(partitions::DEV_DIR);
+    let sys_block = Path::new(partitions::SYS_BLOCK_DIR);
+    let slot_partitions = partitions::wait_for_slot_partitions(
+        sys_block,
+        dev_dir,
+        slot,
+        &params.verity_root_hash,
+        partitions::PARTITION_WAIT,
+    )
+    .map_err(|missing| in_slot(InitError::PartitionsNotFound(missing)))?;
+
+    let verity = verity_root::open_verity_root(
+        &slot_partitions,
+        &params.verity_root_hash,
+        dev_dir,
+        sys_block,
+    )
+    .map_err(in_slot)?;
+    verity_root::mount_root(&verity.node, &fs_type).map_err(in_slot)?;
+    let new_root = Path::new(verity_root::SYSROOT);
+    switch_root::check_init(new_root, &params.init).map_err(in_slot)?;
+    info!(
+        "slot {slot}: {} loaded; root {} + verity {} -> {} ({fs_type}) on {}; starting {}",
+        plural(summary.loaded + summary.already_loaded, "module"),
+        slot_partitions.root.name,
+        slot_partitions.verity.name,
+        verity.node.display(),
+        new_root.display(),
+        params.init
+    );
+    switch_root::switch_root(new_root, &params.init).map_err(in_slot)
+}
+
+/// `n thing` or `n things`.
+fn plural(count: usize, thing: &str) -> String {
+    if count == 1 {
+        format!("{count} {thing}")
+    } else {
+        format!("{count} {thing}s")
+    }
+}
+
+/// The end of a failed boot: one fatal line, then (as PID 1) a reboot after
+/// [`FATAL_REBOOT_DELAY`], or (in a test run) exit status 1.
+pub fn fail(fatal: &Fatal) -> ! {
+    if !sys::is_pid1() {
+        console::fatal(&format!("{fatal} — exiting"));
+        std::process::exit(1);
+    }
+    console::fatal(&format!("{fatal} — rebooting"));
+    std::thread::sleep(FATAL_REBOOT_DELAY);
+    // SAFETY: plain syscalls; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // Exiting PID 1 panics the kernel, which reboots if `panic=` is set.
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plural_counts() {
+        assert_eq!(plural(1, "module"), "1 module");
+        assert_eq!(plural(12, "module"), "12 modules");
+    }
+}
