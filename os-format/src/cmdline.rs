@@ -5,7 +5,8 @@
 //!
 //! Keys we own:
 //! - `racklet.slot=a|b` — the slot this UKI belongs to;
-//! - `roothash=<64 hex>` — the slot's dm-verity root hash (systemd's name for it);
+//! - `racklet.roothash=<64 hex>` — the slot's dm-verity root hash (not systemd's
+//!   `roothash=`, which would make systemd-veritysetup-generator set up the root again);
 //! - `racklet.init=<path>` — optional, the program to start on the root (default `/sbin/init`).
 
 use thiserror::Error;
@@ -14,7 +15,7 @@ use crate::layout::Slot;
 use crate::verity::{root_hash_from_hex, root_hash_to_hex, RootHash};
 
 pub const SLOT_KEY: &str = "racklet.slot";
-pub const ROOT_HASH_KEY: &str = "roothash";
+pub const ROOT_HASH_KEY: &str = "racklet.roothash";
 pub const INIT_KEY: &str = "racklet.init";
 pub const DEFAULT_INIT: &str = "/sbin/init";
 
@@ -119,7 +120,7 @@ mod tests {
     fn round_trip_through_the_command_line() {
         let hash = root_hash_from_hex(HASH_HEX).unwrap();
         let line = slot_cmdline("console=ttyS0  ro", Slot::B, &hash).unwrap();
-        assert_eq!(line, format!("console=ttyS0 ro racklet.slot=b roothash={HASH_HEX}"));
+        assert_eq!(line, format!("console=ttyS0 ro racklet.slot=b racklet.roothash={HASH_HEX}"));
         let params = BootParams::parse(&line).unwrap();
         assert_eq!(params.slot, Slot::B);
         assert_eq!(params.verity_root_hash, hash);
@@ -135,8 +136,8 @@ mod tests {
                 expected: "the booted slot (`a` or `b`)"
             }
         );
-        let error = BootParams::parse("racklet.slot=a roothash=xyz").unwrap_err();
-        assert!(error.to_string().contains("roothash=xyz"), "{error}");
+        let error = BootParams::parse("racklet.slot=a racklet.roothash=xyz").unwrap_err();
+        assert!(error.to_string().contains("racklet.roothash=xyz"), "{error}");
         let error = BootParams::parse("racklet.slot=c").unwrap_err();
         assert!(error.to_string().contains("`a` or `b`"), "{error}");
     }
@@ -145,7 +146,7 @@ mod tests {
     fn variant_may_not_set_our_keys() {
         let hash = [0u8; 32];
         assert_eq!(
-            slot_cmdline("ro roothash=1", Slot::A, &hash).unwrap_err(),
+            slot_cmdline("ro racklet.roothash=1", Slot::A, &hash).unwrap_err(),
             CmdlineError::Reserved { key: ROOT_HASH_KEY }
         );
     }

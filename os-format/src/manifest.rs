@@ -54,8 +54,8 @@ pub enum ArtifactKind {
     KernelImage { slot: Slot },
 }
 
+/// (No `deny_unknown_fields` here: serde cannot combine it with the flattened kind.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Artifact {
     /// File name under `update/` (flat: no `/`).
     pub name: String,

@@ -149,7 +149,7 @@ impl fmt::Display for MissingPartitions {
         };
         write!(
             f,
-            "no {uuids} after {} s; expected {expected} of slot {slot} (roothash={}); disks: {disks}",
+            "no {uuids} after {} s; expected {expected} of slot {slot} (racklet.roothash={}); disks: {disks}",
             self.waited.as_secs(),
             root_hash_to_hex(&self.root_hash),
         )
@@ -510,7 +510,7 @@ mod tests {
             text,
             format!(
                 "no partition with PARTUUID {} after 0 s; expected the root of slot a \
-                 (roothash={}); disks: sr0 (empty), vda (GPT, 3 partitions), vdb (no GPT)",
+                 (racklet.roothash={}); disks: sr0 (empty), vda (GPT, 3 partitions), vdb (no GPT)",
                 root_partition_uuid(&wrong),
                 root_hash_to_hex(&wrong)
             )

@@ -197,7 +197,7 @@ boot() {
     local started=$SECONDS
     timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot \
         -kernel "$VMLINUZ" -initrd "$WORK/initramfs.cpio" \
-        -append "console=ttyS0 racklet.slot=a roothash=$hash panic=5" \
+        -append "console=ttyS0 racklet.slot=a racklet.roothash=$hash panic=5" \
         -drive "file=$disk,format=raw,if=virtio" </dev/null >"$console" 2>&1 || rc=$?
     tr -d '\r' <"$console" >"$console.tmp" && mv "$console.tmp" "$console"
     ((rc != 124)) || die "case '$name': QEMU still running after ${QEMU_TIMEOUT}s (see $console)"

@@ -66,7 +66,7 @@ mod tests {
     fn reads_slot_and_version() {
         let hash = "ab".repeat(32);
         let status = booted_status(
-            &format!("console=ttyS0 ro racklet.slot=b roothash={hash}"),
+            &format!("console=ttyS0 ro racklet.slot=b racklet.roothash={hash}"),
             "NAME=\"Racklet OS\"\nIMAGE_ID=racklet-os\nIMAGE_VERSION=0.2.0\nVARIANT_ID=rpi4\n",
         )
         .unwrap();
