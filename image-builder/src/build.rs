@@ -37,7 +37,8 @@ pub const VERITY_ARTIFACT: &str = "verity.img.zst";
 const MIB: u64 = 1024 * 1024;
 /// Space before the first and after the last partition (GPT + alignment).
 const DISK_MARGIN_BYTES: u64 = MIB;
-const ZSTD_LEVEL: i32 = 9;
+/// The root is already LZ4HC-compressed inside erofs; higher levels gain little and cost time.
+const ZSTD_LEVEL: i32 = 3;
 
 /// Which k3s the user asked for (`K3S=` in the Makefile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -291,14 +292,21 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
         source_date_epoch,
     )?;
 
-    // 3. erofs + dm-verity.
+    // 3. /var moves to the data partition; erofs + dm-verity for the rest.
+    let initial_var = work.path().join("var");
+    std::fs::rename(root.join("var"), &initial_var).map_err(BuildError::io(root.join("var")))?;
+    std::fs::create_dir(root.join("var")).map_err(BuildError::io(root.join("var")))?;
+    compose::clamp_times(&root, source_date_epoch)?;
+    let data_image = work.path().join("data.ext4");
+    let partitions = variant.partition_bytes();
+    let data_uuid = derive_guid(&[b"racklet-data-fs", variant.name.as_bytes(), &source_date_epoch.to_le_bytes()]);
+    filesystem::make_data_ext4(&initial_var, &data_image, partitions.data, data_uuid, source_date_epoch)?;
     let spinner = progress::stage_spinner("making the erofs root file system");
     let root_image = work.path().join("root.erofs");
     let root_uuid = derive_guid(&[b"racklet-root-fs", variant.name.as_bytes(), variant.version.as_bytes(), &source_date_epoch.to_le_bytes()]);
     filesystem::make_erofs(&root, &root_image, root_uuid, source_date_epoch)?;
     spinner.finish_and_clear();
     let (root_sha256, root_size) = sha256_file(&root_image)?;
-    let partitions = variant.partition_bytes();
     if root_size > partitions.root {
         return Err(BuildError::ConfigKey {
             file: variant.file.clone(),
@@ -407,7 +415,7 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     let disk_size = DISK_MARGIN_BYTES * 2 + partitions.esp + 2 * (partitions.root + partitions.verity) + partitions.data;
     let table = GptDisk::plan(disk_guid, disk_size, &specs).map_err(|error| BuildError::Format(error.into()))?;
     let disk_path = out.join(DISK_IMAGE);
-    let bar = progress::bytes_bar(partitions.esp + root_size + tree.hash_device_size_bytes, "writing disk.img");
+    let bar = progress::bytes_bar(partitions.esp + root_size + tree.hash_device_size_bytes + partitions.data, "writing disk.img");
     disk::write_disk(
         &disk_path,
         &table,
@@ -415,6 +423,7 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
             (layout::ESP_PARTITION_NAME, &esp_image),
             (Slot::A.root_partition_name(), &root_image),
             (Slot::A.verity_partition_name(), &verity_image),
+            (layout::DATA_PARTITION_NAME, &data_image),
         ],
         &bar,
     )?;

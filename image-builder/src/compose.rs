@@ -367,6 +367,9 @@ fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
         "# Racklet OS. The root is the dm-verity device the initramfs opened, read-only.\n\
          # <file system>                  <mount point> <type> <options>                          <dump> <pass>\n\
          tmpfs                            /tmp          tmpfs  mode=1777,nosuid,nodev,size=50%    0      0\n\
+         # /var: the data partition. The initramfs mounts it (and the /etc overlay kept\n\
+         # on it); systemd formats it if it was wiped and grows it to its partition.\n\
+         PARTLABEL=data                   /var          ext4   rw,noatime,x-systemd.makefs,x-systemd.growfs 0 2\n\
          PARTLABEL=esp                    /efi          vfat   umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60 0 2\n",
         0o644,
     )?;
@@ -394,7 +397,7 @@ fn enable_units(input: &ComposeInput, root: &Path) -> Result<()> {
 }
 
 /// Set every mtime in the tree to SOURCE_DATE_EPOCH (symlinks included).
-fn clamp_times(root: &Path, source_date_epoch: u64) -> Result<()> {
+pub fn clamp_times(root: &Path, source_date_epoch: u64) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     set_times(root, source_date_epoch)?;
     while let Some(directory) = stack.pop() {

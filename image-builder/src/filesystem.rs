@@ -48,3 +48,42 @@ pub fn make_erofs(tree: &Path, output: &Path, uuid: Guid, source_date_epoch: u64
     }
     Ok(())
 }
+
+/// The data partition (/var): ext4 made by `mkfs.ext4 -d` from the image's
+/// initial /var, with every time from SOURCE_DATE_EPOCH (E2FSPROGS_FAKE_TIME)
+/// and the UUID and directory hash seed fixed, so it is reproducible. It grows
+/// to fill its partition on first boot (x-systemd.growfs).
+pub fn make_data_ext4(initial_var: &Path, output: &Path, size_bytes: u64, uuid: Guid, source_date_epoch: u64) -> Result<()> {
+    let file = std::fs::File::create(output).map_err(BuildError::io(output))?;
+    file.set_len(size_bytes).map_err(BuildError::io(output))?;
+    drop(file);
+    let result = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", os_format::layout::DATA_PARTITION_NAME, "-b", "4096", "-I", "256"])
+        .arg(format!("-U{uuid}"))
+        .arg("-E")
+        .arg(format!("hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,nodiscard"))
+        .arg("-d")
+        .arg(initial_var)
+        .arg(output)
+        .env("E2FSPROGS_FAKE_TIME", source_date_epoch.to_string())
+        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+        .env("MKE2FS_DEVICE_SECTSIZE", "512")
+        .output()
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                BuildError::HostTool {
+                    tool: "mkfs.ext4".into(),
+                    package: "e2fsprogs".into(),
+                }
+            } else {
+                BuildError::io("mkfs.ext4")(error)
+            }
+        })?;
+    if !result.status.success() {
+        return Err(BuildError::Command {
+            command: format!("mkfs.ext4 {}", output.display()),
+            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}

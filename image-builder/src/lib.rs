@@ -21,3 +21,4 @@ pub mod esp;
 pub mod disk;
 pub mod bootloader;
 pub mod build;
+pub mod verify;

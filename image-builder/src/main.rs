@@ -31,6 +31,11 @@ enum Command {
         #[arg(long)]
         variant: String,
     },
+    /// Check a build directory against its manifest: files, GPT, DPS UUIDs, dm-verity of slot A.
+    Verify {
+        /// The build directory (build/<variant>).
+        directory: PathBuf,
+    },
     /// Build disk.img, update/ and manifest.json under <output>/<variant>/.
     Build {
         #[arg(long)]
@@ -53,7 +58,13 @@ enum Command {
     },
 }
 
+/// Files the builder creates get their modes from the packages or from the
+/// builder, never from the user's umask (reproducible builds).
+const BUILD_UMASK: libc::mode_t = 0o022;
+
 fn main() -> ExitCode {
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe { libc::umask(BUILD_UMASK) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -106,6 +117,20 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
             let lock: LockFile = lock::resolve(&variant, &requested, &mirrors, &path)?;
             tracing::info!(packages = lock.package.len(), file = %path.display(), "lock written");
             Ok(serde_json::json!({"ok": true, "lock": path, "packages": lock.package.len()}))
+        }
+        Command::Verify { directory } => {
+            let report = image_builder::verify::verify_build(directory)?;
+            if !cli.json {
+                println!(
+                    "{}: ok ({} files match the manifest; slot A root partition {} and verity partition {} verify against {})",
+                    directory.display(),
+                    report.files_checked,
+                    report.root_partition,
+                    report.verity_partition,
+                    report.verity_root_hash
+                );
+            }
+            Ok(serde_json::to_value(report).expect("json"))
         }
         Command::Build {
             variant,

@@ -20,6 +20,8 @@ pub const CONSOLE_PATH: &str = "/dev/console";
 pub const LOG_PREFIX: &str = "racklet-init: ";
 /// `/dev/kmsg` record priority of progress lines (`KERN_INFO`).
 const KMSG_INFO_PRIORITY: &str = "<6>";
+/// `/dev/kmsg` record priority of warnings (`KERN_WARNING`).
+const KMSG_WARNING_PRIORITY: &str = "<4>";
 /// `/dev/kmsg` record priority of the fatal line when no console is open (`KERN_CRIT`).
 const KMSG_CRIT_PRIORITY: &str = "<2>";
 
@@ -31,6 +33,15 @@ static KMSG: OnceLock<File> = OnceLock::new();
 macro_rules! info {
     ($($arg:tt)*) => {
         $crate::console::info(&format!($($arg)*))
+    };
+}
+
+/// Log a warning line: `racklet-init: <message>` (something is missing but
+/// the boot goes on).
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => {
+        $crate::console::warn(&format!($($arg)*))
     };
 }
 
@@ -64,8 +75,19 @@ pub fn ensure_console_fds() {
 
 /// Write one progress line.
 pub fn info(message: &str) {
+    log(KMSG_INFO_PRIORITY, message);
+}
+
+/// Write one warning line.
+pub fn warn(message: &str) {
+    log(KMSG_WARNING_PRIORITY, message);
+}
+
+/// Write one line to the kernel log at `priority`, or to stderr before it
+/// is attached.
+fn log(priority: &str, message: &str) {
     if let Some(mut kmsg) = KMSG.get() {
-        let record = format!("{KMSG_INFO_PRIORITY}{LOG_PREFIX}{message}\n");
+        let record = format!("{priority}{LOG_PREFIX}{message}\n");
         if kmsg.write_all(record.as_bytes()).is_ok() {
             return;
         }

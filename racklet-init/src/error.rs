@@ -108,6 +108,13 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    /// The `/etc` overlay on the mounted data partition could not be set up.
+    #[error("cannot set up the /etc overlay: {step}: {source}{hint}", hint = overlay_error_hint(source))]
+    EtcOverlay {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
     /// The program to start on the root is missing or not executable.
     #[error("init {init} on the root: {reason}")]
     InitNotExecutable { init: String, reason: String },
@@ -200,6 +207,17 @@ fn mount_error_hint(error: &io::Error) -> &'static str {
     }
 }
 
+/// A hint for the errors setting up the `/etc` overlay commonly returns.
+fn overlay_error_hint(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ENODEV) => " (overlay file system unknown: is overlay in the module list?)",
+        Some(libc::ENOENT) => " (the root has no /etc directory?)",
+        Some(libc::EROFS) => " (the data partition is read-only)",
+        Some(libc::EINVAL) => " (see the kernel log above)",
+        _ => "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +245,19 @@ mod tests {
         let text = error.to_string();
         assert!(text.starts_with("kernel module /lib/modules/x/dm-verity.ko failed to load"));
         assert!(text.contains("unknown symbol"), "{text}");
+    }
+
+    #[test]
+    fn overlay_errors_name_the_step() {
+        let error = InitError::EtcOverlay {
+            step: "mount overlay (lowerdir=/sysroot/etc,...) on /sysroot/etc".into(),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        let text = Fatal::in_slot(Slot::A, error).to_string();
+        assert!(
+            text.starts_with("slot a: cannot set up the /etc overlay: mount overlay ("),
+            "{text}"
+        );
+        assert!(text.ends_with("is overlay in the module list?)"), "{text}");
     }
 }

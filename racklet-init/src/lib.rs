@@ -5,12 +5,15 @@
 //! from the kernel command line, loads the kernel modules the image builder
 //! listed, finds the slot's root and verity partitions by their PARTUUIDs
 //! (derived from the root hash), opens a read-only dm-verity device over them,
-//! mounts it on `/sysroot` and switches root to the slot's init.
+//! mounts it on `/sysroot`, mounts the data partition of the same disk on
+//! `/sysroot/var` with an overlay on `/sysroot/etc` kept there (see [`data`]),
+//! and switches root to the slot's init.
 //!
 //! Any failure ends in one `racklet-init: FATAL: ...` line on the console and
 //! a reboot (see [`fail`]); there is no shell.
 
 pub mod console;
+pub mod data;
 pub mod device_mapper;
 pub mod error;
 pub mod modules;
@@ -83,8 +86,29 @@ pub fn run() -> Result<Infallible, Fatal> {
     verity_root::mount_root(&verity.node, &fs_type).map_err(in_slot)?;
     let new_root = Path::new(verity_root::SYSROOT);
     switch_root::check_init(new_root, &params.init).map_err(in_slot)?;
+
+    let var = data::mount_var_and_etc(
+        new_root,
+        &slot_partitions.disk,
+        &slot_partitions.data,
+        dev_dir,
+    )
+    .map_err(in_slot)?;
+    let var_summary = match &var {
+        data::VarOutcome::Mounted { device } => format!(
+            "data {} ({}) on {}, /etc overlay",
+            device.name,
+            data::DATA_FS_TYPE,
+            new_root.join(data::VAR_DIR).display()
+        ),
+        data::VarOutcome::Skipped(skip) => {
+            warn!("{skip}");
+            "/var not mounted".to_string()
+        }
+    };
     info!(
-        "slot {slot}: {} loaded; root {} + verity {} -> {} ({fs_type}) on {}; starting {}",
+        "slot {slot}: {} loaded; root {} + verity {} -> {} ({fs_type}) on {}; {var_summary}; \
+         starting {}",
         plural(summary.loaded + summary.already_loaded, "module"),
         slot_partitions.root.name,
         slot_partitions.verity.name,

@@ -6,6 +6,10 @@
 //! no `/dev/disk/by-partuuid`), and maps the partition number to the kernel's
 //! partition device through sysfs: the child directory of
 //! `/sys/block/<disk>` whose `partition` file holds that number.
+//!
+//! On the disk that holds the root partition it also looks up the partition
+//! named [`DATA_PARTITION_NAME`] (`data`, mounted on `/var` by
+//! [`crate::data`]); a data partition on any other disk is ignored.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -15,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use os_format::gpt::{GptDisk, Guid};
-use os_format::layout::{root_partition_uuid, verity_partition_uuid, Slot};
+use os_format::layout::{root_partition_uuid, verity_partition_uuid, Slot, DATA_PARTITION_NAME};
 use os_format::verity::{root_hash_to_hex, RootHash};
 
 use crate::device_mapper::DeviceNumber;
@@ -27,6 +31,10 @@ pub const DEV_DIR: &str = "/dev";
 /// How long to wait for the partitions to appear (TCG emulation is slow to
 /// probe disks; real hardware with USB or SD cards can be too).
 pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
+/// How long to keep looking for the data partition's device once the root
+/// and verity partitions are there (the kernel adds a disk's partitions one
+/// after the other).
+pub const DATA_DEVICE_WAIT: Duration = Duration::from_secs(2);
 /// How often to look again while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Disks never searched: loop, RAM, device-mapper, zram and floppy devices
@@ -53,13 +61,38 @@ impl BlockDevice {
     }
 }
 
-/// The two partitions of a slot.
+/// The two partitions of a slot, and the data partition of the root's disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotPartitions {
     /// The partition holding the root file system.
     pub root: BlockDevice,
     /// The partition holding its dm-verity superblock and hash tree.
     pub verity: BlockDevice,
+    /// The kernel name of the disk holding the root partition, e.g. `vda`.
+    pub disk: String,
+    /// The partition named `data` on that disk.
+    pub data: DataPartition,
+}
+
+/// The partition named [`DATA_PARTITION_NAME`] on the root's disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataPartition {
+    /// The disk's GPT has no partition of that name.
+    Absent,
+    /// The GPT has it as this partition number, but the kernel shows no
+    /// device for it.
+    NoDevice { number: u32 },
+    /// The partition's device.
+    Present(BlockDevice),
+}
+
+/// The disk the root partition was found on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootDisk {
+    /// Kernel name, e.g. `vda`.
+    pub name: String,
+    /// Its data partition.
+    pub data: DataPartition,
 }
 
 /// What one disk looked like during the last scan (for the error message).
@@ -101,6 +134,8 @@ pub struct Scan {
     pub root: Option<BlockDevice>,
     /// The partition with the verity PARTUUID, if found and present in sysfs.
     pub verity: Option<BlockDevice>,
+    /// The disk [`Scan::root`] is on (with its data partition), if found.
+    pub root_disk: Option<RootDisk>,
     /// Every disk looked at, in name order.
     pub disks: Vec<DiskSeen>,
 }
@@ -244,10 +279,16 @@ pub fn scan_disks(sys_block: &Path, dev_dir: &Path, root_uuid: &Guid, verity_uui
     for name in names {
         let disk_dir = sys_block.join(&name);
         let state = match scan_disk(&disk_dir, dev_dir, root_uuid, verity_uuid) {
-            Ok((state, root, verity)) => {
-                scan.root = scan.root.take().or(root);
-                scan.verity = scan.verity.take().or(verity);
-                state
+            Ok(found) => {
+                if scan.root.is_none() && found.root.is_some() {
+                    scan.root = found.root;
+                    scan.root_disk = Some(RootDisk {
+                        name: name.clone(),
+                        data: found.data,
+                    });
+                }
+                scan.verity = scan.verity.take().or(found.verity);
+                found.state
             }
             Err(reason) => DiskState::NoGpt(reason),
         };
@@ -257,9 +298,33 @@ pub fn scan_disks(sys_block: &Path, dev_dir: &Path, root_uuid: &Guid, verity_uui
 }
 
 /// A disk's state and the wanted partitions on it, if any.
-type DiskScan = (DiskState, Option<BlockDevice>, Option<BlockDevice>);
+struct DiskScan {
+    state: DiskState,
+    root: Option<BlockDevice>,
+    verity: Option<BlockDevice>,
+    data: DataPartition,
+}
 
-/// Read one disk's GPT and look up the two GUIDs on it.
+/// The number of the partition named [`DATA_PARTITION_NAME`] in `gpt`.
+pub fn data_partition_number(gpt: &GptDisk) -> Option<u32> {
+    gpt.find_by_name(DATA_PARTITION_NAME)
+        .map(|(number, _)| number)
+}
+
+/// The data partition of the disk whose sysfs directory is `disk_dir` and
+/// whose GPT is `gpt`.
+pub fn data_partition(gpt: &GptDisk, disk_dir: &Path) -> io::Result<DataPartition> {
+    let Some(number) = data_partition_number(gpt) else {
+        return Ok(DataPartition::Absent);
+    };
+    Ok(match partition_device(disk_dir, number)? {
+        Some(device) => DataPartition::Present(device),
+        None => DataPartition::NoDevice { number },
+    })
+}
+
+/// Read one disk's GPT and look up the two GUIDs (and, if the root is
+/// there, the data partition) on it.
 fn scan_disk(
     disk_dir: &Path,
     dev_dir: &Path,
@@ -269,7 +334,12 @@ fn scan_disk(
     let disk =
         block_device(disk_dir).map_err(|error| format!("unreadable sysfs entry: {error}"))?;
     if disk.size_bytes == 0 {
-        return Ok((DiskState::Empty, None, None));
+        return Ok(DiskScan {
+            state: DiskState::Empty,
+            root: None,
+            verity: None,
+            data: DataPartition::Absent,
+        });
     }
     let node = disk.node(dev_dir);
     let mut file =
@@ -287,16 +357,29 @@ fn scan_disk(
     };
     let root = find(root_uuid)?;
     let verity = find(verity_uuid)?;
+    let data = if root.is_some() {
+        data_partition(&gpt, disk_dir)
+            .map_err(|error| format!("cannot list {}: {error}", disk_dir.display()))?
+    } else {
+        DataPartition::Absent
+    };
     let partitions = gpt
         .partitions
         .iter()
         .filter(|entry| !entry.is_unused())
         .count();
-    Ok((DiskState::Gpt { partitions }, root, verity))
+    Ok(DiskScan {
+        state: DiskState::Gpt { partitions },
+        root,
+        verity,
+        data,
+    })
 }
 
 /// Poll [`scan_disks`] until both of the slot's partitions show up or
-/// `timeout` passes.
+/// `timeout` passes. If the root's disk has a data partition whose device is
+/// not there yet, keep looking for up to [`DATA_DEVICE_WAIT`] more (never
+/// past `timeout`); after that it is reported as [`DataPartition::NoDevice`].
 pub fn wait_for_slot_partitions(
     sys_block: &Path,
     dev_dir: &Path,
@@ -307,13 +390,23 @@ pub fn wait_for_slot_partitions(
     let root_uuid = root_partition_uuid(root_hash);
     let verity_uuid = verity_partition_uuid(root_hash);
     let started = Instant::now();
+    let mut complete_since: Option<Instant> = None;
     loop {
         let scan = scan_disks(sys_block, dev_dir, &root_uuid, &verity_uuid);
-        if let (Some(root), Some(verity)) = (&scan.root, &scan.verity) {
-            return Ok(SlotPartitions {
-                root: root.clone(),
-                verity: verity.clone(),
-            });
+        if let (Some(root), Some(verity), Some(disk)) = (&scan.root, &scan.verity, &scan.root_disk)
+        {
+            let since = *complete_since.get_or_insert_with(Instant::now);
+            let settled = !matches!(disk.data, DataPartition::NoDevice { .. });
+            if settled || since.elapsed() >= DATA_DEVICE_WAIT.min(timeout) {
+                return Ok(SlotPartitions {
+                    root: root.clone(),
+                    verity: verity.clone(),
+                    disk: disk.name.clone(),
+                    data: disk.data.clone(),
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+            continue;
         }
         let waited = started.elapsed();
         if waited >= timeout {
@@ -382,6 +475,11 @@ mod tests {
 
     /// A 16 MiB disk image with an ESP, then the slot's root and verity partitions.
     fn disk_image(root_hash: &RootHash) -> Vec<u8> {
+        disk_image_with_data(root_hash, false)
+    }
+
+    /// [`disk_image`], plus (as partition 4) a partition named `data` if asked.
+    fn disk_image_with_data(root_hash: &RootHash, data: bool) -> Vec<u8> {
         let spec = |name: &str, type_guid, unique_guid| PartitionSpec {
             name: name.into(),
             type_guid,
@@ -389,20 +487,23 @@ mod tests {
             size_bytes: Some(MIB),
             attributes: 0,
         };
-        let gpt = GptDisk::plan(
-            Guid::derive(b"disk"),
-            16 * MIB,
-            &[
-                spec("esp", os_format::layout::ESP_TYPE, Guid::derive(b"esp")),
-                spec("root-a", ROOT_X86_64_TYPE, root_partition_uuid(root_hash)),
-                spec(
-                    "verity-a",
-                    ROOT_VERITY_X86_64_TYPE,
-                    verity_partition_uuid(root_hash),
-                ),
-            ],
-        )
-        .unwrap();
+        let mut specs = vec![
+            spec("esp", os_format::layout::ESP_TYPE, Guid::derive(b"esp")),
+            spec("root-a", ROOT_X86_64_TYPE, root_partition_uuid(root_hash)),
+            spec(
+                "verity-a",
+                ROOT_VERITY_X86_64_TYPE,
+                verity_partition_uuid(root_hash),
+            ),
+        ];
+        if data {
+            specs.push(spec(
+                DATA_PARTITION_NAME,
+                os_format::layout::VAR_TYPE,
+                Guid::derive(root_hash),
+            ));
+        }
+        let gpt = GptDisk::plan(Guid::derive(b"disk"), 16 * MIB, &specs).unwrap();
         let mut image = io::Cursor::new(Vec::new());
         image.seek(SeekFrom::Start(16 * MIB - 1)).unwrap();
         image.write_all(&[0]).unwrap();
@@ -476,6 +577,110 @@ mod tests {
         assert_eq!(found.root.name, "vda2");
         assert_eq!(found.verity.name, "vda3");
         assert_eq!(found.verity.number.to_string(), "253:3");
+        assert_eq!(found.disk, "vda");
+        assert_eq!(found.data, DataPartition::Absent);
+    }
+
+    #[test]
+    fn the_data_partition_comes_from_the_root_disk() {
+        let hash = test_hash();
+        let mut other = hash;
+        other[0] ^= 0xff;
+        other[31] ^= 0xff;
+        let machine = FakeMachine::new();
+        // vda: another image's slot and a data partition; vdb: this slot and its data.
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image_with_data(&other, true),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3), ("vda4", 4)],
+        );
+        machine.add_disk(
+            "vdb",
+            252,
+            &disk_image_with_data(&hash, true),
+            &[("vdb1", 1), ("vdb2", 2), ("vdb3", 3), ("vdb4", 4)],
+        );
+        let found = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::A,
+            &hash,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(found.root.name, "vdb2");
+        assert_eq!(found.disk, "vdb");
+        match &found.data {
+            DataPartition::Present(device) => {
+                assert_eq!(device.name, "vdb4");
+                assert_eq!(device.number.to_string(), "252:4");
+            }
+            other => panic!("expected vdb4, found {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_data_partition_on_another_disk_is_ignored() {
+        let hash = test_hash();
+        let mut other = hash;
+        other[0] ^= 0xff;
+        other[31] ^= 0xff;
+        let machine = FakeMachine::new();
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image_with_data(&other, true),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3), ("vda4", 4)],
+        );
+        machine.add_disk(
+            "vdb",
+            252,
+            &disk_image(&hash),
+            &[("vdb1", 1), ("vdb2", 2), ("vdb3", 3)],
+        );
+        let found = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::A,
+            &hash,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(found.disk, "vdb");
+        assert_eq!(found.data, DataPartition::Absent);
+    }
+
+    #[test]
+    fn a_data_partition_without_a_device_is_reported_by_number() {
+        let hash = test_hash();
+        let machine = FakeMachine::new();
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image_with_data(&hash, true),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3)],
+        );
+        let found = wait_for_slot_partitions(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::A,
+            &hash,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(found.data, DataPartition::NoDevice { number: 4 });
+    }
+
+    #[test]
+    fn the_data_partition_is_found_by_name() {
+        let hash = test_hash();
+        let image = disk_image_with_data(&hash, true);
+        let gpt = GptDisk::read(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(data_partition_number(&gpt), Some(4));
+        let image = disk_image(&hash);
+        let gpt = GptDisk::read(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(data_partition_number(&gpt), None);
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! do: free the initramfs (delete its files, without crossing into other
 //! mounts), move `/dev`, `/proc` and `/sys` into the new root, make the new
 //! root `/` and exec its init as PID 1.
+//!
+//! Mounts below the new root (the data partition on `<root>/var`, the overlay
+//! on `<root>/etc`, see [`crate::data`]) need nothing: `MS_MOVE` moves a mount
+//! with everything mounted below it, and the cleanup never enters the new
+//! root, which is another file system than the initramfs.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -119,8 +124,9 @@ pub fn check_init(root: &Path, init: &str) -> Result<(), InitError> {
 }
 
 /// Delete everything under `dir` that lives on device `device`, without
-/// following symbolic links or descending into other mounts. Best effort:
-/// what cannot be deleted stays.
+/// following symbolic links or descending into other mounts (a mount point's
+/// own device differs, so it and all mounts below it are skipped whole).
+/// Best effort: what cannot be deleted stays.
 pub fn delete_tree_contents(dir: &Path, device: u64) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -334,6 +340,59 @@ mod tests {
         fs::write(dir.path().join("file"), "x").unwrap();
         delete_tree_contents(dir.path(), u64::MAX);
         assert!(dir.path().join("file").exists());
+    }
+
+    /// Unmounts (lazily) on drop, so a failed assertion leaves no mount behind.
+    struct Mounted(PathBuf);
+
+    impl Mounted {
+        /// Mount a small tmpfs on `target`; `None` if this process may not mount.
+        fn tmpfs(target: &Path) -> Option<Mounted> {
+            fs::create_dir_all(target).unwrap();
+            match sys::mount(
+                Some("tmpfs".as_ref()),
+                target,
+                Some("tmpfs"),
+                0,
+                Some("size=1m"),
+            ) {
+                Ok(()) => Some(Mounted(target.to_path_buf())),
+                Err(error) if error.raw_os_error() == Some(libc::EPERM) => None,
+                Err(error) => panic!("mount tmpfs on {}: {error}", target.display()),
+            }
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let path = sys::c_string(&self.0).unwrap();
+            // SAFETY: umount2 with a NUL-terminated path.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    /// The initramfs cleanup next to a mounted `/sysroot` with `/sysroot/var`
+    /// mounted below it: neither is touched. Needs CAP_SYS_ADMIN (skipped
+    /// without it).
+    #[test]
+    fn delete_tree_leaves_mounts_below_a_mount_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let initramfs = dir.path();
+        fs::write(initramfs.join("init"), "elf").unwrap();
+        let Some(sysroot) = Mounted::tmpfs(&initramfs.join("sysroot")) else {
+            eprintln!("skipped: cannot mount (not privileged)");
+            return;
+        };
+        fs::write(sysroot.0.join("root-file"), "x").unwrap();
+        let var = Mounted::tmpfs(&sysroot.0.join("var")).expect("second mount");
+        fs::write(var.0.join("var-file"), "x").unwrap();
+
+        delete_tree_contents(initramfs, fs::metadata(initramfs).unwrap().dev());
+        assert!(!initramfs.join("init").exists());
+        assert!(initramfs.join("sysroot/root-file").exists());
+        assert!(initramfs.join("sysroot/var/var-file").exists());
+        drop(var);
+        drop(sysroot);
     }
 
     #[test]
