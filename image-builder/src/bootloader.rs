@@ -53,16 +53,21 @@ pub fn add_boot_files(
             contents.insert("loader/loader.conf".into(), LOADER_CONF.as_bytes().to_vec());
         }
         Bootloader::UBoot => {
-            for file in RASPI_FIRMWARE_FILES {
-                contents.insert(file.into(), read(&boot_tree.join(RASPI_FIRMWARE_DIR).join(file))?);
+            if variant.boot.packages.iter().any(|package| package == "raspi-firmware") {
+                for file in RASPI_FIRMWARE_FILES {
+                    contents.insert(file.into(), read(&boot_tree.join(RASPI_FIRMWARE_DIR).join(file))?);
+                }
             }
-            contents.insert("u-boot.bin".into(), read(&boot_tree.join(U_BOOT_RPI))?);
-            let device_tree = variant.kernel.device_tree.as_deref().expect("validated for u-boot");
-            let device_tree_dir = device_tree_dir.ok_or_else(|| {
-                BuildError::Other("the kernel package has no device trees (usr/lib/linux-image-*)".into())
-            })?;
-            let file_name = Path::new(device_tree).file_name().expect("a file").to_string_lossy().into_owned();
-            contents.insert(file_name, read(&device_tree_dir.join(device_tree))?);
+            if variant.boot.packages.iter().any(|package| package == "u-boot-rpi") {
+                contents.insert("u-boot.bin".into(), read(&boot_tree.join(U_BOOT_RPI))?);
+            }
+            if let Some(device_tree) = variant.kernel.device_tree.as_deref() {
+                let device_tree_dir = device_tree_dir.ok_or_else(|| {
+                    BuildError::Other("the kernel package has no device trees (usr/lib/linux-image-*)".into())
+                })?;
+                let file_name = Path::new(device_tree).file_name().expect("a file").to_string_lossy().into_owned();
+                contents.insert(file_name, read(&device_tree_dir.join(device_tree))?);
+            }
             contents.insert("boot.scr".into(), compile_boot_script(variant.arch, source_date_epoch)?);
             let state = BootState::fresh(Slot::A).encode().map_err(|error| BuildError::Other(error.to_string()))?;
             for copy in STATE_COPIES {

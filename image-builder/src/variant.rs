@@ -161,7 +161,7 @@ impl Variant {
                 ))
             }
         }
-        if self.bootloader == Bootloader::UBoot && self.kernel.device_tree.is_none() {
+        if self.boot.packages.iter().any(|package| package == "raspi-firmware") && self.kernel.device_tree.is_none() {
             return Err(self.key_error(
                 "kernel.device_tree",
                 "missing; expected the DTB the Pi firmware loads, e.g. broadcom/bcm2711-rpi-4-b.dtb",
