@@ -93,3 +93,18 @@ impl BuildError {
 }
 
 pub type Result<T, E = BuildError> = std::result::Result<T, E>;
+
+/// A TOML error as one line: `<file>: line N: <what was wrong>`.
+pub fn toml_error(file: &std::path::Path, text: &str, error: &toml::de::Error) -> BuildError {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let message = error.message().trim_end().replace('\n', " ");
+    BuildError::Config {
+        file: file.to_path_buf(),
+        message: match line {
+            Some(line) => format!("line {line}: {message}"),
+            None => message,
+        },
+    }
+}

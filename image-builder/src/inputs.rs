@@ -20,11 +20,14 @@ pub fn fetch_packages(lock: &LockFile, cache: &Cache) -> Result<Vec<CachedPackag
         .package
         .iter()
         .any(|package| !cache.blob_path(&package.sha256).is_file());
-    // Mirrors are only needed when something must be downloaded.
-    let mirrors = if needs_network && !cache.offline {
-        Some(Mirrors::from_system()?)
-    } else {
+    // Mirrors are only needed when something must be downloaded; offline they
+    // still name the URL a person should fetch, when the apt sources tell it.
+    let mirrors = if !needs_network {
         None
+    } else if cache.offline {
+        Mirrors::from_system().ok()
+    } else {
+        Some(Mirrors::from_system()?)
     };
     let pins: Vec<Pinned> = lock
         .package

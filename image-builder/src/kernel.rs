@@ -30,10 +30,7 @@ pub fn requirements_path(project_root: &Path, variant: &str) -> PathBuf {
 
 pub fn load_requirements(path: &Path) -> Result<BTreeMap<String, Requirement>> {
     let text = std::fs::read_to_string(path).map_err(BuildError::io(path))?;
-    let file: RequirementsFile = toml::from_str(&text).map_err(|error| BuildError::Config {
-        file: path.to_path_buf(),
-        message: error.to_string().trim_end().to_string(),
-    })?;
+    let file: RequirementsFile = toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
     for option in file.options.keys() {
         if !option.starts_with("CONFIG_") {
             return Err(BuildError::ConfigKey {

@@ -83,10 +83,7 @@ impl LockFile {
                 }
             }
         })?;
-        let lock: LockFile = toml::from_str(&text).map_err(|error| BuildError::Config {
-            file: path.to_path_buf(),
-            message: error.to_string().trim_end().to_string(),
-        })?;
+        let lock: LockFile = toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
         for package in &lock.package {
             if package.sha256.len() != 64 || hex::decode(&package.sha256).is_err() {
                 return Err(BuildError::ConfigKey {

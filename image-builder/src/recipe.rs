@@ -101,10 +101,7 @@ fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T>
             }
         }
     })?;
-    toml::from_str(&text).map_err(|error| BuildError::Config {
-        file: path.to_path_buf(),
-        message: error.to_string().trim_end().to_string(),
-    })
+    toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))
 }
 
 pub fn recipe_path(project_root: &Path, name: &str) -> PathBuf {

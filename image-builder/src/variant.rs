@@ -113,10 +113,7 @@ impl Variant {
     }
 
     pub fn parse(file: &Path, text: &str) -> Result<Variant> {
-        let mut variant: Variant = toml::from_str(text).map_err(|error| BuildError::Config {
-            file: file.to_path_buf(),
-            message: error.to_string().trim_end().to_string(),
-        })?;
+        let mut variant: Variant = toml::from_str(text).map_err(|error| crate::error::toml_error(file, text, &error))?;
         variant.file = file.to_path_buf();
         variant.validate()?;
         Ok(variant)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Two builds of the same commit must be bit-identical: disk.img, update/*,
+# manifest.json and the SBOM. The second build runs from a fresh clone in
+# another directory, with another umask, time zone and (later) clock time and
+# its own cargo target directory. On a difference, diffoscope shows where.
+# Usage: reproducible.sh VARIANT REFERENCE_BUILD_DIR
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+root="$(project_root)"
+
+check_reproducible() {
+  local variant="$1" reference="$2" k3s="${3:-default}"
+  local other; other="$(mktemp -d /tmp/racklet-repro.XXXXXX)"
+  if [ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]; then
+    echo "note: $root has uncommitted changes; the clone builds the last commit" >&2
+  fi
+  git clone --quiet --no-hardlinks "$root" "$other/src"
+  local log="$other/build.log"
+  if ! (cd "$other/src" && umask 077 && TZ=Asia/Tokyo LC_ALL=C.UTF-8 RACKLET_NO_PROGRESS=1 \
+        make variant="$variant" K3S="$k3s" OUTPUT="$other/out" build) > "$log" 2>&1; then
+    fail "$variant: second build from $other/src" "$(tail -n 20 "$log")"
+    return
+  fi
+  local second="$other/out/$variant" differing=()
+  for file in disk.img manifest.json sbom.cdx.json update/root.erofs.zst update/verity.img.zst update/uki-a.efi update/uki-b.efi; do
+    cmp -s "$reference/$file" "$second/$file" || differing+=("$file")
+  done
+  if [ "${#differing[@]}" -eq 0 ]; then
+    pass "$variant: two builds (other directory, umask 077, TZ=Asia/Tokyo) are bit-identical"
+    rm -rf "$other"
+  else
+    fail "$variant: builds differ in ${differing[*]}" "see diffoscope below; second build kept in $other"
+    for file in "${differing[@]}"; do
+      echo "--- diffoscope $file"
+      timeout 600 diffoscope --no-progress --max-report-size 200000 "$reference/$file" "$second/$file" 2>&1 | head -n 120
+    done
+  fi
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  [ $# -ge 2 ] || { echo "usage: $0 VARIANT REFERENCE_BUILD_DIR [K3S]" >&2; exit 2; }
+  check_reproducible "$@"
+  summary
+fi
