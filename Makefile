@@ -24,7 +24,7 @@ image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(
 builder := target/release/racklet-image
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: build lock host-tools image-binaries builder test test-boot e2e bench clean check-variant
+.PHONY: build lock host-tools image-binaries builder test test-unit lint test-image test-boot run bench clean check-variant
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -48,8 +48,36 @@ build: host-tools builder image-binaries
 lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
-test:
+# The README's test command: unit and tool tests, then images built and checked.
+test: test-unit test-image
+
+test-unit: lint
+	@image-builder/scripts/host-tools.sh x86_64
 	$(CARGO) test --workspace --locked
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test-image: builder
+	@image-builder/scripts/host-tools.sh aarch64
+	tests/image/run.sh
+
+# Tests that boot images in QEMU (TCG): x86_64 under OVMF, the rpi4 path under U-Boot.
+test-boot:
+	@image-builder/scripts/vm-tools.sh
+	$(MAKE) variant=qemu-x86_64 build
+	$(MAKE) variant=qemu-aarch64 build
+	python3 tests/vm/test_boot.py
+
+# Boot build/<variant>/disk.img on the serial console, on a copy-on-write overlay
+# (the built image stays pristine) with fresh UEFI variables each time.
+run: check-variant
+	@image-builder/scripts/vm-tools.sh
+	image-builder/scripts/run-image.sh $(variant)
+
+bench: builder
+	tests/bench/build-times.sh
 
 clean:
 	rm -rf $(OUTPUT)

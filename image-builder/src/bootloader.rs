@@ -26,7 +26,8 @@ pub fn uki_file_name(slot: Slot) -> String {
 
 /// systemd-boot's loader.conf: no menu delay, no editing the command line (it
 /// carries the root hash), no auto entries.
-pub const LOADER_CONF: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
+pub const LOADER_CONF: &str =
+    "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(BuildError::io(path))
@@ -46,36 +47,67 @@ pub fn add_boot_files(
 ) -> Result<()> {
     match variant.bootloader {
         Bootloader::SystemdBoot => {
-            let name = format!("systemd-boot{}.efi", variant.arch.efi_suffix().to_lowercase());
+            let name = format!(
+                "systemd-boot{}.efi",
+                variant.arch.efi_suffix().to_lowercase()
+            );
             let loader = read(&root.join(SYSTEMD_BOOT_DIR).join(&name))?;
-            contents.insert(format!("EFI/BOOT/BOOT{}.EFI", variant.arch.efi_suffix()), loader.clone());
+            contents.insert(
+                format!("EFI/BOOT/BOOT{}.EFI", variant.arch.efi_suffix()),
+                loader.clone(),
+            );
             contents.insert(format!("EFI/systemd/{name}"), loader);
             contents.insert("loader/loader.conf".into(), LOADER_CONF.as_bytes().to_vec());
         }
         Bootloader::UBoot => {
-            if variant.boot.packages.iter().any(|package| package == "raspi-firmware") {
+            if variant
+                .boot
+                .packages
+                .iter()
+                .any(|package| package == "raspi-firmware")
+            {
                 for file in RASPI_FIRMWARE_FILES {
-                    contents.insert(file.into(), read(&boot_tree.join(RASPI_FIRMWARE_DIR).join(file))?);
+                    contents.insert(
+                        file.into(),
+                        read(&boot_tree.join(RASPI_FIRMWARE_DIR).join(file))?,
+                    );
                 }
             }
-            if variant.boot.packages.iter().any(|package| package == "u-boot-rpi") {
+            if variant
+                .boot
+                .packages
+                .iter()
+                .any(|package| package == "u-boot-rpi")
+            {
                 contents.insert("u-boot.bin".into(), read(&boot_tree.join(U_BOOT_RPI))?);
             }
             if let Some(device_tree) = variant.kernel.device_tree.as_deref() {
                 let device_tree_dir = device_tree_dir.ok_or_else(|| {
-                    BuildError::Other("the kernel package has no device trees (usr/lib/linux-image-*)".into())
+                    BuildError::Other(
+                        "the kernel package has no device trees (usr/lib/linux-image-*)".into(),
+                    )
                 })?;
-                let file_name = Path::new(device_tree).file_name().expect("a file").to_string_lossy().into_owned();
+                let file_name = Path::new(device_tree)
+                    .file_name()
+                    .expect("a file")
+                    .to_string_lossy()
+                    .into_owned();
                 contents.insert(file_name, read(&device_tree_dir.join(device_tree))?);
             }
-            contents.insert("boot.scr".into(), compile_boot_script(variant.arch, source_date_epoch)?);
-            let state = BootState::fresh(Slot::A).encode().map_err(|error| BuildError::Other(error.to_string()))?;
+            contents.insert(
+                "boot.scr".into(),
+                compile_boot_script(variant.arch, source_date_epoch)?,
+            );
+            let state = BootState::fresh(Slot::A)
+                .encode()
+                .map_err(|error| BuildError::Other(error.to_string()))?;
             for copy in STATE_COPIES {
                 contents.insert(copy.into(), state.clone());
             }
         }
     }
-    let variant_esp = crate::variant::Variant::directory(project_root, &variant.name).join(VARIANT_ESP_DIR);
+    let variant_esp =
+        crate::variant::Variant::directory(project_root, &variant.name).join(VARIANT_ESP_DIR);
     if variant_esp.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(&variant_esp)
             .map_err(BuildError::io(&variant_esp))?
@@ -84,7 +116,11 @@ pub fn add_boot_files(
             .collect();
         entries.sort();
         for path in entries {
-            let name = path.file_name().expect("entry").to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .expect("entry")
+                .to_string_lossy()
+                .into_owned();
             contents.insert(name, read(&path)?);
         }
     }
@@ -102,7 +138,18 @@ pub fn compile_boot_script(arch: Arch, source_date_epoch: u64) -> Result<Vec<u8>
         Arch::Aarch64 => "arm64",
     };
     let result = Command::new("mkimage")
-        .args(["-A", architecture, "-O", "linux", "-T", "script", "-C", "none", "-n", "racklet-ab"])
+        .args([
+            "-A",
+            architecture,
+            "-O",
+            "linux",
+            "-T",
+            "script",
+            "-C",
+            "none",
+            "-n",
+            "racklet-ab",
+        ])
         .arg("-d")
         .arg(&source)
         .arg(&output)

@@ -10,11 +10,13 @@
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use os_format::gpt::{GptDisk, Guid, PartitionSpec, ATTRIBUTE_GROWFS, ATTRIBUTE_READ_ONLY, ATTRIBUTE_REQUIRED};
+use os_format::gpt::{
+    GptDisk, Guid, PartitionSpec, ATTRIBUTE_GROWFS, ATTRIBUTE_READ_ONLY, ATTRIBUTE_REQUIRED,
+};
 use os_format::layout::{self, Slot};
 use os_format::manifest::{
-    Artifact, ArtifactKind, BuildManifest, Compression, K3sProvenance, OutputFile, PackageRecord, VerityInfo,
-    BUILD_MANIFEST_FILE, BUILD_MANIFEST_SCHEMA, IMAGE_NAME,
+    Artifact, ArtifactKind, BuildManifest, Compression, K3sProvenance, OutputFile, PackageRecord,
+    VerityInfo, BUILD_MANIFEST_FILE, BUILD_MANIFEST_SCHEMA, IMAGE_NAME,
 };
 use os_format::verity;
 use sha2::{Digest, Sha256};
@@ -69,14 +71,16 @@ fn k3s_recipe(options: &BuildOptions, variant: &Variant) -> Result<Option<Upstre
         (K3sPolicy::Required, K3sChoice::Default | K3sChoice::Official) => K3S_RECIPE,
         (K3sPolicy::Optional, K3sChoice::Official) => K3S_RECIPE,
         (K3sPolicy::Required | K3sPolicy::Optional, K3sChoice::StandIn) => K3S_STAND_IN_RECIPE,
-        (K3sPolicy::Optional | K3sPolicy::Absent, K3sChoice::Default | K3sChoice::None) => return Ok(None),
-        (K3sPolicy::Required, K3sChoice::None) => {
-            return Err(BuildError::ConfigKey {
-                file: variant.file.clone(),
-                key: "k3s".into(),
-                message: "is \"required\", so K3S=none cannot build it; use K3S=stand-in for a test build".into(),
-            })
+        (K3sPolicy::Optional | K3sPolicy::Absent, K3sChoice::Default | K3sChoice::None) => {
+            return Ok(None)
         }
+        (K3sPolicy::Required, K3sChoice::None) => return Err(BuildError::ConfigKey {
+            file: variant.file.clone(),
+            key: "k3s".into(),
+            message:
+                "is \"required\", so K3S=none cannot build it; use K3S=stand-in for a test build"
+                    .into(),
+        }),
         (K3sPolicy::Absent, K3sChoice::Official | K3sChoice::StandIn) => {
             return Err(BuildError::ConfigKey {
                 file: variant.file.clone(),
@@ -88,14 +92,25 @@ fn k3s_recipe(options: &BuildOptions, variant: &Variant) -> Result<Option<Upstre
     UpstreamRecipe::load(&options.project_root, name).map(Some)
 }
 
-fn resolve_k3s(options: &BuildOptions, variant: &Variant, cache: &Cache) -> Result<Option<K3sInput>> {
+fn resolve_k3s(
+    options: &BuildOptions,
+    variant: &Variant,
+    cache: &Cache,
+) -> Result<Option<K3sInput>> {
     let Some(recipe) = k3s_recipe(options, variant)? else {
         return Ok(None);
     };
     if let Some(file) = &recipe.file {
-        let binary = options.project_root.join(crate::recipe::PACKAGES_DIR).join(file);
+        let binary = options
+            .project_root
+            .join(crate::recipe::PACKAGES_DIR)
+            .join(file);
         let (sha256, _) = sha256_file(&binary)?;
-        return Ok(Some(K3sInput { recipe, binary, sha256 }));
+        return Ok(Some(K3sInput {
+            recipe,
+            binary,
+            sha256,
+        }));
     }
     let asset = recipe.asset(variant.arch)?.clone();
     cache.ensure_all(&[Pinned {
@@ -125,16 +140,33 @@ fn derive_guid(parts: &[&[u8]]) -> Guid {
 fn compress(input: &Path, output: &Path, bar: &indicatif::ProgressBar) -> Result<()> {
     let reader = std::fs::File::open(input).map_err(BuildError::io(input))?;
     let writer = std::fs::File::create(output).map_err(BuildError::io(output))?;
-    let mut encoder = zstd::stream::write::Encoder::new(writer, ZSTD_LEVEL).map_err(BuildError::io(output))?;
-    encoder.include_checksum(true).map_err(BuildError::io(output))?;
+    let mut encoder =
+        zstd::stream::write::Encoder::new(writer, ZSTD_LEVEL).map_err(BuildError::io(output))?;
+    encoder
+        .include_checksum(true)
+        .map_err(BuildError::io(output))?;
     let mut reader = bar.wrap_read(BufReader::with_capacity(1 << 20, reader));
     std::io::copy(&mut reader, &mut encoder).map_err(BuildError::io(output))?;
-    encoder.finish().map_err(BuildError::io(output))?.flush().map_err(BuildError::io(output))
+    encoder
+        .finish()
+        .map_err(BuildError::io(output))?
+        .flush()
+        .map_err(BuildError::io(output))
 }
 
-fn artifact(name: &str, kind: ArtifactKind, compression: Compression, shipped: &Path, raw: &Path) -> Result<Artifact> {
+fn artifact(
+    name: &str,
+    kind: ArtifactKind,
+    compression: Compression,
+    shipped: &Path,
+    raw: &Path,
+) -> Result<Artifact> {
     let (sha256, size) = sha256_file(shipped)?;
-    let (uncompressed_sha256, uncompressed_size) = if shipped == raw { (sha256.clone(), size) } else { sha256_file(raw)? };
+    let (uncompressed_sha256, uncompressed_size) = if shipped == raw {
+        (sha256.clone(), size)
+    } else {
+        sha256_file(raw)?
+    };
     Ok(Artifact {
         name: name.to_string(),
         kind,
@@ -162,7 +194,11 @@ fn cyclonedx(manifest: &BuildManifest) -> serde_json::Value {
         })
         .collect();
     match &manifest.k3s {
-        K3sProvenance::Official { version, url, sha256 } => components.push(serde_json::json!({
+        K3sProvenance::Official {
+            version,
+            url,
+            sha256,
+        } => components.push(serde_json::json!({
             "type": "application", "name": "k3s", "version": version,
             "externalReferences": [{"type": "distribution", "url": url}],
             "hashes": [{"alg": "SHA-256", "content": sha256}],
@@ -195,11 +231,16 @@ pub fn format_rfc3339(seconds: u64) -> String {
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
@@ -221,13 +262,21 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     let lock = LockFile::load(&lock_path, &variant.name)?;
     lock.check_matches(&lock_path, &Requested::of(&variant, &recipes))?;
     let kernel_requirements = kernel::requirements_path(&options.project_root, &variant.name);
-    let source_date_epoch = options.source_date_epoch.unwrap_or_else(|| variant.version_epoch());
+    let source_date_epoch = options
+        .source_date_epoch
+        .unwrap_or_else(|| variant.version_epoch());
     let cache = Cache::from_environment();
     let k3s = resolve_k3s(options, &variant, &cache)?;
     let packages = inputs::fetch_packages(&lock, &cache)?;
     for kernel_package in inputs::in_set(&packages, PackageSet::Kernel) {
-        if kernel_package.locked.name.starts_with("linux-image-") && kernel_package.locked.name != variant.kernel.package {
-            kernel::check_package_config(&kernel_requirements, &kernel_package.path, &kernel_package.locked.name)?;
+        if kernel_package.locked.name.starts_with("linux-image-")
+            && kernel_package.locked.name != variant.kernel.package
+        {
+            kernel::check_package_config(
+                &kernel_requirements,
+                &kernel_package.path,
+                &kernel_package.locked.name,
+            )?;
         }
     }
 
@@ -273,14 +322,21 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
         &read_text("modules.builtin")?,
         &variant.kernel.initramfs_modules,
     )?;
-    let initramfs_bytes = initramfs::build(&options.init_binary, &root, &kernel_files.version, &module_order, source_date_epoch)?;
+    let initramfs_bytes = initramfs::build(
+        &options.init_binary,
+        &root,
+        &kernel_files.version,
+        &module_order,
+        source_date_epoch,
+    )?;
     let initramfs_path = work.path().join("initramfs.cpio");
     std::fs::write(&initramfs_path, &initramfs_bytes).map_err(BuildError::io(&initramfs_path))?;
     let stub = uki::stub_path(&root, variant.arch);
     let stub_copy = work.path().join("stub.efi");
     std::fs::copy(&stub, &stub_copy).map_err(BuildError::io(&stub))?;
     let os_release_path = work.path().join("os-release");
-    std::fs::write(&os_release_path, compose::os_release(&variant, &k3s)).map_err(BuildError::io(&os_release_path))?;
+    std::fs::write(&os_release_path, compose::os_release(&variant, &k3s))
+        .map_err(BuildError::io(&os_release_path))?;
     let mut boot_contents = EspContents::new();
     bootloader::add_boot_files(
         &mut boot_contents,
@@ -299,11 +355,26 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     compose::clamp_times(&root, source_date_epoch)?;
     let data_image = work.path().join("data.ext4");
     let partitions = variant.partition_bytes();
-    let data_uuid = derive_guid(&[b"racklet-data-fs", variant.name.as_bytes(), &source_date_epoch.to_le_bytes()]);
-    filesystem::make_data_ext4(&initial_var, &data_image, partitions.data, data_uuid, source_date_epoch)?;
+    let data_uuid = derive_guid(&[
+        b"racklet-data-fs",
+        variant.name.as_bytes(),
+        &source_date_epoch.to_le_bytes(),
+    ]);
+    filesystem::make_data_ext4(
+        &initial_var,
+        &data_image,
+        partitions.data,
+        data_uuid,
+        source_date_epoch,
+    )?;
     let spinner = progress::stage_spinner("making the erofs root file system");
     let root_image = work.path().join("root.erofs");
-    let root_uuid = derive_guid(&[b"racklet-root-fs", variant.name.as_bytes(), variant.version.as_bytes(), &source_date_epoch.to_le_bytes()]);
+    let root_uuid = derive_guid(&[
+        b"racklet-root-fs",
+        variant.name.as_bytes(),
+        variant.version.as_bytes(),
+        &source_date_epoch.to_le_bytes(),
+    ]);
     filesystem::make_erofs(&root, &root_image, root_uuid, source_date_epoch)?;
     spinner.finish_and_clear();
     let (root_sha256, root_size) = sha256_file(&root_image)?;
@@ -311,19 +382,38 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
         return Err(BuildError::ConfigKey {
             file: variant.file.clone(),
             key: "partitions.root".into(),
-            message: format!("the root file system is {} MiB; the slot holds {} MiB", root_size.div_ceil(MIB), partitions.root / MIB),
+            message: format!(
+                "the root file system is {} MiB; the slot holds {} MiB",
+                root_size.div_ceil(MIB),
+                partitions.root / MIB
+            ),
         });
     }
-    let root_digest: [u8; 32] = hex::decode(&root_sha256).expect("hex").try_into().expect("32 bytes");
+    let root_digest: [u8; 32] = hex::decode(&root_sha256)
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
     let salt = verity::salt_from_content_digest(&root_digest);
     let verity_uuid = derive_guid(&[b"racklet-verity", &root_digest]);
     let verity_image = work.path().join("verity.img");
     let bar = progress::bytes_bar(root_size, "computing the dm-verity tree");
     let tree = {
-        let data = BufReader::with_capacity(1 << 20, std::fs::File::open(&root_image).map_err(BuildError::io(&root_image))?);
-        let hash_out = std::io::BufWriter::new(std::fs::File::create(&verity_image).map_err(BuildError::io(&verity_image))?);
-        verity::build_hash_tree_with_progress(data, root_size, &salt, verity_uuid.0, hash_out, &mut |done| bar.set_position(done))
-            .map_err(|error| BuildError::Format(error.into()))?
+        let data = BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(&root_image).map_err(BuildError::io(&root_image))?,
+        );
+        let hash_out = std::io::BufWriter::new(
+            std::fs::File::create(&verity_image).map_err(BuildError::io(&verity_image))?,
+        );
+        verity::build_hash_tree_with_progress(
+            data,
+            root_size,
+            &salt,
+            verity_uuid.0,
+            hash_out,
+            &mut |done| bar.set_position(done),
+        )
+        .map_err(|error| BuildError::Format(error.into()))?
     };
     bar.finish_and_clear();
     let root_hash_hex = verity::root_hash_to_hex(&tree.root_hash);
@@ -332,12 +422,13 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     // 4. One UKI per slot.
     let mut ukis = Vec::new();
     for slot in Slot::ALL {
-        let cmdline = os_format::cmdline::slot_cmdline(&variant.kernel.cmdline, slot, &tree.root_hash)
-            .map_err(|error| BuildError::ConfigKey {
-                file: variant.file.clone(),
-                key: "kernel.cmdline".into(),
-                message: error.to_string(),
-            })?;
+        let cmdline =
+            os_format::cmdline::slot_cmdline(&variant.kernel.cmdline, slot, &tree.root_hash)
+                .map_err(|error| BuildError::ConfigKey {
+                    file: variant.file.clone(),
+                    key: "kernel.cmdline".into(),
+                    message: error.to_string(),
+                })?;
         let cmdline_path = work.path().join(format!("cmdline-{}", slot.name()));
         std::fs::write(&cmdline_path, &cmdline).map_err(BuildError::io(&cmdline_path))?;
         let output = update.join(format!("uki-{}.efi", slot.name()));
@@ -364,7 +455,13 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     );
     let esp_image = work.path().join("esp.img");
     let esp_volume_id = u32::from_le_bytes(tree.root_hash[..4].try_into().expect("4 bytes"));
-    esp::write_esp(&esp_image, partitions.esp, esp_volume_id, &esp_contents, source_date_epoch)?;
+    esp::write_esp(
+        &esp_image,
+        partitions.esp,
+        esp_volume_id,
+        &esp_contents,
+        source_date_epoch,
+    )?;
 
     // 6. GPT + disk image.
     let disk_guid = derive_guid(&[b"racklet-disk", variant.name.as_bytes(), &tree.root_hash]);
@@ -412,10 +509,17 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
             attributes: ATTRIBUTE_GROWFS,
         },
     ];
-    let disk_size = DISK_MARGIN_BYTES * 2 + partitions.esp + 2 * (partitions.root + partitions.verity) + partitions.data;
-    let table = GptDisk::plan(disk_guid, disk_size, &specs).map_err(|error| BuildError::Format(error.into()))?;
+    let disk_size = DISK_MARGIN_BYTES * 2
+        + partitions.esp
+        + 2 * (partitions.root + partitions.verity)
+        + partitions.data;
+    let table = GptDisk::plan(disk_guid, disk_size, &specs)
+        .map_err(|error| BuildError::Format(error.into()))?;
     let disk_path = out.join(DISK_IMAGE);
-    let bar = progress::bytes_bar(partitions.esp + root_size + tree.hash_device_size_bytes + partitions.data, "writing disk.img");
+    let bar = progress::bytes_bar(
+        partitions.esp + root_size + tree.hash_device_size_bytes + partitions.data,
+        "writing disk.img",
+    );
     disk::write_disk(
         &disk_path,
         &table,
@@ -430,26 +534,50 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     bar.finish_and_clear();
 
     // 7. Update artifacts.
-    let bar = progress::bytes_bar(root_size + tree.hash_device_size_bytes, "compressing update artifacts");
+    let bar = progress::bytes_bar(
+        root_size + tree.hash_device_size_bytes,
+        "compressing update artifacts",
+    );
     let root_artifact = update.join(ROOT_ARTIFACT);
     let verity_artifact = update.join(VERITY_ARTIFACT);
     compress(&root_image, &root_artifact, &bar)?;
     compress(&verity_image, &verity_artifact, &bar)?;
     bar.finish_and_clear();
     let mut artifacts = vec![
-        artifact(ROOT_ARTIFACT, ArtifactKind::RootFilesystem, Compression::Zstd, &root_artifact, &root_image)?,
-        artifact(VERITY_ARTIFACT, ArtifactKind::VerityHashTree, Compression::Zstd, &verity_artifact, &verity_image)?,
+        artifact(
+            ROOT_ARTIFACT,
+            ArtifactKind::RootFilesystem,
+            Compression::Zstd,
+            &root_artifact,
+            &root_image,
+        )?,
+        artifact(
+            VERITY_ARTIFACT,
+            ArtifactKind::VerityHashTree,
+            Compression::Zstd,
+            &verity_artifact,
+            &verity_image,
+        )?,
     ];
     for (slot, path, _) in &ukis {
         let name = format!("uki-{}.efi", slot.name());
-        artifacts.push(artifact(&name, ArtifactKind::KernelImage { slot: *slot }, Compression::None, path, path)?);
+        artifacts.push(artifact(
+            &name,
+            ArtifactKind::KernelImage { slot: *slot },
+            Compression::None,
+            path,
+            path,
+        )?);
     }
     let (disk_sha256, disk_size_written) = sha256_file(&disk_path)?;
 
     // 8. Manifest and SBOM.
     let mut package_records: Vec<PackageRecord> = packages
         .iter()
-        .filter(|package| package.locked.set != PackageSet::Boot || variant.boot.packages.contains(&package.locked.name))
+        .filter(|package| {
+            package.locked.set != PackageSet::Boot
+                || variant.boot.packages.contains(&package.locked.name)
+        })
         .map(|CachedPackage { locked, .. }| PackageRecord {
             name: locked.name.clone(),
             version: locked.version.clone(),

@@ -91,7 +91,8 @@ fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> 
         std::fs::remove_file(path).map_err(BuildError::io(path))?;
     }
     std::fs::write(path, contents).map_err(BuildError::io(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(BuildError::io(path))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(BuildError::io(path))
 }
 
 fn symlink(target: &str, link: &Path) -> Result<()> {
@@ -110,9 +111,14 @@ pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<K
     let total = input.root_packages.len() + input.kernel_packages.len();
     let bar = crate::progress::bytes_bar(total as u64, "unpacking packages");
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len}").expect("template"),
+        indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len}")
+            .expect("template"),
     );
-    for package in input.root_packages.iter().chain(input.kernel_packages.iter()) {
+    for package in input
+        .root_packages
+        .iter()
+        .chain(input.kernel_packages.iter())
+    {
         unpack::unpack_deb(&package.path, root).map_err(|error| BuildError::Package {
             what: format!("{} {}", package.locked.name, package.locked.version),
             message: error.to_string(),
@@ -121,7 +127,10 @@ pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<K
     }
     bar.finish_and_clear();
     let kernel = move_kernel_out(root, kernel_dir)?;
-    run(Command::new("depmod").arg("-b").arg(root).arg(&kernel.version))?;
+    run(Command::new("depmod")
+        .arg("-b")
+        .arg(root)
+        .arg(&kernel.version))?;
     create_users(root, input.source_date_epoch)?;
     for recipe in input.recipes {
         for alternative in &recipe.alternatives {
@@ -134,8 +143,14 @@ pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<K
                 });
             }
             let chosen = format!("/etc/alternatives/{}", alternative.name);
-            symlink(&alternative.path, &root.join(chosen.trim_start_matches('/')))?;
-            symlink(&chosen, &root.join(alternative.link.trim_start_matches('/')))?;
+            symlink(
+                &alternative.path,
+                &root.join(chosen.trim_start_matches('/')),
+            )?;
+            symlink(
+                &chosen,
+                &root.join(alternative.link.trim_start_matches('/')),
+            )?;
         }
     }
     write_ca_bundle(root)?;
@@ -147,7 +162,11 @@ pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<K
         run(Command::new("ldconfig").arg("-X").arg("-r").arg(root))?;
     }
     // Nothing of the build host's package management belongs in the image.
-    for leftover in ["var/cache/ldconfig/aux-cache", "var/lib/dpkg", "etc/ld.so.cache~"] {
+    for leftover in [
+        "var/cache/ldconfig/aux-cache",
+        "var/lib/dpkg",
+        "etc/ld.so.cache~",
+    ] {
         let path = root.join(leftover);
         if path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(BuildError::io(&path))?;
@@ -171,7 +190,11 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
     let boot = root.join("boot");
     let mut version = None;
     for entry in std::fs::read_dir(&boot).map_err(BuildError::io(&boot))? {
-        let name = entry.map_err(BuildError::io(&boot))?.file_name().to_string_lossy().into_owned();
+        let name = entry
+            .map_err(BuildError::io(&boot))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if let Some(found) = name.strip_prefix("vmlinuz-") {
             if version.replace(found.to_string()).is_some() {
                 return Err(BuildError::Other(format!(
@@ -182,13 +205,18 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
         }
     }
     let version = version.ok_or_else(|| {
-        BuildError::Other(format!("{}: no vmlinuz-*; the kernel package did not unpack a kernel", boot.display()))
+        BuildError::Other(format!(
+            "{}: no vmlinuz-*; the kernel package did not unpack a kernel",
+            boot.display()
+        ))
     })?;
     std::fs::create_dir_all(kernel_dir).map_err(BuildError::io(kernel_dir))?;
     let image = kernel_dir.join("vmlinuz");
     let config = kernel_dir.join("config");
-    std::fs::rename(boot.join(format!("vmlinuz-{version}")), &image).map_err(BuildError::io(&image))?;
-    std::fs::rename(boot.join(format!("config-{version}")), &config).map_err(BuildError::io(&config))?;
+    std::fs::rename(boot.join(format!("vmlinuz-{version}")), &image)
+        .map_err(BuildError::io(&image))?;
+    std::fs::rename(boot.join(format!("config-{version}")), &config)
+        .map_err(BuildError::io(&config))?;
     std::fs::remove_dir_all(&boot).map_err(BuildError::io(&boot))?;
     std::fs::create_dir(&boot).map_err(BuildError::io(&boot))?;
     let device_trees = root.join(format!("usr/lib/linux-image-{version}"));
@@ -200,7 +228,9 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
         None
     };
     if !root.join(MODULES_DIR).join(&version).is_dir() {
-        return Err(BuildError::Other(format!("kernel {version} has no modules under /{MODULES_DIR}")));
+        return Err(BuildError::Other(format!(
+            "kernel {version} has no modules under /{MODULES_DIR}"
+        )));
     }
     Ok(KernelFiles {
         version,
@@ -211,8 +241,10 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
 }
 
 fn create_users(root: &Path, source_date_epoch: u64) -> Result<()> {
-    let passwd = std::fs::read_to_string(root.join(BASE_PASSWD_MASTER)).map_err(BuildError::io(root.join(BASE_PASSWD_MASTER)))?;
-    let group = std::fs::read_to_string(root.join(BASE_GROUP_MASTER)).map_err(BuildError::io(root.join(BASE_GROUP_MASTER)))?;
+    let passwd = std::fs::read_to_string(root.join(BASE_PASSWD_MASTER))
+        .map_err(BuildError::io(root.join(BASE_PASSWD_MASTER)))?;
+    let group = std::fs::read_to_string(root.join(BASE_GROUP_MASTER))
+        .map_err(BuildError::io(root.join(BASE_GROUP_MASTER)))?;
     write_file(&root.join("etc/passwd"), &passwd, 0o644)?;
     write_file(&root.join("etc/group"), &group, 0o644)?;
     // Every account locked: there are no passwords in an image.
@@ -236,7 +268,8 @@ fn create_users(root: &Path, source_date_epoch: u64) -> Result<()> {
         .and_then(|gid| gid.parse::<u32>().ok());
     if let Some(gid) = shadow_gid {
         for file in ["etc/shadow", "etc/gshadow"] {
-            std::os::unix::fs::lchown(root.join(file), Some(0), Some(gid)).map_err(BuildError::io(root.join(file)))?;
+            std::os::unix::fs::lchown(root.join(file), Some(0), Some(gid))
+                .map_err(BuildError::io(root.join(file)))?;
         }
     }
     run(Command::new("systemd-sysusers")
@@ -284,7 +317,11 @@ fn collect_files(directory: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 fn install_recipe_file(project_root: &Path, root: &Path, file: &RecipeFile) -> Result<()> {
     let source = project_root.join(PACKAGES_DIR).join(&file.source);
     let bytes = std::fs::read(&source).map_err(BuildError::io(&source))?;
-    write_file(&root.join(file.target.trim_start_matches('/')), bytes, parse_mode(&file.mode).expect("validated"))
+    write_file(
+        &root.join(file.target.trim_start_matches('/')),
+        bytes,
+        parse_mode(&file.mode).expect("validated"),
+    )
 }
 
 fn install_binaries(input: &ComposeInput, root: &Path) -> Result<()> {
@@ -314,7 +351,11 @@ fn install_k3s(input: &ComposeInput, root: &Path) -> Result<()> {
         return Ok(());
     };
     let bytes = std::fs::read(&k3s.binary).map_err(BuildError::io(&k3s.binary))?;
-    write_file(&root.join(k3s.recipe.install.trim_start_matches('/')), bytes, 0o755)?;
+    write_file(
+        &root.join(k3s.recipe.install.trim_start_matches('/')),
+        bytes,
+        0o755,
+    )?;
     for file in &k3s.recipe.files {
         install_recipe_file(input.project_root, root, file)?;
     }
@@ -328,7 +369,10 @@ pub fn os_release(variant: &Variant, k3s: &Option<K3sInput>) -> String {
             "RACKLET_K3S=\"STAND-IN {} (not k3s; for tests only)\"\n",
             k3s.recipe.name
         ),
-        Some(k3s) => format!("RACKLET_K3S=\"{} {}\"\n", k3s.recipe.name, k3s.recipe.version),
+        Some(k3s) => format!(
+            "RACKLET_K3S=\"{} {}\"\n",
+            k3s.recipe.name, k3s.recipe.version
+        ),
         None => "RACKLET_K3S=\"absent\"\n".to_string(),
     };
     format!(
@@ -351,7 +395,11 @@ pub fn os_release(variant: &Variant, k3s: &Option<K3sInput>) -> String {
 }
 
 fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
-    write_file(&root.join(OS_RELEASE), os_release(input.variant, &input.k3s), 0o644)?;
+    write_file(
+        &root.join(OS_RELEASE),
+        os_release(input.variant, &input.k3s),
+        0o644,
+    )?;
     symlink("../usr/lib/os-release", &root.join("etc/os-release"))?;
     // Empty: systemd generates the machine ID on first boot (read-only root:
     // it is kept on a tmpfs until /etc is writable, see docs/disk-layout.md).
@@ -374,20 +422,28 @@ fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
         0o644,
     )?;
     for directory in ["efi", "sysroot", "var", "tmp"] {
-        std::fs::create_dir_all(root.join(directory)).map_err(BuildError::io(root.join(directory)))?;
+        std::fs::create_dir_all(root.join(directory))
+            .map_err(BuildError::io(root.join(directory)))?;
     }
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).map_err(BuildError::io(root.join("tmp")))?;
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .map_err(BuildError::io(root.join("tmp")))?;
     Ok(())
 }
 
 fn enable_units(input: &ComposeInput, root: &Path) -> Result<()> {
-    let mut units: Vec<&String> = input.recipes.iter().flat_map(|recipe| recipe.enable.iter()).collect();
+    let mut units: Vec<&String> = input
+        .recipes
+        .iter()
+        .flat_map(|recipe| recipe.enable.iter())
+        .collect();
     if input.k3s.is_some() {
         static K3S_UNIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         units.push(K3S_UNIT.get_or_init(|| "k3s.service".to_string()));
     }
     let mut command = Command::new("systemctl");
-    command.arg(format!("--root={}", root.display())).arg("enable");
+    command
+        .arg(format!("--root={}", root.display()))
+        .arg("enable");
     command.args(units.iter().map(|unit| unit.as_str()));
     run(&mut command)?;
     run(Command::new("systemctl")
@@ -423,7 +479,14 @@ fn set_times(path: &Path, seconds: u64) -> Result<()> {
     };
     let times = [time, time];
     // SAFETY: c_path is a valid NUL-terminated string and times has two entries.
-    let result = unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let result = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if result != 0 {
         return Err(BuildError::io(path)(std::io::Error::last_os_error()));
     }

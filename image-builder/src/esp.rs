@@ -61,7 +61,11 @@ pub fn write_esp(
         let mut prefix = String::new();
         let parts: Vec<&str> = name.split('/').collect();
         for part in &parts[..parts.len() - 1] {
-            prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}/{part}") };
+            prefix = if prefix.is_empty() {
+                part.to_string()
+            } else {
+                format!("{prefix}/{part}")
+            };
             directories.insert(prefix.clone());
         }
     }
@@ -69,9 +73,15 @@ pub fn write_esp(
     let epoch = source_date_epoch.to_string();
     if !directories.is_empty() {
         let mut command = Command::new("mmd");
-        command.env("SOURCE_DATE_EPOCH", &epoch).args(["-i", &image]);
+        command
+            .env("SOURCE_DATE_EPOCH", &epoch)
+            .args(["-i", &image]);
         // BTreeSet order puts parents before children.
-        command.args(directories.iter().map(|directory| format!("::/{directory}")));
+        command.args(
+            directories
+                .iter()
+                .map(|directory| format!("::/{directory}")),
+        );
         run(&mut command, "mmd", "mtools")?;
     }
     for (index, (name, bytes)) in contents.iter().enumerate() {
@@ -106,7 +116,10 @@ mod tests {
         write_esp(&first, 64 << 20, 0x1234_5678, &contents, 1_700_000_000).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         write_esp(&second, 64 << 20, 0x1234_5678, &contents, 1_700_000_000).unwrap();
-        assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+        assert_eq!(
+            std::fs::read(&first).unwrap(),
+            std::fs::read(&second).unwrap()
+        );
         let fsck = Command::new("fsck.fat")
             .arg("-n")
             .arg(&first)

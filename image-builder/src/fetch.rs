@@ -40,7 +40,8 @@ impl Cache {
         let root = std::env::var_os(CACHE_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+                let home =
+                    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
                 home.join(".cache/racklet")
             });
         let offline = std::env::var(OFFLINE_ENV).is_ok_and(|value| value == "1");
@@ -108,7 +109,12 @@ impl Cache {
         }
     }
 
-    fn download(&self, agent: &ureq::Agent, pin: &Pinned, bar: &indicatif::ProgressBar) -> Result<()> {
+    fn download(
+        &self,
+        agent: &ureq::Agent,
+        pin: &Pinned,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
         let target = self.blob_path(&pin.sha256);
         let directory = target.parent().expect("blob path has a parent");
         std::fs::create_dir_all(directory).map_err(BuildError::io(directory))?;
@@ -141,16 +147,19 @@ impl Cache {
                 return Err(self.offline_error(pin));
             }
         };
-        let mut temporary = tempfile::NamedTempFile::new_in(directory).map_err(BuildError::io(directory))?;
+        let mut temporary =
+            tempfile::NamedTempFile::new_in(directory).map_err(BuildError::io(directory))?;
         let mut hasher = Sha256::new();
         let mut reader = response.into_reader();
         let mut buffer = vec![0u8; 1 << 16];
         let mut written = 0u64;
         loop {
-            let count = reader.read(&mut buffer).map_err(|error| BuildError::Download {
-                url: pin.url.clone(),
-                message: error.to_string(),
-            })?;
+            let count = reader
+                .read(&mut buffer)
+                .map_err(|error| BuildError::Download {
+                    url: pin.url.clone(),
+                    message: error.to_string(),
+                })?;
             if count == 0 {
                 break;
             }
@@ -214,7 +223,10 @@ mod tests {
         let error = cache.ensure_all(&[pin]).unwrap_err().to_string();
         assert!(error.contains("k3s v1"), "{error}");
         assert!(error.contains("https://example.invalid/k3s"), "{error}");
-        assert!(error.contains(&format!("blobs/sha256/{}", "ab".repeat(32))), "{error}");
+        assert!(
+            error.contains(&format!("blobs/sha256/{}", "ab".repeat(32))),
+            "{error}"
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub fn make_erofs(tree: &Path, output: &Path, uuid: Guid, source_date_epoch: u64
         });
     }
     // dm-verity works on whole 4 KiB blocks; erofs images are, but make sure.
-    let length = std::fs::metadata(output).map_err(BuildError::io(output))?.len();
+    let length = std::fs::metadata(output)
+        .map_err(BuildError::io(output))?
+        .len();
     let padded = length.div_ceil(4096) * 4096;
     if padded != length {
         std::fs::File::options()
@@ -53,15 +55,32 @@ pub fn make_erofs(tree: &Path, output: &Path, uuid: Guid, source_date_epoch: u64
 /// initial /var, with every time from SOURCE_DATE_EPOCH (E2FSPROGS_FAKE_TIME)
 /// and the UUID and directory hash seed fixed, so it is reproducible. It grows
 /// to fill its partition on first boot (x-systemd.growfs).
-pub fn make_data_ext4(initial_var: &Path, output: &Path, size_bytes: u64, uuid: Guid, source_date_epoch: u64) -> Result<()> {
+pub fn make_data_ext4(
+    initial_var: &Path,
+    output: &Path,
+    size_bytes: u64,
+    uuid: Guid,
+    source_date_epoch: u64,
+) -> Result<()> {
     let file = std::fs::File::create(output).map_err(BuildError::io(output))?;
     file.set_len(size_bytes).map_err(BuildError::io(output))?;
     drop(file);
     let result = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", os_format::layout::DATA_PARTITION_NAME, "-b", "4096", "-I", "256"])
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            os_format::layout::DATA_PARTITION_NAME,
+            "-b",
+            "4096",
+            "-I",
+            "256",
+        ])
         .arg(format!("-U{uuid}"))
         .arg("-E")
-        .arg(format!("hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,nodiscard"))
+        .arg(format!(
+            "hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,nodiscard"
+        ))
         .arg("-d")
         .arg(initial_var)
         .arg(output)

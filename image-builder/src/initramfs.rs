@@ -49,8 +49,7 @@ impl Archive {
 
     /// Serialize as `newc`.
     pub fn write<W: Write>(&self, out: &mut W, mtime: u64) -> std::io::Result<()> {
-        let mut inode = 1u32;
-        for (path, entry) in &self.entries {
+        for (inode, (path, entry)) in (1u32..).zip(self.entries.iter()) {
             let (mode, contents, nlink): (u32, &[u8], u32) = match entry {
                 Entry::Directory => (0o040755, &[], 2),
                 Entry::File { contents, mode } => (0o100000 | mode, contents, 1),
@@ -58,7 +57,6 @@ impl Archive {
             write_header(out, inode, mode, nlink, mtime, contents.len() as u32, path)?;
             out.write_all(contents)?;
             pad(out, contents.len())?;
-            inode += 1;
         }
         write_header(out, 0, 0, 1, 0, 0, TRAILER)?;
         Ok(())
@@ -75,7 +73,21 @@ fn write_header<W: Write>(
     name: &str,
 ) -> std::io::Result<()> {
     let name_size = name.len() + 1;
-    let fields = [inode, mode, 0, 0, nlink, mtime as u32, size, 0, 0, 0, 0, name_size as u32, 0];
+    let fields = [
+        inode,
+        mode,
+        0,
+        0,
+        nlink,
+        mtime as u32,
+        size,
+        0,
+        0,
+        0,
+        0,
+        name_size as u32,
+        0,
+    ];
     let mut header = String::from(CPIO_MAGIC);
     for field in fields {
         header.push_str(&format!("{field:08x}"));
@@ -97,7 +109,9 @@ fn read_module(path: &Path) -> Result<(Vec<u8>, String)> {
     let mut contents = Vec::new();
     let file = std::fs::File::open(path).map_err(BuildError::io(path))?;
     if let Some(stem) = name.strip_suffix(".xz") {
-        xz2::read::XzDecoder::new(file).read_to_end(&mut contents).map_err(BuildError::io(path))?;
+        xz2::read::XzDecoder::new(file)
+            .read_to_end(&mut contents)
+            .map_err(BuildError::io(path))?;
         Ok((contents, stem.to_string()))
     } else if let Some(stem) = name.strip_suffix(".zst") {
         zstd::stream::read::Decoder::new(file)
@@ -107,7 +121,8 @@ fn read_module(path: &Path) -> Result<(Vec<u8>, String)> {
         Ok((contents, stem.to_string()))
     } else {
         let mut file = file;
-        file.read_to_end(&mut contents).map_err(BuildError::io(path))?;
+        file.read_to_end(&mut contents)
+            .map_err(BuildError::io(path))?;
         Ok((contents, name))
     }
 }
@@ -180,7 +195,11 @@ mod tests {
 
     #[test]
     fn cpio_tool_reads_our_archive() {
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             panic!("the `cpio` tool is needed for this test: apt-get install cpio");
         }
         let mut archive = Archive::default();

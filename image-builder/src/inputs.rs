@@ -33,7 +33,10 @@ pub fn fetch_packages(lock: &LockFile, cache: &Cache) -> Result<Vec<CachedPackag
         .package
         .iter()
         .map(|package| Pinned {
-            what: format!("Debian package {} {} ({})", package.name, package.version, package.architecture),
+            what: format!(
+                "Debian package {} {} ({})",
+                package.name, package.version, package.architecture
+            ),
             url: match &mirrors {
                 Some(mirrors) => mirrors.url(package.archive, &package.filename),
                 None => format!("<{:?} mirror>/{}", package.archive, package.filename),
@@ -55,7 +58,10 @@ pub fn fetch_packages(lock: &LockFile, cache: &Cache) -> Result<Vec<CachedPackag
 }
 
 pub fn in_set(packages: &[CachedPackage], set: PackageSet) -> Vec<&CachedPackage> {
-    let mut selected: Vec<&CachedPackage> = packages.iter().filter(|package| package.locked.set == set).collect();
+    let mut selected: Vec<&CachedPackage> = packages
+        .iter()
+        .filter(|package| package.locked.set == set)
+        .collect();
     selected.sort_by(|a, b| a.locked.name.cmp(&b.locked.name));
     selected
 }

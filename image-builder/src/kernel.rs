@@ -25,12 +25,15 @@ struct RequirementsFile {
 }
 
 pub fn requirements_path(project_root: &Path, variant: &str) -> PathBuf {
-    project_root.join(KERNEL_CONFIG_DIR).join(format!("{variant}.toml"))
+    project_root
+        .join(KERNEL_CONFIG_DIR)
+        .join(format!("{variant}.toml"))
 }
 
 pub fn load_requirements(path: &Path) -> Result<BTreeMap<String, Requirement>> {
     let text = std::fs::read_to_string(path).map_err(BuildError::io(path))?;
-    let file: RequirementsFile = toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
+    let file: RequirementsFile =
+        toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
     for option in file.options.keys() {
         if !option.starts_with("CONFIG_") {
             return Err(BuildError::ConfigKey {
@@ -70,21 +73,33 @@ pub fn unmet_requirements(
                     Requirement::BuiltIn => "built-in (=y)",
                     Requirement::Module => "module or built-in (=m or =y)",
                 };
-                format!("{option} (want {want}, found {})", found.unwrap_or("not set"))
+                format!(
+                    "{option} (want {want}, found {})",
+                    found.unwrap_or("not set")
+                )
             })
         })
         .collect()
 }
 
 /// Check the kernel package's `/boot/config-<version>` before anything is built.
-pub fn check_package_config(requirements_file: &Path, kernel_deb: &Path, package: &str) -> Result<()> {
-    let found = crate::unpack::read_file_from_deb(kernel_deb, |path| path.starts_with("boot/config-"))?;
+pub fn check_package_config(
+    requirements_file: &Path,
+    kernel_deb: &Path,
+    package: &str,
+) -> Result<()> {
+    let found =
+        crate::unpack::read_file_from_deb(kernel_deb, |path| path.starts_with("boot/config-"))?;
     let (path, contents) = found.ok_or_else(|| BuildError::Package {
         what: package.to_string(),
         message: "has no /boot/config-*; expected a Debian linux-image package".into(),
     })?;
     let version = path.trim_start_matches("boot/config-").to_string();
-    check_config_text(requirements_file, &String::from_utf8_lossy(&contents), &version)
+    check_config_text(
+        requirements_file,
+        &String::from_utf8_lossy(&contents),
+        &version,
+    )
 }
 
 pub fn check_config_text(requirements_file: &Path, text: &str, kernel_version: &str) -> Result<()> {
@@ -114,7 +129,11 @@ fn module_name_of(path: &str) -> String {
 
 /// The modules to load, dependencies first, as paths relative to the modules
 /// directory. Built-in modules are skipped; an unknown module is an error.
-pub fn module_closure(modules_dep: &str, modules_builtin: &str, wanted: &[String]) -> Result<Vec<String>> {
+pub fn module_closure(
+    modules_dep: &str,
+    modules_builtin: &str,
+    wanted: &[String],
+) -> Result<Vec<String>> {
     let mut dependencies: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in modules_dep.lines() {
         let Some((module, deps)) = line.split_once(':') else {
@@ -122,7 +141,10 @@ pub fn module_closure(modules_dep: &str, modules_builtin: &str, wanted: &[String
         };
         dependencies.insert(
             module_name_of(module),
-            (module.to_string(), deps.split_whitespace().map(str::to_string).collect()),
+            (
+                module.to_string(),
+                deps.split_whitespace().map(str::to_string).collect(),
+            ),
         );
     }
     let builtin: HashSet<String> = modules_builtin.lines().map(module_name_of).collect();
@@ -186,19 +208,24 @@ mod tests {
                    kernel/drivers/md/dm-bufio.ko: kernel/drivers/md/dm-mod.ko\n\
                    kernel/drivers/md/dm-mod.ko:\n\
                    kernel/fs/erofs/erofs.ko:\n";
-        let order = module_closure(dep, "kernel/drivers/virtio/virtio_pci.ko\n", &[
-            "dm_verity".into(),
-            "erofs".into(),
-            "virtio-pci".into(),
-        ])
+        let order = module_closure(
+            dep,
+            "kernel/drivers/virtio/virtio_pci.ko\n",
+            &["dm_verity".into(), "erofs".into(), "virtio-pci".into()],
+        )
         .unwrap();
-        assert_eq!(order, vec![
-            "kernel/drivers/md/dm-mod.ko",
-            "kernel/drivers/md/dm-bufio.ko",
-            "kernel/drivers/md/dm-verity.ko",
-            "kernel/fs/erofs/erofs.ko",
-        ]);
-        let error = module_closure(dep, "", &["nope".into()]).unwrap_err().to_string();
+        assert_eq!(
+            order,
+            vec![
+                "kernel/drivers/md/dm-mod.ko",
+                "kernel/drivers/md/dm-bufio.ko",
+                "kernel/drivers/md/dm-verity.ko",
+                "kernel/fs/erofs/erofs.ko",
+            ]
+        );
+        let error = module_closure(dep, "", &["nope".into()])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("`nope`"), "{error}");
     }
 }

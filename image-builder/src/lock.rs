@@ -83,7 +83,8 @@ impl LockFile {
                 }
             }
         })?;
-        let lock: LockFile = toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
+        let lock: LockFile =
+            toml::from_str(&text).map_err(|error| crate::error::toml_error(path, &text, &error))?;
         for package in &lock.package {
             if package.sha256.len() != 64 || hex::decode(&package.sha256).is_err() {
                 return Err(BuildError::ConfigKey {
@@ -105,7 +106,9 @@ impl LockFile {
     }
 
     pub fn packages(&self, set: PackageSet) -> impl Iterator<Item = &LockedPackage> {
-        self.package.iter().filter(move |package| package.set == set)
+        self.package
+            .iter()
+            .filter(move |package| package.set == set)
     }
 
     /// Fail if what the variant asks for differs from what was locked.
@@ -123,7 +126,8 @@ impl LockFile {
                     .filter(|name| !locked_boot.contains(name)),
             )
             .collect();
-        let kernel_changed = (requested.kernel != self.requested_kernel).then_some(&requested.kernel);
+        let kernel_changed =
+            (requested.kernel != self.requested_kernel).then_some(&requested.kernel);
         if let Some(package) = missing.first().copied().or(kernel_changed) {
             return Err(BuildError::NotLocked {
                 file: path.to_path_buf(),
@@ -174,7 +178,13 @@ impl PrivateApt {
             .tempdir()
             .map_err(BuildError::io(std::env::temp_dir()))?;
         let root = directory.path();
-        for sub in ["state/lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/preferences.d", "etc/apt.conf.d"] {
+        for sub in [
+            "state/lists/partial",
+            "cache/archives/partial",
+            "etc/sources.list.d",
+            "etc/preferences.d",
+            "etc/apt.conf.d",
+        ] {
             std::fs::create_dir_all(root.join(sub)).map_err(BuildError::io(root.join(sub)))?;
         }
         std::fs::write(root.join("status"), "").map_err(BuildError::io(root.join("status")))?;
@@ -355,11 +365,10 @@ pub fn resolve(
         let mut wanted = Vec::new();
         let mut archives = std::collections::BTreeMap::new();
         for uri in &uris {
-            let (name, version, _) = parse_deb_file_name(&uri.file).ok_or_else(|| {
-                BuildError::Resolve {
+            let (name, version, _) =
+                parse_deb_file_name(&uri.file).ok_or_else(|| BuildError::Resolve {
                     message: format!("cannot read name and version from `{}`", uri.file),
-                }
-            })?;
+                })?;
             // Boot and kernel packages are unpacked for their files only: their
             // dependencies (initramfs tools, dpkg...) are not wanted anywhere.
             let keep = match set {
@@ -378,15 +387,20 @@ pub fn resolve(
         show.extend(wanted.iter().map(String::as_str));
         let records = parse_apt_cache_show(&apt.run("apt-cache", &show)?);
         for record in records {
-            let archive = *archives.get(&record.filename).ok_or_else(|| BuildError::Resolve {
-                message: format!(
-                    "apt-cache show gave {} for {} {}, which apt-get did not choose",
-                    record.filename, record.package, record.version
-                ),
-            })?;
+            let archive = *archives
+                .get(&record.filename)
+                .ok_or_else(|| BuildError::Resolve {
+                    message: format!(
+                        "apt-cache show gave {} for {} {}, which apt-get did not choose",
+                        record.filename, record.package, record.version
+                    ),
+                })?;
             if record.sha256.len() != 64 {
                 return Err(BuildError::Resolve {
-                    message: format!("no SHA256 for {} {} in the archive index", record.package, record.version),
+                    message: format!(
+                        "no SHA256 for {} {} in the archive index",
+                        record.package, record.version
+                    ),
                 });
             }
             locked.push(LockedPackage {
@@ -447,7 +461,10 @@ mod tests {
         let output = "Package: bash\nVersion: 5.2.15-2+b2\nArchitecture: amd64\nFilename: pool/main/b/bash/bash_5.2.15-2+b2_amd64.deb\nSize: 10\nSHA256: ff\nDescription: x\n\nPackage: dash\nVersion: 0.5.12-2\n";
         let records = parse_apt_cache_show(output);
         assert_eq!(records.len(), 2);
-        assert_eq!(records[0].filename, "pool/main/b/bash/bash_5.2.15-2+b2_amd64.deb");
+        assert_eq!(
+            records[0].filename,
+            "pool/main/b/bash/bash_5.2.15-2+b2_amd64.deb"
+        );
         assert_eq!(records[0].size, 10);
         assert_eq!(records[0].sha256, "ff");
         assert_eq!(records[1].version, "0.5.12-2");
@@ -482,8 +499,14 @@ mod tests {
             boot: vec![],
             kernel: "linux-image-amd64".into(),
         };
-        let error = lock.check_matches(&path, &requested).unwrap_err().to_string();
-        assert!(error.contains("`zsh`") && error.contains("make lock variant=v"), "{error}");
+        let error = lock
+            .check_matches(&path, &requested)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`zsh`") && error.contains("make lock variant=v"),
+            "{error}"
+        );
     }
 
     #[test]

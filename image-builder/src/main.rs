@@ -4,15 +4,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use image_builder::build::{BuildOptions, K3sChoice};
 use image_builder::lock::{self, LockFile, Requested};
 use image_builder::mirror::Mirrors;
 use image_builder::recipe::Recipe;
 use image_builder::variant::Variant;
-use image_builder::build::{BuildOptions, K3sChoice};
 use image_builder::{BuildError, Result};
 
 #[derive(Parser)]
-#[command(name = "racklet-image", version, about = "Build Racklet OS images from pinned inputs")]
+#[command(
+    name = "racklet-image",
+    version,
+    about = "Build Racklet OS images from pinned inputs"
+)]
 struct Cli {
     /// The project's top directory (holds variants/, packages/, kernel-config/).
     #[arg(long, global = true, default_value = ".")]

@@ -155,11 +155,15 @@ mod tests {
         let mirrors = Mirrors::choose(None, None, &uris, Path::new("x")).unwrap();
         assert_eq!(mirrors.debian, "http://mirror.example/debian");
         assert_eq!(
-            mirrors.split_url("http://mirror.example/debian-security/pool/a.deb").unwrap(),
+            mirrors
+                .split_url("http://mirror.example/debian-security/pool/a.deb")
+                .unwrap(),
             (Archive::DebianSecurity, "pool/a.deb".to_string())
         );
         assert_eq!(
-            mirrors.split_url("http://mirror.example/debian/pool/b.deb").unwrap(),
+            mirrors
+                .split_url("http://mirror.example/debian/pool/b.deb")
+                .unwrap(),
             (Archive::Debian, "pool/b.deb".to_string())
         );
     }

@@ -19,7 +19,9 @@ pub fn bytes_bar(total: u64, message: &str) -> ProgressBar {
 /// A spinner for a stage whose size is unknown.
 pub fn stage_spinner(message: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, draw_target());
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"),
+    );
     bar.set_message(message.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar

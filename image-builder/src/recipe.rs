@@ -145,7 +145,9 @@ fn validate_file(recipe_file: &Path, project_root: &Path, file: &RecipeFile) -> 
 }
 
 pub fn parse_mode(text: &str) -> Option<u32> {
-    u32::from_str_radix(text, 8).ok().filter(|mode| *mode <= 0o7777)
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
 }
 
 impl UpstreamRecipe {

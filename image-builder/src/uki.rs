@@ -37,16 +37,23 @@ pub struct PeLayout {
     /// First RVA after the last section, rounded up to the section alignment.
     pub next_free_rva: u64,
     pub timestamp_offset: usize,
+    pub checksum_offset: usize,
 }
 
 fn read_u16(bytes: &[u8], offset: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(bytes.get(offset..offset + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        bytes.get(offset..offset + 2)?.try_into().ok()?,
+    ))
 }
 fn read_u32(bytes: &[u8], offset: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(offset..offset + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        bytes.get(offset..offset + 4)?.try_into().ok()?,
+    ))
 }
 fn read_u64(bytes: &[u8], offset: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(offset..offset + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        bytes.get(offset..offset + 8)?.try_into().ok()?,
+    ))
 }
 
 pub fn pe_layout(bytes: &[u8]) -> Option<PeLayout> {
@@ -77,7 +84,25 @@ pub fn pe_layout(bytes: &[u8]) -> Option<PeLayout> {
         image_base,
         next_free_rva: end.div_ceil(SECTION_ALIGNMENT) * SECTION_ALIGNMENT,
         timestamp_offset: coff + 4,
+        checksum_offset: optional + 64,
     })
+}
+
+/// The PE image checksum (as IMAGEHLP's CheckSumMappedFile): 16-bit one's
+/// complement style sum over the file, skipping the checksum field, plus the length.
+pub fn pe_checksum(bytes: &[u8], checksum_offset: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (index, chunk) in bytes.chunks(2).enumerate() {
+        let offset = index * 2;
+        if offset == checksum_offset || offset == checksum_offset + 2 {
+            continue;
+        }
+        let word = u64::from(chunk[0]) | chunk.get(1).map_or(0, |high| u64::from(*high) << 8);
+        sum += word;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(bytes.len() as u32)
 }
 
 pub struct UkiParts<'a> {
@@ -131,7 +156,12 @@ pub fn assemble(arch: Arch, parts: &UkiParts, output: &Path, source_date_epoch: 
     }
     // objcopy stamps PE files with the current time: use SOURCE_DATE_EPOCH.
     let mut bytes = std::fs::read(output).map_err(BuildError::io(output))?;
-    let written = pe_layout(&bytes).ok_or_else(|| BuildError::Other(format!("{}: objcopy wrote no PE32+ image", output.display())))?;
+    let written = pe_layout(&bytes).ok_or_else(|| {
+        BuildError::Other(format!(
+            "{}: objcopy wrote no PE32+ image",
+            output.display()
+        ))
+    })?;
     bytes[written.timestamp_offset..written.timestamp_offset + 4]
         .copy_from_slice(&(source_date_epoch as u32).to_le_bytes());
     std::fs::write(output, bytes).map_err(BuildError::io(output))
@@ -160,6 +190,18 @@ mod tests {
         assert_eq!(layout.image_base, 0x1_0000_0000);
         assert_eq!(layout.next_free_rva, 0x7000);
         assert_eq!(layout.timestamp_offset, coff + 4);
+        assert_eq!(layout.checksum_offset, optional + 64);
         assert!(pe_layout(b"not a pe").is_none());
+    }
+
+    #[test]
+    fn checksum_skips_its_own_field_and_adds_the_length() {
+        let mut bytes = vec![0u8; 8];
+        bytes[0] = 1;
+        bytes[4] = 0xff; // inside the checksum field at offset 4: ignored
+        assert_eq!(pe_checksum(&bytes, 4), 1 + 8);
+        let wrapped = vec![0xffu8; 4];
+        // 0xffff + 0xffff folds to 0xffff; plus length 4.
+        assert_eq!(pe_checksum(&wrapped, 100), 0xffff + 4);
     }
 }

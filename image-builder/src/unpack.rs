@@ -46,7 +46,10 @@ pub fn merged_usr_path(path: &Path) -> std::result::Result<Option<PathBuf>, Stri
     if parts.is_empty() {
         return Ok(None);
     }
-    if MERGED_USR_DIRECTORIES.contains(&parts[0].as_str()) || parts[0] == "lib32" || parts[0] == "libx32" {
+    if MERGED_USR_DIRECTORIES.contains(&parts[0].as_str())
+        || parts[0] == "lib32"
+        || parts[0] == "libx32"
+    {
         parts.insert(0, "usr".to_string());
     }
     Ok(Some(parts.iter().collect()))
@@ -54,7 +57,9 @@ pub fn merged_usr_path(path: &Path) -> std::result::Result<Option<PathBuf>, Stri
 
 fn is_excluded(path: &Path) -> bool {
     let text = path.to_string_lossy();
-    EXCLUDED_PREFIXES.iter().any(|prefix| text.starts_with(prefix))
+    EXCLUDED_PREFIXES
+        .iter()
+        .any(|prefix| text.starts_with(prefix))
         && !(text.starts_with("usr/share/doc/") && text.ends_with("/copyright"))
 }
 
@@ -130,8 +135,10 @@ pub fn unpack_deb(deb: &Path, root: &Path) -> Result<UnpackReport> {
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     remove_existing(&target)?;
-                    let mut output = std::fs::File::create(&target).map_err(BuildError::io(&target))?;
-                    report.bytes += std::io::copy(&mut entry, &mut output).map_err(BuildError::io(&target))?;
+                    let mut output =
+                        std::fs::File::create(&target).map_err(BuildError::io(&target))?;
+                    report.bytes +=
+                        std::io::copy(&mut entry, &mut output).map_err(BuildError::io(&target))?;
                     drop(output);
                     set_owner_and_mode(&target, uid, gid, mode)?;
                     report.files += 1;
@@ -140,22 +147,32 @@ pub fn unpack_deb(deb: &Path, root: &Path) -> Result<UnpackReport> {
                     let link = header
                         .link_name()
                         .map_err(BuildError::io(deb))?
-                        .ok_or_else(|| package_error(format!("symlink {} has no target", raw_path.display())))?;
+                        .ok_or_else(|| {
+                            package_error(format!("symlink {} has no target", raw_path.display()))
+                        })?;
                     remove_existing(&target)?;
                     std::os::unix::fs::symlink(&link, &target).map_err(BuildError::io(&target))?;
-                    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(BuildError::io(&target))?;
+                    std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
+                        .map_err(BuildError::io(&target))?;
                     report.files += 1;
                 }
                 tar::EntryType::Link => {
                     let link = header
                         .link_name()
                         .map_err(BuildError::io(deb))?
-                        .ok_or_else(|| package_error(format!("hard link {} has no target", raw_path.display())))?;
-                    let Some(link_relative) = merged_usr_path(&link).map_err(&package_error)? else {
-                        return Err(package_error(format!("hard link {} points at the root", raw_path.display())));
+                        .ok_or_else(|| {
+                            package_error(format!("hard link {} has no target", raw_path.display()))
+                        })?;
+                    let Some(link_relative) = merged_usr_path(&link).map_err(&package_error)?
+                    else {
+                        return Err(package_error(format!(
+                            "hard link {} points at the root",
+                            raw_path.display()
+                        )));
                     };
                     remove_existing(&target)?;
-                    std::fs::hard_link(root.join(link_relative), &target).map_err(BuildError::io(&target))?;
+                    std::fs::hard_link(root.join(link_relative), &target)
+                        .map_err(BuildError::io(&target))?;
                     report.files += 1;
                 }
                 other => {
@@ -184,21 +201,32 @@ fn remove_existing(target: &Path) -> Result<()> {
 fn set_owner_and_mode(target: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
     // chown first: it clears set-id bits, which the mode then restores.
     std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(BuildError::io(target))?;
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode)).map_err(BuildError::io(target))
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))
+        .map_err(BuildError::io(target))
 }
 
 /// The first file in a package whose path (as in the package, without `./`)
 /// satisfies `wanted`: its path and contents. Used to read a kernel's config
 /// before anything is unpacked.
-pub fn read_file_from_deb(deb: &Path, wanted: impl Fn(&str) -> bool) -> Result<Option<(String, Vec<u8>)>> {
+pub fn read_file_from_deb(
+    deb: &Path,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Option<(String, Vec<u8>)>> {
     with_data_tar(deb, |reader| {
         let mut archive = tar::Archive::new(reader);
         for entry in archive.entries().map_err(BuildError::io(deb))? {
             let mut entry = entry.map_err(BuildError::io(deb))?;
-            let path = entry.path().map_err(BuildError::io(deb))?.to_string_lossy().trim_start_matches("./").to_string();
+            let path = entry
+                .path()
+                .map_err(BuildError::io(deb))?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_string();
             if entry.header().entry_type() == tar::EntryType::Regular && wanted(&path) {
                 let mut contents = Vec::new();
-                entry.read_to_end(&mut contents).map_err(BuildError::io(deb))?;
+                entry
+                    .read_to_end(&mut contents)
+                    .map_err(BuildError::io(deb))?;
                 return Ok(Some((path, contents)));
             }
         }
@@ -209,14 +237,16 @@ pub fn read_file_from_deb(deb: &Path, wanted: impl Fn(&str) -> bool) -> Result<O
 /// Lay out an empty merged-/usr tree.
 pub fn prepare_tree(root: &Path, with_lib64: bool) -> Result<()> {
     for directory in ["usr/bin", "usr/sbin", "usr/lib"] {
-        std::fs::create_dir_all(root.join(directory)).map_err(BuildError::io(root.join(directory)))?;
+        std::fs::create_dir_all(root.join(directory))
+            .map_err(BuildError::io(root.join(directory)))?;
     }
     for name in MERGED_USR_DIRECTORIES {
         if name == "lib64" && !with_lib64 {
             continue;
         }
         if name == "lib64" {
-            std::fs::create_dir_all(root.join("usr/lib64")).map_err(BuildError::io(root.join("usr/lib64")))?;
+            std::fs::create_dir_all(root.join("usr/lib64"))
+                .map_err(BuildError::io(root.join("usr/lib64")))?;
         }
         let link = root.join(name);
         std::os::unix::fs::symlink(format!("usr/{name}"), &link).map_err(BuildError::io(&link))?;
@@ -230,12 +260,18 @@ mod tests {
 
     #[test]
     fn paths_move_under_usr() {
-        assert_eq!(merged_usr_path(Path::new("./bin/ls")).unwrap(), Some(PathBuf::from("usr/bin/ls")));
+        assert_eq!(
+            merged_usr_path(Path::new("./bin/ls")).unwrap(),
+            Some(PathBuf::from("usr/bin/ls"))
+        );
         assert_eq!(
             merged_usr_path(Path::new("./lib/x86_64-linux-gnu/libc.so.6")).unwrap(),
             Some(PathBuf::from("usr/lib/x86_64-linux-gnu/libc.so.6"))
         );
-        assert_eq!(merged_usr_path(Path::new("./etc/passwd")).unwrap(), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(
+            merged_usr_path(Path::new("./etc/passwd")).unwrap(),
+            Some(PathBuf::from("etc/passwd"))
+        );
         assert_eq!(merged_usr_path(Path::new("./")).unwrap(), None);
         assert!(merged_usr_path(Path::new("./../etc")).is_err());
     }

@@ -113,7 +113,8 @@ impl Variant {
     }
 
     pub fn parse(file: &Path, text: &str) -> Result<Variant> {
-        let mut variant: Variant = toml::from_str(text).map_err(|error| crate::error::toml_error(file, text, &error))?;
+        let mut variant: Variant =
+            toml::from_str(text).map_err(|error| crate::error::toml_error(file, text, &error))?;
         variant.file = file.to_path_buf();
         variant.validate()?;
         Ok(variant)
@@ -158,7 +159,13 @@ impl Variant {
                 ))
             }
         }
-        if self.boot.packages.iter().any(|package| package == "raspi-firmware") && self.kernel.device_tree.is_none() {
+        if self
+            .boot
+            .packages
+            .iter()
+            .any(|package| package == "raspi-firmware")
+            && self.kernel.device_tree.is_none()
+        {
             return Err(self.key_error(
                 "kernel.device_tree",
                 "missing; expected the DTB the Pi firmware loads, e.g. broadcom/bcm2711-rpi-4-b.dtb",
@@ -292,7 +299,10 @@ required_units = ["containerd.service"]
     fn unknown_key_names_file_and_key() {
         let text = GOOD.replace("k3s = \"optional\"", "k3s = \"optional\"\ncolour = 1");
         let error = Variant::parse(&path(), &text).unwrap_err().to_string();
-        assert!(error.contains("variants/qemu-x86_64/variant.toml"), "{error}");
+        assert!(
+            error.contains("variants/qemu-x86_64/variant.toml"),
+            "{error}"
+        );
         assert!(error.contains("unknown field `colour`"), "{error}");
     }
 

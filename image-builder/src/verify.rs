@@ -40,7 +40,8 @@ impl Read for Window {
         if wanted == 0 {
             return Ok(0);
         }
-        self.file.seek(SeekFrom::Start(self.offset + self.position))?;
+        self.file
+            .seek(SeekFrom::Start(self.offset + self.position))?;
         let count = self.file.read(&mut buffer[..wanted])?;
         self.position += count as u64;
         Ok(count)
@@ -55,7 +56,10 @@ impl Seek for Window {
             SeekFrom::Current(delta) => self.position as i64 + delta,
         };
         if target < 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the partition"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the partition",
+            ));
         }
         self.position = target as u64;
         Ok(self.position)
@@ -93,22 +97,40 @@ pub fn verify_build(directory: &Path) -> Result<VerifyReport> {
         check(&directory.join(&output.name), output.size, &output.sha256)?;
     }
     for artifact in &manifest.artifacts {
-        check(&directory.join(UPDATE_DIR).join(&artifact.name), artifact.size, &artifact.sha256)?;
+        check(
+            &directory.join(UPDATE_DIR).join(&artifact.name),
+            artifact.size,
+            &artifact.sha256,
+        )?;
     }
     let disk_path = directory.join(DISK_IMAGE);
-    let disk_size = std::fs::metadata(&disk_path).map_err(BuildError::io(&disk_path))?.len();
+    let disk_size = std::fs::metadata(&disk_path)
+        .map_err(BuildError::io(&disk_path))?
+        .len();
     let mut disk = std::fs::File::open(&disk_path).map_err(BuildError::io(&disk_path))?;
-    let table = GptDisk::read(&mut disk, disk_size).map_err(|error| BuildError::Format(error.into()))?;
-    let root_hash = verity::root_hash_from_hex(&manifest.verity.root_hash).map_err(|error| BuildError::Format(error.into()))?;
+    let table =
+        GptDisk::read(&mut disk, disk_size).map_err(|error| BuildError::Format(error.into()))?;
+    let root_hash = verity::root_hash_from_hex(&manifest.verity.root_hash)
+        .map_err(|error| BuildError::Format(error.into()))?;
     let root_uuid = layout::root_partition_uuid(&root_hash);
     let verity_uuid = layout::verity_partition_uuid(&root_hash);
     let (root_number, root) = table.find_by_unique_guid(&root_uuid).ok_or_else(|| {
-        BuildError::Other(format!("{}: no partition with PARTUUID {root_uuid} (first half of the root hash)", disk_path.display()))
+        BuildError::Other(format!(
+            "{}: no partition with PARTUUID {root_uuid} (first half of the root hash)",
+            disk_path.display()
+        ))
     })?;
-    let (verity_number, verity_partition) = table.find_by_unique_guid(&verity_uuid).ok_or_else(|| {
-        BuildError::Other(format!("{}: no partition with PARTUUID {verity_uuid} (second half of the root hash)", disk_path.display()))
-    })?;
-    for (entry, expected) in [(root, Slot::A.root_partition_name()), (verity_partition, Slot::A.verity_partition_name())] {
+    let (verity_number, verity_partition) =
+        table.find_by_unique_guid(&verity_uuid).ok_or_else(|| {
+            BuildError::Other(format!(
+                "{}: no partition with PARTUUID {verity_uuid} (second half of the root hash)",
+                disk_path.display()
+            ))
+        })?;
+    for (entry, expected) in [
+        (root, Slot::A.root_partition_name()),
+        (verity_partition, Slot::A.verity_partition_name()),
+    ] {
         if entry.name != expected {
             return Err(BuildError::Other(format!(
                 "{}: partition {} holds slot A's data but is named `{}`; expected `{expected}`",
@@ -120,10 +142,19 @@ pub fn verify_build(directory: &Path) -> Result<VerifyReport> {
     }
     verity::verify(
         window(&disk_path, root.offset_bytes(), root.size_bytes())?,
-        window(&disk_path, verity_partition.offset_bytes(), verity_partition.size_bytes())?,
+        window(
+            &disk_path,
+            verity_partition.offset_bytes(),
+            verity_partition.size_bytes(),
+        )?,
         &root_hash,
     )
-    .map_err(|error| BuildError::Other(format!("{}: slot A fails dm-verity: {error}", disk_path.display())))?;
+    .map_err(|error| {
+        BuildError::Other(format!(
+            "{}: slot A fails dm-verity: {error}",
+            disk_path.display()
+        ))
+    })?;
     Ok(VerifyReport {
         disk_guid: table.disk_guid.to_string(),
         root_partition: root_number,

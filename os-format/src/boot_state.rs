@@ -85,14 +85,17 @@ pub fn decode_environment(bytes: &[u8]) -> Result<BTreeMap<String, String>, Boot
     let mut variables = BTreeMap::new();
     let mut rest = data;
     loop {
-        let end = rest.iter().position(|byte| *byte == 0).ok_or(BootStateError::Unterminated)?;
+        let end = rest
+            .iter()
+            .position(|byte| *byte == 0)
+            .ok_or(BootStateError::Unterminated)?;
         if end == 0 {
             break;
         }
         let entry = String::from_utf8_lossy(&rest[..end]).into_owned();
-        let (key, value) = entry
-            .split_once('=')
-            .ok_or_else(|| BootStateError::Entry { entry: entry.clone() })?;
+        let (key, value) = entry.split_once('=').ok_or_else(|| BootStateError::Entry {
+            entry: entry.clone(),
+        })?;
         variables.insert(key.to_string(), value.to_string());
         rest = &rest[end + 1..];
     }
@@ -132,12 +135,17 @@ impl BootState {
     }
 
     pub fn to_variables(&self) -> BTreeMap<String, String> {
-        let tries = |value: Option<u32>| value.map_or_else(|| "-".to_string(), |tries| tries.to_string());
+        let tries =
+            |value: Option<u32>| value.map_or_else(|| "-".to_string(), |tries| tries.to_string());
         let mut variables = BTreeMap::new();
         variables.insert(KEY_SEQUENCE.to_string(), self.sequence.to_string());
         variables.insert(
             KEY_ORDER.to_string(),
-            self.order.iter().map(|slot| slot.name()).collect::<Vec<_>>().join(" "),
+            self.order
+                .iter()
+                .map(|slot| slot.name())
+                .collect::<Vec<_>>()
+                .join(" "),
         );
         variables.insert(KEY_COMMITTED.to_string(), self.committed.name().to_string());
         variables.insert(KEY_TRIES_A.to_string(), tries(self.tries_a));
@@ -145,13 +153,17 @@ impl BootState {
         variables
     }
 
-    pub fn from_variables(variables: &BTreeMap<String, String>) -> Result<BootState, BootStateError> {
+    pub fn from_variables(
+        variables: &BTreeMap<String, String>,
+    ) -> Result<BootState, BootStateError> {
         let get = |key: &'static str| variables.get(key).map(String::as_str).unwrap_or("");
-        let sequence = get(KEY_SEQUENCE).parse().map_err(|_| BootStateError::Value {
-            key: KEY_SEQUENCE,
-            value: get(KEY_SEQUENCE).into(),
-            expected: "a number",
-        })?;
+        let sequence = get(KEY_SEQUENCE)
+            .parse()
+            .map_err(|_| BootStateError::Value {
+                key: KEY_SEQUENCE,
+                value: get(KEY_SEQUENCE).into(),
+                expected: "a number",
+            })?;
         let order = get(KEY_ORDER)
             .split_whitespace()
             .map(|word| {
@@ -201,7 +213,11 @@ pub fn newest_copy(copies: [Option<&[u8]>; 2]) -> Option<(BootState, usize)> {
     copies
         .iter()
         .enumerate()
-        .filter_map(|(index, bytes)| bytes.and_then(|bytes| BootState::decode(bytes).ok()).map(|state| (state, index)))
+        .filter_map(|(index, bytes)| {
+            bytes
+                .and_then(|bytes| BootState::decode(bytes).ok())
+                .map(|state| (state, index))
+        })
         .max_by_key(|(state, _)| state.sequence)
 }
 
@@ -223,7 +239,10 @@ mod tests {
         assert_eq!(BootState::decode(&bytes).unwrap(), state);
         let mut damaged = bytes.clone();
         damaged[10] ^= 1;
-        assert!(matches!(BootState::decode(&damaged), Err(BootStateError::Crc { .. })));
+        assert!(matches!(
+            BootState::decode(&damaged),
+            Err(BootStateError::Crc { .. })
+        ));
     }
 
     #[test]
@@ -234,7 +253,10 @@ mod tests {
         newer_state.tries_b = Some(1);
         newer_state.order = vec![Slot::B, Slot::A];
         let newer = newer_state.encode().unwrap();
-        assert_eq!(newest_copy([Some(&old), Some(&newer)]).unwrap(), (newer_state.clone(), 1));
+        assert_eq!(
+            newest_copy([Some(&old), Some(&newer)]).unwrap(),
+            (newer_state.clone(), 1)
+        );
         // A torn write of the newer copy: the older one is used.
         let mut torn = newer.clone();
         torn[20..40].fill(0xff);
@@ -246,7 +268,9 @@ mod tests {
     fn bad_values_are_named() {
         let mut variables = BootState::fresh(Slot::A).to_variables();
         variables.insert(KEY_TRIES_B.into(), "many".into());
-        let error = BootState::from_variables(&variables).unwrap_err().to_string();
+        let error = BootState::from_variables(&variables)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("racklet_tries_b"), "{error}");
     }
 }

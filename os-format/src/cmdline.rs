@@ -22,7 +22,10 @@ pub const DEFAULT_INIT: &str = "/sbin/init";
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CmdlineError {
     #[error("kernel command line has no `{key}=`; expected it to name {expected}")]
-    Missing { key: &'static str, expected: &'static str },
+    Missing {
+        key: &'static str,
+        expected: &'static str,
+    },
     #[error("kernel command line `{key}={value}`: expected {expected}")]
     Invalid {
         key: &'static str,
@@ -60,13 +63,14 @@ impl BootParams {
                     })?)
                 }
                 ROOT_HASH_KEY => {
-                    root_hash = Some(root_hash_from_hex(value).map_err(|_| {
-                        CmdlineError::Invalid {
-                            key: ROOT_HASH_KEY,
-                            value: value.to_string(),
-                            expected: "64 hexadecimal digits (a sha256 dm-verity root hash)",
-                        }
-                    })?)
+                    root_hash =
+                        Some(
+                            root_hash_from_hex(value).map_err(|_| CmdlineError::Invalid {
+                                key: ROOT_HASH_KEY,
+                                value: value.to_string(),
+                                expected: "64 hexadecimal digits (a sha256 dm-verity root hash)",
+                            })?,
+                        )
                 }
                 INIT_KEY => init = value.to_string(),
                 _ => {}
@@ -120,7 +124,10 @@ mod tests {
     fn round_trip_through_the_command_line() {
         let hash = root_hash_from_hex(HASH_HEX).unwrap();
         let line = slot_cmdline("console=ttyS0  ro", Slot::B, &hash).unwrap();
-        assert_eq!(line, format!("console=ttyS0 ro racklet.slot=b racklet.roothash={HASH_HEX}"));
+        assert_eq!(
+            line,
+            format!("console=ttyS0 ro racklet.slot=b racklet.roothash={HASH_HEX}")
+        );
         let params = BootParams::parse(&line).unwrap();
         assert_eq!(params.slot, Slot::B);
         assert_eq!(params.verity_root_hash, hash);
@@ -137,7 +144,10 @@ mod tests {
             }
         );
         let error = BootParams::parse("racklet.slot=a racklet.roothash=xyz").unwrap_err();
-        assert!(error.to_string().contains("racklet.roothash=xyz"), "{error}");
+        assert!(
+            error.to_string().contains("racklet.roothash=xyz"),
+            "{error}"
+        );
         let error = BootParams::parse("racklet.slot=c").unwrap_err();
         assert!(error.to_string().contains("`a` or `b`"), "{error}");
     }

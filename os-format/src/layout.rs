@@ -29,7 +29,8 @@ pub const ROOT_VERITY_X86_64_TYPE: Guid = Guid::parse_const("2c7357ed-ebd2-46d9-
 /// DPS root partition, 64-bit ARM.
 pub const ROOT_AARCH64_TYPE: Guid = Guid::parse_const("b921b045-1df0-41c3-af44-4c6f280d3fae");
 /// DPS root verity partition, 64-bit ARM.
-pub const ROOT_VERITY_AARCH64_TYPE: Guid = Guid::parse_const("df3300ce-d69f-4c92-978c-9bfb0f38d820");
+pub const ROOT_VERITY_AARCH64_TYPE: Guid =
+    Guid::parse_const("df3300ce-d69f-4c92-978c-9bfb0f38d820");
 
 /// A CPU architecture an image is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -85,8 +85,15 @@ pub struct VerityInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum K3sProvenance {
-    Official { version: String, url: String, sha256: String },
-    StandIn { name: String, sha256: String },
+    Official {
+        version: String,
+        url: String,
+        sha256: String,
+    },
+    StandIn {
+        name: String,
+        sha256: String,
+    },
     Absent,
 }
 

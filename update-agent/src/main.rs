@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use update_agent::status::{read_booted_status, OS_RELEASE, PROC_CMDLINE};
 
 #[derive(Parser)]
-#[command(name = "racklet-update", version, about = "Racklet OS A/B update agent")]
+#[command(
+    name = "racklet-update",
+    version,
+    about = "Racklet OS A/B update agent"
+)]
 struct Cli {
     /// Print JSON for scripts.
     #[arg(long, global = true)]
@@ -30,14 +34,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Status { cmdline, os_release } => match read_booted_status(cmdline, os_release) {
+        Command::Status {
+            cmdline,
+            os_release,
+        } => match read_booted_status(cmdline, os_release) {
             Ok(status) => {
                 if cli.json {
                     println!("{}", serde_json::to_string_pretty(&status).expect("json"));
                 } else {
                     println!("booted slot:    {}", status.booted_slot);
-                    println!("image version:  {}", status.image_version.as_deref().unwrap_or("unknown"));
-                    println!("variant:        {}", status.variant_id.as_deref().unwrap_or("unknown"));
+                    println!(
+                        "image version:  {}",
+                        status.image_version.as_deref().unwrap_or("unknown")
+                    );
+                    println!(
+                        "variant:        {}",
+                        status.variant_id.as_deref().unwrap_or("unknown")
+                    );
                     println!("root hash:      {}", status.verity_root_hash);
                 }
                 ExitCode::SUCCESS

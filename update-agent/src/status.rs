@@ -26,12 +26,20 @@ pub fn parse_os_release(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .filter(|line| !line.trim_start().starts_with('#'))
         .filter_map(|line| line.split_once('='))
-        .map(|(key, value)| (key.trim().to_string(), value.trim().trim_matches('"').to_string()))
+        .map(|(key, value)| {
+            (
+                key.trim().to_string(),
+                value.trim().trim_matches('"').to_string(),
+            )
+        })
         .collect()
 }
 
 /// Pure: the status from the two texts.
-pub fn booted_status(cmdline: &str, os_release: &str) -> Result<BootedStatus, os_format::cmdline::CmdlineError> {
+pub fn booted_status(
+    cmdline: &str,
+    os_release: &str,
+) -> Result<BootedStatus, os_format::cmdline::CmdlineError> {
     let params = BootParams::parse(cmdline)?;
     let release = parse_os_release(os_release);
     Ok(BootedStatus {
@@ -43,7 +51,10 @@ pub fn booted_status(cmdline: &str, os_release: &str) -> Result<BootedStatus, os
     })
 }
 
-pub fn read_booted_status(cmdline_path: &Path, os_release_path: &Path) -> Result<BootedStatus, AgentError> {
+pub fn read_booted_status(
+    cmdline_path: &Path,
+    os_release_path: &Path,
+) -> Result<BootedStatus, AgentError> {
     let cmdline = std::fs::read_to_string(cmdline_path).map_err(|source| AgentError::Io {
         path: cmdline_path.to_path_buf(),
         source,

@@ -1,0 +1,613 @@
+"""A small, stdlib-only harness for booting Racklet OS disk images under QEMU.
+
+What it does:
+
+* `Overlay`: a qcow2 overlay over a raw disk image (the ESP must stay
+  writable, so no `-snapshot`), with helpers to read and patch bytes and to
+  edit the ESP with mtools (the ESP is copied out to a raw file, edited, and
+  the changed 64 KiB chunks are written back with `qemu-io`).
+* `VM`: one QEMU process (x86_64: q35 + OVMF -> systemd-boot; aarch64:
+  `-machine virt` + Debian's u-boot-qemu) with the serial console on a unix
+  socket. Everything the guest prints is appended to a log file; `expect()`
+  waits for a regular expression, `run()` types a command on the autologin
+  root shell and returns its output and exit status.
+
+Always `-accel tcg`: /dev/kvm on these machines hangs instead of failing.
+Timeouts are generous because TCG on two cores is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+UBOOT_QEMU_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+
+# Boot to the autologin shell: 10-40 s seen under TCG; leave a lot of room.
+BOOT_TIMEOUT = 300
+COMMAND_TIMEOUT = 120
+
+ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>])")
+# agetty prints `<host> login: root (automatic login)` for the test variants.
+AUTOLOGIN = re.compile(r"login: root \(automatic login\)")
+PROMPT = re.compile(r"[#$] ?$", re.M)
+
+
+class HarnessError(Exception):
+    """A failure of the harness or of an expectation; carries the log tail."""
+
+
+class ExpectTimeout(HarnessError):
+    pass
+
+
+class VMExited(HarnessError):
+    pass
+
+
+def clean(text: str) -> str:
+    """Serial output as plain text: no ANSI escapes, no carriage returns."""
+    return ANSI_ESCAPE.sub("", text).replace("\r", "")
+
+
+def _check_call(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise HarnessError(f"{' '.join(map(str, command))} failed ({result.returncode}): "
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def require_tools(arch: str) -> list[str]:
+    """Missing host files/tools for `arch`, as `what (package)` strings."""
+    missing = []
+    tools = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "mcopy": "mtools",
+             "sfdisk": "fdisk"}
+    tools["qemu-system-x86_64" if arch == "x86_64" else "qemu-system-aarch64"] = (
+        "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm")
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} ({package})")
+    files = [(OVMF_CODE, "ovmf"), (OVMF_VARS, "ovmf")] if arch == "x86_64" else [(UBOOT_QEMU_ARM64, "u-boot-qemu")]
+    for path, package in files:
+        if not path.exists():
+            missing.append(f"{path} ({package})")
+    return missing
+
+
+# ---------------------------------------------------------------------------
+# Disk images
+
+
+@dataclass
+class Partition:
+    number: int
+    name: str
+    start: int  # bytes
+    size: int  # bytes
+    uuid: str
+    type: str
+
+
+def partitions(raw_image: Path) -> dict[str, Partition]:
+    """The GPT of a raw image, by partition name (`sfdisk --json`)."""
+    table = json.loads(_check_call(["sfdisk", "--json", str(raw_image)]).stdout)["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    result = {}
+    for index, entry in enumerate(table["partitions"], start=1):
+        number = int(re.search(r"(\d+)$", entry["node"]).group(1)) if re.search(r"(\d+)$", entry["node"]) else index
+        result[entry.get("name", str(number))] = Partition(
+            number, entry.get("name", ""), entry["start"] * sector, entry["size"] * sector,
+            entry["uuid"].lower(), entry["type"])
+    return result
+
+
+class Overlay:
+    """A qcow2 overlay over a raw base image. Never modifies the base."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, base: Path, path: Path):
+        self.base = Path(base).resolve()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.unlink()
+        _check_call(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw",
+                     str(self.path)])
+        self.partitions = partitions(self.base)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write bytes at a byte offset of the virtual disk (VM must be stopped)."""
+        self.write_many([(offset, data)])
+
+    def write_many(self, pieces: list[tuple[int, bytes]]) -> None:
+        if not pieces:
+            return
+        scratch = self.path.with_suffix(".piece")
+        commands = []
+        files = []
+        for index, (offset, data) in enumerate(pieces):
+            piece = scratch.with_name(f"{scratch.name}{index}")
+            piece.write_bytes(data)
+            files.append(piece)
+            commands += ["-c", f"write -q -s {piece} {offset} {len(data)}"]
+        try:
+            # qemu-io opens the image with write locks: it fails while a VM runs.
+            _check_call(["qemu-io", "-f", "qcow2", *commands, str(self.path)])
+        finally:
+            for piece in files:
+                piece.unlink(missing_ok=True)
+
+    def read(self, offset: int, length: int, block: int = 512) -> bytes:
+        """Read bytes from the virtual disk (through the overlay)."""
+        first = offset // block
+        last = -(-(offset + length) // block)
+        out = self.path.with_suffix(".read")
+        out.unlink(missing_ok=True)
+        _check_call(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={block}", f"skip={first}",
+                     f"count={last - first}", f"if={self.path}", f"of={out}"])
+        data = out.read_bytes()
+        out.unlink()
+        start = offset - first * block
+        return data[start:start + length]
+
+    def partition(self, name: str) -> Partition:
+        return self.partitions[name]
+
+    def extract_partition(self, name: str, destination: Path) -> Path:
+        part = self.partitions[name]
+        destination.unlink(missing_ok=True)
+        block = 1024 * 1024 if part.start % (1024 * 1024) == 0 and part.size % (1024 * 1024) == 0 else 512
+        _check_call(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={block}",
+                     f"skip={part.start // block}", f"count={part.size // block}",
+                     f"if={self.path}", f"of={destination}"])
+        return destination
+
+    def esp(self) -> "EspEditor":
+        return EspEditor(self)
+
+
+class EspEditor:
+    """Edit the ESP of an overlay with mtools: `with overlay.esp() as esp: ...`.
+
+    On exit (without an exception) the 64 KiB chunks that changed are written
+    back into the overlay."""
+
+    def __init__(self, overlay: Overlay):
+        self.overlay = overlay
+        self.image = overlay.path.with_suffix(".esp.raw")
+        self.original: bytes | None = None
+
+    def __enter__(self) -> "EspEditor":
+        self.overlay.extract_partition("esp", self.image)
+        self.original = self.image.read_bytes()
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.commit()
+        finally:
+            self.image.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        new = self.image.read_bytes()
+        assert len(new) == len(self.original)
+        start = self.overlay.partitions["esp"].start
+        pieces = []
+        chunk = Overlay.CHUNK
+        run_start = None
+        for offset in range(0, len(new) + chunk, chunk):
+            changed = offset < len(new) and new[offset:offset + chunk] != self.original[offset:offset + chunk]
+            if changed and run_start is None:
+                run_start = offset
+            elif not changed and run_start is not None:
+                pieces.append((start + run_start, new[run_start:offset]))
+                run_start = None
+        self.overlay.write_many(pieces)
+        self.original = new
+
+    def _m(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        command = [tool, "-i", str(self.image), *args]
+        result = subprocess.run(command, capture_output=True)
+        if check and result.returncode != 0:
+            raise HarnessError(f"{' '.join(command)}: {result.stderr.decode(errors='replace').strip()}")
+        return result
+
+    def listdir(self, directory: str) -> list[str]:
+        out = self._m("mdir", "-b", f"::/{directory}", check=False)
+        if out.returncode != 0:
+            return []
+        names = []
+        for line in out.stdout.decode(errors="replace").splitlines():
+            line = line.strip()
+            if line:
+                names.append(line.rstrip("/").split("/")[-1])
+        return sorted(names)
+
+    def read(self, path: str) -> bytes | None:
+        out = self._m("mtype", f"::/{path}", check=False)
+        return out.stdout if out.returncode == 0 else None
+
+    def write(self, path: str, data: bytes) -> None:
+        parent = "/".join(path.split("/")[:-1])
+        if parent:
+            parts = parent.split("/")
+            for depth in range(1, len(parts) + 1):
+                self._m("mmd", f"::/{'/'.join(parts[:depth])}", check=False)
+        source = self.image.with_suffix(".put")
+        source.write_bytes(data)
+        try:
+            self._m("mcopy", "-o", str(source), f"::/{path}")
+        finally:
+            source.unlink(missing_ok=True)
+
+    def delete(self, path: str) -> None:
+        self._m("mdel", f"::/{path}")
+
+    def rename(self, old: str, new_name: str) -> None:
+        self._m("mren", f"::/{old}", new_name)
+
+
+# ---------------------------------------------------------------------------
+# QEMU
+
+
+class VM:
+    """One QEMU process with its serial console on a unix socket."""
+
+    def __init__(self, arch: str, disk: Overlay | Path, workdir: Path, name: str, *,
+                 no_reboot: bool = False, memory: int = 2048, cpus: int = 2,
+                 ovmf_vars: Path | None = None, extra_args: list[str] | None = None):
+        assert arch in ("x86_64", "aarch64"), arch
+        self.arch = arch
+        self.disk = disk.path if isinstance(disk, Overlay) else Path(disk)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.no_reboot = no_reboot
+        self.memory = memory
+        self.cpus = cpus
+        self.extra_args = extra_args or []
+        self.log_path = self.workdir / f"{name}.serial.log"
+        self.socket_path = Path(f"/tmp/rk-{uuid.uuid4().hex[:10]}.sock")
+        # One VARS copy per test: reused across the reboots of this VM object
+        # (and by later VM objects of the same test if passed in), never shared.
+        if arch == "x86_64":
+            self.ovmf_vars = ovmf_vars or self.workdir / f"{name}.OVMF_VARS.fd"
+            if not self.ovmf_vars.exists():
+                shutil.copyfile(OVMF_VARS, self.ovmf_vars)
+        else:
+            self.ovmf_vars = None
+        self.process: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._buffer = ""
+        self._chunks: list[tuple[float, int]] = []  # (arrival time, buffer offset)
+        self._eof = False
+        self.cursor = 0
+        self.started_at = 0.0
+        self._log = None
+
+    # -- process -----------------------------------------------------------
+
+    def command(self) -> list[str]:
+        serial = ["-chardev", f"socket,id=ser0,path={self.socket_path},server=on,wait=on",
+                  "-serial", "chardev:ser0"]
+        common = ["-accel", "tcg", "-smp", str(self.cpus), "-m", str(self.memory),
+                  "-display", "none", "-monitor", "none", "-nic", "none", "-no-user-config",
+                  *serial]
+        if self.no_reboot:
+            common.append("-no-reboot")
+        if self.arch == "x86_64":
+            return ["qemu-system-x86_64", "-machine", "q35", *common,
+                    "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}",
+                    "-drive", f"if=none,id=disk0,format=qcow2,file={self.disk}",
+                    "-device", "virtio-blk-pci,drive=disk0",
+                    *self.extra_args]
+        return ["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a72", *common,
+                "-bios", str(UBOOT_QEMU_ARM64),
+                "-drive", f"if=none,id=disk0,format=qcow2,file={self.disk}",
+                "-device", "virtio-blk-pci,drive=disk0",
+                *self.extra_args]
+
+    def start(self) -> "VM":
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self._log = open(self.log_path, "ab", buffering=0)
+        self._log.write(f"\n===== harness: starting {self.name}: {' '.join(self.command())}\n".encode())
+        self.socket_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._eof = False
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode(errors="replace")
+                raise HarnessError(f"QEMU exited at start ({self.process.returncode}): {output}")
+            if self.socket_path.exists():
+                try:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.connect(str(self.socket_path))
+                    break
+                except OSError:
+                    sock.close()
+            if time.monotonic() > deadline:
+                raise HarnessError("QEMU did not open its serial socket")
+            time.sleep(0.05)
+        self._sock = sock
+        self.started_at = time.monotonic()
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._stderr_loop, daemon=True).start()
+        return self
+
+    def _stderr_loop(self) -> None:
+        process = self.process
+        for line in process.stdout:
+            text = line.decode(errors="replace")
+            if self._log:
+                self._log.write(f"\n===== qemu: {text.rstrip()}\n".encode())
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._lock:
+                    self._eof = True
+                    self._lock.notify_all()
+                return
+            if self._log:
+                self._log.write(data)
+            text = data.decode("utf-8", errors="replace")
+            with self._lock:
+                self._chunks.append((time.monotonic(), len(self._buffer)))
+                self._buffer += text
+                self._lock.notify_all()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_exit(self, timeout: float = BOOT_TIMEOUT) -> int:
+        """Wait for QEMU to exit (poweroff, or a reset under -no-reboot)."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ExpectTimeout(f"{self.name}: QEMU still running after {timeout:.0f} s\n{self.tail()}") from None
+        if self._reader:
+            self._reader.join(timeout=5)
+        self.note(f"QEMU exited with status {code}")
+        return code
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.note("QEMU stopped by the harness")
+        if self._sock:
+            self._sock.close()
+            self._sock = None
+        self.socket_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.kill()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def note(self, text: str) -> None:
+        if self._log:
+            self._log.write(f"\n===== harness: {text}\n".encode())
+
+    # -- console -----------------------------------------------------------
+
+    @property
+    def output(self) -> str:
+        with self._lock:
+            return self._buffer
+
+    def since(self, offset: int) -> str:
+        with self._lock:
+            return self._buffer[offset:]
+
+    def time_at(self, offset: int) -> float:
+        """Seconds since QEMU started at which buffer offset `offset` arrived."""
+        with self._lock:
+            when = self.started_at
+            for arrived, start in self._chunks:
+                if start > offset:
+                    break
+                when = arrived
+        return when - self.started_at
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def send(self, text: str) -> None:
+        if not self._sock:
+            raise VMExited(f"{self.name}: not connected")
+        self._sock.sendall(text.encode())
+
+    def expect(self, pattern: str | re.Pattern, timeout: float = BOOT_TIMEOUT,
+               fail: str | re.Pattern | None = None) -> re.Match:
+        """Wait until `pattern` appears after the cursor; move the cursor past it.
+
+        `fail`: a pattern that, when seen first, aborts the wait."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        failure = re.compile(fail) if isinstance(fail, str) else fail
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                match = regex.search(self._buffer, self.cursor)
+                bad = failure.search(self._buffer, self.cursor) if failure else None
+                if bad and (not match or bad.start() < match.start()):
+                    self.cursor = bad.end()
+                    raise HarnessError(f"{self.name}: saw {bad.group(0)!r} while waiting for "
+                                       f"{regex.pattern!r}\n{self._tail_locked()}")
+                if match:
+                    self.cursor = match.end()
+                    return match
+                if self._eof:
+                    raise VMExited(f"{self.name}: QEMU exited while waiting for {regex.pattern!r}\n"
+                                   f"{self._tail_locked()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExpectTimeout(f"{self.name}: {regex.pattern!r} not seen within {timeout:.0f} s\n"
+                                        f"{self._tail_locked()}")
+                self._lock.wait(min(left, 1.0))
+
+    def _tail_locked(self, lines: int = 60) -> str:
+        text = clean(self._buffer)
+        tail = text.splitlines()[-lines:]
+        return f"--- last {len(tail)} lines of the serial log ({self.log_path}) ---\n" + "\n".join(tail)
+
+    def tail(self, lines: int = 60) -> str:
+        with self._lock:
+            return self._tail_locked(lines)
+
+    # -- the autologin root shell ----------------------------------------
+
+    def wait_for_login(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Wait for the autologin and make the shell scriptable. Returns the
+        seconds from QEMU start (or the last reboot request) to the login line."""
+        match = self.expect(AUTOLOGIN, timeout=timeout)
+        at = self.time_at(match.start())
+        # Wait for the shell to answer; the first probe may be typed before
+        # bash reads the terminal, so retry a few times.
+        for attempt in range(10):
+            try:
+                self.run("stty -echo; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1", timeout=15,
+                         check=False)
+                break
+            except ExpectTimeout:
+                if attempt == 9:
+                    raise
+        return at
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT, check: bool = True) -> tuple[int, str] | str:
+        """Run a shell command; returns its output (stdout+stderr, cleaned).
+
+        check=True: raise unless it exits 0 and return the output;
+        check=False: return (status, output)."""
+        token = uuid.uuid4().hex[:12]
+        # The markers are assembled by printf so that the typed (echoed)
+        # command line can never match them.
+        if "\n" in command:
+            raise ValueError("one line per command")
+        line = (f"printf 'RKB%sX\\n' {token}; {{ {command} ; }} 2>&1 </dev/null; "
+                f"printf 'RKE%sX%d\\n' {token} $?\n")
+        self.send(line)
+        regex = re.compile(rf"RKB{token}X\r?\n(.*?)RKE{token}X(\d+)", re.S)
+        match = self.expect(regex, timeout=timeout)
+        status = int(match.group(2))
+        output = clean(match.group(1))
+        if check:
+            if status != 0:
+                raise HarnessError(f"{self.name}: `{command}` exited {status}:\n{output}\n{self.tail()}")
+            return output
+        return status, output
+
+    def reboot(self, command: str = "systemctl reboot") -> None:
+        """Ask the guest to reboot (does not wait for the next boot)."""
+        self.note(f"reboot: {command}")
+        self.send(f"{command}\n")
+
+    def poweroff(self, timeout: float = 180) -> int:
+        self.note("poweroff")
+        self.send("systemctl poweroff\n")
+        return self.wait_exit(timeout)
+
+
+def read_osrel_version(uki: bytes) -> str | None:
+    section = pe_section(uki, ".osrel")
+    if section is None:
+        return None
+    text = uki[section[0]:section[0] + section[1]].decode(errors="replace")
+    found = re.search(r"^IMAGE_VERSION=(.*)$", text, re.M)
+    return found.group(1).strip().strip('"') if found else None
+
+
+def pe_section(image: bytes, name: str) -> tuple[int, int] | None:
+    """(file offset, size in file) of a PE section, by name."""
+    if image[:2] != b"MZ":
+        return None
+    pe = int.from_bytes(image[0x3C:0x40], "little")
+    if image[pe:pe + 4] != b"PE\0\0":
+        return None
+    coff = pe + 4
+    count = int.from_bytes(image[coff + 2:coff + 4], "little")
+    optional_size = int.from_bytes(image[coff + 16:coff + 18], "little")
+    table = coff + 20 + optional_size
+    for index in range(count):
+        header = table + index * 40
+        section_name = image[header:header + 8].rstrip(b"\0").decode(errors="replace")
+        if section_name == name:
+            virtual_size = int.from_bytes(image[header + 8:header + 12], "little")
+            raw_size = int.from_bytes(image[header + 16:header + 20], "little")
+            raw_offset = int.from_bytes(image[header + 20:header + 24], "little")
+            return raw_offset, min(virtual_size, raw_size) if virtual_size else raw_size
+    return None
+
+
+def with_osrel_version(uki: bytes, old: str, new: str) -> bytes:
+    """A copy of a UKI whose `.osrel` says version `new` instead of `old`
+    (same length, so no section moves; the PE checksum is not checked by UEFI
+    without Secure Boot)."""
+    assert len(old) == len(new), "keep the length so no section moves"
+    offset, size = pe_section(uki, ".osrel")
+    osrel = uki[offset:offset + size]
+    patched = osrel.replace(f"IMAGE_VERSION={old}".encode(), f"IMAGE_VERSION={new}".encode())
+    patched = patched.replace(f"VERSION_ID={old}".encode(), f"VERSION_ID={new}".encode())
+    assert patched != osrel, f".osrel has no IMAGE_VERSION={old}"
+    return uki[:offset] + patched + uki[offset + size:]
+
+
+# ---------------------------------------------------------------------------
+# U-Boot binary environments (os-format/src/boot_state.rs)
+
+import zlib  # noqa: E402
+
+UBOOT_ENV_SIZE = 4096
+
+
+def encode_uboot_env(variables: dict[str, str], size: int = UBOOT_ENV_SIZE) -> bytes:
+    data = b"".join(f"{key}={value}".encode() + b"\0" for key, value in sorted(variables.items())) + b"\0"
+    assert len(data) <= size - 4
+    data = data.ljust(size - 4, b"\0")
+    return zlib.crc32(data).to_bytes(4, "little") + data
+
+
+def decode_uboot_env(blob: bytes) -> dict[str, str] | None:
+    """The variables, or None when the size or CRC is wrong."""
+    if blob is None or len(blob) != UBOOT_ENV_SIZE:
+        return None
+    if zlib.crc32(blob[4:]) != int.from_bytes(blob[:4], "little"):
+        return None
+    variables = {}
+    for entry in blob[4:].split(b"\0"):
+        if not entry:
+            break
+        key, _, value = entry.decode(errors="replace").partition("=")
+        variables[key] = value
+    return variables
