@@ -16,7 +16,11 @@ else
 endif
 # The image's timestamps: the last commit's time, else (no git) the variant's version.
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+ifneq ($(SOURCE_DATE_EPOCH),)
 export SOURCE_DATE_EPOCH
+else
+unexport SOURCE_DATE_EPOCH
+endif
 
 # Binaries that go into images are built with paths remapped, so two checkouts
 # in different directories produce identical bytes.

@@ -12,6 +12,9 @@ packages=(
   fdisk            # sfdisk --json in tests
   cryptsetup-bin   # veritysetup verify in tests
   kmod             # depmod
+  systemd          # systemctl --root, systemd-sysusers --root
+  e2fsprogs        # mkfs.ext4, debugfs (the data partition)
+  libc-bin         # ldconfig -r
   u-boot-tools     # mkimage (rpi4 boot.scr)
   binutils         # objcopy (UKI)
   cpio             # cpio -t in tests

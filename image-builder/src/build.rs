@@ -268,16 +268,22 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     let cache = Cache::from_environment();
     let k3s = resolve_k3s(options, &variant, &cache)?;
     let packages = inputs::fetch_packages(&lock, &cache)?;
+    // Every kernel package with a /boot/config-* is checked (the metapackage has none).
+    let mut kernels_checked = 0;
     for kernel_package in inputs::in_set(&packages, PackageSet::Kernel) {
-        if kernel_package.locked.name.starts_with("linux-image-")
-            && kernel_package.locked.name != variant.kernel.package
-        {
-            kernel::check_package_config(
-                &kernel_requirements,
-                &kernel_package.path,
-                &kernel_package.locked.name,
-            )?;
+        if kernel::check_package_config(
+            &kernel_requirements,
+            &kernel_package.path,
+            &kernel_package.locked.name,
+        )? {
+            kernels_checked += 1;
         }
+    }
+    if kernels_checked != 1 {
+        return Err(BuildError::Other(format!(
+            "{}: expected exactly one kernel package with a /boot/config-* in the lock, found {kernels_checked}",
+            lock_path.display()
+        )));
     }
 
     std::fs::create_dir_all(&options.output_root).map_err(BuildError::io(&options.output_root))?;

@@ -27,6 +27,12 @@ pub enum BuildError {
         package: String,
         variant: String,
     },
+    #[error("{file}: the lock is stale: {message}; run `make lock variant={variant}`")]
+    StaleLock {
+        file: PathBuf,
+        message: String,
+        variant: String,
+    },
     #[error("Debian package resolution failed: {message}")]
     Resolve { message: String },
     #[error("downloading {url}: {message}")]
@@ -83,6 +89,7 @@ impl BuildError {
             BuildError::Config { .. }
             | BuildError::ConfigKey { .. }
             | BuildError::NotLocked { .. }
+            | BuildError::StaleLock { .. }
             | BuildError::KernelConfig { .. }
             | BuildError::HostTool { .. }
             | BuildError::OfflineMissing { .. }

@@ -104,5 +104,72 @@ pub fn make_data_ext4(
             message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
         });
     }
+    fix_ext4_times(initial_var, output, source_date_epoch)
+}
+
+/// `mkfs.ext4 -d` (e2fsprogs 1.47.0) copies each file's ctime and atime from
+/// the build host; set every inode's times to SOURCE_DATE_EPOCH with debugfs.
+fn fix_ext4_times(tree: &Path, image: &Path, source_date_epoch: u64) -> Result<()> {
+    let mut paths = vec!["/".to_string(), "/lost+found".to_string()];
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(directory) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&directory)
+            .map_err(BuildError::io(&directory))?
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let relative = path.strip_prefix(tree).expect("under the tree");
+            paths.push(format!("/{}", relative.display()));
+            if path.is_dir() && !path.is_symlink() {
+                stack.push(path);
+            }
+        }
+    }
+    let mut script = String::new();
+    for path in &paths {
+        if path.contains('"') || path.contains('\n') {
+            return Err(BuildError::Other(format!(
+                "{path}: a /var path debugfs cannot quote"
+            )));
+        }
+        for field in ["atime", "ctime", "mtime", "crtime"] {
+            script.push_str(&format!("sif \"{path}\" {field} @{source_date_epoch}\n"));
+            script.push_str(&format!("sif \"{path}\" {field}_extra 0\n"));
+        }
+    }
+    let mut child = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg("-")
+        .arg(image)
+        .env("E2FSPROGS_FAKE_TIME", source_date_epoch.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(BuildError::io("debugfs"))?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(BuildError::io("debugfs"))?;
+    let output = child
+        .wait_with_output()
+        .map_err(BuildError::io("debugfs"))?;
+    let errors: Vec<&str> = std::str::from_utf8(&output.stderr)
+        .unwrap_or("")
+        .lines()
+        .filter(|line| !line.starts_with("debugfs "))
+        .collect();
+    if !output.status.success() || !errors.is_empty() {
+        return Err(BuildError::Command {
+            command: format!("debugfs -w {}", image.display()),
+            message: errors.join("; "),
+        });
+    }
     Ok(())
 }

@@ -82,24 +82,29 @@ pub fn unmet_requirements(
         .collect()
 }
 
-/// Check the kernel package's `/boot/config-<version>` before anything is built.
+/// Check a kernel package's `/boot/config-<version>` before anything is built.
+/// Returns false for a package without one (the metapackage).
 pub fn check_package_config(
     requirements_file: &Path,
     kernel_deb: &Path,
     package: &str,
-) -> Result<()> {
+) -> Result<bool> {
     let found =
-        crate::unpack::read_file_from_deb(kernel_deb, |path| path.starts_with("boot/config-"))?;
-    let (path, contents) = found.ok_or_else(|| BuildError::Package {
-        what: package.to_string(),
-        message: "has no /boot/config-*; expected a Debian linux-image package".into(),
-    })?;
+        crate::unpack::read_file_from_deb(kernel_deb, |path| path.starts_with("boot/config-"))
+            .map_err(|error| BuildError::Package {
+                what: package.to_string(),
+                message: error.to_string(),
+            })?;
+    let Some((path, contents)) = found else {
+        return Ok(false);
+    };
     let version = path.trim_start_matches("boot/config-").to_string();
     check_config_text(
         requirements_file,
         &String::from_utf8_lossy(&contents),
         &version,
-    )
+    )?;
+    Ok(true)
 }
 
 pub fn check_config_text(requirements_file: &Path, text: &str, kernel_version: &str) -> Result<()> {

@@ -111,29 +111,38 @@ impl LockFile {
             .filter(move |package| package.set == set)
     }
 
-    /// Fail if what the variant asks for differs from what was locked.
+    /// Fail if what the variant asks for differs from what was locked: a
+    /// package added or removed, or another kernel.
     pub fn check_matches(&self, path: &Path, requested: &Requested) -> Result<()> {
-        let locked_root: BTreeSet<&String> = self.requested_root.iter().collect();
-        let locked_boot: BTreeSet<&String> = self.requested_boot.iter().collect();
-        let missing: Vec<&String> = requested
-            .root
-            .iter()
-            .filter(|name| !locked_root.contains(name))
-            .chain(
-                requested
-                    .boot
-                    .iter()
-                    .filter(|name| !locked_boot.contains(name)),
-            )
-            .collect();
-        let kernel_changed =
-            (requested.kernel != self.requested_kernel).then_some(&requested.kernel);
-        if let Some(package) = missing.first().copied().or(kernel_changed) {
-            return Err(BuildError::NotLocked {
-                file: path.to_path_buf(),
-                package: package.to_string(),
-                variant: self.variant.clone(),
-            });
+        let stale = |message: String| BuildError::StaleLock {
+            file: path.to_path_buf(),
+            message,
+            variant: self.variant.clone(),
+        };
+        for (locked, wanted, set) in [
+            (&self.requested_root, &requested.root, "root"),
+            (&self.requested_boot, &requested.boot, "boot"),
+        ] {
+            let locked: BTreeSet<&String> = locked.iter().collect();
+            let wanted: BTreeSet<&String> = wanted.iter().collect();
+            if let Some(added) = wanted.difference(&locked).next() {
+                return Err(BuildError::NotLocked {
+                    file: path.to_path_buf(),
+                    package: added.to_string(),
+                    variant: self.variant.clone(),
+                });
+            }
+            if let Some(removed) = locked.difference(&wanted).next() {
+                return Err(stale(format!(
+                    "`{removed}` is locked for the {set} but no recipe asks for it any more"
+                )));
+            }
+        }
+        if requested.kernel != self.requested_kernel {
+            return Err(stale(format!(
+                "the lock pins kernel `{}` but the variant asks for `{}`",
+                self.requested_kernel, requested.kernel
+            )));
         }
         Ok(())
     }

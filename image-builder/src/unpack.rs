@@ -55,6 +55,64 @@ pub fn merged_usr_path(path: &Path) -> std::result::Result<Option<PathBuf>, Stri
     Ok(Some(parts.iter().collect()))
 }
 
+/// Where `relative` lands inside `root`, following symlinks among its parent
+/// directories as they would resolve with `root` as `/` (an absolute link
+/// target is re-rooted; `..` never climbs above `root`). The last component
+/// itself is not followed. This keeps a package's files inside the tree even
+/// where an earlier package made a directory an absolute symlink
+/// (e.g. /usr/lib/ssl/certs -> /etc/ssl/certs).
+pub fn confined_path(root: &Path, relative: &Path) -> std::result::Result<PathBuf, String> {
+    let mut parts: Vec<std::ffi::OsString> = relative
+        .components()
+        .filter_map(|component| match component {
+            Component::Normal(part) => Some(part.to_os_string()),
+            _ => None,
+        })
+        .collect();
+    let Some(last) = parts.pop() else {
+        return Ok(root.to_path_buf());
+    };
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: std::collections::VecDeque<std::ffi::OsString> = parts.into();
+    let mut links_followed = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        if part == "." || part.is_empty() {
+            continue;
+        }
+        let candidate: PathBuf = root.join(resolved.iter().collect::<PathBuf>()).join(&part);
+        match std::fs::read_link(&candidate) {
+            Ok(target) => {
+                links_followed += 1;
+                if links_followed > 40 {
+                    return Err(format!(
+                        "too many symlinks resolving {}",
+                        relative.display()
+                    ));
+                }
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                let mut expansion: Vec<std::ffi::OsString> = target
+                    .components()
+                    .filter_map(|component| match component {
+                        Component::Normal(part) => Some(part.to_os_string()),
+                        Component::ParentDir => Some("..".into()),
+                        _ => None,
+                    })
+                    .collect();
+                expansion.extend(pending.drain(..));
+                pending = expansion.into();
+            }
+            Err(_) => resolved.push(part),
+        }
+    }
+    Ok(root.join(resolved.iter().collect::<PathBuf>()).join(last))
+}
+
 fn is_excluded(path: &Path) -> bool {
     let text = path.to_string_lossy();
     EXCLUDED_PREFIXES
@@ -112,7 +170,7 @@ pub fn unpack_deb(deb: &Path, root: &Path) -> Result<UnpackReport> {
                 report.excluded += 1;
                 continue;
             }
-            let target = root.join(&relative);
+            let target = confined_path(root, &relative).map_err(&package_error)?;
             let header = entry.header().clone();
             let mode = header.mode().map_err(BuildError::io(deb))? & 0o7777;
             let uid = header.uid().map_err(BuildError::io(deb))? as u32;
@@ -171,8 +229,9 @@ pub fn unpack_deb(deb: &Path, root: &Path) -> Result<UnpackReport> {
                         )));
                     };
                     remove_existing(&target)?;
-                    std::fs::hard_link(root.join(link_relative), &target)
-                        .map_err(BuildError::io(&target))?;
+                    let link_target =
+                        confined_path(root, &link_relative).map_err(&package_error)?;
+                    std::fs::hard_link(link_target, &target).map_err(BuildError::io(&target))?;
                     report.files += 1;
                 }
                 other => {
@@ -274,6 +333,29 @@ mod tests {
         );
         assert_eq!(merged_usr_path(Path::new("./")).unwrap(), None);
         assert!(merged_usr_path(Path::new("./../etc")).is_err());
+    }
+
+    #[test]
+    fn absolute_symlinks_stay_inside_the_tree() {
+        let directory = tempfile::tempdir().unwrap();
+        let root = directory.path();
+        std::fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
+        std::fs::create_dir_all(root.join("usr/lib/ssl")).unwrap();
+        std::os::unix::fs::symlink("/etc/ssl/certs", root.join("usr/lib/ssl/certs")).unwrap();
+        std::os::unix::fs::symlink("../../../../..", root.join("usr/lib/ssl/up")).unwrap();
+        assert_eq!(
+            confined_path(root, Path::new("usr/lib/ssl/certs/ca.pem")).unwrap(),
+            root.join("etc/ssl/certs/ca.pem")
+        );
+        assert_eq!(
+            confined_path(root, Path::new("usr/lib/ssl/up/etc/passwd")).unwrap(),
+            root.join("etc/passwd")
+        );
+        // The last component is not followed (a package may replace a link).
+        assert_eq!(
+            confined_path(root, Path::new("usr/lib/ssl/certs")).unwrap(),
+            root.join("usr/lib/ssl/certs")
+        );
     }
 
     #[test]

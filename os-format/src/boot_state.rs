@@ -22,6 +22,11 @@ pub const STATE_FILE_SIZE: usize = 4096;
 pub const STATE_DIR: &str = "racklet";
 pub const STATE_COPIES: [&str; 2] = ["racklet/state-1.env", "racklet/state-2.env"];
 
+/// Marker file whose presence says slot B is the committed slot (else A),
+/// renamed into place from Linux; the boot script reads it when neither state
+/// copy is valid.
+pub const COMMITTED_B_MARKER: &str = "racklet/committed-b";
+
 pub const KEY_SEQUENCE: &str = "racklet_seq";
 pub const KEY_ORDER: &str = "racklet_order";
 pub const KEY_COMMITTED: &str = "racklet_committed";
@@ -207,18 +212,23 @@ impl BootState {
     }
 }
 
-/// Pick the state from the two copies: the valid one with the higher sequence.
-/// Returns the state and the index (0 or 1) of the copy it came from.
+/// Pick the state from the two copies: the valid one with the higher sequence,
+/// copy 1 on a tie (as the boot script does). Returns the state and the index
+/// (0 or 1) of the copy it came from.
 pub fn newest_copy(copies: [Option<&[u8]>; 2]) -> Option<(BootState, usize)> {
-    copies
-        .iter()
-        .enumerate()
-        .filter_map(|(index, bytes)| {
-            bytes
-                .and_then(|bytes| BootState::decode(bytes).ok())
-                .map(|state| (state, index))
-        })
-        .max_by_key(|(state, _)| state.sequence)
+    let mut newest: Option<(BootState, usize)> = None;
+    for (index, bytes) in copies.iter().enumerate() {
+        let Some(state) = bytes.and_then(|bytes| BootState::decode(bytes).ok()) else {
+            continue;
+        };
+        if newest
+            .as_ref()
+            .is_none_or(|(best, _)| state.sequence > best.sequence)
+        {
+            newest = Some((state, index));
+        }
+    }
+    newest
 }
 
 #[cfg(test)]
@@ -262,6 +272,8 @@ mod tests {
         torn[20..40].fill(0xff);
         assert_eq!(newest_copy([Some(&old), Some(&torn)]).unwrap().1, 0);
         assert!(newest_copy([None, None]).is_none());
+        // Equal sequences: copy 1, as boot.cmd decides.
+        assert_eq!(newest_copy([Some(&newer), Some(&newer)]).unwrap().1, 0);
     }
 
     #[test]

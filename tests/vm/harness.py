@@ -18,6 +18,7 @@ Timeouts are generous because TCG on two cores is slow.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -364,6 +365,8 @@ class VM:
 
     def _read_loop(self) -> None:
         sock = self._sock
+        # Incremental: a UTF-8 character may be split across two reads.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             try:
                 data = sock.recv(65536)
@@ -376,7 +379,7 @@ class VM:
                 return
             if self._log:
                 self._log.write(data)
-            text = data.decode("utf-8", errors="replace")
+            text = decoder.decode(data)
             with self._lock:
                 self._chunks.append((time.monotonic(), len(self._buffer)))
                 self._buffer += text
@@ -495,10 +498,12 @@ class VM:
         at = self.time_at(match.start())
         # Wait for the shell to answer; the first probe may be typed before
         # bash reads the terminal, so retry a few times.
+        # Typed input is echoed (and redrawn by readline): switch echo off, use
+        # a plain prompt and keep kernel messages off the console.
+        self.send("stty -echo; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1\n")
         for attempt in range(10):
             try:
-                self.run("stty -echo; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1", timeout=15,
-                         check=False)
+                self.run("true", timeout=15)
                 break
             except ExpectTimeout:
                 if attempt == 9:
@@ -527,6 +532,23 @@ class VM:
                 raise HarnessError(f"{self.name}: `{command}` exited {status}:\n{output}\n{self.tail()}")
             return output
         return status, output
+
+    # -- U-Boot's prompt (aarch64) ---------------------------------------
+
+    def stop_uboot(self, timeout: float = 120) -> None:
+        """Interrupt U-Boot's autoboot countdown and wait for its prompt."""
+        self.expect(r"Hit any key to stop autoboot", timeout=timeout)
+        self.send(" ")
+        self.expect(r"=> $", timeout=30)
+
+    def uboot(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a command at U-Boot's prompt: (status `$?`, output)."""
+        token = uuid.uuid4().hex[:8]
+        # `${rk_unset}` expands to nothing, so the echoed command line never matches.
+        self.send(f"echo RKB${{rk_unset}}{token}; {command}; echo RKE${{rk_unset}}{token}:$?\n")
+        match = self.expect(re.compile(rf"RKB{token}\r?\n(.*?)RKE{token}:(\d+)", re.S), timeout=timeout)
+        self.expect(r"=> ", timeout=30)
+        return int(match.group(2)), clean(match.group(1))
 
     def reboot(self, command: str = "systemctl reboot") -> None:
         """Ask the guest to reboot (does not wait for the next boot)."""

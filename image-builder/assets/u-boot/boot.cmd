@@ -67,6 +67,8 @@ for racklet_slot in ${racklet_order}; do
     echo "racklet: slot ${racklet_slot} has no tries left; skipping it"
   fi
   if test ${racklet_go} -eq 1; then
+    # The UKI's own command line (slot, root hash) must be the only one.
+    setenv bootargs
     if load ${racklet_part} ${racklet_load} EFI/Linux/racklet-${racklet_slot}.efi; then
       bootefi ${racklet_load} ${fdtcontroladdr}
     fi
@@ -75,6 +77,7 @@ for racklet_slot in ${racklet_order}; do
 done
 
 echo "racklet: falling back to the committed slot ${racklet_fallback}"
+setenv bootargs
 if load ${racklet_part} ${racklet_load} EFI/Linux/racklet-${racklet_fallback}.efi; then
   bootefi ${racklet_load} ${fdtcontroladdr}
 fi

@@ -1,0 +1,640 @@
+#!/usr/bin/env python3
+"""Boot tests for Racklet OS images under QEMU (TCG).
+
+    python3 tests/vm/test_boot.py [--only NAME[,NAME]] [--build DIR] [--list]
+
+Needs build/qemu-x86_64 and build/qemu-aarch64 (`make variant=... build`).
+The images are copied (sparse) into a scratch directory first, so a rebuild
+while the tests run cannot pull the disk out from under an overlay; every test
+boots its own qcow2 overlay of that copy and never touches build/.
+See tests/vm/README.md for what each test proves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    AUTOLOGIN,
+    HarnessError,
+    Overlay,
+    VM,
+    clean,
+    decode_uboot_env,
+    encode_uboot_env,
+    read_osrel_version,
+    require_tools,
+    with_osrel_version,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+X86 = "qemu-x86_64"
+ARM = "qemu-aarch64"
+ARCH = {X86: "x86_64", ARM: "aarch64"}
+
+# A boot that went wrong, seen on the console: stop waiting at once.
+BOOT_FAILURE = re.compile(
+    r"(racklet-init: FATAL|Kernel panic|login: PAM Failure|racklet: nothing bootable)[^\r\n]*\r?\n"
+    r"|device-mapper: verity: [^\r\n]*corrupted")
+# Whole lines only: the serial output arrives in pieces.
+KERNEL_CMDLINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
+INIT_OK = re.compile(r"racklet-init: slot ([ab]): [^\r\n]*starting [^\r\n]*\r?\n")
+SYSTEMD_BOOT_VENDOR_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(condition, message: str) -> None:
+    if not condition:
+        raise TestFailure(message)
+
+
+# ---------------------------------------------------------------------------
+# Images and per-test context
+
+
+class Image:
+    """One variant's build output, snapshotted into the scratch directory."""
+
+    def __init__(self, variant: str, build: Path, scratch: Path):
+        source = build / variant
+        self.variant = variant
+        self.arch = ARCH[variant]
+        self.dir = scratch / "images" / variant
+        (self.dir / "update").mkdir(parents=True, exist_ok=True)
+        for name in ["disk.img", "manifest.json", "update/uki-a.efi", "update/uki-b.efi"]:
+            if not (source / name).exists():
+                raise HarnessError(f"{source / name} is missing: run `make variant={variant} build` first")
+        # Sparse copy: the disk is ~5 GB with ~200-300 MB of data.
+        subprocess.run(["cp", "--sparse=always", str(source / "disk.img"), str(self.dir / "disk.img")],
+                       check=True)
+        for name in ["manifest.json", "update/uki-a.efi", "update/uki-b.efi"]:
+            shutil.copyfile(source / name, self.dir / name)
+        self.disk = self.dir / "disk.img"
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.root_hash = self.manifest["verity"]["root_hash"]
+        self.version = self.manifest["version"]
+        self.uki_b = self.dir / "update" / "uki-b.efi"
+
+    def artifact(self, kind: str) -> dict:
+        return next(a for a in self.manifest["artifacts"] if a["kind"] == kind)
+
+
+class Context:
+    def __init__(self, name: str, scratch: Path, images: dict, options):
+        self.name = name
+        self.dir = scratch / name
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        self._images = images
+        self.options = options
+        self.vms: list[VM] = []
+        self.notes: list[str] = []
+
+    def image(self, variant: str) -> Image:
+        return self._images[variant]
+
+    def overlay(self, image: Image, label: str = "disk") -> Overlay:
+        overlay = Overlay(image.disk, self.dir / f"{label}.qcow2")
+        if image.arch == "aarch64" and self.options.boot_cmd:
+            script = self.dir / "boot.scr"
+            subprocess.run(["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none",
+                            "-n", "racklet-ab", "-d", str(self.options.boot_cmd), str(script)],
+                           check=True, capture_output=True)
+            with overlay.esp() as esp:
+                esp.write("boot.scr", script.read_bytes())
+            self.note(f"boot.scr replaced by {self.options.boot_cmd}")
+        return overlay
+
+    def vm(self, image: Image, overlay: Overlay, label: str = "vm", **kwargs) -> VM:
+        kwargs.setdefault("memory", self.options.memory)
+        vm = VM(image.arch, overlay, self.dir, label, **kwargs)
+        self.vms.append(vm)
+        return vm
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.close()
+
+
+TESTS: list[tuple[str, list[str], object]] = []
+
+
+def test(*variants: str):
+    def register(function):
+        TESTS.append((function.__name__, list(variants), function))
+        return function
+    return register
+
+
+# ---------------------------------------------------------------------------
+# Shared steps
+
+
+def boot_to_shell(vm: VM, slot: str = "a", timeout: float = 400) -> dict:
+    """Start (if needed) and wait for racklet-init and the autologin shell.
+    Returns timings (seconds since QEMU start)."""
+    if not vm.running():
+        vm.start()
+    cmdline = vm.expect(KERNEL_CMDLINE, timeout=timeout, fail=BOOT_FAILURE)
+    kernel_at = vm.time_at(cmdline.start())
+    check(f"racklet.slot={slot}" in cmdline.group(1),
+          f"expected slot {slot} on the kernel command line, got: {cmdline.group(1)}")
+    init = vm.expect(INIT_OK, timeout=timeout, fail=BOOT_FAILURE)
+    check(init.group(1) == slot, f"racklet-init started slot {init.group(1)}, expected {slot}")
+    init_at = vm.time_at(init.start())
+    # Autologin: fail fast on a FATAL/panic/PAM failure instead of timing out.
+    login = vm.expect(AUTOLOGIN, timeout=timeout, fail=BOOT_FAILURE)
+    login_at = vm.time_at(login.start())
+    vm.cursor = login.start()
+    vm.wait_for_login(timeout=60)
+    return {"kernel": kernel_at, "init": init_at, "login": login_at, "cmdline": cmdline.group(1)}
+
+
+def root_checks(vm: VM, image: Image, slot: str) -> None:
+    """The running system sits on the dm-verity root of `slot`."""
+    source, fstype, options = vm.run("findmnt -n -o SOURCE,FSTYPE,OPTIONS /").split()
+    check(source in ("/dev/mapper/racklet-root", "/dev/dm-0"), f"/ is mounted from {source}")
+    check(fstype == "erofs", f"/ is {fstype}, expected erofs")
+    check("ro" in options.split(","), f"/ is not read-only: {options}")
+    name = vm.run("cat /sys/block/dm-0/dm/name").strip()
+    check(name == "racklet-root", f"dm-0 is named {name!r}")
+    status, table = vm.run("dmsetup table racklet-root", check=False)
+    check(status == 0, f"dmsetup table failed: {table}")
+    fields = table.split()
+    check(len(fields) > 10 and fields[2] == "verity",
+          f"racklet-root is not a verity target: {table.strip()}")
+    check(image.root_hash in fields, f"verity table does not carry the manifest's root hash: {table.strip()}")
+    check("restart_on_corruption" in fields, f"no restart_on_corruption in: {table.strip()}")
+    cmdline = vm.run("cat /proc/cmdline")
+    check(f"racklet.roothash={image.root_hash}" in cmdline, f"/proc/cmdline: {cmdline.strip()}")
+    check(f"racklet.slot={slot}" in cmdline, f"/proc/cmdline: {cmdline.strip()}")
+    status, output = vm.run("touch /usr/.racklet-write-test", check=False)
+    check(status != 0 and "Read-only file system" in output, f"writing to /usr: {status} {output.strip()}")
+
+
+def patch_esp(overlay: Overlay, files: dict[str, bytes] | None = None, delete: list[str] = ()) -> None:
+    with overlay.esp() as esp:
+        for path in delete:
+            esp.delete(path)
+        for path, data in (files or {}).items():
+            esp.write(path, data)
+
+
+def esp_listing(overlay: Overlay, directory: str) -> list[str]:
+    with overlay.esp() as esp:
+        return esp.listdir(directory)
+
+
+def read_states(overlay: Overlay) -> list[dict | None]:
+    with overlay.esp() as esp:
+        return [decode_uboot_env(esp.read(f"racklet/state-{n}.env")) for n in (1, 2)]
+
+
+def state(seq, order, tries_b="-", tries_a="-", committed="a") -> dict:
+    return {"racklet_seq": str(seq), "racklet_order": order, "racklet_committed": committed,
+            "racklet_tries_a": str(tries_a), "racklet_tries_b": str(tries_b)}
+
+
+def damaged(blob: bytes) -> bytes:
+    """A state copy with a wrong CRC (one data byte flipped, as a torn write would)."""
+    data = bytearray(blob)
+    data[12] ^= 0x20
+    return bytes(data)
+
+
+def uboot_decision(vm: VM, timeout: float = 240) -> str:
+    """Wait for the boot script's state line; returns it."""
+    vm.expect(r"Found U-Boot script /boot.scr", timeout=timeout)
+    line = vm.expect(r"racklet: (state copy [^\r\n]*|no valid boot state[^\r\n]*)\r?\n", timeout=60)
+    return line.group(0).strip()
+
+
+# ---------------------------------------------------------------------------
+# x86_64: OVMF -> systemd-boot -> UKI
+
+
+@test(X86)
+def x86_boot_verified_root(ctx: Context) -> None:
+    """Boots to multi-user under UEFI on the dm-verity root of slot A."""
+    image = ctx.image(X86)
+    vm = ctx.vm(image, ctx.overlay(image))
+    times = boot_to_shell(vm, "a")
+    root_checks(vm, image, "a")
+    for unit in sorted(set(image.manifest.get("required_units", [])) | {"containerd.service"}):
+        active = vm.run(f"systemctl is-active {unit}", check=False)[1].strip()
+        check(active == "active", f"{unit} is {active!r}")
+    status, state_text = vm.run("systemctl is-system-running --wait", timeout=300, check=False)
+    state_text = state_text.strip()
+    if state_text == "degraded":
+        failed = vm.run("systemctl --failed --no-legend --plain", check=False)[1].strip()
+        ctx.note(f"system is degraded; failed units: {failed}")
+    check(state_text in ("running", "degraded"), f"is-system-running: {state_text!r}")
+    osrel = dict(re.findall(r"^([A-Z_]+)=\"?([^\"\n]*)\"?$", vm.run("cat /etc/os-release"), re.M))
+    check(osrel.get("IMAGE_VERSION") == image.version,
+          f"IMAGE_VERSION {osrel.get('IMAGE_VERSION')!r} != manifest version {image.version!r}")
+    check(osrel.get("VARIANT_ID") == X86, f"VARIANT_ID {osrel.get('VARIANT_ID')!r}")
+    running_at = vm.elapsed()
+    analyze = vm.run("systemd-analyze", check=False)[1].strip().splitlines()
+    ctx.note(f"system state {state_text!r}; kernel cmdline at {times['kernel']:.1f} s, racklet-init done at "
+             f"{times['init']:.1f} s, autologin at {times['login']:.1f} s, is-system-running returned at "
+             f"{running_at:.1f} s (QEMU start = 0); systemd-analyze: {analyze[0] if analyze else '?'}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+@test(X86)
+def x86_var_and_etc_persist(ctx: Context) -> None:
+    """/var (data partition), the /etc overlay and the machine ID survive a reboot."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    data = overlay.partition("data")
+    var = vm.run("findmnt -n -o SOURCE,FSTYPE,OPTIONS /var").split()
+    check(var[0] == f"/dev/vda{data.number}" and var[1] == "ext4" and "rw" in var[2].split(","),
+          f"/var is {var}, expected /dev/vda{data.number} ext4 rw")
+    etc = vm.run("findmnt -n -o FSTYPE,OPTIONS /etc").split()
+    check(etc[0] == "overlay" and "var/lib/racklet/etc/upper" in etc[1], f"/etc is {etc}")
+    token = secrets.token_hex(16)
+    vm.run(f"mkdir -p /var/lib/racklet-test && echo {token} > /var/lib/racklet-test/token"
+           f" && echo {token} > /etc/racklet-test-token && sync")
+    machine_id = vm.run("cat /etc/machine-id").strip()
+    check(re.fullmatch(r"[0-9a-f]{32}", machine_id), f"machine-id {machine_id!r}")
+    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    check(vm.run("cat /proc/sys/kernel/random/boot_id").strip() != boot_id, "the boot ID did not change")
+    check(vm.run("cat /var/lib/racklet-test/token", check=False)[1].strip() == token, "/var token lost")
+    check(vm.run("cat /etc/racklet-test-token", check=False)[1].strip() == token, "/etc token lost")
+    after = vm.run("cat /etc/machine-id").strip()
+    check(after == machine_id, f"machine-id changed across the reboot: {machine_id} -> {after}")
+    ctx.note(f"machine-id {machine_id} kept; token {token} kept in /var and /etc")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+def systemd_block(image: Image, erofs: Path) -> tuple[int, str]:
+    """(byte offset inside the root file system, what) of a block read at boot:
+    the first data block of /usr/lib/systemd/systemd (exec'd as PID 1)."""
+    if shutil.which("dump.erofs") is None:
+        raise HarnessError("dump.erofs (erofs-utils) is needed to find a file's blocks")
+    for path in ["/usr/lib/systemd/systemd", "/lib/systemd/systemd"]:
+        result = subprocess.run(["dump.erofs", f"--path={path}", "-e", str(erofs)],
+                                capture_output=True, text=True)
+        extents = re.findall(r"^\s*\d+:\s*\d+\.\.\s*\d+\s*\|\s*\d+\s*:\s*(\d+)\.\.\s*(\d+)",
+                             result.stdout, re.M)
+        if result.returncode == 0 and extents:
+            return int(extents[0][0]), f"first extent of {path}"
+    raise HarnessError(f"dump.erofs found no extents for systemd: {result.stdout}{result.stderr}")
+
+
+@test(X86)
+def x86_verity_detects_corruption(ctx: Context) -> None:
+    """One flipped byte in root-a: dm-verity reports it and the machine resets; no shell."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    root = overlay.partition("root-a")
+    used = image.artifact("root-filesystem")["uncompressed_size"]
+    erofs = ctx.dir / "root-a.erofs"
+    with open(image.disk, "rb") as disk, open(erofs, "wb") as out:
+        disk.seek(root.start)
+        left = used
+        while left:
+            chunk = disk.read(min(left, 4 << 20))
+            out.write(chunk)
+            left -= len(chunk)
+    offset, what = systemd_block(image, erofs)
+    erofs.unlink()
+    block_size = image.manifest["verity"]["data_block_size"]
+    check(offset < used, f"offset {offset} beyond the used {used} bytes")
+    offset += block_size // 2  # the middle of that block
+    with open(image.disk, "rb") as disk:
+        disk.seek(root.start + offset)
+        original = disk.read(1)[0]
+    overlay.write(root.start + offset, bytes([original ^ 0xFF]))
+    check(overlay.read(root.start + offset, 1)[0] == original ^ 0xFF, "the flipped byte did not land")
+    expected_block = offset // block_size
+    vm = ctx.vm(image, overlay, no_reboot=True)
+    vm.start()
+    corrupted = vm.expect(r"device-mapper: verity: [^\r\n]*data block (\d+) is corrupted", timeout=400,
+                          fail=AUTOLOGIN)
+    check(int(corrupted.group(1)) == expected_block,
+          f"verity reported block {corrupted.group(1)}, the flipped byte is in block {expected_block}")
+    code = vm.wait_exit(120)
+    output = clean(vm.output)
+    check("reboot: Restarting system" in output or "dm-verity device corrupted" in output,
+          "no kernel restart after the corruption")
+    check(not AUTOLOGIN.search(output) and "racklet-init: slot a" in output,
+          "the corrupt root must fail after racklet-init opened it, before any login")
+    ctx.note(f"flipped root-a byte {offset} ({what}, block {expected_block}); kernel: "
+             f"{corrupted.group(0).strip()}; QEMU exited {code} (-no-reboot) after {vm.elapsed():.1f} s")
+
+
+def counting_overlay(ctx: Context, image: Image) -> tuple[Overlay, str]:
+    """An overlay whose ESP also has slot B's UKI as a fresh boot-counted entry
+    (1 try) with a higher IMAGE_VERSION in .osrel, so systemd-boot prefers it."""
+    overlay = ctx.overlay(image)
+    newer = re.sub(r"\d", "9", image.version)
+    check(newer != image.version, f"cannot make a higher version than {image.version}")
+    uki = with_osrel_version(image.uki_b.read_bytes(), image.version, newer)
+    check(read_osrel_version(uki) == newer, "patched .osrel not readable")
+    patch_esp(overlay, {"EFI/Linux/racklet-b+1.efi": uki})
+    return overlay, newer
+
+
+@test(X86)
+def x86_boot_counting_falls_back(ctx: Context) -> None:
+    """systemd-boot tries a counted entry once (renaming it +0-1), then boots A."""
+    image = ctx.image(X86)
+    overlay, newer = counting_overlay(ctx, image)
+    vm = ctx.vm(image, overlay)  # no -no-reboot: racklet-init reboots after FATAL
+    vm.start()
+    first = vm.expect(KERNEL_CMDLINE, timeout=400)
+    check("racklet.slot=b" in first.group(1), f"first boot was not slot B: {first.group(1)}")
+    fatal = vm.expect(r"racklet-init: FATAL: slot b[^\r\n]*\r?\n", timeout=300, fail=AUTOLOGIN)
+    times = boot_to_shell(vm, "a")
+    root_checks(vm, image, "a")
+    listing = vm.run("ls /efi/EFI/Linux").split()
+    check("racklet-b+0-1.efi" in listing and "racklet-a.efi" in listing and "racklet-b+1.efi" not in listing,
+          f"/efi/EFI/Linux: {listing}")
+    selected = vm.run(f"tail -c +5 /sys/firmware/efi/efivars/LoaderEntrySelected-{SYSTEMD_BOOT_VENDOR_GUID}"
+                      " | tr -d '\\000'").strip()
+    check(selected == "racklet-a.efi", f"LoaderEntrySelected is {selected!r}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    check(esp_listing(overlay, "EFI/Linux") == ["racklet-a.efi", "racklet-b+0-1.efi"],
+          f"ESP after the test: {esp_listing(overlay, 'EFI/Linux')}")
+    ctx.note(f"B (.osrel {newer}) tried once: {fatal.group(0).strip()[:100]}...; then A logged in "
+             f"{times['login']:.1f} s after QEMU start")
+
+
+@test(X86)
+def x86_boot_counting_blesses(ctx: Context) -> None:
+    """A counted entry that boots is blessed: racklet-a+1.efi -> racklet-a.efi."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    with overlay.esp() as esp:
+        esp.rename("EFI/Linux/racklet-a.efi", "racklet-a+1.efi")
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    count_path = vm.run(f"tail -c +5 /sys/firmware/efi/efivars/LoaderBootCountPath-{SYSTEMD_BOOT_VENDOR_GUID}"
+                        " | tr -d '\\000'", check=False)[1].strip()
+    check(count_path.endswith("racklet-a+0-1.efi"), f"LoaderBootCountPath is {count_path!r}")
+    vm.run("systemctl is-system-running --wait", timeout=300, check=False)
+    status = vm.run("systemctl is-active systemd-bless-boot.service", check=False)[1].strip()
+    listing = vm.run("ls /efi/EFI/Linux").split()
+    check(listing == ["racklet-a.efi"], f"/efi/EFI/Linux after boot-complete: {listing} "
+                                         f"(systemd-bless-boot.service: {status})")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    ctx.note(f"booted via {count_path}; systemd-bless-boot.service {status}; ESP now {listing}")
+
+
+# ---------------------------------------------------------------------------
+# aarch64: U-Boot (distro boot) -> boot.scr -> UKI
+
+
+@test(ARM)
+def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
+    """U-Boot runs boot.scr, which boots slot A's UKI onto the verified root."""
+    image = ctx.image(ARM)
+    overlay = ctx.overlay(image)
+    before = read_states(overlay)
+    check(all(before), f"the image's state copies do not decode: {before}")
+    vm = ctx.vm(image, overlay)
+    vm.start()
+    decision = uboot_decision(vm)
+    check("order a," in decision and "committed a" in decision, f"boot script: {decision}")
+    vm.expect(r"Booting /EFI\\Linux\\racklet-a\.efi", timeout=120, fail=BOOT_FAILURE)
+    times = boot_to_shell(vm, "a")
+    root_checks(vm, image, "a")
+    active = vm.run("systemctl is-active containerd.service", check=False)[1].strip()
+    check(active == "active", f"containerd is {active!r}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    after = read_states(overlay)
+    check(after == before, f"a committed boot must not write the state: {before} -> {after}")
+    ctx.note(f"{decision}; kernel at {times['kernel']:.1f} s, racklet-init done at {times['init']:.1f} s, "
+             f"autologin at {times['login']:.1f} s")
+
+
+@test(ARM)
+def aarch64_uboot_try_b_then_fall_back(ctx: Context) -> None:
+    """One try of slot B is recorded (tries_b 1 -> 0) before B boots; B fails;
+    the next pass skips B and boots A."""
+    image = ctx.image(ARM)
+    overlay = ctx.overlay(image)
+    older = state(1, "a")
+    newer = state(2, "b a", tries_b=1)
+    patch_esp(overlay, {"EFI/Linux/racklet-b.efi": image.uki_b.read_bytes(),
+                        "racklet/state-1.env": encode_uboot_env(older),
+                        "racklet/state-2.env": encode_uboot_env(newer)})
+    vm = ctx.vm(image, overlay)
+    vm.start()
+    decision = uboot_decision(vm)
+    check("state copy 2 (sequence 2): order b a" in decision and "b=1" in decision, f"first pass: {decision}")
+    vm.expect(r"racklet: trying slot b \(0 tries left after this one\)", timeout=60)
+    vm.expect(r"Booting /EFI\\Linux\\racklet-b\.efi", timeout=120)
+    first = vm.expect(KERNEL_CMDLINE, timeout=300)
+    check("racklet.slot=b" in first.group(1), f"slot B's kernel has {first.group(1)}")
+    vm.expect(r"racklet-init: FATAL: slot b[^\r\n]*\r?\n", timeout=300, fail=AUTOLOGIN)
+    decision = uboot_decision(vm)
+    check("state copy 1 (sequence 3): order b a" in decision and "b=0" in decision, f"second pass: {decision}")
+    vm.expect(r"racklet: slot b has no tries left; skipping it", timeout=60)
+    vm.expect(r"Booting /EFI\\Linux\\racklet-a\.efi", timeout=120)
+    boot_to_shell(vm, "a")
+    root_checks(vm, image, "a")
+    seen = vm.run("tr '\\000' '\\n' < /efi/racklet/state-1.env | grep '^racklet_'")
+    check("racklet_tries_b=0" in seen.split() and "racklet_seq=3" in seen.split(),
+          f"/efi/racklet/state-1.env in the guest: {seen.split()}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    copies = read_states(overlay)
+    check(copies[0] == state(3, "b a", tries_b=0), f"state-1.env (written by U-Boot): {copies[0]}")
+    check(copies[1] == newer, f"state-2.env must be untouched: {copies[1]}")
+    ctx.note("B tried once, then skipped; state-1.env = " + repr(copies[0]))
+
+
+@test(ARM)
+def aarch64_uboot_damaged_newer_copy(ctx: Context) -> None:
+    """A newer state copy with a bad CRC is ignored in favour of the older valid one."""
+    image = ctx.image(ARM)
+    overlay = ctx.overlay(image)
+    valid = encode_uboot_env(state(6, "a"))
+    # The torn newer copy would have sent us to B.
+    torn = damaged(encode_uboot_env(state(7, "b a", tries_b=1)))
+    check(decode_uboot_env(torn) is None, "the damaged copy still decodes")
+    patch_esp(overlay, {"EFI/Linux/racklet-b.efi": image.uki_b.read_bytes(),
+                        "racklet/state-1.env": torn, "racklet/state-2.env": valid})
+    vm = ctx.vm(image, overlay, no_reboot=True)
+    vm.start()
+    decision = uboot_decision(vm)
+    check("state copy 2 (sequence 6): order a," in decision, f"boot script: {decision}")
+    vm.expect(r"Booting /EFI\\Linux\\racklet-a\.efi", timeout=120,
+              fail=r"racklet: trying slot b|racklet-b\.efi")
+    cmdline = vm.expect(KERNEL_CMDLINE, timeout=300)
+    check("racklet.slot=a" in cmdline.group(1), cmdline.group(1))
+    vm.expect(INIT_OK, timeout=300, fail=BOOT_FAILURE)
+    vm.kill()
+    with overlay.esp() as esp:
+        check(esp.read("racklet/state-1.env") == torn and esp.read("racklet/state-2.env") == valid,
+              "no try happened, so neither copy may change")
+    ctx.note(decision)
+
+
+@test(ARM)
+def aarch64_uboot_both_copies_damaged(ctx: Context) -> None:
+    """Both copies damaged: the committed slot boots (A by default, B with the
+    racklet/committed-b marker)."""
+    image = ctx.image(ARM)
+    for committed in ("a", "b"):
+        overlay = ctx.overlay(image, f"disk-{committed}")
+        files = {"EFI/Linux/racklet-b.efi": image.uki_b.read_bytes(),
+                 "racklet/state-1.env": damaged(encode_uboot_env(state(4, "b a", tries_b=1))),
+                 "racklet/state-2.env": damaged(encode_uboot_env(state(5, "b a", tries_b=1)))}
+        if committed == "b":
+            files["racklet/committed-b"] = b""
+        patch_esp(overlay, files)
+        vm = ctx.vm(image, overlay, label=f"committed-{committed}", no_reboot=True)
+        vm.start()
+        decision = uboot_decision(vm)
+        check(decision == f"racklet: no valid boot state; booting the committed slot {committed}",
+              f"committed {committed}: {decision}")
+        vm.expect(rf"Booting /EFI\\Linux\\racklet-{committed}\.efi", timeout=120, fail=r"racklet: trying slot")
+        cmdline = vm.expect(KERNEL_CMDLINE, timeout=300)
+        check(f"racklet.slot={committed}" in cmdline.group(1), cmdline.group(1))
+        if committed == "a":
+            vm.expect(INIT_OK, timeout=300, fail=BOOT_FAILURE)
+        vm.kill()
+        ctx.note(f"committed {committed}: {decision}")
+
+
+@test(ARM)
+def aarch64_uboot_sequence_past_9(ctx: Context) -> None:
+    """The try counter still works once the sequence number passes 9
+    (U-Boot's setexpr counts in hex: 9 + 1 = "a")."""
+    image = ctx.image(ARM)
+    overlay = ctx.overlay(image)
+    patch_esp(overlay, {"EFI/Linux/racklet-b.efi": image.uki_b.read_bytes(),
+                        "racklet/state-1.env": encode_uboot_env(state(9, "b a", tries_b=1)),
+                        "racklet/state-2.env": encode_uboot_env(state(8, "a"))})
+    vm = ctx.vm(image, overlay, label="try", no_reboot=True)
+    vm.start()
+    decision = uboot_decision(vm)
+    check("state copy 1 (sequence 9)" in decision, decision)
+    vm.expect(r"racklet: trying slot b", timeout=60)
+    vm.expect(r"Booting /EFI\\Linux\\racklet-b\.efi", timeout=120)
+    vm.kill()
+    written = read_states(overlay)[1]
+    ctx.note(f"after the try, state-2.env = {written}")
+    check(written and written["racklet_tries_b"] == "0", f"state-2.env after the try: {written}")
+    vm = ctx.vm(image, overlay, label="next", no_reboot=True)
+    vm.start()
+    decision = uboot_decision(vm)
+    ctx.note(f"next boot: {decision}")
+    check("b=0" in decision, f"the boot after the try must use the written copy (tries b=0): {decision}")
+    vm.expect(r"Booting /EFI\\Linux\\racklet-a\.efi", timeout=120, fail=r"racklet: trying slot b")
+    vm.kill()
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only these tests (comma-separated names or prefixes; repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the tests and exit")
+    parser.add_argument("--build", type=Path, default=REPO / "build",
+                        help="directory holding qemu-x86_64/ and qemu-aarch64/ (default: build/)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="scratch directory (default: a new one under /tmp); serial logs stay there")
+    parser.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB (default 1024)")
+    parser.add_argument("--boot-cmd", type=Path, default=None,
+                        help="aarch64: replace boot.scr on each overlay with this boot.cmd (compiled by mkimage)")
+    parser.add_argument("--keep", action="store_true", help="keep overlays and image copies")
+    options = parser.parse_args()
+
+    if options.list:
+        for name, variants, function in TESTS:
+            print(f"{name:40} {','.join(variants):14} {function.__doc__.splitlines()[0]}")
+        return 0
+    wanted = [word for item in options.only for word in item.split(",") if word]
+    selected = [t for t in TESTS if not wanted or any(t[0] == w or t[0].startswith(w) for w in wanted)]
+    if not selected:
+        print(f"no test matches {wanted}; --list shows them", file=sys.stderr)
+        return 2
+
+    scratch = options.workdir or Path(tempfile.mkdtemp(prefix="racklet-vmtest-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    print(f"scratch directory: {scratch}", flush=True)
+    variants = sorted({v for _, vs, _ in selected for v in vs})
+    images: dict[str, Image] = {}
+    setup_error: dict[str, str] = {}
+    for variant in variants:
+        missing = require_tools(ARCH[variant])
+        if missing:
+            setup_error[variant] = "missing host tools: " + ", ".join(missing)
+            continue
+        try:
+            images[variant] = Image(variant, options.build, scratch)
+        except Exception as error:  # noqa: BLE001
+            setup_error[variant] = str(error)
+
+    passed = failed = 0
+    for name, test_variants, function in selected:
+        started = time.monotonic()
+        problem = next((setup_error[v] for v in test_variants if v in setup_error), None)
+        ctx = None
+        try:
+            if problem:
+                raise HarnessError(problem)
+            ctx = Context(name, scratch, images, options)
+            function(ctx)
+        except Exception as error:  # noqa: BLE001
+            failed += 1
+            elapsed = time.monotonic() - started
+            kind = "" if isinstance(error, (TestFailure, HarnessError)) else f"{type(error).__name__}: "
+            print(f"FAIL {name} ({elapsed:.0f} s): {kind}{error}", flush=True)
+            if not isinstance(error, (TestFailure, HarnessError)):
+                traceback.print_exc()
+            if ctx:
+                for note in ctx.notes:
+                    print(f"     note: {note}")
+                for vm in ctx.vms:
+                    if isinstance(error, TestFailure) or "last 60 lines" not in str(error):
+                        print(vm.tail(60))
+                    print(f"     serial log: {vm.log_path}")
+        else:
+            passed += 1
+            print(f"ok   {name} ({time.monotonic() - started:.0f} s)", flush=True)
+            for note in ctx.notes:
+                print(f"     {note}")
+        finally:
+            if ctx:
+                ctx.close()
+                if not options.keep:
+                    for overlay in ctx.dir.glob("*.qcow2"):
+                        overlay.unlink()
+    if not options.keep:
+        shutil.rmtree(scratch / "images", ignore_errors=True)
+    print(f"serial logs: {scratch}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
