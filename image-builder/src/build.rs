@@ -312,7 +312,7 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
         source_date_epoch,
     };
     tracing::info!(variant = %variant.name, packages = input.root_packages.len(), "composing the root file system");
-    let kernel_files = compose::compose(&input, &root, &kernel_dir)?;
+    let kernel_files = compose::compose(&input, &cache.stage_dir(), &root, &kernel_dir)?;
     for package in inputs::in_set(&packages, PackageSet::Boot) {
         unpack::unpack_deb(&package.path, &boot_tree)?;
     }

@@ -32,6 +32,8 @@ const OS_RELEASE: &str = "usr/lib/os-release";
 const CA_CERTIFICATES_DIR: &str = "usr/share/ca-certificates";
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 pub const MODULES_DIR: &str = "usr/lib/modules";
+const KERNEL_VERSION_FILE: &str = "version";
+const DEVICE_TREE_DIR: &str = "dtbs";
 const HOSTNAME: &str = "racklet";
 
 /// k3s (or its stand-in) as it goes into the image.
@@ -106,7 +108,100 @@ fn symlink(target: &str, link: &Path) -> Result<()> {
 }
 
 /// Build the root tree at `root` (an empty directory); the kernel's files go to `kernel_dir`.
-pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
+/// Bumped whenever the Debian stage's output would change for the same inputs.
+const DEBIAN_STAGE_FORMAT: &str = "racklet-debian-stage-1";
+
+/// The content key of the Debian stage (steps 1-4 and 6 above): the builder
+/// itself, the packages, the recipes, the architecture and the time stamp.
+/// Our binaries are not part of it, so changing them reuses the stage.
+pub fn debian_stage_key(input: &ComposeInput) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(DEBIAN_STAGE_FORMAT);
+    let builder = std::env::current_exe().map_err(BuildError::io("current executable"))?;
+    let mut file = std::fs::File::open(&builder).map_err(BuildError::io(&builder))?;
+    std::io::copy(&mut file, &mut hasher).map_err(BuildError::io(&builder))?;
+    for package in input
+        .root_packages
+        .iter()
+        .chain(input.kernel_packages.iter())
+    {
+        hasher.update(package.locked.sha256.as_bytes());
+    }
+    for recipe in input.recipes {
+        let path = crate::recipe::recipe_path(input.project_root, &recipe.name);
+        hasher.update(std::fs::read(&path).map_err(BuildError::io(&path))?);
+    }
+    hasher.update(input.variant.arch.as_str());
+    hasher.update(input.source_date_epoch.to_le_bytes());
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The Debian stage, from the stage cache when its key is there: the tree is
+/// copied (`cp -a`, ownership and modes kept) instead of unpacked again.
+pub fn debian_stage(
+    input: &ComposeInput,
+    stage_dir: &Path,
+    root: &Path,
+    kernel_dir: &Path,
+) -> Result<KernelFiles> {
+    let key = debian_stage_key(input)?;
+    let cached = stage_dir.join(format!("debian-{key}"));
+    let copy = |from: &Path, to: &Path| -> Result<()> {
+        std::fs::create_dir_all(to).map_err(BuildError::io(to))?;
+        run(Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(format!("{}/.", from.display()))
+            .arg(to))
+    };
+    if cached.join("complete").is_file() {
+        tracing::info!(stage = %cached.display(), "Debian stage from the cache");
+        copy(&cached.join("root"), root)?;
+        copy(&cached.join("kernel"), kernel_dir)?;
+    } else {
+        compose_debian(input, root, kernel_dir)?;
+        std::fs::create_dir_all(stage_dir).map_err(BuildError::io(stage_dir))?;
+        let temporary = tempfile::Builder::new()
+            .prefix(".debian-")
+            .tempdir_in(stage_dir)
+            .map_err(BuildError::io(stage_dir))?;
+        copy(root, &temporary.path().join("root"))?;
+        copy(kernel_dir, &temporary.path().join("kernel"))?;
+        std::fs::write(temporary.path().join("complete"), &key)
+            .map_err(BuildError::io(temporary.path()))?;
+        let staged = temporary.keep();
+        if std::fs::rename(&staged, &cached).is_err() {
+            // Another build stored the same stage meanwhile.
+            let _ = std::fs::remove_dir_all(&staged);
+        }
+        prune_stages(stage_dir, KEPT_DEBIAN_STAGES);
+    }
+    kernel_files(kernel_dir, root)
+}
+
+/// How many Debian stages (about 0.5 GB each) the cache keeps.
+const KEPT_DEBIAN_STAGES: usize = 4;
+
+/// Remove all but the `keep` most recently stored Debian stages.
+fn prune_stages(stage_dir: &Path, keep: usize) {
+    let mut stages: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(stage_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("debian-"))
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .collect();
+    stages.sort();
+    let excess = stages.len().saturating_sub(keep);
+    for (_, path) in stages.into_iter().take(excess) {
+        tracing::debug!(stage = %path.display(), "pruning an old Debian stage");
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// Steps 1-4 and 6: everything that comes from Debian alone.
+pub fn compose_debian(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
     unpack::prepare_tree(root, input.variant.arch == Arch::X86_64)?;
     let total = input.root_packages.len() + input.kernel_packages.len();
     let bar = crate::progress::bytes_bar(total as u64, "unpacking packages");
@@ -154,6 +249,17 @@ pub fn compose(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> Result<K
         }
     }
     write_ca_bundle(root)?;
+    Ok(kernel)
+}
+
+/// Steps 5 and 7-9: our binaries, k3s and configuration on top of the Debian stage.
+pub fn compose(
+    input: &ComposeInput,
+    stage_dir: &Path,
+    root: &Path,
+    kernel_dir: &Path,
+) -> Result<KernelFiles> {
+    let kernel = debian_stage(input, stage_dir, root, kernel_dir)?;
     install_binaries(input, root)?;
     install_k3s(input, root)?;
     write_system_files(input, root)?;
@@ -220,23 +326,31 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
     std::fs::remove_dir_all(&boot).map_err(BuildError::io(&boot))?;
     std::fs::create_dir(&boot).map_err(BuildError::io(&boot))?;
     let device_trees = root.join(format!("usr/lib/linux-image-{version}"));
-    let device_tree_dir = if device_trees.is_dir() {
-        let destination = kernel_dir.join("dtbs");
+    if device_trees.is_dir() {
+        let destination = kernel_dir.join(DEVICE_TREE_DIR);
         std::fs::rename(&device_trees, &destination).map_err(BuildError::io(&destination))?;
-        Some(destination)
-    } else {
-        None
-    };
+    }
+    let version_file = kernel_dir.join(KERNEL_VERSION_FILE);
+    std::fs::write(&version_file, &version).map_err(BuildError::io(&version_file))?;
+
+    kernel_files(kernel_dir, root)
+}
+
+/// The kernel pieces in `kernel_dir` as `move_kernel_out` left them.
+fn kernel_files(kernel_dir: &Path, root: &Path) -> Result<KernelFiles> {
+    let version_file = kernel_dir.join(KERNEL_VERSION_FILE);
+    let version = std::fs::read_to_string(&version_file).map_err(BuildError::io(&version_file))?;
     if !root.join(MODULES_DIR).join(&version).is_dir() {
         return Err(BuildError::Other(format!(
             "kernel {version} has no modules under /{MODULES_DIR}"
         )));
     }
+    let device_tree_dir = kernel_dir.join(DEVICE_TREE_DIR);
     Ok(KernelFiles {
         version,
-        image,
-        config,
-        device_tree_dir,
+        image: kernel_dir.join("vmlinuz"),
+        config: kernel_dir.join("config"),
+        device_tree_dir: device_tree_dir.is_dir().then_some(device_tree_dir),
     })
 }
 
