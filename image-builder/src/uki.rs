@@ -154,7 +154,8 @@ pub fn assemble(arch: Arch, parts: &UkiParts, output: &Path, source_date_epoch: 
             message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
         });
     }
-    // objcopy stamps PE files with the current time: use SOURCE_DATE_EPOCH.
+    // objcopy stamps PE files with the current time: use SOURCE_DATE_EPOCH,
+    // then recompute the checksum objcopy derived from its own time stamp.
     let mut bytes = std::fs::read(output).map_err(BuildError::io(output))?;
     let written = pe_layout(&bytes).ok_or_else(|| {
         BuildError::Other(format!(
@@ -164,6 +165,9 @@ pub fn assemble(arch: Arch, parts: &UkiParts, output: &Path, source_date_epoch: 
     })?;
     bytes[written.timestamp_offset..written.timestamp_offset + 4]
         .copy_from_slice(&(source_date_epoch as u32).to_le_bytes());
+    let checksum = pe_checksum(&bytes, written.checksum_offset);
+    bytes[written.checksum_offset..written.checksum_offset + 4]
+        .copy_from_slice(&checksum.to_le_bytes());
     std::fs::write(output, bytes).map_err(BuildError::io(output))
 }
 

@@ -157,10 +157,13 @@ class Overlay:
         last = -(-(offset + length) // block)
         out = self.path.with_suffix(".read")
         out.unlink(missing_ok=True)
+        # qemu-img dd counts `count` from the start of the input, skipped blocks included.
         _check_call(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={block}", f"skip={first}",
-                     f"count={last - first}", f"if={self.path}", f"of={out}"])
+                     f"count={last}", f"if={self.path}", f"of={out}"])
         data = out.read_bytes()
         out.unlink()
+        if len(data) != (last - first) * block:
+            raise HarnessError(f"qemu-img dd read {len(data)} bytes, expected {(last - first) * block}")
         start = offset - first * block
         return data[start:start + length]
 
@@ -172,8 +175,11 @@ class Overlay:
         destination.unlink(missing_ok=True)
         block = 1024 * 1024 if part.start % (1024 * 1024) == 0 and part.size % (1024 * 1024) == 0 else 512
         _check_call(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={block}",
-                     f"skip={part.start // block}", f"count={part.size // block}",
+                     f"skip={part.start // block}", f"count={(part.start + part.size) // block}",
                      f"if={self.path}", f"of={destination}"])
+        if destination.stat().st_size != part.size:
+            raise HarnessError(f"extracted {destination.stat().st_size} bytes of partition {name}, "
+                               f"expected {part.size}")
         return destination
 
     def esp(self) -> "EspEditor":
@@ -499,8 +505,9 @@ class VM:
         # Wait for the shell to answer; the first probe may be typed before
         # bash reads the terminal, so retry a few times.
         # Typed input is echoed (and redrawn by readline): switch echo off, use
-        # a plain prompt and keep kernel messages off the console.
-        self.send("stty -echo; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1\n")
+        # a plain prompt, keep kernel messages off the console, and make the
+        # terminal wide so that tools (findmnt...) do not truncate columns.
+        self.send("stty -echo cols 1000; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1\n")
         for attempt in range(10):
             try:
                 self.run("true", timeout=15)
@@ -603,6 +610,20 @@ def with_osrel_version(uki: bytes, old: str, new: str) -> bytes:
     patched = patched.replace(f"VERSION_ID={old}".encode(), f"VERSION_ID={new}".encode())
     assert patched != osrel, f".osrel has no IMAGE_VERSION={old}"
     return uki[:offset] + patched + uki[offset + size:]
+
+
+def with_cmdline_replaced(uki: bytes, old: str, new: str) -> bytes:
+    """A copy of a UKI whose `.cmdline` has `old` replaced by `new` (same length)."""
+    assert len(old) == len(new), "keep the length so no section moves"
+    offset, size = pe_section(uki, ".cmdline")
+    cmdline = uki[offset:offset + size]
+    assert old.encode() in cmdline, f".cmdline has no {old!r}"
+    return uki[:offset] + cmdline.replace(old.encode(), new.encode()) + uki[offset + size:]
+
+
+def uki_cmdline(uki: bytes) -> str:
+    offset, size = pe_section(uki, ".cmdline")
+    return uki[offset:offset + size].rstrip(b"\0").decode(errors="replace").strip()
 
 
 # ---------------------------------------------------------------------------

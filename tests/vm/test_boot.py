@@ -13,6 +13,7 @@ See tests/vm/README.md for what each test proves.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import secrets
@@ -36,6 +37,8 @@ from harness import (  # noqa: E402
     encode_uboot_env,
     read_osrel_version,
     require_tools,
+    uki_cmdline,
+    with_cmdline_replaced,
     with_osrel_version,
 )
 
@@ -89,6 +92,16 @@ class Image:
         self.root_hash = self.manifest["verity"]["root_hash"]
         self.version = self.manifest["version"]
         self.uki_b = self.dir / "update" / "uki-b.efi"
+
+    def broken_uki_b(self) -> bytes:
+        """Slot B's UKI with a root hash no partition on the disk has: racklet-init
+        waits for its partitions, prints FATAL and reboots. (The unmodified
+        uki-b.efi carries the same root hash as slot A, and racklet-init finds
+        partitions by root hash alone, so it would boot slot A's partitions.)"""
+        uki = self.uki_b.read_bytes()
+        check(f"racklet.roothash={self.root_hash}" in uki_cmdline(uki), f"uki-b.efi: {uki_cmdline(uki)}")
+        missing = hashlib.sha256(b"racklet vm test: a root nobody has").hexdigest()
+        return with_cmdline_replaced(uki, self.root_hash, missing)
 
     def artifact(self, kind: str) -> dict:
         return next(a for a in self.manifest["artifacts"] if a["kind"] == kind)
@@ -353,7 +366,7 @@ def counting_overlay(ctx: Context, image: Image) -> tuple[Overlay, str]:
     overlay = ctx.overlay(image)
     newer = re.sub(r"\d", "9", image.version)
     check(newer != image.version, f"cannot make a higher version than {image.version}")
-    uki = with_osrel_version(image.uki_b.read_bytes(), image.version, newer)
+    uki = with_osrel_version(image.broken_uki_b(), image.version, newer)
     check(read_osrel_version(uki) == newer, "patched .osrel not readable")
     patch_esp(overlay, {"EFI/Linux/racklet-b+1.efi": uki})
     return overlay, newer
@@ -374,8 +387,8 @@ def x86_boot_counting_falls_back(ctx: Context) -> None:
     listing = vm.run("ls /efi/EFI/Linux").split()
     check("racklet-b+0-1.efi" in listing and "racklet-a.efi" in listing and "racklet-b+1.efi" not in listing,
           f"/efi/EFI/Linux: {listing}")
-    selected = vm.run(f"tail -c +5 /sys/firmware/efi/efivars/LoaderEntrySelected-{SYSTEMD_BOOT_VENDOR_GUID}"
-                      " | tr -d '\\000'").strip()
+    selected = vm.run(f"cat /sys/firmware/efi/efivars/LoaderEntrySelected-{SYSTEMD_BOOT_VENDOR_GUID}"
+                      " | tail -c +5 | tr -d '\\000'").strip()
     check(selected == "racklet-a.efi", f"LoaderEntrySelected is {selected!r}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
     check(esp_listing(overlay, "EFI/Linux") == ["racklet-a.efi", "racklet-b+0-1.efi"],
@@ -393,8 +406,8 @@ def x86_boot_counting_blesses(ctx: Context) -> None:
         esp.rename("EFI/Linux/racklet-a.efi", "racklet-a+1.efi")
     vm = ctx.vm(image, overlay)
     boot_to_shell(vm, "a")
-    count_path = vm.run(f"tail -c +5 /sys/firmware/efi/efivars/LoaderBootCountPath-{SYSTEMD_BOOT_VENDOR_GUID}"
-                        " | tr -d '\\000'", check=False)[1].strip()
+    count_path = vm.run(f"cat /sys/firmware/efi/efivars/LoaderBootCountPath-{SYSTEMD_BOOT_VENDOR_GUID}"
+                        " | tail -c +5 | tr -d '\\000'", check=False)[1].strip()
     check(count_path.endswith("racklet-a+0-1.efi"), f"LoaderBootCountPath is {count_path!r}")
     vm.run("systemctl is-system-running --wait", timeout=300, check=False)
     status = vm.run("systemctl is-active systemd-bless-boot.service", check=False)[1].strip()
@@ -440,7 +453,7 @@ def aarch64_uboot_try_b_then_fall_back(ctx: Context) -> None:
     overlay = ctx.overlay(image)
     older = state(1, "a")
     newer = state(2, "b a", tries_b=1)
-    patch_esp(overlay, {"EFI/Linux/racklet-b.efi": image.uki_b.read_bytes(),
+    patch_esp(overlay, {"EFI/Linux/racklet-b.efi": image.broken_uki_b(),
                         "racklet/state-1.env": encode_uboot_env(older),
                         "racklet/state-2.env": encode_uboot_env(newer)})
     vm = ctx.vm(image, overlay)
