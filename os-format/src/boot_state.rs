@@ -7,7 +7,8 @@
 //! copies (`racklet/state-1.env`, `racklet/state-2.env`) carry a sequence
 //! number; readers take the valid copy with the higher number, writers replace
 //! the other one, so a power cut in the middle of a write leaves the previous
-//! state intact. A missing or damaged state (both copies bad) means: boot the
+//! state intact. Numbers are hexadecimal without a prefix (what U-Boot's
+//! `setexpr` writes and `itest` reads). A missing or damaged state (both copies bad) means: boot the
 //! last committed slot, which the script keeps in `racklet_committed` — and
 //! when nothing can be read at all, slot A.
 
@@ -140,10 +141,11 @@ impl BootState {
     }
 
     pub fn to_variables(&self) -> BTreeMap<String, String> {
-        let tries =
-            |value: Option<u32>| value.map_or_else(|| "-".to_string(), |tries| tries.to_string());
+        let tries = |value: Option<u32>| {
+            value.map_or_else(|| "-".to_string(), |tries| format!("{tries:x}"))
+        };
         let mut variables = BTreeMap::new();
-        variables.insert(KEY_SEQUENCE.to_string(), self.sequence.to_string());
+        variables.insert(KEY_SEQUENCE.to_string(), format!("{:x}", self.sequence));
         variables.insert(
             KEY_ORDER.to_string(),
             self.order
@@ -162,12 +164,11 @@ impl BootState {
         variables: &BTreeMap<String, String>,
     ) -> Result<BootState, BootStateError> {
         let get = |key: &'static str| variables.get(key).map(String::as_str).unwrap_or("");
-        let sequence = get(KEY_SEQUENCE)
-            .parse()
-            .map_err(|_| BootStateError::Value {
+        let sequence =
+            u64::from_str_radix(get(KEY_SEQUENCE), 16).map_err(|_| BootStateError::Value {
                 key: KEY_SEQUENCE,
                 value: get(KEY_SEQUENCE).into(),
-                expected: "a number",
+                expected: "a hexadecimal number",
             })?;
         let order = get(KEY_ORDER)
             .split_whitespace()
@@ -187,11 +188,15 @@ impl BootState {
         let tries = |key: &'static str| -> Result<Option<u32>, BootStateError> {
             match get(key) {
                 "-" => Ok(None),
-                text => text.parse().map(Some).map_err(|_| BootStateError::Value {
-                    key,
-                    value: text.into(),
-                    expected: "a number of tries or `-` for committed",
-                }),
+                text => {
+                    u32::from_str_radix(text, 16)
+                        .map(Some)
+                        .map_err(|_| BootStateError::Value {
+                            key,
+                            value: text.into(),
+                            expected: "a hexadecimal number of tries or `-` for committed",
+                        })
+                }
             }
         };
         Ok(BootState {
@@ -274,6 +279,17 @@ mod tests {
         assert!(newest_copy([None, None]).is_none());
         // Equal sequences: copy 1, as boot.cmd decides.
         assert_eq!(newest_copy([Some(&newer), Some(&newer)]).unwrap().1, 0);
+    }
+
+    #[test]
+    fn numbers_are_hexadecimal_like_setexpr() {
+        let mut state = BootState::fresh(Slot::A);
+        state.sequence = 26;
+        state.tries_b = Some(10);
+        let variables = state.to_variables();
+        assert_eq!(variables[KEY_SEQUENCE], "1a");
+        assert_eq!(variables[KEY_TRIES_B], "a");
+        assert_eq!(BootState::from_variables(&variables).unwrap(), state);
     }
 
     #[test]

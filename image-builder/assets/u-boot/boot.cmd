@@ -6,6 +6,8 @@
 # racklet_tries_a and racklet_tries_b ("-" = committed, N = tries left).
 # The valid copy with the higher sequence wins; a write replaces the other copy,
 # so a power cut during U-Boot's own write leaves the previous state readable.
+# Numbers (racklet_seq, tries) are hexadecimal without a prefix, the format
+# setexpr writes; they are compared with itest, which reads hexadecimal.
 # The committed slot is also kept as a marker file racklet/committed-<slot>
 # (renamed into place from Linux), used when neither copy can be read.
 
@@ -32,8 +34,8 @@ setenv racklet_order ${racklet_committed}
 setenv racklet_tries_a -
 setenv racklet_tries_b -
 setenv racklet_newest 0
-if test ${racklet_seq1} -gt 0 || test ${racklet_seq2} -gt 0; then
-  if test ${racklet_seq2} -gt ${racklet_seq1}; then
+if itest ${racklet_seq1} -gt 0 || itest ${racklet_seq2} -gt 0; then
+  if itest ${racklet_seq2} -gt ${racklet_seq1}; then
     setenv racklet_newest 2
     setenv racklet_older 1
   else
@@ -52,7 +54,7 @@ for racklet_slot in ${racklet_order}; do
   setenv racklet_go 0
   if test "${racklet_tries}" = "-"; then
     setenv racklet_go 1
-  elif test ${racklet_tries} -gt 0; then
+  elif itest ${racklet_tries} -gt 0; then
     setexpr racklet_tries ${racklet_tries} - 1
     if test "${racklet_slot}" = "a"; then setenv racklet_tries_a ${racklet_tries}; else setenv racklet_tries_b ${racklet_tries}; fi
     setexpr racklet_seq ${racklet_seq} + 1
@@ -66,7 +68,7 @@ for racklet_slot in ${racklet_order}; do
   else
     echo "racklet: slot ${racklet_slot} has no tries left; skipping it"
   fi
-  if test ${racklet_go} -eq 1; then
+  if test "${racklet_go}" = "1"; then
     # The UKI's own command line (slot, root hash) must be the only one.
     setenv bootargs
     if load ${racklet_part} ${racklet_load} EFI/Linux/racklet-${racklet_slot}.efi; then
