@@ -1,6 +1,7 @@
 //! The EFI system partition: FAT32 made by `mkfs.fat --invariant` (dosfstools)
 //! and filled with `mmd`/`mcopy` (mtools), which take every timestamp from
-//! SOURCE_DATE_EPOCH; the volume ID is derived from the build's inputs.
+//! SOURCE_DATE_EPOCH (FAT stores local time, so TZ is fixed to UTC); the volume
+//! ID is derived from the build's inputs.
 //! (The `fatfs` crate 0.3 was tried first: it wrote FAT32 directories that
 //! `fsck.fat` rejects.)
 
@@ -48,6 +49,7 @@ pub fn write_esp(
     drop(file);
     run(
         Command::new("mkfs.fat")
+            .env("TZ", "UTC")
             .args(["-F", "32", "--invariant", "-n", ESP_LABEL])
             .arg("-i")
             .arg(format!("{volume_id:08x}"))
@@ -75,6 +77,7 @@ pub fn write_esp(
         let mut command = Command::new("mmd");
         command
             .env("SOURCE_DATE_EPOCH", &epoch)
+            .env("TZ", "UTC")
             .args(["-i", &image]);
         // BTreeSet order puts parents before children.
         command.args(
@@ -90,6 +93,7 @@ pub fn write_esp(
         run(
             Command::new("mcopy")
                 .env("SOURCE_DATE_EPOCH", &epoch)
+                .env("TZ", "UTC")
                 .args(["-i", &image, "-o"])
                 .arg(&source)
                 .arg(format!("::/{name}")),
@@ -115,7 +119,10 @@ mod tests {
         let second = directory.path().join("second.img");
         write_esp(&first, 64 << 20, 0x1234_5678, &contents, 1_700_000_000).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
+        // FAT keeps local time: the builder must not depend on the caller's zone.
+        std::env::set_var("TZ", "Asia/Tokyo");
         write_esp(&second, 64 << 20, 0x1234_5678, &contents, 1_700_000_000).unwrap();
+        std::env::remove_var("TZ");
         assert_eq!(
             std::fs::read(&first).unwrap(),
             std::fs::read(&second).unwrap()

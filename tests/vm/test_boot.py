@@ -217,6 +217,18 @@ def esp_listing(overlay: Overlay, directory: str) -> list[str]:
         return esp.listdir(directory)
 
 
+def esp_fsck(overlay: Overlay) -> None:
+    """fsck.fat -n on the overlay's ESP (U-Boot's fatwrite must leave it clean)."""
+    if shutil.which("fsck.fat") is None:
+        return
+    raw = overlay.extract_partition("esp", overlay.path.with_suffix(".fsck.raw"))
+    try:
+        result = subprocess.run(["fsck.fat", "-n", str(raw)], capture_output=True, text=True)
+    finally:
+        raw.unlink(missing_ok=True)
+    check(result.returncode == 0, f"fsck.fat -n on the ESP: {result.stdout.strip()} {result.stderr.strip()}")
+
+
 def read_states(overlay: Overlay) -> list[dict | None]:
     with overlay.esp() as esp:
         return [decode_uboot_env(esp.read(f"racklet/state-{n}.env")) for n in (1, 2)]
@@ -478,6 +490,7 @@ def aarch64_uboot_try_b_then_fall_back(ctx: Context) -> None:
     copies = read_states(overlay)
     check(copies[0] == state(3, "b a", tries_b=0), f"state-1.env (written by U-Boot): {copies[0]}")
     check(copies[1] == newer, f"state-2.env must be untouched: {copies[1]}")
+    esp_fsck(overlay)
     ctx.note("B tried once, then skipped; state-1.env = " + repr(copies[0]))
 
 
@@ -554,6 +567,7 @@ def aarch64_uboot_sequence_past_9(ctx: Context) -> None:
     written = read_states(overlay)[1]
     ctx.note(f"after the try, state-2.env = {written}")
     check(written and written["racklet_tries_b"] == "0", f"state-2.env after the try: {written}")
+    esp_fsck(overlay)
     vm = ctx.vm(image, overlay, label="next", no_reboot=True)
     vm.start()
     decision = uboot_decision(vm)
