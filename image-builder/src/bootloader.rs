@@ -137,39 +137,26 @@ pub fn compile_boot_script(arch: Arch, source_date_epoch: u64) -> Result<Vec<u8>
         Arch::X86_64 => "x86_64",
         Arch::Aarch64 => "arm64",
     };
-    let result = Command::new("mkimage")
-        .args([
-            "-A",
-            architecture,
-            "-O",
-            "linux",
-            "-T",
-            "script",
-            "-C",
-            "none",
-            "-n",
-            "racklet-ab",
-        ])
-        .arg("-d")
-        .arg(&source)
-        .arg(&output)
-        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
-        .output()
-        .map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                BuildError::HostTool {
-                    tool: "mkimage".into(),
-                    package: "u-boot-tools".into(),
-                }
-            } else {
-                BuildError::io("mkimage")(error)
-            }
-        })?;
-    if !result.status.success() {
-        return Err(BuildError::Command {
-            command: "mkimage (boot.scr)".into(),
-            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
-        });
-    }
+    crate::host_tool::run(
+        Command::new("mkimage")
+            .args([
+                "-A",
+                architecture,
+                "-O",
+                "linux",
+                "-T",
+                "script",
+                "-C",
+                "none",
+                "-n",
+                "racklet-ab",
+            ])
+            .arg("-d")
+            .arg(&source)
+            .arg(&output)
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string()),
+        "mkimage",
+        "u-boot-tools",
+    )?;
     read(&output)
 }

@@ -66,23 +66,16 @@ pub struct KernelFiles {
     pub device_tree_dir: Option<PathBuf>,
 }
 
+/// Run a host tool the composition uses; a missing one names its Debian package.
 fn run(command: &mut Command) -> Result<()> {
-    let description = format!("{command:?}");
-    let output = command.output().map_err(|error| BuildError::Command {
-        command: description.clone(),
-        message: error.to_string(),
-    })?;
-    if !output.status.success() {
-        return Err(BuildError::Command {
-            command: description,
-            message: format!(
-                "{}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        });
-    }
-    Ok(())
+    let program = command.get_program().to_string_lossy().into_owned();
+    let package = match program.as_str() {
+        "depmod" => "kmod",
+        "systemd-sysusers" | "systemctl" => "systemd",
+        "ldconfig" => "libc-bin",
+        _ => "coreutils",
+    };
+    crate::host_tool::run(command, &program, package).map(drop)
 }
 
 fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {

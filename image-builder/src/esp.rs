@@ -10,31 +10,12 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::error::{BuildError, Result};
+use crate::host_tool::run;
 
 pub const ESP_LABEL: &str = "RACKLET-ESP";
 
 /// Files by path (`EFI/BOOT/BOOTX64.EFI`), contents.
 pub type EspContents = BTreeMap<String, Vec<u8>>;
-
-fn run(command: &mut Command, tool: &str, package: &str) -> Result<()> {
-    let output = command.output().map_err(|error| {
-        if error.kind() == std::io::ErrorKind::NotFound {
-            BuildError::HostTool {
-                tool: tool.into(),
-                package: package.into(),
-            }
-        } else {
-            BuildError::io(tool)(error)
-        }
-    })?;
-    if !output.status.success() {
-        return Err(BuildError::Command {
-            command: format!("{command:?}"),
-            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
 
 pub fn write_esp(
     path: &Path,

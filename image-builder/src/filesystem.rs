@@ -10,32 +10,19 @@ use os_format::gpt::Guid;
 use crate::error::{BuildError, Result};
 
 pub fn make_erofs(tree: &Path, output: &Path, uuid: Guid, source_date_epoch: u64) -> Result<()> {
-    let result = Command::new("mkfs.erofs")
-        .arg("-zlz4hc")
-        .arg(format!("-T{source_date_epoch}"))
-        .arg(format!("-U{uuid}"))
-        .arg("-x-1")
-        .arg("--quiet")
-        .arg(output)
-        .arg(tree)
-        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
-        .output()
-        .map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                BuildError::HostTool {
-                    tool: "mkfs.erofs".into(),
-                    package: "erofs-utils".into(),
-                }
-            } else {
-                BuildError::io("mkfs.erofs")(error)
-            }
-        })?;
-    if !result.status.success() {
-        return Err(BuildError::Command {
-            command: format!("mkfs.erofs {}", output.display()),
-            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
-        });
-    }
+    crate::host_tool::run(
+        Command::new("mkfs.erofs")
+            .arg("-zlz4hc")
+            .arg(format!("-T{source_date_epoch}"))
+            .arg(format!("-U{uuid}"))
+            .arg("-x-1")
+            .arg("--quiet")
+            .arg(output)
+            .arg(tree)
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string()),
+        "mkfs.erofs",
+        "erofs-utils",
+    )?;
     // dm-verity works on whole 4 KiB blocks; erofs images are, but make sure.
     let length = std::fs::metadata(output)
         .map_err(BuildError::io(output))?
@@ -65,45 +52,32 @@ pub fn make_data_ext4(
     let file = std::fs::File::create(output).map_err(BuildError::io(output))?;
     file.set_len(size_bytes).map_err(BuildError::io(output))?;
     drop(file);
-    let result = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            os_format::layout::DATA_PARTITION_NAME,
-            "-b",
-            "4096",
-            "-I",
-            "256",
-        ])
-        .arg(format!("-U{uuid}"))
-        .arg("-E")
-        .arg(format!(
-            "hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,nodiscard"
-        ))
-        .arg("-d")
-        .arg(initial_var)
-        .arg(output)
-        .env("E2FSPROGS_FAKE_TIME", source_date_epoch.to_string())
-        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
-        .env("MKE2FS_DEVICE_SECTSIZE", "512")
-        .output()
-        .map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                BuildError::HostTool {
-                    tool: "mkfs.ext4".into(),
-                    package: "e2fsprogs".into(),
-                }
-            } else {
-                BuildError::io("mkfs.ext4")(error)
-            }
-        })?;
-    if !result.status.success() {
-        return Err(BuildError::Command {
-            command: format!("mkfs.ext4 {}", output.display()),
-            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
-        });
-    }
+    crate::host_tool::run(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                os_format::layout::DATA_PARTITION_NAME,
+                "-b",
+                "4096",
+                "-I",
+                "256",
+            ])
+            .arg(format!("-U{uuid}"))
+            .arg("-E")
+            .arg(format!(
+                "hash_seed={uuid},root_owner=0:0,lazy_itable_init=0,nodiscard"
+            ))
+            .arg("-d")
+            .arg(initial_var)
+            .arg(output)
+            .env("E2FSPROGS_FAKE_TIME", source_date_epoch.to_string())
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+            .env("MKE2FS_DEVICE_SECTSIZE", "512"),
+        "mkfs.ext4",
+        "e2fsprogs",
+    )?;
     fix_ext4_times(initial_var, output, source_date_epoch)
 }
 

@@ -16,6 +16,7 @@ pub mod compose;
 pub mod disk;
 pub mod esp;
 pub mod filesystem;
+pub mod host_tool;
 pub mod initramfs;
 pub mod inputs;
 pub mod kernel;

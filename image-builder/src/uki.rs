@@ -138,22 +138,7 @@ pub fn assemble(arch: Arch, parts: &UkiParts, output: &Path, source_date_epoch: 
         rva += size.div_ceil(SECTION_ALIGNMENT) * SECTION_ALIGNMENT;
     }
     command.arg(parts.stub).arg(output);
-    let result = command.output().map_err(|error| {
-        if error.kind() == std::io::ErrorKind::NotFound {
-            BuildError::HostTool {
-                tool: objcopy.into(),
-                package: package.into(),
-            }
-        } else {
-            BuildError::io(objcopy)(error)
-        }
-    })?;
-    if !result.status.success() {
-        return Err(BuildError::Command {
-            command: format!("{objcopy} (UKI {})", output.display()),
-            message: String::from_utf8_lossy(&result.stderr).trim().to_string(),
-        });
-    }
+    crate::host_tool::run(&mut command, objcopy, package)?;
     // objcopy stamps PE files with the current time: use SOURCE_DATE_EPOCH,
     // then recompute the checksum objcopy derived from its own time stamp.
     let mut bytes = std::fs::read(output).map_err(BuildError::io(output))?;

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 import shutil
 import socket
@@ -28,6 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,9 @@ COMMAND_TIMEOUT = 120
 ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>])")
 # agetty prints `<host> login: root (automatic login)` for the test variants.
 AUTOLOGIN = re.compile(r"login: root \(automatic login\)")
-PROMPT = re.compile(r"[#$] ?$", re.M)
+# The autologin shell never came: stop waiting at once.
+LOGIN_FAILURE = re.compile(r"(login: PAM Failure|Kernel panic|racklet-init: FATAL)[^\r\n]*\r?\n"
+                           r"|Login incorrect")
 
 
 class HarnessError(Exception):
@@ -107,7 +109,9 @@ def partitions(raw_image: Path) -> dict[str, Partition]:
     sector = table.get("sectorsize", 512)
     result = {}
     for index, entry in enumerate(table["partitions"], start=1):
-        number = int(re.search(r"(\d+)$", entry["node"]).group(1)) if re.search(r"(\d+)$", entry["node"]) else index
+        # The node is `<image><number>`; its number is the kernel's vdaN.
+        found = re.search(r"(\d+)$", entry["node"])
+        number = int(found.group(1)) if found else index
         result[entry.get("name", str(number))] = Partition(
             number, entry.get("name", ""), entry["start"] * sector, entry["size"] * sector,
             entry["uuid"].lower(), entry["type"])
@@ -503,21 +507,23 @@ class VM:
         match = self.expect(AUTOLOGIN, timeout=timeout)
         at = self.time_at(match.start())
         # Wait for the shell to answer; the first probe may be typed before
-        # bash reads the terminal, so retry a few times.
+        # bash reads the terminal, so retry a few times (a PAM failure or a
+        # panic ends the wait at once).
         # Typed input is echoed (and redrawn by readline): switch echo off, use
         # a plain prompt, keep kernel messages off the console, and make the
         # terminal wide so that tools (findmnt...) do not truncate columns.
         self.send("stty -echo cols 1000; export TERM=dumb PS1='# ' HISTFILE=/dev/null; dmesg -n 1\n")
         for attempt in range(10):
             try:
-                self.run("true", timeout=15)
+                self.run("true", timeout=15, fail=LOGIN_FAILURE)
                 break
             except ExpectTimeout:
                 if attempt == 9:
                     raise
         return at
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT, check: bool = True) -> tuple[int, str] | str:
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT, check: bool = True,
+            fail: str | re.Pattern | None = None) -> tuple[int, str] | str:
         """Run a shell command; returns its output (stdout+stderr, cleaned).
 
         check=True: raise unless it exits 0 and return the output;
@@ -531,7 +537,7 @@ class VM:
                 f"printf 'RKE%sX%d\\n' {token} $?\n")
         self.send(line)
         regex = re.compile(rf"RKB{token}X\r?\n(.*?)RKE{token}X(\d+)", re.S)
-        match = self.expect(regex, timeout=timeout)
+        match = self.expect(regex, timeout=timeout, fail=fail)
         status = int(match.group(2))
         output = clean(match.group(1))
         if check:
@@ -628,8 +634,6 @@ def uki_cmdline(uki: bytes) -> str:
 
 # ---------------------------------------------------------------------------
 # U-Boot binary environments (os-format/src/boot_state.rs)
-
-import zlib  # noqa: E402
 
 UBOOT_ENV_SIZE = 4096
 
