@@ -266,7 +266,13 @@ fn is_skipped_disk(name: &str) -> bool {
 /// Look for partitions with unique GUIDs `root_uuid` and `verity_uuid` on
 /// every disk listed in `sys_block`, reading each disk's GPT from its node
 /// in `dev_dir`. The first match in disk-name order wins.
-pub fn scan_disks(sys_block: &Path, dev_dir: &Path, root_uuid: &Guid, verity_uuid: &Guid) -> Scan {
+pub fn scan_disks(
+    sys_block: &Path,
+    dev_dir: &Path,
+    slot: Slot,
+    root_uuid: &Guid,
+    verity_uuid: &Guid,
+) -> Scan {
     let mut scan = Scan::default();
     let mut names: Vec<String> = match fs::read_dir(sys_block) {
         Ok(entries) => entries
@@ -278,7 +284,7 @@ pub fn scan_disks(sys_block: &Path, dev_dir: &Path, root_uuid: &Guid, verity_uui
     names.sort();
     for name in names {
         let disk_dir = sys_block.join(&name);
-        let state = match scan_disk(&disk_dir, dev_dir, root_uuid, verity_uuid) {
+        let state = match scan_disk(&disk_dir, dev_dir, slot, root_uuid, verity_uuid) {
             Ok(found) => {
                 if scan.root.is_none() && found.root.is_some() {
                     scan.root = found.root;
@@ -328,6 +334,7 @@ pub fn data_partition(gpt: &GptDisk, disk_dir: &Path) -> io::Result<DataPartitio
 fn scan_disk(
     disk_dir: &Path,
     dev_dir: &Path,
+    slot: Slot,
     root_uuid: &Guid,
     verity_uuid: &Guid,
 ) -> Result<DiskScan, String> {
@@ -348,15 +355,20 @@ fn scan_disk(
         os_format::gpt::GptError::Io { .. } => format!("unreadable: {error}"),
         _ => "no GPT".to_string(),
     })?;
-    let find = |guid: &Guid| -> Result<Option<BlockDevice>, String> {
-        match gpt.find_by_unique_guid(guid) {
-            Some((number, _)) => partition_device(disk_dir, number)
-                .map_err(|error| format!("cannot list {}: {error}", disk_dir.display())),
-            None => Ok(None),
+    // A slot's partition must carry both the slot's GPT name and the PARTUUID
+    // derived from the root hash: a UKI for slot b never boots slot a's root,
+    // even when both slots hold the same root hash.
+    let find = |name: &str, guid: &Guid| -> Result<Option<BlockDevice>, String> {
+        match gpt.find_by_name(name) {
+            Some((number, entry)) if entry.unique_guid == *guid => {
+                partition_device(disk_dir, number)
+                    .map_err(|error| format!("cannot list {}: {error}", disk_dir.display()))
+            }
+            _ => Ok(None),
         }
     };
-    let root = find(root_uuid)?;
-    let verity = find(verity_uuid)?;
+    let root = find(slot.root_partition_name(), root_uuid)?;
+    let verity = find(slot.verity_partition_name(), verity_uuid)?;
     let data = if root.is_some() {
         data_partition(&gpt, disk_dir)
             .map_err(|error| format!("cannot list {}: {error}", disk_dir.display()))?
@@ -392,7 +404,7 @@ pub fn wait_for_slot_partitions(
     let started = Instant::now();
     let mut complete_since: Option<Instant> = None;
     loop {
-        let scan = scan_disks(sys_block, dev_dir, &root_uuid, &verity_uuid);
+        let scan = scan_disks(sys_block, dev_dir, slot, &root_uuid, &verity_uuid);
         if let (Some(root), Some(verity), Some(disk)) = (&scan.root, &scan.verity, &scan.root_disk)
         {
             let since = *complete_since.get_or_insert_with(Instant::now);
@@ -723,6 +735,29 @@ mod tests {
     }
 
     #[test]
+    fn another_slots_partitions_are_never_taken() {
+        // Slot a's partitions carry this root hash; a UKI for slot b with the
+        // same hash must not boot them.
+        let hash = test_hash();
+        let machine = FakeMachine::new();
+        machine.add_disk(
+            "vda",
+            253,
+            &disk_image(&hash),
+            &[("vda1", 1), ("vda2", 2), ("vda3", 3)],
+        );
+        let scan = scan_disks(
+            &machine.sys_block(),
+            &machine.dev(),
+            Slot::B,
+            &root_partition_uuid(&hash),
+            &verity_partition_uuid(&hash),
+        );
+        assert_eq!(scan.root, None);
+        assert_eq!(scan.verity, None);
+    }
+
+    #[test]
     fn a_partition_missing_from_sysfs_is_not_found_yet() {
         let hash = test_hash();
         let machine = FakeMachine::new();
@@ -730,6 +765,7 @@ mod tests {
         let scan = scan_disks(
             &machine.sys_block(),
             &machine.dev(),
+            Slot::A,
             &root_partition_uuid(&hash),
             &verity_partition_uuid(&hash),
         );
