@@ -315,6 +315,30 @@ def x86_var_and_etc_persist(ctx: Context) -> None:
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
 
 
+@test(X86)
+def x86_watchdog_resets_a_hung_system(ctx: Context) -> None:
+    """systemd arms and feeds a watchdog (softdog in QEMU); a hung PID 1 stops
+    feeding it and the machine is reset and boots again."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    runtime = vm.run("systemctl show -p RuntimeWatchdogUSec --value").strip()
+    check(runtime == "30s", f"RuntimeWatchdogUSec is {runtime!r}, expected 30s")
+    status, output = vm.run("grep -q '^softdog ' /proc/modules && test -c /dev/watchdog0", check=False)
+    check(status == 0, f"softdog is not loaded or /dev/watchdog0 is missing: {output.strip()}")
+    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+    # Freeze PID 1 (the kernel ignores SIGSTOP for init, the cgroup freezer does
+    # not): it no longer pets the watchdog, and nothing else reboots the machine.
+    vm.send("echo 1 > /sys/fs/cgroup/init.scope/cgroup.freeze\n")
+    started = time.monotonic()
+    boot_to_shell(vm, "a", timeout=240)
+    after = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+    check(after != boot_id, "the machine did not restart")
+    ctx.note(f"watchdog reset and boot to the shell {time.monotonic() - started:.0f} s after PID 1 froze")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
 def systemd_block(image: Image, erofs: Path) -> tuple[int, str]:
     """(byte offset inside the root file system, what) of a block read at boot:
     the first data block of /usr/lib/systemd/systemd (exec'd as PID 1)."""
