@@ -339,6 +339,53 @@ def x86_watchdog_resets_a_hung_system(ctx: Context) -> None:
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
 
 
+@test(X86)
+def x86_wiped_data_partition_is_recreated(ctx: Context) -> None:
+    """A wiped data partition: racklet-init says so and boots on; systemd
+    formats /var (x-systemd.makefs); the next boot has /var and the /etc overlay."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    data = overlay.partition("data")
+    overlay.write(data.start, bytes(4 * 1024 * 1024))  # superblocks and group descriptors gone
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    check(re.search(r"racklet-init: data partition vda\d+ has no ext4 file system", vm._buffer),
+          "racklet-init did not say that the data partition has no file system")
+    var = vm.run("findmnt -n -o SOURCE,FSTYPE /var").split()
+    check(var == [f"/dev/vda{data.number}", "ext4"], f"/var after makefs is {var}")
+    status, output = vm.run("touch /etc/racklet-write-test", check=False)
+    check(status != 0, f"/etc was writable on the boot that formatted /var: {output.strip()}")
+    vm.run("echo kept > /var/racklet-after-makefs && sync")
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    check(vm.run("cat /var/racklet-after-makefs").strip() == "kept", "/var lost its file")
+    etc = vm.run("findmnt -n -o FSTYPE /etc").strip()
+    check(etc == "overlay", f"/etc is {etc!r} on the boot after makefs, expected the overlay")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+@test(X86)
+def x86_data_partition_grows_to_fill_the_disk(ctx: Context) -> None:
+    """Written to a larger disk (an SD card bigger than the image), the data
+    partition grows into the free space (systemd-repart, /usr/lib/repart.d) and
+    /var's file system with it (x-systemd.growfs)."""
+    image = ctx.image(X86)
+    overlay = ctx.overlay(image)
+    data = overlay.partition("data")
+    subprocess.run(["qemu-img", "resize", "-q", str(overlay.path), "+1G"], check=True)
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    size = int(vm.run(f"lsblk -b -n -d -o SIZE /dev/vda{data.number}").strip())
+    check(size >= data.size + 900 * 1024 * 1024,
+          f"data partition is {size} bytes after the first boot; it was {data.size} on a disk 1 GiB larger")
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    var_size = int(vm.run("df -B1 --output=size /var | tail -n 1").strip())
+    check(var_size >= 900 * 1024 * 1024, f"/var is {var_size} bytes; expected it grown with its partition")
+    ctx.note(f"data partition {data.size} -> {size} bytes; /var {var_size} bytes")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
 def systemd_block(image: Image, erofs: Path) -> tuple[int, str]:
     """(byte offset inside the root file system, what) of a block read at boot:
     the first data block of /usr/lib/systemd/systemd (exec'd as PID 1)."""
