@@ -13,8 +13,12 @@ variant=qemu-x86_64
 triple=x86_64-unknown-linux-gnu
 real_cache="${RACKLET_CACHE:-$HOME/.cache/racklet}"
 
+# Every scratch project and cache lives under one directory, removed at the end.
+scratch_root=""
+scratch_dir() { mktemp -d "$scratch_root/case.XXXXXX"; }
+
 scratch_project() {
-  local dir; dir="$(mktemp -d)"
+  local dir; dir="$(scratch_dir)"
   cp -r "$root/variants" "$root/packages" "$root/kernel-config" "$dir/"
   echo "$dir"
 }
@@ -22,7 +26,7 @@ scratch_project() {
 # A cache holding links to every blob of the real cache, so a case that must
 # not download anything does not; `except` leaves one blob out.
 linked_cache() {
-  local dir except="${1:-}"; dir="$(mktemp -d)"
+  local dir except="${1:-}"; dir="$(scratch_dir)"
   mkdir -p "$dir/blobs/sha256"
   for blob in "$real_cache"/blobs/sha256/*; do
     [ "$(basename "$blob")" = "$except" ] || ln -s "$blob" "$dir/blobs/sha256/"
@@ -55,6 +59,7 @@ expect_failure() {
 
 run_bad_input_tests() {
   local project cache sha
+  scratch_root="$(mktemp -d /tmp/racklet-bad-input.XXXXXX)"
 
   project="$(scratch_project)"
   printf 'name = "qemu-x86_64"\narch = [\n' > "$project/variants/$variant/variant.toml"
@@ -95,7 +100,7 @@ run_bad_input_tests() {
 
   # Offline with an empty cache: names the file, the URL and where to put it.
   project="$(scratch_project)"
-  cache="$(mktemp -d)"
+  cache="$(scratch_dir)"
   expect_failure "offline build with an empty cache names file, URL and cache path" "$project" \
     "Debian package .* is not in the cache and cannot be fetched offline: download .*pool/.*\.deb.* and put it at $cache/blobs/sha256/[0-9a-f]{64}" \
     "RACKLET_CACHE=$cache" "RACKLET_OFFLINE=1"
@@ -119,6 +124,8 @@ run_bad_input_tests() {
   RACKLET_NO_PROGRESS=1 "$builder" --project "$project" build --variant "$variant" --output "$project/build" \
     --binaries "$root/target/image/$triple/release" --init "$root/target/init/$triple/release/racklet-init" > /dev/null 2>&1
   check "a failed rebuild leaves the previous build untouched" grep -qx previous "$project/build/$variant/manifest.json"
+  rm -rf "$scratch_root"
+  scratch_root=""
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
