@@ -136,7 +136,7 @@ fn derive_guid(parts: &[&[u8]]) -> Guid {
     Guid::derive(&seed)
 }
 
-/// zstd-compress `input` into `output`; returns (size, sha256) of the output.
+/// zstd-compress `input` into `output` (with a frame checksum), counting progress on `bar`.
 fn compress(input: &Path, output: &Path, bar: &indicatif::ProgressBar) -> Result<()> {
     let reader = std::fs::File::open(input).map_err(BuildError::io(input))?;
     let writer = std::fs::File::create(output).map_err(BuildError::io(output))?;

@@ -570,22 +570,20 @@ fn enable_units(input: &ComposeInput, root: &Path) -> Result<()> {
         health_gate_unit(&input.variant.health.required_units),
         0o644,
     )?;
-    static HEALTH_GATE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let mut units: Vec<&String> = input
+    let mut units: Vec<&str> = input
         .recipes
         .iter()
-        .flat_map(|recipe| recipe.enable.iter())
+        .flat_map(|recipe| recipe.enable.iter().map(String::as_str))
         .collect();
-    units.push(HEALTH_GATE.get_or_init(|| HEALTH_GATE_UNIT.to_string()));
+    units.push(HEALTH_GATE_UNIT);
     if input.k3s.is_some() {
-        static K3S_UNIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        units.push(K3S_UNIT.get_or_init(|| "k3s.service".to_string()));
+        units.push("k3s.service");
     }
     let mut command = Command::new("systemctl");
     command
         .arg(format!("--root={}", root.display()))
-        .arg("enable");
-    command.args(units.iter().map(|unit| unit.as_str()));
+        .arg("enable")
+        .args(&units);
     run(&mut command)?;
     run(Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
