@@ -1,6 +1,13 @@
-//! Racklet OS update agent (on the device). This first piece reports what
-//! booted: the slot and root hash from the kernel command line and the image
-//! version from os-release. Updates, the D-Bus API and the health gate follow.
+//! Racklet OS update agent (on the device): decides which update applies,
+//! writes it into the inactive slot, switches the boot slot for one try, and
+//! commits or rolls back after the health gate. `main.rs` is a thin CLI over
+//! this library; decisions are pure functions, IO stays at the edges.
 
+pub mod boot_control;
+pub mod config;
 pub mod error;
+pub mod install;
+pub mod policy;
+pub mod slots;
+pub mod state;
 pub mod status;
