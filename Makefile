@@ -4,6 +4,17 @@ variant ?= qemu-x86_64
 # k3s in the image: default (what the variant says), official, stand-in, none.
 K3S ?= default
 OUTPUT ?= build
+# Signing keys (development keys by default: outside the work tree, never in git).
+KEYS ?= $(HOME)/.config/racklet/dev-keys
+# The TUF repository `publish` adds builds to.
+REPO ?= $(OUTPUT)/repo
+# Build this image version instead of the variant's (e.g. VERSION=0.2.0).
+VERSION ?=
+# Where nodes look for updates (default: the variant's [update] section).
+METADATA_URL ?=
+TARGETS_URL ?=
+# Rollout waves for publish, e.g. WAVES="512@+0h 2048@+1d" (default: all nodes at once).
+WAVES ?=
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -28,7 +39,7 @@ image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(
 builder := target/release/racklet-image
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: build lock host-tools image-binaries builder test test-unit lint test-image test-boot run bench clean check-variant
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit lint test-image test-boot run bench clean check-variant
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -47,7 +58,21 @@ build: host-tools builder image-binaries
 	$(builder) build --variant $(variant) --output $(OUTPUT) \
 	  --binaries target/image/$(triple)/release \
 	  --init target/init/$(triple)/release/racklet-init \
-	  --k3s $(k3s_flag)
+	  --k3s $(k3s_flag) \
+	  $(if $(VERSION),--image-version $(VERSION)) \
+	  $(if $(wildcard $(KEYS)/root.json),--tuf-root $(KEYS)/root.json) \
+	  $(if $(METADATA_URL),--metadata-url $(METADATA_URL)) \
+	  $(if $(TARGETS_URL),--targets-url $(TARGETS_URL))
+
+# Development signing keys for the four TUF roles, and root version 1.
+keys: builder
+	@if [ -f "$(KEYS)/root.json" ]; then echo "keys already in $(KEYS) (kept as they are)"; \
+	else $(builder) keys generate --dir $(KEYS); fi
+
+# Build (if needed) and add this variant's version to $(REPO), signed.
+publish: keys build
+	$(builder) publish --build $(OUTPUT)/$(variant) --repo $(REPO) --keys $(KEYS) \
+	  $(foreach wave,$(WAVES),--wave $(wave))
 
 lock: check-variant builder
 	$(builder) lock --variant $(variant)

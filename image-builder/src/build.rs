@@ -64,6 +64,71 @@ pub struct BuildOptions {
     pub init_binary: PathBuf,
     pub k3s: K3sChoice,
     pub source_date_epoch: Option<u64>,
+    /// Build this version instead of the variant's `version`.
+    pub version: Option<String>,
+    /// What the image trusts for updates.
+    pub update_trust: UpdateTrustOptions,
+}
+
+/// The TUF root and URLs embedded into the image (command line over variant).
+#[derive(Clone, Debug, Default)]
+pub struct UpdateTrustOptions {
+    pub root_json: Option<PathBuf>,
+    pub metadata_url: Option<String>,
+    pub targets_url: Option<String>,
+}
+
+/// Read and check what goes into the image for the update agent.
+fn update_trust(options: &BuildOptions, variant: &Variant) -> Result<compose::UpdateTrust> {
+    let root_json = match &options.update_trust.root_json {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(BuildError::io(path))?;
+            let root: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|error| BuildError::Config {
+                    file: path.clone(),
+                    message: format!("not JSON: {error}"),
+                })?;
+            if root["signed"]["_type"] != "root" {
+                return Err(BuildError::Config {
+                    file: path.clone(),
+                    message: "not a signed TUF root (expected signed._type = \"root\")".into(),
+                });
+            }
+            Some(bytes)
+        }
+        None => None,
+    };
+    let pick = |cli: &Option<String>,
+                from_variant: &Option<String>,
+                key: &str|
+     -> Result<Option<String>> {
+        let value = cli.clone().or_else(|| from_variant.clone());
+        if let Some(value) = &value {
+            url::Url::parse(value).map_err(|error| BuildError::ConfigKey {
+                file: variant.file.clone(),
+                key: format!("update.{key}"),
+                message: format!("'{value}' is not a URL: {error}"),
+            })?;
+        }
+        Ok(value)
+    };
+    let trust = compose::UpdateTrust {
+        root_json,
+        metadata_url: pick(
+            &options.update_trust.metadata_url,
+            &variant.update.metadata_url,
+            "metadata_url",
+        )?,
+        targets_url: pick(
+            &options.update_trust.targets_url,
+            &variant.update.targets_url,
+            "targets_url",
+        )?,
+    };
+    if trust.root_json.is_none() {
+        tracing::warn!("no TUF root given (run `make keys`); this image cannot verify updates until one is configured");
+    }
+    Ok(trust)
 }
 
 fn k3s_recipe(options: &BuildOptions, variant: &Variant) -> Result<Option<UpstreamRecipe>> {
@@ -252,7 +317,17 @@ pub fn format_rfc3339(seconds: u64) -> String {
 
 /// Run the whole build; returns the manifest written to `build/<variant>/manifest.json`.
 pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
-    let variant = Variant::load(&options.project_root, &options.variant)?;
+    let mut variant = Variant::load(&options.project_root, &options.variant)?;
+    if let Some(version) = &options.version {
+        if crate::variant::parse_version(version).is_none() {
+            return Err(BuildError::Config {
+                file: variant.file.clone(),
+                message: format!("--version {version}: expected MAJOR.MINOR.PATCH"),
+            });
+        }
+        variant.version = version.clone();
+    }
+    let update_trust = update_trust(options, &variant)?;
     let recipes: Vec<Recipe> = variant
         .recipes
         .iter()
@@ -310,6 +385,7 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
         binaries_dir: &options.binaries_dir,
         k3s: k3s.clone(),
         source_date_epoch,
+        update_trust,
     };
     tracing::info!(variant = %variant.name, packages = input.root_packages.len(), "composing the root file system");
     let kernel_files = compose::compose(&input, &cache.stage_dir(), &root, &kernel_dir)?;

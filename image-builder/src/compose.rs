@@ -54,6 +54,41 @@ pub struct ComposeInput<'a> {
     pub binaries_dir: &'a Path,
     pub k3s: Option<K3sInput>,
     pub source_date_epoch: u64,
+    pub update_trust: UpdateTrust,
+}
+
+/// What the update agent in the image trusts and where it looks.
+#[derive(Clone, Debug, Default)]
+pub struct UpdateTrust {
+    /// The signed TUF root.json (the first trust anchor), if keys exist.
+    pub root_json: Option<Vec<u8>>,
+    pub metadata_url: Option<String>,
+    pub targets_url: Option<String>,
+}
+
+/// The agent's image defaults (TOML): URLs and the units the health gate needs.
+pub fn update_defaults(variant: &Variant, trust: &UpdateTrust) -> String {
+    let quote = |value: &str| serde_json::to_string(value).expect("a JSON string is a TOML string");
+    let mut text =
+        String::from("# Written by the image builder. Override in /etc/racklet/update.toml.\n");
+    if let Some(url) = &trust.metadata_url {
+        text.push_str(&format!("metadata_url = {}\n", quote(url)));
+    }
+    if let Some(url) = &trust.targets_url {
+        text.push_str(&format!("targets_url = {}\n", quote(url)));
+    }
+    text.push_str("\n[health]\nrequired_units = [");
+    text.push_str(
+        &variant
+            .health
+            .required_units
+            .iter()
+            .map(|unit| quote(unit))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    text.push_str("]\n");
+    text
 }
 
 /// The kernel pieces that leave the root for the UKI and the ESP.
@@ -508,6 +543,18 @@ fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
         0o644,
     )?;
     symlink("../usr/lib/os-release", &root.join("etc/os-release"))?;
+    write_file(
+        &root.join(os_format::layout::IMAGE_UPDATE_DEFAULTS),
+        update_defaults(input.variant, &input.update_trust),
+        0o644,
+    )?;
+    if let Some(root_json) = &input.update_trust.root_json {
+        write_file(
+            &root.join(os_format::layout::IMAGE_TUF_ROOT),
+            root_json,
+            0o644,
+        )?;
+    }
     // Empty: systemd generates the machine ID on first boot (read-only root:
     // it is kept on a tmpfs until /etc is writable, see docs/disk-layout.md).
     write_file(&root.join("etc/machine-id"), "", 0o444)?;

@@ -72,6 +72,17 @@ pub enum BuildError {
     HostTool { tool: String, package: String },
     #[error(transparent)]
     Format(#[from] os_format::FormatError),
+    /// Bad input to the repository tools a person must fix (a version already
+    /// published, a missing key, an expired root...).
+    #[error("{what}: {message}")]
+    Repository { what: String, message: String },
+    /// tough refused or failed an operation on TUF metadata.
+    #[error("{what}: {source}")]
+    Tuf {
+        what: String,
+        #[source]
+        source: Box<tough::error::Error>,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -93,8 +104,28 @@ impl BuildError {
             | BuildError::KernelConfig { .. }
             | BuildError::HostTool { .. }
             | BuildError::OfflineMissing { .. }
-            | BuildError::PinGone { .. } => 2,
+            | BuildError::PinGone { .. }
+            | BuildError::Repository { .. } => 2,
             _ => 1,
+        }
+    }
+}
+
+impl BuildError {
+    /// A repository-tool error: `what` names the file, version or key.
+    pub fn repository(what: impl Into<String>, message: impl Into<String>) -> BuildError {
+        BuildError::Repository {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Wrap a tough error with what was being done.
+    pub fn tuf(what: impl Into<String>) -> impl FnOnce(tough::error::Error) -> BuildError {
+        let what = what.into();
+        move |source| BuildError::Tuf {
+            what,
+            source: Box::new(source),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod lock;
 pub mod mirror;
 pub mod progress;
 pub mod recipe;
+pub mod repo;
 pub mod variant;
 
 pub use error::{BuildError, Result};

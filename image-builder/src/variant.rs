@@ -58,6 +58,15 @@ pub struct BootSection {
     pub packages: Vec<String>,
 }
 
+/// Where nodes running this variant look for updates (optional; the command
+/// line can set or override both).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    pub metadata_url: Option<String>,
+    pub targets_url: Option<String>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
@@ -78,6 +87,8 @@ pub struct Variant {
     #[serde(default)]
     pub boot: BootSection,
     pub health: HealthSection,
+    #[serde(default)]
+    pub update: UpdateSection,
     /// Where the file was read from (not a TOML key).
     #[serde(skip)]
     pub file: PathBuf,

@@ -15,6 +15,13 @@ use crate::gpt::Guid;
 use crate::verity::RootHash;
 
 /// GPT partition names (what `sfdisk --json` shows as `name`).
+/// In the root file system (relative to `/`): the update agent's defaults
+/// (metadata and targets URLs, the image's required units), written by the
+/// image builder; `/etc/racklet/update.toml` overrides them key by key.
+pub const IMAGE_UPDATE_DEFAULTS: &str = "usr/lib/racklet/update.toml";
+/// In the root file system: the TUF root the image trusts first.
+pub const IMAGE_TUF_ROOT: &str = "usr/share/racklet/update/root.json";
+
 pub const ESP_PARTITION_NAME: &str = "esp";
 pub const DATA_PARTITION_NAME: &str = "data";
 

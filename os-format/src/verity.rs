@@ -596,7 +596,7 @@ impl InMemoryTree {
         if data_size_bytes == 0 {
             return Err(VerityError::EmptyData);
         }
-        if data_size_bytes % VERITY_BLOCK_SIZE != 0 {
+        if !data_size_bytes.is_multiple_of(VERITY_BLOCK_SIZE) {
             return Err(VerityError::NotBlockAligned {
                 size: data_size_bytes,
             });

@@ -1,1 +1,1604 @@
-//! (being written)
+//! Streaming one artifact into a slot partition, and checking a written slot.
+//!
+//! [`write_artifact`] reads an artifact (zstd-compressed or stored) from any
+//! blocking `Read`, checks it against its manifest entry while it streams and
+//! writes the uncompressed bytes into a partition of the disk:
+//!
+//! * the bytes as shipped are counted and sha256-hashed as they arrive; more than
+//!   the signed `size` fails at once, fewer or a different sha256 fails at the end;
+//! * the uncompressed bytes are hashed too, never written past the signed
+//!   `uncompressed_size` (which must fit the partition), and must match
+//!   `uncompressed_size` and `uncompressed_sha256` at the end;
+//! * memory is bounded: a few fixed [`BUFFER_SIZE`] buffers and zstd's window
+//!   (at most 128 MiB, zstd's default decoder limit), nothing proportional to the
+//!   artifact;
+//! * decompression (with the shipped-bytes hash) runs on the calling thread, the
+//!   uncompressed hash and the `pwrite`s on a second thread, buffers handed back and
+//!   forth, so the two halves overlap like `zstd -dc | dd bs=1M` does;
+//! * writes go to the partition's byte range of the disk only (`pwrite` at
+//!   partition offset + position), in whole buffers, then `fdatasync`.
+//!
+//! The disk is a block device or a disk image file opened read-write without
+//! truncation ([`open_disk_for_writing`]).
+//!
+//! Written bytes are not trusted until the whole artifact checked out: a failed
+//! artifact leaves garbage in the partition, which is why the slot keeps its
+//! "empty" PARTUUIDs while it is written (see [`crate::slots`]). [`verify_slot`]
+//! then re-reads the slot from the disk and checks its dm-verity root hash.
+
+use std::cell::{Cell, RefCell};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+use os_format::layout::Slot;
+use os_format::manifest::{Artifact, ArtifactKind, Compression, VerityInfo};
+use os_format::verity::{
+    self, root_hash_to_hex, RootHash, VerityError, VeritySuperblock, ALGORITHM, SUPERBLOCK_SIZE,
+    VERITY_BLOCK_SIZE,
+};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::slots::{PartitionRange, SlotPartitions};
+
+/// Size of each buffer of uncompressed bytes (and of each `pwrite`).
+pub const BUFFER_SIZE: usize = 4 << 20;
+/// Number of buffers circulating between the decompressing and the writing thread.
+const BUFFER_COUNT: usize = 3;
+/// Size of the buffer used to read the rest of a source after its data ended.
+const DRAIN_BUFFER_SIZE: usize = 64 * 1024;
+
+/// What [`write_artifact`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenArtifact {
+    /// The artifact's name.
+    pub name: String,
+    /// The partition it was written to.
+    pub partition: String,
+    /// Bytes read from the source (its signed size).
+    pub compressed_bytes: u64,
+    /// Bytes written to the partition (its signed uncompressed size).
+    pub uncompressed_bytes: u64,
+    /// sha256 of the written bytes, lower-case hex (equal to the manifest's).
+    pub uncompressed_sha256: String,
+}
+
+/// Everything that can go wrong installing or checking a slot. Each names the
+/// artifact (or slot) and says what was expected and what was found.
+#[derive(Debug, Error)]
+pub enum InstallError {
+    /// The disk could not be opened.
+    #[error("{path}: cannot open the disk for writing: {source}", path = path.display())]
+    OpenDisk {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A digest in the manifest is not 64 hex digits.
+    #[error("{artifact}: the manifest's {field} {value:?} is not 64 hex digits")]
+    InvalidDigest {
+        artifact: String,
+        field: &'static str,
+        value: String,
+    },
+    /// The artifact is not one that goes into a slot partition.
+    #[error("{artifact}: a {kind:?} artifact is not written to a slot partition")]
+    NotAPartitionArtifact {
+        artifact: String,
+        kind: ArtifactKind,
+    },
+    /// The signed uncompressed size does not fit the partition.
+    #[error(
+        "{artifact}: uncompressed size {uncompressed_size} bytes does not fit partition \
+         {partition} ({partition_size} bytes)"
+    )]
+    TooLargeForPartition {
+        artifact: String,
+        partition: String,
+        uncompressed_size: u64,
+        partition_size: u64,
+    },
+    /// The partition lies (partly) past the end of the disk.
+    #[error(
+        "{artifact}: partition {partition} (bytes {offset}..{end}) extends past the end of the \
+         disk ({disk_size} bytes)"
+    )]
+    PartitionOutsideDisk {
+        artifact: String,
+        partition: String,
+        offset: u64,
+        end: u64,
+        disk_size: u64,
+    },
+    /// Reading the source failed (a download or file error, not bad content).
+    #[error("{artifact}: reading failed after {offset} bytes: {source}")]
+    Read {
+        artifact: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// More bytes arrived than the signed size.
+    #[error("{artifact}: is longer than its signed length {signed_size}")]
+    LongerThanSigned { artifact: String, signed_size: u64 },
+    /// The source ended before the signed size.
+    #[error("{artifact}: truncated: expected {expected} bytes (its signed length), got {got}")]
+    Truncated {
+        artifact: String,
+        expected: u64,
+        got: u64,
+    },
+    /// The bytes as shipped do not have the signed sha256.
+    #[error("{artifact}: sha256 mismatch: expected {expected}, got {got}")]
+    Sha256Mismatch {
+        artifact: String,
+        expected: String,
+        got: String,
+    },
+    /// zstd could not decode the (signed, intact) bytes.
+    #[error(
+        "{artifact}: zstd decompression failed after {uncompressed_offset} uncompressed bytes: \
+         {source}"
+    )]
+    Decompress {
+        artifact: String,
+        uncompressed_offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// Decompression produced more than the signed uncompressed size.
+    #[error("{artifact}: uncompressed data is longer than its signed length {signed_size}")]
+    UncompressedLongerThanSigned { artifact: String, signed_size: u64 },
+    /// Decompression produced fewer bytes than the signed uncompressed size.
+    #[error("{artifact}: uncompressed size mismatch: expected {expected} bytes, got {got}")]
+    UncompressedSizeMismatch {
+        artifact: String,
+        expected: u64,
+        got: u64,
+    },
+    /// The uncompressed bytes do not have the signed sha256.
+    #[error("{artifact}: uncompressed sha256 mismatch: expected {expected}, got {got}")]
+    UncompressedSha256Mismatch {
+        artifact: String,
+        expected: String,
+        got: String,
+    },
+    /// A write (or a write that would leave the partition) failed.
+    #[error(
+        "{artifact}: writing partition {partition} at partition offset {offset} failed: {source}"
+    )]
+    Write {
+        artifact: String,
+        partition: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// Flushing the written partition to the disk failed.
+    #[error("{artifact}: syncing partition {partition} to the disk failed: {source}")]
+    Sync {
+        artifact: String,
+        partition: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The manifest's dm-verity parameters are unusable.
+    #[error("slot {slot}: the manifest's dm-verity parameters are invalid: {reason}")]
+    InvalidVerityInfo { slot: Slot, reason: String },
+    /// A slot partition is too small for what the manifest describes.
+    #[error(
+        "slot {slot}: partition {partition} is {size} bytes; expected at least {needed} bytes for \
+         {what}"
+    )]
+    SlotTooSmall {
+        slot: Slot,
+        partition: String,
+        size: u64,
+        needed: u64,
+        what: &'static str,
+    },
+    /// The verity superblock written to the slot is not the manifest's.
+    #[error(
+        "slot {slot}: the verity superblock on {partition} does not match the manifest: {reason}"
+    )]
+    SuperblockMismatch {
+        slot: Slot,
+        partition: String,
+        reason: String,
+    },
+    /// The root partition's data does not hash to the expected root hash.
+    #[error(
+        "slot {slot}: partition {partition} does not match the dm-verity root hash: expected {}, \
+         got {} ({detail})",
+        root_hash_to_hex(expected),
+        root_hash_to_hex(found)
+    )]
+    RootHashMismatch {
+        slot: Slot,
+        partition: String,
+        expected: RootHash,
+        found: RootHash,
+        /// What the check of the hash tree said.
+        detail: String,
+    },
+    /// The root data is right but the hash tree on the verity partition is not.
+    #[error("slot {slot}: the hash tree on partition {partition} is corrupt: {source}")]
+    HashTreeCorrupt {
+        slot: Slot,
+        partition: String,
+        #[source]
+        source: VerityError,
+    },
+    /// Reading the slot back failed.
+    #[error("slot {slot}: reading the written slot back failed: {source}")]
+    VerifyRead {
+        slot: Slot,
+        #[source]
+        source: VerityError,
+    },
+}
+
+/// Opens a disk (block device or image file) for [`write_artifact`]: read-write,
+/// never created, never truncated.
+pub fn open_disk_for_writing(path: &Path) -> Result<File, InstallError> {
+    File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| InstallError::OpenDisk {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The slot partition an artifact goes to: the root file system to `root-*`,
+/// the hash tree to `verity-*`.
+pub fn partition_for<'a>(
+    artifact: &Artifact,
+    slot: &'a SlotPartitions,
+) -> Result<&'a PartitionRange, InstallError> {
+    match artifact.kind {
+        ArtifactKind::RootFilesystem => Ok(&slot.root),
+        ArtifactKind::VerityHashTree => Ok(&slot.verity),
+        kind => Err(InstallError::NotAPartitionArtifact {
+            artifact: artifact.name.clone(),
+            kind,
+        }),
+    }
+}
+
+/// A manifest digest as bytes.
+fn parse_digest(
+    artifact: &Artifact,
+    field: &'static str,
+    value: &str,
+) -> Result<[u8; 32], InstallError> {
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(value, &mut digest).map_err(|_| InstallError::InvalidDigest {
+        artifact: artifact.name.clone(),
+        field,
+        value: value.to_string(),
+    })?;
+    Ok(digest)
+}
+
+/// What the reader of the shipped bytes saw (shared by reference with the
+/// reader, which the zstd decoder owns while it runs).
+struct SourceState {
+    /// The signed size.
+    limit: u64,
+    /// Bytes accepted so far (never more than `limit`).
+    count: Cell<u64>,
+    /// More than `limit` bytes arrived.
+    over_long: Cell<bool>,
+    /// The source itself returned an error.
+    source_failed: Cell<bool>,
+    /// sha256 of the accepted bytes.
+    hasher: RefCell<Sha256>,
+}
+
+impl SourceState {
+    fn new(limit: u64) -> SourceState {
+        SourceState {
+            limit,
+            count: Cell::new(0),
+            over_long: Cell::new(false),
+            source_failed: Cell::new(false),
+            hasher: RefCell::new(Sha256::new()),
+        }
+    }
+}
+
+/// Counts and hashes the shipped bytes; errors as soon as more than the signed
+/// size arrives (it never asks the source for more than one byte past it).
+struct SignedReader<'a, R> {
+    inner: R,
+    state: &'a SourceState,
+}
+
+impl<R: Read> Read for SignedReader<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let state = self.state;
+        if state.over_long.get() {
+            return Err(over_long_error());
+        }
+        if state.source_failed.get() {
+            return Err(io::Error::other("reading the source failed before"));
+        }
+        let allowed = (state.limit - state.count.get()).saturating_add(1);
+        let len = buffer
+            .len()
+            .min(usize::try_from(allowed).unwrap_or(usize::MAX));
+        let got = match self.inner.read(&mut buffer[..len]) {
+            Ok(got) => got,
+            Err(error) => {
+                if error.kind() != io::ErrorKind::Interrupted {
+                    state.source_failed.set(true);
+                }
+                return Err(error);
+            }
+        };
+        if got as u64 > state.limit - state.count.get() {
+            state.over_long.set(true);
+            return Err(over_long_error());
+        }
+        state.hasher.borrow_mut().update(&buffer[..got]);
+        state.count.set(state.count.get() + got as u64);
+        Ok(got)
+    }
+}
+
+fn over_long_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "more bytes than the signed length",
+    )
+}
+
+/// A buffer of uncompressed bytes on its way to the disk.
+struct Chunk {
+    buffer: Vec<u8>,
+    len: usize,
+    /// Offset of the first byte inside the partition.
+    position: u64,
+}
+
+/// Why the decompressing side stopped early.
+enum PumpError {
+    /// Reading the decoded stream failed at this uncompressed offset: a zstd
+    /// error, or an error of the source (see [`SourceState`]).
+    Decode(io::Error, u64),
+    /// Decompression produced more than the signed uncompressed size.
+    UncompressedTooLong,
+    /// The writing thread stopped (it reports why).
+    WriterGone,
+}
+
+/// What the writing side did.
+struct Written {
+    bytes: u64,
+    sha256: [u8; 32],
+}
+
+/// Streams one artifact from `source` into `partition` of `disk` (see the
+/// module documentation), calling `progress` with the number of shipped
+/// (compressed) bytes read so far after every buffer.
+///
+/// `disk` must be open for reading and writing ([`open_disk_for_writing`]);
+/// `partition` is where the artifact goes ([`partition_for`]). On success the
+/// data is synced to the disk. On any error the partition holds garbage.
+pub fn write_artifact<R: Read>(
+    source: R,
+    artifact: &Artifact,
+    disk: &File,
+    partition: &PartitionRange,
+    progress: &mut dyn FnMut(u64),
+) -> Result<WrittenArtifact, InstallError> {
+    let name = || artifact.name.clone();
+    let expected_sha256 = parse_digest(artifact, "sha256", &artifact.sha256)?;
+    let expected_uncompressed_sha256 = parse_digest(
+        artifact,
+        "uncompressed_sha256",
+        &artifact.uncompressed_sha256,
+    )?;
+    if artifact.uncompressed_size > partition.size {
+        return Err(InstallError::TooLargeForPartition {
+            artifact: name(),
+            partition: partition.name.clone(),
+            uncompressed_size: artifact.uncompressed_size,
+            partition_size: partition.size,
+        });
+    }
+    let disk_size = {
+        let mut handle = disk;
+        handle.seek(SeekFrom::End(0))
+    };
+    let end = partition.offset.checked_add(partition.size);
+    match (disk_size, end) {
+        (Ok(disk_size), Some(end)) if end <= disk_size => {}
+        (disk_size, _) => {
+            return Err(InstallError::PartitionOutsideDisk {
+                artifact: name(),
+                partition: partition.name.clone(),
+                offset: partition.offset,
+                end: end.unwrap_or(u64::MAX),
+                disk_size: disk_size.unwrap_or(0),
+            })
+        }
+    }
+
+    let state = SourceState::new(artifact.size);
+    let reader = SignedReader {
+        inner: source,
+        state: &state,
+    };
+    let limits = Limits {
+        artifact,
+        partition,
+        disk,
+    };
+    let (pumped, written, drained) = match artifact.compression {
+        Compression::None => {
+            let mut reader = reader;
+            let (pumped, written) = stream(&mut reader, &state, &limits, progress);
+            let drained = drain_if_ok(&written, &mut reader);
+            (pumped, written, drained)
+        }
+        Compression::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::new(reader).map_err(|source| {
+                InstallError::Decompress {
+                    artifact: name(),
+                    uncompressed_offset: 0,
+                    source,
+                }
+            })?;
+            let (pumped, written) = stream(&mut decoder, &state, &limits, progress);
+            let mut rest = decoder.finish();
+            let drained = drain_if_ok(&written, &mut rest);
+            (pumped, written, drained)
+        }
+    };
+    progress(state.count.get());
+
+    // A failed write is final; otherwise the shipped bytes are judged first:
+    // a bad download explains bad content.
+    let written = written?;
+    let source_error = |drain_error: Option<io::Error>| -> Option<InstallError> {
+        if state.over_long.get() {
+            return Some(InstallError::LongerThanSigned {
+                artifact: name(),
+                signed_size: artifact.size,
+            });
+        }
+        if let Some(source) = drain_error.filter(|_| state.source_failed.get()) {
+            return Some(InstallError::Read {
+                artifact: name(),
+                offset: state.count.get(),
+                source,
+            });
+        }
+        let count = state.count.get();
+        if count < artifact.size {
+            return Some(InstallError::Truncated {
+                artifact: name(),
+                expected: artifact.size,
+                got: count,
+            });
+        }
+        let got: [u8; 32] = state.hasher.borrow().clone().finalize().into();
+        (got != expected_sha256).then(|| InstallError::Sha256Mismatch {
+            artifact: name(),
+            expected: hex::encode(expected_sha256),
+            got: hex::encode(got),
+        })
+    };
+    match pumped {
+        Err(PumpError::Decode(error, uncompressed_offset)) => {
+            // The source's own error (or over-length) surfaces through the decoder.
+            let (problem, decode_error) = if state.source_failed.get() {
+                (source_error(Some(error)), None)
+            } else if state.over_long.get() {
+                (source_error(None), None)
+            } else {
+                (source_error(drained.err()), Some(error))
+            };
+            if let Some(problem) = problem {
+                return Err(problem);
+            }
+            return Err(InstallError::Decompress {
+                artifact: name(),
+                uncompressed_offset,
+                source: decode_error
+                    .unwrap_or_else(|| io::Error::other("the signed bytes do not decode")),
+            });
+        }
+        Err(PumpError::UncompressedTooLong) => {
+            if let Some(problem) = source_error(drained.err()) {
+                return Err(problem);
+            }
+            return Err(InstallError::UncompressedLongerThanSigned {
+                artifact: name(),
+                signed_size: artifact.uncompressed_size,
+            });
+        }
+        Err(PumpError::WriterGone) => unreachable!("the writer reports its own error"),
+        Ok(()) => {
+            if let Some(problem) = source_error(drained.err()) {
+                return Err(problem);
+            }
+        }
+    }
+    if written.bytes != artifact.uncompressed_size {
+        return Err(InstallError::UncompressedSizeMismatch {
+            artifact: name(),
+            expected: artifact.uncompressed_size,
+            got: written.bytes,
+        });
+    }
+    if written.sha256 != expected_uncompressed_sha256 {
+        return Err(InstallError::UncompressedSha256Mismatch {
+            artifact: name(),
+            expected: hex::encode(expected_uncompressed_sha256),
+            got: hex::encode(written.sha256),
+        });
+    }
+    disk.sync_data().map_err(|source| InstallError::Sync {
+        artifact: name(),
+        partition: partition.name.clone(),
+        source,
+    })?;
+    tracing::info!(
+        artifact = %artifact.name,
+        partition = %partition.name,
+        bytes = written.bytes,
+        "artifact written and checked"
+    );
+    Ok(WrittenArtifact {
+        name: name(),
+        partition: partition.name.clone(),
+        compressed_bytes: state.count.get(),
+        uncompressed_bytes: written.bytes,
+        uncompressed_sha256: hex::encode(written.sha256),
+    })
+}
+
+/// Where [`stream`] writes, and what bounds it.
+struct Limits<'a> {
+    artifact: &'a Artifact,
+    partition: &'a PartitionRange,
+    disk: &'a File,
+}
+
+/// Decodes `decoded` into buffers on this thread and hashes and writes them on
+/// a second one. Returns how decoding ended and what the writer did.
+fn stream<D: Read>(
+    decoded: &mut D,
+    state: &SourceState,
+    limits: &Limits<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> (Result<(), PumpError>, Result<Written, InstallError>) {
+    std::thread::scope(|scope| {
+        let (full_sender, full_receiver) = sync_channel::<Chunk>(BUFFER_COUNT);
+        let (empty_sender, empty_receiver) = sync_channel::<Vec<u8>>(BUFFER_COUNT);
+        for _ in 0..BUFFER_COUNT {
+            empty_sender
+                .send(vec![0u8; BUFFER_SIZE])
+                .expect("the channel holds BUFFER_COUNT buffers");
+        }
+        let writer = scope.spawn(move || write_chunks(full_receiver, empty_sender, limits));
+        let pumped = pump(
+            decoded,
+            state,
+            limits.artifact.uncompressed_size,
+            full_sender,
+            empty_receiver,
+            progress,
+        );
+        let written = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (pumped, written)
+    })
+}
+
+/// Fills buffers from `decoded` and sends them to the writer until the end of
+/// the stream, never sending more than `uncompressed_size` bytes in total.
+fn pump<D: Read>(
+    decoded: &mut D,
+    state: &SourceState,
+    uncompressed_size: u64,
+    full: SyncSender<Chunk>,
+    empty: Receiver<Vec<u8>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), PumpError> {
+    let mut total = 0u64;
+    loop {
+        let Ok(mut buffer) = empty.recv() else {
+            return Err(PumpError::WriterGone);
+        };
+        let len = fill(decoded, &mut buffer)
+            .map_err(|(error, filled)| PumpError::Decode(error, total + filled as u64))?;
+        if total + len as u64 > uncompressed_size {
+            return Err(PumpError::UncompressedTooLong);
+        }
+        let at_end = len < buffer.len();
+        if len > 0 {
+            full.send(Chunk {
+                buffer,
+                len,
+                position: total,
+            })
+            .map_err(|_| PumpError::WriterGone)?;
+            total += len as u64;
+        }
+        progress(state.count.get());
+        if at_end {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads until `buffer` is full or the stream ends; returns the bytes read,
+/// or the error with the bytes read before it.
+fn fill<D: Read>(decoded: &mut D, buffer: &mut [u8]) -> Result<usize, (io::Error, usize)> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match decoded.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(got) => filled += got,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err((error, filled)),
+        }
+    }
+    Ok(filled)
+}
+
+/// The writing thread: hashes each chunk, `pwrite`s it inside the partition and
+/// hands the buffer back.
+fn write_chunks(
+    full: Receiver<Chunk>,
+    empty: SyncSender<Vec<u8>>,
+    limits: &Limits<'_>,
+) -> Result<Written, InstallError> {
+    let partition = limits.partition;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    for chunk in full {
+        let data = &chunk.buffer[..chunk.len];
+        let write_error = |source| InstallError::Write {
+            artifact: limits.artifact.name.clone(),
+            partition: partition.name.clone(),
+            offset: chunk.position,
+            source,
+        };
+        if chunk.position + data.len() as u64 > partition.size {
+            // Unreachable by the checks before; never write outside the partition.
+            return Err(write_error(io::Error::other(format!(
+                "{} bytes would end past the partition's {} bytes",
+                data.len(),
+                partition.size
+            ))));
+        }
+        hasher.update(data);
+        limits
+            .disk
+            .write_all_at(data, partition.offset + chunk.position)
+            .map_err(write_error)?;
+        bytes += data.len() as u64;
+        // The decompressing side may have stopped; then the buffer is dropped.
+        let _ = empty.send(chunk.buffer);
+    }
+    Ok(Written {
+        bytes,
+        sha256: hasher.finalize().into(),
+    })
+}
+
+/// Reads the rest of the source to its end (bounded by the signed length the
+/// reader enforces) to judge it, unless writing already failed (then the
+/// download is not worth finishing).
+fn drain_if_ok<R: Read>(written: &Result<Written, InstallError>, reader: &mut R) -> io::Result<()> {
+    if written.is_err() {
+        return Ok(());
+    }
+    let mut scratch = vec![0u8; DRAIN_BUFFER_SIZE];
+    loop {
+        match reader.read(&mut scratch) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// A byte range of the disk as a `Read + Seek` of its own (positions relative
+/// to its start, `End` at its length), read with `pread`.
+struct Region<'a> {
+    disk: &'a File,
+    offset: u64,
+    len: u64,
+    position: u64,
+}
+
+impl<'a> Region<'a> {
+    fn new(disk: &'a File, offset: u64, len: u64) -> Region<'a> {
+        Region {
+            disk,
+            offset,
+            len,
+            position: 0,
+        }
+    }
+}
+
+impl Read for Region<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.position);
+        let len = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        if len == 0 {
+            return Ok(0);
+        }
+        let got = self
+            .disk
+            .read_at(&mut buffer[..len], self.offset + self.position)?;
+        self.position += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Region<'_> {
+    fn seek(&mut self, target: SeekFrom) -> io::Result<u64> {
+        let position = match target {
+            SeekFrom::Start(position) => Some(position),
+            SeekFrom::End(delta) => self.len.checked_add_signed(delta),
+            SeekFrom::Current(delta) => self.position.checked_add_signed(delta),
+        };
+        let position = position.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the region",
+            )
+        })?;
+        self.position = position;
+        Ok(position)
+    }
+}
+
+/// Asks the kernel to drop cached pages of a byte range of the disk, so the
+/// next read comes from the device rather than from what was just written.
+/// Best effort: clean pages only (call after a sync), ignored where unsupported.
+fn drop_cached(disk: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is
+    // valid for the lifetime of `disk`.
+    let _ =
+        unsafe { libc::posix_fadvise(disk.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// The manifest's verity parameters, checked: (root hash, salt, data bytes).
+fn parse_verity_info(
+    slot: Slot,
+    verity: &VerityInfo,
+) -> Result<(RootHash, Vec<u8>, u64), InstallError> {
+    let invalid = |reason: String| InstallError::InvalidVerityInfo { slot, reason };
+    let root_hash = verity::root_hash_from_hex(&verity.root_hash)
+        .map_err(|error| invalid(error.to_string()))?;
+    let salt = hex::decode(&verity.salt)
+        .map_err(|_| invalid(format!("salt {:?} is not hex", verity.salt)))?;
+    if verity.hash_algorithm != ALGORITHM {
+        return Err(invalid(format!(
+            "expected hash algorithm {ALGORITHM:?}, found {:?}",
+            verity.hash_algorithm
+        )));
+    }
+    for (what, size) in [
+        ("data block size", verity.data_block_size),
+        ("hash block size", verity.hash_block_size),
+    ] {
+        if u64::from(size) != VERITY_BLOCK_SIZE {
+            return Err(invalid(format!(
+                "expected {what} {VERITY_BLOCK_SIZE}, found {size}"
+            )));
+        }
+    }
+    let data_bytes = verity
+        .data_blocks
+        .checked_mul(VERITY_BLOCK_SIZE)
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| invalid(format!("unusable data block count {}", verity.data_blocks)))?;
+    Ok((root_hash, salt, data_bytes))
+}
+
+/// Re-reads a written slot from the disk and checks it: the verity superblock
+/// on `verity-<slot>` must be the manifest's (block count, salt), the hash tree
+/// must lead to `verity.root_hash`, and the root partition's first
+/// `data_blocks` blocks must match the tree.
+///
+/// Cached pages of both ranges are dropped first (the data was synced by
+/// [`write_artifact`]), so on a block device the bytes come from the device.
+/// A root that does not match fails with [`InstallError::RootHashMismatch`]
+/// naming the slot, the expected root hash and the one the data hashes to.
+pub fn verify_slot(
+    disk: &File,
+    partitions: &SlotPartitions,
+    verity: &VerityInfo,
+) -> Result<(), InstallError> {
+    let slot = partitions.slot;
+    let (expected, salt, data_bytes) = parse_verity_info(slot, verity)?;
+    let hash_bytes = verity::hash_device_size(data_bytes);
+    for (partition, needed, what) in [
+        (&partitions.root, data_bytes, "the root file system"),
+        (&partitions.verity, hash_bytes, "the verity hash tree"),
+    ] {
+        if partition.size < needed {
+            return Err(InstallError::SlotTooSmall {
+                slot,
+                partition: partition.name.clone(),
+                size: partition.size,
+                needed,
+                what,
+            });
+        }
+    }
+    drop_cached(disk, partitions.root.offset, data_bytes);
+    drop_cached(disk, partitions.verity.offset, hash_bytes);
+
+    let mut superblock_bytes = [0u8; SUPERBLOCK_SIZE];
+    disk.read_exact_at(&mut superblock_bytes, partitions.verity.offset)
+        .map_err(|source| InstallError::VerifyRead {
+            slot,
+            source: VerityError::Io {
+                context: format!(
+                    "reading the verity superblock of {}",
+                    partitions.verity.name
+                ),
+                source,
+            },
+        })?;
+    let mismatch = |reason: String| InstallError::SuperblockMismatch {
+        slot,
+        partition: partitions.verity.name.clone(),
+        reason,
+    };
+    let superblock =
+        VeritySuperblock::parse(&superblock_bytes).map_err(|error| mismatch(error.to_string()))?;
+    if superblock.data_blocks != verity.data_blocks {
+        return Err(mismatch(format!(
+            "expected {} data blocks, found {}",
+            verity.data_blocks, superblock.data_blocks
+        )));
+    }
+    if superblock.salt != salt {
+        return Err(mismatch(format!(
+            "expected salt {}, found {}",
+            verity.salt,
+            hex::encode(&superblock.salt)
+        )));
+    }
+
+    let root = Region::new(disk, partitions.root.offset, data_bytes);
+    let hash_device = Region::new(disk, partitions.verity.offset, hash_bytes);
+    let failure = match verity::verify(root, hash_device, &expected) {
+        Ok(_) => {
+            tracing::info!(%slot, root_hash = %verity.root_hash, "slot verified");
+            return Ok(());
+        }
+        Err(source @ (VerityError::Io { .. } | VerityError::ShortRead { .. })) => {
+            return Err(InstallError::VerifyRead { slot, source })
+        }
+        Err(failure) => failure,
+    };
+    // Tell a wrong root from a wrong hash tree: hash the root data alone.
+    let found = verity::compute_root_hash(
+        Region::new(disk, partitions.root.offset, data_bytes),
+        data_bytes,
+        &salt,
+    )
+    .map_err(|source| InstallError::VerifyRead { slot, source })?;
+    if found != expected {
+        return Err(InstallError::RootHashMismatch {
+            slot,
+            partition: partitions.root.name.clone(),
+            expected,
+            found,
+            detail: failure.to_string(),
+        });
+    }
+    Err(InstallError::HashTreeCorrupt {
+        slot,
+        partition: partitions.verity.name.clone(),
+        source: failure,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use os_format::manifest::ArtifactKind;
+    use tempfile::NamedTempFile;
+
+    use super::*;
+    use crate::slots::test_disk::*;
+    use crate::slots::{set_slot_partition_uuids, SlotPartitions};
+
+    const ROOT_LEN: usize = 2 * MIB as usize;
+
+    /// A disk with slot A installed, and a new root (compressed) for slot B.
+    struct Fixture {
+        disk: NamedTempFile,
+        slot_a: Root,
+        new: Root,
+        root_zst: Vec<u8>,
+        verity_zst: Vec<u8>,
+        root_artifact: Artifact,
+        verity_artifact: Artifact,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let slot_a = Root::new(ROOT_LEN, 1);
+            let new = Root::new(ROOT_LEN, 2);
+            let disk = disk_image(&slot_a);
+            let root_zst = zstd_compress(&new.data);
+            let verity_zst = zstd_compress(&new.hash_device);
+            let root_artifact = artifact(
+                "root.erofs.zst",
+                ArtifactKind::RootFilesystem,
+                &root_zst,
+                &new.data,
+            );
+            let verity_artifact = artifact(
+                "verity.img.zst",
+                ArtifactKind::VerityHashTree,
+                &verity_zst,
+                &new.hash_device,
+            );
+            Fixture {
+                disk,
+                slot_a,
+                new,
+                root_zst,
+                verity_zst,
+                root_artifact,
+                verity_artifact,
+            }
+        }
+
+        fn slot(&self, slot: Slot) -> SlotPartitions {
+            SlotPartitions::locate(self.disk.path(), slot).unwrap()
+        }
+
+        fn open(&self) -> File {
+            open_disk_for_writing(self.disk.path()).unwrap()
+        }
+
+        /// Writes `source` as the root artifact `artifact` into slot B's root.
+        fn write_root(
+            &self,
+            source: &[u8],
+            artifact: &Artifact,
+        ) -> Result<WrittenArtifact, InstallError> {
+            let slot_b = self.slot(Slot::B);
+            write_artifact(source, artifact, &self.open(), &slot_b.root, &mut |_| {})
+        }
+
+        fn disk_bytes(&self) -> Vec<u8> {
+            std::fs::read(self.disk.path()).unwrap()
+        }
+    }
+
+    /// The disk's bytes outside `range`.
+    fn outside(bytes: &[u8], range: &PartitionRange) -> Vec<u8> {
+        let mut rest = bytes[..range.offset as usize].to_vec();
+        rest.extend_from_slice(&bytes[range.end() as usize..]);
+        rest
+    }
+
+    #[test]
+    fn happy_path_writes_and_verifies_slot_b_without_touching_slot_a() {
+        let fixture = Fixture::new();
+        let slot_a = fixture.slot(Slot::A);
+        let slot_b = fixture.slot(Slot::B);
+        let disk = fixture.open();
+        let a_before = (
+            sha256_of_range(&disk, slot_a.root.offset, slot_a.root.size),
+            sha256_of_range(&disk, slot_a.verity.offset, slot_a.verity.size),
+        );
+        let before = fixture.disk_bytes();
+
+        let mut progress = Vec::new();
+        let root = write_artifact(
+            &fixture.root_zst[..],
+            &fixture.root_artifact,
+            &disk,
+            partition_for(&fixture.root_artifact, &slot_b).unwrap(),
+            &mut |bytes| progress.push(bytes),
+        )
+        .unwrap();
+        assert_eq!(
+            root,
+            WrittenArtifact {
+                name: "root.erofs.zst".into(),
+                partition: "root-b".into(),
+                compressed_bytes: fixture.root_zst.len() as u64,
+                uncompressed_bytes: ROOT_LEN as u64,
+                uncompressed_sha256: fixture.root_artifact.uncompressed_sha256.clone(),
+            }
+        );
+        assert!(
+            progress.windows(2).all(|pair| pair[0] <= pair[1]),
+            "{progress:?}"
+        );
+        assert_eq!(progress.last(), Some(&(fixture.root_zst.len() as u64)));
+        let verity = write_artifact(
+            &fixture.verity_zst[..],
+            &fixture.verity_artifact,
+            &disk,
+            partition_for(&fixture.verity_artifact, &slot_b).unwrap(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(verity.partition, "verity-b");
+
+        verify_slot(&disk, &slot_b, &fixture.new.verity_info()).unwrap();
+        let after = fixture.disk_bytes();
+        assert_eq!(
+            &after[slot_b.root.offset as usize..][..ROOT_LEN],
+            &fixture.new.data[..]
+        );
+        // Nothing outside the two written ranges changed; slot A is identical.
+        let mut untouched_before = outside(&before, &slot_b.verity);
+        let mut untouched_after = outside(&after, &slot_b.verity);
+        let root_range = PartitionRange {
+            size: ROOT_LEN as u64,
+            ..slot_b.root.clone()
+        };
+        untouched_before = outside(&untouched_before, &root_range);
+        untouched_after = outside(&untouched_after, &root_range);
+        assert!(
+            untouched_before == untouched_after,
+            "bytes outside the written ranges changed"
+        );
+        assert_eq!(
+            (
+                sha256_of_range(&disk, slot_a.root.offset, slot_a.root.size),
+                sha256_of_range(&disk, slot_a.verity.offset, slot_a.verity.size),
+            ),
+            a_before
+        );
+        verify_slot(&disk, &slot_a, &fixture.slot_a.verity_info()).unwrap();
+
+        // The slot is complete: give it its PARTUUIDs.
+        let b =
+            set_slot_partition_uuids(fixture.disk.path(), Slot::B, Some(&fixture.new.root_hash))
+                .unwrap();
+        assert_eq!(
+            b.root.unique_guid,
+            os_format::layout::root_partition_uuid(&fixture.new.root_hash)
+        );
+    }
+
+    #[test]
+    fn uncompressed_artifacts_are_written_as_they_are() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+        let disk = fixture.open();
+        let plain = artifact(
+            "verity.img",
+            ArtifactKind::VerityHashTree,
+            &fixture.new.hash_device,
+            &fixture.new.hash_device,
+        );
+        assert_eq!(plain.compression, Compression::None);
+        write_artifact(
+            &fixture.new.hash_device[..],
+            &plain,
+            &disk,
+            &slot_b.verity,
+            &mut |_| {},
+        )
+        .unwrap();
+        write_artifact(
+            &fixture.root_zst[..],
+            &fixture.root_artifact,
+            &disk,
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap();
+        verify_slot(&disk, &slot_b, &fixture.new.verity_info()).unwrap();
+
+        let mut longer = fixture.new.hash_device.clone();
+        longer.push(0);
+        let error =
+            write_artifact(&longer[..], &plain, &disk, &slot_b.verity, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(error, InstallError::LongerThanSigned { .. }),
+            "{error}"
+        );
+        let error = write_artifact(
+            &fixture.new.hash_device[1..],
+            &plain,
+            &disk,
+            &slot_b.verity,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(error, InstallError::Truncated { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_large_artifact_streams_through_several_buffers() {
+        // 2 buffers and a bit into a 12 MiB range in the middle of a 16 MiB file.
+        let data = pseudo_random(2 * BUFFER_SIZE + 12_345, 5);
+        let compressed = zstd_compress(&data);
+        let entry = artifact("big.zst", ArtifactKind::RootFilesystem, &compressed, &data);
+        let file = NamedTempFile::new().unwrap();
+        let background = pseudo_random(MIB as usize, 6).repeat(16);
+        std::fs::write(file.path(), &background).unwrap();
+        let partition = PartitionRange {
+            name: "big".into(),
+            number: 1,
+            offset: 2 * MIB,
+            size: 12 * MIB,
+            unique_guid: os_format::gpt::Guid::derive(b"big"),
+        };
+        let disk = open_disk_for_writing(file.path()).unwrap();
+        let mut calls = 0;
+        let written = write_artifact(&compressed[..], &entry, &disk, &partition, &mut |_| {
+            calls += 1
+        })
+        .unwrap();
+        assert_eq!(written.uncompressed_bytes, data.len() as u64);
+        assert!(calls >= 3, "progress reported per buffer: {calls}");
+        let after = std::fs::read(file.path()).unwrap();
+        assert_eq!(
+            after.len(),
+            background.len(),
+            "the file did not grow or shrink"
+        );
+        let start = partition.offset as usize;
+        assert!(after[start..start + data.len()] == data[..]);
+        assert!(after[..start] == background[..start]);
+        assert!(after[start + data.len()..] == background[start + data.len()..]);
+    }
+
+    #[test]
+    fn truncated_sources_are_refused() {
+        let fixture = Fixture::new();
+        let full = fixture.root_zst.len();
+        for cut in [full - 1, full / 2, 0] {
+            let error = fixture
+                .write_root(&fixture.root_zst[..cut], &fixture.root_artifact)
+                .unwrap_err();
+            match &error {
+                InstallError::Truncated {
+                    artifact,
+                    expected,
+                    got,
+                } => {
+                    assert_eq!(artifact, "root.erofs.zst");
+                    assert_eq!((*expected, *got), (full as u64, cut as u64));
+                }
+                other => panic!("expected Truncated, found {other}"),
+            }
+            assert!(
+                error.to_string().starts_with("root.erofs.zst: truncated"),
+                "{error}"
+            );
+        }
+    }
+
+    /// A source that serves `bytes`, then zeros forever, counting what it served.
+    struct Endless<'a> {
+        bytes: &'a [u8],
+        served: u64,
+    }
+
+    impl Read for Endless<'_> {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            let start = (self.served as usize).min(self.bytes.len());
+            let from_bytes = (self.bytes.len() - start).min(buffer.len());
+            buffer[..from_bytes].copy_from_slice(&self.bytes[start..start + from_bytes]);
+            let len = if from_bytes > 0 {
+                from_bytes
+            } else {
+                buffer.len()
+            };
+            buffer[from_bytes..len].fill(0);
+            self.served += len as u64;
+            Ok(len)
+        }
+    }
+
+    #[test]
+    fn over_long_sources_fail_as_soon_as_the_signed_length_is_passed() {
+        let fixture = Fixture::new();
+        let mut longer = fixture.root_zst.clone();
+        longer.extend_from_slice(b"extra");
+        let error = fixture
+            .write_root(&longer, &fixture.root_artifact)
+            .unwrap_err();
+        assert!(
+            matches!(&error, InstallError::LongerThanSigned { signed_size, .. } if *signed_size == fixture.root_zst.len() as u64),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "root.erofs.zst: is longer than its signed length {}",
+                fixture.root_zst.len()
+            )
+        );
+
+        // An endless source: reading stops one byte past the signed length.
+        let slot_b = fixture.slot(Slot::B);
+        let mut endless = Endless {
+            bytes: &fixture.root_zst,
+            served: 0,
+        };
+        let error = write_artifact(
+            &mut endless,
+            &fixture.root_artifact,
+            &fixture.open(),
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, InstallError::LongerThanSigned { .. }),
+            "{error}"
+        );
+        assert_eq!(endless.served, fixture.root_zst.len() as u64 + 1);
+
+        // Uncompressed: the signed length is the stored length.
+        let plain = artifact(
+            "root.erofs",
+            ArtifactKind::RootFilesystem,
+            &fixture.new.data,
+            &fixture.new.data,
+        );
+        let mut endless = Endless {
+            bytes: &fixture.new.data,
+            served: 0,
+        };
+        let error = write_artifact(
+            &mut endless,
+            &plain,
+            &fixture.open(),
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, InstallError::LongerThanSigned { .. }),
+            "{error}"
+        );
+        assert_eq!(endless.served, fixture.new.data.len() as u64 + 1);
+    }
+
+    #[test]
+    fn tampered_bytes_fail_the_sha256_check() {
+        let fixture = Fixture::new();
+        let len = fixture.root_zst.len();
+        // A byte in the middle (zstd may or may not notice), the frame checksum,
+        // and the first byte (the magic number).
+        for position in [len / 2, len - 2, 0] {
+            let mut tampered = fixture.root_zst.clone();
+            tampered[position] ^= 0x01;
+            let error = fixture
+                .write_root(&tampered, &fixture.root_artifact)
+                .unwrap_err();
+            match &error {
+                InstallError::Sha256Mismatch { expected, got, .. } => {
+                    assert_eq!(*expected, fixture.root_artifact.sha256);
+                    assert_eq!(*got, sha256_hex(&tampered));
+                }
+                other => panic!("byte {position}: expected Sha256Mismatch, found {other}"),
+            }
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "root.erofs.zst: sha256 mismatch: expected {}, got ",
+                    fixture.root_artifact.sha256
+                )),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn uncompressed_size_must_fit_the_partition_and_match() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+
+        // Bigger than the partition: refused before anything is read or written.
+        let big = pseudo_random(ROOT_PARTITION_SIZE as usize + 4096, 9);
+        let big_zst = zstd_compress(&big);
+        let big_artifact = artifact(
+            "root.erofs.zst",
+            ArtifactKind::RootFilesystem,
+            &big_zst,
+            &big,
+        );
+        let error = fixture.write_root(&big_zst, &big_artifact).unwrap_err();
+        match &error {
+            InstallError::TooLargeForPartition {
+                partition,
+                uncompressed_size,
+                partition_size,
+                ..
+            } => {
+                assert_eq!(partition, "root-b");
+                assert_eq!(*uncompressed_size, big.len() as u64);
+                assert_eq!(*partition_size, slot_b.root.size);
+            }
+            other => panic!("expected TooLargeForPartition, found {other}"),
+        }
+        assert!(
+            error.to_string().contains("does not fit partition root-b"),
+            "{error}"
+        );
+
+        // A manifest that understates the uncompressed size: nothing past it is written.
+        let mut understated = fixture.root_artifact.clone();
+        understated.uncompressed_size -= 1;
+        let error = fixture
+            .write_root(&fixture.root_zst, &understated)
+            .unwrap_err();
+        assert!(
+            matches!(error, InstallError::UncompressedLongerThanSigned { .. }),
+            "{error}"
+        );
+        // ... overstates it.
+        let mut overstated = fixture.root_artifact.clone();
+        overstated.uncompressed_size += 1;
+        let error = fixture
+            .write_root(&fixture.root_zst, &overstated)
+            .unwrap_err();
+        assert!(
+            matches!(error, InstallError::UncompressedSizeMismatch { expected, got, .. }
+                if expected == ROOT_LEN as u64 + 1 && got == ROOT_LEN as u64),
+            "{error}"
+        );
+        // ... or has the wrong uncompressed sha256.
+        let mut wrong = fixture.root_artifact.clone();
+        wrong.uncompressed_sha256 = "00".repeat(32);
+        let error = fixture.write_root(&fixture.root_zst, &wrong).unwrap_err();
+        assert!(
+            error.to_string().starts_with(&format!(
+                "root.erofs.zst: uncompressed sha256 mismatch: expected {}, got {}",
+                "00".repeat(32),
+                fixture.root_artifact.uncompressed_sha256
+            )),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn understated_uncompressed_size_writes_nothing_past_it() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+        let before = fixture.disk_bytes();
+        let mut understated = fixture.root_artifact.clone();
+        understated.uncompressed_size = 4096;
+        fixture
+            .write_root(&fixture.root_zst, &understated)
+            .unwrap_err();
+        let after = fixture.disk_bytes();
+        let limit = (slot_b.root.offset + 4096) as usize;
+        assert!(after[limit..] == before[limit..]);
+    }
+
+    #[test]
+    fn bad_digests_and_undecodable_signed_bytes_are_named() {
+        let fixture = Fixture::new();
+        let mut bad = fixture.root_artifact.clone();
+        bad.sha256 = "xyz".into();
+        let error = fixture.write_root(&fixture.root_zst, &bad).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                InstallError::InvalidDigest {
+                    field: "sha256",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+
+        // Signed bytes that are not zstd at all.
+        let raw = &fixture.new.data[..8192];
+        let mut not_zstd = artifact("root.erofs.zst", ArtifactKind::RootFilesystem, raw, raw);
+        not_zstd.compression = Compression::Zstd;
+        let error = fixture.write_root(raw, &not_zstd).unwrap_err();
+        assert!(matches!(error, InstallError::Decompress { .. }), "{error}");
+        assert!(
+            error.to_string().starts_with("root.erofs.zst: zstd"),
+            "{error}"
+        );
+
+        let error = partition_for(
+            &artifact(
+                "uki-b.efi",
+                ArtifactKind::KernelImage { slot: Slot::B },
+                b"x",
+                b"x",
+            ),
+            &fixture.slot(Slot::B),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, InstallError::NotAPartitionArtifact { .. }),
+            "{error}"
+        );
+    }
+
+    /// A source that fails after `good` bytes.
+    struct Failing<'a> {
+        good: Cursor<&'a [u8]>,
+    }
+
+    impl Read for Failing<'_> {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            match self.good.read(buffer)? {
+                0 => Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "peer went away",
+                )),
+                got => Ok(got),
+            }
+        }
+    }
+
+    #[test]
+    fn source_errors_are_reported_as_such() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+        let cut = fixture.root_zst.len() / 2;
+        let error = write_artifact(
+            Failing {
+                good: Cursor::new(&fixture.root_zst[..cut]),
+            },
+            &fixture.root_artifact,
+            &fixture.open(),
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        match &error {
+            InstallError::Read { offset, source, .. } => {
+                assert_eq!(*offset, cut as u64);
+                assert_eq!(source.kind(), io::ErrorKind::ConnectionReset);
+            }
+            other => panic!("expected Read, found {other}"),
+        }
+    }
+
+    fn installed_slot_b(fixture: &Fixture) -> (File, SlotPartitions) {
+        let slot_b = fixture.slot(Slot::B);
+        let disk = fixture.open();
+        write_artifact(
+            &fixture.root_zst[..],
+            &fixture.root_artifact,
+            &disk,
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap();
+        write_artifact(
+            &fixture.verity_zst[..],
+            &fixture.verity_artifact,
+            &disk,
+            &slot_b.verity,
+            &mut |_| {},
+        )
+        .unwrap();
+        (disk, slot_b)
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_written_root_fails_verification() {
+        let fixture = Fixture::new();
+        let (disk, slot_b) = installed_slot_b(&fixture);
+        let position = slot_b.root.offset + ROOT_LEN as u64 / 2 + 17;
+        let mut byte = [0u8];
+        disk.read_exact_at(&mut byte, position).unwrap();
+        disk.write_all_at(&[byte[0] ^ 0x80], position).unwrap();
+
+        let error = verify_slot(&disk, &slot_b, &fixture.new.verity_info()).unwrap_err();
+        let expected_hex = root_hash_to_hex(&fixture.new.root_hash);
+        match &error {
+            InstallError::RootHashMismatch {
+                slot,
+                partition,
+                expected,
+                found,
+                ..
+            } => {
+                assert_eq!(*slot, Slot::B);
+                assert_eq!(partition, "root-b");
+                assert_eq!(*expected, fixture.new.root_hash);
+                assert_ne!(*found, fixture.new.root_hash);
+            }
+            other => panic!("expected RootHashMismatch, found {other}"),
+        }
+        let message = error.to_string();
+        assert!(message.starts_with("slot b: partition root-b"), "{message}");
+        assert!(
+            message.contains(&format!("expected {expected_hex}, got ")),
+            "{message}"
+        );
+
+        // Bytes past the data blocks are not part of the slot.
+        disk.write_all_at(&[byte[0]], position).unwrap();
+        disk.write_all_at(b"junk", slot_b.root.offset + ROOT_LEN as u64)
+            .unwrap();
+        verify_slot(&disk, &slot_b, &fixture.new.verity_info()).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_hash_tree_or_superblock_fails_verification() {
+        let fixture = Fixture::new();
+        let (disk, slot_b) = installed_slot_b(&fixture);
+        let info = fixture.new.verity_info();
+
+        // A byte in the hash tree (past the superblock block).
+        let tree_byte = slot_b.verity.offset + 4096 + 100;
+        let mut byte = [0u8];
+        disk.read_exact_at(&mut byte, tree_byte).unwrap();
+        disk.write_all_at(&[byte[0] ^ 1], tree_byte).unwrap();
+        let error = verify_slot(&disk, &slot_b, &info).unwrap_err();
+        assert!(
+            matches!(&error, InstallError::HashTreeCorrupt { partition, .. } if partition == "verity-b"),
+            "{error}"
+        );
+        disk.write_all_at(&byte, tree_byte).unwrap();
+        verify_slot(&disk, &slot_b, &info).unwrap();
+
+        // The manifest's salt differs from the superblock's.
+        let mut other_salt = info.clone();
+        other_salt.salt = "00".repeat(32);
+        let error = verify_slot(&disk, &slot_b, &other_salt).unwrap_err();
+        assert!(
+            matches!(error, InstallError::SuperblockMismatch { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("salt"), "{error}");
+
+        // The other slot's root hash.
+        let mut other_hash = info.clone();
+        other_hash.root_hash = root_hash_to_hex(&fixture.slot_a.root_hash);
+        let error = verify_slot(&disk, &slot_b, &other_hash).unwrap_err();
+        assert!(
+            matches!(error, InstallError::RootHashMismatch { .. }),
+            "{error}"
+        );
+
+        // A slot too small for the manifest's block count.
+        let mut too_many = info.clone();
+        too_many.data_blocks = ROOT_PARTITION_SIZE / 4096 + 1;
+        let error = verify_slot(&disk, &slot_b, &too_many).unwrap_err();
+        assert!(
+            matches!(&error, InstallError::SlotTooSmall { partition, .. } if partition == "root-b"),
+            "{error}"
+        );
+        let mut bad = info;
+        bad.root_hash = "nope".into();
+        let error = verify_slot(&disk, &slot_b, &bad).unwrap_err();
+        assert!(
+            matches!(error, InstallError::InvalidVerityInfo { .. }),
+            "{error}"
+        );
+    }
+}

@@ -5,9 +5,14 @@
 
 pub mod boot_control;
 pub mod config;
+pub mod daemon;
+pub mod dbus;
 pub mod error;
+pub mod health;
 pub mod install;
+pub mod metrics;
 pub mod policy;
 pub mod slots;
 pub mod state;
 pub mod status;
+pub mod tuf;

@@ -1,1 +1,1385 @@
-//! (being written)
+//! Where the slots are: the disk holding the booted root, each slot's root and
+//! verity partitions on it, and rewriting a slot's PARTUUIDs.
+//!
+//! The core works on a `&Path` to a disk: a block device or a GPT disk image
+//! file, the same code for both (tests use files). Finding the disk on a
+//! running device ([`find_booted_disk`]) is the only part that looks at sysfs.
+//!
+//! A slot's partitions are found by GPT partition name (`root-a`, `verity-a`,
+//! ...; [`Slot::root_partition_name`]). Their unique GUIDs (PARTUUIDs) are how
+//! `racklet-init` recognises a slot at boot: it takes a slot's partitions only if
+//! they carry both the slot's name and the PARTUUIDs derived from the root hash
+//! on the kernel command line (DPS rule, [`root_partition_uuid`] /
+//! [`verity_partition_uuid`]). So while a slot is being written its PARTUUIDs
+//! are set to the "empty" values ([`empty_partition_uuid`]) and only after the
+//! written slot verified are they set from the new root hash
+//! ([`set_slot_partition_uuids`]).
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use os_format::gpt::{GptDisk, GptError, GptSource, Guid, PartitionEntry, SECTOR_SIZE};
+use os_format::layout::{empty_partition_uuid, root_partition_uuid, verity_partition_uuid, Slot};
+use os_format::verity::{root_hash_to_hex, RootHash};
+use thiserror::Error;
+
+/// Where the kernel lists whole disks (as `racklet-init` scans them).
+pub const SYS_BLOCK_DIR: &str = "/sys/block";
+/// Where the device nodes of those disks are.
+pub const DEV_DIR: &str = "/dev";
+/// Disks never searched: loop, RAM, device-mapper, zram and floppy devices
+/// (the same list as `racklet-init`).
+const SKIPPED_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
+/// sysfs `size` files count 512-byte sectors whatever the logical block size.
+const SYSFS_SECTOR_SIZE: u64 = 512;
+
+/// GPT header: byte offsets of the fields this module reads or patches.
+const HEADER_SIGNATURE: &[u8; 8] = b"EFI PART";
+const HEADER_SIZE_OFFSET: usize = 12;
+const HEADER_CRC_OFFSET: usize = 16;
+const HEADER_MY_LBA_OFFSET: usize = 24;
+const HEADER_ALTERNATE_LBA_OFFSET: usize = 32;
+const HEADER_FIRST_USABLE_OFFSET: usize = 40;
+const HEADER_LAST_USABLE_OFFSET: usize = 48;
+const HEADER_ENTRIES_LBA_OFFSET: usize = 72;
+const HEADER_ENTRY_COUNT_OFFSET: usize = 80;
+const HEADER_ENTRY_SIZE_OFFSET: usize = 84;
+const HEADER_ENTRIES_CRC_OFFSET: usize = 88;
+/// Smallest valid header size (the defined fields).
+const HEADER_MIN_SIZE: usize = 92;
+/// LBA of the primary header, and where the primary entry array starts when
+/// the primary copy has to be rebuilt from the backup.
+const PRIMARY_HEADER_LBA: u64 = 1;
+const PRIMARY_ENTRIES_LBA: u64 = 2;
+/// Smallest entry size the GPT allows.
+const MIN_ENTRY_SIZE: usize = 128;
+/// Largest entry array accepted (as `os_format::gpt`).
+const MAX_ENTRY_ARRAY_BYTES: u64 = 4 * 1024 * 1024;
+/// Byte range of the unique GUID inside a partition entry.
+const ENTRY_UNIQUE_GUID: std::ops::Range<usize> = 16..32;
+/// [`SECTOR_SIZE`] as a `usize`.
+const SECTOR: usize = SECTOR_SIZE as usize;
+
+/// One partition of a slot: where it is on the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// GPT partition name (PARTLABEL), e.g. `root-b`.
+    pub name: String,
+    /// 1-based partition number (entry index + 1), as in `/dev/vda4`.
+    pub number: u32,
+    /// Byte offset of the partition from the start of the disk.
+    pub offset: u64,
+    /// Size of the partition in bytes.
+    pub size: u64,
+    /// Its unique GUID (PARTUUID) when it was read.
+    pub unique_guid: Guid,
+}
+
+impl PartitionRange {
+    /// From a GPT entry and its 1-based number.
+    pub fn from_entry(number: u32, entry: &PartitionEntry) -> PartitionRange {
+        PartitionRange {
+            name: entry.name.clone(),
+            number,
+            offset: entry.offset_bytes(),
+            size: entry.size_bytes(),
+            unique_guid: entry.unique_guid,
+        }
+    }
+
+    /// 0-based index of the partition's entry in the GPT entry array.
+    pub fn entry_index(&self) -> usize {
+        self.number as usize - 1
+    }
+
+    /// First byte past the partition.
+    pub fn end(&self) -> u64 {
+        self.offset + self.size
+    }
+}
+
+/// A slot's root and verity partitions on one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPartitions {
+    /// The slot.
+    pub slot: Slot,
+    /// Partition `root-<slot>`: the root file system (the dm-verity data device).
+    pub root: PartitionRange,
+    /// Partition `verity-<slot>`: the verity superblock and hash tree.
+    pub verity: PartitionRange,
+}
+
+/// Everything that can go wrong finding or relabelling a slot's partitions.
+#[derive(Debug, Error)]
+pub enum SlotError {
+    /// Opening, reading, writing or syncing the disk failed.
+    #[error("{path}: {action}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The disk has no usable GPT (or reading it failed).
+    #[error("{path}: {source}", path = path.display())]
+    Gpt {
+        path: PathBuf,
+        #[source]
+        source: GptError,
+    },
+    /// The GPT has no partition of that name.
+    #[error(
+        "{path}: no partition named {partition:?}; expected slot {slot}'s partitions \
+         {root:?} and {verity:?}",
+        path = disk.display(),
+        root = slot.root_partition_name(),
+        verity = slot.verity_partition_name()
+    )]
+    PartitionMissing {
+        disk: PathBuf,
+        slot: Slot,
+        partition: String,
+    },
+    /// More than one partition has that name, so which one is the slot's is unclear.
+    #[error(
+        "{path}: partitions {numbers:?} are all named {partition:?}; expected exactly one",
+        path = disk.display()
+    )]
+    PartitionNameAmbiguous {
+        disk: PathBuf,
+        partition: String,
+        numbers: Vec<u32>,
+    },
+    /// Another partition already carries a PARTUUID the slot would get. Setting it
+    /// would give two partitions the same PARTUUID; this happens when the root
+    /// hash being installed is the one already in the other slot.
+    #[error(
+        "{path}: refusing to give partition {partition:?} PARTUUID {uuid}: partition {other_number} \
+         ({other_partition:?}) already has it (is this root hash already installed in the other slot?)",
+        path = disk.display()
+    )]
+    DuplicatePartitionUuid {
+        disk: PathBuf,
+        partition: String,
+        uuid: Guid,
+        other_partition: String,
+        other_number: u32,
+    },
+    /// The all-zero GUID would mark the entry as half unused; a root hash whose
+    /// half is all zero cannot be used as a PARTUUID.
+    #[error("{path}: refusing to give partition {partition:?} the all-zero PARTUUID", path = disk.display())]
+    ZeroPartitionUuid { disk: PathBuf, partition: String },
+    /// A GPT copy cannot be patched in place (neither used as is nor rebuilt
+    /// from the other copy); `reason` says why.
+    #[error("{path}: cannot update the {copy} GPT: {reason}", path = disk.display())]
+    GptCopyUnusable {
+        disk: PathBuf,
+        copy: GptCopy,
+        reason: String,
+    },
+    /// After writing, the GPT does not read back as written.
+    #[error("{path}: the GPT did not read back as written: {reason}", path = disk.display())]
+    NotWritten { disk: PathBuf, reason: String },
+    /// No disk holds the booted slot's partitions.
+    #[error(
+        "no disk has partitions {root_name:?} with PARTUUID {root_uuid} and {verity_name:?} \
+         with PARTUUID {verity_uuid} (slot {slot}, root hash {root_hash}); disks seen: {disks}",
+        root_name = slot.root_partition_name(),
+        verity_name = slot.verity_partition_name(),
+        root_hash = root_hash_to_hex(root_hash),
+        disks = if disks.is_empty() { "none".to_string() } else { disks.join(", ") }
+    )]
+    BootedDiskNotFound {
+        slot: Slot,
+        root_hash: RootHash,
+        root_uuid: Guid,
+        verity_uuid: Guid,
+        /// Each disk looked at, with what was found on it.
+        disks: Vec<String>,
+    },
+}
+
+/// Which of the two GPT copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GptCopy {
+    /// Header at LBA 1, entries after it.
+    Primary,
+    /// Header at the last LBA (or where the primary header says), entries before it.
+    Backup,
+}
+
+impl fmt::Display for GptCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GptCopy::Primary => "primary",
+            GptCopy::Backup => "backup",
+        })
+    }
+}
+
+type Result<T, E = SlotError> = std::result::Result<T, E>;
+
+fn io_error(path: &Path, action: impl Into<String>) -> impl FnOnce(io::Error) -> SlotError {
+    let path = path.to_path_buf();
+    let action = action.into();
+    move |source| SlotError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+/// Size of a disk (block device or file) in bytes: seeks to its end.
+pub fn disk_size(path: &Path, mut disk: &File) -> Result<u64> {
+    disk.seek(SeekFrom::End(0))
+        .map_err(io_error(path, "finding the disk size"))
+}
+
+/// Reads and validates the GPT of `disk` (of `size` bytes).
+fn read_gpt(path: &Path, disk: &File, size: u64) -> Result<(GptDisk, GptSource)> {
+    let mut reader = disk;
+    GptDisk::read_with_report(&mut reader, size).map_err(|source| SlotError::Gpt {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The only used partition named `name`, or an error.
+fn unique_by_name<'a>(
+    gpt: &'a GptDisk,
+    disk: &Path,
+    slot: Slot,
+    name: &str,
+) -> Result<(u32, &'a PartitionEntry)> {
+    let matches: Vec<(u32, &PartitionEntry)> = gpt
+        .partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.is_unused() && entry.name == name)
+        .map(|(index, entry)| (index as u32 + 1, entry))
+        .collect();
+    match matches[..] {
+        [found] => Ok(found),
+        [] => Err(SlotError::PartitionMissing {
+            disk: disk.to_path_buf(),
+            slot,
+            partition: name.to_string(),
+        }),
+        _ => Err(SlotError::PartitionNameAmbiguous {
+            disk: disk.to_path_buf(),
+            partition: name.to_string(),
+            numbers: matches.iter().map(|(number, _)| *number).collect(),
+        }),
+    }
+}
+
+impl SlotPartitions {
+    /// Reads the GPT of `disk` (a block device or a disk image file) and finds
+    /// `slot`'s root and verity partitions by name.
+    pub fn locate(disk: &Path, slot: Slot) -> Result<SlotPartitions> {
+        let file = File::open(disk).map_err(io_error(disk, "opening the disk"))?;
+        let size = disk_size(disk, &file)?;
+        let (gpt, _) = read_gpt(disk, &file, size)?;
+        SlotPartitions::from_gpt(&gpt, disk, slot)
+    }
+
+    /// Pure: `slot`'s partitions in an already read table (`disk` only names
+    /// the disk in errors).
+    pub fn from_gpt(gpt: &GptDisk, disk: &Path, slot: Slot) -> Result<SlotPartitions> {
+        let (root_number, root) = unique_by_name(gpt, disk, slot, slot.root_partition_name())?;
+        let (verity_number, verity) =
+            unique_by_name(gpt, disk, slot, slot.verity_partition_name())?;
+        Ok(SlotPartitions {
+            slot,
+            root: PartitionRange::from_entry(root_number, root),
+            verity: PartitionRange::from_entry(verity_number, verity),
+        })
+    }
+}
+
+/// The PARTUUIDs a slot's (root, verity) partitions get: from the root hash by
+/// the DPS rule, or, for `None`, the "empty slot" UUIDs derived from the disk
+/// GUID and the partition names (what a fresh image gives slot B).
+pub fn slot_partition_uuids(
+    disk_guid: &Guid,
+    slot: Slot,
+    verity_root_hash: Option<&RootHash>,
+) -> (Guid, Guid) {
+    match verity_root_hash {
+        Some(hash) => (root_partition_uuid(hash), verity_partition_uuid(hash)),
+        None => (
+            empty_partition_uuid(disk_guid, slot.root_partition_name()),
+            empty_partition_uuid(disk_guid, slot.verity_partition_name()),
+        ),
+    }
+}
+
+/// Rewrites the unique GUIDs (PARTUUIDs) of `slot`'s root and verity partitions
+/// on `disk`: from `verity_root_hash` by the DPS rule, or for `None` the
+/// "empty" UUIDs, so that a slot being written can never be found by the
+/// initramfs. Returns the slot's partitions as read back afterwards.
+///
+/// Only the 16-byte unique GUID fields of those two entries change; every other
+/// byte of the entry arrays, the header fields and the protective MBR stay as they
+/// are (the two CRCs are recomputed). Refuses with
+/// [`SlotError::DuplicatePartitionUuid`] if another partition already has one
+/// of the new PARTUUIDs (installing the root hash the other slot holds).
+///
+/// # Crash safety
+///
+/// Everything that reads a GPT (the kernel, `racklet-init`, `os_format::gpt`)
+/// uses the primary copy if its header and entry CRCs are valid and falls back
+/// to the backup copy otherwise. So the copies are written one after the other,
+/// each synced before the next starts:
+///
+/// 1. the backup entry array, then the backup header; `fsync`;
+/// 2. the primary entry array, then the primary header; `fsync`.
+///
+/// Interrupted in step 1, the untouched primary still describes the old state.
+/// Interrupted in step 2, the primary's CRCs no longer match and readers use the
+/// complete, synced backup, the new state. Either way a reader sees the old or the
+/// new UUIDs, never a mix. (This assumes the disk does not reorder writes across a
+/// flush and does not corrupt sectors it was not writing; nothing can do better
+/// with two copies.) Running this function again after an interruption repairs
+/// the damaged copy from the valid one, so a retry completes the change.
+///
+/// A damaged copy found on entry is repaired the same way (rebuilt from the
+/// valid copy at the standard location). If the two copies' entry arrays differ
+/// elsewhere, the backup is made equal to the primary, the copy every reader uses.
+///
+/// On a block device the running kernel keeps its in-memory partition table
+/// (and `/dev/disk/by-partuuid` may or may not follow); the new PARTUUIDs
+/// matter at the next boot, when `racklet-init` reads the GPT from the disk.
+pub fn set_slot_partition_uuids(
+    disk: &Path,
+    slot: Slot,
+    verity_root_hash: Option<&RootHash>,
+) -> Result<SlotPartitions> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .map_err(io_error(disk, "opening the disk for writing"))?;
+    let size = disk_size(disk, &file)?;
+    let disk_sectors = size / SECTOR_SIZE;
+    let (gpt, source) = read_gpt(disk, &file, size)?;
+    let partitions = SlotPartitions::from_gpt(&gpt, disk, slot)?;
+    let (root_uuid, verity_uuid) = slot_partition_uuids(&gpt.disk_guid, slot, verity_root_hash);
+    let targets = [
+        (&partitions.root, root_uuid),
+        (&partitions.verity, verity_uuid),
+    ];
+    check_new_uuids(&gpt, disk, &targets)?;
+
+    // The copy the table was read from is the source of truth; the other is
+    // patched in place if valid, else rebuilt from the source.
+    let unusable = |copy: GptCopy, reason: String| SlotError::GptCopyUnusable {
+        disk: disk.to_path_buf(),
+        copy,
+        reason,
+    };
+    // `*_on_disk`: whether the copy is what the disk holds (else rebuilt, and
+    // written even if the entries do not change).
+    let (primary, primary_on_disk, backup, backup_on_disk) = match source {
+        GptSource::Primary => {
+            let primary = RawCopy::read(&file, PRIMARY_HEADER_LBA, disk_sectors)
+                .map_err(|reason| unusable(GptCopy::Primary, reason))?;
+            let backup_lba = primary.alternate_lba();
+            match RawCopy::read(&file, backup_lba, disk_sectors) {
+                Ok(backup) => (primary, true, backup, true),
+                Err(reason) => {
+                    tracing::warn!(
+                        disk = %disk.display(),
+                        "backup GPT at LBA {backup_lba} is unusable ({reason}); rebuilding it from the primary"
+                    );
+                    let backup = primary
+                        .mirror_as_backup(disk_sectors)
+                        .map_err(|reason| unusable(GptCopy::Backup, reason))?;
+                    (primary, true, backup, false)
+                }
+            }
+        }
+        GptSource::Backup => {
+            let backup = RawCopy::read(&file, disk_sectors - 1, disk_sectors)
+                .map_err(|reason| unusable(GptCopy::Backup, reason))?;
+            tracing::warn!(
+                disk = %disk.display(),
+                "primary GPT is unusable; rebuilding it from the backup"
+            );
+            let primary = backup
+                .mirror_as_primary()
+                .map_err(|reason| unusable(GptCopy::Primary, reason))?;
+            (primary, false, backup, true)
+        }
+    };
+    let truth = match source {
+        GptSource::Primary => &primary,
+        GptSource::Backup => &backup,
+    };
+
+    let mut entries = truth.entries.clone();
+    for (partition, new_uuid) in &targets {
+        let start = partition.entry_index() * truth.entry_size;
+        let field = &mut entries[start + ENTRY_UNIQUE_GUID.start..start + ENTRY_UNIQUE_GUID.end];
+        if *field != partition.unique_guid.to_gpt_bytes() {
+            return Err(unusable(
+                copy_of(source),
+                format!(
+                    "entry {} does not hold the unique GUID {} read for {:?}",
+                    partition.number, partition.unique_guid, partition.name
+                ),
+            ));
+        }
+        field.copy_from_slice(&new_uuid.to_gpt_bytes());
+    }
+    if primary_on_disk
+        && backup_on_disk
+        && !differs_only_in_unique_guids(&primary, &backup, &targets)
+    {
+        tracing::warn!(
+            disk = %disk.display(),
+            "backup GPT entries differ from the primary beyond slot {slot}'s PARTUUIDs; \
+             making the backup equal to the primary"
+        );
+    }
+
+    for (copy, raw, on_disk) in [
+        (GptCopy::Backup, &backup, backup_on_disk),
+        (GptCopy::Primary, &primary, primary_on_disk),
+    ] {
+        let new = raw.with_entries(&entries);
+        if on_disk && new == *raw {
+            continue;
+        }
+        new.write(&file)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(disk, format!("writing the {copy} GPT")))?;
+    }
+    tracing::info!(
+        disk = %disk.display(),
+        %slot,
+        root = %root_uuid,
+        verity = %verity_uuid,
+        "set slot PARTUUIDs"
+    );
+
+    confirm_written(disk, &file, size, &gpt, &targets, &entries)?;
+    let (after, _) = read_gpt(disk, &file, size)?;
+    SlotPartitions::from_gpt(&after, disk, slot)
+}
+
+fn copy_of(source: GptSource) -> GptCopy {
+    match source {
+        GptSource::Primary => GptCopy::Primary,
+        GptSource::Backup => GptCopy::Backup,
+    }
+}
+
+/// Refuses zero GUIDs and GUIDs another partition (or the other target) has.
+fn check_new_uuids(gpt: &GptDisk, disk: &Path, targets: &[(&PartitionRange, Guid)]) -> Result<()> {
+    for (index, (partition, uuid)) in targets.iter().enumerate() {
+        if uuid.is_zero() {
+            return Err(SlotError::ZeroPartitionUuid {
+                disk: disk.to_path_buf(),
+                partition: partition.name.clone(),
+            });
+        }
+        let target_numbers: Vec<u32> = targets.iter().map(|(p, _)| p.number).collect();
+        let other_existing = gpt
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(entry_index, entry)| (entry_index as u32 + 1, entry))
+            .filter(|(number, entry)| !entry.is_unused() && !target_numbers.contains(number))
+            .find(|(_, entry)| entry.unique_guid == *uuid)
+            .map(|(number, entry)| (number, entry.name.clone()));
+        let other_target = targets
+            .iter()
+            .enumerate()
+            .find(|(other_index, (_, other_uuid))| *other_index != index && other_uuid == uuid)
+            .map(|(_, (other, _))| (other.number, other.name.clone()));
+        if let Some((other_number, other_partition)) = other_existing.or(other_target) {
+            return Err(SlotError::DuplicatePartitionUuid {
+                disk: disk.to_path_buf(),
+                partition: partition.name.clone(),
+                uuid: *uuid,
+                other_partition,
+                other_number,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the two copies' entry arrays are equal apart from the targets'
+/// unique GUID fields (after an interrupted update, those may differ).
+fn differs_only_in_unique_guids(
+    primary: &RawCopy,
+    backup: &RawCopy,
+    targets: &[(&PartitionRange, Guid)],
+) -> bool {
+    if primary.entries.len() != backup.entries.len() || primary.entry_size != backup.entry_size {
+        return false;
+    }
+    let mut left = primary.entries.clone();
+    let mut right = backup.entries.clone();
+    for (partition, _) in targets {
+        let start = partition.entry_index() * primary.entry_size;
+        let range = start + ENTRY_UNIQUE_GUID.start..start + ENTRY_UNIQUE_GUID.end;
+        left[range.clone()].fill(0);
+        right[range].fill(0);
+    }
+    left == right
+}
+
+/// Re-reads both copies and the parsed table and checks they hold exactly what
+/// was written: the new GUIDs in the targets, every other entry unchanged.
+fn confirm_written(
+    disk: &Path,
+    file: &File,
+    size: u64,
+    before: &GptDisk,
+    targets: &[(&PartitionRange, Guid)],
+    entries: &[u8],
+) -> Result<()> {
+    let not_written = |reason: String| SlotError::NotWritten {
+        disk: disk.to_path_buf(),
+        reason,
+    };
+    let disk_sectors = size / SECTOR_SIZE;
+    let primary = RawCopy::read(file, PRIMARY_HEADER_LBA, disk_sectors)
+        .map_err(|reason| not_written(format!("primary copy: {reason}")))?;
+    let backup = RawCopy::read(file, primary.alternate_lba(), disk_sectors)
+        .map_err(|reason| not_written(format!("backup copy: {reason}")))?;
+    for (copy, raw) in [(GptCopy::Primary, &primary), (GptCopy::Backup, &backup)] {
+        if raw.entries != entries {
+            return Err(not_written(format!(
+                "the {copy} entry array differs from what was written"
+            )));
+        }
+    }
+    let (after, source) = read_gpt(disk, file, size)?;
+    if source != GptSource::Primary {
+        return Err(not_written("the primary copy is not used".to_string()));
+    }
+    let mut expected = before.clone();
+    for (partition, uuid) in targets {
+        expected.partitions[partition.entry_index()].unique_guid = *uuid;
+    }
+    if after.partitions != expected.partitions {
+        return Err(not_written(
+            "the partition entries differ from the expected ones".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// One copy of the GPT as raw bytes: the header sector and the entry array.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RawCopy {
+    /// LBA of the header.
+    header_lba: u64,
+    /// The whole header sector.
+    header: [u8; SECTOR],
+    /// LBA of the entry array.
+    entries_lba: u64,
+    /// The entry array (entry count × entry size bytes, what the CRC covers).
+    entries: Vec<u8>,
+    /// Size of one entry.
+    entry_size: usize,
+}
+
+impl RawCopy {
+    /// Reads and checks the copy whose header is at `lba`: signature, header
+    /// size, header CRC, location, entry layout and entry array CRC.
+    fn read(disk: &File, lba: u64, disk_sectors: u64) -> Result<RawCopy, String> {
+        if lba == 0 || lba >= disk_sectors {
+            return Err(format!(
+                "header LBA {lba} is outside the disk of {disk_sectors} sectors"
+            ));
+        }
+        let mut header = [0u8; SECTOR];
+        disk.read_exact_at(&mut header, lba * SECTOR_SIZE)
+            .map_err(|error| format!("reading the header at LBA {lba}: {error}"))?;
+        if &header[..8] != HEADER_SIGNATURE {
+            return Err(format!("no GPT header signature at LBA {lba}"));
+        }
+        let header_size = le_u32(&header, HEADER_SIZE_OFFSET) as usize;
+        if !(HEADER_MIN_SIZE..=SECTOR).contains(&header_size) {
+            return Err(format!(
+                "header at LBA {lba} has size {header_size}; expected {HEADER_MIN_SIZE}..={SECTOR}"
+            ));
+        }
+        let recorded_crc = le_u32(&header, HEADER_CRC_OFFSET);
+        let computed_crc = header_crc(&header);
+        if recorded_crc != computed_crc {
+            return Err(format!(
+                "header at LBA {lba} records CRC32 {recorded_crc:#010x}, its contents have \
+                 {computed_crc:#010x}"
+            ));
+        }
+        let my_lba = le_u64(&header, HEADER_MY_LBA_OFFSET);
+        if my_lba != lba {
+            return Err(format!(
+                "header read at LBA {lba} says it belongs at LBA {my_lba}"
+            ));
+        }
+        let entry_size = le_u32(&header, HEADER_ENTRY_SIZE_OFFSET) as usize;
+        let entry_count = u64::from(le_u32(&header, HEADER_ENTRY_COUNT_OFFSET));
+        let entries_bytes = entry_count * entry_size as u64;
+        if entry_size < MIN_ENTRY_SIZE
+            || !entry_size.is_power_of_two()
+            || entries_bytes > MAX_ENTRY_ARRAY_BYTES
+        {
+            return Err(format!(
+                "header at LBA {lba} describes {entry_count} entries of {entry_size} bytes"
+            ));
+        }
+        let entries_lba = le_u64(&header, HEADER_ENTRIES_LBA_OFFSET);
+        let entries_end_lba = entries_lba.saturating_add(entries_bytes.div_ceil(SECTOR_SIZE));
+        if entries_lba < PRIMARY_ENTRIES_LBA || entries_end_lba > disk_sectors {
+            return Err(format!(
+                "entry array at LBA {entries_lba} ({entries_bytes} bytes) is outside the disk"
+            ));
+        }
+        let mut entries = vec![0u8; entries_bytes as usize];
+        disk.read_exact_at(&mut entries, entries_lba * SECTOR_SIZE)
+            .map_err(|error| format!("reading the entry array at LBA {entries_lba}: {error}"))?;
+        let recorded_entries_crc = le_u32(&header, HEADER_ENTRIES_CRC_OFFSET);
+        let computed_entries_crc = crc32(&entries);
+        if recorded_entries_crc != computed_entries_crc {
+            return Err(format!(
+                "entry array at LBA {entries_lba} has CRC32 {computed_entries_crc:#010x}, its \
+                 header records {recorded_entries_crc:#010x}"
+            ));
+        }
+        Ok(RawCopy {
+            header_lba: lba,
+            header,
+            entries_lba,
+            entries,
+            entry_size,
+        })
+    }
+
+    fn alternate_lba(&self) -> u64 {
+        le_u64(&self.header, HEADER_ALTERNATE_LBA_OFFSET)
+    }
+
+    fn first_usable_lba(&self) -> u64 {
+        le_u64(&self.header, HEADER_FIRST_USABLE_OFFSET)
+    }
+
+    fn last_usable_lba(&self) -> u64 {
+        le_u64(&self.header, HEADER_LAST_USABLE_OFFSET)
+    }
+
+    fn entries_sectors(&self) -> u64 {
+        (self.entries.len() as u64).div_ceil(SECTOR_SIZE)
+    }
+
+    /// This copy moved to another location (header LBA, alternate LBA, entry
+    /// array LBA), CRCs recomputed.
+    fn relocated(&self, header_lba: u64, alternate_lba: u64, entries_lba: u64) -> RawCopy {
+        let mut copy = self.clone();
+        copy.header_lba = header_lba;
+        copy.entries_lba = entries_lba;
+        put_u64(&mut copy.header, HEADER_MY_LBA_OFFSET, header_lba);
+        put_u64(&mut copy.header, HEADER_ALTERNATE_LBA_OFFSET, alternate_lba);
+        put_u64(&mut copy.header, HEADER_ENTRIES_LBA_OFFSET, entries_lba);
+        copy.seal();
+        copy
+    }
+
+    /// A backup copy rebuilt from this primary, at the LBA the primary names
+    /// (entries just before it).
+    fn mirror_as_backup(&self, disk_sectors: u64) -> Result<RawCopy, String> {
+        let backup_lba = self.alternate_lba();
+        let entries_lba = backup_lba.saturating_sub(self.entries_sectors());
+        if backup_lba >= disk_sectors || entries_lba <= self.last_usable_lba() {
+            return Err(format!(
+                "the primary header puts the backup at LBA {backup_lba}, which does not fit \
+                 between the usable area (ending at LBA {}) and the end of the disk \
+                 ({disk_sectors} sectors)",
+                self.last_usable_lba()
+            ));
+        }
+        Ok(self.relocated(backup_lba, self.header_lba, entries_lba))
+    }
+
+    /// A primary copy rebuilt from this backup, at LBA 1 with the entries at LBA 2.
+    fn mirror_as_primary(&self) -> Result<RawCopy, String> {
+        if PRIMARY_ENTRIES_LBA + self.entries_sectors() > self.first_usable_lba() {
+            return Err(format!(
+                "the entry array ({} sectors) does not fit between LBA {PRIMARY_ENTRIES_LBA} and \
+                 the first usable LBA {}",
+                self.entries_sectors(),
+                self.first_usable_lba()
+            ));
+        }
+        Ok(self.relocated(PRIMARY_HEADER_LBA, self.header_lba, PRIMARY_ENTRIES_LBA))
+    }
+
+    /// This copy with another entry array (same size), CRCs recomputed.
+    fn with_entries(&self, entries: &[u8]) -> RawCopy {
+        let mut copy = self.clone();
+        copy.entries = entries.to_vec();
+        copy.seal();
+        copy
+    }
+
+    /// Recomputes the entry array CRC and then the header CRC.
+    fn seal(&mut self) {
+        let entries_crc = crc32(&self.entries);
+        put_u32(&mut self.header, HEADER_ENTRIES_CRC_OFFSET, entries_crc);
+        let crc = header_crc(&self.header);
+        put_u32(&mut self.header, HEADER_CRC_OFFSET, crc);
+    }
+
+    /// Writes the entry array, then the header (not synced).
+    fn write(&self, disk: &File) -> io::Result<()> {
+        disk.write_all_at(&self.entries, self.entries_lba * SECTOR_SIZE)?;
+        disk.write_all_at(&self.header, self.header_lba * SECTOR_SIZE)
+    }
+}
+
+/// CRC32 of the first header-size bytes of a header sector, its CRC field as zero.
+fn header_crc(header: &[u8; SECTOR]) -> u32 {
+    let header_size = (le_u32(header, HEADER_SIZE_OFFSET) as usize).clamp(HEADER_MIN_SIZE, SECTOR);
+    let mut bytes = header[..header_size].to_vec();
+    bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].fill(0);
+    crc32(&bytes)
+}
+
+/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320) lookup table.
+const CRC32_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut index = 0;
+    while index < 256 {
+        let mut value = index as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            value = if value & 1 != 0 {
+                0xEDB8_8320 ^ (value >> 1)
+            } else {
+                value >> 1
+            };
+            bit += 1;
+        }
+        table[index] = value;
+        index += 1;
+    }
+    table
+};
+
+/// CRC-32 as GPT uses it (the same as zlib's `crc32`).
+fn crc32(bytes: &[u8]) -> u32 {
+    !bytes.iter().fold(!0u32, |crc, &byte| {
+        CRC32_TABLE[((crc ^ u32::from(byte)) & 0xFF) as usize] ^ (crc >> 8)
+    })
+}
+
+fn le_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
+}
+
+fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
+    bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(bytes: &mut [u8], offset: usize, value: u64) {
+    bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+/// The disk the booted slot runs from, found the way `racklet-init` found it:
+/// the first disk in [`SYS_BLOCK_DIR`] (by name, skipping loop, RAM,
+/// device-mapper, zram and floppy devices) whose GPT has partitions named
+/// `root-<slot>` and `verity-<slot>` with the PARTUUIDs derived from the booted
+/// root hash (`racklet.roothash=`). Returns the disk's node in `dev_dir`.
+///
+/// Matching the PARTUUIDs, not only the names, keeps a second disk carrying the
+/// same partition names (another Racklet image on a USB stick) from being taken.
+pub fn find_booted_disk(
+    sys_block: &Path,
+    dev_dir: &Path,
+    slot: Slot,
+    root_hash: &RootHash,
+) -> Result<PathBuf> {
+    let root_uuid = root_partition_uuid(root_hash);
+    let verity_uuid = verity_partition_uuid(root_hash);
+    let mut names: Vec<String> = fs::read_dir(sys_block)
+        .map_err(io_error(sys_block, "listing disks"))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            !SKIPPED_DISK_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .collect();
+    names.sort();
+    let mut seen = Vec::new();
+    for name in names {
+        let node = dev_dir.join(&name);
+        match disk_holds_slot(
+            &sys_block.join(&name),
+            &node,
+            slot,
+            &root_uuid,
+            &verity_uuid,
+        ) {
+            Ok(true) => return Ok(node),
+            Ok(false) => seen.push(format!("{name} (not this slot)")),
+            Err(reason) => seen.push(format!("{name} ({reason})")),
+        }
+    }
+    Err(SlotError::BootedDiskNotFound {
+        slot,
+        root_hash: *root_hash,
+        root_uuid,
+        verity_uuid,
+        disks: seen,
+    })
+}
+
+/// Whether the disk (sysfs directory `sys_dir`, node `node`) holds the slot's
+/// partitions with these PARTUUIDs; `Err` says why it could not be read.
+fn disk_holds_slot(
+    sys_dir: &Path,
+    node: &Path,
+    slot: Slot,
+    root_uuid: &Guid,
+    verity_uuid: &Guid,
+) -> Result<bool, String> {
+    let size_text = fs::read_to_string(sys_dir.join("size"))
+        .map_err(|error| format!("unreadable size: {error}"))?;
+    let sectors: u64 = size_text
+        .trim()
+        .parse()
+        .map_err(|_| format!("size {:?} is not a number", size_text.trim()))?;
+    if sectors == 0 {
+        return Err("empty".to_string());
+    }
+    let mut file =
+        File::open(node).map_err(|error| format!("cannot open {}: {error}", node.display()))?;
+    let gpt = GptDisk::read(&mut file, sectors * SYSFS_SECTOR_SIZE)
+        .map_err(|error| format!("no usable GPT: {error}"))?;
+    let has = |name: &str, uuid: &Guid| {
+        gpt.find_by_name(name)
+            .is_some_and(|(_, entry)| entry.unique_guid == *uuid)
+    };
+    Ok(
+        has(slot.root_partition_name(), root_uuid)
+            && has(slot.verity_partition_name(), verity_uuid),
+    )
+}
+
+/// Test support shared with `install.rs`: a disk image file laid out like a
+/// Racklet image (esp, root-a, verity-a, root-b, verity-b, data) with small
+/// partitions, and a small verity-protected root.
+#[cfg(test)]
+pub(crate) mod test_disk {
+    use std::io::Write;
+
+    use os_format::gpt::{GptDisk, Guid, PartitionSpec, ATTRIBUTE_GROWFS, ATTRIBUTE_READ_ONLY};
+    use os_format::layout::{self, Arch, Slot};
+    use os_format::manifest::{Artifact, ArtifactKind, Compression, VerityInfo};
+    use os_format::verity::{self, RootHash};
+    use sha2::{Digest, Sha256};
+    use tempfile::NamedTempFile;
+
+    pub const MIB: u64 = 1024 * 1024;
+    pub const DISK_GUID: Guid = Guid::parse_const("11111111-2222-4333-8444-555555555555");
+    pub const ROOT_PARTITION_SIZE: u64 = 3 * MIB;
+    pub const VERITY_PARTITION_SIZE: u64 = MIB;
+    pub const DISK_SIZE: u64 = 16 * MIB;
+
+    /// Deterministic pseudo-random bytes (xorshift64).
+    pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut bytes = Vec::with_capacity(len + 8);
+        while bytes.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bytes.extend_from_slice(&state.to_le_bytes());
+        }
+        bytes.truncate(len);
+        bytes
+    }
+
+    /// A root file system image and its verity hash device.
+    pub struct Root {
+        pub data: Vec<u8>,
+        pub hash_device: Vec<u8>,
+        pub root_hash: RootHash,
+        pub salt: Vec<u8>,
+    }
+
+    impl Root {
+        /// `len` bytes (a multiple of 4096) of pseudo-random data, every third
+        /// 4 KiB block zero (so it compresses somewhat).
+        pub fn new(len: usize, seed: u64) -> Root {
+            let mut data = pseudo_random(len, seed);
+            for block in data.chunks_mut(4096).step_by(3) {
+                block.fill(0);
+            }
+            let salt = verity::salt_from_content_digest(&Sha256::digest(&data).into());
+            let mut hash_device = Vec::new();
+            let tree = verity::build_hash_tree(
+                &data[..],
+                data.len() as u64,
+                &salt,
+                [7; 16],
+                &mut hash_device,
+            )
+            .unwrap();
+            Root {
+                data,
+                hash_device,
+                root_hash: tree.root_hash,
+                salt,
+            }
+        }
+
+        pub fn verity_info(&self) -> VerityInfo {
+            VerityInfo {
+                root_hash: verity::root_hash_to_hex(&self.root_hash),
+                salt: hex::encode(&self.salt),
+                hash_algorithm: "sha256".into(),
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                data_blocks: self.data.len() as u64 / 4096,
+            }
+        }
+    }
+
+    pub fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.include_checksum(true).unwrap();
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    pub fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// The manifest entry of `raw` shipped as `shipped` (zstd-compressed unless equal).
+    pub fn artifact(name: &str, kind: ArtifactKind, shipped: &[u8], raw: &[u8]) -> Artifact {
+        Artifact {
+            name: name.into(),
+            kind,
+            compression: if shipped == raw {
+                Compression::None
+            } else {
+                Compression::Zstd
+            },
+            size: shipped.len() as u64,
+            sha256: sha256_hex(shipped),
+            uncompressed_size: raw.len() as u64,
+            uncompressed_sha256: sha256_hex(raw),
+        }
+    }
+
+    /// A disk image file: slot A holds `slot_a` (written like the image builder
+    /// does, with its PARTUUIDs), slot B is empty with the "empty" PARTUUIDs,
+    /// other partitions hold pseudo-random bytes.
+    pub fn disk_image(slot_a: &Root) -> NamedTempFile {
+        let arch = Arch::X86_64;
+        let spec =
+            |name: &str, type_guid: Guid, unique_guid: Guid, size: Option<u64>| PartitionSpec {
+                name: name.into(),
+                type_guid,
+                unique_guid,
+                size_bytes: size,
+                attributes: if name == layout::DATA_PARTITION_NAME {
+                    ATTRIBUTE_GROWFS
+                } else {
+                    ATTRIBUTE_READ_ONLY
+                },
+            };
+        let specs = vec![
+            spec(
+                layout::ESP_PARTITION_NAME,
+                layout::ESP_TYPE,
+                Guid::derive(b"esp"),
+                Some(MIB),
+            ),
+            spec(
+                "root-a",
+                arch.root_type(),
+                layout::root_partition_uuid(&slot_a.root_hash),
+                Some(ROOT_PARTITION_SIZE),
+            ),
+            spec(
+                "verity-a",
+                arch.root_verity_type(),
+                layout::verity_partition_uuid(&slot_a.root_hash),
+                Some(VERITY_PARTITION_SIZE),
+            ),
+            spec(
+                "root-b",
+                arch.root_type(),
+                layout::empty_partition_uuid(&DISK_GUID, Slot::B.root_partition_name()),
+                Some(ROOT_PARTITION_SIZE),
+            ),
+            spec(
+                "verity-b",
+                arch.root_verity_type(),
+                layout::empty_partition_uuid(&DISK_GUID, Slot::B.verity_partition_name()),
+                Some(VERITY_PARTITION_SIZE),
+            ),
+            spec(
+                layout::DATA_PARTITION_NAME,
+                layout::VAR_TYPE,
+                Guid::derive(b"data"),
+                None,
+            ),
+        ];
+        let table = GptDisk::plan(DISK_GUID, DISK_SIZE, &specs).unwrap();
+        let mut file = NamedTempFile::new().unwrap();
+        // Fill everything with non-zero bytes first, so untouched areas are
+        // distinguishable from zeros.
+        let background = pseudo_random(MIB as usize, 99);
+        for _ in 0..DISK_SIZE / MIB {
+            file.write_all(&background).unwrap();
+        }
+        table.write(file.as_file_mut()).unwrap();
+        let place = |name: &str, bytes: &[u8]| {
+            use std::os::unix::fs::FileExt;
+            let (_, entry) = table.find_by_name(name).unwrap();
+            file.as_file()
+                .write_all_at(bytes, entry.offset_bytes())
+                .unwrap();
+        };
+        place("root-a", &slot_a.data);
+        place("verity-a", &slot_a.hash_device);
+        file.as_file().sync_all().unwrap();
+        file
+    }
+
+    /// sha256 of the bytes of a disk in `offset..offset + len`.
+    pub fn sha256_of_range(file: &std::fs::File, offset: u64, len: u64) -> [u8; 32] {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, offset).unwrap();
+        Sha256::digest(&bytes).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::process::Command;
+
+    use super::test_disk::*;
+    use super::*;
+
+    fn read_all(path: &Path) -> Vec<u8> {
+        fs::read(path).unwrap()
+    }
+
+    /// The bytes of the disk outside the two GPT copies' entry arrays and headers.
+    fn outside_gpt(image: &[u8]) -> (&[u8], &[u8]) {
+        let primary_end = 34 * SECTOR;
+        let backup_start = image.len() - 33 * SECTOR;
+        (&image[..SECTOR], &image[primary_end..backup_start])
+    }
+
+    /// Entry arrays of both copies with the unique GUIDs of entries `numbers` zeroed.
+    fn entries_without_guids(image: &[u8], numbers: &[u32]) -> (Vec<u8>, Vec<u8>) {
+        let backup_start = image.len() - 33 * SECTOR;
+        let mut primary = image[2 * SECTOR..34 * SECTOR].to_vec();
+        let mut backup = image[backup_start..backup_start + 32 * SECTOR].to_vec();
+        for number in numbers {
+            let start = (*number as usize - 1) * 128;
+            primary[start + 16..start + 32].fill(0);
+            backup[start + 16..start + 32].fill(0);
+        }
+        (primary, backup)
+    }
+
+    fn sgdisk_verify(path: &Path) -> Option<String> {
+        let output = Command::new("sgdisk").arg("-v").arg(path).output().ok()?;
+        Some(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// (name, uuid) of every partition as `sfdisk --json` reports them.
+    fn sfdisk_uuids(path: &Path) -> Option<Vec<(String, String)>> {
+        let output = Command::new("sfdisk")
+            .arg("--json")
+            .arg(path)
+            .output()
+            .ok()?;
+        assert!(
+            output.status.success(),
+            "sfdisk --json failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        Some(
+            json["partitiontable"]["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|partition| {
+                    (
+                        partition["name"].as_str().unwrap().to_string(),
+                        partition["uuid"].as_str().unwrap().to_lowercase(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn locate_finds_both_slots() {
+        let root = Root::new(64 * 1024, 1);
+        let disk = disk_image(&root);
+        let a = SlotPartitions::locate(disk.path(), Slot::A).unwrap();
+        assert_eq!(a.root.name, "root-a");
+        assert_eq!(a.root.number, 2);
+        assert_eq!(a.root.entry_index(), 1);
+        assert_eq!(a.root.offset, 2 * MIB);
+        assert_eq!(a.root.size, ROOT_PARTITION_SIZE);
+        assert_eq!(a.root.unique_guid, root_partition_uuid(&root.root_hash));
+        assert_eq!(a.verity.name, "verity-a");
+        assert_eq!(a.verity.offset, 5 * MIB);
+        assert_eq!(a.verity.size, VERITY_PARTITION_SIZE);
+        let b = SlotPartitions::locate(disk.path(), Slot::B).unwrap();
+        assert_eq!((b.root.number, b.verity.number), (4, 5));
+        assert_eq!(b.root.offset, 6 * MIB);
+        assert_eq!(b.verity.end(), 10 * MIB);
+        assert_eq!(
+            (b.root.unique_guid, b.verity.unique_guid),
+            slot_partition_uuids(&DISK_GUID, Slot::B, None)
+        );
+    }
+
+    #[test]
+    fn locate_reports_missing_and_ambiguous_partitions() {
+        let root = Root::new(4096, 1);
+        let disk = disk_image(&root);
+        let mut file = disk.reopen().unwrap();
+        let mut gpt = GptDisk::read(&mut file, DISK_SIZE).unwrap();
+        gpt.partitions[4].name = "verity-x".into();
+        gpt.write(&mut file).unwrap();
+        let error = SlotPartitions::locate(disk.path(), Slot::B).unwrap_err();
+        assert!(
+            matches!(&error, SlotError::PartitionMissing { partition, slot: Slot::B, .. } if partition == "verity-b"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("\"verity-b\""), "{error}");
+
+        gpt.partitions[4].name = "root-b".into();
+        gpt.write(&mut file).unwrap();
+        let error = SlotPartitions::locate(disk.path(), Slot::B).unwrap_err();
+        assert!(
+            matches!(&error, SlotError::PartitionNameAmbiguous { numbers, .. } if *numbers == [4, 5]),
+            "{error}"
+        );
+
+        let not_a_disk = tempfile::NamedTempFile::new().unwrap();
+        not_a_disk.as_file().set_len(DISK_SIZE).unwrap();
+        let error = SlotPartitions::locate(not_a_disk.path(), Slot::A).unwrap_err();
+        assert!(matches!(error, SlotError::Gpt { .. }), "{error}");
+    }
+
+    #[test]
+    fn set_uuids_round_trip_changes_only_the_two_guids() {
+        let slot_a = Root::new(64 * 1024, 1);
+        let new_root = Root::new(64 * 1024, 2);
+        let disk = disk_image(&slot_a);
+        let before = read_all(disk.path());
+
+        let b = set_slot_partition_uuids(disk.path(), Slot::B, Some(&new_root.root_hash)).unwrap();
+        assert_eq!(b.root.unique_guid, root_partition_uuid(&new_root.root_hash));
+        assert_eq!(
+            b.verity.unique_guid,
+            verity_partition_uuid(&new_root.root_hash)
+        );
+        assert_eq!(SlotPartitions::locate(disk.path(), Slot::B).unwrap(), b);
+
+        let after = read_all(disk.path());
+        assert_eq!(
+            outside_gpt(&before),
+            outside_gpt(&after),
+            "MBR and partitions untouched"
+        );
+        assert_eq!(
+            entries_without_guids(&before, &[4, 5]),
+            entries_without_guids(&after, &[4, 5]),
+            "no other entry bytes changed"
+        );
+        // Both copies carry the new GUIDs.
+        let mut file = disk.reopen().unwrap();
+        let (gpt, source) = GptDisk::read_with_report(&mut file, DISK_SIZE).unwrap();
+        assert_eq!(source, GptSource::Primary);
+        let mut damaged = after.clone();
+        damaged[SECTOR + 16] ^= 0xFF; // primary header CRC
+        let (from_backup, source) =
+            GptDisk::read_with_report(&mut io::Cursor::new(&damaged), DISK_SIZE).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(from_backup, gpt);
+
+        if let Some(report) = sgdisk_verify(disk.path()) {
+            assert!(report.contains("No problems found"), "{report}");
+        }
+        if let Some(partitions) = sfdisk_uuids(disk.path()) {
+            let uuid_of = |name: &str| {
+                partitions
+                    .iter()
+                    .find(|(found, _)| found == name)
+                    .map(|(_, uuid)| uuid.clone())
+                    .unwrap()
+            };
+            assert_eq!(uuid_of("root-b"), b.root.unique_guid.to_string());
+            assert_eq!(uuid_of("verity-b"), b.verity.unique_guid.to_string());
+            assert_eq!(
+                uuid_of("root-a"),
+                root_partition_uuid(&slot_a.root_hash).to_string()
+            );
+        }
+
+        // Back to empty: the original bytes exactly.
+        set_slot_partition_uuids(disk.path(), Slot::B, None).unwrap();
+        assert_eq!(read_all(disk.path()), before);
+        // Setting what is already there writes nothing and succeeds.
+        set_slot_partition_uuids(disk.path(), Slot::B, None).unwrap();
+        assert_eq!(read_all(disk.path()), before);
+    }
+
+    #[test]
+    fn duplicate_uuids_are_refused() {
+        let slot_a = Root::new(64 * 1024, 1);
+        let disk = disk_image(&slot_a);
+        let before = read_all(disk.path());
+        let error =
+            set_slot_partition_uuids(disk.path(), Slot::B, Some(&slot_a.root_hash)).unwrap_err();
+        match &error {
+            SlotError::DuplicatePartitionUuid {
+                partition,
+                uuid,
+                other_partition,
+                other_number,
+                ..
+            } => {
+                assert_eq!(partition, "root-b");
+                assert_eq!(*uuid, root_partition_uuid(&slot_a.root_hash));
+                assert_eq!(other_partition, "root-a");
+                assert_eq!(*other_number, 2);
+            }
+            other => panic!("expected DuplicatePartitionUuid, found {other}"),
+        }
+        assert!(error.to_string().contains("already has it"), "{error}");
+        assert_eq!(read_all(disk.path()), before, "nothing written");
+
+        // A root hash whose verity half equals another partition's PARTUUID.
+        let mut hash = [0x42u8; 32];
+        hash[16..].copy_from_slice(&Guid::derive(b"data").0);
+        let error = set_slot_partition_uuids(disk.path(), Slot::B, Some(&hash)).unwrap_err();
+        assert!(
+            matches!(&error, SlotError::DuplicatePartitionUuid { partition, other_partition, .. }
+                if partition == "verity-b" && other_partition == "data"),
+            "{error}"
+        );
+        // Root and verity halves equal: the two targets would collide.
+        let error = set_slot_partition_uuids(disk.path(), Slot::B, Some(&[0x42; 32])).unwrap_err();
+        assert!(
+            matches!(&error, SlotError::DuplicatePartitionUuid { partition, other_partition, .. }
+                if partition == "root-b" && other_partition == "verity-b"),
+            "{error}"
+        );
+        assert_eq!(read_all(disk.path()), before, "nothing written");
+    }
+
+    #[test]
+    fn interrupted_updates_are_completed_by_a_retry() {
+        let slot_a = Root::new(64 * 1024, 1);
+        let new_root = Root::new(64 * 1024, 2);
+        let disk = disk_image(&slot_a);
+        let file = disk.reopen().unwrap();
+        let backup_header = DISK_SIZE - SECTOR_SIZE;
+
+        // Interrupted after the backup was written, while writing the primary:
+        // the primary header is torn, readers use the new backup.
+        set_slot_partition_uuids(disk.path(), Slot::B, Some(&new_root.root_hash)).unwrap();
+        let expected = read_all(disk.path());
+        file.write_all_at(&[0xAA; 8], SECTOR_SIZE + 40).unwrap();
+        let (gpt, source) = GptDisk::read_with_report(&mut &file, DISK_SIZE).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(
+            gpt.partitions[3].unique_guid,
+            root_partition_uuid(&new_root.root_hash)
+        );
+        let b = set_slot_partition_uuids(disk.path(), Slot::B, Some(&new_root.root_hash)).unwrap();
+        assert_eq!(b.root.unique_guid, root_partition_uuid(&new_root.root_hash));
+        assert_eq!(read_all(disk.path()), expected, "primary rebuilt exactly");
+
+        // Interrupted while writing the backup: the backup is torn, the primary old.
+        set_slot_partition_uuids(disk.path(), Slot::B, None).unwrap();
+        file.write_all_at(&[0x55; 64], backup_header - 4096)
+            .unwrap();
+        let b = set_slot_partition_uuids(disk.path(), Slot::B, Some(&new_root.root_hash)).unwrap();
+        assert_eq!(
+            b.verity.unique_guid,
+            verity_partition_uuid(&new_root.root_hash)
+        );
+        assert_eq!(read_all(disk.path()), expected, "backup rebuilt exactly");
+        if let Some(report) = sgdisk_verify(disk.path()) {
+            assert!(report.contains("No problems found"), "{report}");
+        }
+    }
+
+    #[test]
+    fn finds_the_booted_disk_like_the_initramfs() {
+        let slot_a = Root::new(64 * 1024, 1);
+        let other = Root::new(64 * 1024, 3);
+        let disk = disk_image(&slot_a);
+        let other_disk = disk_image(&other);
+        let dir = tempfile::tempdir().unwrap();
+        let sys_block = dir.path().join("sys/block");
+        let dev = dir.path().join("dev");
+        fs::create_dir_all(&dev).unwrap();
+        for (name, image, size) in [
+            ("loop0", Some(disk.path()), DISK_SIZE),
+            ("sda", Some(other_disk.path()), DISK_SIZE),
+            ("sdb", None, 0),
+            ("vda", Some(disk.path()), DISK_SIZE),
+        ] {
+            fs::create_dir_all(sys_block.join(name)).unwrap();
+            fs::write(
+                sys_block.join(name).join("size"),
+                format!("{}\n", size / 512),
+            )
+            .unwrap();
+            if let Some(image) = image {
+                fs::copy(image, dev.join(name)).unwrap();
+            }
+        }
+        let found = find_booted_disk(&sys_block, &dev, Slot::A, &slot_a.root_hash).unwrap();
+        assert_eq!(found, dev.join("vda"));
+        let found = find_booted_disk(&sys_block, &dev, Slot::A, &other.root_hash).unwrap();
+        assert_eq!(found, dev.join("sda"));
+        let error = find_booted_disk(&sys_block, &dev, Slot::B, &slot_a.root_hash).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, SlotError::BootedDiskNotFound { .. }));
+        assert!(message.contains("\"root-b\""), "{message}");
+        assert!(message.contains("sdb (empty)"), "{message}");
+        assert!(message.contains("vda (not this slot)"), "{message}");
+        assert!(!message.contains("loop0"), "{message}");
+    }
+}

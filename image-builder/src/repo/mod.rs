@@ -1,0 +1,672 @@
+//! The signed update repository: builds published as TUF targets, with the
+//! update manifest (`manifest.json`) as a target of its own.
+//!
+//! ```text
+//! build/repo/metadata/1.root.json ... N.root.json   every root, for rotation
+//! build/repo/metadata/N.targets.json, N.snapshot.json, timestamp.json
+//! build/repo/targets/<sha256>.<variant>-<version>-<artifact>   (flat names)
+//! build/repo/targets/<sha256>.manifest.json
+//! ```
+//!
+//! Every change (publish, refresh, ceiling) is written into a staging copy,
+//! loaded back with tough's client from its first root, and only then swapped
+//! in (see `staging`). Signing is tough's editor with keys from `keys`.
+
+pub mod keys;
+pub mod staging;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+
+use os_format::manifest::{BuildManifest, BUILD_MANIFEST_FILE};
+use os_format::update_manifest::{
+    check_waves, parse_version, Update, UpdateManifest, Version, Wave, UPDATE_MANIFEST_TARGET,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tough::editor::signed::PathExists;
+use tough::editor::RepositoryEditor;
+use tough::schema::decoded::Decoded;
+use tough::schema::{Hashes, Target};
+use tough::{
+    ExpirationEnforcement, FilesystemTransport, IntoVec, Repository, RepositoryLoader, TargetName,
+};
+
+use crate::error::{BuildError, Result};
+use keys::{days_from, whole_seconds, KeyDirectory, ALL_ROLES, DEVELOPMENT_KEYS_WARNING};
+use staging::{Staging, METADATA_DIR, TARGETS_DIR};
+
+/// Where build artifacts are, inside a build directory.
+pub const BUILD_UPDATE_DIR: &str = "update";
+const FIRST_ROOT: &str = "1.root.json";
+
+/// How long each role's signature is good for, in days.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Expiries {
+    pub targets_days: u32,
+    pub snapshot_days: u32,
+    pub timestamp_days: u32,
+}
+
+impl Default for Expiries {
+    fn default() -> Self {
+        Expiries {
+            targets_days: 90,
+            snapshot_days: 30,
+            timestamp_days: 7,
+        }
+    }
+}
+
+pub struct PublishOptions {
+    pub build_dir: PathBuf,
+    pub repo_dir: PathBuf,
+    pub keys: KeyDirectory,
+    pub now: jiff::Timestamp,
+    pub waves: Vec<Wave>,
+    pub max_version: Option<Version>,
+    pub replace: bool,
+    pub expiries: Expiries,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublishReport {
+    pub repository: PathBuf,
+    pub variant: String,
+    pub version: String,
+    pub targets: Vec<String>,
+    pub metadata_version: u64,
+    pub timestamp_expires: String,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn directory_url(path: &Path) -> Result<url::Url> {
+    let absolute = std::path::absolute(path).map_err(BuildError::io(path))?;
+    url::Url::from_directory_path(&absolute).map_err(|_| {
+        BuildError::repository(
+            path.display().to_string(),
+            "cannot be expressed as a file:// URL",
+        )
+    })
+}
+
+/// Load a repository directory with tough's client, trusting its first root
+/// and following the root chain from there.
+pub async fn load_local(repo_dir: &Path, enforcement: ExpirationEnforcement) -> Result<Repository> {
+    let first_root_path = repo_dir.join(METADATA_DIR).join(FIRST_ROOT);
+    let first_root = fs::read(&first_root_path).map_err(BuildError::io(&first_root_path))?;
+    RepositoryLoader::new(
+        &first_root,
+        directory_url(&repo_dir.join(METADATA_DIR))?,
+        directory_url(&repo_dir.join(TARGETS_DIR))?,
+    )
+    .transport(FilesystemTransport)
+    .expiration_enforcement(enforcement)
+    .load()
+    .await
+    .map_err(BuildError::tuf(format!(
+        "loading the repository {}",
+        repo_dir.display()
+    )))
+}
+
+/// Read the update manifest target, if the repository has one.
+pub async fn read_update_manifest(repository: &Repository) -> Result<UpdateManifest> {
+    let name = TargetName::new(UPDATE_MANIFEST_TARGET).expect("a valid target name");
+    let Some(stream) = repository
+        .read_target(&name)
+        .await
+        .map_err(BuildError::tuf(UPDATE_MANIFEST_TARGET))?
+    else {
+        return Ok(UpdateManifest::new());
+    };
+    let bytes = stream
+        .into_vec()
+        .await
+        .map_err(BuildError::tuf(UPDATE_MANIFEST_TARGET))?;
+    UpdateManifest::from_json(UPDATE_MANIFEST_TARGET, &bytes)
+        .map_err(|error| BuildError::repository(UPDATE_MANIFEST_TARGET, error.to_string()))
+}
+
+fn sha256_of_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = fs::File::open(path).map_err(BuildError::io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut length = 0u64;
+    loop {
+        let read = file.read(&mut buffer).map_err(BuildError::io(path))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        length += read as u64;
+    }
+    Ok((length, hex::encode(hasher.finalize())))
+}
+
+/// Read a build directory's manifest and check every artifact against it.
+pub fn check_build(build_dir: &Path) -> Result<BuildManifest> {
+    let manifest_path = build_dir.join(BUILD_MANIFEST_FILE);
+    let bytes = fs::read(&manifest_path).map_err(|error| {
+        BuildError::repository(
+            manifest_path.display().to_string(),
+            format!("cannot read the build's manifest ({error}); build it first with `make variant=<name> build`"),
+        )
+    })?;
+    let manifest = BuildManifest::from_json(&manifest_path.display().to_string(), &bytes).map_err(
+        |error| BuildError::repository(manifest_path.display().to_string(), error.to_string()),
+    )?;
+    for artifact in &manifest.artifacts {
+        let path = build_dir.join(BUILD_UPDATE_DIR).join(&artifact.name);
+        let (size, sha256) = sha256_of_file(&path)?;
+        if size != artifact.size || sha256 != artifact.sha256 {
+            return Err(BuildError::repository(
+                path.display().to_string(),
+                format!(
+                    "does not match {}: the manifest says {} bytes with sha256 {}, the file has {size} bytes with sha256 {sha256}",
+                    manifest_path.display(),
+                    artifact.size,
+                    artifact.sha256
+                ),
+            ));
+        }
+    }
+    Ok(manifest)
+}
+
+fn tuf_target(size: u64, sha256_hex: &str) -> Target {
+    Target {
+        length: size,
+        hashes: Hashes {
+            sha256: Decoded::from(hex::decode(sha256_hex).expect("checked hex")),
+            _extra: HashMap::new(),
+        },
+        custom: HashMap::new(),
+        _extra: HashMap::new(),
+    }
+}
+
+fn target_name(name: &str) -> Result<TargetName> {
+    TargetName::new(name).map_err(|error| {
+        BuildError::repository(
+            format!("target '{name}'"),
+            format!("not a valid TUF target name: {error}"),
+        )
+    })
+}
+
+fn next(version: NonZeroU64) -> NonZeroU64 {
+    version
+        .checked_add(1)
+        .expect("metadata version below u64::MAX")
+}
+
+/// Refuse to sign with a root that has expired (rotate it first).
+fn check_root_fresh(keys: &KeyDirectory, now: jiff::Timestamp) -> Result<()> {
+    let root = keys.current_root()?;
+    if root.signed.expires <= now {
+        return Err(BuildError::repository(
+            keys.current_root_path().display().to_string(),
+            format!(
+                "root version {} expired at {}; sign a new one with `racklet-image keys rotate-root --dir {}` (clients refuse an expired root)",
+                root.signed.version, root.signed.expires, keys.path.display()
+            ),
+        ));
+    }
+    keys.check_can_sign(&root.signed, &ALL_ROLES)
+}
+
+/// What a change does to the manifest and targets before signing.
+struct Change {
+    manifest: UpdateManifest,
+    /// New target files: (name, path, size, sha256).
+    new_targets: Vec<(String, PathBuf, u64, String)>,
+}
+
+/// Sign and write a new version of the repository with `change`, check it
+/// with tough's client, then swap it in. Returns the new metadata version and
+/// the timestamp's expiry.
+async fn write_new_version(
+    repo_dir: &Path,
+    keys: &KeyDirectory,
+    now: jiff::Timestamp,
+    expiries: Expiries,
+    change: Change,
+) -> Result<(u64, jiff::Timestamp)> {
+    check_root_fresh(keys, now)?;
+    eprintln!("{DEVELOPMENT_KEYS_WARNING}");
+    let root_path = keys.current_root_path();
+    let keys_root = keys.current_root()?;
+    let existing = if repo_dir.join(METADATA_DIR).join(FIRST_ROOT).exists() {
+        Some(load_local(repo_dir, ExpirationEnforcement::Unsafe).await?)
+    } else {
+        None
+    };
+    let (mut editor, versions) = match existing {
+        Some(repository) => {
+            let repo_root_version = repository.root().signed.version;
+            if repo_root_version > keys_root.signed.version {
+                return Err(BuildError::repository(
+                    root_path.display().to_string(),
+                    format!(
+                        "the repository already trusts root version {repo_root_version}, newer than this key directory's version {}; use the key directory that signed it",
+                        keys_root.signed.version
+                    ),
+                ));
+            }
+            let versions = (
+                repository.targets().signed.version,
+                repository.snapshot().signed.version,
+                repository.timestamp().signed.version,
+            );
+            let editor = RepositoryEditor::from_repo(&root_path, repository)
+                .await
+                .map_err(BuildError::tuf("opening the repository for editing"))?;
+            (editor, Some(versions))
+        }
+        None => (
+            RepositoryEditor::new(&root_path)
+                .await
+                .map_err(BuildError::tuf(root_path.display().to_string()))?,
+            None,
+        ),
+    };
+    let version = versions
+        .map(|(targets, snapshot, timestamp)| next(targets.max(snapshot).max(timestamp)))
+        .unwrap_or(NonZeroU64::MIN);
+    let timestamp_expires = days_from(now, expiries.timestamp_days);
+    editor
+        .targets_version(version)
+        .map_err(BuildError::tuf("targets version"))?
+        .targets_expires(days_from(now, expiries.targets_days))
+        .map_err(BuildError::tuf("targets expiry"))?
+        .snapshot_version(version)
+        .snapshot_expires(days_from(now, expiries.snapshot_days))
+        .timestamp_version(version)
+        .timestamp_expires(timestamp_expires);
+
+    let staging = Staging::begin(repo_dir)?;
+    let manifest_bytes = change.manifest.to_json();
+    let manifest_file = staging.path().join(UPDATE_MANIFEST_TARGET);
+    fs::write(&manifest_file, &manifest_bytes).map_err(BuildError::io(&manifest_file))?;
+    let manifest_sha256 = hex::encode(Sha256::digest(&manifest_bytes));
+    let mut all_new = change.new_targets;
+    all_new.push((
+        UPDATE_MANIFEST_TARGET.to_string(),
+        manifest_file.clone(),
+        manifest_bytes.len() as u64,
+        manifest_sha256,
+    ));
+    for (name, _, size, sha256) in &all_new {
+        editor
+            .add_target(target_name(name)?, tuf_target(*size, sha256))
+            .map_err(BuildError::tuf(format!("adding target {name}")))?;
+    }
+    let signed = editor
+        .sign(&keys.key_sources()?)
+        .await
+        .map_err(BuildError::tuf("signing the repository"))?;
+    signed
+        .write(staging.metadata())
+        .await
+        .map_err(BuildError::tuf("writing metadata"))?;
+    // Every root of the chain, so clients holding an older root can follow.
+    for (root_version, bytes) in keys.root_chain()? {
+        let path = staging.metadata().join(format!("{root_version}.root.json"));
+        if !path.exists() {
+            fs::write(&path, bytes).map_err(BuildError::io(&path))?;
+        }
+    }
+    let newest_root = staging.metadata().join("root.json");
+    fs::copy(&root_path, &newest_root).map_err(BuildError::io(&newest_root))?;
+    for (name, path, _, _) in &all_new {
+        signed
+            .copy_target(
+                path,
+                &staging.targets(),
+                PathExists::Skip,
+                Some(&target_name(name)?),
+            )
+            .await
+            .map_err(BuildError::tuf(format!("copying target {name}")))?;
+    }
+    fs::remove_file(&manifest_file).map_err(BuildError::io(&manifest_file))?;
+
+    // The staged repository must load from its first root, unexpired, and
+    // serve the manifest it was given, before it replaces anything.
+    let check = load_local(staging.path(), ExpirationEnforcement::Safe).await?;
+    let served = read_update_manifest(&check).await?;
+    if served != change.manifest {
+        return Err(BuildError::repository(
+            staging.path().display().to_string(),
+            "the staged repository serves a different manifest than was written",
+        ));
+    }
+    staging.commit()?;
+    Ok((version.get(), timestamp_expires))
+}
+
+/// Add a build to the repository.
+pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
+    let now = whole_seconds(options.now);
+    let build = check_build(&options.build_dir)?;
+    let version = parse_version(&build.version).map_err(|error| {
+        BuildError::repository(
+            options
+                .build_dir
+                .join(BUILD_MANIFEST_FILE)
+                .display()
+                .to_string(),
+            error.to_string(),
+        )
+    })?;
+    check_waves(&options.waves).map_err(|message| BuildError::repository("--wave", message))?;
+    let max_version = options
+        .max_version
+        .clone()
+        .unwrap_or_else(|| version.clone());
+    if max_version < version {
+        return Err(BuildError::repository(
+            "--max-version",
+            format!("{max_version} is below the version being published ({version})"),
+        ));
+    }
+    runtime().block_on(async {
+        let mut manifest = if options.repo_dir.join(METADATA_DIR).join(FIRST_ROOT).exists() {
+            let repository = load_local(&options.repo_dir, ExpirationEnforcement::Unsafe).await?;
+            read_update_manifest(&repository).await?
+        } else {
+            UpdateManifest::new()
+        };
+        let what = format!("{} {version}", build.variant);
+        if let Some(existing) = manifest.find(&build.variant, &version) {
+            let released = existing.first_start().is_none_or(|start| start <= now);
+            if !options.replace {
+                return Err(BuildError::repository(
+                    what,
+                    "is already published; publish a higher version (or pass --replace to swap a version whose rollout has not started)",
+                ));
+            }
+            if released {
+                return Err(BuildError::repository(
+                    what,
+                    format!(
+                        "is already released (its rollout started at {}); nodes may run it, so it cannot be replaced; publish a higher version",
+                        existing.first_start().unwrap_or(existing.published)
+                    ),
+                ));
+            }
+            manifest
+                .updates
+                .retain(|update| !(update.variant == build.variant && update.version == version));
+        }
+        if let Some(newest) = manifest.updates_for(&build.variant, build.arch).last() {
+            if newest.version > version {
+                return Err(BuildError::repository(
+                    what,
+                    format!(
+                        "is lower than the newest published version {}; versions only go up (use max_version to pull a release back)",
+                        newest.version
+                    ),
+                ));
+            }
+        }
+        let update = Update::from_build(&build, version.clone(), max_version, now, options.waves.clone());
+        let new_targets = update
+            .targets
+            .iter()
+            .map(|target| {
+                (
+                    target.target.clone(),
+                    options.build_dir.join(BUILD_UPDATE_DIR).join(&target.artifact.name),
+                    target.artifact.size,
+                    target.artifact.sha256.clone(),
+                )
+            })
+            .collect();
+        let target_names = update.targets.iter().map(|target| target.target.clone()).collect();
+        manifest.updates.push(update);
+        manifest
+            .check(UPDATE_MANIFEST_TARGET)
+            .map_err(|error| BuildError::repository(what.clone(), error.to_string()))?;
+        let (metadata_version, timestamp_expires) = write_new_version(
+            &options.repo_dir,
+            &options.keys,
+            now,
+            options.expiries,
+            Change { manifest, new_targets },
+        )
+        .await?;
+        Ok(PublishReport {
+            repository: options.repo_dir.clone(),
+            variant: build.variant.clone(),
+            version: version.to_string(),
+            targets: target_names,
+            metadata_version,
+            timestamp_expires: timestamp_expires.to_string(),
+        })
+    })
+}
+
+/// Re-sign targets, snapshot and timestamp with fresh expiry dates (and pick
+/// up a rotated root), without a new build.
+pub fn refresh(
+    repo_dir: &Path,
+    keys: &KeyDirectory,
+    now: jiff::Timestamp,
+    expiries: Expiries,
+) -> Result<serde_json::Value> {
+    let now = whole_seconds(now);
+    runtime().block_on(async {
+        let repository = load_local(repo_dir, ExpirationEnforcement::Unsafe).await?;
+        let manifest = read_update_manifest(&repository).await?;
+        let (version, timestamp_expires) = write_new_version(
+            repo_dir,
+            keys,
+            now,
+            expiries,
+            Change {
+                manifest,
+                new_targets: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(serde_json::json!({
+            "ok": true,
+            "repository": repo_dir,
+            "metadata_version": version,
+            "timestamp_expires": timestamp_expires.to_string(),
+        }))
+    })
+}
+
+/// Lower (or raise) the ceiling of every published entry of a variant: an
+/// emergency pull-back when set below the newest version.
+pub fn set_max_version(
+    repo_dir: &Path,
+    keys: &KeyDirectory,
+    variant: &str,
+    max_version: &Version,
+    now: jiff::Timestamp,
+    expiries: Expiries,
+) -> Result<serde_json::Value> {
+    let now = whole_seconds(now);
+    runtime().block_on(async {
+        let repository = load_local(repo_dir, ExpirationEnforcement::Unsafe).await?;
+        let mut manifest = read_update_manifest(&repository).await?;
+        let mut changed = 0;
+        for update in manifest.updates.iter_mut().filter(|update| update.variant == variant) {
+            update.max_version = max_version.clone();
+            changed += 1;
+        }
+        if changed == 0 {
+            return Err(BuildError::repository(
+                format!("variant '{variant}'"),
+                format!("nothing of it is published in {}", repo_dir.display()),
+            ));
+        }
+        let (version, _) = write_new_version(repo_dir, keys, now, expiries, Change { manifest, new_targets: Vec::new() }).await?;
+        Ok(serde_json::json!({"ok": true, "variant": variant, "max_version": max_version.to_string(), "entries": changed, "metadata_version": version}))
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoleExpiry {
+    pub role: String,
+    pub version: u64,
+    pub expires: String,
+    /// "ok", "expires-soon" or "expired".
+    pub state: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub repository: PathBuf,
+    pub roles: Vec<RoleExpiry>,
+    pub updates: Vec<Update>,
+}
+
+fn role_expiries(repository: &Repository, now: jiff::Timestamp, warn_days: u32) -> Vec<RoleExpiry> {
+    let warn_before = now + jiff::SignedDuration::from_hours(24 * i64::from(warn_days));
+    let entry = |role: &str, version: NonZeroU64, expires: jiff::Timestamp| RoleExpiry {
+        role: role.to_string(),
+        version: version.get(),
+        expires: expires.to_string(),
+        state: if expires <= now {
+            "expired"
+        } else if expires <= warn_before {
+            "expires-soon"
+        } else {
+            "ok"
+        }
+        .to_string(),
+    };
+    vec![
+        entry(
+            "root",
+            repository.root().signed.version,
+            repository.root().signed.expires,
+        ),
+        entry(
+            "targets",
+            repository.targets().signed.version,
+            repository.targets().signed.expires,
+        ),
+        entry(
+            "snapshot",
+            repository.snapshot().signed.version,
+            repository.snapshot().signed.expires,
+        ),
+        entry(
+            "timestamp",
+            repository.timestamp().signed.version,
+            repository.timestamp().signed.expires,
+        ),
+    ]
+}
+
+/// What is published, and when each role expires.
+pub fn list(repo_dir: &Path, now: jiff::Timestamp, warn_days: u32) -> Result<Listing> {
+    runtime().block_on(async {
+        let repository = load_local(repo_dir, ExpirationEnforcement::Unsafe).await?;
+        let manifest = read_update_manifest(&repository).await?;
+        let mut updates = manifest.updates;
+        updates.sort_by(|left, right| {
+            (left.variant.as_str(), &left.version).cmp(&(right.variant.as_str(), &right.version))
+        });
+        Ok(Listing {
+            repository: repo_dir.to_path_buf(),
+            roles: role_expiries(&repository, now, warn_days),
+            updates,
+        })
+    })
+}
+
+/// Expiry states only (for a cron job): an error when a role has expired.
+pub fn check_expiry(
+    repo_dir: &Path,
+    now: jiff::Timestamp,
+    warn_days: u32,
+) -> Result<Vec<RoleExpiry>> {
+    let listing = list(repo_dir, now, warn_days)?;
+    Ok(listing.roles)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Validation {
+    pub repository: PathBuf,
+    pub root_version: u64,
+    pub targets_checked: usize,
+    pub target_bytes: u64,
+    pub updates: usize,
+}
+
+/// Load the repository from its first root with expiry enforced, read every
+/// target through tough (which checks length and sha256), and check that the
+/// update manifest names only targets that are signed with the same length and hash.
+pub fn validate(repo_dir: &Path) -> Result<Validation> {
+    runtime().block_on(async {
+        let repository = load_local(repo_dir, ExpirationEnforcement::Safe).await?;
+        let manifest = read_update_manifest(&repository).await?;
+        let mut targets_checked = 0;
+        let mut target_bytes = 0;
+        let targets: Vec<(TargetName, Target)> = repository
+            .all_targets()
+            .map(|(name, target)| (name.clone(), target.clone()))
+            .collect();
+        for (name, _) in &targets {
+            let stream = repository
+                .read_target(name)
+                .await
+                .map_err(BuildError::tuf(format!("target {}", name.raw())))?
+                .ok_or_else(|| BuildError::repository(name.raw(), "listed but not readable"))?;
+            let bytes = stream
+                .into_vec()
+                .await
+                .map_err(BuildError::tuf(format!("target {}", name.raw())))?;
+            target_bytes += bytes.len() as u64;
+            targets_checked += 1;
+        }
+        for update in &manifest.updates {
+            for target in &update.targets {
+                let signed = targets
+                    .iter()
+                    .find(|(name, _)| name.raw() == target.target)
+                    .map(|(_, signed)| signed)
+                    .ok_or_else(|| {
+                        BuildError::repository(
+                            format!("{} {}", update.variant, update.version),
+                            format!(
+                                "the manifest names target {} that targets.json does not sign",
+                                target.target
+                            ),
+                        )
+                    })?;
+                if signed.length != target.artifact.size
+                    || hex::encode(&signed.hashes.sha256) != target.artifact.sha256
+                {
+                    return Err(BuildError::repository(
+                        target.target.clone(),
+                        "the manifest's size or sha256 differs from the signed target's",
+                    ));
+                }
+            }
+        }
+        Ok(Validation {
+            repository: repo_dir.to_path_buf(),
+            root_version: repository.root().signed.version.get(),
+            targets_checked,
+            target_bytes,
+            updates: manifest.updates.len(),
+        })
+    })
+}
