@@ -39,7 +39,7 @@ image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(
 builder := target/release/racklet-image
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit lint test-image test-boot run bench clean check-variant
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo lint test-image test-boot run bench clean check-variant
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -78,11 +78,17 @@ lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
 # The README's test command: unit and tool tests, then images built and checked.
-test: test-unit test-image
+test: test-unit test-repo test-image
 
 test-unit: lint
 	@image-builder/scripts/host-tools.sh x86_64
-	$(CARGO) test --workspace --locked
+	@image-builder/scripts/test-tools.sh
+	RACKLET_REQUIRE_PROMTOOL=1 $(CARGO) test --workspace --locked
+
+# The publisher's repository read by a second TUF client (python-tuf).
+test-repo: builder
+	@image-builder/scripts/test-tools.sh
+	RACKLET_IMAGE=$(builder) tests/repo/run.sh
 
 lint:
 	$(CARGO) fmt --all --check

@@ -104,6 +104,15 @@ fn directory_url(path: &Path) -> Result<url::Url> {
 pub async fn load_local(repo_dir: &Path, enforcement: ExpirationEnforcement) -> Result<Repository> {
     let first_root_path = repo_dir.join(METADATA_DIR).join(FIRST_ROOT);
     let first_root = fs::read(&first_root_path).map_err(BuildError::io(&first_root_path))?;
+    load_with_root(repo_dir, &first_root, enforcement).await
+}
+
+/// Load a repository directory trusting `first_root` (bytes of a root.json).
+pub async fn load_with_root(
+    repo_dir: &Path,
+    first_root: &[u8],
+    enforcement: ExpirationEnforcement,
+) -> Result<Repository> {
     RepositoryLoader::new(
         &first_root,
         directory_url(&repo_dir.join(METADATA_DIR))?,
@@ -210,6 +219,83 @@ fn next(version: NonZeroU64) -> NonZeroU64 {
         .expect("metadata version below u64::MAX")
 }
 
+/// The root nodes trust first: the live repository's `1.root.json`, or for a
+/// new repository the key directory's.
+fn trust_anchor(repo_dir: &Path, keys: &KeyDirectory) -> Result<Vec<u8>> {
+    let live = repo_dir.join(METADATA_DIR).join(FIRST_ROOT);
+    let path = if live.exists() {
+        live
+    } else {
+        keys.root_version_path(1)
+    };
+    fs::read(&path).map_err(BuildError::io(&path))
+}
+
+/// The key directory must be the one that signed this repository: every root
+/// the repository holds must be byte-identical to the key directory's copy.
+fn check_same_trust(repo_dir: &Path, keys: &KeyDirectory) -> Result<()> {
+    let metadata = repo_dir.join(METADATA_DIR);
+    if !metadata.join(FIRST_ROOT).exists() {
+        return Ok(());
+    }
+    for version in 1.. {
+        let published = metadata.join(format!("{version}.root.json"));
+        if !published.exists() {
+            break;
+        }
+        let keys_version = keys.current_root()?.signed.version.get();
+        if version > keys_version {
+            return Err(BuildError::repository(
+                keys.current_root_path().display().to_string(),
+                format!(
+                    "the repository already trusts root version {version}, newer than this key directory's version {keys_version}; use the key directory that signed it"
+                ),
+            ));
+        }
+        let ours = keys.root_version_path(version);
+        let same = match (fs::read(&published), fs::read(&ours)) {
+            (Ok(published), Ok(ours)) => published == ours,
+            _ => false,
+        };
+        if !same {
+            return Err(BuildError::repository(
+                keys.path.display().to_string(),
+                format!(
+                    "these keys did not sign {}: its root version {version} ({}) differs from {} or that file is missing; use the key directory this repository was created with",
+                    repo_dir.display(),
+                    published.display(),
+                    ours.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One change at a time per repository: an exclusive `flock` on the
+/// directory that holds it (nothing is left behind), held until the change
+/// is committed or dropped.
+pub struct RepositoryLock {
+    _directory: fs::File,
+}
+
+pub fn lock_repository(repo_dir: &Path) -> Result<RepositoryLock> {
+    let parent = repo_dir
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(BuildError::io(parent))?;
+    let directory = fs::File::open(parent).map_err(BuildError::io(parent))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
+    if unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(BuildError::io(parent)(std::io::Error::last_os_error()));
+    }
+    Ok(RepositoryLock {
+        _directory: directory,
+    })
+}
+
 /// Refuse to sign with a root that has expired (rotate it first).
 fn check_root_fresh(keys: &KeyDirectory, now: jiff::Timestamp) -> Result<()> {
     let root = keys.current_root()?;
@@ -243,6 +329,7 @@ async fn write_new_version(
     change: Change,
 ) -> Result<(u64, jiff::Timestamp)> {
     check_root_fresh(keys, now)?;
+    check_same_trust(repo_dir, keys)?;
     eprintln!("{DEVELOPMENT_KEYS_WARNING}");
     let root_path = keys.current_root_path();
     let keys_root = keys.current_root()?;
@@ -341,9 +428,18 @@ async fn write_new_version(
     }
     fs::remove_file(&manifest_file).map_err(BuildError::io(&manifest_file))?;
 
-    // The staged repository must load from its first root, unexpired, and
-    // serve the manifest it was given, before it replaces anything.
-    let check = load_local(staging.path(), ExpirationEnforcement::Safe).await?;
+    // The staged repository must load from the live repository's first root
+    // (the one nodes trust), unexpired, and serve the manifest it was given,
+    // before it replaces anything.
+    let anchor = trust_anchor(repo_dir, keys)?;
+    let check = load_with_root(staging.path(), &anchor, ExpirationEnforcement::Safe)
+        .await
+        .map_err(|error| {
+            BuildError::repository(
+                repo_dir.display().to_string(),
+                format!("the new metadata does not verify (nothing was changed): {error}"),
+            )
+        })?;
     let served = read_update_manifest(&check).await?;
     if served != change.manifest {
         return Err(BuildError::repository(
@@ -380,6 +476,7 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
             format!("{max_version} is below the version being published ({version})"),
         ));
     }
+    let _lock = lock_repository(&options.repo_dir)?;
     runtime().block_on(async {
         let mut manifest = if options.repo_dir.join(METADATA_DIR).join(FIRST_ROOT).exists() {
             let repository = load_local(&options.repo_dir, ExpirationEnforcement::Unsafe).await?;
@@ -466,6 +563,7 @@ pub fn refresh(
     expiries: Expiries,
 ) -> Result<serde_json::Value> {
     let now = whole_seconds(now);
+    let _lock = lock_repository(repo_dir)?;
     runtime().block_on(async {
         let repository = load_local(repo_dir, ExpirationEnforcement::Unsafe).await?;
         let manifest = read_update_manifest(&repository).await?;
@@ -500,6 +598,7 @@ pub fn set_max_version(
     expiries: Expiries,
 ) -> Result<serde_json::Value> {
     let now = whole_seconds(now);
+    let _lock = lock_repository(repo_dir)?;
     runtime().block_on(async {
         let repository = load_local(repo_dir, ExpirationEnforcement::Unsafe).await?;
         let mut manifest = read_update_manifest(&repository).await?;
