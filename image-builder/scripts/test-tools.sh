@@ -8,6 +8,7 @@ packages=(
   prometheus       # promtool check metrics
   dbus-daemon      # a private bus in the agent's tests
   python3-venv
+  python3-prometheus-client  # a strict OpenMetrics parser in the metrics test
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -29,6 +29,10 @@
 //!
 //! Writing is deterministic: the bytes written are a pure function of the
 //! [`GptDisk`] value.
+//!
+//! [`patch_unique_guids`] changes the unique GUIDs of some entries of an existing
+//! table in place, crash-safely: only those GUID fields and the CRCs change, one
+//! copy of the table at a time.
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -66,6 +70,16 @@ const HEADER_REVISION_1_0: u32 = 0x0001_0000;
 const HEADER_SIZE: u32 = 92;
 /// Byte offset of the header CRC field inside the header.
 const HEADER_CRC_OFFSET: usize = 16;
+/// Byte offset of the header's own LBA inside the header.
+const HEADER_MY_LBA_OFFSET: usize = 24;
+/// Byte offset of the other header's LBA inside the header.
+const HEADER_ALTERNATE_LBA_OFFSET: usize = 32;
+/// Byte offset of the entry array's first LBA inside the header.
+const HEADER_ENTRIES_LBA_OFFSET: usize = 72;
+/// Byte offset of the entry array CRC inside the header.
+const HEADER_ENTRIES_CRC_OFFSET: usize = 88;
+/// Byte offset of the unique GUID inside a partition entry.
+const ENTRY_UNIQUE_GUID_OFFSET: usize = 16;
 /// LBA of the protective MBR.
 const MBR_LBA: u64 = 0;
 /// LBA of the primary GPT header.
@@ -383,13 +397,26 @@ pub struct PartitionSpec {
     pub attributes: u64,
 }
 
-/// Which copy of the GPT [`GptDisk::read_with_report`] used.
+/// One of the two copies of the GPT: which one [`GptDisk::read_with_report`]
+/// used, and which one [`patch_unique_guids`] names in reports and errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GptSource {
-    /// The primary header at LBA 1 was valid.
+    /// The primary copy: header at LBA 1, entry array after it. When read: the
+    /// primary copy was valid.
     Primary,
-    /// The primary header was damaged; the backup header at the last LBA was used.
+    /// The backup copy: header at the last LBA (or where the primary header says),
+    /// entry array before it. When read: the primary copy was damaged and the
+    /// backup at the last LBA was used.
     Backup,
+}
+
+impl fmt::Display for GptSource {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            GptSource::Primary => "primary",
+            GptSource::Backup => "backup",
+        })
+    }
 }
 
 /// A whole-disk GPT: disk GUID, disk size and partition entries.
@@ -577,6 +604,19 @@ pub enum GptError {
         /// The CRC computed from the entry array.
         found: u32,
     },
+    /// A header LBA (e.g. the backup location recorded in the primary header)
+    /// lies outside the disk.
+    #[error(
+        "expected a GPT header between LBA 1 and LBA {} of this {disk_sectors}-sector disk, \
+         found a reference to LBA {lba}",
+        disk_sectors.saturating_sub(1)
+    )]
+    HeaderOutsideDisk {
+        /// The LBA where the header was to be read.
+        lba: u64,
+        /// Number of sectors on the disk.
+        disk_sectors: u64,
+    },
     /// Neither the primary nor the backup GPT could be used.
     #[error(
         "no valid GPT on the disk: the primary copy is unusable ({primary}) and the backup \
@@ -702,6 +742,47 @@ pub enum GptError {
         /// Last usable LBA of the disk.
         last_usable_lba: u64,
     },
+    /// A GUID change names an entry index the table does not have.
+    #[error(
+        "cannot change the unique GUID of entry index {entry_index}: the partition entry array \
+         has {entry_count} entries; expected an index below {entry_count}"
+    )]
+    NoSuchEntry {
+        /// The 0-based entry index given.
+        entry_index: u32,
+        /// Number of entries in the array.
+        entry_count: u32,
+    },
+    /// A GUID change names an unused entry (all-zero type GUID).
+    #[error(
+        "cannot change the unique GUID of partition {number}: its entry is unused; expected a \
+         used entry"
+    )]
+    UnusedEntry {
+        /// The partition number (entry index + 1).
+        number: u32,
+    },
+    /// Two GUID changes name the same entry.
+    #[error("the unique GUID of partition {number} is to be changed twice; expected one change")]
+    RepeatedEntry {
+        /// The partition number (entry index + 1).
+        number: u32,
+    },
+    /// A copy of the GPT can be neither patched in place nor rebuilt from the
+    /// other copy, or holds something other than what the caller expected.
+    #[error("cannot update the {copy} GPT: {reason}")]
+    CopyUnusable {
+        /// Which copy.
+        copy: GptSource,
+        /// Why.
+        reason: String,
+    },
+    /// After patching, the GPT did not read back as written.
+    #[error("the GPT did not read back as written: {reason}")]
+    NotWritten {
+        /// What differs.
+        reason: String,
+    },
     /// Two partitions share sectors.
     #[error(
         "partitions {first_number} ({first_name:?}, LBA {first_first_lba} ..= {first_last_lba}) \
@@ -768,17 +849,17 @@ impl Header {
         sector[8..12].copy_from_slice(&HEADER_REVISION_1_0.to_le_bytes());
         sector[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
         // Bytes 16..20 hold the header CRC (computed below), 20..24 are reserved (zero).
-        sector[24..32].copy_from_slice(&self.my_lba.to_le_bytes());
-        sector[32..40].copy_from_slice(&self.alternate_lba.to_le_bytes());
+        put_u64(&mut sector, HEADER_MY_LBA_OFFSET, self.my_lba);
+        put_u64(&mut sector, HEADER_ALTERNATE_LBA_OFFSET, self.alternate_lba);
         sector[40..48].copy_from_slice(&self.first_usable_lba.to_le_bytes());
         sector[48..56].copy_from_slice(&self.last_usable_lba.to_le_bytes());
         sector[56..72].copy_from_slice(&self.disk_guid.to_gpt_bytes());
-        sector[72..80].copy_from_slice(&self.entries_lba.to_le_bytes());
+        put_u64(&mut sector, HEADER_ENTRIES_LBA_OFFSET, self.entries_lba);
         sector[80..84].copy_from_slice(&self.entry_count.to_le_bytes());
         sector[84..88].copy_from_slice(&self.entry_size.to_le_bytes());
-        sector[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
-        let header_crc = crc32fast::hash(&sector[..HEADER_SIZE as usize]);
-        sector[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+        put_u32(&mut sector, HEADER_ENTRIES_CRC_OFFSET, self.entries_crc);
+        let crc = header_crc(&sector, HEADER_SIZE);
+        put_u32(&mut sector, HEADER_CRC_OFFSET, crc);
         sector
     }
 
@@ -808,9 +889,7 @@ impl Header {
             });
         }
         let recorded_crc = le_u32(sector, HEADER_CRC_OFFSET);
-        let mut crc_input = sector[..header_size as usize].to_vec();
-        crc_input[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].fill(0);
-        let computed_crc = crc32fast::hash(&crc_input);
+        let computed_crc = header_crc(sector, header_size);
         if computed_crc != recorded_crc {
             return Err(GptError::HeaderCrc {
                 lba,
@@ -818,7 +897,7 @@ impl Header {
                 found: computed_crc,
             });
         }
-        let my_lba = le_u64(sector, 24);
+        let my_lba = le_u64(sector, HEADER_MY_LBA_OFFSET);
         if my_lba != lba {
             return Err(GptError::WrongHeaderLocation { lba, found: my_lba });
         }
@@ -826,16 +905,37 @@ impl Header {
         disk_guid_bytes.copy_from_slice(&sector[56..72]);
         Ok(Header {
             my_lba,
-            alternate_lba: le_u64(sector, 32),
+            alternate_lba: le_u64(sector, HEADER_ALTERNATE_LBA_OFFSET),
             first_usable_lba: le_u64(sector, 40),
             last_usable_lba: le_u64(sector, 48),
             disk_guid: Guid::from_gpt_bytes(disk_guid_bytes),
-            entries_lba: le_u64(sector, 72),
+            entries_lba: le_u64(sector, HEADER_ENTRIES_LBA_OFFSET),
             entry_count: le_u32(sector, 80),
             entry_size: le_u32(sector, 84),
-            entries_crc: le_u32(sector, 88),
+            entries_crc: le_u32(sector, HEADER_ENTRIES_CRC_OFFSET),
         })
     }
+}
+
+/// CRC32 of the first `header_size` bytes of a header sector (at most the whole
+/// sector), with its CRC field taken as zero.
+fn header_crc(sector: &[u8; SECTOR_SIZE as usize], header_size: u32) -> u32 {
+    let end = (header_size as usize).clamp(HEADER_CRC_OFFSET + 4, sector.len());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&sector[..HEADER_CRC_OFFSET]);
+    hasher.update(&[0; 4]);
+    hasher.update(&sector[HEADER_CRC_OFFSET + 4..end]);
+    hasher.finalize()
+}
+
+/// Writes a little-endian `u32` at `offset`.
+fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
+    bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+/// Writes a little-endian `u64` at `offset`.
+fn put_u64(bytes: &mut [u8], offset: usize, value: u64) {
+    bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
 }
 
 /// Reads a little-endian `u32` at `offset`.
@@ -1095,13 +1195,35 @@ fn write_at<W: Write + Seek>(
         })
 }
 
-/// Reads and checks one copy of the GPT (header at `header_lba` and its entry
-/// array), returning the disk GUID and the partition entries up to the last used one.
-fn read_table<R: Read + Seek>(
+/// One copy of the GPT exactly as it is on the disk: the whole header sector
+/// (including any bytes beyond the defined fields) and the entry array.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RawTable {
+    /// The header sector.
+    sector: [u8; SECTOR_SIZE as usize],
+    /// Its decoded fields.
+    header: Header,
+    /// The header size it records: the number of bytes its CRC covers.
+    header_size: u32,
+    /// The partition entry array: entry count × entry size bytes, what the
+    /// entry array CRC covers.
+    entries: Vec<u8>,
+}
+
+/// Reads and checks one copy of the GPT as raw bytes: the header at `header_lba`
+/// (signature, revision, header size, header CRC, location, usable range, entry
+/// layout) and its entry array (location, CRC). The entries are not parsed.
+fn read_raw_table<R: Read + Seek>(
     disk: &mut R,
     disk_sectors: u64,
     header_lba: u64,
-) -> Result<(Guid, Vec<PartitionEntry>), GptError> {
+) -> Result<RawTable, GptError> {
+    if header_lba == MBR_LBA || header_lba >= disk_sectors {
+        return Err(GptError::HeaderOutsideDisk {
+            lba: header_lba,
+            disk_sectors,
+        });
+    }
     let mut sector = [0u8; SECTOR_SIZE as usize];
     read_at(disk, header_lba * SECTOR_SIZE, &mut sector, || {
         format!("reading the GPT header at LBA {header_lba}")
@@ -1132,8 +1254,9 @@ fn read_table<R: Read + Seek>(
         });
     }
 
-    let entry_array_sectors = entry_array_bytes.div_ceil(SECTOR_SIZE).max(1);
-    let entries_last_lba = header.entries_lba.saturating_add(entry_array_sectors - 1);
+    let entries_last_lba = header
+        .entries_lba
+        .saturating_add(entry_array_sectors(entry_array_bytes) - 1);
     let inside_disk =
         header.entries_lba >= PRIMARY_ENTRIES_LBA && entries_last_lba < disk_sectors - 1;
     let outside_usable =
@@ -1165,9 +1288,25 @@ fn read_table<R: Read + Seek>(
             found: computed_crc,
         });
     }
+    Ok(RawTable {
+        header_size: le_u32(&sector, 12),
+        sector,
+        header,
+        entries,
+    })
+}
 
-    let mut partitions: Vec<PartitionEntry> = entries
-        .chunks_exact(header.entry_size as usize)
+/// Number of sectors an entry array of `bytes` bytes occupies (at least one).
+fn entry_array_sectors(bytes: u64) -> u64 {
+    bytes.div_ceil(SECTOR_SIZE).max(1)
+}
+
+/// The partition entries of a raw copy up to the last used one, checked: used
+/// partitions lie in the usable range and do not overlap.
+fn parse_entries(table: &RawTable) -> Result<Vec<PartitionEntry>, GptError> {
+    let mut partitions: Vec<PartitionEntry> = table
+        .entries
+        .chunks_exact(table.header.entry_size as usize)
         .map(decode_entry)
         .collect();
     while partitions.last().is_some_and(PartitionEntry::is_unused) {
@@ -1176,9 +1315,68 @@ fn read_table<R: Read + Seek>(
     for entry in partitions.iter_mut().filter(|entry| entry.is_unused()) {
         *entry = PartitionEntry::default();
     }
-    check_partition_ranges(&partitions, header.first_usable_lba, header.last_usable_lba)?;
+    check_partition_ranges(
+        &partitions,
+        table.header.first_usable_lba,
+        table.header.last_usable_lba,
+    )?;
     check_overlaps(&partitions)?;
-    Ok((header.disk_guid, partitions))
+    Ok(partitions)
+}
+
+/// Reads and checks one copy of the GPT (header at `header_lba` and its entry
+/// array), returning it as raw bytes and its partition entries up to the last
+/// used one.
+fn read_table<R: Read + Seek>(
+    disk: &mut R,
+    disk_sectors: u64,
+    header_lba: u64,
+) -> Result<(RawTable, Vec<PartitionEntry>), GptError> {
+    let table = read_raw_table(disk, disk_sectors, header_lba)?;
+    let partitions = parse_entries(&table)?;
+    Ok((table, partitions))
+}
+
+/// The copy of the GPT every reader uses (see [`GptDisk::read_with_report`]).
+struct ValidCopy {
+    /// Which copy it is.
+    source: GptSource,
+    /// Its bytes.
+    table: RawTable,
+    /// Its partition entries up to the last used one.
+    partitions: Vec<PartitionEntry>,
+    /// Why the primary copy was rejected, when the backup is used.
+    primary_error: Option<GptError>,
+}
+
+/// Checks the protective MBR, then reads the primary copy of the GPT, or the
+/// backup at the last LBA if anything in the primary is wrong.
+fn read_valid_copy<R: Read + Seek>(disk: &mut R, disk_sectors: u64) -> Result<ValidCopy, GptError> {
+    let mut mbr = [0u8; SECTOR_SIZE as usize];
+    read_at(disk, MBR_LBA, &mut mbr, || {
+        "reading the protective MBR at LBA 0".to_owned()
+    })?;
+    check_protective_mbr(&mbr)?;
+    match read_table(disk, disk_sectors, PRIMARY_HEADER_LBA) {
+        Ok((table, partitions)) => Ok(ValidCopy {
+            source: GptSource::Primary,
+            table,
+            partitions,
+            primary_error: None,
+        }),
+        Err(primary_error) => match read_table(disk, disk_sectors, disk_sectors - 1) {
+            Ok((table, partitions)) => Ok(ValidCopy {
+                source: GptSource::Backup,
+                table,
+                partitions,
+                primary_error: Some(primary_error),
+            }),
+            Err(backup_error) => Err(GptError::NoValidHeader {
+                primary: Box::new(primary_error),
+                backup: Box::new(backup_error),
+            }),
+        },
+    }
 }
 
 impl GptDisk {
@@ -1413,32 +1611,14 @@ impl GptDisk {
         disk_size_bytes: u64,
     ) -> Result<(GptDisk, GptSource), GptError> {
         let disk_sectors = disk_sectors_of(disk_size_bytes)?;
-        let mut mbr = [0u8; SECTOR_SIZE as usize];
-        read_at(disk, MBR_LBA, &mut mbr, || {
-            "reading the protective MBR at LBA 0".to_owned()
-        })?;
-        check_protective_mbr(&mbr)?;
-
-        let (disk_guid, partitions, source) =
-            match read_table(disk, disk_sectors, PRIMARY_HEADER_LBA) {
-                Ok((disk_guid, partitions)) => (disk_guid, partitions, GptSource::Primary),
-                Err(primary_error) => match read_table(disk, disk_sectors, disk_sectors - 1) {
-                    Ok((disk_guid, partitions)) => (disk_guid, partitions, GptSource::Backup),
-                    Err(backup_error) => {
-                        return Err(GptError::NoValidHeader {
-                            primary: Box::new(primary_error),
-                            backup: Box::new(backup_error),
-                        })
-                    }
-                },
-            };
+        let valid = read_valid_copy(disk, disk_sectors)?;
         Ok((
             GptDisk {
-                disk_guid,
+                disk_guid: valid.table.header.disk_guid,
                 disk_size_bytes,
-                partitions,
+                partitions: valid.partitions,
             },
-            source,
+            valid.source,
         ))
     }
 
@@ -1460,6 +1640,448 @@ impl GptDisk {
             .enumerate()
             .filter(|(_, entry)| !entry.is_unused())
             .map(|(index, entry)| (index as u32 + 1, entry))
+    }
+}
+
+/// One unique GUID change for [`patch_unique_guids`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UniqueGuidChange {
+    /// 0-based index of the entry in the partition entry array (partition number - 1).
+    pub entry_index: u32,
+    /// The unique GUID the caller read for this entry. The patch is refused
+    /// ([`GptError::CopyUnusable`]) if the entry holds neither this nor
+    /// [`UniqueGuidChange::new`] (which it holds when the same change is retried
+    /// after an interruption), i.e. the table changed since the caller read it.
+    pub expected: Guid,
+    /// The unique GUID to give the entry.
+    pub new: Guid,
+}
+
+/// What [`patch_unique_guids`] found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchReport {
+    /// The copy that was valid on entry and served as the source of truth (the
+    /// copy every reader uses: the primary unless it was damaged).
+    pub source: GptSource,
+    /// The other copy, if it was unusable and rebuilt from the source, with why
+    /// it was unusable.
+    pub rebuilt: Option<(GptSource, String)>,
+    /// Whether both copies were usable but their entry arrays differed beyond
+    /// the GUID fields being changed; the backup was made equal to the primary.
+    pub copies_differed: bool,
+    /// The copies written, in the order written (each synced before the next).
+    /// Empty when the disk already held the requested GUIDs in both copies.
+    pub written: Vec<GptSource>,
+    /// The table as read on entry.
+    pub before: GptDisk,
+    /// The table as read back afterwards (from the primary copy).
+    pub after: GptDisk,
+}
+
+/// Changes the unique GUIDs of some partition entries in both copies of the GPT
+/// of `disk` (`disk_size_bytes` long), crash-safely, and returns what was done.
+///
+/// Only the 16-byte unique GUID fields of the given entries change, plus each
+/// copy's entry array CRC and header CRC; every other byte of the entry arrays,
+/// the headers and the protective MBR stays as it is. Refused before anything is
+/// written: an index outside the entry array ([`GptError::NoSuchEntry`]), an
+/// unused entry ([`GptError::UnusedEntry`]), an entry named twice
+/// ([`GptError::RepeatedEntry`]), an entry that holds neither
+/// [`UniqueGuidChange::expected`] nor the new GUID ([`GptError::CopyUnusable`]),
+/// a zero new GUID ([`GptError::ZeroGuid`]), and a new GUID another used entry
+/// has or keeps, or that two changes share ([`GptError::DuplicateUniqueGuid`]).
+///
+/// # Crash safety
+///
+/// Every GPT reader (the kernel, [`GptDisk::read`]) uses the primary copy if its
+/// header and entry CRCs are valid and falls back to the backup copy otherwise.
+/// So the copies are written one after the other, `sync` called after each:
+///
+/// 1. the backup entry array, then the backup header; flush and `sync`;
+/// 2. the primary entry array, then the primary header; flush and `sync`.
+///
+/// Interrupted in step 1, the untouched primary still describes the old state.
+/// Interrupted in step 2, the primary's CRCs no longer match and readers use the
+/// complete, synced backup, the new state. Either way a reader sees the old or
+/// the new GUIDs, never a mix. (This assumes the disk does not reorder writes
+/// across a sync and does not corrupt sectors it was not writing; nothing can do
+/// better with two copies.)
+///
+/// The copy readers use (see [`PatchReport::source`]) is the source of truth. The
+/// other copy is patched in place if it is valid and has the same entry layout;
+/// otherwise it is rebuilt from the source at the standard location (the primary
+/// at LBA 1 with its entries at LBA 2; the backup at the LBA the primary header
+/// names, its entries just before it). So running this again after an
+/// interruption repairs the damaged copy and completes the change. If both copies
+/// are valid but their entry arrays differ elsewhere, the backup is made equal to
+/// the primary. A copy that already holds exactly the result is not written, so
+/// asking for the GUIDs the disk already has writes nothing.
+///
+/// Afterwards both copies are read back and checked to hold the patched entry
+/// array, and the primary to be the copy readers use with exactly the expected
+/// entries ([`GptError::NotWritten`] otherwise).
+pub fn patch_unique_guids<D, S>(
+    disk: &mut D,
+    disk_size_bytes: u64,
+    changes: &[UniqueGuidChange],
+    mut sync: S,
+) -> Result<PatchReport, GptError>
+where
+    D: Read + Write + Seek,
+    S: FnMut(&mut D) -> io::Result<()>,
+{
+    let disk_sectors = disk_sectors_of(disk_size_bytes)?;
+    let valid = read_valid_copy(disk, disk_sectors)?;
+    check_guid_changes(&valid, changes)?;
+    let source = valid.source;
+    let entry_size = valid.table.header.entry_size as usize;
+    let mut entries = valid.table.entries.clone();
+    for change in changes {
+        let offset = change.entry_index as usize * entry_size + ENTRY_UNIQUE_GUID_OFFSET;
+        entries[offset..offset + 16].copy_from_slice(&change.new.to_gpt_bytes());
+    }
+    let before = GptDisk {
+        disk_guid: valid.table.header.disk_guid,
+        disk_size_bytes,
+        partitions: valid.partitions,
+    };
+
+    // `*_on_disk`: whether the copy is what the disk holds (else it is rebuilt,
+    // and written even if the entries do not change).
+    let truth = valid.table;
+    let (primary, primary_on_disk, backup, backup_on_disk, rebuilt) = match source {
+        GptSource::Primary => {
+            let backup_lba = truth.header.alternate_lba;
+            match read_backup_of(disk, disk_sectors, &truth) {
+                Ok(backup) => (truth, true, backup, true, None),
+                Err(why) => {
+                    let reason = format!("the backup at LBA {backup_lba} is unusable: {why}");
+                    let backup = truth.mirror_as_backup(disk_sectors).map_err(|why_not| {
+                        GptError::CopyUnusable {
+                            copy: GptSource::Backup,
+                            reason: format!("{reason}, and it cannot be rebuilt: {why_not}"),
+                        }
+                    })?;
+                    let rebuilt = Some((GptSource::Backup, reason));
+                    (truth, true, backup, false, rebuilt)
+                }
+            }
+        }
+        GptSource::Backup => {
+            let why = valid
+                .primary_error
+                .map_or_else(String::new, |error| error.to_string());
+            let reason = format!("the primary is unusable: {why}");
+            let primary = truth
+                .mirror_as_primary()
+                .map_err(|why_not| GptError::CopyUnusable {
+                    copy: GptSource::Primary,
+                    reason: format!("{reason}, and it cannot be rebuilt: {why_not}"),
+                })?;
+            let rebuilt = Some((GptSource::Primary, reason));
+            (primary, false, truth, true, rebuilt)
+        }
+    };
+    let copies_differed = primary_on_disk
+        && backup_on_disk
+        && !equal_outside_unique_guids(&primary.entries, &backup.entries, entry_size, changes);
+
+    let mut written = Vec::new();
+    for (copy, table, on_disk) in [
+        (GptSource::Backup, &backup, backup_on_disk),
+        (GptSource::Primary, &primary, primary_on_disk),
+    ] {
+        let new = table.with_entries(&entries);
+        if on_disk && new == *table {
+            continue;
+        }
+        new.write(disk, copy)?;
+        disk.flush()
+            .and_then(|()| sync(disk))
+            .map_err(|source| GptError::Io {
+                action: format!("syncing the {copy} GPT to the disk"),
+                source,
+            })?;
+        written.push(copy);
+    }
+
+    let after = confirm_patched(disk, disk_sectors, &before, changes, &entries)?;
+    Ok(PatchReport {
+        source,
+        rebuilt,
+        copies_differed,
+        written,
+        before,
+        after,
+    })
+}
+
+/// Checks the requested changes against the copy readers use; see
+/// [`patch_unique_guids`] for the rules.
+fn check_guid_changes(valid: &ValidCopy, changes: &[UniqueGuidChange]) -> Result<(), GptError> {
+    let entry_count = valid.table.header.entry_count;
+    let used_entry = |entry_index: u32| -> Result<&PartitionEntry, GptError> {
+        if entry_index >= entry_count {
+            return Err(GptError::NoSuchEntry {
+                entry_index,
+                entry_count,
+            });
+        }
+        valid
+            .partitions
+            .get(entry_index as usize)
+            .filter(|entry| !entry.is_unused())
+            .ok_or(GptError::UnusedEntry {
+                number: entry_index + 1,
+            })
+    };
+    for (position, change) in changes.iter().enumerate() {
+        let entry = used_entry(change.entry_index)?;
+        let number = change.entry_index + 1;
+        if changes[..position]
+            .iter()
+            .any(|earlier| earlier.entry_index == change.entry_index)
+        {
+            return Err(GptError::RepeatedEntry { number });
+        }
+        if entry.unique_guid != change.expected && entry.unique_guid != change.new {
+            return Err(GptError::CopyUnusable {
+                copy: valid.source,
+                reason: format!(
+                    "entry {number} ({:?}) holds unique GUID {}; expected {} (the GUID read \
+                     for it before) or {} (the new one); did the table change?",
+                    entry.name, entry.unique_guid, change.expected, change.new
+                ),
+            });
+        }
+        if change.new.is_zero() {
+            return Err(GptError::ZeroGuid {
+                what: format!(
+                    "the new unique GUID of partition {number} ({:?})",
+                    entry.name
+                ),
+            });
+        }
+    }
+    // Unique GUIDs after the change: the new ones for changed entries, the old
+    // ones for all other used entries.
+    let new_guid_of = |index: usize, entry: &PartitionEntry| {
+        changes
+            .iter()
+            .find(|change| change.entry_index as usize == index)
+            .map_or(entry.unique_guid, |change| change.new)
+    };
+    let used: Vec<(u32, &PartitionEntry, Guid)> = valid
+        .partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.is_unused())
+        .map(|(index, entry)| (index as u32 + 1, entry, new_guid_of(index, entry)))
+        .collect();
+    for change in changes {
+        let number = change.entry_index + 1;
+        if let Some((other_number, other, _)) = used
+            .iter()
+            .find(|(other_number, _, guid)| *other_number != number && *guid == change.new)
+        {
+            let entry = &valid.partitions[change.entry_index as usize];
+            let ((first_number, first), (second_number, second)) = if *other_number < number {
+                ((*other_number, *other), (number, entry))
+            } else {
+                ((number, entry), (*other_number, *other))
+            };
+            return Err(GptError::DuplicateUniqueGuid {
+                guid: change.new,
+                first_number,
+                first_name: first.name.clone(),
+                second_number,
+                second_name: second.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks the backup copy the (valid) `primary` names, and checks it
+/// can be patched in place: it lies after the usable area and has the primary's
+/// entry layout. `Err` says why not.
+fn read_backup_of<R: Read + Seek>(
+    disk: &mut R,
+    disk_sectors: u64,
+    primary: &RawTable,
+) -> Result<RawTable, String> {
+    let backup_lba = primary.header.alternate_lba;
+    if backup_lba <= primary.header.last_usable_lba {
+        return Err(format!(
+            "the primary header puts it at LBA {backup_lba}, not after the usable area \
+             (ending at LBA {})",
+            primary.header.last_usable_lba
+        ));
+    }
+    let backup =
+        read_raw_table(disk, disk_sectors, backup_lba).map_err(|error| error.to_string())?;
+    if !same_entry_layout(&backup, primary) {
+        return Err(format!(
+            "its entry array ({} entries of {} bytes) differs in layout from the primary's \
+             ({} entries of {} bytes)",
+            backup.header.entry_count,
+            backup.header.entry_size,
+            primary.header.entry_count,
+            primary.header.entry_size
+        ));
+    }
+    Ok(backup)
+}
+
+/// Whether two copies have the same entry count and entry size.
+fn same_entry_layout(first: &RawTable, second: &RawTable) -> bool {
+    first.header.entry_count == second.header.entry_count
+        && first.header.entry_size == second.header.entry_size
+}
+
+/// Whether two entry arrays of the same layout are equal apart from the unique
+/// GUID fields of the changed entries (after an interrupted patch, those differ).
+fn equal_outside_unique_guids(
+    first: &[u8],
+    second: &[u8],
+    entry_size: usize,
+    changes: &[UniqueGuidChange],
+) -> bool {
+    let mut first = first.to_vec();
+    let mut second = second.to_vec();
+    for change in changes {
+        let offset = change.entry_index as usize * entry_size + ENTRY_UNIQUE_GUID_OFFSET;
+        first[offset..offset + 16].fill(0);
+        second[offset..offset + 16].fill(0);
+    }
+    first == second
+}
+
+/// Re-reads both copies and the table readers use, checking they hold exactly
+/// what was written; returns the table read back.
+fn confirm_patched<D: Read + Seek>(
+    disk: &mut D,
+    disk_sectors: u64,
+    before: &GptDisk,
+    changes: &[UniqueGuidChange],
+    entries: &[u8],
+) -> Result<GptDisk, GptError> {
+    let not_written = |reason: String| GptError::NotWritten { reason };
+    let primary = read_raw_table(disk, disk_sectors, PRIMARY_HEADER_LBA)
+        .map_err(|error| not_written(format!("primary copy: {error}")))?;
+    let backup = read_raw_table(disk, disk_sectors, primary.header.alternate_lba)
+        .map_err(|error| not_written(format!("backup copy: {error}")))?;
+    for (copy, table) in [(GptSource::Primary, &primary), (GptSource::Backup, &backup)] {
+        if table.entries != entries {
+            return Err(not_written(format!(
+                "the {copy} entry array differs from what was written"
+            )));
+        }
+    }
+    let valid = read_valid_copy(disk, disk_sectors)?;
+    if valid.source != GptSource::Primary {
+        return Err(not_written("the primary copy is not used".to_owned()));
+    }
+    let mut expected = before.partitions.clone();
+    for change in changes {
+        expected[change.entry_index as usize].unique_guid = change.new;
+    }
+    if valid.partitions != expected {
+        return Err(not_written(
+            "the partition entries differ from the expected ones".to_owned(),
+        ));
+    }
+    Ok(GptDisk {
+        disk_guid: valid.table.header.disk_guid,
+        disk_size_bytes: before.disk_size_bytes,
+        partitions: valid.partitions,
+    })
+}
+
+impl RawTable {
+    /// Number of sectors of the entry array.
+    fn entries_sectors(&self) -> u64 {
+        entry_array_sectors(self.entries.len() as u64)
+    }
+
+    /// This copy moved to another location (its own header LBA, the other
+    /// header's LBA, its entry array LBA), CRCs recomputed. Every other header
+    /// byte stays as it is.
+    fn relocated(&self, header_lba: u64, alternate_lba: u64, entries_lba: u64) -> RawTable {
+        let mut table = self.clone();
+        table.header.my_lba = header_lba;
+        table.header.alternate_lba = alternate_lba;
+        table.header.entries_lba = entries_lba;
+        put_u64(&mut table.sector, HEADER_MY_LBA_OFFSET, header_lba);
+        put_u64(
+            &mut table.sector,
+            HEADER_ALTERNATE_LBA_OFFSET,
+            alternate_lba,
+        );
+        put_u64(&mut table.sector, HEADER_ENTRIES_LBA_OFFSET, entries_lba);
+        table.seal();
+        table
+    }
+
+    /// A backup copy rebuilt from this primary, at the LBA the primary names,
+    /// with its entry array just before it.
+    fn mirror_as_backup(&self, disk_sectors: u64) -> Result<RawTable, String> {
+        let backup_lba = self.header.alternate_lba;
+        let entries_lba = backup_lba.saturating_sub(self.entries_sectors());
+        if backup_lba >= disk_sectors || entries_lba <= self.header.last_usable_lba {
+            return Err(format!(
+                "the primary header puts the backup at LBA {backup_lba}, which does not fit \
+                 between the usable area (ending at LBA {}) and the end of the disk \
+                 ({disk_sectors} sectors)",
+                self.header.last_usable_lba
+            ));
+        }
+        Ok(self.relocated(backup_lba, self.header.my_lba, entries_lba))
+    }
+
+    /// A primary copy rebuilt from this backup, at LBA 1 with its entry array at LBA 2.
+    fn mirror_as_primary(&self) -> Result<RawTable, String> {
+        if PRIMARY_ENTRIES_LBA + self.entries_sectors() > self.header.first_usable_lba {
+            return Err(format!(
+                "the entry array ({} sectors) does not fit between LBA {PRIMARY_ENTRIES_LBA} and \
+                 the first usable LBA {}",
+                self.entries_sectors(),
+                self.header.first_usable_lba
+            ));
+        }
+        Ok(self.relocated(PRIMARY_HEADER_LBA, self.header.my_lba, PRIMARY_ENTRIES_LBA))
+    }
+
+    /// This copy with another entry array of the same size, CRCs recomputed.
+    fn with_entries(&self, entries: &[u8]) -> RawTable {
+        let mut table = self.clone();
+        table.entries.copy_from_slice(entries);
+        table.seal();
+        table
+    }
+
+    /// Recomputes the entry array CRC, then the header CRC.
+    fn seal(&mut self) {
+        self.header.entries_crc = crc32fast::hash(&self.entries);
+        put_u32(
+            &mut self.sector,
+            HEADER_ENTRIES_CRC_OFFSET,
+            self.header.entries_crc,
+        );
+        let crc = header_crc(&self.sector, self.header_size);
+        put_u32(&mut self.sector, HEADER_CRC_OFFSET, crc);
+    }
+
+    /// Writes the entry array, then the header (neither flushed nor synced).
+    fn write<W: Write + Seek>(&self, disk: &mut W, copy: GptSource) -> Result<(), GptError> {
+        let entries_lba = self.header.entries_lba;
+        write_at(disk, entries_lba * SECTOR_SIZE, &self.entries, || {
+            format!("writing the {copy} partition entry array at LBA {entries_lba}")
+        })?;
+        let header_lba = self.header.my_lba;
+        write_at(disk, header_lba * SECTOR_SIZE, &self.sector, || {
+            format!("writing the {copy} GPT header at LBA {header_lba}")
+        })
     }
 }
 
@@ -1964,5 +2586,631 @@ mod tests {
         assert_eq!(le_u32(&mbr, 446 + 12), u32::MAX);
         assert_eq!(mbr[446 + 5..446 + 8], [0xFF, 0xFF, 0xFF]);
         assert_eq!(mbr[446 + 1..446 + 4], [0x00, 0x02, 0x00]);
+    }
+
+    // ---- patch_unique_guids ----
+
+    /// Sectors of the small disk the patch tests use.
+    const SMALL_DISK_SECTORS: u64 = 128;
+    /// Bytes of one entry array of 128 entries of 128 bytes.
+    const ENTRY_ARRAY_BYTES: usize = 16384;
+
+    /// A small table written by hand (partitions need not be 1 MiB aligned), so
+    /// images are 64 KiB: esp, root-b, verity-b, data.
+    fn small_disk() -> GptDisk {
+        let entry = |name: &str, first_lba: u64, last_lba: u64| PartitionEntry {
+            type_guid: if name == "esp" {
+                ESP_TYPE
+            } else {
+                LINUX_DATA_TYPE
+            },
+            unique_guid: Guid::derive(name.as_bytes()),
+            first_lba,
+            last_lba,
+            attributes: ATTRIBUTE_READ_ONLY,
+            name: name.to_owned(),
+        };
+        GptDisk {
+            disk_guid: DISK_GUID,
+            disk_size_bytes: SMALL_DISK_SECTORS * SECTOR_SIZE,
+            partitions: vec![
+                entry("esp", 34, 49),
+                entry("root-b", 50, 69),
+                entry("verity-b", 70, 79),
+                entry("data", 80, 94),
+            ],
+        }
+    }
+
+    /// Deterministic non-zero filler, so untouched bytes differ from zeros.
+    fn background(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|index| (index as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] | 1)
+            .collect()
+    }
+
+    /// `gpt` written over pseudo-random bytes.
+    fn image_over_background(gpt: &GptDisk) -> Vec<u8> {
+        let mut image = Cursor::new(background(gpt.disk_size_bytes as usize));
+        gpt.write(&mut image).expect("write GPT");
+        image.into_inner()
+    }
+
+    /// Changes giving root-b and verity-b (entries 1 and 2) new GUIDs.
+    fn slot_changes(gpt: &GptDisk, seed: &str) -> Vec<UniqueGuidChange> {
+        [1u32, 2]
+            .iter()
+            .map(|&entry_index| UniqueGuidChange {
+                entry_index,
+                expected: gpt.partitions[entry_index as usize].unique_guid,
+                new: Guid::derive(format!("{seed}/{entry_index}").as_bytes()),
+            })
+            .collect()
+    }
+
+    /// The same changes undone (from the new GUIDs back to the old).
+    fn reversed(changes: &[UniqueGuidChange]) -> Vec<UniqueGuidChange> {
+        changes
+            .iter()
+            .map(|change| UniqueGuidChange {
+                entry_index: change.entry_index,
+                expected: change.new,
+                new: change.expected,
+            })
+            .collect()
+    }
+
+    /// Runs the patch on an in-memory image; returns the result and the image
+    /// as it was at each sync.
+    fn patch(
+        image: &mut Vec<u8>,
+        changes: &[UniqueGuidChange],
+    ) -> (Result<PatchReport, GptError>, Vec<Vec<u8>>) {
+        let disk_size_bytes = image.len() as u64;
+        let mut disk = Cursor::new(std::mem::take(image));
+        let mut at_sync = Vec::new();
+        let result = patch_unique_guids(
+            &mut disk,
+            disk_size_bytes,
+            changes,
+            |disk: &mut Cursor<Vec<u8>>| {
+                at_sync.push(disk.get_ref().clone());
+                Ok(())
+            },
+        );
+        *image = disk.into_inner();
+        (result, at_sync)
+    }
+
+    /// Byte offsets of the GPT fields a patch of `entry_indexes` may change:
+    /// both header CRCs, both entry array CRCs, the GUIDs of those entries in
+    /// both arrays.
+    fn patchable_bytes(disk_sectors: u64, entry_indexes: &[u32]) -> Vec<std::ops::Range<usize>> {
+        let sector = SECTOR_SIZE as usize;
+        let backup_header = (disk_sectors as usize - 1) * sector;
+        let backup_entries = backup_header - 32 * sector;
+        let mut ranges = Vec::new();
+        for header in [sector, backup_header] {
+            ranges.push(header + 16..header + 20);
+            ranges.push(header + 88..header + 92);
+        }
+        for entries in [2 * sector, backup_entries] {
+            for &index in entry_indexes {
+                let start = entries + index as usize * 128 + 16;
+                ranges.push(start..start + 16);
+            }
+        }
+        ranges
+    }
+
+    /// Asserts that `before` and `after` differ only inside `allowed`.
+    fn assert_differs_only_in(before: &[u8], after: &[u8], allowed: &[std::ops::Range<usize>]) {
+        assert_eq!(before.len(), after.len());
+        for (offset, (old, new)) in before.iter().zip(after).enumerate() {
+            if old != new {
+                assert!(
+                    allowed.iter().any(|range| range.contains(&offset)),
+                    "byte {offset} changed from {old:#04x} to {new:#04x}, outside the GUID and \
+                     CRC fields"
+                );
+            }
+        }
+    }
+
+    /// The unique GUIDs readers see for entries 1 and 2.
+    fn slot_guids(image: &[u8]) -> [Guid; 2] {
+        let gpt = GptDisk::read(&mut Cursor::new(image), image.len() as u64).unwrap();
+        [gpt.partitions[1].unique_guid, gpt.partitions[2].unique_guid]
+    }
+
+    /// The unique GUIDs `changes` set.
+    fn new_guids(changes: &[UniqueGuidChange]) -> [Guid; 2] {
+        [changes[0].new, changes[1].new]
+    }
+
+    /// The unique GUIDs `changes` replace.
+    fn old_guids(changes: &[UniqueGuidChange]) -> [Guid; 2] {
+        [changes[0].expected, changes[1].expected]
+    }
+
+    /// Checks a disk image with `sgdisk -v` (package `gdisk`), which must be on PATH.
+    fn assert_sgdisk_verifies(image: &[u8]) {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(image).unwrap();
+        file.flush().unwrap();
+        let output = std::process::Command::new("sgdisk")
+            .arg("-v")
+            .arg(file.path())
+            .output()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "could not run `sgdisk` ({error}); expected it on PATH: install the `gdisk` \
+                     package"
+                )
+            });
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && report.contains("No problems found"),
+            "sgdisk -v: {report}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    #[test]
+    fn crc32_is_the_gpt_crc() {
+        // GPT uses CRC-32/ISO-HDLC (zlib's crc32); this is its standard check value.
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32fast::hash(b""), 0);
+    }
+
+    #[test]
+    fn patch_changes_only_the_guids_and_the_crcs() {
+        let gpt = small_disk();
+        let original = image_over_background(&gpt);
+        let changes = slot_changes(&gpt, "new");
+        let mut image = original.clone();
+
+        let (result, at_sync) = patch(&mut image, &changes);
+        let report = result.unwrap();
+        assert_eq!(report.source, GptSource::Primary);
+        assert_eq!(report.rebuilt, None);
+        assert!(!report.copies_differed);
+        assert_eq!(report.written, [GptSource::Backup, GptSource::Primary]);
+        assert_eq!(report.before, gpt);
+        let mut expected = gpt.clone();
+        expected.partitions[1].unique_guid = changes[0].new;
+        expected.partitions[2].unique_guid = changes[1].new;
+        assert_eq!(report.after, expected);
+        assert_differs_only_in(
+            &original,
+            &image,
+            &patchable_bytes(SMALL_DISK_SECTORS, &[1, 2]),
+        );
+        assert_eq!(slot_guids(&image), new_guids(&changes));
+
+        // The backup was complete and synced before the primary was touched.
+        let [after_backup, after_primary] = &at_sync[..] else {
+            panic!("expected two syncs, found {}", at_sync.len());
+        };
+        let primary_end = 34 * SECTOR_SIZE as usize;
+        assert_eq!(after_backup[..primary_end], original[..primary_end]);
+        assert_eq!(after_backup[primary_end..], image[primary_end..]);
+        assert_eq!(slot_guids(after_backup), old_guids(&changes));
+        assert_eq!(after_primary, &image);
+
+        // Both copies carry the new GUIDs.
+        let mut damaged = image.clone();
+        damaged[SECTOR_SIZE as usize + 16] ^= 0xFF; // primary header CRC
+        let (from_backup, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&damaged), damaged.len() as u64).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(from_backup, expected);
+        assert_sgdisk_verifies(&image);
+
+        // Undoing gives the original bytes exactly.
+        let (result, _) = patch(&mut image, &reversed(&changes));
+        assert_eq!(result.unwrap().written.len(), 2);
+        assert_eq!(image, original);
+        // Asking for what is already there writes and syncs nothing.
+        let (result, at_sync) = patch(&mut image, &reversed(&changes));
+        let report = result.unwrap();
+        assert!(report.written.is_empty());
+        assert!(at_sync.is_empty());
+        assert_eq!(report.after, gpt);
+        assert_eq!(image, original);
+    }
+
+    #[test]
+    fn patch_keeps_header_bytes_it_does_not_own() {
+        let gpt = small_disk();
+        let mut image = image_over_background(&gpt);
+        // Both headers claim 96 bytes (4 more than defined, covered by the CRC)
+        // and carry non-zero bytes beyond.
+        let sector = SECTOR_SIZE as usize;
+        for header_offset in [sector, (SMALL_DISK_SECTORS as usize - 1) * sector] {
+            let header: &mut [u8; SECTOR_SIZE as usize] = (&mut image
+                [header_offset..header_offset + sector])
+                .try_into()
+                .unwrap();
+            put_u32(header, 12, 96);
+            header[92..].fill(0x5A);
+            let crc = header_crc(header, 96);
+            put_u32(header, HEADER_CRC_OFFSET, crc);
+        }
+        let original = image.clone();
+        assert_eq!(
+            GptDisk::read_with_report(&mut Cursor::new(&image), image.len() as u64)
+                .unwrap()
+                .1,
+            GptSource::Primary
+        );
+        let changes = slot_changes(&gpt, "new");
+        let (result, _) = patch(&mut image, &changes);
+        result.unwrap();
+        assert_differs_only_in(
+            &original,
+            &image,
+            &patchable_bytes(SMALL_DISK_SECTORS, &[1, 2]),
+        );
+        let (_, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(source, GptSource::Primary);
+        // The backup's header CRC covers its 96 bytes too.
+        image[SECTOR_SIZE as usize] = b'X';
+        let (read_back, source) =
+            GptDisk::read_with_report(&mut Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(source, GptSource::Backup);
+        assert_eq!(
+            [
+                read_back.partitions[1].unique_guid,
+                read_back.partitions[2].unique_guid
+            ],
+            new_guids(&changes)
+        );
+    }
+
+    #[test]
+    fn torn_primary_is_rebuilt_from_the_backup() {
+        let gpt = small_disk();
+        let mut image = image_over_background(&gpt);
+        let changes = slot_changes(&gpt, "new");
+        patch(&mut image, &changes).0.unwrap();
+        let expected = image.clone();
+
+        // Interrupted while writing the primary header: readers use the backup.
+        image[SECTOR_SIZE as usize + 40..SECTOR_SIZE as usize + 48].fill(0xAA);
+        assert_eq!(slot_guids(&image), new_guids(&changes));
+        let (result, at_sync) = patch(&mut image, &changes);
+        let report = result.unwrap();
+        assert_eq!(report.source, GptSource::Backup);
+        let (copy, reason) = report.rebuilt.unwrap();
+        assert_eq!(copy, GptSource::Primary);
+        assert!(reason.contains("CRC32"), "{reason}");
+        assert_eq!(report.written, [GptSource::Primary]);
+        assert_eq!(at_sync.len(), 1);
+        assert_eq!(image, expected, "primary rebuilt exactly");
+
+        // Interrupted while writing the primary entries.
+        image[2 * SECTOR_SIZE as usize + 128 + 20] ^= 0xFF;
+        let (result, _) = patch(&mut image, &changes);
+        assert_eq!(result.unwrap().source, GptSource::Backup);
+        assert_eq!(image, expected, "primary rebuilt exactly");
+    }
+
+    #[test]
+    fn torn_backup_is_rebuilt_from_the_primary() {
+        let gpt = small_disk();
+        let original = image_over_background(&gpt);
+        let changes = slot_changes(&gpt, "new");
+        let mut expected = original.clone();
+        patch(&mut expected, &changes).0.unwrap();
+
+        // Interrupted while writing the backup entries: the primary is still old.
+        let mut image = original.clone();
+        let backup_entries = ((SMALL_DISK_SECTORS - 33) * SECTOR_SIZE) as usize;
+        image[backup_entries + 128..backup_entries + 192].fill(0x55);
+        assert_eq!(slot_guids(&image), old_guids(&changes));
+        let (result, _) = patch(&mut image, &changes);
+        let report = result.unwrap();
+        assert_eq!(report.source, GptSource::Primary);
+        let (copy, reason) = report.rebuilt.unwrap();
+        assert_eq!(copy, GptSource::Backup);
+        assert!(reason.contains("LBA 127"), "{reason}");
+        assert_eq!(report.written, [GptSource::Backup, GptSource::Primary]);
+        assert_eq!(image, expected, "backup rebuilt exactly");
+
+        // The backup header gone entirely.
+        let mut image = original.clone();
+        let backup_header = ((SMALL_DISK_SECTORS - 1) * SECTOR_SIZE) as usize;
+        image[backup_header..].fill(0);
+        let (result, _) = patch(&mut image, &changes);
+        assert!(result.unwrap().rebuilt.is_some());
+        assert_eq!(image, expected, "backup rebuilt exactly");
+        assert_sgdisk_verifies(&image);
+    }
+
+    #[test]
+    fn differing_backup_is_made_equal_to_the_primary() {
+        let gpt = small_disk();
+        let mut image = image_over_background(&gpt);
+        let changes = slot_changes(&gpt, "new");
+        let mut expected = image.clone();
+        patch(&mut expected, &changes).0.unwrap();
+
+        // A valid backup whose "data" entry has another name.
+        let disk_sectors = SMALL_DISK_SECTORS;
+        let mut disk = Cursor::new(image);
+        let backup = read_raw_table(&mut disk, disk_sectors, disk_sectors - 1).unwrap();
+        let mut entries = backup.entries.clone();
+        entries[3 * 128 + 56] = b'D';
+        backup
+            .with_entries(&entries)
+            .write(&mut disk, GptSource::Backup)
+            .unwrap();
+        image = disk.into_inner();
+
+        let (result, _) = patch(&mut image, &changes);
+        let report = result.unwrap();
+        assert!(report.copies_differed);
+        assert_eq!(report.rebuilt, None);
+        assert_eq!(image, expected);
+    }
+
+    #[test]
+    fn patch_works_on_the_standard_layout() {
+        let gpt = sample_disk(16 * MIB);
+        let original = written_image(&gpt);
+        let mut image = original.clone();
+        let changes = slot_changes(&gpt, "standard");
+        let (result, _) = patch(&mut image, &changes);
+        let report = result.unwrap();
+        assert_eq!(report.written.len(), 2);
+        assert_differs_only_in(
+            &original,
+            &image,
+            &patchable_bytes(16 * MIB / SECTOR_SIZE, &[1, 2]),
+        );
+        assert_sgdisk_verifies(&image);
+    }
+
+    /// A disk that loses power after `budget` more bytes were written: writes
+    /// beyond fail (a write may be cut off in the middle).
+    struct CrashingDisk {
+        inner: Cursor<Vec<u8>>,
+        budget: usize,
+    }
+
+    impl Read for CrashingDisk {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buffer)
+        }
+    }
+
+    impl Write for CrashingDisk {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::Error::other("power cut"));
+            }
+            let length = bytes.len().min(self.budget);
+            self.budget -= length;
+            self.inner.write(&bytes[..length])
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for CrashingDisk {
+        fn seek(&mut self, position: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(position)
+        }
+    }
+
+    #[test]
+    fn interrupted_patch_shows_old_or_new_and_a_retry_completes_it() {
+        let gpt = small_disk();
+        let original = image_over_background(&gpt);
+        let changes = slot_changes(&gpt, "new");
+        let mut expected = original.clone();
+        patch(&mut expected, &changes).0.unwrap();
+        let copy_bytes = ENTRY_ARRAY_BYTES + SECTOR_SIZE as usize;
+        let total = 2 * copy_bytes;
+
+        let mut budgets: Vec<usize> = (0..total).step_by(61).collect();
+        for boundary in [
+            ENTRY_ARRAY_BYTES,
+            copy_bytes,
+            copy_bytes + ENTRY_ARRAY_BYTES,
+            total,
+        ] {
+            budgets.extend([boundary - 1, boundary, boundary + 1]);
+        }
+        for budget in budgets {
+            let mut disk = CrashingDisk {
+                inner: Cursor::new(original.clone()),
+                budget,
+            };
+            let result = patch_unique_guids(&mut disk, original.len() as u64, &changes, |_| Ok(()));
+            let mut image = disk.inner.into_inner();
+            if budget >= total {
+                result.unwrap();
+                assert_eq!(image, expected);
+                continue;
+            }
+            match result {
+                Err(GptError::Io { action, source }) => {
+                    assert!(action.starts_with("writing the"), "{action}");
+                    assert_eq!(source.to_string(), "power cut");
+                }
+                other => panic!("budget {budget}: expected a write error, found {other:?}"),
+            }
+            // Readers see the old GUIDs or the new ones, never a mix; the old
+            // ones until the backup is complete.
+            let seen = slot_guids(&image);
+            assert!(
+                seen == old_guids(&changes) || seen == new_guids(&changes),
+                "budget {budget}: readers see {seen:?}"
+            );
+            if budget <= copy_bytes {
+                assert_eq!(seen, old_guids(&changes), "budget {budget}");
+            }
+            let (result, _) = patch(&mut image, &changes);
+            result.unwrap_or_else(|error| panic!("budget {budget}: retry failed: {error}"));
+            assert_eq!(
+                image, expected,
+                "budget {budget}: retry completes the patch"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_changes_are_refused_before_writing() {
+        let gpt = small_disk();
+        let original = image_over_background(&gpt);
+        let good = slot_changes(&gpt, "new");
+        let refused = |changes: &[UniqueGuidChange]| {
+            let mut image = original.clone();
+            let (result, at_sync) = patch(&mut image, changes);
+            assert!(at_sync.is_empty());
+            assert_eq!(image, original, "nothing written");
+            result.unwrap_err()
+        };
+        let with = |index: usize, change: UniqueGuidChange| {
+            let mut changes = good.clone();
+            changes[index] = change;
+            changes
+        };
+
+        let error = refused(&with(
+            0,
+            UniqueGuidChange {
+                entry_index: 128,
+                ..good[0]
+            },
+        ));
+        assert!(
+            matches!(
+                error,
+                GptError::NoSuchEntry {
+                    entry_index: 128,
+                    entry_count: 128
+                }
+            ),
+            "{error}"
+        );
+        let error = refused(&with(
+            0,
+            UniqueGuidChange {
+                entry_index: 4,
+                ..good[0]
+            },
+        ));
+        assert!(
+            matches!(error, GptError::UnusedEntry { number: 5 }),
+            "{error}"
+        );
+        let error = refused(&with(1, good[0]));
+        assert!(
+            matches!(error, GptError::RepeatedEntry { number: 2 }),
+            "{error}"
+        );
+        let error = refused(&with(
+            1,
+            UniqueGuidChange {
+                expected: Guid::derive(b"something else"),
+                ..good[1]
+            },
+        ));
+        assert!(
+            matches!(
+                &error,
+                GptError::CopyUnusable {
+                    copy: GptSource::Primary,
+                    reason
+                } if reason.contains("\"verity-b\"")
+            ),
+            "{error}"
+        );
+        let error = refused(&with(
+            1,
+            UniqueGuidChange {
+                new: Guid::ZERO,
+                ..good[1]
+            },
+        ));
+        assert!(matches!(error, GptError::ZeroGuid { .. }), "{error}");
+        // The GUID of an entry that keeps it.
+        let error = refused(&with(
+            1,
+            UniqueGuidChange {
+                new: Guid::derive(b"data"),
+                ..good[1]
+            },
+        ));
+        assert!(
+            matches!(
+                &error,
+                GptError::DuplicateUniqueGuid {
+                    first_number: 3,
+                    second_number: 4,
+                    second_name,
+                    ..
+                } if second_name == "data"
+            ),
+            "{error}"
+        );
+        // Two changes to the same new GUID.
+        let error = refused(&with(
+            1,
+            UniqueGuidChange {
+                new: good[0].new,
+                ..good[1]
+            },
+        ));
+        assert!(
+            matches!(
+                error,
+                GptError::DuplicateUniqueGuid {
+                    first_number: 2,
+                    second_number: 3,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // Swapping two GUIDs is fine.
+        let mut image = original.clone();
+        let swap = [
+            UniqueGuidChange {
+                new: good[1].expected,
+                ..good[0]
+            },
+            UniqueGuidChange {
+                new: good[0].expected,
+                ..good[1]
+            },
+        ];
+        patch(&mut image, &swap).0.unwrap();
+        assert_eq!(slot_guids(&image), [good[1].expected, good[0].expected]);
+    }
+
+    #[test]
+    fn sync_failure_is_reported() {
+        let gpt = small_disk();
+        let mut disk = Cursor::new(image_over_background(&gpt));
+        let changes = slot_changes(&gpt, "new");
+        let error = patch_unique_guids(&mut disk, gpt.disk_size_bytes, &changes, |_| {
+            Err(io::Error::other("fsync failed"))
+        })
+        .unwrap_err();
+        match &error {
+            GptError::Io { action, .. } => {
+                assert_eq!(action, "syncing the backup GPT to the disk")
+            }
+            other => panic!("expected an I/O error, found {other}"),
+        }
+        // Nothing of the primary was written.
+        assert_eq!(slot_guids(disk.get_ref()), old_guids(&changes));
     }
 }

@@ -1,1 +1,1049 @@
-//! (being written)
+//! The agent's engine: what `racklet-update daemon` does, behind the D-Bus API.
+//!
+//! Decisions come from pure functions (`policy::decide`); this module does the
+//! IO around them in a fixed order that keeps the node bootable at every step:
+//!
+//! 1. mark the inactive slot unbootable (boot control) and give its partitions
+//!    the "empty" PARTUUIDs, so nothing can find a half-written slot;
+//! 2. stream root and verity targets through zstd into the inactive partitions,
+//!    checking length and hashes as they stream;
+//! 3. read the root back and recompute its dm-verity root hash;
+//! 4. give the partitions the PARTUUIDs derived from the new root hash;
+//! 5. place the new UKI with one boot try, and record `Installed`.
+//!
+//! After the reboot, `start()` sees the try, runs the health gate, and commits
+//! or marks the slot bad and reboots back. The active slot is never written.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use os_format::layout::{Arch, Slot};
+use os_format::manifest::ArtifactKind;
+use os_format::update_manifest::{parse_version, Update, UpdateManifest, Version};
+use os_format::verity::root_hash_from_hex;
+use serde::Serialize;
+use tokio::sync::{watch, Mutex};
+
+use crate::boot_control::{self, BootControl, SlotBootState};
+use crate::config::{Config, CONFIG_PATH, IMAGE_DEFAULTS_PATH};
+use crate::error::AgentError;
+use crate::install;
+use crate::policy::{decide, Decision, DecisionInput};
+use crate::slots::{self, SlotPartitions};
+use crate::state::{self, AgentState, Operation, SlotState, STATE_DIR};
+use crate::status::{parse_os_release, read_booted_status, OS_RELEASE, PROC_CMDLINE};
+use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
+
+/// systemd-timesyncd touches this once the clock is synchronised.
+pub const TIME_SYNCHRONIZED_MARKER: &str = "/run/systemd/timesync/synchronized";
+/// If this unit is not installed, nothing will ever synchronise the clock, and
+/// the agent relies on the build-time floor alone.
+pub const TIMESYNCD_UNIT: &str = "/usr/lib/systemd/system/systemd-timesyncd.service";
+/// Where a downloaded UKI waits (in the state directory) before it is placed on the ESP.
+const UKI_DOWNLOAD_NAME: &str = "uki.download";
+
+/// Every path the agent touches, so tests can point them at files.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub esp: PathBuf,
+    /// The disk holding the slots; `None`: the disk the booted slot runs from.
+    pub disk: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub tuf_datastore: PathBuf,
+    pub image_tuf_root: PathBuf,
+    pub cmdline: PathBuf,
+    pub os_release: PathBuf,
+    pub config: PathBuf,
+    pub config_defaults: PathBuf,
+    /// Tests: write this file instead of asking logind to reboot.
+    pub reboot_marker: Option<PathBuf>,
+    pub time_synchronized_marker: PathBuf,
+    pub timesyncd_unit: PathBuf,
+}
+
+impl Paths {
+    pub fn system() -> Paths {
+        Paths {
+            esp: PathBuf::from(boot_control::ESP_MOUNT),
+            disk: None,
+            state_dir: PathBuf::from(STATE_DIR),
+            tuf_datastore: PathBuf::from(TUF_DATASTORE_DIR),
+            image_tuf_root: Path::new("/").join(os_format::layout::IMAGE_TUF_ROOT),
+            cmdline: PathBuf::from(PROC_CMDLINE),
+            os_release: PathBuf::from(OS_RELEASE),
+            config: PathBuf::from(CONFIG_PATH),
+            config_defaults: PathBuf::from(IMAGE_DEFAULTS_PATH),
+            reboot_marker: None,
+            time_synchronized_marker: PathBuf::from(TIME_SYNCHRONIZED_MARKER),
+            timesyncd_unit: PathBuf::from(TIMESYNCD_UNIT),
+        }
+    }
+}
+
+/// What is running now.
+#[derive(Clone, Debug, Serialize)]
+pub struct Booted {
+    pub slot: Slot,
+    pub version: Version,
+    pub variant: String,
+    pub arch: Arch,
+    pub verity_root_hash: String,
+    /// The image's build time (its files' timestamps): the clock's floor.
+    pub build_time: u64,
+}
+
+impl Booted {
+    pub fn read(paths: &Paths) -> Result<Booted, AgentError> {
+        let status = read_booted_status(&paths.cmdline, &paths.os_release)?;
+        let os_release_text =
+            std::fs::read_to_string(&paths.os_release).map_err(|source| AgentError::Io {
+                path: paths.os_release.clone(),
+                source,
+            })?;
+        let fields = parse_os_release(&os_release_text);
+        let version_text = status
+            .image_version
+            .clone()
+            .ok_or_else(|| AgentError::Invalid {
+                what: paths.os_release.display().to_string(),
+                message: "no IMAGE_VERSION".into(),
+            })?;
+        let version = parse_version(&version_text).map_err(|error| AgentError::Invalid {
+            what: paths.os_release.display().to_string(),
+            message: error.to_string(),
+        })?;
+        let arch = match fields.get("ARCHITECTURE").map(String::as_str) {
+            Some("aarch64") | Some("arm64") => Arch::Aarch64,
+            Some("x86_64") | Some("x86-64") | Some("amd64") => Arch::X86_64,
+            _ if cfg!(target_arch = "aarch64") => Arch::Aarch64,
+            _ => Arch::X86_64,
+        };
+        let build_time = std::fs::metadata(&paths.os_release)
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|duration| duration.as_secs())
+            .unwrap_or(0);
+        Ok(Booted {
+            slot: status.booted_slot,
+            version,
+            variant: status.variant_id.clone().unwrap_or_default(),
+            arch,
+            verity_root_hash: status.verity_root_hash,
+            build_time,
+        })
+    }
+}
+
+/// A person's or the timer's request to install.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyRequest {
+    pub version: Option<Version>,
+    pub allow_downgrade: bool,
+    pub reboot: bool,
+}
+
+/// Progress of the running write (shared with the writer thread).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub total: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+/// The status document (`racklet-update status --json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    pub booted: Booted,
+    pub state: AgentState,
+    pub boot_slots: Vec<SlotStatus>,
+    pub progress: ProgressReport,
+    pub seed: u32,
+    pub config_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotStatus {
+    pub slot: Slot,
+    pub booted: bool,
+    pub boot_state: String,
+    pub state: SlotState,
+    pub version: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgressReport {
+    pub bytes: u64,
+    pub total: u64,
+}
+
+/// The result of a check.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub time: Timestamp,
+    /// "up-to-date", "available", "not-yet" or "refused".
+    pub result: String,
+    pub message: String,
+    pub version: Option<String>,
+    pub wave_start: Option<Timestamp>,
+    pub seed: u32,
+}
+
+struct Inner {
+    config: Config,
+    config_error: Option<String>,
+    state: AgentState,
+    boot: Box<dyn BootControl>,
+    /// A background apply is running.
+    busy: bool,
+}
+
+/// The agent: shared by the D-Bus interface and the timer.
+pub struct Agent {
+    pub paths: Paths,
+    pub booted: Booted,
+    pub seed: u32,
+    inner: Mutex<Inner>,
+    pub progress: Arc<Progress>,
+    /// Bumped on every change the D-Bus side should announce.
+    pub changes: watch::Sender<u64>,
+}
+
+fn agent_error(what: impl Into<String>) -> impl FnOnce(String) -> AgentError {
+    let what = what.into();
+    move |message| AgentError::Invalid { what, message }
+}
+
+impl Agent {
+    /// Read what booted, the config, the state and the boot loader's view.
+    pub fn open(paths: Paths) -> Result<Agent, AgentError> {
+        let booted = Booted::read(&paths)?;
+        let config = Config::load(&paths.config_defaults, &paths.config)?;
+        let state = AgentState::load(&paths.state_dir)?;
+        let seed = state::load_or_create_seed(&paths.state_dir)?;
+        let boot = boot_control::detect(&paths.esp)?;
+        let (changes, _) = watch::channel(0);
+        Ok(Agent {
+            paths,
+            booted,
+            seed,
+            inner: Mutex::new(Inner {
+                config,
+                config_error: None,
+                state,
+                boot,
+                busy: false,
+            }),
+            progress: Arc::new(Progress::default()),
+            changes,
+        })
+    }
+
+    fn announce(&self) {
+        self.changes.send_modify(|counter| *counter += 1);
+    }
+
+    fn disk(&self) -> Result<PathBuf, AgentError> {
+        if let Some(disk) = &self.paths.disk {
+            return Ok(disk.clone());
+        }
+        let hash = root_hash_from_hex(&self.booted.verity_root_hash)
+            .map_err(|error| agent_error("racklet.roothash")(error.to_string()))?;
+        Ok(slots::find_booted_disk(
+            Path::new(slots::SYS_BLOCK_DIR),
+            Path::new(slots::DEV_DIR),
+            self.booted.slot,
+            &hash,
+        )?)
+    }
+
+    /// Re-read the config; on error keep the last good one and report why.
+    pub async fn reload_config(&self) -> Result<(), AgentError> {
+        let result = Config::load(&self.paths.config_defaults, &self.paths.config);
+        let mut inner = self.inner.lock().await;
+        match result {
+            Ok(config) => {
+                inner.config = config;
+                inner.config_error = None;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "invalid configuration; keeping the last good one");
+                inner.config_error = Some(error.to_string());
+                Err(error.into())
+            }
+        }
+    }
+
+    pub async fn config(&self) -> Config {
+        self.inner.lock().await.config.clone()
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, AgentError> {
+        let inner = self.inner.lock().await;
+        let boot_states = inner.boot.slot_states()?;
+        let boot_slots = boot_states
+            .iter()
+            .map(|(slot, boot_state)| {
+                let record = inner.state.slot(*slot);
+                SlotStatus {
+                    slot: *slot,
+                    booted: *slot == self.booted.slot,
+                    boot_state: boot_state.to_string(),
+                    state: record.state,
+                    version: record.version.as_ref().map(Version::to_string),
+                }
+            })
+            .collect();
+        Ok(StatusReport {
+            booted: self.booted.clone(),
+            state: inner.state.clone(),
+            boot_slots,
+            progress: ProgressReport {
+                bytes: self.progress.bytes.load(Ordering::Relaxed),
+                total: self.progress.total.load(Ordering::Relaxed),
+            },
+            seed: self.seed,
+            config_error: inner.config_error.clone(),
+        })
+    }
+
+    pub async fn operation_name(&self) -> String {
+        self.inner.lock().await.state.operation.name().to_string()
+    }
+
+    pub async fn last_error(&self) -> String {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .last_error
+            .as_ref()
+            .map(|error| format!("{}: {}", error.operation, error.message))
+            .unwrap_or_default()
+    }
+
+    fn write_state(&self, inner: &Inner) -> Result<(), AgentError> {
+        inner.state.write(&self.paths.state_dir)?;
+        self.announce();
+        Ok(())
+    }
+
+    async fn record_error(&self, operation: &str, error: &AgentError) {
+        tracing::error!(operation, error = %error, "update step failed");
+        let mut inner = self.inner.lock().await;
+        inner
+            .state
+            .record_error(Timestamp::now(), operation, error.to_string());
+        if let Err(write_error) = self.write_state(&inner) {
+            tracing::error!(error = %write_error, "cannot record the error in the state file");
+        }
+    }
+
+    /// The clock must be trustworthy before metadata expiry means anything.
+    fn check_clock(&self, now: Timestamp) -> Result<(), AgentError> {
+        if (now.as_second() as u64) < self.booted.build_time {
+            return Err(AgentError::ClockUntrusted {
+                message: format!(
+                    "the clock says {now}, before this image was built ({}); waiting for time synchronisation",
+                    Timestamp::from_second(self.booted.build_time as i64).unwrap_or(Timestamp::UNIX_EPOCH)
+                ),
+            });
+        }
+        if self.paths.timesyncd_unit.exists() && !self.paths.time_synchronized_marker.exists() {
+            return Err(AgentError::ClockUntrusted {
+                message: format!(
+                    "systemd-timesyncd has not synchronised the clock yet ({} is missing)",
+                    self.paths.time_synchronized_marker.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn tuf_client(&self, config: &Config) -> Result<TufClient, AgentError> {
+        let (Some(metadata_url), Some(targets_url)) = (&config.metadata_url, &config.targets_url)
+        else {
+            return Err(AgentError::Invalid {
+                what: self.paths.config.display().to_string(),
+                message: "no metadata_url/targets_url configured; updates are off".into(),
+            });
+        };
+        Ok(TufClient::new(
+            metadata_url.clone(),
+            targets_url.clone(),
+            config.http_timeout(),
+            self.paths.image_tuf_root.clone(),
+            self.paths.tuf_datastore.clone(),
+        ))
+    }
+
+    /// Fetch and verify the repository and decide.
+    async fn fetch_and_decide(
+        &self,
+        request: &ApplyRequest,
+    ) -> Result<(Decision, TufClient, crate::tuf::LoadedRepository), AgentError> {
+        let now = Timestamp::now();
+        self.check_clock(now)?;
+        let (config, failed) = {
+            let inner = self.inner.lock().await;
+            (inner.config.clone(), inner.state.failed_version_numbers())
+        };
+        let client = self.tuf_client(&config)?;
+        let repository = client.load().await?;
+        let manifest: UpdateManifest = repository.update_manifest().await?;
+        let decision = decide(&DecisionInput {
+            manifest: &manifest,
+            variant: &self.booted.variant,
+            arch: self.booted.arch,
+            running_version: &self.booted.version,
+            seed: self.seed,
+            now,
+            version_lock: &config.version_lock,
+            ignore_waves: config.ignore_waves,
+            requested_version: request.version.as_ref(),
+            allow_downgrade: request.allow_downgrade,
+            failed_versions: &failed,
+        });
+        Ok((decision, client, repository))
+    }
+
+    /// Is there an update for this node, and when may it start?
+    pub async fn check(&self) -> Result<CheckReport, AgentError> {
+        let now = Timestamp::now();
+        let result = self.fetch_and_decide(&ApplyRequest::default()).await;
+        let mut inner = self.inner.lock().await;
+        let report = match &result {
+            Ok((decision, _, _)) => {
+                let (kind, version, wave_start) = match decision {
+                    Decision::UpToDate { .. } => ("up-to-date", None, None),
+                    Decision::Available { update } => {
+                        ("available", Some(update.version.clone()), None)
+                    }
+                    Decision::NotYet { update, start } => {
+                        ("not-yet", Some(update.version.clone()), Some(*start))
+                    }
+                    Decision::Refused { .. } => ("refused", None, None),
+                };
+                inner
+                    .state
+                    .record_check(now, decision.to_string(), version.clone());
+                CheckReport {
+                    time: now,
+                    result: kind.into(),
+                    message: decision.to_string(),
+                    version: version.map(|version| version.to_string()),
+                    wave_start,
+                    seed: self.seed,
+                }
+            }
+            Err(error) => {
+                inner
+                    .state
+                    .record_check(now, format!("failed: {error}"), None);
+                inner.state.record_error(now, "check", error.to_string());
+                CheckReport {
+                    time: now,
+                    result: "error".into(),
+                    message: error.to_string(),
+                    version: None,
+                    wave_start: None,
+                    seed: self.seed,
+                }
+            }
+        };
+        self.write_state(&inner)?;
+        drop(inner);
+        result.map(|_| report)
+    }
+
+    /// Start installing in the background; returns the version being installed.
+    pub async fn start_apply(
+        self: &Arc<Self>,
+        request: ApplyRequest,
+    ) -> Result<Version, AgentError> {
+        {
+            let mut inner = self.inner.lock().await;
+            if inner.busy {
+                return Err(AgentError::Busy {
+                    operation: inner.state.operation.name().into(),
+                });
+            }
+            match &inner.state.operation {
+                Operation::Idle => {}
+                Operation::Installed { version, slot } => {
+                    return Err(AgentError::Busy {
+                        operation: format!(
+                            "{version} is installed in slot {slot} and waits for a reboot (cancel it first)"
+                        ),
+                    })
+                }
+                other => {
+                    return Err(AgentError::Busy {
+                        operation: other.name().into(),
+                    })
+                }
+            }
+            inner.busy = true;
+        }
+        let decided = self.fetch_and_decide(&request).await;
+        let (decision, client, repository) = match decided {
+            Ok(decided) => decided,
+            Err(error) => {
+                self.inner.lock().await.busy = false;
+                self.record_error("check", &error).await;
+                return Err(error);
+            }
+        };
+        let update = match decision {
+            Decision::Available { update } => update,
+            other => {
+                self.inner.lock().await.busy = false;
+                return Err(AgentError::NothingToApply {
+                    message: other.to_string(),
+                });
+            }
+        };
+        if update.verity.root_hash == self.booted.verity_root_hash {
+            self.inner.lock().await.busy = false;
+            return Err(AgentError::NothingToApply {
+                message: format!("{} has the running root hash", update.version),
+            });
+        }
+        let version = update.version.clone();
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = agent.install(&update, &client, &repository).await;
+            agent.finish_install(&update, result, request.reboot).await;
+        });
+        Ok(version)
+    }
+
+    async fn set_operation(&self, operation: Operation) -> Result<(), AgentError> {
+        let mut inner = self.inner.lock().await;
+        inner.state.operation = operation;
+        self.write_state(&inner)
+    }
+
+    async fn install(
+        &self,
+        update: &Update,
+        client: &TufClient,
+        repository: &crate::tuf::LoadedRepository,
+    ) -> Result<(), AgentError> {
+        let slot = self.booted.slot.other();
+        let disk = self.disk()?;
+        tracing::info!(version = %update.version, %slot, disk = %disk.display(), "installing");
+        self.progress.cancel.store(false, Ordering::SeqCst);
+        self.progress.bytes.store(0, Ordering::SeqCst);
+        let total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
+            .iter()
+            .filter_map(|kind| update.target(*kind))
+            .map(|target| target.artifact.size)
+            .sum();
+        self.progress.total.store(total, Ordering::SeqCst);
+        {
+            // 1. Nothing may boot the slot while it is written.
+            let mut inner = self.inner.lock().await;
+            inner.boot.mark_unbootable(slot)?;
+            let record = inner.state.slot_mut(slot);
+            record.state = SlotState::Unbootable;
+            record.version = None;
+            record.verity_root_hash = None;
+            inner.state.operation = Operation::Writing {
+                version: update.version.clone(),
+                slot,
+                bytes_written: 0,
+                total,
+            };
+            inner.state.clear_error();
+            self.write_state(&inner)?;
+        }
+        let partitions = {
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || slots::set_slot_partition_uuids(&disk, slot, None))
+                .await
+                .expect("the relabel task does not panic")?
+        };
+        // 2. Stream root and verity into the partitions.
+        let mut written_before = 0;
+        for kind in [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree] {
+            let target = update.target(kind).ok_or_else(|| AgentError::Invalid {
+                what: format!("update {}", update.version),
+                message: format!("no {kind:?} target"),
+            })?;
+            let reader = repository.target_reader(&target.target)?;
+            let artifact = target.artifact.clone();
+            let disk = disk.clone();
+            let partitions = partitions.clone();
+            let progress = Arc::clone(&self.progress);
+            let base = written_before;
+            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                let file = install::open_disk_for_writing(&disk)?;
+                let partition = install::partition_for(&artifact, &partitions)?;
+                let cancellable = CancellableReader {
+                    inner: reader,
+                    progress: Arc::clone(&progress),
+                };
+                install::write_artifact(cancellable, &artifact, &file, partition, &mut |bytes| {
+                    progress.bytes.store(base + bytes, Ordering::Relaxed);
+                })?;
+                Ok(())
+            })
+            .await
+            .expect("the writer task does not panic")?;
+            written_before += target.artifact.size;
+            self.announce();
+        }
+        // 3. Read back and recompute the dm-verity root hash.
+        self.set_operation(Operation::Verifying {
+            version: update.version.clone(),
+            slot,
+        })
+        .await?;
+        {
+            let disk = disk.clone();
+            let partitions: SlotPartitions = partitions.clone();
+            let verity = update.verity.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                let file = install::open_disk_for_writing(&disk)?;
+                install::verify_slot(&file, &partitions, &verity)?;
+                Ok(())
+            })
+            .await
+            .expect("the verify task does not panic")?;
+        }
+        // 4. Only a verified slot gets the PARTUUIDs the initramfs looks for.
+        let hash = root_hash_from_hex(&update.verity.root_hash)
+            .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
+        {
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || {
+                slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
+            })
+            .await
+            .expect("the relabel task does not panic")?;
+        }
+        // 5. The UKI, downloaded and checked, then placed with one try.
+        let uki_target = update
+            .target(ArtifactKind::KernelImage { slot })
+            .ok_or_else(|| AgentError::Invalid {
+                what: format!("update {}", update.version),
+                message: format!("no kernel image for slot {slot}"),
+            })?;
+        let download = self.paths.state_dir.join(UKI_DOWNLOAD_NAME);
+        {
+            let reader = repository.target_reader(&uki_target.target)?;
+            let artifact = uki_target.artifact.clone();
+            let download = download.clone();
+            tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
+                .await
+                .expect("the download task does not panic")?;
+        }
+        let _ = client;
+        let mut inner = self.inner.lock().await;
+        if self.progress.cancel.load(Ordering::SeqCst) {
+            return Err(AgentError::Cancelled);
+        }
+        inner.boot.set_one_try(slot, &download)?;
+        let _ = std::fs::remove_file(&download);
+        let record = inner.state.slot_mut(slot);
+        record.state = SlotState::Installed;
+        record.version = Some(update.version.clone());
+        record.verity_root_hash = Some(update.verity.root_hash.clone());
+        inner.state.operation = Operation::Installed {
+            version: update.version.clone(),
+            slot,
+        };
+        self.write_state(&inner)?;
+        tracing::info!(version = %update.version, %slot, "installed; the next boot tries it once");
+        Ok(())
+    }
+
+    async fn finish_install(&self, update: &Update, result: Result<(), AgentError>, reboot: bool) {
+        let slot = self.booted.slot.other();
+        match result {
+            Ok(()) => {
+                self.inner.lock().await.busy = false;
+                if reboot {
+                    if let Err(error) = self.reboot("update installed").await {
+                        self.record_error("reboot", &error).await;
+                    }
+                }
+            }
+            Err(error) => {
+                let mut inner = self.inner.lock().await;
+                inner.busy = false;
+                // Leave the slot unbootable, whatever step failed.
+                if let Err(boot_error) = inner.boot.mark_unbootable(slot) {
+                    tracing::error!(error = %boot_error, "cannot mark the inactive slot unbootable");
+                }
+                let record = inner.state.slot_mut(slot);
+                record.state = SlotState::Unbootable;
+                record.version = None;
+                record.verity_root_hash = None;
+                let operation = inner.state.operation.name().to_string();
+                inner.state.operation = Operation::Idle;
+                inner.state.record_error(
+                    Timestamp::now(),
+                    &operation,
+                    format!("installing {}: {error}", update.version),
+                );
+                if let Err(write_error) = self.write_state(&inner) {
+                    tracing::error!(error = %write_error, "cannot write the state file");
+                }
+                tracing::error!(version = %update.version, error = %error, "install failed; the inactive slot stays unbootable");
+            }
+        }
+    }
+
+    /// Undo an apply that has not rebooted yet (or stop a running write).
+    pub async fn cancel(&self) -> Result<String, AgentError> {
+        let mut inner = self.inner.lock().await;
+        if inner.busy {
+            self.progress.cancel.store(true, Ordering::SeqCst);
+            return Ok("cancelling the running install; the inactive slot stays unbootable".into());
+        }
+        match inner.state.operation.clone() {
+            Operation::Installed { version, slot } => {
+                inner.boot.mark_unbootable(slot)?;
+                inner.state.slot_mut(slot).state = SlotState::Unbootable;
+                inner.state.operation = Operation::Idle;
+                self.write_state(&inner)?;
+                Ok(format!(
+                    "cancelled {version}: slot {slot} will not be booted"
+                ))
+            }
+            Operation::Idle => Ok("nothing to cancel".into()),
+            other => Err(AgentError::Busy {
+                operation: other.name().into(),
+            }),
+        }
+    }
+
+    /// Boot the other slot next, if it holds a committed image.
+    pub async fn rollback(&self, reboot: bool) -> Result<String, AgentError> {
+        let other = self.booted.slot.other();
+        {
+            let mut inner = self.inner.lock().await;
+            if inner.busy {
+                return Err(AgentError::Busy {
+                    operation: inner.state.operation.name().into(),
+                });
+            }
+            let states = inner.boot.slot_states()?;
+            let other_state = states
+                .iter()
+                .find(|(slot, _)| *slot == other)
+                .map(|(_, state)| *state)
+                .unwrap_or(SlotBootState::Absent);
+            let record_state = inner.state.slot(other).state;
+            if other_state != SlotBootState::Good
+                || matches!(
+                    record_state,
+                    SlotState::Bad | SlotState::Unbootable | SlotState::Empty
+                )
+            {
+                return Err(AgentError::NothingToApply {
+                    message: format!(
+                        "slot {other} holds no good image to roll back to (boot loader: {other_state}, agent: {record_state:?})"
+                    ),
+                });
+            }
+            inner.boot.switch_to(other)?;
+            inner.state.operation = Operation::Idle;
+            self.write_state(&inner)?;
+        }
+        let version = self.inner.lock().await.state.slot(other).version.clone();
+        let message = format!(
+            "slot {other} ({}) boots next",
+            version
+                .map(|version| version.to_string())
+                .unwrap_or_else(|| "version unknown".into())
+        );
+        tracing::info!("{message}");
+        if reboot {
+            self.reboot("manual rollback").await?;
+        }
+        Ok(message)
+    }
+
+    /// The booted try is good: commit it.
+    pub async fn mark_good(&self) -> Result<String, AgentError> {
+        let slot = self.booted.slot;
+        let mut inner = self.inner.lock().await;
+        let trying = inner.boot.is_trying(slot)?;
+        if trying {
+            inner.boot.commit(slot)?;
+        }
+        let record = inner.state.slot_mut(slot);
+        record.state = SlotState::Good;
+        record.version = Some(self.booted.version.clone());
+        record.verity_root_hash = Some(self.booted.verity_root_hash.clone());
+        inner.state.operation = Operation::Idle;
+        inner.state.forget_failed_version(&self.booted.version);
+        self.write_state(&inner)?;
+        Ok(if trying {
+            format!("slot {slot} ({}) committed", self.booted.version)
+        } else {
+            format!(
+                "slot {slot} ({}) was already committed",
+                self.booted.version
+            )
+        })
+    }
+
+    /// The booted slot is bad: never boot it again automatically; the caller reboots.
+    pub async fn mark_bad(&self, reason: &str) -> Result<String, AgentError> {
+        let slot = self.booted.slot;
+        let other = slot.other();
+        let mut inner = self.inner.lock().await;
+        if !inner.boot.is_trying(slot)? {
+            // A committed slot: only if the other one is good to fall back to.
+            let states = inner.boot.slot_states()?;
+            if !states
+                .iter()
+                .any(|(s, state)| *s == other && *state == SlotBootState::Good)
+            {
+                return Err(AgentError::NothingToApply {
+                    message: format!("slot {other} holds no good image; refusing to mark the only bootable slot bad"),
+                });
+            }
+            inner.boot.switch_to(other)?;
+        }
+        inner.boot.mark_bad(slot)?;
+        inner.state.slot_mut(slot).state = SlotState::Bad;
+        inner.state.record_failed_version(
+            self.booted.version.clone(),
+            reason.to_string(),
+            Timestamp::now(),
+        );
+        inner.state.operation = Operation::Idle;
+        self.write_state(&inner)?;
+        Ok(format!(
+            "slot {slot} ({}) marked bad: {reason}; slot {other} boots next",
+            self.booted.version
+        ))
+    }
+
+    /// Reconcile after a (re)start: an interrupted write, a try that did not
+    /// come back, or this boot being a try. Returns true when this boot is a
+    /// try whose health gate must run.
+    pub async fn start(&self) -> Result<bool, AgentError> {
+        let booted = self.booted.slot;
+        let mut inner = self.inner.lock().await;
+        // What the image shipped with: the booted slot's record.
+        if inner.state.slot(booted).state == SlotState::Unknown {
+            let record = inner.state.slot_mut(booted);
+            record.state = SlotState::Good;
+            record.version = Some(self.booted.version.clone());
+            record.verity_root_hash = Some(self.booted.verity_root_hash.clone());
+        }
+        let boot_states = inner.boot.slot_states()?;
+        let other = booted.other();
+        if inner.state.slot(other).state == SlotState::Unknown {
+            let absent = boot_states
+                .iter()
+                .any(|(slot, state)| *slot == other && *state == SlotBootState::Absent);
+            inner.state.slot_mut(other).state = if absent {
+                SlotState::Empty
+            } else {
+                SlotState::Good
+            };
+        }
+        let trying = inner.boot.is_trying(booted)?;
+        let operation = inner.state.operation.clone();
+        let was_trying = matches!(operation, Operation::Trying { .. });
+        let interrupted_name = operation.name();
+        match operation {
+            Operation::Downloading { version, slot, .. }
+            | Operation::Writing { version, slot, .. }
+            | Operation::Verifying { version, slot } => {
+                // Interrupted (power cut, crash): the slot was unbootable all along.
+                inner.boot.mark_unbootable(slot)?;
+                inner.state.slot_mut(slot).state = SlotState::Unbootable;
+                inner.state.operation = Operation::Idle;
+                inner.state.record_error(
+                    Timestamp::now(),
+                    interrupted_name,
+                    format!("installing {version} into slot {slot} was interrupted; it will start again"),
+                );
+            }
+            Operation::Installed { version, slot } | Operation::Trying { version, slot }
+                if slot != booted =>
+            {
+                let used = boot_states.iter().any(|(s, state)| {
+                    *s == slot
+                        && matches!(
+                            state,
+                            SlotBootState::Trying { tries_left: 0 } | SlotBootState::Bad
+                        )
+                });
+                if used || was_trying {
+                    // The try happened and the boot loader fell back.
+                    inner.boot.mark_bad(slot)?;
+                    inner.state.slot_mut(slot).state = SlotState::Bad;
+                    inner.state.record_failed_version(
+                        version.clone(),
+                        "did not come up in its boot try (the boot loader fell back)".to_string(),
+                        Timestamp::now(),
+                    );
+                    inner.state.operation = Operation::Idle;
+                }
+            }
+            Operation::Installed { version, slot } | Operation::Trying { version, slot } => {
+                if trying {
+                    inner.state.operation = Operation::Trying { version, slot };
+                    inner.state.slot_mut(slot).state = SlotState::Trying;
+                } else {
+                    // Committed already (by hand or before a restart).
+                    inner.state.operation = Operation::Idle;
+                    inner.state.slot_mut(slot).state = SlotState::Good;
+                }
+            }
+            Operation::Idle => {
+                if trying {
+                    inner.state.operation = Operation::Trying {
+                        version: self.booted.version.clone(),
+                        slot: booted,
+                    };
+                    inner.state.slot_mut(booted).state = SlotState::Trying;
+                }
+            }
+        }
+        self.write_state(&inner)?;
+        Ok(trying)
+    }
+
+    /// Run the health gate for this try; commit, or mark bad and reboot.
+    pub async fn run_health_gate(&self) -> Result<bool, AgentError> {
+        let config = self.config().await;
+        let report = crate::health::run_system_health_gate(&config.health).await;
+        if report.passed {
+            let message = self.mark_good().await?;
+            tracing::info!("health gate passed: {message}");
+            Ok(true)
+        } else {
+            let reason = report
+                .reason
+                .clone()
+                .unwrap_or_else(|| "health gate failed".into());
+            let message = self
+                .mark_bad(&format!("health gate failed: {reason}"))
+                .await?;
+            tracing::error!("{message}; rebooting into the previous slot");
+            self.reboot("health gate failed").await?;
+            Ok(false)
+        }
+    }
+
+    /// One timer tick: reload config, check, and apply if the config says so.
+    pub async fn tick(self: &Arc<Self>) {
+        let _ = self.reload_config().await;
+        let config = self.config().await;
+        let idle = {
+            let inner = self.inner.lock().await;
+            !inner.busy && inner.state.operation == Operation::Idle
+        };
+        if !idle {
+            return;
+        }
+        match self.check().await {
+            Ok(report) if report.result == "available" && config.auto_apply => {
+                let request = ApplyRequest {
+                    version: None,
+                    allow_downgrade: false,
+                    reboot: config.auto_reboot,
+                };
+                if let Err(error) = self.start_apply(request).await {
+                    tracing::warn!(%error, "automatic update did not start");
+                }
+            }
+            Ok(report) => tracing::info!(result = %report.result, "{}", report.message),
+            Err(error) => tracing::warn!(%error, "update check failed"),
+        }
+    }
+
+    /// Reboot through logind (or, in tests, write the marker file).
+    pub async fn reboot(&self, why: &str) -> Result<(), AgentError> {
+        tracing::info!(why, "rebooting");
+        if let Some(marker) = &self.paths.reboot_marker {
+            std::fs::write(marker, why).map_err(|source| AgentError::Io {
+                path: marker.clone(),
+                source,
+            })?;
+            return Ok(());
+        }
+        crate::dbus::reboot_via_logind().await
+    }
+
+    pub async fn is_busy(&self) -> bool {
+        self.inner.lock().await.busy
+    }
+}
+
+/// A reader that stops with an error once cancel is requested.
+struct CancellableReader<R> {
+    inner: R,
+    progress: Arc<Progress>,
+}
+
+impl<R: Read> Read for CancellableReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if self.progress.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "cancelled",
+            ));
+        }
+        self.inner.read(buffer)
+    }
+}
+
+/// Download a small target (a UKI) to `path`, checking its size and sha256
+/// against the manifest as well as TUF's own check.
+fn download_checked(
+    mut reader: impl Read,
+    artifact: &os_format::manifest::Artifact,
+    path: &Path,
+) -> Result<(), AgentError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let io_error = |source| AgentError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::create(path).map_err(io_error)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut length = 0u64;
+    loop {
+        let read = reader.read(&mut buffer).map_err(io_error)?;
+        if read == 0 {
+            break;
+        }
+        length += read as u64;
+        if length > artifact.size {
+            return Err(AgentError::Invalid {
+                what: artifact.name.clone(),
+                message: format!("longer than its signed length {}", artifact.size),
+            });
+        }
+        hasher.update(&buffer[..read]);
+        file.write_all(&buffer[..read]).map_err(io_error)?;
+    }
+    let sha256 = hex::encode(hasher.finalize());
+    if length != artifact.size || sha256 != artifact.sha256 {
+        return Err(AgentError::Invalid {
+            what: artifact.name.clone(),
+            message: format!(
+                "expected {} bytes with sha256 {}, got {length} bytes with sha256 {sha256}",
+                artifact.size, artifact.sha256
+            ),
+        });
+    }
+    file.sync_all().map_err(io_error)?;
+    Ok(())
+}

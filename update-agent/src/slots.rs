@@ -15,13 +15,11 @@
 //! written slot verified are they set from the new root hash
 //! ([`set_slot_partition_uuids`]).
 
-use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use os_format::gpt::{GptDisk, GptError, GptSource, Guid, PartitionEntry, SECTOR_SIZE};
+use os_format::gpt::{self, GptDisk, GptError, GptSource, Guid, PartitionEntry, UniqueGuidChange};
 use os_format::layout::{empty_partition_uuid, root_partition_uuid, verity_partition_uuid, Slot};
 use os_format::verity::{root_hash_to_hex, RootHash};
 use thiserror::Error;
@@ -35,33 +33,6 @@ pub const DEV_DIR: &str = "/dev";
 const SKIPPED_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
 /// sysfs `size` files count 512-byte sectors whatever the logical block size.
 const SYSFS_SECTOR_SIZE: u64 = 512;
-
-/// GPT header: byte offsets of the fields this module reads or patches.
-const HEADER_SIGNATURE: &[u8; 8] = b"EFI PART";
-const HEADER_SIZE_OFFSET: usize = 12;
-const HEADER_CRC_OFFSET: usize = 16;
-const HEADER_MY_LBA_OFFSET: usize = 24;
-const HEADER_ALTERNATE_LBA_OFFSET: usize = 32;
-const HEADER_FIRST_USABLE_OFFSET: usize = 40;
-const HEADER_LAST_USABLE_OFFSET: usize = 48;
-const HEADER_ENTRIES_LBA_OFFSET: usize = 72;
-const HEADER_ENTRY_COUNT_OFFSET: usize = 80;
-const HEADER_ENTRY_SIZE_OFFSET: usize = 84;
-const HEADER_ENTRIES_CRC_OFFSET: usize = 88;
-/// Smallest valid header size (the defined fields).
-const HEADER_MIN_SIZE: usize = 92;
-/// LBA of the primary header, and where the primary entry array starts when
-/// the primary copy has to be rebuilt from the backup.
-const PRIMARY_HEADER_LBA: u64 = 1;
-const PRIMARY_ENTRIES_LBA: u64 = 2;
-/// Smallest entry size the GPT allows.
-const MIN_ENTRY_SIZE: usize = 128;
-/// Largest entry array accepted (as `os_format::gpt`).
-const MAX_ENTRY_ARRAY_BYTES: u64 = 4 * 1024 * 1024;
-/// Byte range of the unique GUID inside a partition entry.
-const ENTRY_UNIQUE_GUID: std::ops::Range<usize> = 16..32;
-/// [`SECTOR_SIZE`] as a `usize`.
-const SECTOR: usize = SECTOR_SIZE as usize;
 
 /// One partition of a slot: where it is on the disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,23 +173,9 @@ pub enum SlotError {
     },
 }
 
-/// Which of the two GPT copies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GptCopy {
-    /// Header at LBA 1, entries after it.
-    Primary,
-    /// Header at the last LBA (or where the primary header says), entries before it.
-    Backup,
-}
-
-impl fmt::Display for GptCopy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GptCopy::Primary => "primary",
-            GptCopy::Backup => "backup",
-        })
-    }
-}
+/// Which of the two GPT copies (header at LBA 1 with the entries after it, or
+/// header at the last LBA with the entries before it).
+pub use os_format::gpt::GptSource as GptCopy;
 
 type Result<T, E = SlotError> = std::result::Result<T, E>;
 
@@ -330,25 +287,21 @@ pub fn slot_partition_uuids(
 ///
 /// # Crash safety
 ///
-/// Everything that reads a GPT (the kernel, `racklet-init`, `os_format::gpt`)
-/// uses the primary copy if its header and entry CRCs are valid and falls back
-/// to the backup copy otherwise. So the copies are written one after the other,
-/// each synced before the next starts:
-///
-/// 1. the backup entry array, then the backup header; `fsync`;
-/// 2. the primary entry array, then the primary header; `fsync`.
-///
-/// Interrupted in step 1, the untouched primary still describes the old state.
-/// Interrupted in step 2, the primary's CRCs no longer match and readers use the
-/// complete, synced backup, the new state. Either way a reader sees the old or the
-/// new UUIDs, never a mix. (This assumes the disk does not reorder writes across a
-/// flush and does not corrupt sectors it was not writing; nothing can do better
-/// with two copies.) Running this function again after an interruption repairs
-/// the damaged copy from the valid one, so a retry completes the change.
+/// The patch itself is [`os_format::gpt::patch_unique_guids`], shared with
+/// everything else that writes a GPT: the backup copy (entry array, then
+/// header) is written and synced first, then the primary copy. Interrupted
+/// while writing the backup, the untouched primary still describes the old
+/// state; interrupted while writing the primary, its CRCs no longer match and
+/// readers (the kernel, `racklet-init`) use the complete backup, the new state.
+/// Either way a reader sees the old or the new UUIDs, never a mix. Running this
+/// function again after an interruption repairs the damaged copy from the valid
+/// one, so a retry completes the change.
 ///
 /// A damaged copy found on entry is repaired the same way (rebuilt from the
 /// valid copy at the standard location). If the two copies' entry arrays differ
 /// elsewhere, the backup is made equal to the primary, the copy every reader uses.
+/// Afterwards both copies are read back and checked
+/// ([`SlotError::NotWritten`] otherwise).
 ///
 /// On a block device the running kernel keeps its in-memory partition table
 /// (and `/dev/disk/by-partuuid` may or may not follow); the new PARTUUIDs
@@ -364,8 +317,7 @@ pub fn set_slot_partition_uuids(
         .open(disk)
         .map_err(io_error(disk, "opening the disk for writing"))?;
     let size = disk_size(disk, &file)?;
-    let disk_sectors = size / SECTOR_SIZE;
-    let (gpt, source) = read_gpt(disk, &file, size)?;
+    let (gpt, _) = read_gpt(disk, &file, size)?;
     let partitions = SlotPartitions::from_gpt(&gpt, disk, slot)?;
     let (root_uuid, verity_uuid) = slot_partition_uuids(&gpt.disk_guid, slot, verity_root_hash);
     let targets = [
@@ -374,107 +326,61 @@ pub fn set_slot_partition_uuids(
     ];
     check_new_uuids(&gpt, disk, &targets)?;
 
-    // The copy the table was read from is the source of truth; the other is
-    // patched in place if valid, else rebuilt from the source.
-    let unusable = |copy: GptCopy, reason: String| SlotError::GptCopyUnusable {
-        disk: disk.to_path_buf(),
-        copy,
-        reason,
-    };
-    // `*_on_disk`: whether the copy is what the disk holds (else rebuilt, and
-    // written even if the entries do not change).
-    let (primary, primary_on_disk, backup, backup_on_disk) = match source {
-        GptSource::Primary => {
-            let primary = RawCopy::read(&file, PRIMARY_HEADER_LBA, disk_sectors)
-                .map_err(|reason| unusable(GptCopy::Primary, reason))?;
-            let backup_lba = primary.alternate_lba();
-            match RawCopy::read(&file, backup_lba, disk_sectors) {
-                Ok(backup) => (primary, true, backup, true),
-                Err(reason) => {
-                    tracing::warn!(
-                        disk = %disk.display(),
-                        "backup GPT at LBA {backup_lba} is unusable ({reason}); rebuilding it from the primary"
-                    );
-                    let backup = primary
-                        .mirror_as_backup(disk_sectors)
-                        .map_err(|reason| unusable(GptCopy::Backup, reason))?;
-                    (primary, true, backup, false)
-                }
-            }
-        }
-        GptSource::Backup => {
-            let backup = RawCopy::read(&file, disk_sectors - 1, disk_sectors)
-                .map_err(|reason| unusable(GptCopy::Backup, reason))?;
-            tracing::warn!(
-                disk = %disk.display(),
-                "primary GPT is unusable; rebuilding it from the backup"
-            );
-            let primary = backup
-                .mirror_as_primary()
-                .map_err(|reason| unusable(GptCopy::Primary, reason))?;
-            (primary, false, backup, true)
-        }
-    };
-    let truth = match source {
-        GptSource::Primary => &primary,
-        GptSource::Backup => &backup,
-    };
-
-    let mut entries = truth.entries.clone();
-    for (partition, new_uuid) in &targets {
-        let start = partition.entry_index() * truth.entry_size;
-        let field = &mut entries[start + ENTRY_UNIQUE_GUID.start..start + ENTRY_UNIQUE_GUID.end];
-        if *field != partition.unique_guid.to_gpt_bytes() {
-            return Err(unusable(
-                copy_of(source),
-                format!(
-                    "entry {} does not hold the unique GUID {} read for {:?}",
-                    partition.number, partition.unique_guid, partition.name
-                ),
-            ));
-        }
-        field.copy_from_slice(&new_uuid.to_gpt_bytes());
+    let changes: Vec<UniqueGuidChange> = targets
+        .iter()
+        .map(|(partition, new)| UniqueGuidChange {
+            entry_index: partition.number - 1,
+            expected: partition.unique_guid,
+            new: *new,
+        })
+        .collect();
+    let mut handle = &file;
+    let report = gpt::patch_unique_guids(&mut handle, size, &changes, |file: &mut &File| {
+        file.sync_all()
+    })
+    .map_err(|error| patch_error(disk, error))?;
+    if let Some((copy, reason)) = &report.rebuilt {
+        tracing::warn!(disk = %disk.display(), "rebuilt the {copy} GPT from the other copy: {reason}");
     }
-    if primary_on_disk
-        && backup_on_disk
-        && !differs_only_in_unique_guids(&primary, &backup, &targets)
-    {
+    if report.copies_differed {
         tracing::warn!(
             disk = %disk.display(),
-            "backup GPT entries differ from the primary beyond slot {slot}'s PARTUUIDs; \
-             making the backup equal to the primary"
+            "backup GPT entries differed from the primary beyond slot {slot}'s PARTUUIDs; \
+             made the backup equal to the primary"
         );
-    }
-
-    for (copy, raw, on_disk) in [
-        (GptCopy::Backup, &backup, backup_on_disk),
-        (GptCopy::Primary, &primary, primary_on_disk),
-    ] {
-        let new = raw.with_entries(&entries);
-        if on_disk && new == *raw {
-            continue;
-        }
-        new.write(&file)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(disk, format!("writing the {copy} GPT")))?;
     }
     tracing::info!(
         disk = %disk.display(),
         %slot,
         root = %root_uuid,
         verity = %verity_uuid,
+        written = ?report.written,
         "set slot PARTUUIDs"
     );
-
-    confirm_written(disk, &file, size, &gpt, &targets, &entries)?;
-    let (after, _) = read_gpt(disk, &file, size)?;
-    SlotPartitions::from_gpt(&after, disk, slot)
+    SlotPartitions::from_gpt(&report.after, disk, slot)
 }
 
-fn copy_of(source: GptSource) -> GptCopy {
-    match source {
-        GptSource::Primary => GptCopy::Primary,
-        GptSource::Backup => GptCopy::Backup,
+/// A GPT error met while patching `disk`, as a slot error.
+fn patch_error(disk: &Path, error: GptError) -> SlotError {
+    match error {
+        GptError::Io { action, source } => SlotError::Io {
+            path: disk.to_path_buf(),
+            action,
+            source,
+        },
+        GptError::CopyUnusable { copy, reason } => SlotError::GptCopyUnusable {
+            disk: disk.to_path_buf(),
+            copy,
+            reason,
+        },
+        GptError::NotWritten { reason } => SlotError::NotWritten {
+            disk: disk.to_path_buf(),
+            reason,
+        },
+        source => SlotError::Gpt {
+            path: disk.to_path_buf(),
+            source,
+        },
     }
 }
 
@@ -512,290 +418,6 @@ fn check_new_uuids(gpt: &GptDisk, disk: &Path, targets: &[(&PartitionRange, Guid
         }
     }
     Ok(())
-}
-
-/// Whether the two copies' entry arrays are equal apart from the targets'
-/// unique GUID fields (after an interrupted update, those may differ).
-fn differs_only_in_unique_guids(
-    primary: &RawCopy,
-    backup: &RawCopy,
-    targets: &[(&PartitionRange, Guid)],
-) -> bool {
-    if primary.entries.len() != backup.entries.len() || primary.entry_size != backup.entry_size {
-        return false;
-    }
-    let mut left = primary.entries.clone();
-    let mut right = backup.entries.clone();
-    for (partition, _) in targets {
-        let start = partition.entry_index() * primary.entry_size;
-        let range = start + ENTRY_UNIQUE_GUID.start..start + ENTRY_UNIQUE_GUID.end;
-        left[range.clone()].fill(0);
-        right[range].fill(0);
-    }
-    left == right
-}
-
-/// Re-reads both copies and the parsed table and checks they hold exactly what
-/// was written: the new GUIDs in the targets, every other entry unchanged.
-fn confirm_written(
-    disk: &Path,
-    file: &File,
-    size: u64,
-    before: &GptDisk,
-    targets: &[(&PartitionRange, Guid)],
-    entries: &[u8],
-) -> Result<()> {
-    let not_written = |reason: String| SlotError::NotWritten {
-        disk: disk.to_path_buf(),
-        reason,
-    };
-    let disk_sectors = size / SECTOR_SIZE;
-    let primary = RawCopy::read(file, PRIMARY_HEADER_LBA, disk_sectors)
-        .map_err(|reason| not_written(format!("primary copy: {reason}")))?;
-    let backup = RawCopy::read(file, primary.alternate_lba(), disk_sectors)
-        .map_err(|reason| not_written(format!("backup copy: {reason}")))?;
-    for (copy, raw) in [(GptCopy::Primary, &primary), (GptCopy::Backup, &backup)] {
-        if raw.entries != entries {
-            return Err(not_written(format!(
-                "the {copy} entry array differs from what was written"
-            )));
-        }
-    }
-    let (after, source) = read_gpt(disk, file, size)?;
-    if source != GptSource::Primary {
-        return Err(not_written("the primary copy is not used".to_string()));
-    }
-    let mut expected = before.clone();
-    for (partition, uuid) in targets {
-        expected.partitions[partition.entry_index()].unique_guid = *uuid;
-    }
-    if after.partitions != expected.partitions {
-        return Err(not_written(
-            "the partition entries differ from the expected ones".to_string(),
-        ));
-    }
-    Ok(())
-}
-
-/// One copy of the GPT as raw bytes: the header sector and the entry array.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct RawCopy {
-    /// LBA of the header.
-    header_lba: u64,
-    /// The whole header sector.
-    header: [u8; SECTOR],
-    /// LBA of the entry array.
-    entries_lba: u64,
-    /// The entry array (entry count × entry size bytes, what the CRC covers).
-    entries: Vec<u8>,
-    /// Size of one entry.
-    entry_size: usize,
-}
-
-impl RawCopy {
-    /// Reads and checks the copy whose header is at `lba`: signature, header
-    /// size, header CRC, location, entry layout and entry array CRC.
-    fn read(disk: &File, lba: u64, disk_sectors: u64) -> Result<RawCopy, String> {
-        if lba == 0 || lba >= disk_sectors {
-            return Err(format!(
-                "header LBA {lba} is outside the disk of {disk_sectors} sectors"
-            ));
-        }
-        let mut header = [0u8; SECTOR];
-        disk.read_exact_at(&mut header, lba * SECTOR_SIZE)
-            .map_err(|error| format!("reading the header at LBA {lba}: {error}"))?;
-        if &header[..8] != HEADER_SIGNATURE {
-            return Err(format!("no GPT header signature at LBA {lba}"));
-        }
-        let header_size = le_u32(&header, HEADER_SIZE_OFFSET) as usize;
-        if !(HEADER_MIN_SIZE..=SECTOR).contains(&header_size) {
-            return Err(format!(
-                "header at LBA {lba} has size {header_size}; expected {HEADER_MIN_SIZE}..={SECTOR}"
-            ));
-        }
-        let recorded_crc = le_u32(&header, HEADER_CRC_OFFSET);
-        let computed_crc = header_crc(&header);
-        if recorded_crc != computed_crc {
-            return Err(format!(
-                "header at LBA {lba} records CRC32 {recorded_crc:#010x}, its contents have \
-                 {computed_crc:#010x}"
-            ));
-        }
-        let my_lba = le_u64(&header, HEADER_MY_LBA_OFFSET);
-        if my_lba != lba {
-            return Err(format!(
-                "header read at LBA {lba} says it belongs at LBA {my_lba}"
-            ));
-        }
-        let entry_size = le_u32(&header, HEADER_ENTRY_SIZE_OFFSET) as usize;
-        let entry_count = u64::from(le_u32(&header, HEADER_ENTRY_COUNT_OFFSET));
-        let entries_bytes = entry_count * entry_size as u64;
-        if entry_size < MIN_ENTRY_SIZE
-            || !entry_size.is_power_of_two()
-            || entries_bytes > MAX_ENTRY_ARRAY_BYTES
-        {
-            return Err(format!(
-                "header at LBA {lba} describes {entry_count} entries of {entry_size} bytes"
-            ));
-        }
-        let entries_lba = le_u64(&header, HEADER_ENTRIES_LBA_OFFSET);
-        let entries_end_lba = entries_lba.saturating_add(entries_bytes.div_ceil(SECTOR_SIZE));
-        if entries_lba < PRIMARY_ENTRIES_LBA || entries_end_lba > disk_sectors {
-            return Err(format!(
-                "entry array at LBA {entries_lba} ({entries_bytes} bytes) is outside the disk"
-            ));
-        }
-        let mut entries = vec![0u8; entries_bytes as usize];
-        disk.read_exact_at(&mut entries, entries_lba * SECTOR_SIZE)
-            .map_err(|error| format!("reading the entry array at LBA {entries_lba}: {error}"))?;
-        let recorded_entries_crc = le_u32(&header, HEADER_ENTRIES_CRC_OFFSET);
-        let computed_entries_crc = crc32(&entries);
-        if recorded_entries_crc != computed_entries_crc {
-            return Err(format!(
-                "entry array at LBA {entries_lba} has CRC32 {computed_entries_crc:#010x}, its \
-                 header records {recorded_entries_crc:#010x}"
-            ));
-        }
-        Ok(RawCopy {
-            header_lba: lba,
-            header,
-            entries_lba,
-            entries,
-            entry_size,
-        })
-    }
-
-    fn alternate_lba(&self) -> u64 {
-        le_u64(&self.header, HEADER_ALTERNATE_LBA_OFFSET)
-    }
-
-    fn first_usable_lba(&self) -> u64 {
-        le_u64(&self.header, HEADER_FIRST_USABLE_OFFSET)
-    }
-
-    fn last_usable_lba(&self) -> u64 {
-        le_u64(&self.header, HEADER_LAST_USABLE_OFFSET)
-    }
-
-    fn entries_sectors(&self) -> u64 {
-        (self.entries.len() as u64).div_ceil(SECTOR_SIZE)
-    }
-
-    /// This copy moved to another location (header LBA, alternate LBA, entry
-    /// array LBA), CRCs recomputed.
-    fn relocated(&self, header_lba: u64, alternate_lba: u64, entries_lba: u64) -> RawCopy {
-        let mut copy = self.clone();
-        copy.header_lba = header_lba;
-        copy.entries_lba = entries_lba;
-        put_u64(&mut copy.header, HEADER_MY_LBA_OFFSET, header_lba);
-        put_u64(&mut copy.header, HEADER_ALTERNATE_LBA_OFFSET, alternate_lba);
-        put_u64(&mut copy.header, HEADER_ENTRIES_LBA_OFFSET, entries_lba);
-        copy.seal();
-        copy
-    }
-
-    /// A backup copy rebuilt from this primary, at the LBA the primary names
-    /// (entries just before it).
-    fn mirror_as_backup(&self, disk_sectors: u64) -> Result<RawCopy, String> {
-        let backup_lba = self.alternate_lba();
-        let entries_lba = backup_lba.saturating_sub(self.entries_sectors());
-        if backup_lba >= disk_sectors || entries_lba <= self.last_usable_lba() {
-            return Err(format!(
-                "the primary header puts the backup at LBA {backup_lba}, which does not fit \
-                 between the usable area (ending at LBA {}) and the end of the disk \
-                 ({disk_sectors} sectors)",
-                self.last_usable_lba()
-            ));
-        }
-        Ok(self.relocated(backup_lba, self.header_lba, entries_lba))
-    }
-
-    /// A primary copy rebuilt from this backup, at LBA 1 with the entries at LBA 2.
-    fn mirror_as_primary(&self) -> Result<RawCopy, String> {
-        if PRIMARY_ENTRIES_LBA + self.entries_sectors() > self.first_usable_lba() {
-            return Err(format!(
-                "the entry array ({} sectors) does not fit between LBA {PRIMARY_ENTRIES_LBA} and \
-                 the first usable LBA {}",
-                self.entries_sectors(),
-                self.first_usable_lba()
-            ));
-        }
-        Ok(self.relocated(PRIMARY_HEADER_LBA, self.header_lba, PRIMARY_ENTRIES_LBA))
-    }
-
-    /// This copy with another entry array (same size), CRCs recomputed.
-    fn with_entries(&self, entries: &[u8]) -> RawCopy {
-        let mut copy = self.clone();
-        copy.entries = entries.to_vec();
-        copy.seal();
-        copy
-    }
-
-    /// Recomputes the entry array CRC and then the header CRC.
-    fn seal(&mut self) {
-        let entries_crc = crc32(&self.entries);
-        put_u32(&mut self.header, HEADER_ENTRIES_CRC_OFFSET, entries_crc);
-        let crc = header_crc(&self.header);
-        put_u32(&mut self.header, HEADER_CRC_OFFSET, crc);
-    }
-
-    /// Writes the entry array, then the header (not synced).
-    fn write(&self, disk: &File) -> io::Result<()> {
-        disk.write_all_at(&self.entries, self.entries_lba * SECTOR_SIZE)?;
-        disk.write_all_at(&self.header, self.header_lba * SECTOR_SIZE)
-    }
-}
-
-/// CRC32 of the first header-size bytes of a header sector, its CRC field as zero.
-fn header_crc(header: &[u8; SECTOR]) -> u32 {
-    let header_size = (le_u32(header, HEADER_SIZE_OFFSET) as usize).clamp(HEADER_MIN_SIZE, SECTOR);
-    let mut bytes = header[..header_size].to_vec();
-    bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].fill(0);
-    crc32(&bytes)
-}
-
-/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320) lookup table.
-const CRC32_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut index = 0;
-    while index < 256 {
-        let mut value = index as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            value = if value & 1 != 0 {
-                0xEDB8_8320 ^ (value >> 1)
-            } else {
-                value >> 1
-            };
-            bit += 1;
-        }
-        table[index] = value;
-        index += 1;
-    }
-    table
-};
-
-/// CRC-32 as GPT uses it (the same as zlib's `crc32`).
-fn crc32(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(!0u32, |crc, &byte| {
-        CRC32_TABLE[((crc ^ u32::from(byte)) & 0xFF) as usize] ^ (crc >> 8)
-    })
-}
-
-fn le_u32(bytes: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(bytes: &[u8], offset: usize) -> u64 {
-    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
-}
-
-fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
-    bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
-}
-
-fn put_u64(bytes: &mut [u8], offset: usize, value: u64) {
-    bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
 }
 
 /// The disk the booted slot runs from, found the way `racklet-init` found it:
@@ -1079,36 +701,13 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::process::Command;
 
+    use os_format::gpt::SECTOR_SIZE;
+
     use super::test_disk::*;
     use super::*;
 
     fn read_all(path: &Path) -> Vec<u8> {
         fs::read(path).unwrap()
-    }
-
-    /// The bytes of the disk outside the two GPT copies' entry arrays and headers.
-    fn outside_gpt(image: &[u8]) -> (&[u8], &[u8]) {
-        let primary_end = 34 * SECTOR;
-        let backup_start = image.len() - 33 * SECTOR;
-        (&image[..SECTOR], &image[primary_end..backup_start])
-    }
-
-    /// Entry arrays of both copies with the unique GUIDs of entries `numbers` zeroed.
-    fn entries_without_guids(image: &[u8], numbers: &[u32]) -> (Vec<u8>, Vec<u8>) {
-        let backup_start = image.len() - 33 * SECTOR;
-        let mut primary = image[2 * SECTOR..34 * SECTOR].to_vec();
-        let mut backup = image[backup_start..backup_start + 32 * SECTOR].to_vec();
-        for number in numbers {
-            let start = (*number as usize - 1) * 128;
-            primary[start + 16..start + 32].fill(0);
-            backup[start + 16..start + 32].fill(0);
-        }
-        (primary, backup)
-    }
-
-    fn sgdisk_verify(path: &Path) -> Option<String> {
-        let output = Command::new("sgdisk").arg("-v").arg(path).output().ok()?;
-        Some(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// (name, uuid) of every partition as `sfdisk --json` reports them.
@@ -1137,12 +736,6 @@ mod tests {
                 })
                 .collect(),
         )
-    }
-
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
     }
 
     #[test]
@@ -1198,6 +791,10 @@ mod tests {
         assert!(matches!(error, SlotError::Gpt { .. }), "{error}");
     }
 
+    // Byte-level properties of the patch (only the GUID fields and CRCs change,
+    // backup first, torn copies repaired, `sgdisk -v` clean) are tested with
+    // `os_format::gpt::patch_unique_guids` itself.
+
     #[test]
     fn set_uuids_round_trip_changes_only_the_two_guids() {
         let slot_a = Root::new(64 * 1024, 1);
@@ -1213,31 +810,12 @@ mod tests {
         );
         assert_eq!(SlotPartitions::locate(disk.path(), Slot::B).unwrap(), b);
 
-        let after = read_all(disk.path());
-        assert_eq!(
-            outside_gpt(&before),
-            outside_gpt(&after),
-            "MBR and partitions untouched"
-        );
-        assert_eq!(
-            entries_without_guids(&before, &[4, 5]),
-            entries_without_guids(&after, &[4, 5]),
-            "no other entry bytes changed"
-        );
-        // Both copies carry the new GUIDs.
         let mut file = disk.reopen().unwrap();
-        let (gpt, source) = GptDisk::read_with_report(&mut file, DISK_SIZE).unwrap();
-        assert_eq!(source, GptSource::Primary);
-        let mut damaged = after.clone();
-        damaged[SECTOR + 16] ^= 0xFF; // primary header CRC
-        let (from_backup, source) =
-            GptDisk::read_with_report(&mut io::Cursor::new(&damaged), DISK_SIZE).unwrap();
-        assert_eq!(source, GptSource::Backup);
-        assert_eq!(from_backup, gpt);
+        let mut expected = GptDisk::read(&mut io::Cursor::new(&before), DISK_SIZE).unwrap();
+        expected.partitions[3].unique_guid = b.root.unique_guid;
+        expected.partitions[4].unique_guid = b.verity.unique_guid;
+        assert_eq!(GptDisk::read(&mut file, DISK_SIZE).unwrap(), expected);
 
-        if let Some(report) = sgdisk_verify(disk.path()) {
-            assert!(report.contains("No problems found"), "{report}");
-        }
         if let Some(partitions) = sfdisk_uuids(disk.path()) {
             let uuid_of = |name: &str| {
                 partitions
@@ -1339,9 +917,43 @@ mod tests {
             verity_partition_uuid(&new_root.root_hash)
         );
         assert_eq!(read_all(disk.path()), expected, "backup rebuilt exactly");
-        if let Some(report) = sgdisk_verify(disk.path()) {
-            assert!(report.contains("No problems found"), "{report}");
-        }
+    }
+
+    #[test]
+    fn gpt_patch_errors_become_slot_errors() {
+        let disk = Path::new("/dev/vdz");
+        let error = patch_error(
+            disk,
+            GptError::Io {
+                action: "syncing the backup GPT to the disk".into(),
+                source: io::Error::other("fsync failed"),
+            },
+        );
+        assert!(
+            matches!(&error, SlotError::Io { path, action, .. }
+                if path == disk && action == "syncing the backup GPT to the disk"),
+            "{error}"
+        );
+        let error = patch_error(
+            disk,
+            GptError::CopyUnusable {
+                copy: GptCopy::Backup,
+                reason: "no room".into(),
+            },
+        );
+        assert_eq!(
+            error.to_string(),
+            "/dev/vdz: cannot update the backup GPT: no room"
+        );
+        let error = patch_error(
+            disk,
+            GptError::NotWritten {
+                reason: "the primary copy is not used".into(),
+            },
+        );
+        assert!(matches!(error, SlotError::NotWritten { .. }), "{error}");
+        let error = patch_error(disk, GptError::UnusedEntry { number: 7 });
+        assert!(matches!(error, SlotError::Gpt { .. }), "{error}");
     }
 
     #[test]
