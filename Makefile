@@ -10,6 +10,8 @@ KEYS ?= $(HOME)/.config/racklet/dev-keys
 REPO ?= $(OUTPUT)/repo
 # Build this image version instead of the variant's (e.g. VERSION=0.2.0).
 VERSION ?=
+# Extra recipes after the variant's (tests only, e.g. EXTRA_RECIPES=test-failing-health).
+EXTRA_RECIPES ?=
 # Where nodes look for updates (default: the variant's [update] section).
 METADATA_URL ?=
 TARGETS_URL ?=
@@ -60,6 +62,7 @@ build: host-tools builder image-binaries
 	  --init target/init/$(triple)/release/racklet-init \
 	  --k3s $(k3s_flag) \
 	  $(if $(VERSION),--image-version $(VERSION)) \
+	  $(foreach recipe,$(EXTRA_RECIPES),--extra-recipe $(recipe)) \
 	  $(if $(wildcard $(KEYS)/root.json),--tuf-root $(KEYS)/root.json) \
 	  $(if $(METADATA_URL),--metadata-url $(METADATA_URL)) \
 	  $(if $(TARGETS_URL),--targets-url $(TARGETS_URL))

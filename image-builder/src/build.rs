@@ -66,6 +66,8 @@ pub struct BuildOptions {
     pub source_date_epoch: Option<u64>,
     /// Build this version instead of the variant's `version`.
     pub version: Option<String>,
+    /// Recipes added after the variant's (tests: e.g. a failing health check).
+    pub extra_recipes: Vec<String>,
     /// What the image trusts for updates.
     pub update_trust: UpdateTrustOptions,
 }
@@ -326,6 +328,11 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
             });
         }
         variant.version = version.clone();
+    }
+    for recipe in &options.extra_recipes {
+        if !variant.recipes.contains(recipe) {
+            variant.recipes.push(recipe.clone());
+        }
     }
     let update_trust = update_trust(options, &variant)?;
     let recipes: Vec<Recipe> = variant

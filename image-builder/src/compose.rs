@@ -575,6 +575,18 @@ fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
          PARTLABEL=esp                    /efi          vfat   umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60 0 2\n",
         0o644,
     )?;
+    // /var/run and /var/lock point into /run, as systemd's tmpfiles.d/var.conf
+    // wants; some package left them as directories, which would hide /run's
+    // sockets (D-Bus clients look for /var/run/dbus/system_bus_socket).
+    for (link, target) in [("var/run", "../run"), ("var/lock", "../run/lock")] {
+        let path = root.join(link);
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path).map_err(BuildError::io(&path))?;
+        }
+        if !path.is_symlink() {
+            symlink(target, &path)?;
+        }
+    }
     for directory in ["efi", "sysroot", "var", "tmp"] {
         std::fs::create_dir_all(root.join(directory))
             .map_err(BuildError::io(root.join(directory)))?;

@@ -66,6 +66,9 @@ enum Command {
         /// Build this version (MAJOR.MINOR.PATCH) instead of the variant's.
         #[arg(long = "image-version")]
         image_version: Option<String>,
+        /// Add these recipes (packages/<name>.toml) after the variant's.
+        #[arg(long = "extra-recipe")]
+        extra_recipes: Vec<String>,
         /// The signed TUF root.json the image trusts (e.g. <keys>/root.json).
         #[arg(long)]
         tuf_root: Option<PathBuf>,
@@ -345,6 +348,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
             k3s,
             source_date_epoch,
             image_version,
+            extra_recipes,
             tuf_root,
             metadata_url,
             targets_url,
@@ -358,6 +362,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
                 k3s: *k3s,
                 source_date_epoch: *source_date_epoch,
                 version: image_version.clone(),
+                extra_recipes: extra_recipes.clone(),
                 update_trust: image_builder::build::UpdateTrustOptions {
                     root_json: tuf_root.clone(),
                     metadata_url: metadata_url.clone(),

@@ -128,6 +128,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_timeout_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_for_time_sync: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_textfile: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
@@ -172,6 +174,9 @@ pub struct Config {
     pub auto_reboot: bool,
     /// Timeout of each HTTP request, in seconds (at least 1).
     pub http_timeout_seconds: u64,
+    /// Check only once systemd-timesyncd has synchronised the clock (the
+    /// image's build time is a floor either way). Off for nodes without NTP.
+    pub wait_for_time_sync: bool,
     /// The health gate.
     pub health: HealthConfig,
     /// Where to write metrics for node-exporter's textfile collector.
@@ -217,6 +222,7 @@ impl Default for Config {
             auto_apply: true,
             auto_reboot: false,
             http_timeout_seconds: DEFAULT_HTTP_TIMEOUT_SECONDS,
+            wait_for_time_sync: true,
             health: HealthConfig::default(),
             metrics_textfile: None,
             metrics_listen: None,
@@ -288,6 +294,9 @@ impl Config {
         }
         if let Some(value) = file.http_timeout_seconds {
             config.http_timeout_seconds = value;
+        }
+        if let Some(value) = file.wait_for_time_sync {
+            config.wait_for_time_sync = value;
         }
         if let Some(value) = &file.metrics_textfile {
             config.metrics_textfile = Some(value.clone());

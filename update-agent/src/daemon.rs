@@ -343,7 +343,7 @@ impl Agent {
     }
 
     /// The clock must be trustworthy before metadata expiry means anything.
-    fn check_clock(&self, now: Timestamp) -> Result<(), AgentError> {
+    fn check_clock(&self, now: Timestamp, wait_for_time_sync: bool) -> Result<(), AgentError> {
         if (now.as_second() as u64) < self.booted.build_time {
             return Err(AgentError::ClockUntrusted {
                 message: format!(
@@ -352,7 +352,10 @@ impl Agent {
                 ),
             });
         }
-        if self.paths.timesyncd_unit.exists() && !self.paths.time_synchronized_marker.exists() {
+        if wait_for_time_sync
+            && self.paths.timesyncd_unit.exists()
+            && !self.paths.time_synchronized_marker.exists()
+        {
             return Err(AgentError::ClockUntrusted {
                 message: format!(
                     "systemd-timesyncd has not synchronised the clock yet ({} is missing)",
@@ -386,11 +389,11 @@ impl Agent {
         request: &ApplyRequest,
     ) -> Result<(Decision, TufClient, crate::tuf::LoadedRepository), AgentError> {
         let now = Timestamp::now();
-        self.check_clock(now)?;
         let (config, failed) = {
             let inner = self.inner.lock().await;
             (inner.config.clone(), inner.state.failed_version_numbers())
         };
+        self.check_clock(now, config.wait_for_time_sync)?;
         let client = self.tuf_client(&config)?;
         let repository = client.load().await?;
         let manifest: UpdateManifest = repository.update_manifest().await?;
