@@ -652,6 +652,12 @@ impl Agent {
         }
         inner.boot.set_one_try(slot, &download)?;
         let _ = std::fs::remove_file(&download);
+        inner.state.written_bytes_total +=
+            [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
+                .iter()
+                .filter_map(|kind| update.target(*kind))
+                .map(|target| target.artifact.uncompressed_size)
+                .sum::<u64>();
         let record = inner.state.slot_mut(slot);
         record.state = SlotState::Installed;
         record.version = Some(update.version.clone());
@@ -688,6 +694,7 @@ impl Agent {
                 record.version = None;
                 record.verity_root_hash = None;
                 let operation = inner.state.operation.name().to_string();
+                inner.state.update_failures_total += 1;
                 inner.state.operation = Operation::Idle;
                 inner.state.record_error(
                     Timestamp::now(),
@@ -823,6 +830,7 @@ impl Agent {
             reason.to_string(),
             Timestamp::now(),
         );
+        inner.state.update_failures_total += 1;
         inner.state.operation = Operation::Idle;
         self.write_state(&inner)?;
         Ok(format!(
@@ -861,6 +869,16 @@ impl Agent {
         let was_trying = matches!(operation, Operation::Trying { .. });
         let interrupted_name = operation.name();
         match operation {
+            // The install got as far as placing the try (set_one_try) before
+            // the state file said so, and this is that try.
+            Operation::Downloading { version, slot, .. }
+            | Operation::Writing { version, slot, .. }
+            | Operation::Verifying { version, slot }
+                if slot == booted && trying && version == self.booted.version =>
+            {
+                inner.state.operation = Operation::Trying { version, slot };
+                inner.state.slot_mut(slot).state = SlotState::Trying;
+            }
             Operation::Downloading { version, slot, .. }
             | Operation::Writing { version, slot, .. }
             | Operation::Verifying { version, slot } => {
@@ -885,14 +903,29 @@ impl Agent {
                         )
                 });
                 if used || was_trying {
-                    // The try happened and the boot loader fell back.
+                    // The try happened and the boot loader fell back: a crash,
+                    // a failed boot or a power cut before the health gate. One
+                    // more automatic attempt (a power cut is not the image's
+                    // fault); the second time the version is recorded as failed.
                     inner.boot.mark_bad(slot)?;
-                    inner.state.slot_mut(slot).state = SlotState::Bad;
-                    inner.state.record_failed_version(
-                        version.clone(),
-                        "did not come up in its boot try (the boot loader fell back)".to_string(),
-                        Timestamp::now(),
-                    );
+                    if inner.state.interrupted_tries.contains(&version) {
+                        inner.state.slot_mut(slot).state = SlotState::Bad;
+                        inner.state.record_failed_version(
+                            version.clone(),
+                            "did not come up in its boot try, twice (the boot loader fell back)"
+                                .to_string(),
+                            Timestamp::now(),
+                        );
+                        inner.state.update_failures_total += 1;
+                    } else {
+                        inner.state.slot_mut(slot).state = SlotState::Unbootable;
+                        inner.state.interrupted_tries.push(version.clone());
+                        inner.state.record_error(
+                            Timestamp::now(),
+                            "trying",
+                            format!("{version} did not come up in its boot try in slot {slot} (the boot loader fell back); it will be installed once more"),
+                        );
+                    }
                     inner.state.operation = Operation::Idle;
                 }
             }

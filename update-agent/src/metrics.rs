@@ -432,9 +432,9 @@ fn families(snapshot: &MetricsSnapshot) -> Vec<Family> {
         Family::new(
             "update_failures",
             Kind::Counter,
-            "Updates that failed their health gate on this node (the failed versions on record).",
+            "Updates that failed on this node: an install step or a health gate.",
         )
-        .sample(&[], Value::Int(failed)),
+        .sample(&[], Value::Int(state.update_failures_total)),
     );
     if let Some(written_total) = snapshot.written_bytes_total {
         families.push(
@@ -574,11 +574,12 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
                 .map(|slot| Some((slot.slot, parse_boot_state(&slot.boot_state)?)))
                 .collect();
             let boot_slots = boot_states.and_then(|states| <[_; 2]>::try_from(states).ok());
+            let written_bytes_total = Some(state.written_bytes_total);
             MetricsSnapshot {
                 state,
                 booted,
                 boot_slots,
-                written_bytes_total: None,
+                written_bytes_total,
             }
         }
         Err(error) => {
@@ -809,6 +810,7 @@ mod tests {
             "unit k3s.service is failed",
             time("2026-11-20T00:00:00Z"),
         );
+        state.update_failures_total = 1;
         MetricsSnapshot {
             state,
             booted: Some(BootedInfo {

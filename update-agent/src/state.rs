@@ -225,6 +225,13 @@ pub struct AgentState {
     pub last_check: Option<LastCheck>,
     pub failed_versions: Vec<FailedVersion>,
     pub last_error: Option<LastError>,
+    /// Versions whose boot try ended without a health verdict (a power cut or
+    /// crash during the first boot): retried once, then recorded as failed.
+    pub interrupted_tries: Vec<Version>,
+    /// Installs that failed (any step), since the state file was created.
+    pub update_failures_total: u64,
+    /// Bytes written into slots, since the state file was created.
+    pub written_bytes_total: u64,
 }
 
 impl Default for AgentState {
@@ -236,6 +243,9 @@ impl Default for AgentState {
             last_check: None,
             failed_versions: Vec::new(),
             last_error: None,
+            interrupted_tries: Vec::new(),
+            update_failures_total: 0,
+            written_bytes_total: 0,
         }
     }
 }
