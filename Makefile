@@ -41,7 +41,7 @@ image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(
 builder := target/release/racklet-image
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo lint test-image test-boot run bench clean check-variant
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo test-agent lint test-image test-boot run bench clean check-variant e2e soak
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -81,12 +81,17 @@ lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
 # The README's test command: unit and tool tests, then images built and checked.
-test: test-unit test-repo test-image
+test: test-unit test-repo test-agent test-image
 
 test-unit: lint
 	@image-builder/scripts/host-tools.sh x86_64
 	@image-builder/scripts/test-tools.sh
 	RACKLET_REQUIRE_PROMTOOL=1 $(CARGO) test --workspace --locked
+
+# The agent's daemon on a private D-Bus: slots in a disk file, a repository on 127.0.0.1.
+test-agent:
+	@image-builder/scripts/test-tools.sh
+	tests/agent/run.sh
 
 # The publisher's repository read by a second TUF client (python-tuf).
 test-repo: builder
@@ -119,3 +124,24 @@ bench: builder
 
 clean:
 	rm -rf $(OUTPUT)
+
+# End-to-end updates in QEMU (tests/vm/test_e2e.py): versions 1.0.0, 2.0.0 and
+# 3.0.0 (3.0.0 with a health check that always fails) of qemu-x86_64, built into
+# $(E2E) with their own development keys, published in turn to a repository
+# served on 127.0.0.1 and installed by the real agent.
+E2E ?= build/e2e
+# `make soak COUNT=N`: N power cuts at random moments.
+COUNT ?= 5
+e2e_make = $(MAKE) variant=qemu-x86_64 KEYS=$(E2E)/keys
+
+e2e: builder
+	@image-builder/scripts/vm-tools.sh
+	$(e2e_make) keys
+	$(e2e_make) build OUTPUT=$(E2E)/v1 VERSION=1.0.0 EXTRA_RECIPES=
+	$(e2e_make) build OUTPUT=$(E2E)/v2 VERSION=2.0.0 EXTRA_RECIPES=
+	$(e2e_make) build OUTPUT=$(E2E)/v3 VERSION=3.0.0 EXTRA_RECIPES=test-failing-health
+	python3 tests/vm/test_e2e.py --builds $(E2E) --no-build
+
+soak: builder
+	@image-builder/scripts/vm-tools.sh
+	python3 tests/vm/test_e2e.py --builds $(E2E) --only powercut --count $(COUNT)

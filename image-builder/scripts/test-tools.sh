@@ -8,6 +8,7 @@ packages=(
   prometheus       # promtool check metrics
   dbus-daemon      # a private bus in the agent's tests
   python3-venv
+  faketime         # the publisher signs "in the past" for expired-metadata tests
   python3-prometheus-client  # a strict OpenMetrics parser in the metrics test
 )
 missing=()

@@ -42,6 +42,30 @@ pub const TIME_SYNCHRONIZED_MARKER: &str = "/run/systemd/timesync/synchronized";
 /// If this unit is not installed, nothing will ever synchronise the clock, and
 /// the agent relies on the build-time floor alone.
 pub const TIMESYNCD_UNIT: &str = "/usr/lib/systemd/system/systemd-timesyncd.service";
+/// The text of the error a cancelled read returns.
+const CANCELLED: &str = "cancelled";
+/// How often one artifact is downloaded again after a transport error
+/// (a dropped connection); tough resumes timeouts itself, not resets.
+const ARTIFACT_ATTEMPTS: u32 = 3;
+const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Is this install error worth downloading the artifact again for: a
+/// transport failure, not a mismatch (a tampered target stays tampered) and
+/// not a cancel.
+fn retryable(error: &AgentError) -> bool {
+    let AgentError::Install(install::InstallError::Read { source, .. }) = error else {
+        return false;
+    };
+    if source.to_string() == CANCELLED {
+        return false;
+    }
+    matches!(
+        crate::tuf::TufError::from_io(source),
+        Some(crate::tuf::TufError::Transport { .. })
+            | Some(crate::tuf::TufError::TargetIncomplete { .. })
+    )
+}
+
 /// Where a downloaded UKI waits (in the state directory) before it is placed on the ESP.
 const UKI_DOWNLOAD_NAME: &str = "uki.download";
 
@@ -490,6 +514,8 @@ impl Agent {
                 }
             }
             inner.busy = true;
+            // The CLI waits for this install's outcome; an older error must not look like it.
+            inner.state.clear_error();
         }
         let decided = self.fetch_and_decide(&request).await;
         let (decision, client, repository) = match decided {
@@ -577,26 +603,49 @@ impl Agent {
                 what: format!("update {}", update.version),
                 message: format!("no {kind:?} target"),
             })?;
-            let reader = repository.target_reader(&target.target)?;
-            let artifact = target.artifact.clone();
-            let disk = disk.clone();
-            let partitions = partitions.clone();
-            let progress = Arc::clone(&self.progress);
-            let base = written_before;
-            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
-                let file = install::open_disk_for_writing(&disk)?;
-                let partition = install::partition_for(&artifact, &partitions)?;
-                let cancellable = CancellableReader {
-                    inner: reader,
-                    progress: Arc::clone(&progress),
-                };
-                install::write_artifact(cancellable, &artifact, &file, partition, &mut |bytes| {
-                    progress.bytes.store(base + bytes, Ordering::Relaxed);
-                })?;
-                Ok(())
-            })
-            .await
-            .expect("the writer task does not panic")?;
+            let mut attempt = 1;
+            loop {
+                let reader = repository.target_reader(&target.target)?;
+                let artifact = target.artifact.clone();
+                let disk = disk.clone();
+                let partitions = partitions.clone();
+                let progress = Arc::clone(&self.progress);
+                let base = written_before;
+                let result = tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                    let file = install::open_disk_for_writing(&disk)?;
+                    let partition = install::partition_for(&artifact, &partitions)?;
+                    let cancellable = CancellableReader {
+                        inner: reader,
+                        progress: Arc::clone(&progress),
+                    };
+                    install::write_artifact(
+                        cancellable,
+                        &artifact,
+                        &file,
+                        partition,
+                        &mut |bytes| {
+                            progress.bytes.store(base + bytes, Ordering::Relaxed);
+                        },
+                    )?;
+                    Ok(())
+                })
+                .await
+                .expect("the writer task does not panic");
+                match result {
+                    Ok(()) => break,
+                    Err(error) if attempt < ARTIFACT_ATTEMPTS && retryable(&error) => {
+                        tracing::warn!(target = %target.target, attempt, %error, "download failed; starting this artifact again");
+                        attempt += 1;
+                        tokio::time::sleep(RETRY_DELAY).await;
+                    }
+                    Err(error) => {
+                        if self.progress.cancel.load(Ordering::SeqCst) {
+                            return Err(AgentError::Cancelled);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
             written_before += target.artifact.size;
             self.announce();
         }
@@ -618,18 +667,7 @@ impl Agent {
             .await
             .expect("the verify task does not panic")?;
         }
-        // 4. Only a verified slot gets the PARTUUIDs the initramfs looks for.
-        let hash = root_hash_from_hex(&update.verity.root_hash)
-            .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
-        {
-            let disk = disk.clone();
-            tokio::task::spawn_blocking(move || {
-                slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
-            })
-            .await
-            .expect("the relabel task does not panic")?;
-        }
-        // 5. The UKI, downloaded and checked, then placed with one try.
+        // 4. The UKI, downloaded and checked before anything marks the slot as holding a root.
         let uki_target = update
             .target(ArtifactKind::KernelImage { slot })
             .ok_or_else(|| AgentError::Invalid {
@@ -644,6 +682,17 @@ impl Agent {
             tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
                 .await
                 .expect("the download task does not panic")?;
+        }
+        // 5. Only a verified slot gets the PARTUUIDs the initramfs looks for; then its UKI is placed with one try.
+        let hash = root_hash_from_hex(&update.verity.root_hash)
+            .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
+        {
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || {
+                slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
+            })
+            .await
+            .expect("the relabel task does not panic")?;
         }
         let _ = client;
         let mut inner = self.inner.lock().await;
@@ -957,6 +1006,19 @@ impl Agent {
     pub async fn run_health_gate(&self) -> Result<bool, AgentError> {
         let config = self.config().await;
         let report = crate::health::run_system_health_gate(&config.health).await;
+        // A person may have decided by hand while the gate ran: their call stands.
+        let still_trying = {
+            let inner = self.inner.lock().await;
+            matches!(&inner.state.operation, Operation::Trying { slot, .. } if *slot == self.booted.slot)
+                && inner.state.slot(self.booted.slot).state == SlotState::Trying
+        };
+        if !still_trying {
+            tracing::info!(
+                passed = report.passed,
+                "health gate finished after the try was decided by hand; leaving it as decided"
+            );
+            return Ok(report.passed);
+        }
         if report.passed {
             let message = self.mark_good().await?;
             tracing::info!("health gate passed: {message}");
@@ -1029,10 +1091,8 @@ struct CancellableReader<R> {
 impl<R: Read> Read for CancellableReader<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         if self.progress.cancel.load(Ordering::Relaxed) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "cancelled",
-            ));
+            // Not ErrorKind::Interrupted: readers retry that.
+            return Err(std::io::Error::other(CANCELLED));
         }
         self.inner.read(buffer)
     }

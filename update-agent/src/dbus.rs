@@ -250,11 +250,13 @@ pub trait Update1 {
 /// Turn a D-Bus method error into the agent's error (refusals keep exit code 2).
 pub fn remote_error(error: zbus::Error) -> AgentError {
     if let zbus::Error::MethodError(name, message, _) = &error {
-        let message = message.clone().unwrap_or_default();
-        if name.as_str().ends_with(".Refused") {
-            return AgentError::NothingToApply { message };
+        if name.as_str().starts_with("org.racklet.Update1.Error.") {
+            let message = message.clone().unwrap_or_default();
+            if name.as_str().ends_with(".Refused") {
+                return AgentError::NothingToApply { message };
+            }
+            return AgentError::Remote { message };
         }
-        return AgentError::Remote { message };
     }
     AgentError::DBus {
         context: format!("talking to {BUS_NAME} (is racklet-update.service running?)"),

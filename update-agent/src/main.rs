@@ -138,7 +138,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    match runtime.block_on(run(&cli)) {
+    let result = runtime.block_on(run(&cli));
+    // A blocking writer still running (it was told to stop) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

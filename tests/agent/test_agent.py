@@ -1,0 +1,1553 @@
+#!/usr/bin/env python3
+"""End-to-end tests of the update agent (`racklet-update daemon` + its CLI).
+
+Each case builds a small world in a temporary directory: a GPT disk image
+file whose slot A holds version 1.0.0's root and dm-verity tree (PARTUUIDs
+from its root hash) and whose slot B is empty, an ESP directory laid out like
+systemd-boot, a kernel command line and an os-release file, a TUF repository
+published by `racklet-image` from synthetic builds (real dm-verity trees, see
+make_build.py) and served over HTTP on 127.0.0.1 by a server that can
+misbehave (truncate, add bytes, throttle, drop the connection), and the
+daemon on a private dbus-daemon. The CLI talks to it through
+DBUS_SYSTEM_BUS_ADDRESS, as an operator would.
+
+Expired metadata is made by running the publisher under faketime (10 days
+in the past); everything else runs on the real clock. Cases that fail
+because of a known agent bug are listed in KNOWN_BUGS: they still run and
+still count as failures, with the bug named in the output.
+
+Python 3 standard library only. Usage:
+
+    test_agent.py [-k SUBSTRING]... [--keep]
+
+Environment: RACKLET_UPDATE, RACKLET_IMAGE (binaries; default
+target/debug/...), RACKLET_AGENT_TEST_TMP (where the scratch directory goes).
+Prints `ok`/`FAIL` per case and `N passed, M failed` at the end; exits 1 on
+any failure.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in the work tree
+import make_build  # noqa: E402
+
+UPDATE = os.environ.get("RACKLET_UPDATE", os.path.join(TOP, "target", "debug", "racklet-update"))
+IMAGE = os.environ.get("RACKLET_IMAGE", os.path.join(TOP, "target", "debug", "racklet-image"))
+VARIANT = "qemu-x86_64"
+MIB = 1 << 20
+SECTOR = 512
+# Uncompressed root of every synthetic build: more than one of the agent's
+# 4 MiB write buffers, so a throttled download is caught with bytes written.
+ROOT_BYTES = 6 * MIB
+ROOT_PART_MIB = 8
+VERITY_PART_MIB = 1
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
+VAR_TYPE = "4D21B016-B534-45C2-A9FB-5C16E091FD2D"
+LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n"
+TRY_PATTERN = "racklet-b[.+][e1-9]*"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# Cases that fail because of a known agent bug: name -> the bug. They still
+# run, and still count as failures; the note says why.
+KNOWN_BUGS = {
+    "cli_without_daemon_says_so":
+        "dbus.rs remote_error maps every D-Bus method error, the bus's own "
+        "org.freedesktop.DBus.Error.ServiceUnknown included, to 'the update agent refused: ...'",
+    "cancel_while_writing":
+        "daemon.rs CancellableReader fails with io::ErrorKind::Interrupted, which install.rs "
+        "fill()/drain_if_ok() retry forever: Cancel spins a CPU and never stops the install",
+    "sigterm_during_write_stops_promptly":
+        "same CancellableReader/Interrupted busy loop: on SIGTERM the daemon sets cancel, the writer "
+        "never returns and dropping the tokio runtime waits for it, so the daemon does not exit",
+    "one_dropped_connection_is_resumed":
+        "tuf.rs default_transport promises that an interrupted body is resumed with a range "
+        "request, but tough 0.24 retries a body error only on a timeout: a connection reset "
+        "mid-target fails the whole install ('error decoding response body')",
+    "mark_bad_by_hand_during_a_try":
+        "daemon.rs run_health_gate commits (mark_good) after an operator's mark-bad of the try",
+    "mark_good_by_hand_then_failing_gate":
+        "daemon.rs run_health_gate marks bad and reboots after an operator's mark-good of the try",
+}
+
+
+class TestFailure(Exception):
+    pass
+
+
+def check(condition, message):
+    if not condition:
+        raise TestFailure(message)
+
+
+def check_equal(found, expected, what):
+    if found != expected:
+        raise TestFailure(f"{what}: expected {expected!r}, found {found!r}")
+
+
+def check_in(needle, haystack, what):
+    if needle.lower() not in str(haystack).lower():
+        raise TestFailure(f"{what}: expected to contain {needle!r}, found {haystack!r}")
+
+
+def sha256_file(path, offset=0, length=None):
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        source.seek(offset)
+        remaining = length
+        while remaining is None or remaining > 0:
+            block = source.read(MIB if remaining is None else min(MIB, remaining))
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def guid_text(hex32):
+    h = hex32.lower()
+    return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def partuuids_for(root_hash):
+    """(root, verity) PARTUUIDs by the DPS rule (os-format layout.rs)."""
+    return guid_text(root_hash[:32]), guid_text(root_hash[32:])
+
+
+def run(argv, check_rc=True, **kwargs):
+    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    if check_rc and result.returncode != 0:
+        raise TestFailure(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TestFailure(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+# --- the repository server -----------------------------------------------------
+
+
+class RepoHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.directory; rules (substring of the path -> behaviour)
+    make it misbehave for matching files. Supports `Range: bytes=N-`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self.do_GET(head=True)
+
+    def do_GET(self, head=False):
+        server = self.server
+        path = self.path.split("?", 1)[0]
+        local = os.path.normpath(os.path.join(server.directory, path.lstrip("/")))
+        range_header = self.headers.get("Range")
+        with server.lock:
+            server.requests.append((path, range_header))
+            rule = None
+            for needle, behaviour in server.rules.items():
+                if needle in path:
+                    rule = behaviour
+                    break
+            if rule is not None and rule.get("count") is not None:
+                if rule["count"] <= 0:
+                    rule = None
+                else:
+                    rule["count"] -= 1
+        if not local.startswith(os.path.normpath(server.directory)) or not os.path.isfile(local):
+            body = b"not found\n"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            return
+        with open(local, "rb") as source:
+            data = source.read()
+        mode = rule["mode"] if rule else None
+        if mode == "truncate":
+            data = data[: len(data) // 2]
+        elif mode == "extra":
+            data = data + os.urandom(rule.get("bytes", 65536))
+        elif mode == "refuse":
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+        if match and int(match.group(1)) < len(data):
+            start = int(match.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        if mode == "drop":
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if head:
+            return
+        body = data[start:]
+        try:
+            if mode == "drop":
+                # Half the body, then the connection goes away.
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if mode == "stall":
+                # Half the body, then silence (the client's timeout), then close.
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(rule.get("seconds", 5))
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if mode == "throttle":
+                # The first `fast` bytes at once, the rest at `rate` bytes/s.
+                fast = max(0, rule.get("fast", 0) - start)
+                self.wfile.write(body[:fast])
+                rate = rule.get("rate", MIB)
+                chunk = 64 * 1024
+                for index in range(fast, len(body), chunk):
+                    self.wfile.write(body[index : index + chunk])
+                    self.wfile.flush()
+                    time.sleep(chunk / rate)
+                return
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+
+
+class RepoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port):
+        super().__init__(("127.0.0.1", port), RepoHandler)
+        self.directory = "/nonexistent"
+        self.rules = {}
+        self.requests = []
+        self.lock = threading.Lock()
+
+    def handle_error(self, request, client_address):
+        pass  # clients that go away (a killed daemon) are expected here
+
+    def reset(self, directory):
+        with self.lock:
+            self.directory = directory
+            self.rules = {}
+            self.requests = []
+
+    def set_rule(self, needle, **behaviour):
+        with self.lock:
+            self.rules[needle] = behaviour
+
+    def clear_rules(self):
+        with self.lock:
+            self.rules = {}
+
+
+# --- the suite's shared pieces ----------------------------------------------------
+
+
+class Suite:
+    def __init__(self, keep=False):
+        self.keep = keep
+        base = os.environ.get("RACKLET_AGENT_TEST_TMP") or None
+        self.tmp = tempfile.mkdtemp(prefix="racklet-agent-test.", dir=base)
+        self.dbus = None
+        self.server = None
+
+    def setup(self):
+        self.keys = os.path.join(self.tmp, "keys")
+        run([IMAGE, "keys", "generate", "--dir", self.keys])
+        self.repo_cache = {}
+        self.builds = {}
+        for version in ("1.0.0", "1.1.0", "1.2.0"):
+            directory = os.path.join(self.tmp, "builds", version)
+            manifest = make_build.make_build(directory, version, ROOT_BYTES, VARIANT)
+            self.builds[version] = Build(directory, manifest)
+        # A private bus, configured like the session bus.
+        bus_dir = os.path.join(self.tmp, "bus")
+        os.makedirs(bus_dir)
+        config = os.path.join(bus_dir, "bus.conf")
+        with open(config, "w") as out:
+            out.write(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\"\n"
+                " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
+                "<busconfig><type>session</type>"
+                f"<listen>unix:path={bus_dir}/socket</listen><auth>EXTERNAL</auth>"
+                "<policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>"
+                "<allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>\n"
+            )
+        self.dbus = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
+            stdout=subprocess.PIPE,
+            stderr=open(os.path.join(bus_dir, "dbus-daemon.log"), "w"),
+            text=True,
+        )
+        self.bus_address = self.dbus.stdout.readline().strip()
+        if not self.bus_address:
+            raise RuntimeError("dbus-daemon printed no address")
+        self.port = free_port()
+        self.server = RepoServer(self.port)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def teardown(self):
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+        if self.dbus:
+            self.dbus.terminate()
+            try:
+                self.dbus.wait(5)
+            except subprocess.TimeoutExpired:
+                self.dbus.kill()
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Build:
+    def __init__(self, directory, manifest):
+        self.directory = directory
+        self.manifest = manifest
+        self.version = manifest["version"]
+        self.root_hash = manifest["verity"]["root_hash"]
+        self.root_img = os.path.join(directory, "raw", "root.img")
+        self.verity_img = os.path.join(directory, "raw", "verity.img")
+        self.uki_b = os.path.join(directory, "raw", "uki-b.efi")
+        self.uki_a = os.path.join(directory, "raw", "uki-a.efi")
+
+    def target_name(self, artifact):
+        return f"{VARIANT}-{self.version}-{artifact}"
+
+
+class Result:
+    def __init__(self, completed):
+        self.rc = completed.returncode
+        self.out = completed.stdout
+        self.err = completed.stderr
+        try:
+            self.json = json.loads(self.out) if self.out.strip() else None
+        except json.JSONDecodeError:
+            self.json = None
+
+    def __repr__(self):
+        return f"<exit {self.rc}: stdout {self.out.strip()!r} stderr {self.err.strip()!r}>"
+
+
+# --- one test's node -----------------------------------------------------------
+
+
+class Node:
+    """A disk, an ESP, a state directory, a repository and a daemon."""
+
+    def __init__(self, suite, name, config="", http_timeout=10, health=""):
+        self.suite = suite
+        self.dir = os.path.join(suite.tmp, name)
+        os.makedirs(self.dir)
+        self.repo = os.path.join(self.dir, "repo")
+        self.disk = os.path.join(self.dir, "disk.img")
+        self.esp = os.path.join(self.dir, "esp")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.tuf_dir = os.path.join(self.state_dir, "tuf")
+        self.cmdline = os.path.join(self.dir, "cmdline")
+        self.os_release = os.path.join(self.dir, "os-release")
+        self.config = os.path.join(self.dir, "update.toml")
+        self.defaults = os.path.join(self.dir, "defaults.toml")  # absent
+        self.marker = os.path.join(self.dir, "reboot-marker")
+        self.checks = os.path.join(self.dir, "health.d")
+        self.log = os.path.join(self.dir, "daemon.log")
+        os.makedirs(self.checks)
+        self.daemon = None
+        self.write_config(config, http_timeout, health)
+        self.make_disk()
+        self.make_esp()
+        self.boot("a", suite.builds["1.0.0"])
+        suite.server.reset(self.repo)
+
+    # -- files --
+    def write_config(self, extra="", http_timeout=10, health=""):
+        base = self.suite.base_url
+        with open(self.config, "w") as out:
+            out.write(
+                f'metadata_url = "{base}/metadata/"\n'
+                f'targets_url = "{base}/targets/"\n'
+                "check_interval_seconds = 3600\n"
+                "check_jitter_seconds = 0\n"
+                "auto_apply = false\n"
+                "auto_reboot = false\n"
+                f"http_timeout_seconds = {http_timeout}\n"
+                f"{extra}\n"
+                "[health]\n"
+                + (health or 'timeout_seconds = 20\nrequired_units = []\n') +
+                f'checks_dir = "{self.checks}"\n'
+                "k3s_node_ready = false\n"
+            )
+
+    def make_disk(self):
+        """The suite's template disk (sgdisk sleeps a second per call), copied."""
+        template = os.path.join(self.suite.tmp, "disk-template.img")
+        if not os.path.exists(template):
+            self.make_template_disk(template)
+        shutil.copyfile(template, self.disk)
+        self.slot_a_before = self.suite.slot_a_fingerprint
+
+    def make_template_disk(self, path):
+        build = self.suite.builds["1.0.0"]
+        root_uuid, verity_uuid = partuuids_for(build.root_hash)
+        size_mib = 1 + 8 + 2 * (ROOT_PART_MIB + VERITY_PART_MIB) + 2 + 1
+        with open(path, "wb") as out:
+            out.truncate(size_mib * MIB)
+        run([
+            "sgdisk", "-o",
+            "-n", "1:0:+8M", "-t", f"1:{ESP_TYPE}", "-c", "1:esp",
+            "-n", f"2:0:+{ROOT_PART_MIB}M", "-t", f"2:{ROOT_TYPE}", "-c", "2:root-a",
+            "-n", f"3:0:+{VERITY_PART_MIB}M", "-t", f"3:{VERITY_TYPE}", "-c", "3:verity-a",
+            "-n", f"4:0:+{ROOT_PART_MIB}M", "-t", f"4:{ROOT_TYPE}", "-c", "4:root-b",
+            "-n", f"5:0:+{VERITY_PART_MIB}M", "-t", f"5:{VERITY_TYPE}", "-c", "5:verity-b",
+            "-n", "6:0:0", "-t", f"6:{VAR_TYPE}", "-c", "6:data",
+            "-u", f"2:{root_uuid}", "-u", f"3:{verity_uuid}",
+            path,
+        ])
+        parts = self.partitions(path)
+        with open(path, "r+b") as disk:
+            for name, source in (("root-a", build.root_img), ("verity-a", build.verity_img)):
+                with open(source, "rb") as data:
+                    disk.seek(parts[name]["offset"])
+                    disk.write(data.read())
+        self.suite.slot_a_fingerprint = self.slot_fingerprint("a", path)
+
+    def partitions(self, disk=None):
+        table = json.loads(run(["sfdisk", "--json", disk or self.disk]).stdout)["partitiontable"]
+        sector = table.get("sectorsize", SECTOR)
+        result = {}
+        for part in table["partitions"]:
+            result[part["name"]] = {
+                "offset": part["start"] * sector,
+                "size": part["size"] * sector,
+                "uuid": part["uuid"].lower(),
+            }
+        return result
+
+    def slot_fingerprint(self, slot, disk=None):
+        disk = disk or self.disk
+        parts = self.partitions(disk)
+        fingerprint = {}
+        for name in (f"root-{slot}", f"verity-{slot}"):
+            part = parts[name]
+            fingerprint[name] = (part["uuid"], sha256_file(disk, part["offset"], part["size"]))
+        return fingerprint
+
+    def make_esp(self):
+        os.makedirs(os.path.join(self.esp, "loader"))
+        os.makedirs(os.path.join(self.esp, "EFI", "systemd"))
+        os.makedirs(os.path.join(self.esp, "EFI", "Linux"))
+        with open(os.path.join(self.esp, "loader", "loader.conf"), "w") as out:
+            out.write(LOADER_CONF)
+        with open(os.path.join(self.esp, "EFI", "systemd", "systemd-bootx64.efi"), "wb") as out:
+            out.write(b"MZ dummy systemd-boot\n")
+        shutil.copyfile(self.suite.builds["1.0.0"].uki_a, self.esp_file("racklet-a.efi"))
+        self.uki_a_sha = sha256_file(self.esp_file("racklet-a.efi"))
+
+    def esp_file(self, name):
+        return os.path.join(self.esp, "EFI", "Linux", name)
+
+    def esp_names(self):
+        return sorted(os.listdir(os.path.join(self.esp, "EFI", "Linux")))
+
+    def loader_default(self):
+        value = None
+        with open(os.path.join(self.esp, "loader", "loader.conf")) as source:
+            for line in source:
+                if line.startswith("default "):
+                    value = line.split(None, 1)[1].strip()
+        return value
+
+    def boot(self, slot, build):
+        """What a boot into `slot` running `build` shows the agent."""
+        with open(self.cmdline, "w") as out:
+            out.write(
+                f"BOOT_IMAGE=/vmlinuz console=ttyS0 ro quiet racklet.slot={slot} "
+                f"racklet.roothash={build.root_hash}\n"
+            )
+        with open(self.os_release, "w") as out:
+            out.write(
+                'NAME="Racklet OS"\nID=racklet\nIMAGE_ID=racklet-os\n'
+                f"IMAGE_VERSION={build.version}\nVARIANT_ID={VARIANT}\nARCHITECTURE=x86_64\n"
+            )
+        past = time.time() - 30 * 86400
+        os.utime(self.os_release, (past, past))
+
+    def simulate_boot_into_b(self, build):
+        """systemd-boot boots the counted entry: racklet-b+1.efi -> racklet-b+0-1.efi."""
+        self.stop()
+        check(os.path.exists(self.esp_file("racklet-b+1.efi")), f"no racklet-b+1.efi to boot: {self.esp_names()}")
+        os.rename(self.esp_file("racklet-b+1.efi"), self.esp_file("racklet-b+0-1.efi"))
+        self.boot("b", build)
+
+    def add_check(self, name, script):
+        path = os.path.join(self.checks, name)
+        with open(path, "w") as out:
+            out.write("#!/bin/sh\n" + script + "\n")
+        os.chmod(path, 0o755)
+
+    # -- repository --
+    def publish(self, version, *extra, faketime=None):
+        self._repo_step(("publish", version, *extra, faketime), [
+            IMAGE, "publish", "--build", self.suite.builds[version].directory,
+            "--repo", self.repo, "--keys", self.suite.keys, *extra], faketime)
+
+    def repo_command(self, *args, faketime=None):
+        self._repo_step(("repo", *args, faketime), [
+            IMAGE, "repo", *args, "--repo", self.repo, "--keys", self.suite.keys], faketime)
+
+    def _repo_step(self, step, argv, faketime):
+        """Run one publisher command on this node's repository. The same
+        sequence of commands from an empty repository is run once per suite
+        and copied afterwards (publishing syncs every file and is slow)."""
+        self.repo_steps = getattr(self, "repo_steps", ()) + (step,)
+        cached = self.suite.repo_cache.get(self.repo_steps)
+        if cached is not None:
+            shutil.rmtree(self.repo, ignore_errors=True)
+            shutil.copytree(cached, self.repo, symlinks=True)
+            return
+        if faketime:
+            argv = ["faketime", "-f", faketime] + argv
+        run(argv)
+        copy = os.path.join(self.suite.tmp, "repo-cache", str(len(self.suite.repo_cache)))
+        shutil.copytree(self.repo, copy, symlinks=True)
+        self.suite.repo_cache[self.repo_steps] = copy
+
+    def target_path(self, build, artifact):
+        folder = os.path.join(self.repo, "targets")
+        suffix = "." + build.target_name(artifact)
+        names = [name for name in os.listdir(folder) if name.endswith(suffix)]
+        check(len(names) == 1, f"expected one target *{suffix} in {folder}, found {names}")
+        return os.path.join(folder, names[0])
+
+    # -- daemon --
+    def env(self):
+        env = dict(os.environ)
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = self.suite.bus_address
+        env.setdefault("RACKLET_LOG", "info")
+        return env
+
+    def start(self, wait=True):
+        check(self.daemon is None, "daemon already running")
+        with open(self.log, "a") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
+            self.daemon = subprocess.Popen(
+                [
+                    UPDATE, "daemon",
+                    "--esp", self.esp, "--disk", self.disk,
+                    "--state-dir", self.state_dir, "--tuf-datastore", self.tuf_dir,
+                    "--tuf-root", os.path.join(self.repo, "metadata", "1.root.json"),
+                    "--cmdline", self.cmdline, "--os-release", self.os_release,
+                    "--config", self.config, "--config-defaults", self.defaults,
+                    "--reboot-marker", self.marker, "--no-time-sync", "--no-timer",
+                ],
+                stdout=log, stderr=log, env=self.env(),
+            )
+        if wait:
+            def ready():
+                if self.daemon.poll() is not None:
+                    raise TestFailure(f"daemon exited {self.daemon.returncode}:\n{self.log_tail()}")
+                return self.cli("status").rc == 0
+            wait_until(ready, 15, "the daemon to answer on D-Bus")
+
+    def stop(self):
+        if self.daemon is None:
+            return
+        if self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(6)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        self.daemon = None
+
+    def kill(self):
+        """SIGKILL: a power cut, as far as the agent is concerned."""
+        self.daemon.send_signal(signal.SIGKILL)
+        self.daemon.wait()
+        self.daemon = None
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines=40):
+        try:
+            with open(self.log) as source:
+                return ANSI.sub("", "".join(source.readlines()[-lines:]))
+        except OSError:
+            return ""
+
+    def cli(self, *args, timeout=120):
+        completed = subprocess.run(
+            [UPDATE, "--json", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(self.env(), RACKLET_LOG="warn"), timeout=timeout,
+        )
+        return Result(completed)
+
+    def ok(self, *args, timeout=120):
+        result = self.cli(*args, timeout=timeout)
+        if result.rc != 0:
+            raise TestFailure(f"racklet-update {' '.join(args)} failed: {result}\n--- daemon log:\n{self.log_tail()}")
+        return result
+
+    def status(self):
+        return self.ok("status").json
+
+    def slot_status(self, slot):
+        for entry in self.status()["boot_slots"]:
+            if entry["slot"] == slot:
+                return entry
+        raise TestFailure(f"no slot {slot} in status")
+
+    def close(self):
+        self.stop()
+
+    # -- checks on the outcome of an install --
+    def assert_installed(self, build):
+        """Slot B holds `build`, verified, bootable once; slot A untouched."""
+        parts = self.partitions()
+        root_b, verity_b = parts["root-b"], parts["verity-b"]
+        data_size = os.path.getsize(build.root_img)
+        check_equal(sha256_file(self.disk, root_b["offset"], data_size), sha256_file(build.root_img),
+                    "sha256 of slot B's root range")
+        hash_size = os.path.getsize(build.verity_img)
+        check_equal(sha256_file(self.disk, verity_b["offset"], hash_size), sha256_file(build.verity_img),
+                    "sha256 of slot B's hash device range")
+        root_copy = os.path.join(self.dir, "root-b.bin")
+        verity_copy = os.path.join(self.dir, "verity-b.bin")
+        run(["dd", f"if={self.disk}", f"of={root_copy}", "bs=512", f"skip={root_b['offset'] // SECTOR}",
+             f"count={root_b['size'] // SECTOR}", "status=none"])
+        run(["dd", f"if={self.disk}", f"of={verity_copy}", "bs=512", f"skip={verity_b['offset'] // SECTOR}",
+             f"count={verity_b['size'] // SECTOR}", "status=none"])
+        with open(root_copy, "r+b") as copy:
+            copy.truncate(data_size)  # the data device is the image's data blocks
+        verify = run(["veritysetup", "verify", root_copy, verity_copy, build.root_hash], check_rc=False)
+        check(verify.returncode == 0, f"veritysetup verify of slot B failed: {verify.stdout}{verify.stderr}")
+        os.unlink(root_copy)
+        os.unlink(verity_copy)
+        sgdisk = run(["sgdisk", "-v", self.disk], check_rc=False)
+        check(sgdisk.returncode == 0 and "No problems found" in sgdisk.stdout,
+              f"sgdisk -v: {sgdisk.stdout}{sgdisk.stderr}")
+        root_uuid, verity_uuid = partuuids_for(build.root_hash)
+        check_equal((root_b["uuid"], verity_b["uuid"]), (root_uuid, verity_uuid), "slot B PARTUUIDs")
+        check_equal(self.esp_names(), ["racklet-a.efi", "racklet-b+1.efi"], "EFI/Linux")
+        check_equal(sha256_file(self.esp_file("racklet-b+1.efi")), sha256_file(build.uki_b),
+                    "racklet-b+1.efi bytes (the new UKI for slot B)")
+        check_equal(self.loader_default(), TRY_PATTERN, "loader.conf default")
+        self.assert_slot_a_untouched()
+
+    def assert_slot_a_untouched(self):
+        check_equal(self.slot_fingerprint("a"), self.slot_a_before, "slot A partitions (PARTUUIDs, bytes)")
+        check_equal(sha256_file(self.esp_file("racklet-a.efi")), self.uki_a_sha, "racklet-a.efi bytes")
+
+    def assert_b_unbootable(self, new_build=None):
+        names = [name for name in self.esp_names() if name.startswith("racklet-b")]
+        check_equal(names, [], "slot B's UKIs on the ESP")
+        check(self.loader_default() in (None, "racklet-a.efi"),
+              f"loader.conf default {self.loader_default()!r} must not name slot B")
+        if new_build is not None:
+            parts = self.partitions()
+            new = partuuids_for(new_build.root_hash)
+            check((parts["root-b"]["uuid"], parts["verity-b"]["uuid"]) != new,
+                  "slot B carries the new root hash's PARTUUIDs although its install failed")
+        self.assert_slot_a_untouched()
+
+
+# --- the cases -------------------------------------------------------------------
+
+CASES = []
+
+
+def case(function):
+    CASES.append(function)
+    return function
+
+
+def standard_node(suite, name, versions=("1.0.0", "1.1.0"), config="", start=True, health=""):
+    node = Node(suite, name, config, health=health)
+    for version in versions:
+        node.publish(version)
+    if start:
+        node.start()
+    return node
+
+
+@case
+def dbus_api_introspection(suite, node_name):
+    node = standard_node(suite, node_name, versions=("1.0.0",))
+    try:
+        text = run(["busctl", f"--address={suite.bus_address}", "introspect",
+                    "org.racklet.Update1", "/org/racklet/Update1"]).stdout
+        check_in("org.racklet.Update1", text, "introspection")
+        for member, kind in [
+            ("Status", "method"), ("Check", "method"), ("Apply", "method"), ("Cancel", "method"),
+            ("Rollback", "method"), ("MarkGood", "method"), ("MarkBad", "method"),
+            ("Operation", "property"), ("Progress", "property"), ("LastError", "property"),
+            ("BootedSlot", "property"), ("BootedVersion", "property"), ("Changed", "signal"),
+        ]:
+            check(re.search(rf"^\.{member}\s+{kind}\b", text, re.M), f"introspection lacks {kind} {member}:\n{text}")
+        check(re.search(r"^\.Apply\s+method\s+sbb\s+s\b", text, re.M), f"Apply's signature is not (sbb) -> s:\n{text}")
+        check(re.search(r"^\.Progress\s+property\s+\(tt\)", text, re.M), f"Progress is not (tt):\n{text}")
+        slot = run(["busctl", f"--address={suite.bus_address}", "get-property", "org.racklet.Update1",
+                    "/org/racklet/Update1", "org.racklet.Update1", "BootedSlot"]).stdout.strip()
+        check_equal(slot, 's "a"', "BootedSlot")
+        version = run(["busctl", f"--address={suite.bus_address}", "get-property", "org.racklet.Update1",
+                       "/org/racklet/Update1", "org.racklet.Update1", "BootedVersion"]).stdout.strip()
+        check_equal(version, 's "1.0.0"', "BootedVersion")
+        reply = run(["dbus-send", f"--bus={suite.bus_address}", "--print-reply=literal",
+                     "--dest=org.racklet.Update1", "/org/racklet/Update1", "org.racklet.Update1.Status"]).stdout
+        status = json.loads(reply.strip())
+        check_equal(status["booted"]["slot"], "a", "Status() booted slot")
+        check_equal(status["booted"]["version"], "1.0.0", "Status() booted version")
+        check_equal(status["booted"]["variant"], VARIANT, "Status() variant")
+        check_equal(status["booted"]["arch"], "x86_64", "Status() arch")
+        # A refusal is org.racklet.Update1.Error.Refused.
+        refused = run(["busctl", f"--address={suite.bus_address}", "call", "org.racklet.Update1",
+                       "/org/racklet/Update1", "org.racklet.Update1", "Apply", "sbb", "not-a-version",
+                       "false", "false"], check_rc=False)
+        check(refused.returncode != 0, "Apply('not-a-version') succeeded")
+        check_in("not a version", refused.stderr, "Apply('not-a-version') error")
+    finally:
+        node.close()
+
+
+@case
+def cli_without_daemon_says_so(suite, node_name):
+    node = Node(suite, node_name)
+    result = node.cli("status")
+    check(result.rc != 0, f"status without a daemon succeeded: {result}")
+    check_in("racklet-update.service running", result.err, "error without a daemon")
+
+
+@case
+def update_found_and_installed(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        status = node.status()
+        check_equal(status["booted"]["slot"], "a", "booted slot")
+        check_equal(status["booted"]["version"], "1.0.0", "booted version")
+        check_equal(status["booted"]["verity_root_hash"], suite.builds["1.0.0"].root_hash, "booted root hash")
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation before")
+        check_equal({s["slot"]: s["state"] for s in status["boot_slots"]}, {"a": "good", "b": "empty"}, "slot states")
+        report = node.ok("check").json
+        check_equal(report["result"], "available", "check result")
+        check_equal(report["version"], "1.1.0", "check version")
+        applied = node.ok("apply").json
+        check_equal(applied.get("ok"), True, "apply --json ok")
+        check_equal(applied.get("version"), "1.1.0", "apply version")
+        node.assert_installed(new)
+        status = node.status()
+        check_equal(status["state"]["operation"], {"kind": "installed", "version": "1.1.0", "slot": "b"}, "operation")
+        check_equal(status["state"]["slots"]["b"]["state"], "installed", "slot b record")
+        check_equal(status["state"]["slots"]["b"]["verity_root_hash"], new.root_hash, "slot b record hash")
+        check(status["state"]["last_error"] is None, f"last_error after a good install: {status['state']['last_error']}")
+        b = node.slot_status("b")
+        check_equal(b["boot_state"], "trying (1 tries left)", "slot b boot state")
+        check(not os.path.exists(node.marker), "rebooted without --reboot")
+        # A second apply while one waits for its reboot is refused (exit 2).
+        again = node.cli("apply")
+        check_equal(again.rc, 2, f"apply while installed: {again}")
+        check_in("cancel it first", again.out + again.err, "apply while installed")
+        # Human output of status.
+        human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+        check_in("operation:   installed", human, "status (human)")
+        # A restart keeps the installed update waiting for its reboot.
+        node.restart()
+        check_equal(node.status()["state"]["operation"]["kind"], "installed", "operation after a restart")
+        node.assert_installed(new)
+    finally:
+        node.close()
+
+
+@case
+def apply_with_reboot_writes_the_marker(suite, node_name):
+    node = standard_node(suite, node_name)
+    try:
+        node.ok("apply", "--reboot")
+        node.assert_installed(suite.builds["1.1.0"])
+        wait_until(lambda: os.path.exists(node.marker), 10, "the reboot marker")
+    finally:
+        node.close()
+
+
+@case
+def up_to_date(suite, node_name):
+    node = standard_node(suite, node_name, versions=("1.0.0",))
+    try:
+        report = node.ok("check").json
+        check_equal(report["result"], "up-to-date", "check result")
+        check(report["version"] is None, f"version offered: {report}")
+        apply = node.cli("apply")
+        check_equal(apply.rc, 2, f"apply when up to date: {apply}")
+        check_in("up to date", apply.out + apply.err, "apply refusal")
+        check_equal(node.status()["state"]["last_check"]["available_version"], None, "last_check")
+        node.assert_b_unbootable()
+    finally:
+        node.close()
+
+
+@case
+def not_yet_waves_in_the_future(suite, node_name):
+    node = Node(suite, node_name)
+    try:
+        node.publish("1.0.0")
+        node.publish("1.1.0", "--wave", "1024@+1d", "--wave", "2048@+2d")
+        node.start()
+        report = node.ok("check").json
+        check_equal(report["result"], "not-yet", "check result")
+        check_equal(report["version"], "1.1.0", "check version")
+        check(report["wave_start"], f"no wave_start: {report}")
+        start = report["wave_start"]
+        seed = report["seed"]
+        check(0 <= seed < 2048, f"seed {seed}")
+        check_in(start, report["message"], "message names the start")
+        apply = node.cli("apply")
+        check_equal(apply.rc, 2, f"apply before the wave: {apply}")
+        check_in("rolling out", apply.out + apply.err, "apply refusal")
+        human = run([UPDATE, "check"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+        check_in("may start at", human, "check (human)")
+        node.assert_b_unbootable()
+    finally:
+        node.close()
+
+
+@case
+def ignore_waves_takes_it_now(suite, node_name):
+    node = Node(suite, node_name, config="ignore_waves = true")
+    try:
+        node.publish("1.0.0")
+        node.publish("1.1.0", "--wave", "2048@+2d")
+        node.start()
+        check_equal(node.ok("check").json["result"], "available", "check with ignore_waves")
+    finally:
+        node.close()
+
+
+@case
+def pinned_version_lock(suite, node_name):
+    node = standard_node(suite, node_name, versions=("1.0.0", "1.1.0", "1.2.0"), config='version_lock = "1.1.0"')
+    try:
+        report = node.ok("check").json
+        check_equal((report["result"], report["version"]), ("available", "1.1.0"), "check with version_lock")
+        node.ok("apply")
+        node.assert_installed(suite.builds["1.1.0"])
+    finally:
+        node.close()
+
+
+@case
+def ceiling_set_max_version(suite, node_name):
+    node = standard_node(suite, node_name, versions=("1.0.0", "1.1.0", "1.2.0"), start=False)
+    try:
+        node.repo_command("set-max-version", "--variant", VARIANT, "--max-version", "1.1.0")
+        node.start()
+        report = node.ok("check").json
+        check_equal((report["result"], report["version"]), ("available", "1.1.0"), "check under a ceiling")
+        node.ok("apply")
+        node.assert_installed(suite.builds["1.1.0"])
+    finally:
+        node.close()
+
+
+@case
+def explicit_version_and_downgrade_refusal(suite, node_name):
+    node = standard_node(suite, node_name, versions=("1.0.0", "1.1.0", "1.2.0"))
+    try:
+        same = node.cli("apply", "--version", "1.0.0")
+        check_equal(same.rc, 2, f"apply --version 1.0.0 (running): {same}")
+        check_in("already running", same.out + same.err, "refusal")
+        missing = node.cli("apply", "--version", "9.9.9")
+        check_equal(missing.rc, 2, f"apply --version 9.9.9: {missing}")
+        check_in("not published", missing.out + missing.err, "refusal")
+        node.ok("apply", "--version", "1.1.0")
+        node.assert_installed(suite.builds["1.1.0"])
+    finally:
+        node.close()
+
+
+def failed_install(node, new, expected_words):
+    apply = node.cli("apply")
+    check(apply.rc != 0, f"apply succeeded: {apply}")
+    status = node.status()
+    error = status["state"]["last_error"]
+    check(error is not None, "no last_error after a failed install")
+    for words in expected_words:
+        if isinstance(words, str):
+            words = (words,)
+        check(any(word.lower() in error["message"].lower() for word in words),
+              f"last_error {error['message']!r} does not say any of {words}")
+    check_equal(status["state"]["operation"]["kind"], "idle", "operation after a failed install")
+    check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
+    check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
+    check(apply.json and apply.json.get("ok") is False, f"apply --json: {apply.out!r}")
+    node.assert_b_unbootable(new)
+    return error
+
+
+@case
+def tampered_target_is_refused(suite, node_name):
+    node = standard_node(suite, node_name, start=False)
+    new = suite.builds["1.1.0"]
+    try:
+        path = node.target_path(new, "root.erofs.zst")
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0x01
+        with open(path + ".tmp", "wb") as out:
+            out.write(data)
+        os.replace(path + ".tmp", path)
+        node.start()
+        check_equal(node.ok("check").json["result"], "available", "check (metadata is intact)")
+        failed_install(node, new, ["root.erofs.zst", ("sha256", "hash", "match")])
+    finally:
+        node.close()
+
+
+@case
+def tampered_uki_is_refused(suite, node_name):
+    node = standard_node(suite, node_name, start=False)
+    new = suite.builds["1.1.0"]
+    try:
+        path = node.target_path(new, "uki-b.efi")
+        data = bytearray(open(path, "rb").read())
+        data[100] ^= 0x01
+        with open(path + ".tmp", "wb") as out:
+            out.write(data)
+        os.replace(path + ".tmp", path)
+        node.start()
+        # Root and verity verified before the UKI is fetched, so slot B may keep the
+        # new root hash's PARTUUIDs; without a UKI nothing boots it.
+        failed_install(node, None, ["uki-b.efi", ("sha256", "hash", "match")])
+    finally:
+        node.close()
+
+
+@case
+def truncated_target_is_refused(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        suite.server.set_rule(new.target_name("root.erofs.zst"), mode="truncate")
+        failed_install(node, new, ["root.erofs.zst"])
+    finally:
+        node.close()
+
+
+@case
+def over_long_target_is_refused(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        suite.server.set_rule(new.target_name("verity.img.zst"), mode="extra", bytes=65536)
+        failed_install(node, new, ["verity.img.zst"])
+    finally:
+        node.close()
+
+
+@case
+def server_gone_mid_download_fails_cleanly(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        suite.server.set_rule(new.target_name("root.erofs.zst"), mode="drop")
+        failed_install(node, new, ["root.erofs.zst"])
+    finally:
+        node.close()
+
+
+@case
+def one_dropped_connection_is_resumed(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        name = new.target_name("root.erofs.zst")
+        suite.server.set_rule(name, mode="drop", count=1)
+        node.ok("apply")
+        node.assert_installed(new)
+        requests = [r for r in suite.server.requests if name in r[0]]
+        check(len(requests) >= 2, f"expected a retry of {name}: {requests}")
+    finally:
+        node.close()
+
+
+@case
+def stalled_download_is_resumed_with_a_range_request(suite, node_name):
+    node = Node(suite, node_name, http_timeout=2)
+    new = suite.builds["1.1.0"]
+    try:
+        node.publish("1.0.0")
+        node.publish("1.1.0")
+        node.start()
+        name = new.target_name("root.erofs.zst")
+        suite.server.set_rule(name, mode="stall", seconds=4, count=1)
+        node.ok("apply")
+        node.assert_installed(new)
+        ranges = [r[1] for r in suite.server.requests if name in r[0]]
+        check(len(ranges) >= 2 and ranges[0] is None and ranges[-1] and ranges[-1].startswith("bytes="),
+              f"expected a retry with a Range header: {ranges}")
+    finally:
+        node.close()
+
+
+@case
+def expired_metadata_is_refused(suite, node_name):
+    node = Node(suite, node_name)
+    try:
+        # Published 10 days ago: the timestamp (7 days) has expired.
+        node.publish("1.0.0", faketime="-10d")
+        node.publish("1.1.0", faketime="-10d")
+        node.start()
+        result = node.cli("check")
+        check(result.rc != 0, f"check with expired metadata succeeded: {result}")
+        check_in("expired", result.out + result.err, "check error")
+        status = node.status()
+        check_in("expired", status["state"]["last_error"]["message"], "last_error")
+        check_in("expired", status["state"]["last_check"]["result"], "last_check")
+        apply = node.cli("apply")
+        check(apply.rc != 0, f"apply with expired metadata succeeded: {apply}")
+        node.assert_b_unbootable()
+        # Re-signed in time: fine again.
+        node.repo_command("refresh")
+        check_equal(node.ok("check").json["result"], "available", "check after a refresh")
+    finally:
+        node.close()
+
+
+@case
+def replayed_timestamp_is_refused_across_restarts(suite, node_name):
+    node = standard_node(suite, node_name)
+    try:
+        timestamp = os.path.join(node.repo, "metadata", "timestamp.json")
+        old = open(timestamp, "rb").read()
+        old_version = json.loads(old)["signed"]["version"]
+        node.repo_command("refresh")
+        new = open(timestamp, "rb").read()
+        new_version = json.loads(new)["signed"]["version"]
+        check(new_version > old_version, f"refresh did not bump the timestamp ({old_version} -> {new_version})")
+        check_equal(node.ok("check").json["result"], "available", "check of the new metadata")
+        check(os.path.exists(os.path.join(node.tuf_dir, "timestamp.json")), "no timestamp.json in the datastore")
+        node.restart()
+        with open(timestamp + ".tmp", "wb") as out:
+            out.write(old)
+        os.replace(timestamp + ".tmp", timestamp)
+        result = node.cli("check")
+        check(result.rc != 0, f"check of a replayed timestamp succeeded: {result}")
+        check_in("rollback", result.out + result.err, "check error")
+        check_in("timestamp", result.out + result.err, "check error")
+        apply = node.cli("apply")
+        check(apply.rc != 0, f"apply with a replayed timestamp succeeded: {apply}")
+        node.assert_b_unbootable()
+        with open(timestamp + ".tmp", "wb") as out:
+            out.write(new)
+        os.replace(timestamp + ".tmp", timestamp)
+        check_equal(node.ok("check").json["result"], "available", "check once the repository is current again")
+    finally:
+        node.close()
+
+
+@case
+def interrupted_write_then_retry(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        # ~4 MiB at 1 MiB/s: the daemon is mid-write for a few seconds.
+        throttle_root(suite, new)
+        started = node.ok("apply", "--no-wait").json
+        check_equal(started.get("version"), "1.1.0", f"apply --no-wait: {started}")
+
+        def mid_write():
+            status = node.status()
+            return (status["state"]["operation"]["kind"] == "writing"
+                    and 0 < status["progress"]["bytes"] < status["progress"]["total"])
+        wait_until(mid_write, 15, "the write to be under way", interval=0.05)
+        time.sleep(0.3)
+        node.kill()
+        suite.server.clear_rules()
+        # A kill -9 mid-write: nothing in slot B may be bootable.
+        node.assert_b_unbootable(new)
+        node.start()
+        status = node.status()
+        error = status["state"]["last_error"]
+        check(error is not None, "no last_error after an interrupted install")
+        check_in("interrupted", error["message"], "last_error")
+        check_equal(error["operation"], "writing", "last_error operation")
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation after the restart")
+        check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
+        node.assert_b_unbootable(new)
+        node.ok("apply")
+        node.assert_installed(new)
+        check(node.status()["state"]["last_error"] is None, "last_error kept after a good install")
+    finally:
+        node.close()
+
+
+@case
+def cancel_while_writing(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        throttle_root(suite, new)
+        node.ok("apply", "--no-wait")
+        wait_until(lambda: node.status()["progress"]["bytes"] > 0, 15, "the write to start", interval=0.05)
+        cancel = node.ok("cancel").json
+        check_in("cancelling", cancel["message"], "cancel message")
+        try:
+            wait_until(lambda: node.status()["state"]["operation"]["kind"] == "idle", 8, "the install to stop")
+        except TestFailure as error:
+            cpu = cpu_seconds(node.daemon.pid, 2.0)
+            node.kill()
+            raise TestFailure(f"{error}; the daemon used {cpu:.1f} s of CPU in the next 2 s "
+                              "(a busy loop?)") from None
+        suite.server.clear_rules()
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
+        check_in("cancelled", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
+        node.assert_b_unbootable(new)
+    finally:
+        node.close()
+
+
+@case
+def sigterm_during_write_stops_promptly(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        throttle_root(suite, new)
+        node.ok("apply", "--no-wait")
+        wait_until(lambda: node.status()["progress"]["bytes"] > 0, 15, "the write to start", interval=0.05)
+        node.daemon.send_signal(signal.SIGTERM)
+        try:
+            node.daemon.wait(5)
+        except subprocess.TimeoutExpired:
+            cpu = cpu_seconds(node.daemon.pid, 1.0)
+            node.kill()
+            raise TestFailure(f"the daemon did not exit within 5 s of SIGTERM during a write "
+                              f"(it used {cpu:.1f} s of CPU in the next second)") from None
+        node.daemon = None
+        suite.server.clear_rules()
+        node.assert_b_unbootable(new)
+        node.start()
+        error = node.status()["state"]["last_error"]
+        check(error is not None and "interrupted" in error["message"], f"last_error after the restart: {error}")
+        node.ok("apply")
+        node.assert_installed(new)
+    finally:
+        node.close()
+
+
+@case
+def cancel_installed_update(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        node.ok("apply")
+        node.assert_installed(new)
+        message = node.ok("cancel").json["message"]
+        check_in("cancelled 1.1.0", message, "cancel message")
+        status = node.status()
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation after cancel")
+        check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
+        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
+        node.assert_b_unbootable()
+        check_equal(node.ok("cancel").json["message"], "nothing to cancel", "second cancel")
+        # It can be applied again.
+        node.ok("apply")
+        node.assert_installed(new)
+    finally:
+        node.close()
+
+
+def throttle_root(suite, build):
+    """The root's first 4.5 MiB at once (the agent writes its first 4 MiB
+    buffer), the rest at 256 KiB/s: several seconds mid-write."""
+    suite.server.set_rule(build.target_name("root.erofs.zst"), mode="throttle",
+                          fast=4 * MIB + MIB // 2, rate=256 * 1024)
+
+
+def cpu_seconds(pid, interval):
+    """CPU time (user + system) a process uses during `interval` seconds."""
+    def ticks():
+        with open(f"/proc/{pid}/stat") as source:
+            fields = source.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    before = ticks()
+    time.sleep(interval)
+    return (ticks() - before) / os.sysconf("SC_CLK_TCK")
+
+
+def install_and_boot_into_b(node, new):
+    node.ok("apply")
+    node.assert_installed(new)
+    node.simulate_boot_into_b(new)
+    node.start()
+
+
+@case
+def health_gate_passes_and_commits(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        node.add_check("10-ok.sh", "echo all good; exit 0")
+        install_and_boot_into_b(node, new)
+
+        def committed():
+            status = node.status()
+            return status["state"]["slots"]["b"]["state"] == "good" and status
+        status = wait_until(committed, 20, "the health gate to commit slot b")
+        check_equal(status["booted"]["slot"], "b", "booted slot")
+        check_equal(status["booted"]["version"], "1.1.0", "booted version")
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation")
+        check_equal(status["state"]["slots"]["b"]["version"], "1.1.0", "slot b version")
+        check_equal({s["slot"]: s["boot_state"] for s in status["boot_slots"]}, {"a": "good", "b": "good"},
+                    "boot states")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux")
+        check_equal(sha256_file(node.esp_file("racklet-b.efi")), sha256_file(new.uki_b), "racklet-b.efi bytes")
+        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default")
+        check(not os.path.exists(node.marker), "rebooted after a passing gate")
+        check_equal(status["state"]["failed_versions"], [], "failed versions")
+        node.assert_slot_a_untouched()
+        # Nothing newer: up to date on the new version.
+        check_equal(node.ok("check").json["result"], "up-to-date", "check on 1.1.0")
+    finally:
+        node.close()
+
+
+@case
+def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    old = suite.builds["1.0.0"]
+    try:
+        node.add_check("10-ok.sh", "exit 0")
+        node.add_check("20-broken.sh", "echo 'the frobnicator is broken' >&2; exit 3")
+        install_and_boot_into_b(node, new)
+        wait_until(lambda: os.path.exists(node.marker), 20, "the reboot marker")
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
+        check_equal(node.slot_status("b")["boot_state"], "bad", "slot b boot state")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux")
+        failed = status["state"]["failed_versions"]
+        check_equal([entry["version"] for entry in failed], ["1.1.0"], "failed versions")
+        check_in("20-broken.sh", failed[0]["reason"], "failure reason")
+        # systemd-boot boots slot A again.
+        node.stop()
+        node.boot("a", old)
+        node.start()
+        status = node.status()
+        check_equal(status["booted"]["slot"], "a", "booted slot after the fallback")
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record after the fallback")
+        report = node.ok("check").json
+        check_equal(report["result"], "up-to-date", "check after the failed version")
+        check(report["version"] is None, f"the failed version is offered again: {report}")
+        apply = node.cli("apply")
+        check_equal(apply.rc, 2, f"automatic apply of a failed version: {apply}")
+        node.assert_slot_a_untouched()
+    finally:
+        node.close()
+
+
+@case
+def health_gate_required_unit_without_systemd_fails(suite, node_name):
+    """No systemd answers on this bus: a required unit can never be seen active."""
+    node = standard_node(suite, node_name,
+                         health='timeout_seconds = 2\nrequired_units = ["containerd.service"]\n')
+    new = suite.builds["1.1.0"]
+    try:
+        install_and_boot_into_b(node, new)
+        wait_until(lambda: os.path.exists(node.marker), 20, "the reboot marker")
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
+        failed = status["state"]["failed_versions"]
+        check_equal([entry["version"] for entry in failed], ["1.1.0"], "failed versions")
+        check_in("containerd.service", failed[0]["reason"], "failure reason")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+    finally:
+        node.close()
+
+
+@case
+def try_that_never_came_up_is_retried_once_then_marked_bad(suite, node_name):
+    """The try boot died before the agent ran (systemd-boot fell back to A):
+    once may be a power cut, so the version is installed once more; the second
+    time it counts as failed and is not offered again."""
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    old = suite.builds["1.0.0"]
+
+    def fall_back():
+        node.stop()
+        os.rename(node.esp_file("racklet-b+1.efi"), node.esp_file("racklet-b+0-1.efi"))
+        node.boot("a", old)  # systemd-boot boots the other slot's committed UKI
+        node.start()
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after the fallback")
+        check(not any(n.startswith("racklet-b") and "+0-" not in n for n in node.esp_names()),
+              f"slot b still bootable: {node.esp_names()}")
+        return node.status()
+
+    try:
+        node.ok("apply")
+        node.assert_installed(new)
+        status = fall_back()
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation after the first fallback")
+        check(status["state"]["slots"]["b"]["state"] in ("unbootable", "bad"),
+              f"slot b record after the first fallback: {status['state']['slots']['b']}")
+        check_equal(status["state"]["failed_versions"], [], "failed versions after the first fallback")
+        check_in("did not come up", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
+        report = node.ok("check").json
+        check_equal((report["result"], report["version"]), ("available", "1.1.0"),
+                    "check after one fallback (retried once)")
+        node.ok("apply")
+        node.assert_installed(new)
+        status = fall_back()
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record after the second fallback")
+        check_equal([entry["version"] for entry in status["state"]["failed_versions"]], ["1.1.0"],
+                    "failed versions after the second fallback")
+        check_equal(node.ok("check").json["result"], "up-to-date", "check after the failed version")
+        node.assert_slot_a_untouched()
+    finally:
+        node.close()
+
+
+@case
+def rollback_and_manual_marks(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        node.add_check("10-ok.sh", "exit 0")
+        install_and_boot_into_b(node, new)
+        wait_until(lambda: node.status()["state"]["slots"]["b"]["state"] == "good", 20, "the commit of slot b")
+        # mark-good on a committed slot changes nothing.
+        message = node.ok("mark-good").json["message"]
+        check_in("already committed", message, "mark-good message")
+        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after mark-good")
+        # rollback: A boots next.
+        message = node.ok("rollback").json["message"]
+        check_in("slot a (1.0.0) boots next", message, "rollback message")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after rollback")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux after rollback")
+        status = node.status()
+        check_equal({s["slot"]: s["boot_state"] for s in status["boot_slots"]}, {"a": "good", "b": "good"},
+                    "boot states after rollback")
+        check(not os.path.exists(node.marker), "rollback without --reboot rebooted")
+        # mark-bad by hand on the booted (committed) B: A is good, so it is allowed.
+        message = node.ok("mark-bad", "--reason", "operator says no").json["message"]
+        check_in("marked bad", message, "mark-bad message")
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
+        check_equal(node.slot_status("b")["boot_state"], "bad", "slot b boot state")
+        check_equal([(f["version"], f["reason"]) for f in status["state"]["failed_versions"]],
+                    [("1.1.0", "operator says no")], "failed versions")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after mark-bad")
+        check(all(not name.startswith("racklet-b") or "+0-" in name for name in node.esp_names()),
+              f"slot b still bootable: {node.esp_names()}")
+        # Rolling back to a bad slot is refused from A.
+        node.stop()
+        node.boot("a", suite.builds["1.0.0"])
+        node.start()
+        refused = node.cli("rollback")
+        check_equal(refused.rc, 2, f"rollback to a bad slot: {refused}")
+        # mark-bad of the only good slot is refused.
+        refused = node.cli("mark-bad")
+        check_equal(refused.rc, 2, f"mark-bad of the only good slot: {refused}")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        node.assert_slot_a_untouched()
+    finally:
+        node.close()
+
+
+@case
+def rollback_with_reboot(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        node.add_check("10-ok.sh", "exit 0")
+        install_and_boot_into_b(node, new)
+        wait_until(lambda: node.status()["state"]["slots"]["b"]["state"] == "good", 20, "the commit of slot b")
+        node.ok("rollback", "--reboot")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        wait_until(lambda: os.path.exists(node.marker), 10, "the reboot marker")
+    finally:
+        node.close()
+
+
+@case
+def mark_good_by_hand_during_a_try(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        release = os.path.join(node.dir, "release")
+        # A slow check: the gate is still running when the operator commits.
+        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0")
+        install_and_boot_into_b(node, new)
+        status = node.status()
+        check_equal(status["state"]["operation"]["kind"], "trying", "operation during the try")
+        check_equal(status["state"]["slots"]["b"]["state"], "trying", "slot b record during the try")
+        message = node.ok("mark-good").json["message"]
+        check_in("committed", message, "mark-good message")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux")
+        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default")
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record")
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation")
+        open(release, "w").close()
+        time.sleep(1.0)
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record after the gate ended")
+        check(not os.path.exists(node.marker), "rebooted")
+    finally:
+        node.close()
+
+
+@case
+def mark_bad_by_hand_during_a_try(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        release = os.path.join(node.dir, "release")
+        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0")
+        install_and_boot_into_b(node, new)
+        message = node.ok("mark-bad", "--reason", "looks wrong").json["message"]
+        check_in("marked bad", message, "mark-bad message")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux")
+        open(release, "w").close()
+        # The health gate that was still running must not undo the operator's decision.
+        time.sleep(1.5)
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record after the gate ended")
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after the gate ended")
+        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux after the gate ended")
+    finally:
+        node.close()
+
+
+@case
+def mark_good_by_hand_then_failing_gate(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        release = os.path.join(node.dir, "release")
+        # The gate is still running when the operator commits; then its check fails.
+        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 1")
+        install_and_boot_into_b(node, new)
+        node.ok("mark-good")
+        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after mark-good")
+        open(release, "w").close()
+        time.sleep(1.5)
+        status = node.status()
+        check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record after the gate ended")
+        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after the gate ended")
+        check(not os.path.exists(node.marker), "the gate rebooted after the operator's mark-good")
+    finally:
+        node.close()
+
+
+# --- runner ------------------------------------------------------------------------
+
+
+def main(argv):
+    filters = []
+    keep = False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "-k" and args:
+            filters.append(args.pop(0))
+        elif arg == "--keep":
+            keep = True
+        else:
+            sys.exit(__doc__)
+    for binary in (UPDATE, IMAGE):
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"no executable {binary}; run tests/agent/run.sh (it builds them)")
+    selected = [c for c in CASES if not filters or any(f in c.__name__ for f in filters)]
+    suite = Suite(keep=keep)
+    passed = failed = 0
+    began = time.monotonic()
+    try:
+        suite.setup()
+        for function in selected:
+            name = function.__name__
+            start = time.monotonic()
+            try:
+                function(suite, name)
+            except Exception as error:  # noqa: BLE001 - report every failure
+                failed += 1
+                note = f" (known agent bug: {KNOWN_BUGS[name]})" if name in KNOWN_BUGS else ""
+                print(f"FAIL {name}{note} [{time.monotonic() - start:.1f}s]")
+                detail = str(error) if isinstance(error, TestFailure) else traceback.format_exc()
+                for line in detail.rstrip().splitlines():
+                    print(f"     {line}")
+                log = os.path.join(suite.tmp, name, "daemon.log")
+                if os.path.exists(log):
+                    with open(log) as source:
+                        tail = source.readlines()[-15:]
+                    print("     --- daemon log (last lines):")
+                    for line in tail:
+                        print("     | " + ANSI.sub("", line.rstrip()))
+            else:
+                passed += 1
+                print(f"ok   {name} [{time.monotonic() - start:.1f}s]")
+            sys.stdout.flush()
+    finally:
+        suite.teardown()
+    if keep:
+        print(f"kept {suite.tmp}")
+    print(f"tests/agent: {len(selected)} cases in {time.monotonic() - began:.0f}s")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
