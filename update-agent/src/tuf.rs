@@ -86,16 +86,25 @@ pub fn image_root_path() -> PathBuf {
 
 /// tough's default transport (`file://`, `http://`, `https://`) with the
 /// agent's timeouts: `timeout` bounds each whole HTTP request (body included;
-/// an interrupted body is resumed with a range request when the server
-/// supports it), the connect phase gets at most [`MAX_CONNECT_TIMEOUT`].
+/// a body that times out is resumed with a range request when the server
+/// supports it; a dropped connection is not, and the daemon downloads that
+/// artifact again), the connect phase gets at most [`MAX_CONNECT_TIMEOUT`].
+/// tough sleeps its initial backoff before every request, the first one
+/// included, so that backoff is kept short.
 pub fn default_transport(timeout: Duration) -> DefaultTransport {
     DefaultTransport::new_with_http_settings(
         HttpTransportBuilder::new()
             .timeout(timeout)
             .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
-            .tries(HTTP_TRIES),
+            .tries(HTTP_TRIES)
+            .initial_backoff(INITIAL_BACKOFF)
+            .backoff_factor(4.0),
     )
 }
+
+/// tough's wait before each request (and the first retry); later retries wait
+/// four times longer each.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Why talking to the repository failed. Every variant that comes from tough
 /// keeps tough's error as its source.
