@@ -1038,7 +1038,8 @@ impl Agent {
     }
 
     /// One timer tick: reload config, check, and apply if the config says so.
-    pub async fn tick(self: &Arc<Self>) {
+    /// Returns false when the check failed (the timer then retries sooner).
+    pub async fn tick(self: &Arc<Self>) -> bool {
         let _ = self.reload_config().await;
         let config = self.config().await;
         let idle = {
@@ -1046,7 +1047,7 @@ impl Agent {
             !inner.busy && inner.state.operation == Operation::Idle
         };
         if !idle {
-            return;
+            return true;
         }
         match self.check().await {
             Ok(report) if report.result == "available" && config.auto_apply => {
@@ -1060,8 +1061,12 @@ impl Agent {
                 }
             }
             Ok(report) => tracing::info!(result = %report.result, "{}", report.message),
-            Err(error) => tracing::warn!(%error, "update check failed"),
+            Err(error) => {
+                tracing::warn!(%error, "update check failed");
+                return false;
+            }
         }
+        true
     }
 
     /// Reboot through logind (or, in tests, write the marker file).

@@ -390,6 +390,9 @@ fn print_status(value: &serde_json::Value) {
     println!("wave seed:   {}", value["seed"]);
 }
 
+/// The first retry after a failed check.
+const RETRY_AFTER_FAILED_CHECK: Duration = Duration::from_secs(30);
+
 /// A random delay in [0, limit) from the kernel's random source.
 fn jitter(limit: Duration) -> Duration {
     if limit.is_zero() {
@@ -436,11 +439,22 @@ async fn run_daemon(args: &DaemonArgs) -> Result<(), AgentError> {
         }
         let first = timer.config().await;
         tokio::time::sleep(jitter(first.check_jitter())).await;
+        // A failed check (no network yet after a boot, server away) is retried
+        // after 30 s, doubling up to the check interval.
+        let mut retry = RETRY_AFTER_FAILED_CHECK;
         loop {
-            timer.tick().await;
+            let checked = timer.tick().await;
             update_agent::metrics::write_agent_textfile(&timer).await;
             let config = timer.config().await;
-            tokio::time::sleep(config.check_interval() + jitter(config.check_jitter())).await;
+            let wait = if checked {
+                retry = RETRY_AFTER_FAILED_CHECK;
+                config.check_interval() + jitter(config.check_jitter())
+            } else {
+                let wait = retry.min(config.check_interval());
+                retry = (retry * 2).min(config.check_interval());
+                wait
+            };
+            tokio::time::sleep(wait).await;
         }
     });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -398,33 +398,16 @@ impl BootControl for SystemdBoot {
     /// no longer matched by the try pattern), removes other files of the slot,
     /// then sets the default to the other slot's committed UKI.
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootControlError> {
-        let entries = self.entries_of(slot)?;
-        // Prefer the counted file (the one just tried) over a stale plain one.
-        let chosen = entries
-            .iter()
-            .find(|entry| entry.counter.is_some())
-            .or_else(|| entries.first());
-        let mut keep = None;
-        if let Some(entry) = chosen {
-            let name = match entry.counter {
-                Some(Counter { left: 0, .. }) => entry.file_name.clone(),
-                counter => {
-                    let name = bad_name(slot, counter.map_or(1, |counter| counter.done));
-                    rename_file(
-                        &self.linux_dir().join(&entry.file_name),
-                        &self.linux_dir().join(&name),
-                    )?;
-                    name
-                }
-            };
-            keep = Some(name);
-        }
-        self.remove_files_of(slot, keep.as_deref())?;
+        // systemd-bless-boot may run at boot-complete.target before or after
+        // the agent's health gate decides; a `+0-1` file it finds later would
+        // be renamed into a committed entry. A bad slot's UKI is removed, so
+        // no order of the two can bless it.
+        self.remove_files_of(slot, None)?;
         if !self.has_committed(slot.other())? {
             warn!(%slot, "marked bad, but the other slot has no committed UKI to fall back to");
         }
         self.set_default(&committed_default(slot.other()))?;
-        info!(%slot, "slot marked bad");
+        info!(%slot, "slot marked bad: its UKI is removed");
         Ok(())
     }
 
@@ -801,10 +784,10 @@ mod tests {
         assert!(fixture.backend.is_trying(Slot::B).unwrap());
 
         fixture.backend.mark_bad(Slot::B).unwrap();
-        assert_eq!(fixture.files(), ["racklet-a.efi", "racklet-b+0-1.efi"]);
+        assert_eq!(fixture.files(), ["racklet-a.efi"]);
         assert_eq!(
             fixture.states(),
-            states(SlotBootState::Good, SlotBootState::Bad)
+            states(SlotBootState::Good, SlotBootState::Absent)
         );
         for _ in 0..3 {
             assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
@@ -814,7 +797,7 @@ mod tests {
 
         // A bad slot cannot be switched to; the error names the path.
         let error = fixture.backend.switch_to(Slot::B).unwrap_err().to_string();
-        assert!(error.contains("racklet-b+0-1.efi"), "{error}");
+        assert!(error.contains("no UKI"), "{error}");
         assert!(
             error.contains(
                 &fixture
@@ -852,7 +835,7 @@ mod tests {
         fixture.backend.mark_bad(Slot::B).unwrap();
         assert_eq!(
             fixture.states(),
-            states(SlotBootState::Good, SlotBootState::Bad)
+            states(SlotBootState::Good, SlotBootState::Absent)
         );
         assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
     }
@@ -871,7 +854,7 @@ mod tests {
 
         // The agent's gate fails after all.
         fixture.backend.mark_bad(Slot::B).unwrap();
-        assert_eq!(fixture.files(), ["racklet-a.efi", "racklet-b+0-1.efi"]);
+        assert_eq!(fixture.files(), ["racklet-a.efi"]);
         assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
 
         // Or it passes.
