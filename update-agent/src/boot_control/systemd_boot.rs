@@ -105,11 +105,6 @@ fn trying_default(slot: Slot) -> String {
     format!("racklet-{}[.+][e1-9]*", slot.name())
 }
 
-/// The name of a UKI whose try is used up and that is never booted again.
-fn bad_name(slot: Slot, done: u32) -> String {
-    format!("racklet-{}+0-{}.efi", slot.name(), done.max(1))
-}
-
 fn one_try_name(slot: Slot) -> String {
     format!("racklet-{}+1.efi", slot.name())
 }
