@@ -1178,7 +1178,9 @@ def sigterm_during_write_stops_promptly(suite, node_name):
         node.assert_b_unbootable(new)
         node.start()
         error = node.status()["state"]["last_error"]
-        check(error is not None and "interrupted" in error["message"], f"last_error after the restart: {error}")
+        # Stopped cleanly ("cancelled") or cut off ("interrupted"): either way recorded.
+        check(error is not None and ("interrupted" in error["message"] or "cancelled" in error["message"]),
+              f"last_error after the restart: {error}")
         node.ok("apply")
         node.assert_installed(new)
     finally:
@@ -1274,9 +1276,10 @@ def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name):
         wait_until(lambda: os.path.exists(node.marker), 20, "the reboot marker")
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
-        check_equal(node.slot_status("b")["boot_state"], "bad", "slot b boot state")
+        # A bad slot's UKI is removed (systemd-bless-boot cannot bless it then).
+        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
         check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux")
+        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux")
         failed = status["state"]["failed_versions"]
         check_equal([entry["version"] for entry in failed], ["1.1.0"], "failed versions")
         check_in("20-broken.sh", failed[0]["reason"], "failure reason")
@@ -1385,7 +1388,8 @@ def rollback_and_manual_marks(suite, node_name):
         check_in("marked bad", message, "mark-bad message")
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
-        check_equal(node.slot_status("b")["boot_state"], "bad", "slot b boot state")
+        # A bad slot's UKI is removed (systemd-bless-boot cannot bless it then).
+        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
         check_equal([(f["version"], f["reason"]) for f in status["state"]["failed_versions"]],
                     [("1.1.0", "operator says no")], "failed versions")
         check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after mark-bad")
@@ -1460,14 +1464,14 @@ def mark_bad_by_hand_during_a_try(suite, node_name):
         message = node.ok("mark-bad", "--reason", "looks wrong").json["message"]
         check_in("marked bad", message, "mark-bad message")
         check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux")
+        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux")
         open(release, "w").close()
         # The health gate that was still running must not undo the operator's decision.
         time.sleep(1.5)
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record after the gate ended")
         check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after the gate ended")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b+0-1.efi"], "EFI/Linux after the gate ended")
+        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux after the gate ended")
     finally:
         node.close()
 
