@@ -68,25 +68,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Cases that fail because of a known agent bug: name -> the bug. They still
 # run, and still count as failures; the note says why.
-KNOWN_BUGS = {
-    "cli_without_daemon_says_so":
-        "dbus.rs remote_error maps every D-Bus method error, the bus's own "
-        "org.freedesktop.DBus.Error.ServiceUnknown included, to 'the update agent refused: ...'",
-    "cancel_while_writing":
-        "daemon.rs CancellableReader fails with io::ErrorKind::Interrupted, which install.rs "
-        "fill()/drain_if_ok() retry forever: Cancel spins a CPU and never stops the install",
-    "sigterm_during_write_stops_promptly":
-        "same CancellableReader/Interrupted busy loop: on SIGTERM the daemon sets cancel, the writer "
-        "never returns and dropping the tokio runtime waits for it, so the daemon does not exit",
-    "one_dropped_connection_is_resumed":
-        "tuf.rs default_transport promises that an interrupted body is resumed with a range "
-        "request, but tough 0.24 retries a body error only on a timeout: a connection reset "
-        "mid-target fails the whole install ('error decoding response body')",
-    "mark_bad_by_hand_during_a_try":
-        "daemon.rs run_health_gate commits (mark_good) after an operator's mark-bad of the try",
-    "mark_good_by_hand_then_failing_gate":
-        "daemon.rs run_health_gate marks bad and reboots after an operator's mark-good of the try",
-}
+KNOWN_BUGS: dict[str, str] = {}  # all bugs found so far are fixed
 
 
 class TestFailure(Exception):
