@@ -168,7 +168,8 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(BuildError::io(directory))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// The current-thread runtime the repository tools drive tough with.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

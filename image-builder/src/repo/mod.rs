@@ -17,7 +17,6 @@ pub mod staging;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
@@ -36,7 +35,7 @@ use tough::{
 };
 
 use crate::error::{BuildError, Result};
-use keys::{days_from, whole_seconds, KeyDirectory, ALL_ROLES, DEVELOPMENT_KEYS_WARNING};
+use keys::{days_from, runtime, whole_seconds, KeyDirectory, ALL_ROLES, DEVELOPMENT_KEYS_WARNING};
 use staging::{Staging, METADATA_DIR, TARGETS_DIR};
 
 /// Where build artifacts are, inside a build directory.
@@ -80,13 +79,6 @@ pub struct PublishReport {
     pub targets: Vec<String>,
     pub metadata_version: u64,
     pub timestamp_expires: String,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }
 
 fn directory_url(path: &Path) -> Result<url::Url> {
@@ -146,22 +138,6 @@ pub async fn read_update_manifest(repository: &Repository) -> Result<UpdateManif
         .map_err(|error| BuildError::repository(UPDATE_MANIFEST_TARGET, error.to_string()))
 }
 
-fn sha256_of_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = fs::File::open(path).map_err(BuildError::io(path))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut length = 0u64;
-    loop {
-        let read = file.read(&mut buffer).map_err(BuildError::io(path))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        length += read as u64;
-    }
-    Ok((length, hex::encode(hasher.finalize())))
-}
-
 /// Read a build directory's manifest and check every artifact against it.
 pub fn check_build(build_dir: &Path) -> Result<BuildManifest> {
     let manifest_path = build_dir.join(BUILD_MANIFEST_FILE);
@@ -176,7 +152,7 @@ pub fn check_build(build_dir: &Path) -> Result<BuildManifest> {
     )?;
     for artifact in &manifest.artifacts {
         let path = build_dir.join(BUILD_UPDATE_DIR).join(&artifact.name);
-        let (size, sha256) = sha256_of_file(&path)?;
+        let (sha256, size) = crate::fetch::sha256_file(&path)?;
         if size != artifact.size || sha256 != artifact.sha256 {
             return Err(BuildError::repository(
                 path.display().to_string(),
