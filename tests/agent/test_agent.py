@@ -813,7 +813,11 @@ def up_to_date(suite, node_name):
         apply = node.cli("apply")
         check_equal(apply.rc, 2, f"apply when up to date: {apply}")
         check_in("up to date", apply.out + apply.err, "apply refusal")
-        check_equal(node.status()["state"]["last_check"]["available_version"], None, "last_check")
+        state = node.status()["state"]
+        check_equal(state["last_check"]["available_version"], None, "last_check")
+        # The refused apply is in the status, not only on the CLI's stderr.
+        check_equal((state["last_error"] or {}).get("operation"), "apply", f"last_error {state['last_error']}")
+        check_in("up to date", (state["last_error"] or {}).get("message", ""), "last_error of the refused apply")
         node.assert_b_unbootable()
     finally:
         node.close()

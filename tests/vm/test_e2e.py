@@ -132,6 +132,75 @@ class Repo:
     def metadata(self) -> dict[str, bytes]:
         return {f"/metadata/{p.name}": p.read_bytes() for p in (self.path / "metadata").iterdir()}
 
+    def resign_update_manifest(self, mutate, extra_targets: dict[str, Path] | None = None) -> None:
+        """Change the published update manifest with `mutate(dict)` and sign
+        new targets, snapshot and timestamp metadata with the repository's own
+        keys, as a publisher that skips racklet-image's checks (or a thief of
+        its keys) could. `extra_targets` (name: file) are signed and served
+        too. Uses python-tuf's Metadata API, not our publisher."""
+        try:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+            from securesystemslib.signer import CryptoSigner, SSlibKey
+            from tuf.api.metadata import Metadata, MetaFile, TargetFile
+        except ImportError as error:
+            raise HarnessError(f"python-tuf is needed to re-sign metadata ({error}); "
+                               f"run image-builder/scripts/test-tools.sh") from error
+        metadata_dir = self.path / "metadata"
+        root = json.loads((self.builds.keys / "root.json").read_text())["signed"]
+        signers = {}
+        for key_file in (self.builds.keys / "keys").glob("*.pk8.der"):
+            role = key_file.name.split("-")[0]
+            # ring's PKCS#8 v2 (with the public key), which `cryptography`
+            # does not parse: the seed is the inner OCTET STRING (04 20 ...).
+            der = key_file.read_bytes()
+            start = der.index(b"\x04\x22\x04\x20") + 4
+            private = Ed25519PrivateKey.from_private_bytes(der[start:start + 32])
+            public = private.public_key().public_bytes_raw().hex()
+            keyid = next(k for k, v in root["keys"].items() if v["keyval"]["public"] == public)
+            signers[role] = CryptoSigner(private, SSlibKey(keyid, "ed25519", "ed25519", {"public": public}))
+
+        def meta_file(old: MetaFile, version: int, data: bytes) -> MetaFile:
+            if old.hashes or old.length:
+                return MetaFile.from_data(version, data, list(old.hashes or {"sha256": ""}))
+            return MetaFile(version)
+
+        def sign(metadata, role: str, path: Path) -> bytes:
+            metadata.signatures.clear()
+            metadata.sign(signers[role])
+            data = metadata.to_bytes()
+            path.write_bytes(data)
+            return data
+
+        timestamp = Metadata.from_bytes((metadata_dir / "timestamp.json").read_bytes())
+        snapshot_version = timestamp.signed.snapshot_meta.version
+        snapshot = Metadata.from_bytes((metadata_dir / f"{snapshot_version}.snapshot.json").read_bytes())
+        targets_meta = snapshot.signed.meta["targets.json"]
+        targets = Metadata.from_bytes((metadata_dir / f"{targets_meta.version}.targets.json").read_bytes())
+        name = next(n for n in targets.signed.targets if n.endswith("manifest.json"))
+        target = targets.signed.targets[name]
+        digest = target.hashes["sha256"]
+        manifest = json.loads((self.path / "targets" / f"{digest}.{name}").read_bytes())
+        mutate(manifest)
+        data = json.dumps(manifest, indent=2).encode()
+        new_target = TargetFile.from_data(name, data, ["sha256"])
+        (self.path / "targets" / f"{new_target.hashes['sha256']}.{name}").write_bytes(data)
+        targets.signed.targets[name] = new_target
+        for extra_name, path in (extra_targets or {}).items():
+            extra = TargetFile.from_file(extra_name, str(path), ["sha256"])
+            served = self.path / "targets" / f"{extra.hashes['sha256']}.{extra_name}"
+            if not served.exists():
+                os.link(path, served)
+            targets.signed.targets[extra_name] = extra
+        targets.signed.version += 1
+        targets_bytes = sign(targets, "targets", metadata_dir / f"{targets.signed.version}.targets.json")
+        snapshot.signed.meta["targets.json"] = meta_file(targets_meta, targets.signed.version, targets_bytes)
+        snapshot.signed.version += 1
+        snapshot_bytes = sign(snapshot, "snapshot", metadata_dir / f"{snapshot.signed.version}.snapshot.json")
+        timestamp.signed.snapshot_meta = meta_file(timestamp.signed.snapshot_meta, snapshot.signed.version,
+                                                   snapshot_bytes)
+        timestamp.signed.version += 1
+        sign(timestamp, "timestamp", metadata_dir / "timestamp.json")
+
 
 # ---------------------------------------------------------------------------
 # The VM with networking
@@ -907,28 +976,48 @@ def e2e_attack_other_variant_or_arch(ctx: Context) -> None:
     """Updates published for another variant, and for another arch under this
     variant's name, are not installed."""
     repo, server = ctx.repo("v1")
-    for variant, arch, version in [("rpi4", None, "8.0.0"), (VARIANT, "aarch64", "9.0.0")]:
-        fake = ctx.dir / f"fake-{version}" / VARIANT
-        fake.parent.mkdir(parents=True)
-        shutil.copytree(ctx.builds.dirs["v2"], fake, copy_function=os.link)
-        (fake / "manifest.json").unlink()
-        manifest = ctx.builds.manifest("v2")
-        manifest["version"] = version
-        manifest["variant"] = variant
-        if arch:
-            manifest["arch"] = arch
-        (fake / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            repo.publish(fake)
-        except HarnessError as error:
-            ctx.note(f"publisher refused the {variant}/{arch or 'x86_64'} build: {str(error)[:300]}")
+    # Another variant, through the publisher.
+    fake = ctx.dir / "fake-rpi4" / VARIANT
+    fake.parent.mkdir(parents=True)
+    shutil.copytree(ctx.builds.dirs["v2"], fake, copy_function=os.link)
+    (fake / "manifest.json").unlink()
+    manifest = ctx.builds.manifest("v2")
+    manifest["version"] = "8.0.0"
+    manifest["variant"] = "rpi4"
+    (fake / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    repo.publish(fake)
+    # Another arch under this variant's name: racklet-image refuses to publish
+    # that, so the signed manifest is edited and re-signed behind its back.
+    entry = next(u for u in json.loads((repo.path / "targets" / next(
+        p.name for p in (repo.path / "targets").iterdir() if p.name.endswith("manifest.json"))).read_bytes())["updates"]
+        if u["variant"] == VARIANT)
+
+    other = json.loads(json.dumps(entry))
+    other["arch"] = "aarch64"
+    other["version"] = other["max_version"] = "9.0.0"
+    served = {}  # the 9.0.0 targets are 2.0.0's files under new names
+    for target in other["targets"]:
+        old_name = target["target"]
+        target["target"] = old_name.replace(f"-{entry['version']}-", "-9.0.0-")
+        served[target["target"]] = next(p for p in (repo.path / "targets").iterdir()
+                                        if p.name.endswith("." + old_name))
+    repo.resign_update_manifest(lambda update_manifest: update_manifest["updates"].append(other), served)
+    repo.image("repo", "validate", "--repo", str(repo.path))  # tough accepts the re-signed repository
     listing = repo.image("repo", "list", "--repo", str(repo.path))
     ctx.note("repository: " + " | ".join(line.strip() for line in listing.splitlines() if line.strip())[:400])
+    check("rpi4" in listing and "aarch64" in listing, f"the repository should list rpi4 8.0.0 and "
+          f"{VARIANT}/aarch64 9.0.0: {listing}")
     overlay = ctx.overlay("v1")
     vm = ctx.vm(overlay, server)
     boot_to_shell(vm, "a")
     configure_agent(vm, auto=False, interval=3600)
+    code, result = cli_json(vm, "check", timeout=120)
+    check(code == 0 and isinstance(result, dict) and result.get("result") == "up-to-date",
+          f"rpi4 8.0.0 and aarch64 9.0.0 must not be offered to a {VARIANT} x86_64 node: {result}")
+    ctx.note(f"check: {result.get('message')}")
     refused(ctx, vm, "1.0.0", ["up to date", "nothing published", "variant", "arch"], "other variant/arch")
+    fetched = [r.path for r in server.target_requests() if "manifest" not in r.path]
+    check(not fetched, f"nothing may be downloaded for another variant or arch: {fetched}")
 
 
 @test

@@ -444,16 +444,7 @@ impl Agent {
         let mut inner = self.inner.lock().await;
         let report = match &result {
             Ok((decision, _, _)) => {
-                let (kind, version, wave_start) = match decision {
-                    Decision::UpToDate { .. } => ("up-to-date", None, None),
-                    Decision::Available { update } => {
-                        ("available", Some(update.version.clone()), None)
-                    }
-                    Decision::NotYet { update, start } => {
-                        ("not-yet", Some(update.version.clone()), Some(*start))
-                    }
-                    Decision::Refused { .. } => ("refused", None, None),
-                };
+                let (kind, version, wave_start) = decision_summary(decision);
                 inner
                     .state
                     .record_check(now, decision.to_string(), version.clone());
@@ -526,21 +517,41 @@ impl Agent {
                 return Err(error);
             }
         };
-        let update = match decision {
-            Decision::Available { update } => update,
-            other => {
-                self.inner.lock().await.busy = false;
-                return Err(AgentError::NothingToApply {
-                    message: other.to_string(),
-                });
+        let refusal = match &decision {
+            Decision::Available { update }
+                if update.verity.root_hash == self.booted.verity_root_hash =>
+            {
+                Some(AgentError::NothingToApply {
+                    message: format!("{} has the running root hash", update.version),
+                })
             }
+            Decision::Available { .. } => None,
+            other => Some(AgentError::NothingToApply {
+                message: other.to_string(),
+            }),
         };
-        if update.verity.root_hash == self.booted.verity_root_hash {
-            self.inner.lock().await.busy = false;
-            return Err(AgentError::NothingToApply {
-                message: format!("{} has the running root hash", update.version),
-            });
+        {
+            // What this apply found stays in the status, like a check's result.
+            let now = Timestamp::now();
+            let mut inner = self.inner.lock().await;
+            let (_, version, _) = decision_summary(&decision);
+            inner.state.record_check(now, decision.to_string(), version);
+            if let Some(error) = &refusal {
+                inner.busy = false;
+                inner.state.record_error(now, "apply", error.to_string());
+            }
+            if let Err(error) = self.write_state(&inner) {
+                inner.busy = false;
+                return Err(error);
+            }
         }
+        if let Some(error) = refusal {
+            tracing::info!(reason = %error, "apply refused");
+            return Err(error);
+        }
+        let Decision::Available { update } = decision else {
+            unreachable!("every other decision was refused above")
+        };
         let version = update.version.clone();
         let agent = Arc::clone(self);
         tokio::spawn(async move {
@@ -1147,4 +1158,17 @@ fn download_checked(
     }
     file.sync_all().map_err(io_error)?;
     Ok(())
+}
+
+/// A decision as the status and `check --json` name it: its kind, the version
+/// it concerns and, for a closed wave, when this node's wave opens.
+fn decision_summary(decision: &Decision) -> (&'static str, Option<Version>, Option<Timestamp>) {
+    match decision {
+        Decision::UpToDate { .. } => ("up-to-date", None, None),
+        Decision::Available { update } => ("available", Some(update.version.clone()), None),
+        Decision::NotYet { update, start } => {
+            ("not-yet", Some(update.version.clone()), Some(*start))
+        }
+        Decision::Refused { .. } => ("refused", None, None),
+    }
 }
