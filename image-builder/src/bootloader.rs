@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use os_format::boot_state::{BootState, STATE_COPIES};
-use os_format::layout::{Arch, Slot};
+use os_format::layout::{Arch, Slot, ESP_LOADER_CONF, ESP_UKI_DIR};
 
 use crate::error::{BuildError, Result};
 use crate::esp::EspContents;
@@ -19,9 +19,9 @@ const BOOT_SCRIPT_SOURCE: &str = include_str!("../assets/u-boot/boot.cmd");
 /// Files from `variants/<name>/esp/` are copied to the ESP's top as they are.
 pub const VARIANT_ESP_DIR: &str = "esp";
 
-/// The ESP name of a slot's UKI (committed: no boot-counting suffix).
-pub fn uki_file_name(slot: Slot) -> String {
-    format!("EFI/Linux/racklet-{}.efi", slot.name())
+/// The ESP path of a slot's UKI (committed: no boot-counting suffix).
+pub fn uki_path(slot: Slot) -> String {
+    format!("{ESP_UKI_DIR}/{}", slot.uki_file_name())
 }
 
 /// systemd-boot's loader.conf: no menu delay, no editing the command line (it
@@ -57,7 +57,7 @@ pub fn add_boot_files(
                 loader.clone(),
             );
             contents.insert(format!("EFI/systemd/{name}"), loader);
-            contents.insert("loader/loader.conf".into(), LOADER_CONF.as_bytes().to_vec());
+            contents.insert(ESP_LOADER_CONF.into(), LOADER_CONF.as_bytes().to_vec());
         }
         Bootloader::UBoot => {
             if variant

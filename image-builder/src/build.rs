@@ -539,7 +539,7 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
     // 5. ESP: boot loader + slot A's UKI (slot B is empty in a fresh image).
     let mut esp_contents = boot_contents;
     esp_contents.insert(
-        bootloader::uki_file_name(Slot::A),
+        bootloader::uki_path(Slot::A),
         std::fs::read(&ukis[0].1).map_err(BuildError::io(&ukis[0].1))?,
     );
     let esp_image = work.path().join("esp.img");

@@ -22,6 +22,12 @@ pub const IMAGE_UPDATE_DEFAULTS: &str = "usr/lib/racklet/update.toml";
 /// In the root file system: the TUF root the image trusts first.
 pub const IMAGE_TUF_ROOT: &str = "usr/share/racklet/update/root.json";
 
+/// On the ESP: the directory of the slots' Unified Kernel Images (Boot Loader
+/// Specification type #2 entries), where both boot chains look for them.
+pub const ESP_UKI_DIR: &str = "EFI/Linux";
+/// On the ESP: systemd-boot's configuration.
+pub const ESP_LOADER_CONF: &str = "loader/loader.conf";
+
 pub const ESP_PARTITION_NAME: &str = "esp";
 pub const DATA_PARTITION_NAME: &str = "data";
 
@@ -115,6 +121,11 @@ impl Slot {
             Slot::A => "a",
             Slot::B => "b",
         }
+    }
+    /// The committed ESP file name of the slot's UKI in [`ESP_UKI_DIR`]
+    /// (systemd-boot's boot counting adds `+LEFT[-DONE]` before `.efi`).
+    pub fn uki_file_name(self) -> String {
+        format!("racklet-{}.efi", self.name())
     }
     pub fn other(self) -> Slot {
         match self {

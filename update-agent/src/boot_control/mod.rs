@@ -43,10 +43,7 @@ pub use uboot::UBoot;
 
 /// Where the ESP is mounted on the device.
 pub const ESP_MOUNT: &str = "/efi";
-/// Directory of the UKIs (Boot Loader Specification Type #2 entries), relative to the ESP.
-pub const UKI_DIR: &str = "EFI/Linux";
-/// systemd-boot's configuration, relative to the ESP.
-pub const LOADER_CONF: &str = "loader/loader.conf";
+pub use os_format::layout::{ESP_LOADER_CONF as LOADER_CONF, ESP_UKI_DIR as UKI_DIR};
 /// systemd-boot's own directory, relative to the ESP.
 pub const SYSTEMD_BOOT_DIR: &str = "EFI/systemd";
 /// The compiled U-Boot boot script, relative to the ESP.
@@ -176,11 +173,6 @@ pub fn detect(esp: &Path) -> Result<Box<dyn BootControl>, BootControlError> {
             reason: "it has files of neither systemd-boot nor U-Boot",
         }),
     }
-}
-
-/// The committed (counter-less) ESP file name of a slot's UKI, in [`UKI_DIR`].
-pub fn uki_file_name(slot: Slot) -> String {
-    format!("racklet-{}.efi", slot.name())
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BootControlError {

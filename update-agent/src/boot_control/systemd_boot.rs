@@ -53,8 +53,8 @@ use os_format::layout::Slot;
 use tracing::{info, warn};
 
 use super::{
-    io_error, remove_file, rename_file, uki_file_name, write_file, BootControl, BootControlError,
-    SlotBootState, LOADER_CONF, UKI_DIR,
+    io_error, remove_file, rename_file, write_file, BootControl, BootControlError, SlotBootState,
+    LOADER_CONF, UKI_DIR,
 };
 
 /// The systemd-boot back end over the ESP mounted at `esp`.
@@ -96,7 +96,7 @@ impl DefaultEntry {
 
 /// The `default` value for a committed slot: its exact entry id.
 fn committed_default(slot: Slot) -> String {
-    uki_file_name(slot)
+    slot.uki_file_name()
 }
 
 /// The `default` value while `slot` is tried: matches `racklet-<slot>.efi` and
@@ -299,7 +299,7 @@ impl SystemdBoot {
             operation,
             slot,
             reason: format!("the other slot {other} has no committed UKI to fall back to"),
-            path: self.linux_dir().join(uki_file_name(other)),
+            path: self.linux_dir().join(other.uki_file_name()),
         })
     }
 
@@ -360,7 +360,7 @@ impl BootControl for SystemdBoot {
     /// rename still boots it (the try pattern matches the plain name).
     fn commit(&mut self, booted: Slot) -> Result<(), BootControlError> {
         let entries = self.entries_of(booted)?;
-        let committed = uki_file_name(booted);
+        let committed = booted.uki_file_name();
         if !entries.iter().any(|entry| entry.counter.is_none()) {
             let Some(counted) = entries
                 .iter()
@@ -422,7 +422,7 @@ impl BootControl for SystemdBoot {
                 operation: "switch_to",
                 slot,
                 reason: format!("the slot has no committed UKI ({found})"),
-                path: self.linux_dir().join(uki_file_name(slot)),
+                path: self.linux_dir().join(slot.uki_file_name()),
             });
         }
         self.set_default(&committed_default(slot))?;

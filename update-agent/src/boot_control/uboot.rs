@@ -37,8 +37,7 @@ use os_format::layout::Slot;
 use tracing::{info, warn};
 
 use super::{
-    io_error, remove_file, uki_file_name, write_file, BootControl, BootControlError, SlotBootState,
-    UKI_DIR,
+    io_error, remove_file, write_file, BootControl, BootControlError, SlotBootState, UKI_DIR,
 };
 
 /// The U-Boot back end over the ESP mounted at `esp`.
@@ -78,7 +77,7 @@ impl UBoot {
     }
 
     fn uki_path(&self, slot: Slot) -> PathBuf {
-        self.esp.join(UKI_DIR).join(uki_file_name(slot))
+        self.esp.join(UKI_DIR).join(slot.uki_file_name())
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -490,7 +489,7 @@ mod tests {
             path
         }
         fn uki(&self, slot: Slot) -> Option<Vec<u8>> {
-            std::fs::read(self.path().join(UKI_DIR).join(uki_file_name(slot))).ok()
+            std::fs::read(self.path().join(UKI_DIR).join(slot.uki_file_name())).ok()
         }
         fn copy(&self, index: usize) -> Vec<u8> {
             std::fs::read(self.path().join(STATE_COPIES[index])).unwrap()
