@@ -140,6 +140,17 @@ impl BootState {
         }
     }
 
+    /// The slot our boot script starts next, as `boot.cmd` decides: the first
+    /// slot in `order` that is committed or has a try left and whose UKI
+    /// exists, else the committed slot (`None` when its UKI is missing too).
+    pub fn next_boot(&self, uki_exists: impl Fn(Slot) -> bool) -> Option<Slot> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&slot| self.tries(slot).is_none_or(|tries| tries > 0) && uki_exists(slot))
+            .or_else(|| uki_exists(self.committed).then_some(self.committed))
+    }
+
     pub fn to_variables(&self) -> BTreeMap<String, String> {
         let tries = |value: Option<u32>| {
             value.map_or_else(|| "-".to_string(), |tries| format!("{tries:x}"))
@@ -239,6 +250,43 @@ pub fn newest_copy(copies: [Option<&[u8]>; 2]) -> Option<(BootState, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_boot_follows_the_order_tries_and_present_ukis() {
+        let trying_b = BootState {
+            sequence: 2,
+            order: vec![Slot::B, Slot::A],
+            committed: Slot::A,
+            tries_a: None,
+            tries_b: Some(1),
+        };
+        let both = |_| true;
+        assert_eq!(trying_b.next_boot(both), Some(Slot::B));
+        // B's UKI missing: A, the next in the order.
+        assert_eq!(trying_b.next_boot(|slot| slot == Slot::A), Some(Slot::A));
+        // The try used up: A.
+        let used = BootState {
+            tries_b: Some(0),
+            ..trying_b.clone()
+        };
+        assert_eq!(used.next_boot(both), Some(Slot::A));
+        // Nothing in the order can boot: the committed slot, if its UKI exists.
+        let odd = BootState {
+            order: vec![Slot::B],
+            ..used.clone()
+        };
+        assert_eq!(odd.next_boot(both), Some(Slot::A));
+        assert_eq!(odd.next_boot(|_| false), None);
+        // A manual rollback: B committed, A first in the order, both good.
+        let rolled_back = BootState {
+            sequence: 5,
+            order: vec![Slot::A, Slot::B],
+            committed: Slot::B,
+            tries_a: None,
+            tries_b: None,
+        };
+        assert_eq!(rolled_back.next_boot(both), Some(Slot::A));
+    }
 
     #[test]
     fn environment_round_trips_and_checks_crc() {

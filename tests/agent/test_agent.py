@@ -762,6 +762,7 @@ def update_found_and_installed(suite, node_name):
         check_equal(status["booted"]["verity_root_hash"], suite.builds["1.0.0"].root_hash, "booted root hash")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation before")
         check_equal({s["slot"]: s["state"] for s in status["boot_slots"]}, {"a": "good", "b": "empty"}, "slot states")
+        check_equal(status["next_boot"], "a", "next boot before the install")
         report = node.ok("check").json
         check_equal(report["result"], "available", "check result")
         check_equal(report["version"], "1.1.0", "check version")
@@ -776,6 +777,7 @@ def update_found_and_installed(suite, node_name):
         check(status["state"]["last_error"] is None, f"last_error after a good install: {status['state']['last_error']}")
         b = node.slot_status("b")
         check_equal(b["boot_state"], "trying (1 tries left)", "slot b boot state")
+        check_equal(status["next_boot"], "b", "next boot after the install (B's one try)")
         check(not os.path.exists(node.marker), "rebooted without --reboot")
         # A second apply while one waits for its reboot is refused (exit 2).
         again = node.cli("apply")
@@ -784,6 +786,8 @@ def update_found_and_installed(suite, node_name):
         # Human output of status.
         human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
         check_in("operation:   installed", human, "status (human)")
+        check(re.search(r"^b\s+yes\s+1\.1\.0", human, re.M) is not None,
+              f"status (human) should mark slot B as booting next:\n{human}")
         # A restart keeps the installed update waiting for its reboot.
         node.restart()
         check_equal(node.status()["state"]["operation"]["kind"], "installed", "operation after a restart")

@@ -406,7 +406,8 @@ def summary(report: dict) -> str:
     failed = [(f["version"], f["reason"]) for f in state.get("failed_versions", [])]
     error = state.get("last_error")
     check_result = (state.get("last_check") or {}).get("result")
-    return (f"booted {report['booted']['slot']} {report['booted']['version']}; "
+    return (f"booted {report['booted']['slot']} {report['booted']['version']}, "
+            f"next boot {report.get('next_boot')}; "
             f"a={slot_view(report, 'a')} b={slot_view(report, 'b')}; op={state['operation']}; "
             f"last_check={check_result!r}; last_error={error and error.get('message')!r}; failed={failed}")
 
@@ -599,6 +600,9 @@ def on_good_slot(report: dict, version: str) -> None:
     check(report["booted"]["version"] == version, f"booted {report['booted']['version']}, expected {version}")
     check(view["boot_state"] == "good" and view["state"] == "good",
           f"booted slot {booted} is not committed: {summary(report)}")
+    if operation(report) == "idle":
+        check(report.get("next_boot") == booted,
+              f"with nothing pending, slot {booted} should boot next: {summary(report)}")
 
 
 def other_not_bootable(report: dict) -> None:

@@ -184,6 +184,8 @@ pub struct StatusReport {
     pub booted: Booted,
     pub state: AgentState,
     pub boot_slots: Vec<SlotStatus>,
+    /// The slot the boot loader starts next (`None`: nothing bootable).
+    pub next_boot: Option<Slot>,
     pub progress: ProgressReport,
     pub seed: u32,
     pub config_error: Option<String>,
@@ -309,6 +311,7 @@ impl Agent {
     pub async fn status(&self) -> Result<StatusReport, AgentError> {
         let inner = self.inner.lock().await;
         let boot_states = inner.boot.slot_states()?;
+        let next_boot = inner.boot.next_boot()?;
         let boot_slots = boot_states
             .iter()
             .map(|(slot, boot_state)| {
@@ -326,6 +329,7 @@ impl Agent {
             booted: self.booted.clone(),
             state: inner.state.clone(),
             boot_slots,
+            next_boot,
             progress: ProgressReport {
                 bytes: self.progress.bytes.load(Ordering::Relaxed),
                 total: self.progress.total.load(Ordering::Relaxed),

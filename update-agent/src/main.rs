@@ -330,13 +330,20 @@ fn print_status(value: &serde_json::Value) {
         booted["version"].as_str().unwrap_or("?"),
         booted["arch"].as_str().unwrap_or("?")
     );
-    println!("SLOT   BOOTED   VERSION      AGENT STATE    BOOT LOADER");
+    println!("SLOT   BOOTED   NEXT BOOT   VERSION      AGENT STATE    BOOT LOADER");
+    let next_boot = value["next_boot"].as_str();
     if let Some(slots) = value["boot_slots"].as_array() {
         for slot in slots {
+            let name = slot["slot"].as_str();
             println!(
-                "{:<6} {:<8} {:<12} {:<14} {}",
-                slot["slot"].as_str().unwrap_or("?"),
+                "{:<6} {:<8} {:<11} {:<12} {:<14} {}",
+                name.unwrap_or("?"),
                 if slot["booted"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    ""
+                },
+                if name.is_some() && name == next_boot {
                     "yes"
                 } else {
                     ""

@@ -117,6 +117,11 @@ pub trait BootControl: std::fmt::Debug + Send {
 
     /// What the ESP says about each slot, A first.
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError>;
+
+    /// The slot the boot loader starts on the next boot, as far as the ESP
+    /// tells (`None`: nothing bootable). A firmware override such as
+    /// systemd-boot's `LoaderEntryOneShot` is not seen here.
+    fn next_boot(&self) -> Result<Option<Slot>, BootControlError>;
 }
 
 #[derive(Debug, Error)]

@@ -430,6 +430,33 @@ impl BootControl for SystemdBoot {
         Ok(())
     }
 
+    /// The slot whose entry the `default` names, if one matches; otherwise
+    /// systemd-boot takes the first entry in its order, which puts entries
+    /// with no tries left last: a committed entry, else one with tries left.
+    fn next_boot(&self) -> Result<Option<Slot>, BootControlError> {
+        let default = self.default()?;
+        let bootable = |entry: &Entry| entry.counter.is_none_or(|counter| counter.left > 0);
+        let mut entries = Vec::new();
+        for slot in Slot::ALL {
+            entries.extend(self.entries_of(slot)?);
+        }
+        let named = entries.iter().find(|entry| match &default {
+            DefaultEntry::Committed(slot) => {
+                entry.slot == *slot && entry.file_name == committed_default(*slot)
+            }
+            DefaultEntry::Trying(slot) => entry.slot == *slot && bootable(entry),
+            DefaultEntry::Other(_) | DefaultEntry::Unset => false,
+        });
+        let first = || {
+            entries
+                .iter()
+                .find(|entry| entry.counter.is_none())
+                .or_else(|| entries.iter().find(|entry| bootable(entry)))
+                .or_else(|| entries.first())
+        };
+        Ok(named.or_else(first).map(|entry| entry.slot))
+    }
+
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError> {
         let default = self.default()?;
         let state = |slot: Slot| -> Result<(Slot, SlotBootState), BootControlError> {
@@ -543,6 +570,8 @@ mod tests {
             }
             _ => {
                 let Some(first) = ids.first() else {
+                    let predicted = SystemdBoot::new(esp.to_path_buf()).next_boot().unwrap();
+                    assert_eq!(predicted, None, "next_boot with no entries");
                     return Err("no entries".into());
                 };
                 let first_bad = bad(first);
@@ -553,6 +582,13 @@ mod tests {
             return Err(format!("the choice depends on versions: {candidates:?}"));
         }
         let chosen = candidates[0].clone();
+        // What `status` says boots next must be what systemd-boot boots.
+        let predicted = SystemdBoot::new(esp.to_path_buf()).next_boot().unwrap();
+        assert_eq!(
+            predicted,
+            parse_entry(&chosen).map(|entry| entry.slot),
+            "next_boot disagrees with systemd-boot's choice of {chosen} (entries {ids:?})"
+        );
         if let Some((left, done)) = systemd_tries(&chosen) {
             let prefix = &chosen[..chosen.rfind('+').unwrap()];
             let next = format!("{prefix}+{}-{}.efi", left.saturating_sub(1), done + 1);

@@ -325,6 +325,12 @@ impl BootControl for UBoot {
         Ok(())
     }
 
+    fn next_boot(&self) -> Result<Option<Slot>, BootControlError> {
+        let state = self.current()?.state;
+        let exists = [self.uki_exists(Slot::A)?, self.uki_exists(Slot::B)?];
+        Ok(state.next_boot(|slot| exists[slot as usize]))
+    }
+
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError> {
         let state = self.current()?.state;
         let of = |slot: Slot| -> Result<(Slot, SlotBootState), BootControlError> {
@@ -368,8 +374,16 @@ mod tests {
     ];
 
     /// One run of image-builder/assets/u-boot/boot.cmd, step by step: returns
-    /// the slot whose UKI it boots (`None`: nothing bootable, reset).
+    /// the slot whose UKI it boots (`None`: nothing bootable, reset). Checks
+    /// that `next_boot` (what `status` shows) predicted it.
     fn boot_script(esp: &Path) -> Option<Slot> {
+        let predicted = UBoot::new(esp.to_path_buf()).next_boot().unwrap();
+        let booted = run_boot_script(esp);
+        assert_eq!(predicted, booted, "next_boot disagrees with boot.cmd");
+        booted
+    }
+
+    fn run_boot_script(esp: &Path) -> Option<Slot> {
         let hex = |text: &str| u64::from_str_radix(text, 16).unwrap_or(0);
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         // racklet_committed from the marker; racklet_fallback stays that.
