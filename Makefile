@@ -136,6 +136,7 @@ e2e_make = $(MAKE) variant=qemu-x86_64 KEYS=$(E2E)/keys
 
 e2e: builder
 	@image-builder/scripts/vm-tools.sh
+	@image-builder/scripts/test-tools.sh
 	$(e2e_make) keys
 	$(e2e_make) build OUTPUT=$(E2E)/v1 VERSION=1.0.0 EXTRA_RECIPES=
 	$(e2e_make) build OUTPUT=$(E2E)/v2 VERSION=2.0.0 EXTRA_RECIPES=

@@ -46,6 +46,9 @@ const BLOCK_SIZE: usize = VERITY_BLOCK_SIZE as usize;
 const DIGEST_SIZE: usize = 32;
 /// How much data is read (and hashed) per `read` round trip.
 const READ_CHUNK_SIZE: usize = 1 << 20;
+/// Read-ahead of the hash tree's lowest level while verifying (64 hash blocks
+/// cover 32 MiB of data).
+const LOWEST_LEVEL_READ_SIZE: usize = 256 << 10;
 /// Domain-separation prefix of [`salt_from_content_digest`].
 const SALT_DERIVATION_PREFIX: &[u8] = b"racklet-verity-salt";
 /// Version field of the dm-verity superblock and of the dm table line.
@@ -370,8 +373,10 @@ pub fn build_hash_tree_with_progress<R: Read, W: Write>(
 /// `expected_root_hash`; both inputs are rewound to offset 0 first.
 ///
 /// Checks, in this order: the superblock, the top hash block against the
-/// root hash, every hash block against its parent, every data block against
-/// its leaf digest. Memory use is bounded by the tree size; data is streamed.
+/// root hash, every hash block above the lowest level against its parent,
+/// then, streamed together, each lowest-level block against its parent and
+/// every data block against its digest there. Memory holds only the upper
+/// levels (1/128 of the tree, 64 KiB per GiB of data) and the read buffers.
 /// Returns the superblock on success. For single-block data (no hash levels)
 /// a corrupt data block is reported as [`VerityError::RootHashMismatch`],
 /// since the root hash is that block's digest.
@@ -401,46 +406,71 @@ pub fn verify<R1: Read + Seek, R2: Read + Seek>(
         "the hash device",
     )?;
     require_length(&mut data, superblock.data_size_bytes(), "the data")?;
+    // The levels above the lowest (1/128 of the tree) are read and checked
+    // first; the lowest level (the data blocks' digests, 8 MiB per GiB of
+    // data) is streamed beside the data, each of its blocks checked against
+    // its parent before its digests are used, so memory stays flat.
+    let level_count = geometry.level_blocks.len();
+    let upper_levels_start = if level_count > 1 {
+        geometry.level_start_block(level_count - 1)
+    } else {
+        HASH_START_BLOCK
+    };
+    let lowest_level_start = if level_count > 0 {
+        geometry.level_start_block(0)
+    } else {
+        HASH_START_BLOCK
+    };
     hash_device
-        .seek(SeekFrom::Start(VERITY_BLOCK_SIZE))
+        .seek(SeekFrom::Start(upper_levels_start * VERITY_BLOCK_SIZE))
         .map_err(|source| io_error("seeking to the hash tree", source))?;
-
-    // Read the whole tree, split it into levels (index 0 = lowest).
-    let mut tree_bytes = vec![0u8; to_usize(geometry.total_hash_blocks() * VERITY_BLOCK_SIZE)?];
-    read_exactly(&mut hash_device, &mut tree_bytes, "the hash tree")?;
+    let mut upper_bytes =
+        vec![0u8; to_usize((lowest_level_start - upper_levels_start) * VERITY_BLOCK_SIZE)?];
+    read_exactly(
+        &mut hash_device,
+        &mut upper_bytes,
+        "the hash tree's upper levels",
+    )?;
     let level_byte_range = |level: usize| {
-        let start = (geometry.level_start_block(level) - HASH_START_BLOCK) * VERITY_BLOCK_SIZE;
+        let start = (geometry.level_start_block(level) - upper_levels_start) * VERITY_BLOCK_SIZE;
         let len = geometry.level_blocks[level] * VERITY_BLOCK_SIZE;
         start as usize..(start + len) as usize
     };
-
-    let leaf_digests: &[u8] = match geometry.level_blocks.len() {
-        0 => expected_root_hash,
-        level_count => {
-            let top = &tree_bytes[level_byte_range(level_count - 1)];
-            let found_root = hasher.digest(top);
-            if &found_root != expected_root_hash {
-                return Err(VerityError::RootHashMismatch {
-                    expected: *expected_root_hash,
-                    found: found_root,
-                });
-            }
-            for parent_level in (1..level_count).rev() {
-                let parent = &tree_bytes[level_byte_range(parent_level)];
-                let child_level = parent_level - 1;
-                let children = &tree_bytes[level_byte_range(child_level)];
-                for (index, child) in children.chunks_exact(BLOCK_SIZE).enumerate() {
-                    if hasher.digest(child)[..] != parent[index * DIGEST_SIZE..][..DIGEST_SIZE] {
-                        let block = geometry.level_start_block(child_level) + index as u64;
-                        return Err(VerityError::CorruptHashBlock {
-                            offset: block * VERITY_BLOCK_SIZE,
-                        });
-                    }
+    if level_count > 1 {
+        let top = &upper_bytes[level_byte_range(level_count - 1)];
+        let found_root = hasher.digest(top);
+        if &found_root != expected_root_hash {
+            return Err(VerityError::RootHashMismatch {
+                expected: *expected_root_hash,
+                found: found_root,
+            });
+        }
+        for parent_level in (2..level_count).rev() {
+            let parent = &upper_bytes[level_byte_range(parent_level)];
+            let child_level = parent_level - 1;
+            let children = &upper_bytes[level_byte_range(child_level)];
+            for (index, child) in children.chunks_exact(BLOCK_SIZE).enumerate() {
+                if hasher.digest(child)[..] != parent[index * DIGEST_SIZE..][..DIGEST_SIZE] {
+                    let block = geometry.level_start_block(child_level) + index as u64;
+                    return Err(VerityError::CorruptHashBlock {
+                        offset: block * VERITY_BLOCK_SIZE,
+                    });
                 }
             }
-            &tree_bytes[level_byte_range(0)]
         }
+    }
+    // The digest each lowest-level block must have: from level 1, or the
+    // root hash itself when the lowest level is the single top block.
+    let lowest_parent: &[u8] = match level_count {
+        0 | 1 => expected_root_hash,
+        _ => &upper_bytes[level_byte_range(1)],
     };
+    hash_device
+        .seek(SeekFrom::Start(lowest_level_start * VERITY_BLOCK_SIZE))
+        .map_err(|source| io_error("seeking to the hash tree's lowest level", source))?;
+    let mut lowest_level = io::BufReader::with_capacity(LOWEST_LEVEL_READ_SIZE, hash_device);
+    let mut leaf_block = vec![0u8; BLOCK_SIZE];
+    let mut loaded_leaf_block: Option<u64> = None;
 
     data.seek(SeekFrom::Start(0))
         .map_err(|source| io_error("seeking to the start of the data", source))?;
@@ -453,16 +483,43 @@ pub fn verify<R1: Read + Seek, R2: Read + Seek>(
             for (index, block) in chunk.chunks_exact(BLOCK_SIZE).enumerate() {
                 let block_index = first_block_in_chunk + index as u64;
                 let found = hasher.digest(block);
-                let expected = &leaf_digests[block_index as usize * DIGEST_SIZE..][..DIGEST_SIZE];
-                if found[..] != *expected {
-                    return Err(if geometry.level_blocks.is_empty() {
-                        VerityError::RootHashMismatch {
+                if level_count == 0 {
+                    if found != *expected_root_hash {
+                        return Err(VerityError::RootHashMismatch {
                             expected: *expected_root_hash,
                             found,
-                        }
-                    } else {
-                        VerityError::CorruptDataBlock { block: block_index }
-                    });
+                        });
+                    }
+                    continue;
+                }
+                let leaf_index = block_index / DIGESTS_PER_HASH_BLOCK;
+                if loaded_leaf_block != Some(leaf_index) {
+                    // Blocks come in order: the next leaf block is the next 4 KiB.
+                    read_exactly(
+                        &mut lowest_level,
+                        &mut leaf_block,
+                        "the hash tree's lowest level",
+                    )?;
+                    let leaf_digest = hasher.digest(&leaf_block);
+                    let expected =
+                        &lowest_parent[leaf_index as usize * DIGEST_SIZE..][..DIGEST_SIZE];
+                    if leaf_digest[..] != *expected {
+                        return Err(if level_count == 1 {
+                            VerityError::RootHashMismatch {
+                                expected: *expected_root_hash,
+                                found: leaf_digest,
+                            }
+                        } else {
+                            VerityError::CorruptHashBlock {
+                                offset: (lowest_level_start + leaf_index) * VERITY_BLOCK_SIZE,
+                            }
+                        });
+                    }
+                    loaded_leaf_block = Some(leaf_index);
+                }
+                let slot = (block_index % DIGESTS_PER_HASH_BLOCK) as usize * DIGEST_SIZE;
+                if found[..] != leaf_block[slot..slot + DIGEST_SIZE] {
+                    return Err(VerityError::CorruptDataBlock { block: block_index });
                 }
             }
             first_block_in_chunk += (chunk.len() / BLOCK_SIZE) as u64;
@@ -1073,6 +1130,53 @@ mod tests {
             matches!(&err, VerityError::ShortRead { what, found: 16384, .. } if what == "the hash device"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn verify_one_level_tree() {
+        // 100 data blocks: the lowest level is the single top block.
+        let data = pseudo_random_data(100 * BLOCK_SIZE, 3);
+        let (tree, hash_device) = build(&data, TEST_SALT);
+        run_verify(&data, &hash_device, &tree.root_hash).unwrap();
+        let mut bad_data = data.clone();
+        bad_data[99 * BLOCK_SIZE] ^= 1;
+        let err = run_verify(&bad_data, &hash_device, &tree.root_hash).unwrap_err();
+        assert!(
+            matches!(err, VerityError::CorruptDataBlock { block: 99 }),
+            "{err}"
+        );
+        let mut bad_top = hash_device.clone();
+        bad_top[BLOCK_SIZE + 7] ^= 1;
+        let err = run_verify(&data, &bad_top, &tree.root_hash).unwrap_err();
+        assert!(matches!(err, VerityError::RootHashMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn verify_three_level_tree_streams_the_lowest_level() {
+        // 128 * 128 + 1 data blocks: levels of 129, 2 and 1 hash blocks,
+        // stored top first: top at block 1, level 1 at 2-3, level 0 at 4-132.
+        let blocks = 128 * 128 + 1;
+        let data = pseudo_random_data(blocks * BLOCK_SIZE, 9);
+        let (tree, hash_device) = build(&data, TEST_SALT);
+        assert_eq!(hash_device.len(), 133 * BLOCK_SIZE);
+        run_verify(&data, &hash_device, &tree.root_hash).unwrap();
+
+        let mut bad_data = data.clone();
+        bad_data[(blocks - 1) * BLOCK_SIZE + 9] ^= 1;
+        let err = run_verify(&bad_data, &hash_device, &tree.root_hash).unwrap_err();
+        assert!(
+            matches!(err, VerityError::CorruptDataBlock { block } if block == blocks as u64 - 1),
+            "{err}"
+        );
+        for (hash_block, what) in [(3, "level 1"), (4, "first leaf"), (132, "last leaf")] {
+            let mut bad_hash = hash_device.clone();
+            bad_hash[hash_block * BLOCK_SIZE + 100] ^= 0x40;
+            let err = run_verify(&data, &bad_hash, &tree.root_hash).unwrap_err();
+            assert!(
+                matches!(err, VerityError::CorruptHashBlock { offset } if offset == (hash_block * BLOCK_SIZE) as u64),
+                "{what}: {err}"
+            );
+        }
     }
 
     #[test]

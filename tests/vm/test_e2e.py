@@ -340,7 +340,9 @@ timeout_seconds = 120
 
 def write_file(vm: NetVM, path: str, text: str) -> None:
     encoded = base64.b64encode(text.encode()).decode()
-    vm.run(f"mkdir -p $(dirname {path}) && echo {encoded} | base64 -d > {path}")
+    # Synced: a power cut test must not lose its own setup (a file written
+    # just before the cut may otherwise come back empty: ext4 delays it).
+    vm.run(f"mkdir -p $(dirname {path}) && echo {encoded} | base64 -d > {path} && sync")
 
 
 def wait_for_network(vm: NetVM, timeout: float = 120) -> None:
