@@ -828,7 +828,7 @@ def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
     after_cut = summary(report)
     # The agent completes (or restarts) the update: 2 ends up committed.
     # Followed by the monitor only: the agent may reboot at any moment.
-    deadline = time.monotonic() + 1800
+    deadline = time.monotonic() + 900
     boots = 0
     while True:
         check(time.monotonic() < deadline, f"{v2} not committed after the cut ({what})")
