@@ -797,6 +797,37 @@ def update_found_and_installed(suite, node_name):
 
 
 @case
+def installed_but_entry_lost_installs_again(suite, node_name):
+    """A power cut lost loader.conf's new default (vfat did not have it on the
+    disk yet): after the restart the agent must not wait for a reboot that would
+    boot slot A again, but make B unbootable and install once more."""
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        node.ok("apply")
+        node.assert_installed(new)
+        node.stop()
+        conf = os.path.join(node.esp, "loader", "loader.conf")
+        with open(conf) as source:
+            text = source.read()
+        with open(conf, "w") as target:
+            target.write(text.replace(f"default {TRY_PATTERN}", "default racklet-a.efi"))
+        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default put back")
+        node.start()
+        status = node.status()
+        check_equal(status["next_boot"], "a", "next boot after the restart")
+        check_equal(status["state"]["operation"]["kind"], "idle", "operation after the restart")
+        check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
+        check_in("would not try it", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
+        node.assert_b_unbootable()
+        node.ok("apply")
+        node.assert_installed(new)
+        check_equal(node.status()["next_boot"], "b", "next boot after installing again")
+    finally:
+        node.close()
+
+
+@case
 def apply_with_reboot_writes_the_marker(suite, node_name):
     node = standard_node(suite, node_name)
     try:

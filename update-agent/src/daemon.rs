@@ -931,6 +931,7 @@ impl Agent {
         let trying = inner.boot.is_trying(booted)?;
         let operation = inner.state.operation.clone();
         let was_trying = matches!(operation, Operation::Trying { .. });
+        let was_installed = matches!(operation, Operation::Installed { .. });
         let interrupted_name = operation.name();
         match operation {
             // The install got as far as placing the try (set_one_try) before
@@ -991,6 +992,18 @@ impl Agent {
                         );
                     }
                     inner.state.operation = Operation::Idle;
+                } else if was_installed && inner.boot.next_boot()? != Some(slot) {
+                    // Installed, but the boot loader would not try it: its
+                    // entry did not outlive a power cut. Never leave an
+                    // update waiting for a reboot that would not start it.
+                    inner.boot.mark_unbootable(slot)?;
+                    inner.state.slot_mut(slot).state = SlotState::Unbootable;
+                    inner.state.operation = Operation::Idle;
+                    inner.state.record_error(
+                        Timestamp::now(),
+                        "installed",
+                        format!("{version} was installed in slot {slot}, but after a restart the boot loader would not try it (its entry did not reach the disk); it will be installed again"),
+                    );
                 }
             }
             Operation::Installed { version, slot } | Operation::Trying { version, slot } => {

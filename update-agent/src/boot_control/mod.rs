@@ -210,6 +210,22 @@ fn sync_dir(dir: &Path) -> Result<(), BootControlError> {
         .map_err(io_error("fsync the directory", dir))
 }
 
+/// After a rename: fsync the file under its new name, then its directory.
+///
+/// On vfat the directory fsync alone is not enough when the rename replaced
+/// an existing file: Linux's FAT driver rewrites the existing directory entry
+/// (the renamed file's start cluster and size) only when the renamed inode
+/// itself is written back, which a directory fsync does not do. Found by the
+/// e2e power-cut test: `loader/loader.conf` came back with its old contents
+/// after a cut 0.4 s after the agent had replaced and "synced" it, while a
+/// rename to a new name (the UKI) survived.
+fn sync_renamed(path: &Path) -> Result<(), BootControlError> {
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(io_error("fsync", path))?;
+    sync_dir(parent_of(path))
+}
+
 /// Create `dir` and its missing parents, syncing each new directory entry.
 fn ensure_dir(dir: &Path) -> Result<(), BootControlError> {
     if dir.is_dir() {
@@ -226,7 +242,8 @@ fn ensure_dir(dir: &Path) -> Result<(), BootControlError> {
     Ok(())
 }
 
-/// Write a new file at `path` by temp + fsync + rename + directory fsync.
+/// Write a new file at `path` by temp + fsync + rename + fsync of the file
+/// and its directory.
 fn place_file(
     path: &Path,
     write: impl FnOnce(&mut File, &Path) -> Result<(), BootControlError>,
@@ -250,7 +267,7 @@ fn place_file(
         let _ = std::fs::remove_file(&temp);
     }
     result?;
-    sync_dir(directory)
+    sync_renamed(path)
 }
 
 /// Replace `path` with `contents`, crash-safely.
@@ -283,7 +300,7 @@ fn rename_file(from: &Path, to: &Path) -> Result<(), BootControlError> {
         path: to.to_path_buf(),
         source,
     })?;
-    sync_dir(parent_of(to))
+    sync_renamed(to)
 }
 
 /// Remove `path` if it exists and sync the directory.
