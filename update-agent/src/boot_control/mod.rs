@@ -18,8 +18,10 @@
 //!
 //! Every change on the ESP is a new file written under a temporary name in the
 //! same directory (`.<name>.tmp`, which neither boot loader looks at), fsynced,
-//! renamed over the final name, and then the directory is fsynced; removals and
-//! renames are followed by a directory fsync too. FAT has no journal and Linux's
+//! renamed over the final name, and then the file under its new name and the
+//! directory are fsynced (vfat writes the renamed file's directory entry only
+//! with its inode; see `sync_renamed`); removals are followed by a directory
+//! fsync, renames by both. FAT has no journal and Linux's
 //! vfat gives no atomicity guarantee for rename, so this is the best available,
 //! not a proof: a power cut can at worst leave the directory entry for the old
 //! or the new name (never a half-written file under the final name), or a
