@@ -142,13 +142,14 @@ impl BootState {
 
     /// The slot our boot script starts next, as `boot.cmd` decides: the first
     /// slot in `order` that is committed or has a try left and whose UKI
-    /// exists, else the committed slot (`None` when its UKI is missing too).
-    pub fn next_boot(&self, uki_exists: impl Fn(Slot) -> bool) -> Option<Slot> {
+    /// exists, else `fallback` (the script's `racklet_fallback`, from the
+    /// `committed-b` marker file; `None` when its UKI is missing too).
+    pub fn next_boot(&self, fallback: Slot, uki_exists: impl Fn(Slot) -> bool) -> Option<Slot> {
         self.order
             .iter()
             .copied()
             .find(|&slot| self.tries(slot).is_none_or(|tries| tries > 0) && uki_exists(slot))
-            .or_else(|| uki_exists(self.committed).then_some(self.committed))
+            .or_else(|| uki_exists(fallback).then_some(fallback))
     }
 
     pub fn to_variables(&self) -> BTreeMap<String, String> {
@@ -261,22 +262,25 @@ mod tests {
             tries_b: Some(1),
         };
         let both = |_| true;
-        assert_eq!(trying_b.next_boot(both), Some(Slot::B));
+        assert_eq!(trying_b.next_boot(Slot::A, both), Some(Slot::B));
         // B's UKI missing: A, the next in the order.
-        assert_eq!(trying_b.next_boot(|slot| slot == Slot::A), Some(Slot::A));
+        assert_eq!(
+            trying_b.next_boot(Slot::A, |slot| slot == Slot::A),
+            Some(Slot::A)
+        );
         // The try used up: A.
         let used = BootState {
             tries_b: Some(0),
             ..trying_b.clone()
         };
-        assert_eq!(used.next_boot(both), Some(Slot::A));
+        assert_eq!(used.next_boot(Slot::A, both), Some(Slot::A));
         // Nothing in the order can boot: the committed slot, if its UKI exists.
         let odd = BootState {
             order: vec![Slot::B],
             ..used.clone()
         };
-        assert_eq!(odd.next_boot(both), Some(Slot::A));
-        assert_eq!(odd.next_boot(|_| false), None);
+        assert_eq!(odd.next_boot(Slot::A, both), Some(Slot::A));
+        assert_eq!(odd.next_boot(Slot::A, |_| false), None);
         // A manual rollback: B committed, A first in the order, both good.
         let rolled_back = BootState {
             sequence: 5,
@@ -285,7 +289,7 @@ mod tests {
             tries_a: None,
             tries_b: None,
         };
-        assert_eq!(rolled_back.next_boot(both), Some(Slot::A));
+        assert_eq!(rolled_back.next_boot(Slot::A, both), Some(Slot::A));
     }
 
     #[test]

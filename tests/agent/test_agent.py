@@ -786,7 +786,8 @@ def update_found_and_installed(suite, node_name):
         # Human output of status.
         human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
         check_in("operation:   installed", human, "status (human)")
-        check(re.search(r"^b\s+yes\s+1\.1\.0", human, re.M) is not None,
+        # SLOT (6) BOOTED (8) NEXT BOOT (11) VERSION: "yes" in the third column.
+        check(re.search(r"^b {15}yes {9}1\.1\.0", human, re.M) is not None,
               f"status (human) should mark slot B as booting next:\n{human}")
         # A restart keeps the installed update waiting for its reboot.
         node.restart()

@@ -960,12 +960,17 @@ impl Agent {
             Operation::Installed { version, slot } | Operation::Trying { version, slot }
                 if slot != booted =>
             {
+                // A try used up. `Bad` counts only for a try in progress: an
+                // installed update whose last boot-loader write was lost can
+                // look bad (U-Boot's state from before the install), and that
+                // is not a failed boot.
                 let used = boot_states.iter().any(|(s, state)| {
                     *s == slot
-                        && matches!(
-                            state,
-                            SlotBootState::Trying { tries_left: 0 } | SlotBootState::Bad
-                        )
+                        && match state {
+                            SlotBootState::Trying { tries_left: 0 } => true,
+                            SlotBootState::Bad => was_trying,
+                            _ => false,
+                        }
                 });
                 if used || was_trying {
                     // The try happened and the boot loader fell back: a crash,
@@ -992,7 +997,9 @@ impl Agent {
                         );
                     }
                     inner.state.operation = Operation::Idle;
-                } else if was_installed && inner.boot.next_boot()? != Some(slot) {
+                } else if was_installed
+                    && matches!(inner.boot.next_boot()?, Some(next) if next != slot)
+                {
                     // Installed, but the boot loader would not try it: its
                     // entry did not outlive a power cut. Never leave an
                     // update waiting for a reboot that would not start it.

@@ -121,7 +121,8 @@ pub trait BootControl: std::fmt::Debug + Send {
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError>;
 
     /// The slot the boot loader starts on the next boot, as far as the ESP
-    /// tells (`None`: nothing bootable). A firmware override such as
+    /// tells: `None` when nothing is bootable or the choice depends on what
+    /// the ESP does not show (see each back end). A firmware override such as
     /// systemd-boot's `LoaderEntryOneShot` is not seen here.
     fn next_boot(&self) -> Result<Option<Slot>, BootControlError>;
 }

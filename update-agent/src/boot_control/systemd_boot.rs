@@ -430,9 +430,12 @@ impl BootControl for SystemdBoot {
         Ok(())
     }
 
-    /// The slot whose entry the `default` names, if one matches; otherwise
-    /// systemd-boot takes the first entry in its order, which puts entries
-    /// with no tries left last: a committed entry, else one with tries left.
+    /// The slot whose entry the `default` names, if one matches. Otherwise
+    /// systemd-boot takes the first entry in its order: entries with tries
+    /// left (or none counted) before used-up ones, then by the version inside
+    /// each UKI, which the ESP's file names do not tell. So the answer is
+    /// known only when that first group holds one slot's entries; `None`
+    /// when it does not, or when the default is a pattern we did not write.
     fn next_boot(&self) -> Result<Option<Slot>, BootControlError> {
         let default = self.default()?;
         let bootable = |entry: &Entry| entry.counter.is_none_or(|counter| counter.left > 0);
@@ -447,14 +450,19 @@ impl BootControl for SystemdBoot {
             DefaultEntry::Trying(slot) => entry.slot == *slot && bootable(entry),
             DefaultEntry::Other(_) | DefaultEntry::Unset => false,
         });
-        let first = || {
-            entries
-                .iter()
-                .find(|entry| entry.counter.is_none())
-                .or_else(|| entries.iter().find(|entry| bootable(entry)))
-                .or_else(|| entries.first())
-        };
-        Ok(named.or_else(first).map(|entry| entry.slot))
+        if let Some(entry) = named {
+            return Ok(Some(entry.slot));
+        }
+        if matches!(default, DefaultEntry::Other(_)) {
+            return Ok(None);
+        }
+        let any_bootable = entries.iter().any(bootable);
+        let mut first_group = entries
+            .iter()
+            .filter(|entry| bootable(entry) == any_bootable)
+            .map(|entry| entry.slot);
+        let first = first_group.next();
+        Ok(first.filter(|slot| first_group.all(|other| other == *slot)))
     }
 
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError> {
@@ -582,7 +590,8 @@ mod tests {
             return Err(format!("the choice depends on versions: {candidates:?}"));
         }
         let chosen = candidates[0].clone();
-        // What `status` says boots next must be what systemd-boot boots.
+        // What `status` says boots next must be what systemd-boot boots
+        // (every default in these tests is one the agent writes, or none).
         let predicted = SystemdBoot::new(esp.to_path_buf()).next_boot().unwrap();
         assert_eq!(
             predicted,

@@ -328,7 +328,7 @@ impl BootControl for UBoot {
     fn next_boot(&self) -> Result<Option<Slot>, BootControlError> {
         let state = self.current()?.state;
         let exists = [self.uki_exists(Slot::A)?, self.uki_exists(Slot::B)?];
-        Ok(state.next_boot(|slot| exists[slot as usize]))
+        Ok(state.next_boot(self.marker_committed()?, |slot| exists[slot as usize]))
     }
 
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError> {
