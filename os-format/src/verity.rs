@@ -265,6 +265,12 @@ impl VeritySuperblock {
         if data_blocks == 0 {
             return bad("expected at least 1 data block, found 0".to_string());
         }
+        // Every size derived from it (data bytes, hash device bytes) must fit in a u64.
+        if data_blocks > u64::MAX / VERITY_BLOCK_SIZE / 2 {
+            return bad(format!(
+                "{data_blocks} data blocks is more than any device holds"
+            ));
+        }
         let salt_size = usize::from(u16::from_le_bytes([
             bytes[SB_SALT_SIZE_OFFSET],
             bytes[SB_SALT_SIZE_OFFSET + 1],
@@ -1130,6 +1136,10 @@ mod tests {
             matches!(&err, VerityError::ShortRead { what, found: 16384, .. } if what == "the hash device"),
             "{err}"
         );
+        // One whose byte sizes would overflow is refused outright.
+        huge_count[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = run_verify(&data, &huge_count, &tree.root_hash).unwrap_err();
+        assert!(matches!(&err, VerityError::BadSuperblock { .. }), "{err}");
     }
 
     #[test]
