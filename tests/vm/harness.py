@@ -51,6 +51,15 @@ class HarnessError(Exception):
     """A failure of the harness or of an expectation; carries the log tail."""
 
 
+class TestFailure(AssertionError):
+    """A test's expectation did not hold (raised by `check`)."""
+
+
+def check(condition, message: str) -> None:
+    if not condition:
+        raise TestFailure(message)
+
+
 class ExpectTimeout(HarnessError):
     pass
 

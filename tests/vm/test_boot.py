@@ -31,7 +31,9 @@ from harness import (  # noqa: E402
     AUTOLOGIN,
     HarnessError,
     Overlay,
+    TestFailure,
     VM,
+    check,
     clean,
     decode_uboot_env,
     encode_uboot_env,
@@ -55,15 +57,6 @@ BOOT_FAILURE = re.compile(
 KERNEL_CMDLINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
 INIT_OK = re.compile(r"racklet-init: slot ([ab]): [^\r\n]*starting [^\r\n]*\r?\n")
 SYSTEMD_BOOT_VENDOR_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
-
-
-class TestFailure(AssertionError):
-    pass
-
-
-def check(condition, message: str) -> None:
-    if not condition:
-        raise TestFailure(message)
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import AUTOLOGIN, HarnessError, Overlay, VM, clean, require_tools  # noqa: E402
+from harness import (  # noqa: E402
+    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, require_tools)
 from e2e_server import RepoServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,15 +47,6 @@ BOOT_FAILURE = re.compile(
 # been seen to lose its line ending.
 KERNEL_CMDLINE = re.compile(r"Kernel command line: [^\r\n]*?(racklet\.slot=[ab])")
 VERITY_CORRUPTION = re.compile(r"device-mapper: verity: [^\r\n]*corrupted")
-
-
-class TestFailure(AssertionError):
-    pass
-
-
-def check(condition, message: str) -> None:
-    if not condition:
-        raise TestFailure(message)
 
 
 # ---------------------------------------------------------------------------
@@ -892,13 +884,19 @@ def e2e_power_cuts(ctx: Context) -> None:
 # Attacks and faults
 
 
-def attack_setup(ctx: Context, *published: str, disk: str = "v1", block=None) -> tuple[Repo, RepoServer, NetVM]:
-    repo, server = ctx.repo(*published)
+def manual_node(ctx: Context, server: RepoServer, disk: str = "v1", block=None) -> NetVM:
+    """A node booted from `disk` into slot A, talking to `server`, its agent
+    configured to act only when told (`apply`, `check`)."""
     overlay = ctx.overlay(disk)
     vm = ctx.vm(overlay, server, block=block(overlay) if block else None)
     boot_to_shell(vm, "a")
     configure_agent(vm, auto=False, interval=3600)
-    return repo, server, vm
+    return vm
+
+
+def attack_setup(ctx: Context, *published: str, disk: str = "v1", block=None) -> tuple[Repo, RepoServer, NetVM]:
+    repo, server = ctx.repo(*published)
+    return repo, server, manual_node(ctx, server, disk, block)
 
 
 def refused(ctx: Context, vm: NetVM, running: str, words: list[str], what: str) -> dict:
@@ -946,10 +944,7 @@ def e2e_attack_replayed_metadata(ctx: Context) -> None:
     repo, server = ctx.repo("v1")
     old = repo.metadata()
     repo.publish("v2")
-    overlay = ctx.overlay("v1")
-    vm = ctx.vm(overlay, server)
-    boot_to_shell(vm, "a")
-    configure_agent(vm, auto=False, interval=3600)
+    vm = manual_node(ctx, server)
     code, result = cli_json(vm, "check", timeout=120)
     check(code == 0 and isinstance(result, dict) and result.get("result") == "available",
           f"the node should first see 2.0.0: {result}")
@@ -1025,10 +1020,7 @@ def e2e_attack_other_variant_or_arch(ctx: Context) -> None:
     ctx.note("repository: " + " | ".join(line.strip() for line in listing.splitlines() if line.strip())[:400])
     check("rpi4" in listing and "aarch64" in listing, f"the repository should list rpi4 8.0.0 and "
           f"{VARIANT}/aarch64 9.0.0: {listing}")
-    overlay = ctx.overlay("v1")
-    vm = ctx.vm(overlay, server)
-    boot_to_shell(vm, "a")
-    configure_agent(vm, auto=False, interval=3600)
+    vm = manual_node(ctx, server)
     code, result = cli_json(vm, "check", timeout=120)
     check(code == 0 and isinstance(result, dict) and result.get("result") == "up-to-date",
           f"rpi4 8.0.0 and aarch64 9.0.0 must not be offered to a {VARIANT} x86_64 node: {result}")
