@@ -39,9 +39,13 @@ endif
 # in different directories produce identical bytes.
 image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(CARGO_HOME)=/cargo
 builder := target/release/racklet-image
+# The builder is compiled with the image binaries' flags into their target
+# directory (then copied to $(builder)): the dependencies they share (tokio,
+# tough, rustls, zstd...) are compiled once, not twice.
+host_triple := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo test-agent lint test-image test-boot run bench clean check-variant e2e soak
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo test-agent lint test-image test-boot run bench clean check-variant images e2e soak
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -50,7 +54,8 @@ host-tools: check-variant
 	@image-builder/scripts/host-tools.sh $(arch)
 
 builder:
-	$(CARGO) build --release -p image-builder
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p image-builder --target $(host_triple) --target-dir target/image
+	@install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder)
 
 image-binaries: host-tools
 	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent --target $(triple) --target-dir target/image
@@ -80,8 +85,15 @@ publish: keys build
 lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
-# The README's test command: unit and tool tests, then images built and checked.
-test: test-unit test-repo test-agent test-image
+# The README's test command: every test group, each image built once, VM
+# tests two at a time; ends with a table of stage times and image identities
+# (tests/run-all.sh).
+test:
+	@image-builder/scripts/host-tools.sh x86_64
+	@image-builder/scripts/host-tools.sh aarch64
+	@image-builder/scripts/vm-tools.sh
+	@image-builder/scripts/test-tools.sh
+	tests/run-all.sh
 
 test-unit: lint
 	@image-builder/scripts/host-tools.sh x86_64
@@ -106,12 +118,11 @@ test-image: builder
 	@image-builder/scripts/host-tools.sh aarch64
 	tests/image/run.sh
 
-# Tests that boot images in QEMU (TCG): x86_64 under OVMF, the rpi4 path under U-Boot.
-test-boot:
+# Tests that boot images in QEMU (TCG): x86_64 under OVMF, the rpi4 path under
+# U-Boot; they boot version 1.0.0 of `make images`.
+test-boot: images
 	@image-builder/scripts/vm-tools.sh
-	$(MAKE) variant=qemu-x86_64 build
-	$(MAKE) variant=qemu-aarch64 build
-	python3 tests/vm/test_boot.py
+	python3 tests/vm/test_boot.py --build $(E2E)/v1
 
 # Boot build/<variant>/disk.img on the serial console, on a copy-on-write overlay
 # (the built image stays pristine) with fresh UEFI variables each time.
@@ -125,24 +136,34 @@ bench: builder
 clean:
 	rm -rf $(OUTPUT)
 
-# End-to-end updates in QEMU (tests/vm/test_e2e.py): versions 1.0.0, 2.0.0 and
-# 3.0.0 (3.0.0 with a health check that always fails) of qemu-x86_64, built into
-# $(E2E) with their own development keys, published in turn to a repository
-# served on 127.0.0.1 and installed by the real agent.
+# Every image the VM tests boot, built once: versions 1.0.0, 2.0.0 and 3.0.0
+# (3.0.0 with a health check that always fails) of each of $(E2E_VARIANTS),
+# into $(E2E)/v{1,2,3}/<variant>, trusting throwaway keys made in $(E2E)/keys.
 E2E ?= build/e2e
-# `make soak COUNT=N`: N power cuts at random moments.
-COUNT ?= 5
-e2e_make = $(MAKE) variant=qemu-x86_64 KEYS=$(E2E)/keys
+E2E_VARIANTS ?= qemu-x86_64 qemu-aarch64
+e2e_make = $(MAKE) KEYS=$(abspath $(E2E))/keys
 
-e2e: builder
+images: builder
+	$(e2e_make) keys
+	@set -e; for variant in $(E2E_VARIANTS); do \
+	  $(e2e_make) variant=$$variant build OUTPUT=$(E2E)/v1 VERSION=1.0.0 EXTRA_RECIPES=; \
+	  $(e2e_make) variant=$$variant build OUTPUT=$(E2E)/v2 VERSION=2.0.0 EXTRA_RECIPES=; \
+	  $(e2e_make) variant=$$variant build OUTPUT=$(E2E)/v3 VERSION=3.0.0 EXTRA_RECIPES=test-failing-health; \
+	done
+
+# End-to-end updates in QEMU (tests/vm/test_e2e.py): the images above published
+# in turn to a repository served on 127.0.0.1 and installed by the real agent,
+# on x86_64 (systemd-boot) and on aarch64 (U-Boot, the rpi4 boot path).
+# `make soak COUNT=N [variant=...]`: N power cuts at random moments.
+COUNT ?= 5
+
+e2e: images
 	@image-builder/scripts/vm-tools.sh
 	@image-builder/scripts/test-tools.sh
-	$(e2e_make) keys
-	$(e2e_make) build OUTPUT=$(E2E)/v1 VERSION=1.0.0 EXTRA_RECIPES=
-	$(e2e_make) build OUTPUT=$(E2E)/v2 VERSION=2.0.0 EXTRA_RECIPES=
-	$(e2e_make) build OUTPUT=$(E2E)/v3 VERSION=3.0.0 EXTRA_RECIPES=test-failing-health
-	python3 tests/vm/test_e2e.py --builds $(E2E) --no-build
+	@status=0; for variant in $(E2E_VARIANTS); do \
+	  python3 tests/vm/test_e2e.py --variant $$variant --builds $(E2E) --no-build || status=1; \
+	done; exit $$status
 
 soak: builder
 	@image-builder/scripts/vm-tools.sh
-	python3 tests/vm/test_e2e.py --builds $(E2E) --only powercut --count $(COUNT)
+	python3 tests/vm/test_e2e.py --variant $(variant) --builds $(E2E) --only powercut --count $(COUNT)

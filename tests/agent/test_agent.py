@@ -3,13 +3,17 @@
 
 Each case builds a small world in a temporary directory: a GPT disk image
 file whose slot A holds version 1.0.0's root and dm-verity tree (PARTUUIDs
-from its root hash) and whose slot B is empty, an ESP directory laid out like
-systemd-boot, a kernel command line and an os-release file, a TUF repository
+from its root hash) and whose slot B is empty, an ESP directory laid out for
+systemd-boot or for U-Boot (the boot loader is simulated: see
+run_systemd_boot and run_boot_script), a kernel command line and an
+os-release file, a TUF repository
 published by `racklet-image` from synthetic builds (real dm-verity trees, see
 make_build.py) and served over HTTP on 127.0.0.1 by a server that can
 misbehave (truncate, add bytes, throttle, drop the connection), and the
 daemon on a private dbus-daemon. The CLI talks to it through
-DBUS_SYSTEM_BUS_ADDRESS, as an operator would.
+DBUS_SYSTEM_BUS_ADDRESS, as an operator would. Cases where the boot loader
+matters run once per boot loader: `name` with systemd-boot, `name[u-boot]`
+with U-Boot (`-k '[u-boot]'` selects those).
 
 Expired metadata is made by running the publisher under faketime (10 days
 in the past); everything else runs on the real clock. Cases that fail
@@ -26,6 +30,7 @@ Prints `ok`/`FAIL` per case and `N passed, M failed` at the end; exits 1 on
 any failure.
 """
 
+import fnmatch
 import hashlib
 import http.server
 import json
@@ -41,6 +46,7 @@ import tempfile
 import threading
 import time
 import traceback
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
@@ -64,6 +70,12 @@ VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
 VAR_TYPE = "4D21B016-B534-45C2-A9FB-5C16E091FD2D"
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n"
 TRY_PATTERN = "racklet-b[.+][e1-9]*"
+BOOT_LOADERS = ("systemd-boot", "u-boot")
+# U-Boot's A/B state (os-format/src/boot_state.rs, image-builder/assets/u-boot/boot.cmd).
+UBOOT_STATE_COPIES = ("racklet/state-1.env", "racklet/state-2.env")
+UBOOT_COMMITTED_B = "racklet/committed-b"
+UBOOT_STATE_SIZE = 4096
+UBOOT_KEYS = ("racklet_seq", "racklet_order", "racklet_committed", "racklet_tries_a", "racklet_tries_b")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Cases that fail because of a known agent bug: name -> the bug. They still
@@ -137,6 +149,187 @@ def wait_until(predicate, timeout, what, interval=0.1):
             return last
         time.sleep(interval)
     raise TestFailure(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+# --- the boot loaders, simulated ---------------------------------------------------
+
+
+def encode_uboot_env(variables):
+    """U-Boot's binary environment as `env export -c -s 0x1000` writes it:
+    CRC32 (little-endian) of the data, then `key=value\\0` pairs in key order,
+    an extra NUL, zeros up to UBOOT_STATE_SIZE."""
+    data = b"".join(f"{key}={value}".encode() + b"\0" for key, value in sorted(variables.items())) + b"\0"
+    if len(data) > UBOOT_STATE_SIZE - 4:
+        raise ValueError(f"U-Boot environment too large: {variables}")
+    data = data.ljust(UBOOT_STATE_SIZE - 4, b"\0")
+    return zlib.crc32(data).to_bytes(4, "little") + data
+
+
+def decode_uboot_env(blob):
+    """The variables of one state copy, or None where `env import -c` would
+    refuse it (missing, wrong size, CRC mismatch, not key=value)."""
+    if blob is None or len(blob) != UBOOT_STATE_SIZE:
+        return None
+    data = blob[4:]
+    if zlib.crc32(data) != int.from_bytes(blob[:4], "little"):
+        return None
+    variables = {}
+    while True:
+        end = data.find(b"\0")
+        if end < 0:
+            return None
+        if end == 0:
+            return variables
+        key, separator, value = data[:end].decode(errors="replace").partition("=")
+        if not separator:
+            return None
+        variables[key] = value
+        data = data[end + 1 :]
+
+
+def read_or_none(path):
+    try:
+        with open(path, "rb") as source:
+            return source.read()
+    except FileNotFoundError:
+        return None
+
+
+def hex_or_zero(text):
+    """What U-Boot's itest/setexpr make of a hexadecimal variable."""
+    try:
+        return int(text or "0", 16)
+    except ValueError:
+        return 0
+
+
+def uboot_newest(copies):
+    """Index of the decoded copy boot.cmd reads: the valid one with the higher
+    racklet_seq, copy 1 on a tie (None: no valid copy)."""
+    sequences = [hex_or_zero(copy.get("racklet_seq")) if copy is not None else 0 for copy in copies]
+    if not any(sequences):
+        return None
+    return 1 if sequences[1] > sequences[0] else 0
+
+
+def run_boot_script(esp):
+    """One run of image-builder/assets/u-boot/boot.cmd on the ESP `esp`, step
+    by step: the committed slot from the marker, the valid copy with the
+    higher racklet_seq (copy 1 on a tie), the order walked; a counted slot's
+    tries are decremented and written with racklet_seq + 1 to the older copy
+    before its UKI is loaded; nothing startable: the marker's slot. Returns
+    the slot whose UKI it boots (None: nothing bootable, reset)."""
+    committed = "b" if os.path.exists(os.path.join(esp, UBOOT_COMMITTED_B)) else "a"
+    fallback = committed
+    copies = [decode_uboot_env(read_or_none(os.path.join(esp, copy))) for copy in UBOOT_STATE_COPIES]
+    env = {"racklet_committed": committed, "racklet_order": committed,
+           "racklet_tries_a": "-", "racklet_tries_b": "-"}
+    newest = uboot_newest(copies)
+    if newest is not None:
+        env.update({key: value for key, value in copies[newest].items() if key in UBOOT_KEYS})
+
+    def uki_exists(slot):
+        return os.path.exists(os.path.join(esp, "EFI", "Linux", f"racklet-{slot}.efi"))
+
+    for slot in env["racklet_order"].split():
+        key = "racklet_tries_a" if slot == "a" else "racklet_tries_b"
+        tries = env[key]
+        go = tries == "-"
+        if not go and hex_or_zero(tries) > 0:
+            env[key] = f"{hex_or_zero(tries) - 1:x}"
+            env["racklet_seq"] = f"{hex_or_zero(env.get('racklet_seq')) + 1:x}"
+            exported = {name: env[name] for name in UBOOT_KEYS if name in env}
+            with open(os.path.join(esp, UBOOT_STATE_COPIES[1 - newest]), "wb") as out:  # fatwrite to the older copy
+                out.write(encode_uboot_env(exported))
+            go = True
+        if go and uki_exists(slot):
+            return slot
+    return fallback if uki_exists(fallback) else None
+
+
+def loader_conf_default(esp):
+    """The last `default` of the ESP's loader/loader.conf (None: none)."""
+    value = None
+    with open(os.path.join(esp, "loader", "loader.conf")) as source:
+        for line in source:
+            if line.startswith("default "):
+                value = line.split(None, 1)[1].strip()
+    return value
+
+
+def run_systemd_boot(esp):
+    """One start of systemd-boot 252 on the ESP `esp`, as
+    update-agent/src/boot_control/systemd_boot.rs describes it: every
+    EFI/Linux/*.efi is an entry whose id is its lower-cased file name; entries
+    with no tries left sort last, then by id (the synthetic UKIs carry no
+    .osrel version); the first entry matching loader.conf's last `default`
+    glob is booted, else the first entry; a counted entry `+LEFT[-DONE]` is
+    renamed to `+(LEFT-1)-(DONE+1)` before it boots. Returns the booted slot
+    (None: no entry)."""
+    linux = os.path.join(esp, "EFI", "Linux")
+    entries = []
+    for name in os.listdir(linux):
+        match = re.fullmatch(r"(racklet-([ab]))(?:\+(\d+)(?:-(\d+))?)?\.efi", name.lower())
+        if name.startswith((".", "auto-")) or not match:
+            continue
+        left = None if match.group(3) is None else int(match.group(3))
+        entries.append((left == 0, name.lower(), name, match, left))
+    entries.sort()
+    default = loader_conf_default(esp)
+    chosen = next((entry for entry in entries if default and fnmatch.fnmatchcase(entry[1], default)),
+                  entries[0] if entries else None)
+    if chosen is None:
+        return None
+    _, _, name, match, left = chosen
+    if left:
+        done = int(match.group(4) or 0)
+        os.rename(os.path.join(linux, name), os.path.join(linux, f"{match.group(1)}+{left - 1}-{done + 1}.efi"))
+    return match.group(2)
+
+
+# What the ESP and `status` show while slot B is updated (slot A keeps the
+# image's first version). Per situation and boot loader: the names in
+# EFI/Linux, what may be the boot loader's state (systemd-boot: loader.conf's
+# default; U-Boot: order, committed, tries of a and b of the newest copy),
+# and slot B's boot_state in `status`; then next_boot for both.
+BOOT_SITUATIONS = {
+    # B's new UKI placed with one try, not booted yet.
+    "b-try": {
+        "systemd-boot": (["racklet-a.efi", "racklet-b+1.efi"], {TRY_PATTERN}, "trying (1 tries left)"),
+        "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "a", "-", "1")}, "trying (1 tries left)"),
+        "next_boot": "b",
+    },
+    # B's try used: B runs it, or it died and the boot loader fell back to A.
+    "b-tried": {
+        "systemd-boot": (["racklet-a.efi", "racklet-b+0-1.efi"], {TRY_PATTERN}, "trying (0 tries left)"),
+        "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "a", "-", "0")}, "trying (0 tries left)"),
+        "next_boot": "a",
+    },
+    # B committed, A the good fallback.
+    "b-good": {
+        "systemd-boot": (["racklet-a.efi", "racklet-b.efi"], {"racklet-b.efi"}, "good"),
+        "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "b", "-", "-")}, "good"),
+        "next_boot": "b",
+    },
+    # Rolled back: A committed, B the good fallback.
+    "a-good": {
+        "systemd-boot": (["racklet-a.efi", "racklet-b.efi"], {"racklet-a.efi"}, "good"),
+        "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("a b", "a", "-", "-")}, "good"),
+        "next_boot": "a",
+    },
+    # B marked bad (systemd-boot removes its UKI: systemd-bless-boot cannot bless it then).
+    "b-bad": {
+        "systemd-boot": (["racklet-a.efi"], {"racklet-a.efi"}, "absent"),
+        "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("a", "a", "-", "0")}, "bad"),
+        "next_boot": "a",
+    },
+    # No UKI for B (never installed, or made unbootable).
+    "b-absent": {
+        "systemd-boot": (["racklet-a.efi"], {None, "racklet-a.efi"}, "absent"),
+        "u-boot": (["racklet-a.efi"], {("a", "a", "-", "-"), ("a", "a", "-", "0")}, "absent"),
+        "next_boot": "a",
+    },
+}
 
 
 # --- the repository server -----------------------------------------------------
@@ -363,10 +556,13 @@ class Result:
 
 
 class Node:
-    """A disk, an ESP, a state directory, a repository and a daemon."""
+    """A disk, an ESP for `boot_loader` (one of BOOT_LOADERS), a state
+    directory, a repository and a daemon."""
 
-    def __init__(self, suite, name, config="", http_timeout=10, health=""):
+    def __init__(self, suite, name, config="", http_timeout=10, health="", boot_loader="systemd-boot"):
+        check(boot_loader in BOOT_LOADERS, f"unknown boot loader {boot_loader!r}")
         self.suite = suite
+        self.boot_loader = boot_loader
         self.dir = os.path.join(suite.tmp, name)
         os.makedirs(self.dir)
         self.repo = os.path.join(self.dir, "repo")
@@ -463,13 +659,26 @@ class Node:
         return fingerprint
 
     def make_esp(self):
-        os.makedirs(os.path.join(self.esp, "loader"))
-        os.makedirs(os.path.join(self.esp, "EFI", "systemd"))
+        """The ESP as the image builder writes it (image-builder/src/bootloader.rs),
+        with dummy boot loader binaries: systemd-boot's loader.conf, or U-Boot's
+        boot.scr and both state copies saying slot A is committed (sequence 1)."""
         os.makedirs(os.path.join(self.esp, "EFI", "Linux"))
-        with open(os.path.join(self.esp, "loader", "loader.conf"), "w") as out:
-            out.write(LOADER_CONF)
-        with open(os.path.join(self.esp, "EFI", "systemd", "systemd-bootx64.efi"), "wb") as out:
-            out.write(b"MZ dummy systemd-boot\n")
+        if self.boot_loader == "u-boot":
+            os.makedirs(os.path.join(self.esp, "racklet"))
+            with open(os.path.join(self.esp, "boot.scr"), "wb") as out:
+                out.write(b"dummy boot.scr (run_boot_script simulates boot.cmd)\n")
+            fresh = encode_uboot_env({"racklet_seq": "1", "racklet_order": "a", "racklet_committed": "a",
+                                      "racklet_tries_a": "-", "racklet_tries_b": "-"})
+            for copy in UBOOT_STATE_COPIES:
+                with open(os.path.join(self.esp, copy), "wb") as out:
+                    out.write(fresh)
+        else:
+            os.makedirs(os.path.join(self.esp, "loader"))
+            os.makedirs(os.path.join(self.esp, "EFI", "systemd"))
+            with open(os.path.join(self.esp, "loader", "loader.conf"), "w") as out:
+                out.write(LOADER_CONF)
+            with open(os.path.join(self.esp, "EFI", "systemd", "systemd-bootx64.efi"), "wb") as out:
+                out.write(b"MZ dummy systemd-boot\n")
         shutil.copyfile(self.suite.builds["1.0.0"].uki_a, self.esp_file("racklet-a.efi"))
         self.uki_a_sha = sha256_file(self.esp_file("racklet-a.efi"))
 
@@ -480,12 +689,7 @@ class Node:
         return sorted(os.listdir(os.path.join(self.esp, "EFI", "Linux")))
 
     def loader_default(self):
-        value = None
-        with open(os.path.join(self.esp, "loader", "loader.conf")) as source:
-            for line in source:
-                if line.startswith("default "):
-                    value = line.split(None, 1)[1].strip()
-        return value
+        return loader_conf_default(self.esp)
 
     def boot(self, slot, build):
         """What a boot into `slot` running `build` shows the agent."""
@@ -502,12 +706,96 @@ class Node:
         past = time.time() - 30 * 86400
         os.utime(self.os_release, (past, past))
 
-    def simulate_boot_into_b(self, build):
-        """systemd-boot boots the counted entry: racklet-b+1.efi -> racklet-b+0-1.efi."""
+    def uboot_copies(self):
+        """Both U-Boot state copies, decoded (None: damaged or missing)."""
+        return [decode_uboot_env(read_or_none(os.path.join(self.esp, copy))) for copy in UBOOT_STATE_COPIES]
+
+    def uboot_newest(self):
+        """Index of the copy U-Boot's script reads."""
+        newest = uboot_newest(self.uboot_copies())
+        check(newest is not None, f"no valid U-Boot state copy: {self.uboot_copies()}")
+        return newest
+
+    def start_boot_loader(self):
+        """The machine starts once (the daemon must be stopped): the boot
+        loader changes what it changes on the ESP and returns the slot it
+        boots (None: nothing bootable)."""
+        check(self.daemon is None, "the boot loader runs while the daemon does")
+        if self.boot_loader == "u-boot":
+            return run_boot_script(self.esp)
+        return run_systemd_boot(self.esp)
+
+    def reboot_into(self, slot, build):
+        """A reboot that must start `slot` running `build`; what status said
+        would boot next (the daemon, if running, is stopped) must agree."""
+        predicted = self.status()["next_boot"] if self.daemon else None
         self.stop()
-        check(os.path.exists(self.esp_file("racklet-b+1.efi")), f"no racklet-b+1.efi to boot: {self.esp_names()}")
-        os.rename(self.esp_file("racklet-b+1.efi"), self.esp_file("racklet-b+0-1.efi"))
-        self.boot("b", build)
+        booted = self.start_boot_loader()
+        check_equal(booted, slot, f"the slot {self.boot_loader} booted")
+        if predicted is not None:
+            check_equal(predicted, booted, "status next_boot before the reboot")
+        self.boot(slot, build)
+
+    def lose_last_boot_loader_write(self):
+        """A power cut lost the agent's last boot-loader write (vfat did not
+        have it on the disk yet): systemd-boot's loader.conf keeps its old
+        default, U-Boot's newest state copy is torn (its CRC fails)."""
+        check(self.daemon is None, "lose_last_boot_loader_write while the daemon runs")
+        if self.boot_loader == "u-boot":
+            path = os.path.join(self.esp, UBOOT_STATE_COPIES[self.uboot_newest()])
+            with open(path, "r+b") as copy:
+                copy.seek(4)
+                copy.write(bytes(200))
+            check(decode_uboot_env(read_or_none(path)) is None, f"{path} is still valid")
+            return
+        conf = os.path.join(self.esp, "loader", "loader.conf")
+        with open(conf) as source:
+            text = source.read()
+        with open(conf, "w") as target:
+            target.write(text.replace(f"default {TRY_PATTERN}", "default racklet-a.efi"))
+        check_equal(self.loader_default(), "racklet-a.efi", "loader.conf default put back")
+
+    def check_boot(self, situation, what, uki_b=None):
+        """The ESP shows `situation` (a key of BOOT_SITUATIONS) for this boot
+        loader, slot B's UKI holds the bytes of `uki_b` (if given), and when the
+        daemon runs, status's boot_slots and next_boot say the same."""
+        names, states, b_state = BOOT_SITUATIONS[situation][self.boot_loader]
+        what = f"{what} ({situation}, {self.boot_loader})"
+        check_equal(self.esp_names(), names, f"EFI/Linux {what}")
+        if self.boot_loader == "u-boot":
+            self.check_uboot_state(states, what)
+        else:
+            check(self.loader_default() in states,
+                  f"loader.conf default {what}: expected one of {states}, found {self.loader_default()!r}")
+        if uki_b is not None:
+            b_name = [name for name in names if name.startswith("racklet-b")][0]
+            check_equal(sha256_file(self.esp_file(b_name)), sha256_file(uki_b), f"{b_name} bytes {what}")
+        if self.daemon is not None:
+            status = self.status()
+            check_equal({s["slot"]: s["boot_state"] for s in status["boot_slots"]}, {"a": "good", "b": b_state},
+                        f"status boot states {what}")
+            check_equal(status["next_boot"], BOOT_SITUATIONS[situation]["next_boot"], f"status next_boot {what}")
+
+    def check_uboot_state(self, states, what):
+        """The newest U-Boot state copy says one of `states` (order, committed,
+        tries a, tries b), the marker names its committed slot, each valid copy
+        is exactly what encode_uboot_env writes, the copies' sequences are at
+        most one apart, and no temporary file is left in racklet/."""
+        copies = self.uboot_copies()
+        for index, copy in enumerate(copies):
+            if copy is not None:
+                raw = read_or_none(os.path.join(self.esp, UBOOT_STATE_COPIES[index]))
+                check(encode_uboot_env(copy) == raw, f"{UBOOT_STATE_COPIES[index]} is not in U-Boot's export format")
+        if all(copies):
+            sequences = [hex_or_zero(copy["racklet_seq"]) for copy in copies]
+            check(abs(sequences[0] - sequences[1]) <= 1, f"state copies' sequences {sequences} {what}")
+        newest = copies[self.uboot_newest()]
+        found = tuple(newest.get(key) for key in UBOOT_KEYS[1:])
+        check(found in states, f"U-Boot state {what}: expected one of {sorted(states)}, found {found} in {newest}")
+        marker = os.path.exists(os.path.join(self.esp, UBOOT_COMMITTED_B))
+        check_equal(marker, newest["racklet_committed"] == "b", f"{UBOOT_COMMITTED_B} present {what}")
+        check_equal(sorted(set(os.listdir(os.path.join(self.esp, "racklet"))) - {"committed-b"}),
+                    ["state-1.env", "state-2.env"], f"racklet/ {what}")
 
     def add_check(self, name, script):
         path = os.path.join(self.checks, name)
@@ -625,12 +913,6 @@ class Node:
     def status(self):
         return self.ok("status").json
 
-    def slot_status(self, slot):
-        for entry in self.status()["boot_slots"]:
-            if entry["slot"] == slot:
-                return entry
-        raise TestFailure(f"no slot {slot} in status")
-
     def close(self):
         self.stop()
 
@@ -662,10 +944,7 @@ class Node:
               f"sgdisk -v: {sgdisk.stdout}{sgdisk.stderr}")
         root_uuid, verity_uuid = partuuids_for(build.root_hash)
         check_equal((root_b["uuid"], verity_b["uuid"]), (root_uuid, verity_uuid), "slot B PARTUUIDs")
-        check_equal(self.esp_names(), ["racklet-a.efi", "racklet-b+1.efi"], "EFI/Linux")
-        check_equal(sha256_file(self.esp_file("racklet-b+1.efi")), sha256_file(build.uki_b),
-                    "racklet-b+1.efi bytes (the new UKI for slot B)")
-        check_equal(self.loader_default(), TRY_PATTERN, "loader.conf default")
+        self.check_boot("b-try", "after the install", uki_b=build.uki_b)
         self.assert_slot_a_untouched()
 
     def assert_slot_a_untouched(self):
@@ -673,10 +952,7 @@ class Node:
         check_equal(sha256_file(self.esp_file("racklet-a.efi")), self.uki_a_sha, "racklet-a.efi bytes")
 
     def assert_b_unbootable(self, new_build=None):
-        names = [name for name in self.esp_names() if name.startswith("racklet-b")]
-        check_equal(names, [], "slot B's UKIs on the ESP")
-        check(self.loader_default() in (None, "racklet-a.efi"),
-              f"loader.conf default {self.loader_default()!r} must not name slot B")
+        self.check_boot("b-absent", "with slot B unbootable")
         if new_build is not None:
             parts = self.partitions()
             new = partuuids_for(new_build.root_hash)
@@ -687,16 +963,32 @@ class Node:
 
 # --- the cases -------------------------------------------------------------------
 
+# (name, function, keyword arguments): run as function(suite, node_name, **arguments).
 CASES = []
 
 
 def case(function):
-    CASES.append(function)
+    CASES.append((function.__name__, function, {}))
     return function
 
 
-def standard_node(suite, name, versions=("1.0.0", "1.1.0"), config="", start=True, health=""):
-    node = Node(suite, name, config, health=health)
+def boot_loader_case(function):
+    """A case run once per boot loader: `name` (systemd-boot) and `name[u-boot]`;
+    the function takes the boot loader as its third argument."""
+    for boot_loader in BOOT_LOADERS:
+        suffix = "" if boot_loader == BOOT_LOADERS[0] else f"[{boot_loader}]"
+        CASES.append((function.__name__ + suffix, function, {"boot_loader": boot_loader}))
+    return function
+
+
+def node_name_of(case_name):
+    """The case's directory: `name[u-boot]` -> `name.u-boot` (no glob characters in paths)."""
+    return re.sub(r"\[(.*)\]$", r".\1", case_name)
+
+
+def standard_node(suite, name, versions=("1.0.0", "1.1.0"), config="", start=True, health="",
+                  boot_loader="systemd-boot"):
+    node = Node(suite, name, config, health=health, boot_loader=boot_loader)
     for version in versions:
         node.publish(version)
     if start:
@@ -751,9 +1043,9 @@ def cli_without_daemon_says_so(suite, node_name):
     check_in("racklet-update.service running", result.err, "error without a daemon")
 
 
-@case
-def update_found_and_installed(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def update_found_and_installed(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         status = node.status()
@@ -762,7 +1054,7 @@ def update_found_and_installed(suite, node_name):
         check_equal(status["booted"]["verity_root_hash"], suite.builds["1.0.0"].root_hash, "booted root hash")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation before")
         check_equal({s["slot"]: s["state"] for s in status["boot_slots"]}, {"a": "good", "b": "empty"}, "slot states")
-        check_equal(status["next_boot"], "a", "next boot before the install")
+        node.check_boot("b-absent", "before the install")
         report = node.ok("check").json
         check_equal(report["result"], "available", "check result")
         check_equal(report["version"], "1.1.0", "check version")
@@ -775,9 +1067,6 @@ def update_found_and_installed(suite, node_name):
         check_equal(status["state"]["slots"]["b"]["state"], "installed", "slot b record")
         check_equal(status["state"]["slots"]["b"]["verity_root_hash"], new.root_hash, "slot b record hash")
         check(status["state"]["last_error"] is None, f"last_error after a good install: {status['state']['last_error']}")
-        b = node.slot_status("b")
-        check_equal(b["boot_state"], "trying (1 tries left)", "slot b boot state")
-        check_equal(status["next_boot"], "b", "next boot after the install (B's one try)")
         check(not os.path.exists(node.marker), "rebooted without --reboot")
         # A second apply while one waits for its reboot is refused (exit 2).
         again = node.cli("apply")
@@ -797,40 +1086,35 @@ def update_found_and_installed(suite, node_name):
         node.close()
 
 
-@case
-def installed_but_entry_lost_installs_again(suite, node_name):
-    """A power cut lost loader.conf's new default (vfat did not have it on the
-    disk yet): after the restart the agent must not wait for a reboot that would
-    boot slot A again, but make B unbootable and install once more."""
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def installed_but_entry_lost_installs_again(suite, node_name, boot_loader):
+    """A power cut lost the boot loader's try (loader.conf's new default, or
+    U-Boot's newest state copy: vfat did not have it on the disk yet), so the
+    machine came back in slot A: the agent must not wait for a reboot that
+    would boot slot A again, but make B unbootable and install once more."""
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         node.ok("apply")
         node.assert_installed(new)
         node.stop()
-        conf = os.path.join(node.esp, "loader", "loader.conf")
-        with open(conf) as source:
-            text = source.read()
-        with open(conf, "w") as target:
-            target.write(text.replace(f"default {TRY_PATTERN}", "default racklet-a.efi"))
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default put back")
+        node.lose_last_boot_loader_write()
+        node.reboot_into("a", suite.builds["1.0.0"])
         node.start()
         status = node.status()
-        check_equal(status["next_boot"], "a", "next boot after the restart")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation after the restart")
         check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
         check_in("would not try it", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
         node.assert_b_unbootable()
         node.ok("apply")
         node.assert_installed(new)
-        check_equal(node.status()["next_boot"], "b", "next boot after installing again")
     finally:
         node.close()
 
 
-@case
-def apply_with_reboot_writes_the_marker(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def apply_with_reboot_writes_the_marker(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     try:
         node.ok("apply", "--reboot")
         node.assert_installed(suite.builds["1.1.0"])
@@ -951,15 +1235,14 @@ def failed_install(node, new, expected_words):
               f"last_error {error['message']!r} does not say any of {words}")
     check_equal(status["state"]["operation"]["kind"], "idle", "operation after a failed install")
     check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
-    check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
     check(apply.json and apply.json.get("ok") is False, f"apply --json: {apply.out!r}")
     node.assert_b_unbootable(new)
     return error
 
 
-@case
-def tampered_target_is_refused(suite, node_name):
-    node = standard_node(suite, node_name, start=False)
+@boot_loader_case
+def tampered_target_is_refused(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, start=False, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         path = node.target_path(new, "root.erofs.zst")
@@ -975,9 +1258,9 @@ def tampered_target_is_refused(suite, node_name):
         node.close()
 
 
-@case
-def tampered_uki_is_refused(suite, node_name):
-    node = standard_node(suite, node_name, start=False)
+@boot_loader_case
+def tampered_uki_is_refused(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, start=False, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         path = node.target_path(new, "uki-b.efi")
@@ -1117,9 +1400,9 @@ def replayed_timestamp_is_refused_across_restarts(suite, node_name):
         node.close()
 
 
-@case
-def interrupted_write_then_retry(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def interrupted_write_then_retry(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         # ~4 MiB at 1 MiB/s: the daemon is mid-write for a few seconds.
@@ -1153,9 +1436,9 @@ def interrupted_write_then_retry(suite, node_name):
         node.close()
 
 
-@case
-def cancel_while_writing(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def cancel_while_writing(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         throttle_root(suite, new)
@@ -1179,9 +1462,9 @@ def cancel_while_writing(suite, node_name):
         node.close()
 
 
-@case
-def sigterm_during_write_stops_promptly(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def sigterm_during_write_stops_promptly(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         throttle_root(suite, new)
@@ -1209,9 +1492,9 @@ def sigterm_during_write_stops_promptly(suite, node_name):
         node.close()
 
 
-@case
-def cancel_installed_update(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def cancel_installed_update(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         node.ok("apply")
@@ -1221,7 +1504,6 @@ def cancel_installed_update(suite, node_name):
         status = node.status()
         check_equal(status["state"]["operation"]["kind"], "idle", "operation after cancel")
         check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record")
-        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
         node.assert_b_unbootable()
         check_equal(node.ok("cancel").json["message"], "nothing to cancel", "second cancel")
         # It can be applied again.
@@ -1252,13 +1534,45 @@ def cpu_seconds(pid, interval):
 def install_and_boot_into_b(node, new):
     node.ok("apply")
     node.assert_installed(new)
-    node.simulate_boot_into_b(new)
+    node.reboot_into("b", new)
     node.start()
 
 
-@case
-def health_gate_passes_and_commits(suite, node_name):
-    node = standard_node(suite, node_name)
+def add_slow_check(node, exit_code):
+    """A health check that runs until the returned file exists (30 s at most),
+    then exits `exit_code`: the gate is still running while the test acts."""
+    release = os.path.join(node.dir, "release")
+    node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
+                                 f"exit {exit_code}")
+    return release
+
+
+def fall_back_to_a(node):
+    """The machine restarts after B's try was used (the daemon is stopped or
+    killed): the boot loader falls back to A, where the agent marks B bad.
+    Returns the status then."""
+    node.reboot_into("a", node.suite.builds["1.0.0"])
+    node.check_boot("b-tried", "after the fallback, before the agent ran")
+    node.start()
+    node.check_boot("b-bad", "after the fallback")
+    return node.status()
+
+
+def check_retried_once(node, status):
+    """After B's first failed try: nothing recorded as failed, and the same
+    version is offered once more."""
+    check_equal(status["state"]["operation"]["kind"], "idle", "operation after the first fallback")
+    check_equal(status["state"]["slots"]["b"]["state"], "unbootable", "slot b record after the first fallback")
+    check_equal(status["state"]["failed_versions"], [], "failed versions after the first fallback")
+    check_in("did not come up", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
+    report = node.ok("check").json
+    check_equal((report["result"], report["version"]), ("available", "1.1.0"),
+                "check after one fallback (retried once)")
+
+
+@boot_loader_case
+def health_gate_passes_and_commits(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         node.add_check("10-ok.sh", "echo all good; exit 0")
@@ -1272,23 +1586,27 @@ def health_gate_passes_and_commits(suite, node_name):
         check_equal(status["booted"]["version"], "1.1.0", "booted version")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation")
         check_equal(status["state"]["slots"]["b"]["version"], "1.1.0", "slot b version")
-        check_equal({s["slot"]: s["boot_state"] for s in status["boot_slots"]}, {"a": "good", "b": "good"},
-                    "boot states")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux")
-        check_equal(sha256_file(node.esp_file("racklet-b.efi")), sha256_file(new.uki_b), "racklet-b.efi bytes")
-        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default")
+        node.check_boot("b-good", "after the health gate passed", uki_b=new.uki_b)
         check(not os.path.exists(node.marker), "rebooted after a passing gate")
         check_equal(status["state"]["failed_versions"], [], "failed versions")
         node.assert_slot_a_untouched()
         # Nothing newer: up to date on the new version.
         check_equal(node.ok("check").json["result"], "up-to-date", "check on 1.1.0")
+        # The committed slot boots again, and that boot is no try.
+        node.reboot_into("b", new)
+        node.check_boot("b-good", "after the next reboot", uki_b=new.uki_b)
+        node.start()
+        status = node.status()
+        check_equal((status["booted"]["slot"], status["state"]["operation"]["kind"]), ("b", "idle"),
+                    "booted slot and operation after the next reboot")
+        node.check_boot("b-good", "after the next reboot, with the daemon")
     finally:
         node.close()
 
 
-@case
-def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     old = suite.builds["1.0.0"]
     try:
@@ -1298,16 +1616,12 @@ def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name):
         wait_until(lambda: os.path.exists(node.marker), 20, "the reboot marker")
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
-        # A bad slot's UKI is removed (systemd-bless-boot cannot bless it then).
-        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
-        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux")
+        node.check_boot("b-bad", "after the failed health gate")
         failed = status["state"]["failed_versions"]
         check_equal([entry["version"] for entry in failed], ["1.1.0"], "failed versions")
         check_in("20-broken.sh", failed[0]["reason"], "failure reason")
-        # systemd-boot boots slot A again.
-        node.stop()
-        node.boot("a", old)
+        # The boot loader boots slot A again.
+        node.reboot_into("a", old)
         node.start()
         status = node.status()
         check_equal(status["booted"]["slot"], "a", "booted slot after the fallback")
@@ -1322,11 +1636,12 @@ def health_gate_fails_marks_bad_and_is_not_offered_again(suite, node_name):
         node.close()
 
 
-@case
-def health_gate_required_unit_without_systemd_fails(suite, node_name):
+@boot_loader_case
+def health_gate_required_unit_without_systemd_fails(suite, node_name, boot_loader):
     """No systemd answers on this bus: a required unit can never be seen active."""
     node = standard_node(suite, node_name,
-                         health='timeout_seconds = 2\nrequired_units = ["containerd.service"]\n')
+                         health='timeout_seconds = 2\nrequired_units = ["containerd.service"]\n',
+                         boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         install_and_boot_into_b(node, new)
@@ -1336,42 +1651,28 @@ def health_gate_required_unit_without_systemd_fails(suite, node_name):
         failed = status["state"]["failed_versions"]
         check_equal([entry["version"] for entry in failed], ["1.1.0"], "failed versions")
         check_in("containerd.service", failed[0]["reason"], "failure reason")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        node.check_boot("b-bad", "after the failed health gate")
     finally:
         node.close()
 
 
-@case
-def try_that_never_came_up_is_retried_once_then_marked_bad(suite, node_name):
-    """The try boot died before the agent ran (systemd-boot fell back to A):
+@boot_loader_case
+def try_that_never_came_up_is_retried_once_then_marked_bad(suite, node_name, boot_loader):
+    """The try boot died before the agent ran (the boot loader fell back to A):
     once may be a power cut, so the version is installed once more; the second
     time it counts as failed and is not offered again."""
-    node = standard_node(suite, node_name)
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
-    old = suite.builds["1.0.0"]
 
     def fall_back():
         node.stop()
-        os.rename(node.esp_file("racklet-b+1.efi"), node.esp_file("racklet-b+0-1.efi"))
-        node.boot("a", old)  # systemd-boot boots the other slot's committed UKI
-        node.start()
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after the fallback")
-        check(not any(n.startswith("racklet-b") and "+0-" not in n for n in node.esp_names()),
-              f"slot b still bootable: {node.esp_names()}")
-        return node.status()
+        check_equal(node.start_boot_loader(), "b", "the slot the try boot started")  # and died
+        return fall_back_to_a(node)
 
     try:
         node.ok("apply")
         node.assert_installed(new)
-        status = fall_back()
-        check_equal(status["state"]["operation"]["kind"], "idle", "operation after the first fallback")
-        check(status["state"]["slots"]["b"]["state"] in ("unbootable", "bad"),
-              f"slot b record after the first fallback: {status['state']['slots']['b']}")
-        check_equal(status["state"]["failed_versions"], [], "failed versions after the first fallback")
-        check_in("did not come up", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
-        report = node.ok("check").json
-        check_equal((report["result"], report["version"]), ("available", "1.1.0"),
-                    "check after one fallback (retried once)")
+        check_retried_once(node, fall_back())
         node.ok("apply")
         node.assert_installed(new)
         status = fall_back()
@@ -1384,9 +1685,28 @@ def try_that_never_came_up_is_retried_once_then_marked_bad(suite, node_name):
         node.close()
 
 
-@case
-def rollback_and_manual_marks(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def power_cut_during_the_health_gate_falls_back(suite, node_name, boot_loader):
+    """The try came up, but the power went while its health gate ran: the
+    boot loader falls back to A (the try is used, nothing committed), and the
+    agent there counts it like a try that did not come up: once more."""
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
+    new = suite.builds["1.1.0"]
+    release = add_slow_check(node, 0)
+    try:
+        install_and_boot_into_b(node, new)
+        check_equal(node.status()["state"]["operation"]["kind"], "trying", "operation during the try")
+        node.kill()
+        check_retried_once(node, fall_back_to_a(node))
+        node.assert_slot_a_untouched()
+    finally:
+        open(release, "w").close()  # the killed daemon's check script
+        node.close()
+
+
+@boot_loader_case
+def rollback_and_manual_marks(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         node.add_check("10-ok.sh", "exit 0")
@@ -1395,74 +1715,64 @@ def rollback_and_manual_marks(suite, node_name):
         # mark-good on a committed slot changes nothing.
         message = node.ok("mark-good").json["message"]
         check_in("already committed", message, "mark-good message")
-        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after mark-good")
+        node.check_boot("b-good", "after mark-good of a committed slot", uki_b=new.uki_b)
         # rollback: A boots next.
         message = node.ok("rollback").json["message"]
         check_in("slot a (1.0.0) boots next", message, "rollback message")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after rollback")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux after rollback")
-        status = node.status()
-        check_equal({s["slot"]: s["boot_state"] for s in status["boot_slots"]}, {"a": "good", "b": "good"},
-                    "boot states after rollback")
+        node.check_boot("a-good", "after rollback", uki_b=new.uki_b)
         check(not os.path.exists(node.marker), "rollback without --reboot rebooted")
         # mark-bad by hand on the booted (committed) B: A is good, so it is allowed.
         message = node.ok("mark-bad", "--reason", "operator says no").json["message"]
         check_in("marked bad", message, "mark-bad message")
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record")
-        # A bad slot's UKI is removed (systemd-bless-boot cannot bless it then).
-        check_equal(node.slot_status("b")["boot_state"], "absent", "slot b boot state")
         check_equal([(f["version"], f["reason"]) for f in status["state"]["failed_versions"]],
                     [("1.1.0", "operator says no")], "failed versions")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after mark-bad")
-        check(all(not name.startswith("racklet-b") or "+0-" in name for name in node.esp_names()),
-              f"slot b still bootable: {node.esp_names()}")
+        node.check_boot("b-bad", "after mark-bad of the committed slot")
         # Rolling back to a bad slot is refused from A.
-        node.stop()
-        node.boot("a", suite.builds["1.0.0"])
+        node.reboot_into("a", suite.builds["1.0.0"])
         node.start()
         refused = node.cli("rollback")
         check_equal(refused.rc, 2, f"rollback to a bad slot: {refused}")
         # mark-bad of the only good slot is refused.
         refused = node.cli("mark-bad")
         check_equal(refused.rc, 2, f"mark-bad of the only good slot: {refused}")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        node.check_boot("b-bad", "after the refused rollback and mark-bad")
         node.assert_slot_a_untouched()
     finally:
         node.close()
 
 
-@case
-def rollback_with_reboot(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def rollback_with_reboot(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
         node.add_check("10-ok.sh", "exit 0")
         install_and_boot_into_b(node, new)
         wait_until(lambda: node.status()["state"]["slots"]["b"]["state"] == "good", 20, "the commit of slot b")
         node.ok("rollback", "--reboot")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
+        node.check_boot("a-good", "after rollback --reboot")
         wait_until(lambda: os.path.exists(node.marker), 10, "the reboot marker")
     finally:
         node.close()
 
 
-@case
-def mark_good_by_hand_during_a_try(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def mark_good_by_hand_during_a_try(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
-        release = os.path.join(node.dir, "release")
         # A slow check: the gate is still running when the operator commits.
-        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0")
+        release = add_slow_check(node, 0)
         install_and_boot_into_b(node, new)
         status = node.status()
         check_equal(status["state"]["operation"]["kind"], "trying", "operation during the try")
         check_equal(status["state"]["slots"]["b"]["state"], "trying", "slot b record during the try")
+        node.check_boot("b-tried", "during the try")
         message = node.ok("mark-good").json["message"]
         check_in("committed", message, "mark-good message")
-        check_equal(node.esp_names(), ["racklet-a.efi", "racklet-b.efi"], "EFI/Linux")
-        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default")
+        node.check_boot("b-good", "after mark-good", uki_b=new.uki_b)
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation")
@@ -1475,45 +1785,41 @@ def mark_good_by_hand_during_a_try(suite, node_name):
         node.close()
 
 
-@case
-def mark_bad_by_hand_during_a_try(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def mark_bad_by_hand_during_a_try(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
-        release = os.path.join(node.dir, "release")
-        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0")
+        release = add_slow_check(node, 0)
         install_and_boot_into_b(node, new)
         message = node.ok("mark-bad", "--reason", "looks wrong").json["message"]
         check_in("marked bad", message, "mark-bad message")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default")
-        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux")
+        node.check_boot("b-bad", "after mark-bad during the try")
         open(release, "w").close()
         # The health gate that was still running must not undo the operator's decision.
         time.sleep(1.5)
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "bad", "slot b record after the gate ended")
-        check_equal(node.loader_default(), "racklet-a.efi", "loader.conf default after the gate ended")
-        check_equal(node.esp_names(), ["racklet-a.efi"], "EFI/Linux after the gate ended")
+        node.check_boot("b-bad", "after the gate ended")
     finally:
         node.close()
 
 
-@case
-def mark_good_by_hand_then_failing_gate(suite, node_name):
-    node = standard_node(suite, node_name)
+@boot_loader_case
+def mark_good_by_hand_then_failing_gate(suite, node_name, boot_loader):
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
-        release = os.path.join(node.dir, "release")
         # The gate is still running when the operator commits; then its check fails.
-        node.add_check("10-slow.sh", f"i=0; while [ ! -e {release} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 1")
+        release = add_slow_check(node, 1)
         install_and_boot_into_b(node, new)
         node.ok("mark-good")
-        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after mark-good")
+        node.check_boot("b-good", "after mark-good")
         open(release, "w").close()
         time.sleep(1.5)
         status = node.status()
         check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record after the gate ended")
-        check_equal(node.loader_default(), "racklet-b.efi", "loader.conf default after the gate ended")
+        node.check_boot("b-good", "after the gate ended")
         check(not os.path.exists(node.marker), "the gate rebooted after the operator's mark-good")
     finally:
         node.close()
@@ -1537,17 +1843,16 @@ def main(argv):
     for binary in (UPDATE, IMAGE):
         if not os.access(binary, os.X_OK):
             sys.exit(f"no executable {binary}; run tests/agent/run.sh (it builds them)")
-    selected = [c for c in CASES if not filters or any(f in c.__name__ for f in filters)]
+    selected = [c for c in CASES if not filters or any(f in c[0] for f in filters)]
     suite = Suite(keep=keep)
     passed = failed = 0
     began = time.monotonic()
     try:
         suite.setup()
-        for function in selected:
-            name = function.__name__
+        for name, function, arguments in selected:
             start = time.monotonic()
             try:
-                function(suite, name)
+                function(suite, node_name_of(name), **arguments)
             except Exception as error:  # noqa: BLE001 - report every failure
                 failed += 1
                 note = f" (known agent bug: {KNOWN_BUGS[name]})" if name in KNOWN_BUGS else ""
@@ -1555,7 +1860,7 @@ def main(argv):
                 detail = str(error) if isinstance(error, TestFailure) else traceback.format_exc()
                 for line in detail.rstrip().splitlines():
                     print(f"     {line}")
-                log = os.path.join(suite.tmp, name, "daemon.log")
+                log = os.path.join(suite.tmp, node_name_of(name), "daemon.log")
                 if os.path.exists(log):
                     with open(log) as source:
                         tail = source.readlines()[-15:]

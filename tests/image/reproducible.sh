@@ -3,7 +3,7 @@
 # manifest.json and the SBOM. The second build runs from a fresh clone in
 # another directory, with another umask, time zone and (later) clock time and
 # its own cargo target directory. On a difference, diffoscope shows where.
-# Usage: reproducible.sh VARIANT REFERENCE_BUILD_DIR
+# Usage: reproducible.sh VARIANT REFERENCE_BUILD_DIR [K3S [MAKE_VARIABLE=VALUE...]]
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh
@@ -12,6 +12,7 @@ root="$(project_root)"
 
 check_reproducible() {
   local variant="$1" reference="$2" k3s="${3:-default}"
+  local same_inputs=("${@:4}")  # more make variables the reference was built with (VERSION=, KEYS=)
   local other; other="$(mktemp -d /tmp/racklet-repro.XXXXXX)"
   if [ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]; then
     echo "note: $root has uncommitted changes; the clone builds the last commit" >&2
@@ -19,7 +20,7 @@ check_reproducible() {
   git clone --quiet --no-hardlinks "$root" "$other/src"
   local log="$other/build.log"
   if ! (cd "$other/src" && umask 077 && TZ=Asia/Tokyo LC_ALL=C.UTF-8 RACKLET_NO_PROGRESS=1 \
-        make variant="$variant" K3S="$k3s" OUTPUT="$other/out" build) > "$log" 2>&1; then
+        make variant="$variant" K3S="$k3s" OUTPUT="$other/out" "${same_inputs[@]}" build) > "$log" 2>&1; then
     fail "$variant: second build from $other/src" "$(tail -n 20 "$log")"
     return
   fi
@@ -53,7 +54,7 @@ check_reproducible() {
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
-  [ $# -ge 2 ] || { echo "usage: $0 VARIANT REFERENCE_BUILD_DIR [K3S]" >&2; exit 2; }
+  [ $# -ge 2 ] || { echo "usage: $0 VARIANT REFERENCE_BUILD_DIR [K3S [MAKE_VARIABLE=VALUE...]]" >&2; exit 2; }
   check_reproducible "$@"
   summary
 fi

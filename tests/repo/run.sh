@@ -176,6 +176,7 @@ else
   fail "no *-uki-a.efi target to corrupt"
 fi
 
+echo "$((checks - failures)) passed, $failures failed"
 if [ "$failures" -eq 0 ]; then
   echo "PASS: tests/repo: $checks checks (python-tuf $tuf_version downloaded and verified every target of 2 published versions, and followed root 1 -> 2)"
   exit 0

@@ -5,9 +5,11 @@ signed repository served from this process on 127.0.0.1.
     python3 tests/vm/test_e2e.py [--only NAME[,NAME]] [--list] [--builds DIR]
     python3 tests/vm/test_e2e.py --only powercut --count N     # the soak
 
-Versions 1.0.0, 2.0.0 and 3.0.0 of qemu-x86_64 (3.0.0 adds the
-test-failing-health recipe) are built into DIR (default build/e2e; reused when
-their manifest.json says the right version) with the signing keys in DIR/keys.
+Versions 1.0.0, 2.0.0 and 3.0.0 of the variant (--variant: qemu-x86_64, the
+systemd-boot path, or qemu-aarch64, the Raspberry Pi's U-Boot path; 3.0.0 adds
+the test-failing-health recipe) are built into DIR/v{1,2,3}/VARIANT (DIR
+default build/e2e; reused when their manifest.json says the right version)
+with the signing keys in DIR/keys.
 Each test publishes into its own repository (racklet-image publish), serves it
 with tests/vm/e2e_server.py, and boots a qcow2 overlay of version 1's disk with
 QEMU user-mode networking whose only way out is a guestfwd of 10.0.2.100:80 to
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import json
 import os
 import random
@@ -33,12 +36,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, require_tools)
+    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, decode_uboot_env, require_tools)
 from e2e_server import RepoServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_SCRIPT = Path(__file__).resolve().parent / "e2e_server.py"
-VARIANT = "qemu-x86_64"
+# The variants this suite boots: their arch and boot loader.
+VARIANTS = {"qemu-x86_64": ("x86_64", "systemd-boot"), "qemu-aarch64": ("aarch64", "u-boot")}
 VERSIONS = {"v1": ("1.0.0", []), "v2": ("2.0.0", []), "v3": ("3.0.0", ["test-failing-health"])}
 
 BOOT_FAILURE = re.compile(
@@ -54,31 +58,33 @@ VERITY_CORRUPTION = re.compile(r"device-mapper: verity: [^\r\n]*corrupted")
 
 
 class Builds:
-    """build/e2e/{v1,v2,v3}/qemu-x86_64 and the keys they trust (build/e2e/keys)."""
+    """build/e2e/{v1,v2,v3}/VARIANT and the keys they trust (build/e2e/keys)."""
 
-    def __init__(self, root: Path, build_missing: bool):
+    def __init__(self, root: Path, variant: str, build_missing: bool):
         self.root = root
+        self.variant = variant
+        self.arch, self.boot_loader = VARIANTS[variant]
         self.keys = root / "keys"
         self.builder = REPO / "target/release/racklet-image"
         self.dirs: dict[str, Path] = {}
         for name, (version, recipes) in VERSIONS.items():
             out = root / name
-            manifest = out / VARIANT / "manifest.json"
+            manifest = out / variant / "manifest.json"
             current = json.loads(manifest.read_text()).get("version") if manifest.exists() else None
             if current != version:
                 if not build_missing:
                     raise HarnessError(f"{manifest}: version {current}, expected {version}; "
                                        f"run `make e2e` (or drop --no-build)")
                 self.make(out, version, recipes)
-            self.dirs[name] = out / VARIANT
+            self.dirs[name] = out / variant
         if not (self.keys / "root.json").exists():
             raise HarnessError(f"{self.keys}/root.json is missing (the builds' trust anchor)")
 
     def make(self, out: Path, version: str, recipes: list[str]) -> None:
-        print(f"building {VARIANT} {version} into {out} ...", flush=True)
+        print(f"building {self.variant} {version} into {out} ...", flush=True)
         subprocess.run(["make", "-C", str(REPO), "keys", f"KEYS={self.keys}"], check=True,
                        stdout=subprocess.DEVNULL)
-        command = ["make", "-C", str(REPO), f"variant={VARIANT}", "build", f"OUTPUT={out}",
+        command = ["make", "-C", str(REPO), f"variant={self.variant}", "build", f"OUTPUT={out}",
                    f"VERSION={version}", f"KEYS={self.keys}"]
         if recipes:
             command.append(f"EXTRA_RECIPES={' '.join(recipes)}")
@@ -116,7 +122,7 @@ class Repo:
     def target_path(self, version: str, artifact: str) -> str:
         """The URL path of a published target, e.g. (2.0.0, root-filesystem)."""
         for name in sorted((self.path / "targets").iterdir()):
-            if f".{VARIANT}-{version}-" in name.name and artifact in name.name:
+            if f".{self.builds.variant}-{version}-" in name.name and artifact in name.name:
                 return f"/targets/{name.name}"
         raise HarnessError(f"no {artifact} target of {version} in {self.path}/targets: "
                            f"{[p.name for p in (self.path / 'targets').iterdir()]}")
@@ -270,7 +276,7 @@ class Context:
 
     def vm(self, overlay: Overlay, server: RepoServer, label: str = "vm", **kwargs) -> NetVM:
         kwargs.setdefault("memory", self.options.memory)
-        vm = NetVM("x86_64", overlay, self.dir, label, port=server.port, **kwargs)
+        vm = NetVM(self.builds.arch, overlay, self.dir, label, port=server.port, **kwargs)
         self.vms.append(vm)
         return vm
 
@@ -288,12 +294,17 @@ class Context:
             server.close()
 
 
-TESTS: list[tuple[str, object]] = []
+TESTS: list[tuple[str, tuple[str, ...], object]] = []
 
 
-def test(function):
-    TESTS.append((function.__name__, function))
-    return function
+def test(*arches: str):
+    """Register a test for these arches (default x86_64 only: waves, attacks and
+    faults exercise the agent's arch-independent logic; the update loop and the
+    power cuts run on both boot paths)."""
+    def register(function):
+        TESTS.append((function.__name__, arches or ("x86_64",), function))
+        return function
+    return register
 
 
 # ---------------------------------------------------------------------------
@@ -416,6 +427,84 @@ def esp_entries(vm: NetVM) -> list[str]:
     return vm.run("ls /efi/EFI/Linux").split()
 
 
+def try_placed(words: list[str]) -> bool:
+    """The monitor's ESP words show a try of slot B placed for the boot loader:
+    systemd-boot's counted entry, or a U-Boot state copy with one try of B."""
+    return any(word.startswith("racklet-b+") for word in words) or "uboot-try-b" in words
+
+
+UBOOT_STATE_LINE = re.compile(r"RKSTATE([12]) ([A-Za-z0-9+/=]*)")
+
+
+def uboot_state(vm: NetVM) -> dict:
+    """The U-Boot boot state as boot.scr reads it: both copies of
+    racklet/state-{1,2}.env (None where missing or failing its CRC), the one
+    the script uses (the valid copy with the higher racklet_seq, copy 1 on a
+    tie) and whether the marker racklet/committed-b exists. The copies travel
+    gzipped (4 KiB of mostly zeros) over the serial console."""
+    _, output = vm.run("for n in 1 2; do echo RKSTATE$n $(gzip -c /efi/racklet/state-$n.env 2>/dev/null "
+                       "| base64 -w0); done; test -e /efi/racklet/committed-b && echo RKMARKER-B", check=False)
+    copies: list[dict | None] = [None, None]
+    for match in UBOOT_STATE_LINE.finditer(output):
+        if match.group(2):
+            copies[int(match.group(1)) - 1] = decode_uboot_env(gzip.decompress(base64.b64decode(match.group(2))))
+    valid = [(int(c.get("racklet_seq", "0"), 16), -index, c) for index, c in enumerate(copies) if c]
+    newest = max(valid, key=lambda item: item[:2])[2] if valid else None
+    return {"copies": copies, "newest": newest, "marker_b": "RKMARKER-B" in output}
+
+
+def describe_uboot(state: dict) -> str:
+    newest = state["newest"] or {}
+    return (f"newest copy: seq {newest.get('racklet_seq')} order {newest.get('racklet_order')!r} committed "
+            f"{newest.get('racklet_committed')} tries a={newest.get('racklet_tries_a')} "
+            f"b={newest.get('racklet_tries_b')}; committed-b marker: {state['marker_b']}; "
+            f"valid copies: {[c is not None for c in state['copies']]}")
+
+
+def check_committed_on_esp(vm: NetVM, slot: str, other_bootable: bool | None = None) -> str:
+    """The boot loader's own record says `slot` is committed, as its boot
+    loader will read it: systemd-boot, `racklet-<slot>.efi` without a counter;
+    U-Boot, the newest state copy commits `slot` uncounted and first in the
+    order, and the marker racklet/committed-b matches. With other_bootable
+    given, whether the other slot is in the boot order too (or, on
+    systemd-boot, has an uncounted entry). Returns what it saw."""
+    other = "b" if slot == "a" else "a"
+    if vm.arch == "x86_64":
+        entries = esp_entries(vm)
+        check(f"racklet-{slot}.efi" in entries and not any(e.startswith(f"racklet-{slot}+") for e in entries),
+              f"slot {slot} should have an uncounted entry on the ESP: {entries}")
+        if other_bootable is not None:
+            check((f"racklet-{other}.efi" in entries) == other_bootable,
+                  f"slot {other} should {'' if other_bootable else 'not '}have an entry: {entries}")
+        return f"EFI/Linux: {entries}"
+    state = uboot_state(vm)
+    newest = state["newest"]
+    seen = describe_uboot(state)
+    check(newest is not None, f"no valid U-Boot state copy: {seen}")
+    order = newest.get("racklet_order", "").split()
+    check(newest.get("racklet_committed") == slot and newest.get(f"racklet_tries_{slot}") == "-"
+          and order[:1] == [slot], f"the U-Boot state should commit slot {slot}: {seen}")
+    check(state["marker_b"] == (slot == "b"), f"racklet/committed-b should {'' if slot == 'b' else 'not '}"
+          f"exist with slot {slot} committed: {seen}")
+    if other_bootable is not None:
+        check((other in order) == other_bootable,
+              f"slot {other} should {'' if other_bootable else 'not '}be in the boot order: {seen}")
+    return seen
+
+
+def boot_loader_committed(ctx: Context, vm: NetVM, step: str, slot: str, other_bootable: bool,
+                          tried: str, since: int) -> None:
+    """check_committed_on_esp, and on U-Boot that boot.scr spent the one try
+    of slot `tried` (its console line after `since`); notes what was seen."""
+    seen = check_committed_on_esp(vm, slot, other_bootable)
+    if vm.arch == "aarch64":
+        pattern = rf"racklet: trying slot {tried} \(0 tries left after this one\)"
+        found = re.search(pattern, clean(vm.since(since)))
+        check(found, f"{step}: the boot script never said /{pattern}/ on the console")
+        seen = f"boot.scr said {found.group(0)!r}; {seen}"
+    ctx.note(f"{step}: {seen}")
+
+
 def reboot_seen(vm: NetVM, since: int) -> bool:
     return KERNEL_CMDLINE.search(vm.since(since)) is not None
 
@@ -468,13 +557,17 @@ def wait_for_reboot(vm: NetVM, since: int, timeout: float) -> float:
 
 MONITOR_SCRIPT = """#!/bin/bash
 echo $$ > /run/rkmon.pid
-# The ESP alone, fast: the new entry is placed moments before the agent reboots.
-( while :; do echo "RKEFI $(ls /efi/EFI/Linux 2>/dev/null | tr '\\n' ' ') RKEFIEND"; sleep 0.2; done ) &
+# What the boot loader will do, fast: the new entry (systemd-boot) or the try
+# in a U-Boot state copy is placed moments before the agent reboots.
+esp() {
+  ls /efi/EFI/Linux 2>/dev/null | tr '\\n' ' '
+  grep -aqs racklet_tries_b=1 /efi/racklet/state-1.env /efi/racklet/state-2.env && echo -n "uboot-try-b "
+}
+( while :; do echo "RKEFI $(esp) RKEFIEND"; sleep 0.2; done ) &
 echo $! > /run/rkmon-esp.pid
 while :; do
   s=$(racklet-update --json status 2>/dev/null | tr -d '\\n')
-  e=$(ls /efi/EFI/Linux 2>/dev/null | tr '\\n' ' ')
-  echo "RKMON ${s} RKESP ${e} RKMONEND"
+  echo "RKMON ${s} RKESP $(esp) RKMONEND"
   sleep 1
 done
 """
@@ -491,7 +584,8 @@ def monitor_start(vm: NetVM) -> int:
     or monitor_stop()."""
     write_file(vm, "/run/rkmon.sh", MONITOR_SCRIPT)
     mark = len(vm.output)
-    vm.run("chmod +x /run/rkmon.sh && setsid -f /run/rkmon.sh >/dev/ttyS0 2>&1 </dev/null")
+    # $(tty): the serial console (ttyS0 on x86_64, ttyAMA0 on aarch64).
+    vm.run("chmod +x /run/rkmon.sh && setsid -f /run/rkmon.sh >$(tty) 2>&1 </dev/null")
     return mark
 
 
@@ -611,7 +705,7 @@ def other_not_bootable(report: dict) -> None:
 # The scenario
 
 
-@test
+@test("x86_64", "aarch64")
 def e2e_update_scenario(ctx: Context) -> None:
     """v1 -> v2 found and committed, /var kept, rollback to v1 and back, v3
     fails its health gate and falls back to v2, is not retried, and rollback
@@ -637,9 +731,7 @@ def e2e_update_scenario(ctx: Context) -> None:
     report_install(ctx, "v2", times, reboot_at, time.monotonic())
     check(slot_view(report, "a") == {"boot_state": "good", "state": "good", "version": v1, "booted": False},
           f"slot A should hold {v1}, good: {summary(report)}")
-    entries = esp_entries(vm)
-    check("racklet-b.efi" in entries and not any("+" in e for e in entries),
-          f"ESP after the commit: {entries}")
+    boot_loader_committed(ctx, vm, "step 1", "b", other_bootable=True, tried="b", since=mark)
     ctx.note(f"step 1: {summary(report)}")
 
     # 2. /var survived.
@@ -661,11 +753,13 @@ def e2e_update_scenario(ctx: Context) -> None:
           f"after the rollback slot B should still hold {v2}, good: {summary(report)}")
     ctx.phase("rollback --reboot -> v1 up", time.monotonic() - started)
     check_var_token(vm, token)
-    ctx.note(f"step 4 rollback: {summary(report)}")
+    esp = check_committed_on_esp(vm, "a", other_bootable=True)
+    ctx.note(f"step 4 rollback: {summary(report)}; {esp}")
     vm.reboot("racklet-update rollback --reboot")
     boot_to_shell(vm, "b")
     report = wait_for(vm, f"{v2} booted again", lambda r: r["booted"]["version"] == v2, timeout=120)
     on_good_slot(report, v2)
+    check_committed_on_esp(vm, "b", other_bootable=True)
 
     # 3. 3 is published; installed into A; fails its gate; back to 2 by itself.
     repo.publish("v3")
@@ -689,12 +783,12 @@ def e2e_update_scenario(ctx: Context) -> None:
     check(v3 in failed, f"{v3} is not recorded as failed: {summary(report)}")
     check("health" in failed[v3], f"the reason for {v3} should name the health gate: {failed[v3]!r}")
     check(slot_view(report, "a")["state"] == "bad", f"slot A (3) should be bad: {summary(report)}")
-    # Not just in the agent's record: the ESP must not hold a committed
-    # racklet-a.efi for 3 (systemd-bless-boot blessing the failed try).
-    entries = esp_entries(vm)
-    check(slot_view(report, "a")["boot_state"] in ("bad", "absent") and "racklet-a.efi" not in entries,
-          f"the failed {v3} is committed on the ESP (boot loader: {slot_view(report, 'a')['boot_state']}, "
-          f"EFI/Linux: {entries}): {summary(report)}")
+    # Not just in the agent's record: the boot loader must never boot the
+    # failed 3 again (systemd-boot: no racklet-a.efi that systemd-bless-boot
+    # could have blessed; U-Boot: A out of the order, B committed).
+    check(slot_view(report, "a")["boot_state"] in ("bad", "absent"),
+          f"the failed {v3} is bootable ({slot_view(report, 'a')['boot_state']}): {summary(report)}")
+    boot_loader_committed(ctx, vm, "step 3", "b", other_bootable=False, tried="a", since=mark)
     check_var_token(vm, token)
     ctx.note(f"step 3: {summary(report)}")
     # Not tried again: a new check (agent restart = immediate tick) installs nothing.
@@ -719,7 +813,7 @@ def e2e_update_scenario(ctx: Context) -> None:
 # Waves
 
 
-@test
+@test()
 def e2e_waves(ctx: Context) -> None:
     """A node outside the open wave reports the update and its start time and
     does not install it; a node inside the wave sees it available."""
@@ -795,7 +889,7 @@ def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
         while entries is None:
             check(time.monotonic() < deadline, "the new entry was never placed")
             for match in pattern.finditer(vm.since(since)):
-                if any(x.startswith("racklet-b+") for x in match.group(1).split()):
+                if try_placed(match.group(1).split()):
                     entries = match.group(1).split()
                     break
             else:
@@ -803,7 +897,7 @@ def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
                 time.sleep(0.1)
         delay = rng.uniform(0, 1.5)
         time.sleep(delay)
-        what = f"{delay:.2f} s after the monitor saw racklet-b+1.efi ({entries})"
+        what = f"{delay:.2f} s after the monitor saw the try of B placed ({entries})"
     else:
         wait_for_reboot(vm, mark, timeout=1500)
         vm.expect(KERNEL_CMDLINE, timeout=300)
@@ -850,7 +944,7 @@ def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
             f"after {boots} more reboot(s)")
 
 
-@test
+@test("x86_64", "aarch64")
 def e2e_power_cuts(ctx: Context) -> None:
     """SIGKILL QEMU while the update is written, just after the new entry is
     placed, and during the first boot of the new slot: a good slot boots, /var is
@@ -918,7 +1012,7 @@ def refused(ctx: Context, vm: NetVM, running: str, words: list[str], what: str) 
     return report
 
 
-@test
+@test()
 def e2e_attack_modified_target(ctx: Context) -> None:
     """A target modified on the server (same length) is refused."""
     repo, server, vm = attack_setup(ctx, "v1", "v2")
@@ -929,7 +1023,7 @@ def e2e_attack_modified_target(ctx: Context) -> None:
     refused(ctx, vm, "1.0.0", ["hash", "sha256", "digest", "checksum"], "modified verity target")
 
 
-@test
+@test()
 def e2e_attack_longer_target(ctx: Context) -> None:
     """A target longer than its signed length is refused."""
     repo, server, vm = attack_setup(ctx, "v1", "v2")
@@ -937,7 +1031,7 @@ def e2e_attack_longer_target(ctx: Context) -> None:
     refused(ctx, vm, "1.0.0", ["length", "longer", "size", "too large", "exceed"], "verity target + 64 KiB")
 
 
-@test
+@test()
 def e2e_attack_replayed_metadata(ctx: Context) -> None:
     """Metadata replayed from an older repository version (after the node saw a
     newer one) is refused as a rollback."""
@@ -959,7 +1053,7 @@ def e2e_attack_replayed_metadata(ctx: Context) -> None:
     refused(ctx, vm, "1.0.0", ["rollback", "older", "replay", "version"], "replayed metadata")
 
 
-@test
+@test()
 def e2e_attack_expired_metadata(ctx: Context) -> None:
     """Expired metadata is refused: the repository's timestamp (7 days) seen
     from a node whose clock is 10 days ahead. (The publisher itself refuses to
@@ -969,7 +1063,7 @@ def e2e_attack_expired_metadata(ctx: Context) -> None:
     refused(ctx, vm, "1.0.0", ["expire"], "timestamp expired (node clock +10 days)")
 
 
-@test
+@test()
 def e2e_attack_downgrade(ctx: Context) -> None:
     """A node on 2.0.0 offered 1.0.0 as the newest version does not install it."""
     repo, server, vm = attack_setup(ctx, "v1", disk="v2")
@@ -980,13 +1074,14 @@ def e2e_attack_downgrade(ctx: Context) -> None:
     refused(ctx, vm, "2.0.0", ["up to date", "downgrade", "lower", "older", "newest allowed"], "downgrade")
 
 
-@test
+@test()
 def e2e_attack_other_variant_or_arch(ctx: Context) -> None:
     """Updates published for another variant, and for another arch under this
     variant's name, are not installed."""
+    variant = ctx.builds.variant
     repo, server = ctx.repo("v1")
     # Another variant, through the publisher.
-    fake = ctx.dir / "fake-rpi4" / VARIANT
+    fake = ctx.dir / "fake-rpi4" / variant
     fake.parent.mkdir(parents=True)
     shutil.copytree(ctx.builds.dirs["v2"], fake, copy_function=os.link)
     (fake / "manifest.json").unlink()
@@ -1003,7 +1098,7 @@ def e2e_attack_other_variant_or_arch(ctx: Context) -> None:
     scratch.publish("v2")
     entry = next(u for u in json.loads(next(
         p for p in (scratch.path / "targets").iterdir() if p.name.endswith("manifest.json")).read_bytes())["updates"]
-        if u["variant"] == VARIANT)
+        if u["variant"] == variant)
 
     other = json.loads(json.dumps(entry))
     other["arch"] = "aarch64"
@@ -1019,18 +1114,18 @@ def e2e_attack_other_variant_or_arch(ctx: Context) -> None:
     listing = repo.image("repo", "list", "--repo", str(repo.path))
     ctx.note("repository: " + " | ".join(line.strip() for line in listing.splitlines() if line.strip())[:400])
     check("rpi4" in listing and "aarch64" in listing, f"the repository should list rpi4 8.0.0 and "
-          f"{VARIANT}/aarch64 9.0.0: {listing}")
+          f"{variant}/aarch64 9.0.0: {listing}")
     vm = manual_node(ctx, server)
     code, result = cli_json(vm, "check", timeout=120)
     check(code == 0 and isinstance(result, dict) and result.get("result") == "up-to-date",
-          f"rpi4 8.0.0 and aarch64 9.0.0 must not be offered to a {VARIANT} x86_64 node: {result}")
+          f"rpi4 8.0.0 and aarch64 9.0.0 must not be offered to a {variant} x86_64 node: {result}")
     ctx.note(f"check: {result.get('message')}")
     refused(ctx, vm, "1.0.0", ["up to date", "nothing published", "variant", "arch"], "other variant/arch")
     fetched = [r.path for r in server.target_requests() if "manifest" not in r.path]
     check(not fetched, f"nothing may be downloaded for another variant or arch: {fetched}")
 
 
-@test
+@test()
 def e2e_attack_server_away(ctx: Context) -> None:
     """The server goes away mid-download: the apply fails cleanly; once it is
     back, the next apply resumes or restarts and installs."""
@@ -1059,7 +1154,7 @@ def e2e_attack_server_away(ctx: Context) -> None:
     ctx.note(f"after the server returned: installed in {time.monotonic() - started:.0f} s; root requests: {resumed}")
 
 
-@test
+@test()
 def e2e_attack_corrupted_inactive_root(ctx: Context) -> None:
     """A byte of the inactive root flipped after the agent wrote and verified
     it: dm-verity stops the try, the node comes back to A, 2.0.0 is never committed."""
@@ -1112,7 +1207,7 @@ def vm_partitions(ctx: Context):
     return partitions(ctx.disk("v1"))
 
 
-@test
+@test()
 def e2e_fault_write_error(ctx: Context) -> None:
     """Writes to the inactive root fail (EIO injected by QEMU's blkdebug):
     the install stops with the error, the node stays on A, B unbootable."""
@@ -1137,6 +1232,8 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[],
                         help="run only these tests (comma-separated names or prefixes; repeatable)")
     parser.add_argument("--list", action="store_true", help="list the tests and exit")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="qemu-x86_64",
+                        help="qemu-x86_64 (systemd-boot, default) or qemu-aarch64 (U-Boot, the rpi4 boot path)")
     parser.add_argument("--builds", type=Path, default=REPO / "build/e2e",
                         help="v1/ v2/ v3/ and keys/ (default build/e2e); missing versions are built")
     parser.add_argument("--no-build", action="store_true", help="fail instead of building a missing version")
@@ -1152,29 +1249,31 @@ def main() -> int:
     if options.seed is None:
         options.seed = random.randrange(1 << 30)
 
+    arch = VARIANTS[options.variant][0]
     if options.list:
-        for name, function in TESTS:
-            print(f"{name:36} {function.__doc__.splitlines()[0]}")
+        for name, arches, function in TESTS:
+            print(f"{name:36} {','.join(arches):15} {function.__doc__.splitlines()[0]}")
         return 0
     wanted = [word for item in options.only for word in item.split(",") if word]
     aliases = {"powercut": "e2e_power_cuts", "scenario": "e2e_update_scenario", "waves": "e2e_waves",
                "attack": "e2e_attack", "fault": "e2e_fault"}
     wanted = [aliases.get(w, w) for w in wanted]
-    selected = [t for t in TESTS if not wanted or any(t[0] == w or t[0].startswith(w) for w in wanted)]
+    selected = [(name, function) for name, arches, function in TESTS
+                if arch in arches and (not wanted or any(name == w or name.startswith(w) for w in wanted))]
     if not selected:
-        print(f"no test matches {wanted}; --list shows them", file=sys.stderr)
+        print(f"no {arch} test matches {wanted}; --list shows them", file=sys.stderr)
         return 2
     scratch = options.workdir or Path(tempfile.mkdtemp(prefix="racklet-e2e-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    print(f"scratch directory: {scratch}; power-cut seed {options.seed}", flush=True)
+    print(f"{options.variant}: scratch directory: {scratch}; power-cut seed {options.seed}", flush=True)
     setup_error = None
     builds = None
-    missing = require_tools("x86_64")
+    missing = require_tools(arch)
     if missing:
         setup_error = "missing host tools: " + ", ".join(missing)
     else:
         try:
-            builds = Builds(options.builds.resolve(), not options.no_build)
+            builds = Builds(options.builds.resolve(), options.variant, not options.no_build)
         except Exception as error:  # noqa: BLE001
             setup_error = str(error)
 
