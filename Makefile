@@ -55,7 +55,8 @@ host-tools: check-variant
 
 builder:
 	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p image-builder --target $(host_triple) --target-dir target/image
-	@install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder)
+	@cmp -s target/image/$(host_triple)/release/racklet-image $(builder) || { \
+	  install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder).new && mv -f $(builder).new $(builder); }
 
 image-binaries: host-tools
 	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent --target $(triple) --target-dir target/image

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every test group of the project, each image built once (`make test`, and so
-# CI). Order:
-#   1. lint, unit tests, tests/repo, tests/agent                 (one at a time)
-#   2. `make images`: versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and
-#      qemu-aarch64 into build/e2e, with throwaway keys           (once)
-#   3. tests/image checks of build/e2e/v1/qemu-x86_64 and bad input
-#   4. three lanes at once, each a sequence of stages:
-#        vm-x86   test_boot.py (x86_64), then test_e2e.py --variant qemu-x86_64
-#        vm-arm   test_boot.py (aarch64), then test_e2e.py --variant qemu-aarch64
-#        builds   (nice 19) the second, bit-identical build of 1.0.0 from a
-#                 fresh clone, then rpi4 with the k3s stand-in and its checks
-#      The VM lanes run two guests at a time (TCG on two cores); the builds
-#      lane uses what CPU the guests leave while they wait.
+# CI). Versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and qemu-aarch64 are built
+# once into build/e2e (`make images`, throwaway keys) and shared by the image
+# checks, the boot tests and the end-to-end tests. Three lanes, each a
+# sequence of stages:
+#   x86_64 VM lane   test_boot.py (x86_64), test_e2e.py --variant qemu-x86_64
+#                    (starts once the x86_64 images are built: the longest lane)
+#   aarch64 VM lane  test_boot.py (aarch64), test_e2e.py --variant qemu-aarch64
+#                    (starts once the aarch64 images are built)
+#   the rest         (nice 10 where it only compiles) the aarch64 images, lint,
+#                    unit tests, tests/agent, tests/repo, image checks and bad
+#                    input, the bit-identical second build of 1.0.0 from a
+#                    fresh clone, rpi4 with the k3s stand-in
+# So two guests run at a time (TCG on two cores) and compiling fills the CPU
+# they leave while they wait.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -72,42 +74,49 @@ sequential() {
   return "$code"
 }
 
-failures=0
-sequential lint make lint || failures=$((failures + 1))
-sequential unit env RACKLET_REQUIRE_PROMTOOL=1 cargo test --workspace --locked || failures=$((failures + 1))
-sequential repo make test-repo || failures=$((failures + 1))
-sequential agent make test-agent || failures=$((failures + 1))
-if sequential images make images; then
-  sequential image-checks tests/image/run.sh --build "$e2e/v1" --only checks || failures=$((failures + 1))
+# lane NAME COMMAND... [-- NAME COMMAND...]...: stages one after another; its
+# exit status is 1 when any of them failed.
+lane() {
+  local code=0 name
+  while [ $# -gt 0 ]; do
+    name="$1"; shift
+    local command=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do command+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    sequential "$name" "${command[@]}" || code=1
+  done
+  return "$code"
+}
 
-  # A lane: its stages one after another, in the background; each stage's
-  # log is printed as soon as it ends.
-  lane() {
-    local code=0 stage_name
-    while [ $# -gt 0 ]; do
-      stage_name="$1"; shift
-      local command=()
-      while [ $# -gt 0 ] && [ "$1" != "--" ]; do command+=("$1"); shift; done
-      [ $# -gt 0 ] && shift
-      sequential "$stage_name" "${command[@]}" || code=1
-    done
-    return "$code"
-  }
+failures=0
+lanes=()
+# The x86_64 images first, alone: the longest lane (x86_64 VM tests) needs them.
+if sequential images-x86 make images E2E_VARIANTS=qemu-x86_64; then
   lane boot-x86 python3 tests/vm/test_boot.py --build "$e2e/v1" --only x86 \
     -- e2e-x86 python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds "$e2e" --no-build &
-  vm_x86=$!
-  lane boot-arm python3 tests/vm/test_boot.py --build "$e2e/v1" --only aarch64 \
-    -- e2e-arm python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds "$e2e" --no-build &
-  vm_arm=$!
-  lane reproducible nice -n 19 tests/image/run.sh --build "$e2e/v1" --only reproducible \
-    -- rpi4 nice -n 19 tests/image/run.sh --only rpi4 &
-  builds=$!
-  for pid in "$vm_x86" "$vm_arm" "$builds"; do
-    wait "$pid" || failures=$((failures + 1))
-  done
+  lanes+=($!)
 else
   failures=$((failures + 1))
 fi
+# Meanwhile, at a lower priority (the guests come first): the aarch64 images,
+# then its VM lane (the second guest), then everything that needs no guest.
+if sequential images-arm nice -n 10 make images E2E_VARIANTS=qemu-aarch64; then
+  lane boot-arm python3 tests/vm/test_boot.py --build "$e2e/v1" --only aarch64 \
+    -- e2e-arm python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds "$e2e" --no-build &
+  lanes+=($!)
+else
+  failures=$((failures + 1))
+fi
+lane lint nice -n 10 make lint \
+  -- unit nice -n 10 env RACKLET_REQUIRE_PROMTOOL=1 cargo test --workspace --locked \
+  -- agent make test-agent \
+  -- repo make test-repo \
+  -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
+  -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
+  -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 || failures=$((failures + 1))
+for pid in "${lanes[@]}"; do
+  wait "$pid" || failures=$((failures + 1))
+done
 
 # The table.
 echo

@@ -571,6 +571,8 @@ while :; do
   sleep 1
 done
 """
+# The guest's serial console (its kernel command line's console=).
+SERIAL_CONSOLE = {"x86_64": "/dev/ttyS0", "aarch64": "/dev/ttyAMA0"}
 MONITOR_LINE = re.compile(r"RKMON (\{[^\r\n]*\}) RKESP ([^\r\n]*?) RKMONEND")
 
 
@@ -584,8 +586,8 @@ def monitor_start(vm: NetVM) -> int:
     or monitor_stop()."""
     write_file(vm, "/run/rkmon.sh", MONITOR_SCRIPT)
     mark = len(vm.output)
-    # $(tty): the serial console (ttyS0 on x86_64, ttyAMA0 on aarch64).
-    vm.run("chmod +x /run/rkmon.sh && setsid -f /run/rkmon.sh >$(tty) 2>&1 </dev/null")
+    console = SERIAL_CONSOLE[vm.arch]
+    vm.run(f"chmod +x /run/rkmon.sh && setsid -f /run/rkmon.sh >{console} 2>&1 </dev/null")
     return mark
 
 
