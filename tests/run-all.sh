@@ -2,18 +2,15 @@
 # Every test group of the project, each image built once (`make test`, and so
 # CI). Versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and qemu-aarch64 are built
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
-# checks, the boot tests and the end-to-end tests. Three lanes, each a
-# sequence of stages:
-#   x86_64 VM lane   test_boot.py (x86_64), test_e2e.py --variant qemu-x86_64
-#                    (starts once the x86_64 images are built: the longest lane)
-#   aarch64 VM lane  test_boot.py (aarch64), test_e2e.py --variant qemu-aarch64
-#                    (starts once the aarch64 images are built)
-#   the rest         (nice 10 where it only compiles) the aarch64 images, lint,
-#                    unit tests, tests/agent, tests/repo, image checks and bad
-#                    input, the bit-identical second build of 1.0.0 from a
-#                    fresh clone, rpi4 with the k3s stand-in
-# So two guests run at a time (TCG on two cores) and compiling fills the CPU
-# they leave while they wait.
+# checks, the boot tests and the end-to-end tests.
+#   1. the x86_64 images, alone;
+#   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
+#      split in four, the two boot test groups), each the next job whose
+#      images are built, so two guests run at a time (TCG on two cores);
+#   3. beside them, niced where it only compiles: the aarch64 images, lint,
+#      unit tests, tests/agent, tests/repo, image checks and bad input, the
+#      bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the
+#      k3s stand-in; compiling fills the CPU the guests leave while they wait.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -88,25 +85,74 @@ lane() {
   return "$code"
 }
 
+# The VM tests as jobs for two workers (two guests at a time). Each worker
+# takes the first job in this order whose images are built; longest first.
+# A job: name, the images it needs (x86 or arm), the command.
+vm_jobs=(
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves,powercut"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
+  "e2e-arm-powercuts|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut"
+  "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only scenario"
+  "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
+  "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
+)
+queue="$logs/vm-queue"
+mkdir -p "$queue" "$queue.taken"
+for index in "${!vm_jobs[@]}"; do
+  printf '%s\n' "${vm_jobs[$index]}" > "$queue/$(printf '%02d' "$index")"
+done
+
+# vm_worker: run queued jobs until none is left. A job is taken by renaming
+# its file (only one worker's rename succeeds).
+vm_worker() {
+  local code=0 job name needs command pending taken
+  while :; do
+    pending=0 taken=""
+    for job in "$queue"/*; do
+      [ -e "$job" ] || continue
+      pending=1
+      IFS='|' read -r name needs command < "$job"
+      if [ -e "$logs/images-$needs.failed" ] || [ -e "$logs/images-$needs.built" ]; then
+        mv "$job" "$queue.taken/" 2>/dev/null && { taken="$job"; break; }
+      fi
+    done
+    if [ -n "$taken" ]; then
+      if [ -e "$logs/images-$needs.failed" ]; then
+        echo "=== $name: not run: the images it needs (images-$needs) failed"
+        printf '%s\t%s\t0\t1\t0\t1\n' "$name" "$(( $(date +%s) - start ))" >> "$stages"
+        code=1
+      else
+        # shellcheck disable=SC2086  # the command's words (no spaces in paths)
+        sequential "$name" $command || code=1
+      fi
+    elif [ "$pending" -eq 0 ]; then
+      return "$code"
+    else
+      sleep 5
+    fi
+  done
+}
+
+# images NAME VARIANT [nice]: build the images of VARIANT; leave a marker
+# for the VM workers either way.
+images() {
+  local name="$1" variant="$2"; shift 2
+  if sequential "images-$name" "$@" make images E2E_VARIANTS="$variant"; then
+    touch "$logs/images-$name.built"
+  else
+    touch "$logs/images-$name.failed"
+    return 1
+  fi
+}
+
 failures=0
-lanes=()
-# The x86_64 images first, alone: the longest lane (x86_64 VM tests) needs them.
-if sequential images-x86 make images E2E_VARIANTS=qemu-x86_64; then
-  lane boot-x86 python3 tests/vm/test_boot.py --build "$e2e/v1" --only x86 \
-    -- e2e-x86 python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds "$e2e" --no-build &
-  lanes+=($!)
-else
-  failures=$((failures + 1))
-fi
+# The x86_64 images first, alone: the first VM jobs need them.
+images x86 qemu-x86_64 || failures=$((failures + 1))
+vm_worker & workers=($!)
+vm_worker & workers+=($!)
 # Meanwhile, at a lower priority (the guests come first): the aarch64 images,
-# then its VM lane (the second guest), then everything that needs no guest.
-if sequential images-arm nice -n 10 make images E2E_VARIANTS=qemu-aarch64; then
-  lane boot-arm python3 tests/vm/test_boot.py --build "$e2e/v1" --only aarch64 \
-    -- e2e-arm python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds "$e2e" --no-build &
-  lanes+=($!)
-else
-  failures=$((failures + 1))
-fi
+# then everything that needs no guest.
+images arm qemu-aarch64 nice -n 10 || failures=$((failures + 1))
 lane lint nice -n 10 make lint \
   -- unit nice -n 10 env RACKLET_REQUIRE_PROMTOOL=1 cargo test --workspace --locked \
   -- agent make test-agent \
@@ -114,7 +160,7 @@ lane lint nice -n 10 make lint \
   -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
   -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
   -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 || failures=$((failures + 1))
-for pid in "${lanes[@]}"; do
+for pid in "${workers[@]}"; do
   wait "$pid" || failures=$((failures + 1))
 done
 
