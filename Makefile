@@ -45,7 +45,7 @@ builder := target/release/racklet-image
 host_triple := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit test-repo test-agent lint test-image test-boot run bench clean check-variant images e2e soak
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint test-image test-boot run bench clean check-variant images e2e soak
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -96,10 +96,16 @@ test:
 	@image-builder/scripts/test-tools.sh
 	tests/run-all.sh
 
-test-unit: lint
+test-unit: lint unit
+
+# The unit tests, in release mode in the image binaries' target directory with
+# their flags: most dependencies are compiled there already (a debug build
+# would compile all of them again).
+unit:
 	@image-builder/scripts/host-tools.sh x86_64
 	@image-builder/scripts/test-tools.sh
-	RACKLET_REQUIRE_PROMTOOL=1 $(CARGO) test --workspace --locked
+	RACKLET_REQUIRE_PROMTOOL=1 RUSTFLAGS="$(image_rustflags)" $(CARGO) test --release --locked --workspace \
+	  --target $(host_triple) --target-dir target/image
 
 # The agent's daemon on a private D-Bus: slots in a disk file, a repository on 127.0.0.1.
 test-agent:

@@ -7,10 +7,10 @@
 #   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
 #      split in four, the two boot test groups), each the next job whose
 #      images are built, so two guests run at a time (TCG on two cores);
-#   3. beside them, niced where it only compiles: the aarch64 images, lint,
-#      unit tests, tests/agent, tests/repo, image checks and bad input, the
-#      bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the
-#      k3s stand-in; compiling fills the CPU the guests leave while they wait.
+#   3. beside them the aarch64 images, then, niced where it only compiles,
+#      lint, unit tests, tests/agent, tests/repo, image checks and bad input,
+#      the bit-identical second build of 1.0.0 from a fresh clone, rpi4 with
+#      the k3s stand-in; compiling fills the CPU the guests leave idle.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -89,10 +89,11 @@ lane() {
 # takes the first job in this order whose images are built; longest first.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves,powercut"
   "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves"
   "e2e-arm-powercuts|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut"
   "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only scenario"
+  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
@@ -150,12 +151,14 @@ failures=0
 images x86 qemu-x86_64 || failures=$((failures + 1))
 vm_worker & workers=($!)
 vm_worker & workers+=($!)
-# Meanwhile, at a lower priority (the guests come first): the aarch64 images,
-# then everything that needs no guest.
-images arm qemu-aarch64 nice -n 10 || failures=$((failures + 1))
+# Meanwhile the aarch64 images (at the guests' priority: half the VM jobs
+# wait for them), then, niced, everything that needs no guest. tests/agent
+# runs the release binaries the images carry (no debug build of its own).
+images arm qemu-aarch64 || failures=$((failures + 1))
+release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
 lane lint nice -n 10 make lint \
-  -- unit nice -n 10 env RACKLET_REQUIRE_PROMTOOL=1 cargo test --workspace --locked \
-  -- agent make test-agent \
+  -- unit nice -n 10 make unit \
+  -- agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" make test-agent \
   -- repo make test-repo \
   -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
   -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \

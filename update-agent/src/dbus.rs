@@ -253,7 +253,7 @@ pub fn remote_error(error: zbus::Error) -> AgentError {
         if name.as_str().starts_with("org.racklet.Update1.Error.") {
             let message = message.clone().unwrap_or_default();
             if name.as_str().ends_with(".Refused") {
-                return AgentError::NothingToApply { message };
+                return AgentError::Refused { message };
             }
             return AgentError::Remote { message };
         }

@@ -48,6 +48,10 @@ pub enum AgentError {
     },
     #[error("the update agent refused: {message}")]
     Remote { message: String },
+    /// The daemon refused a request (busy, nothing to do, bad input); its
+    /// message already says why, so it is shown as it is.
+    #[error("{message}")]
+    Refused { message: String },
 }
 
 impl AgentError {
@@ -56,6 +60,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::NothingToApply { .. }
+            | AgentError::Refused { .. }
             | AgentError::Busy { .. }
             | AgentError::Config(_)
             | AgentError::Invalid { .. } => 2,
