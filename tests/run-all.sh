@@ -3,14 +3,14 @@
 # CI). Versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and qemu-aarch64 are built
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
-#   1. the x86_64 images, alone;
+#   1. the x86_64 and aarch64 images, alone;
 #   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
-#      split in four, the two boot test groups), each the next job whose
-#      images are built, so two guests run at a time (TCG on two cores);
-#   3. beside them the aarch64 images, then, niced where it only compiles,
-#      lint, unit tests, tests/agent, tests/repo, image checks and bad input,
-#      the bit-identical second build of 1.0.0 from a fresh clone, rpi4 with
-#      the k3s stand-in; compiling fills the CPU the guests leave idle.
+#      split in five, the two boot test groups), longest first, so two
+#      guests of one vCPU each run at a time (TCG on two cores);
+#   3. beside them, niced where it only compiles: lint, unit tests,
+#      tests/agent, tests/repo, image checks and bad input, the bit-identical
+#      second build of 1.0.0 from a fresh clone, rpi4 with the k3s stand-in;
+#      compiling fills the CPU the guests leave idle.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -89,14 +89,16 @@ lane() {
 # takes the first job in this order whose images are built; longest first.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
-  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves"
   "e2e-arm-powercuts|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
   "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only scenario"
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves"
   "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
+# One vCPU per guest: two guests on two cores (see tests/vm/harness.py).
+export RACKLET_VM_CPUS=1
 queue="$logs/vm-queue"
 mkdir -p "$queue" "$queue.taken"
 for index in "${!vm_jobs[@]}"; do
@@ -147,14 +149,14 @@ images() {
 }
 
 failures=0
-# The x86_64 images first, alone: the first VM jobs need them.
+# The images first, alone: guests that share the CPU with a compiler are slow
+# enough to hit their timeouts.
 images x86 qemu-x86_64 || failures=$((failures + 1))
+images arm qemu-aarch64 || failures=$((failures + 1))
 vm_worker & workers=($!)
 vm_worker & workers+=($!)
-# Meanwhile the aarch64 images (at the guests' priority: half the VM jobs
-# wait for them), then, niced, everything that needs no guest. tests/agent
-# runs the release binaries the images carry (no debug build of its own).
-images arm qemu-aarch64 || failures=$((failures + 1))
+# Meanwhile, niced, everything that needs no guest. tests/agent runs the
+# release binaries the images carry (no debug build of its own).
 release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
 lane lint nice -n 10 make lint \
   -- unit nice -n 10 make unit \
