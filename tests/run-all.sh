@@ -7,9 +7,9 @@
 #   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
 #      split in five, the two boot test groups), longest first, so two
 #      guests of one vCPU each run at a time (TCG on two cores);
-#   3. beside them, niced where it only compiles: lint, unit tests,
-#      tests/agent, tests/repo, image checks and bad input, the bit-identical
-#      second build of 1.0.0 from a fresh clone, rpi4 with the k3s stand-in;
+#   3. beside them, niced where it only compiles: lint, tests/agent,
+#      tests/repo, image checks and bad input, the bit-identical second build
+#      of 1.0.0 from a fresh clone, rpi4 with the k3s stand-in, unit tests;
 #      compiling fills the CPU the guests leave idle.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
@@ -160,13 +160,16 @@ vm_worker & workers+=($!)
 # Meanwhile, niced, everything that needs no guest. tests/agent runs the
 # release binaries the images carry (no debug build of its own).
 release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
+# The unit tests come last: `cargo test --workspace` unifies features across
+# the workspace, so its build of aws-lc-sys, zstd-sys, ring... replaces the
+# builder's in target/image, and any `make build` after it compiles them again.
 lane lint nice -n 10 make lint \
-  -- unit nice -n 10 make unit \
   -- agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" make test-agent \
   -- repo make test-repo \
   -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
   -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
-  -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 || failures=$((failures + 1))
+  -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 \
+  -- unit nice -n 10 make unit || failures=$((failures + 1))
 for pid in "${workers[@]}"; do
   wait "$pid" || failures=$((failures + 1))
 done
