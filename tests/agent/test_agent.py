@@ -46,13 +46,16 @@ import tempfile
 import threading
 import time
 import traceback
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.dont_write_bytecode = True  # no __pycache__ in the work tree
 import make_build  # noqa: E402
+
+# The U-Boot environment format and boot.cmd's choice of copy, shared with the VM tests.
+sys.path.insert(0, os.path.join(TOP, "tests", "vm"))
+from harness import decode_uboot_env, encode_uboot_env, hex_or_zero, uboot_newest  # noqa: E402
 
 UPDATE = os.environ.get("RACKLET_UPDATE", os.path.join(TOP, "target", "debug", "racklet-update"))
 IMAGE = os.environ.get("RACKLET_IMAGE", os.path.join(TOP, "target", "debug", "racklet-image"))
@@ -74,7 +77,6 @@ BOOT_LOADERS = ("systemd-boot", "u-boot")
 # U-Boot's A/B state (os-format/src/boot_state.rs, image-builder/assets/u-boot/boot.cmd).
 UBOOT_STATE_COPIES = ("racklet/state-1.env", "racklet/state-2.env")
 UBOOT_COMMITTED_B = "racklet/committed-b"
-UBOOT_STATE_SIZE = 4096
 UBOOT_KEYS = ("racklet_seq", "racklet_order", "racklet_committed", "racklet_tries_a", "racklet_tries_b")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -154,62 +156,12 @@ def wait_until(predicate, timeout, what, interval=0.1):
 # --- the boot loaders, simulated ---------------------------------------------------
 
 
-def encode_uboot_env(variables):
-    """U-Boot's binary environment as `env export -c -s 0x1000` writes it:
-    CRC32 (little-endian) of the data, then `key=value\\0` pairs in key order,
-    an extra NUL, zeros up to UBOOT_STATE_SIZE."""
-    data = b"".join(f"{key}={value}".encode() + b"\0" for key, value in sorted(variables.items())) + b"\0"
-    if len(data) > UBOOT_STATE_SIZE - 4:
-        raise ValueError(f"U-Boot environment too large: {variables}")
-    data = data.ljust(UBOOT_STATE_SIZE - 4, b"\0")
-    return zlib.crc32(data).to_bytes(4, "little") + data
-
-
-def decode_uboot_env(blob):
-    """The variables of one state copy, or None where `env import -c` would
-    refuse it (missing, wrong size, CRC mismatch, not key=value)."""
-    if blob is None or len(blob) != UBOOT_STATE_SIZE:
-        return None
-    data = blob[4:]
-    if zlib.crc32(data) != int.from_bytes(blob[:4], "little"):
-        return None
-    variables = {}
-    while True:
-        end = data.find(b"\0")
-        if end < 0:
-            return None
-        if end == 0:
-            return variables
-        key, separator, value = data[:end].decode(errors="replace").partition("=")
-        if not separator:
-            return None
-        variables[key] = value
-        data = data[end + 1 :]
-
-
 def read_or_none(path):
     try:
         with open(path, "rb") as source:
             return source.read()
     except FileNotFoundError:
         return None
-
-
-def hex_or_zero(text):
-    """What U-Boot's itest/setexpr make of a hexadecimal variable."""
-    try:
-        return int(text or "0", 16)
-    except ValueError:
-        return 0
-
-
-def uboot_newest(copies):
-    """Index of the decoded copy boot.cmd reads: the valid one with the higher
-    racklet_seq, copy 1 on a tie (None: no valid copy)."""
-    sequences = [hex_or_zero(copy.get("racklet_seq")) if copy is not None else 0 for copy in copies]
-    if not any(sequences):
-        return None
-    return 1 if sequences[1] > sequences[0] else 0
 
 
 def run_boot_script(esp):

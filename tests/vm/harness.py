@@ -655,22 +655,50 @@ UBOOT_ENV_SIZE = 4096
 
 
 def encode_uboot_env(variables: dict[str, str], size: int = UBOOT_ENV_SIZE) -> bytes:
+    """U-Boot's binary environment as `env export -c -s 0x1000` writes it:
+    CRC32 (little-endian) of the data, then `key=value\\0` pairs in key order,
+    an extra NUL, zeros up to `size`."""
     data = b"".join(f"{key}={value}".encode() + b"\0" for key, value in sorted(variables.items())) + b"\0"
-    assert len(data) <= size - 4
+    if len(data) > size - 4:
+        raise ValueError(f"U-Boot environment too large: {variables}")
     data = data.ljust(size - 4, b"\0")
     return zlib.crc32(data).to_bytes(4, "little") + data
 
 
-def decode_uboot_env(blob: bytes) -> dict[str, str] | None:
-    """The variables, or None when the size or CRC is wrong."""
+def decode_uboot_env(blob: bytes | None) -> dict[str, str] | None:
+    """The variables of one state copy, or None where `env import -c` would
+    refuse it (missing, wrong size, CRC mismatch, not key=value)."""
     if blob is None or len(blob) != UBOOT_ENV_SIZE:
         return None
-    if zlib.crc32(blob[4:]) != int.from_bytes(blob[:4], "little"):
+    data = blob[4:]
+    if zlib.crc32(data) != int.from_bytes(blob[:4], "little"):
         return None
     variables = {}
-    for entry in blob[4:].split(b"\0"):
-        if not entry:
-            break
-        key, _, value = entry.decode(errors="replace").partition("=")
+    while True:
+        end = data.find(b"\0")
+        if end < 0:
+            return None
+        if end == 0:
+            return variables
+        key, separator, value = data[:end].decode(errors="replace").partition("=")
+        if not separator:
+            return None
         variables[key] = value
-    return variables
+        data = data[end + 1:]
+
+
+def hex_or_zero(text: str | None) -> int:
+    """What U-Boot's itest/setexpr make of a hexadecimal variable."""
+    try:
+        return int(text or "0", 16)
+    except ValueError:
+        return 0
+
+
+def uboot_newest(copies: list[dict[str, str] | None]) -> int | None:
+    """Index of the decoded copy boot.cmd reads: the valid one with the higher
+    racklet_seq, copy 1 on a tie (None: no valid copy)."""
+    sequences = [hex_or_zero(copy.get("racklet_seq")) if copy is not None else 0 for copy in copies]
+    if not any(sequences):
+        return None
+    return 1 if sequences[1] > sequences[0] else 0

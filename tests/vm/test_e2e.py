@@ -36,13 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, decode_uboot_env, require_tools)
+    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, decode_uboot_env, require_tools,
+    uboot_newest)
 from e2e_server import RepoServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_SCRIPT = Path(__file__).resolve().parent / "e2e_server.py"
-# The variants this suite boots: their arch and boot loader.
-VARIANTS = {"qemu-x86_64": ("x86_64", "systemd-boot"), "qemu-aarch64": ("aarch64", "u-boot")}
+# The variants this suite boots and their arch (x86_64: systemd-boot; aarch64: U-Boot).
+VARIANTS = {"qemu-x86_64": "x86_64", "qemu-aarch64": "aarch64"}
 VERSIONS = {"v1": ("1.0.0", []), "v2": ("2.0.0", []), "v3": ("3.0.0", ["test-failing-health"])}
 
 BOOT_FAILURE = re.compile(
@@ -64,7 +65,7 @@ class Builds:
     def __init__(self, root: Path, variant: str, build_missing: bool):
         self.root = root
         self.variant = variant
-        self.arch, self.boot_loader = VARIANTS[variant]
+        self.arch = VARIANTS[variant]
         self.keys = root / "keys"
         self.builder = REPO / "target/release/racklet-image"
         self.dirs: dict[str, Path] = {}
@@ -440,8 +441,7 @@ UBOOT_STATE_LINE = re.compile(r"RKSTATE([12]) ([A-Za-z0-9+/=]*)")
 def uboot_state(vm: NetVM) -> dict:
     """The U-Boot boot state as boot.scr reads it: both copies of
     racklet/state-{1,2}.env (None where missing or failing its CRC), the one
-    the script uses (the valid copy with the higher racklet_seq, copy 1 on a
-    tie) and whether the marker racklet/committed-b exists. The copies travel
+    the script uses (harness.uboot_newest) and whether the marker racklet/committed-b exists. The copies travel
     gzipped (4 KiB of mostly zeros) over the serial console."""
     _, output = vm.run("for n in 1 2; do echo RKSTATE$n $(gzip -c /efi/racklet/state-$n.env 2>/dev/null "
                        "| base64 -w0); done; test -e /efi/racklet/committed-b && echo RKMARKER-B", check=False)
@@ -449,9 +449,9 @@ def uboot_state(vm: NetVM) -> dict:
     for match in UBOOT_STATE_LINE.finditer(output):
         if match.group(2):
             copies[int(match.group(1)) - 1] = decode_uboot_env(gzip.decompress(base64.b64decode(match.group(2))))
-    valid = [(int(c.get("racklet_seq", "0"), 16), -index, c) for index, c in enumerate(copies) if c]
-    newest = max(valid, key=lambda item: item[:2])[2] if valid else None
-    return {"copies": copies, "newest": newest, "marker_b": "RKMARKER-B" in output}
+    newest = uboot_newest(copies)
+    return {"copies": copies, "newest": None if newest is None else copies[newest],
+            "marker_b": "RKMARKER-B" in output}
 
 
 def describe_uboot(state: dict) -> str:
@@ -1252,7 +1252,7 @@ def main() -> int:
     if options.seed is None:
         options.seed = random.randrange(1 << 30)
 
-    arch = VARIANTS[options.variant][0]
+    arch = VARIANTS[options.variant]
     if options.list:
         for name, arches, function in TESTS:
             print(f"{name:36} {','.join(arches):15} {function.__doc__.splitlines()[0]}")
