@@ -3,14 +3,15 @@
 # CI). Versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and qemu-aarch64 are built
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
-#   1. the x86_64 and aarch64 images, alone;
+#   1. the x86_64 images, then the aarch64 images;
 #   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
-#      split in five, the two boot test groups), longest first, so two
-#      guests of one vCPU each run at a time (TCG on two cores);
-#   3. beside them, niced where it only compiles: lint, tests/agent,
-#      tests/repo, image checks and bad input, the bit-identical second build
-#      of 1.0.0 from a fresh clone, rpi4 with the k3s stand-in, unit tests;
-#      compiling fills the CPU the guests leave idle.
+#      split in five, the two boot test groups), longest first, each job as
+#      soon as its images are built, so two guests of one vCPU each run at a
+#      time (TCG on two cores);
+#   3. from the start, niced: lint, then tests/agent, tests/repo, image checks
+#      and bad input, the bit-identical second build of 1.0.0 from a fresh
+#      clone, rpi4 with the k3s stand-in, and last the unit tests; compiling
+#      fills the CPU that image builds and guests leave idle.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -150,26 +151,49 @@ images() {
   fi
 }
 
+# images_ready NAME: wait until `images NAME` has ended; fails if it failed.
+images_ready() {
+  until [ -e "$logs/images-$1.built" ] || [ -e "$logs/images-$1.failed" ]; do sleep 5; done
+  [ -e "$logs/images-$1.built" ]
+}
+
+# Beside everything, niced: what needs no guest. Lint first (it compiles into
+# target/debug, apart from the images' target/image: it fills the CPU the image
+# builds leave idle), then what needs the x86_64 release binaries (tests/agent
+# and tests/repo run those: no debug build of their own), the image checks, the
+# bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the k3s
+# stand-in. The unit tests come last, after every image build: `cargo test
+# --workspace` unifies features across the workspace, so its build of
+# aws-lc-sys, zstd-sys, ring... replaces the builder's in target/image, and a
+# `make build` after it would compile them again.
+release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
+niced_lane() {
+  local code=0
+  lane lint nice -n 10 make lint || code=1
+  if images_ready x86; then
+    lane agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" tests/agent/run.sh \
+      -- repo env RACKLET_IMAGE="$release/racklet-image" tests/repo/run.sh \
+      -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
+      -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
+      -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 || code=1
+  else
+    echo "=== agent, repo, image-checks, reproducible, rpi4: not run: images-x86 failed"; code=1
+  fi
+  images_ready arm || true
+  lane unit nice -n 10 make unit || code=1
+  return "$code"
+}
+
 failures=0
-# The images first, alone: guests that share the CPU with a compiler are slow
-# enough to hit their timeouts.
-images x86 qemu-x86_64 || failures=$((failures + 1))
-images arm qemu-aarch64 || failures=$((failures + 1))
+niced_lane & niced=$!
+# The images first, one variant at a time (guests that share the CPU with a
+# compiler are slow enough to hit their timeouts); the VM workers take each
+# variant's jobs once its images are built.
 vm_worker & workers=($!)
 vm_worker & workers+=($!)
-# Meanwhile, niced, everything that needs no guest. tests/agent runs the
-# release binaries the images carry (no debug build of its own).
-release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
-# The unit tests come last: `cargo test --workspace` unifies features across
-# the workspace, so its build of aws-lc-sys, zstd-sys, ring... replaces the
-# builder's in target/image, and any `make build` after it compiles them again.
-lane lint nice -n 10 make lint \
-  -- agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" make test-agent \
-  -- repo make test-repo \
-  -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
-  -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
-  -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 \
-  -- unit nice -n 10 make unit || failures=$((failures + 1))
+images x86 qemu-x86_64 || failures=$((failures + 1))
+images arm qemu-aarch64 || failures=$((failures + 1))
+wait "$niced" || failures=$((failures + 1))
 for pid in "${workers[@]}"; do
   wait "$pid" || failures=$((failures + 1))
 done

@@ -139,15 +139,18 @@ class Overlay:
 
     CHUNK = 64 * 1024
 
-    def __init__(self, base: Path, path: Path):
+    def __init__(self, base: Path, path: Path, base_format: str = "raw", layout: Path | None = None):
+        """`base`: a raw image, or (base_format="qcow2") a frozen overlay of one,
+        e.g. the disk of a saved VM state; `layout`: the raw image whose GPT
+        gives the partitions (default: `base`)."""
         self.base = Path(base).resolve()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self.path.unlink()
-        _check_call(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw",
+        _check_call(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", base_format,
                      str(self.path)])
-        self.partitions = partitions(self.base)
+        self.partitions = partitions(layout or self.base)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write bytes at a byte offset of the virtual disk (VM must be stopped)."""
@@ -297,7 +300,12 @@ class VM:
 
     def __init__(self, arch: str, disk: Overlay | Path, workdir: Path, name: str, *,
                  no_reboot: bool = False, memory: int = 2048, cpus: int = VM_CPUS,
-                 ovmf_vars: Path | None = None, extra_args: list[str] | None = None):
+                 ovmf_vars: Path | None = None, extra_args: list[str] | None = None,
+                 incoming: Path | None = None, monitor: bool = False):
+        """`incoming`: a VM state saved by `save_state()` to resume from on the
+        first start (its disk must be an overlay of the saved disk, its OVMF
+        variables a copy of the saved ones); later starts boot. `monitor`: a
+        human monitor on a unix socket (needed by `save_state()`)."""
         assert arch in ("x86_64", "aarch64"), arch
         self.arch = arch
         self.disk = disk.path if isinstance(disk, Overlay) else Path(disk)
@@ -310,6 +318,8 @@ class VM:
         self.extra_args = extra_args or []
         self.log_path = self.workdir / f"{name}.serial.log"
         self.socket_path = Path(f"/tmp/rk-{uuid.uuid4().hex[:10]}.sock")
+        self.incoming = incoming
+        self.monitor_path = self.socket_path.with_suffix(".monitor") if monitor else None
         # One VARS copy per test: reused across the reboots of this VM object
         # (and by later VM objects of the same test if passed in), never shared.
         if arch == "x86_64":
@@ -334,11 +344,14 @@ class VM:
     def command(self) -> list[str]:
         serial = ["-chardev", f"socket,id=ser0,path={self.socket_path},server=on,wait=on",
                   "-serial", "chardev:ser0"]
+        monitor = f"unix:{self.monitor_path},server=on,wait=off" if self.monitor_path else "none"
         common = ["-accel", "tcg", "-smp", str(self.cpus), "-m", str(self.memory),
-                  "-display", "none", "-monitor", "none", "-nic", "none", "-no-user-config",
+                  "-display", "none", "-monitor", monitor, "-nic", "none", "-no-user-config",
                   *serial]
         if self.no_reboot:
             common.append("-no-reboot")
+        if self.incoming:
+            common += ["-incoming", f"exec:cat {self.incoming}"]
         if self.arch == "x86_64":
             return ["qemu-system-x86_64", "-machine", "q35", *common,
                     "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
@@ -355,10 +368,12 @@ class VM:
     def start(self) -> "VM":
         assert self.process is None or self.process.poll() is not None, "already running"
         self._log = open(self.log_path, "ab", buffering=0)
-        self._log.write(f"\n===== harness: starting {self.name}: {' '.join(self.command())}\n".encode())
+        command = self.command()
+        self._log.write(f"\n===== harness: starting {self.name}: {' '.join(command)}\n".encode())
         self.socket_path.unlink(missing_ok=True)
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.incoming = None  # resumed once; a restart boots
         self._eof = False
         deadline = time.monotonic() + 30
         while True:
@@ -425,6 +440,68 @@ class VM:
         self.note(f"QEMU exited with status {code}")
         return code
 
+    def hmp(self, command: str, timeout: float = 60) -> str:
+        """One human-monitor command (VM made with monitor=True); its output."""
+        if not self.monitor_path:
+            raise HarnessError(f"{self.name}: started without a monitor")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.monitor_path))
+            received = b""
+            for line in (None, command):
+                if line is not None:
+                    sock.sendall(line.encode() + b"\n")
+                    received = b""
+                while not received.endswith(b"(qemu) "):
+                    data = sock.recv(65536)
+                    if not data:
+                        raise HarnessError(f"{self.name}: the monitor closed during {command!r}")
+                    received += data
+        text = clean(received.decode(errors="replace"))
+        return text[text.find("\n") + 1:].removesuffix("(qemu) ").strip()
+
+    def save_state(self, path: Path, timeout: float = 300) -> None:
+        """Save the guest's whole state (RAM, devices) to `path` and quit
+        QEMU. The disk overlay (and OVMF variables) are then frozen: later
+        VMs resume from the state on overlays of them (`incoming`)."""
+        # Not `stop` first: the state would carry "paused" and the VMs resumed
+        # from it would stay paused. Migration stops the (idle) guest itself.
+        self.hmp(f'migrate "exec:cat > {path}"')
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.hmp("info migrate")
+            if re.search(r"[Mm]igration status: completed", info):
+                break
+            if re.search(r"[Mm]igration status: (failed|cancelled)", info) or time.monotonic() > deadline:
+                raise HarnessError(f"{self.name}: saving the VM state failed: {info}")
+            time.sleep(0.5)
+        self.note(f"VM state saved to {path}")
+        try:
+            self.hmp("quit", timeout=10)
+        except (HarnessError, OSError):
+            pass  # QEMU closes the monitor as it quits
+        self.process.wait(timeout=60)
+        if self._reader:
+            self._reader.join(timeout=5)
+
+    def resume_shell(self, timeout: float = 120) -> None:
+        """After a start from a saved state: the root shell (set up by
+        wait_for_login before the save) answers, and the guest's clock, which
+        stood still while the state was saved, is set to now."""
+        # The first bytes typed into a just-resumed guest may be lost: an
+        # empty line first, then short probes.
+        self.send("\n")
+        time.sleep(0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run("true", timeout=5)
+                break
+            except ExpectTimeout:
+                if time.monotonic() > deadline:
+                    raise
+        self.run(f"date -u -s @{int(time.time())} > /dev/null")
+
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -438,6 +515,8 @@ class VM:
             self._sock.close()
             self._sock = None
         self.socket_path.unlink(missing_ok=True)
+        if self.monitor_path:
+            self.monitor_path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.kill()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import gzip
 import json
 import os
@@ -268,6 +269,31 @@ class Context:
         self.last_overlay = Overlay(self.disk(name), self.dir / f"{label}.qcow2")
         return self.last_overlay
 
+    def node(self, server: RepoServer, name: str = "v1", label: str = "vm", block=None) -> NetVM:
+        """A fresh node of version `name`, booted into slot A, at its root
+        shell, talking to `server`. Resumed from a state saved once per run
+        just after such a boot (a boot under TCG costs 20-60 s; the state
+        loads in a few): see saved_boot(). --cold-boot boots each one."""
+        if self.options.cold_boot:
+            overlay = self.overlay(name, label)
+            vm = self.vm(overlay, server, label, block=block(overlay) if block else None)
+            boot_to_shell(vm, "a")
+            return vm
+        saved = saved_boot(self, name)
+        self.last_overlay = overlay = Overlay(saved.disk, self.dir / f"{label}.qcow2", base_format="qcow2",
+                                              layout=self.disk(name))
+        vars_copy = None
+        if saved.ovmf_vars:
+            vars_copy = self.dir / f"{label}.OVMF_VARS.fd"
+            shutil.copyfile(saved.ovmf_vars, vars_copy)
+        vm = self.vm(overlay, server, label, block=block(overlay) if block else None,
+                     incoming=saved.state, ovmf_vars=vars_copy)
+        vm.start()
+        vm.note(f"resumed from {saved.state} (saved {time.time() - saved.saved_at:.0f} s ago, "
+                f"{saved.boot_seconds:.1f} s after power-on)")
+        vm.resume_shell()
+        return vm
+
     def repo(self, *published: str) -> tuple[Repo, RepoServer]:
         repo = Repo(self.builds, self.dir / "repo")
         for name in published:
@@ -294,6 +320,47 @@ class Context:
             vm.close()
         for server in self.servers:
             server.close()
+
+
+@dataclasses.dataclass
+class SavedBoot:
+    disk: Path  # the frozen qcow2 overlay of the raw image
+    state: Path  # QEMU's migration stream
+    ovmf_vars: Path | None
+    boot_seconds: float
+    saved_at: float
+
+
+SAVED_BOOTS: dict[str, SavedBoot] = {}
+
+
+def saved_boot(ctx: Context, name: str) -> SavedBoot:
+    """Version `name` booted once (per run) from power-on into slot A, up to a
+    settled system (`is-system-running --wait`, everything synced), and its
+    state saved. The agent waits for time sync there (the image's default),
+    so it has fetched nothing."""
+    if name in SAVED_BOOTS:
+        return SAVED_BOOTS[name]
+    directory = ctx.scratch / "saved-boot" / name
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    overlay = Overlay(ctx.disk(name), directory / "disk.qcow2")
+    # No server: nothing in the guest talks to 10.0.2.100 before a test
+    # configures the agent (a connection would reach a closed port).
+    vm = NetVM(ctx.builds.arch, overlay, directory, "boot", port=1, memory=ctx.options.memory, monitor=True)
+    try:
+        started = time.monotonic()
+        boot_to_shell(vm, "a")
+        vm.run("systemctl is-system-running --wait > /dev/null; sync", check=False, timeout=300)
+        seconds = time.monotonic() - started
+        state = directory / "state"
+        vm.save_state(state)
+    finally:
+        vm.close()
+    print(f"     {name} booted from power-on in {seconds:.0f} s and saved "
+          f"({state.stat().st_size // (1 << 20)} MiB); each node of {name} resumes from there", flush=True)
+    SAVED_BOOTS[name] = SavedBoot(overlay.path, state, vm.ovmf_vars, seconds, time.time())
+    return SAVED_BOOTS[name]
 
 
 TESTS: list[tuple[str, tuple[str, ...], object]] = []
@@ -716,10 +783,9 @@ def e2e_update_scenario(ctx: Context) -> None:
     builds = ctx.builds
     v1, v2, v3 = (builds.version(n) for n in ("v1", "v2", "v3"))
     repo, server = ctx.repo("v1", "v2")
-    overlay = ctx.overlay("v1")
-    vm = ctx.vm(overlay, server)
-    boot = boot_to_shell(vm, "a")
-    ctx.phase("boot v1 to the shell", boot["login"])
+    started = time.monotonic()
+    vm = ctx.node(server)
+    ctx.phase("v1 at the shell", time.monotonic() - started)
     token = var_token(vm)
     report = status(vm)
     on_good_slot(report, v1)
@@ -729,7 +795,7 @@ def e2e_update_scenario(ctx: Context) -> None:
     mark = vm.cursor
     times = install_and_time(ctx, vm, server, v2)
     reboot_at = wait_for_reboot(vm, mark, timeout=300)
-    boot = boot_to_shell(vm, "b")
+    boot_to_shell(vm, "b")
     report = wait_for(vm, f"{v2} committed", lambda r: committed(r, v2), timeout=400, interval=1)
     report_install(ctx, "v2", times, reboot_at, time.monotonic())
     check(slot_view(report, "a") == {"boot_state": "good", "state": "good", "version": v1, "booted": False},
@@ -747,7 +813,7 @@ def e2e_update_scenario(ctx: Context) -> None:
     mark = vm.cursor
     vm.reboot("racklet-update rollback --reboot")
     started = time.monotonic()
-    boot = boot_to_shell(vm, "a")
+    boot_to_shell(vm, "a")
     message = re.search(r"slot a \([^)]*\) boots next", vm.output[mark:])
     ctx.note(f"rollback --reboot said: {message.group(0) if message else '(not seen)'}")
     report = wait_for(vm, f"{v1} booted after rollback", lambda r: r["booted"]["version"] == v1, timeout=120)
@@ -823,9 +889,7 @@ def e2e_waves(ctx: Context) -> None:
     v2 = ctx.builds.version("v2")
     repo, server = ctx.repo("v1")
     repo.publish("v2", "--wave", "1000@+0h", "--wave", "2048@+1d")
-    overlay = ctx.overlay("v1")
-    vm = ctx.vm(overlay, server)
-    boot_to_shell(vm, "a")
+    vm = ctx.node(server)
     vm.run("mkdir -p /var/lib/racklet/update && echo 1500 > /var/lib/racklet/update/seed")
     configure_agent(vm, auto=True, interval=3600)
     code, result = cli_json(vm, "check", timeout=120)
@@ -862,14 +926,12 @@ MOMENTS = ["write", "placed", "firstboot"]
 def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
     """One cut at `moment`; returns what happened. Fresh overlay of v1, repo
     with v1 and v2, the agent on automatic."""
-    v1, v2 = ctx.builds.version("v1"), ctx.builds.version("v2")
-    overlay = ctx.overlay("v1", label)
+    v2 = ctx.builds.version("v2")
     repo_dir = ctx.dir / "repo"
     if not repo_dir.exists():
         ctx.repo("v1", "v2")
     server = ctx.servers[0]
-    vm = ctx.vm(overlay, server, label=label)
-    boot_to_shell(vm, "a")
+    vm = ctx.node(server, label=label)
     token = var_token(vm)
     # "placed": the agent does not reboot by itself, so the cut falls between
     # the entry being placed and the reboot (with auto_reboot the two can be
@@ -984,9 +1046,7 @@ def e2e_power_cuts(ctx: Context) -> None:
 def manual_node(ctx: Context, server: RepoServer, disk: str = "v1", block=None) -> NetVM:
     """A node booted from `disk` into slot A, talking to `server`, its agent
     configured to act only when told (`apply`, `check`)."""
-    overlay = ctx.overlay(disk)
-    vm = ctx.vm(overlay, server, block=block(overlay) if block else None)
-    boot_to_shell(vm, "a")
+    vm = ctx.node(server, disk, block=block)
     configure_agent(vm, auto=False, interval=3600)
     return vm
 
@@ -1248,6 +1308,9 @@ def main() -> int:
                         help="power cuts: only these moments (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for the power-cut moments")
     parser.add_argument("--keep", action="store_true", help="keep the overlays")
+    parser.add_argument("--cold-boot", action="store_true",
+                        help="boot every fresh node from power-on (default: resume the state saved "
+                             "after one such boot per version)")
     options = parser.parse_args()
     if options.seed is None:
         options.seed = random.randrange(1 << 30)
@@ -1320,6 +1383,7 @@ def main() -> int:
                     shutil.rmtree(ctx.dir / "scratch-repo", ignore_errors=True)
     if not options.keep:
         shutil.rmtree(scratch / "images", ignore_errors=True)
+        shutil.rmtree(scratch / "saved-boot", ignore_errors=True)
     print(f"serial logs: {scratch}")
     cuts = getattr(options, "cut_results", None)
     if options.count is not None and cuts is not None and len(selected) == 1:
