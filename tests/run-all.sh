@@ -87,17 +87,20 @@ lane() {
 }
 
 # The VM tests as jobs for two workers (two guests at a time). Each worker
-# takes the first job in this order whose images are built; longest first.
-# On aarch64 one power cut a run, at a random moment (write, placed, first
-# boot; `make e2e` cuts at all three): each aarch64 cut costs 4-12 minutes.
+# takes the first job in this order whose images are built: the x86_64 images
+# are built first, so the x86_64 jobs start while the aarch64 images build; the
+# aarch64 jobs, the longest (TCG emulates an aarch64 guest more slowly), go
+# first once theirs exist. On aarch64 one power cut a run, at a random moment
+# (write, placed, first boot; `make e2e` cuts at all three): each aarch64 cut
+# costs 4-12 minutes.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut --count 1"
-  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
   "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only scenario"
+  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut --count 1"
   "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves"
   "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
 # One vCPU per guest: two guests on two cores (see tests/vm/harness.py).
@@ -224,6 +227,16 @@ m = json.load(open(sys.argv[1]))
 print(f"{sys.argv[3]:28} {m['variant']:13} {m['version']:6} disk.img {sys.argv[2]}  root hash {m['verity']['root_hash']}")
 EOF
 done
+# What failed, last, so that the tail of a CI log says it: each failed
+# stage's failure lines (our runners print `FAIL name: reason`; cargo prints
+# `test name ... FAILED`), cut short, and the path of its whole log.
+echo
+while IFS=$'\t' read -r name _ _ code _ _; do
+  [ "$code" = 0 ] && continue
+  echo "=== $name failed (exit $code; whole log: ${logs#"$root"/}/$name.log):"
+  grep -aE '^(FAIL|not ok|error(\[|:)|test .* FAILED|=== .*FAILED)|FAIL cut' "$logs/$name.log" 2>/dev/null \
+    | cut -c1-400 | head -n 12 | sed 's/^/    /'
+done < "$stages"
 echo
 read -r all_passed all_failed < <(awk -F"\t" '{p += $5; f += ($6 > 0 ? $6 : ($4 != 0 ? 1 : 0))} END {print p + 0, f + 0}' "$stages")
 echo "stages failed: $failures"
