@@ -394,6 +394,10 @@ def boot_to_shell(vm: NetVM, slot: str | None = None, timeout: float = 400) -> d
     login = vm.expect(AUTOLOGIN, timeout=timeout, fail=BOOT_FAILURE)
     vm.cursor = login.start()
     vm.wait_for_login(timeout=60)
+    # The login can come before the agent is up (a slow boot, late in the
+    # start-up order): wait for its D-Bus name (Type=dbus) or its failure.
+    vm.run("for i in $(seq 300); do systemctl is-active -q racklet-update && break; "
+           "systemctl is-failed -q racklet-update && break; sleep 1; done", timeout=330, check=False)
     return {"slot": booted, "seconds": time.monotonic() - started, "login": vm.time_at(login.start())}
 
 
