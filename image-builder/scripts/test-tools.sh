@@ -10,6 +10,7 @@ packages=(
   python3-venv
   faketime         # the publisher signs "in the past" for expired-metadata tests
   python3-prometheus-client  # a strict OpenMetrics parser in the metrics test
+  openssh-client   # ssh-keygen: throwaway keys for the settings tests
 )
 missing=()
 for package in "${packages[@]}"; do

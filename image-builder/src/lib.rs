@@ -21,6 +21,7 @@ pub mod host_tool;
 pub mod initramfs;
 pub mod inputs;
 pub mod kernel;
+pub mod provision;
 pub mod uki;
 pub mod unpack;
 pub mod verify;

@@ -106,6 +106,26 @@ enum Command {
         #[command(flatten)]
         expiries: ExpiryArgs,
     },
+    /// Write a node's settings (racklet/settings.toml, docs/settings.md) into
+    /// the ESP of a disk image or flashed card, validated first, nothing mounted.
+    Provision {
+        /// The disk image (build/<variant>/disk.img) or the card's device.
+        #[arg(long)]
+        disk: PathBuf,
+        /// A settings file (racklet/settings.toml's format).
+        #[arg(
+            long,
+            conflicts_with = "inventory",
+            required_unless_present = "inventory"
+        )]
+        settings: Option<PathBuf>,
+        /// A rack inventory: [common] settings and one [nodes.NAME] table per node.
+        #[arg(long, requires = "node")]
+        inventory: Option<PathBuf>,
+        /// The node of --inventory to provision.
+        #[arg(long, requires = "inventory")]
+        node: Option<String>,
+    },
     /// Maintain a published repository.
     Repo {
         #[command(subcommand)]
@@ -327,6 +347,39 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
             let lock: LockFile = lock::resolve(&variant, &requested, &mirrors, &path)?;
             tracing::info!(packages = lock.package.len(), file = %path.display(), "lock written");
             Ok(serde_json::json!({"ok": true, "lock": path, "packages": lock.package.len()}))
+        }
+        Command::Provision {
+            disk,
+            settings,
+            inventory,
+            node,
+        } => {
+            use image_builder::provision;
+            let settings = match (settings, inventory, node) {
+                (Some(file), _, _) => provision::settings_from_file(file)?,
+                (None, Some(inventory), Some(node)) => {
+                    provision::settings_from_inventory(inventory, node)?
+                }
+                _ => unreachable!("clap requires --settings or --inventory with --node"),
+            };
+            let report = provision::provision(disk, &settings)?;
+            if !cli.json {
+                println!(
+                    "{}: wrote {} ({} bytes, sha256 {}) on the ESP at byte {}: hostname {}, k3s role {}, wave seed {}",
+                    report.disk.display(),
+                    report.file,
+                    report.bytes,
+                    report.sha256,
+                    report.esp_offset,
+                    report.hostname.as_deref().unwrap_or("(derived on the node)"),
+                    report.kubernetes_role,
+                    report
+                        .wave_seed
+                        .map(|seed| seed.to_string())
+                        .unwrap_or_else(|| "(drawn on the node)".into()),
+                );
+            }
+            Ok(serde_json::to_value(report).expect("json"))
         }
         Command::Verify { directory } => {
             let report = image_builder::verify::verify_build(directory)?;
