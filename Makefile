@@ -59,7 +59,7 @@ builder:
 	  install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder).new && mv -f $(builder).new $(builder); }
 
 image-binaries: host-tools
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent --target $(triple) --target-dir target/image
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent -p racklet-node --target $(triple) --target-dir target/image
 	RUSTFLAGS="-C target-feature=+crt-static $(image_rustflags)" $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
 
 build: host-tools builder image-binaries

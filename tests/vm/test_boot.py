@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -497,14 +498,106 @@ def x86_boot_counting_blesses(ctx: Context) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Node settings from the card (racklet/settings.toml, docs/settings.md)
+
+RACKLET_IMAGE = Path(os.environ.get("RACKLET_IMAGE", REPO / "target/release/racklet-image"))
+
+
+def provisioned_overlay(ctx: Context, image: Image, settings: str, label: str = "disk") -> Overlay:
+    """An overlay of a raw copy of the image provisioned with `settings` by
+    `racklet-image provision` (as a card would be)."""
+    raw = ctx.dir / f"{label}.raw"
+    subprocess.run(["cp", "--sparse=always", str(image.disk), str(raw)], check=True)
+    path = ctx.dir / f"{label}.settings.toml"
+    path.write_text(settings)
+    result = subprocess.run([str(RACKLET_IMAGE), "--json", "provision", "--disk", str(raw), "--settings", str(path)],
+                            capture_output=True, text=True)
+    check(result.returncode == 0, f"racklet-image provision failed ({result.returncode}): {result.stderr}")
+    report = json.loads(result.stdout)
+    ctx.note(f"provisioned {report['file']} ({report['bytes']} bytes) at ESP offset {report['esp_offset']}")
+    return Overlay(raw, ctx.dir / f"{label}.qcow2")
+
+
+def node_status(vm: VM) -> dict:
+    text = vm.run("racklet-node --json status")
+    return json.loads(text[text.index("{"):])
+
+
+@test(X86)
+def x86_settings_from_the_card(ctx: Context) -> None:
+    """A card provisioned with racklet-image provision boots with its host name,
+    k3s role and configuration, NTP servers and wave seed; a setting changed on
+    the ESP is applied at the next boot (files of a removed setting go); an
+    invalid file keeps the previous settings and reports the file and key."""
+    image = ctx.image(X86)
+    settings = (
+        'hostname = "pi-7"\n'
+        '[kubernetes]\nrole = "agent"\nserver = "https://pi-1.local:6443"\ntoken = "K10test-token"\n'
+        'node_labels = ["racklet.io/shelf=2"]\n'
+        '[time]\nntp_servers = ["ntp.racklet.invalid"]\n'
+        '[update]\nwave_seed = 77\n')
+    overlay = provisioned_overlay(ctx, image, settings)
+    vm = ctx.vm(image, overlay)
+    boot_to_shell(vm, "a")
+    check(vm.run("hostname").strip() == "pi-7", f"hostname {vm.run('hostname').strip()!r}")
+    check(vm.run("cat /etc/hostname").strip() == "pi-7", "/etc/hostname is not pi-7")
+    status = node_status(vm)
+    check(status["settings_source"] == "card" and status["settings_error"] is None,
+          f"racklet-node status: {status}")
+    check(vm.run("cat /run/racklet/k3s.env").strip() == "K3S_ROLE=agent", "k3s.env")
+    config = vm.run("cat /etc/rancher/k3s/config.yaml")
+    for line in ['node-name: "pi-7"', 'server: "https://pi-1.local:6443"',
+                 'token-file: "/etc/rancher/k3s/token"', '- "racklet.io/shelf=2"']:
+        check(line in config, f"{line!r} not in config.yaml:\n{config}")
+    check("K10test-token" not in config, "the token is in config.yaml")
+    token = vm.run("stat -c '%a %U' /etc/rancher/k3s/token; cat /etc/rancher/k3s/token").split()
+    check(token == ["600", "root", "K10test-token"], f"token file: {token}")
+    check("NTP=ntp.racklet.invalid" in vm.run("cat /etc/systemd/timesyncd.conf.d/50-racklet.conf"), "NTP")
+    check(vm.run("cat /var/lib/racklet/update/seed").strip() == "77", "wave seed")
+    unit = vm.run("systemctl show -p ActiveState,Result racklet-node.service").split()
+    check("ActiveState=active" in unit, f"racklet-node.service: {unit}")
+    ctx.note(f"boot 1: {status['hostname']}, role {status['kubernetes_role']}, changed {status['changed']}")
+
+    # 2. Changed on the card (here from the node itself): a new name, k3s off.
+    vm.run("printf 'hostname = \"pi-8\"\\n' > /efi/racklet/settings.toml && sync")
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    check(vm.run("hostname").strip() == "pi-8", f"after the change: hostname {vm.run('hostname').strip()!r}")
+    status = node_status(vm)
+    check(status["kubernetes_role"] == "none", f"role: {status}")
+    gone = vm.run("ls /run/racklet/k3s.env /etc/rancher/k3s/config.yaml /etc/rancher/k3s/token "
+                  "/etc/systemd/timesyncd.conf.d/50-racklet.conf /var/lib/racklet/update/seed 2>&1", check=False)[1]
+    check(gone.count("No such file") == 5, f"the removed settings' files should be gone: {gone}")
+    ctx.note(f"boot 2: {status['hostname']}, removed {status['removed']}")
+
+    # 3. An invalid file: the node boots with pi-8's settings and says why.
+    mark = vm.cursor
+    vm.run("printf 'hostname = \"Pi_9\"\\n[kubernetes]\\nrole = \"agent\"\\n' > /efi/racklet/settings.toml && sync")
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    check(vm.run("hostname").strip() == "pi-8", f"an invalid file changed the name: {vm.run('hostname').strip()!r}")
+    status = node_status(vm)
+    error = status["settings_error"] or ""
+    check(status["settings_source"] == "last-good" and "racklet/settings.toml" in error
+          and 'hostname: "Pi_9"' in error and "kubernetes.server" in error, f"status: {status}")
+    check("racklet-node: settings not applied" in vm.output[mark:], "the error is not on the console")
+    journal = vm.run("journalctl -b -u racklet-node --no-pager -o cat", check=False)[1]
+    check("settings not applied" in journal, f"the error is not in the journal: {journal[-400:]}")
+    ctx.note(f"boot 3: kept {status['hostname']}; error: {error[:160]}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+# ---------------------------------------------------------------------------
 # aarch64: U-Boot (distro boot) -> boot.scr -> UKI
 
 
 @test(ARM)
 def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
-    """U-Boot runs boot.scr, which boots slot A's UKI onto the verified root."""
+    """U-Boot runs boot.scr, which boots slot A's UKI onto the verified root;
+    the first boot of a provisioned card takes the card's host name."""
     image = ctx.image(ARM)
-    overlay = ctx.overlay(image)
+    # A card provisioned as a Pi would be: its first boot takes the name.
+    overlay = provisioned_overlay(ctx, image, 'hostname = "pi-arm-1"\n')
     before = read_states(overlay)
     check(all(before), f"the image's state copies do not decode: {before}")
     vm = ctx.vm(image, overlay)
@@ -517,6 +610,10 @@ def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
     vm.run("systemctl is-system-running --wait", timeout=300, check=False)
     active = vm.run("systemctl is-active containerd.service", check=False)[1].strip()
     check(active == "active", f"containerd is {active!r}")
+    hostname = vm.run("hostname").strip()
+    status = node_status(vm)
+    check(hostname == "pi-arm-1" and status["settings_source"] == "card",
+          f"the card's host name: {hostname!r}; racklet-node status: {status}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
     after = read_states(overlay)
     check(after == before, f"a committed boot must not write the state: {before} -> {after}")
@@ -721,7 +818,7 @@ def main() -> int:
             if ctx:
                 ctx.close()
                 if not options.keep:
-                    for overlay in ctx.dir.glob("*.qcow2"):
+                    for overlay in [*ctx.dir.glob("*.qcow2"), *ctx.dir.glob("*.raw")]:
                         overlay.unlink()
     if not options.keep:
         shutil.rmtree(scratch / "images", ignore_errors=True)

@@ -134,6 +134,10 @@ pub struct UnitState {
     pub sub_state: String,
     /// A job (e.g. the start job) is queued for the unit.
     pub job_pending: bool,
+    /// systemd checked the unit's `Condition*=` and skipped its start
+    /// (`ConditionResult` false after a check): the unit is not meant to run
+    /// on this node, e.g. k3s.service with the k3s role `none`.
+    pub condition_unmet: bool,
 }
 
 /// Load states from which a unit will not become active without an administrator.
@@ -147,7 +151,13 @@ impl UnitState {
             active_state,
             sub_state: sub_state.into(),
             job_pending: false,
+            condition_unmet: false,
         }
+    }
+
+    /// Inactive because its start condition failed: not meant to run here.
+    pub fn skipped_by_condition(&self) -> bool {
+        self.condition_unmet && self.active_state == ActiveState::Inactive && !self.job_pending
     }
 
     /// `Some(reason)` when the unit will not become active by waiting.
@@ -170,6 +180,9 @@ impl std::fmt::Display for UnitState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if UNLOADABLE_STATES.contains(&self.load_state.as_str()) {
             return f.write_str(&self.load_state);
+        }
+        if self.skipped_by_condition() {
+            return f.write_str("skipped: its start condition is not met on this node");
         }
         write!(f, "{} ({})", self.active_state, self.sub_state)?;
         if self.active_state == ActiveState::Inactive && !self.job_pending {
@@ -248,11 +261,14 @@ impl SystemdUnits {
         // than it (e.g. "refreshing").
         let active_state: String = proxy.inner().get_property("ActiveState").await?;
         let (job_id, _) = proxy.job().await?;
+        let condition_result: bool = proxy.inner().get_property("ConditionResult").await?;
+        let condition_timestamp: u64 = proxy.inner().get_property("ConditionTimestamp").await?;
         Ok(UnitState {
             load_state: proxy.load_state().await?,
             active_state: ActiveState::parse(&active_state),
             sub_state: proxy.sub_state().await?,
             job_pending: job_id != 0,
+            condition_unmet: condition_timestamp != 0 && !condition_result,
         })
     }
 }
@@ -463,7 +479,10 @@ impl GateRun<'_> {
                 {
                     Ok(Ok(state)) => {
                         let failure = state.permanent_failure(&unit);
-                        if state.active_state.is_active() || failure.is_some() {
+                        if state.active_state.is_active()
+                            || failure.is_some()
+                            || state.skipped_by_condition()
+                        {
                             self.checks.push(CheckResult::new(
                                 CheckKind::Unit,
                                 &unit,
@@ -1088,12 +1107,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_unit_skipped_by_its_condition_passes() {
+        // k3s.service on a node whose settings say role = "none".
+        let skipped = UnitState {
+            condition_unmet: true,
+            ..UnitState::loaded(ActiveState::Inactive, "dead")
+        };
+        let units = FakeUnits::default().with("k3s.service", &[Answer::State(skipped)]);
+        let report = gate(Duration::from_secs(60), &["k3s.service"], &no_checks())
+            .run(&units)
+            .await;
+        assert!(report.passed, "{report:?}");
+        assert_eq!(
+            report.checks[0].detail,
+            "skipped: its start condition is not met on this node"
+        );
+        assert!(report.duration < Duration::from_secs(5), "{report:?}");
+    }
+
+    #[tokio::test]
     async fn a_unit_that_cannot_be_loaded_fails_at_once() {
         let missing = UnitState {
             load_state: "not-found".into(),
             active_state: ActiveState::Inactive,
             sub_state: "dead".into(),
             job_pending: false,
+            condition_unmet: false,
         };
         let units = FakeUnits::default().with("nope.service", &[Answer::State(missing)]);
         let report = gate(Duration::from_secs(60), &["nope.service"], &no_checks())

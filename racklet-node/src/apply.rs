@@ -1,0 +1,432 @@
+//! Boot-time application of the card's settings: read `racklet/settings.toml`
+//! from the ESP, fall back to the last good settings (defaults on a first
+//! boot) when it is invalid, make the files match [`crate::plan::plan`],
+//! remove what an earlier plan wrote and this one no longer has, set the
+//! host name, and record the result ([`crate::status::NodeStatus`]).
+//!
+//! Never fails the boot: every error ends up in the status (and on the
+//! console through the unit's output), and the node goes on with the last
+//! settings that were good.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use os_format::settings::{Settings, SETTINGS_PATH_ON_ESP};
+
+use crate::error::{NodeError, Result};
+use crate::plan::{plan, NodeIdentity, PlannedFile};
+use crate::status::{NodeStatus, SettingsSource};
+
+/// Where the ESP is mounted (update-agent's `ESP_MOUNT`).
+pub const ESP_MOUNT: &str = "/efi";
+/// The node's own state, on the data partition: the last good settings and
+/// the list of files the last plan wrote.
+pub const STATE_DIR: &str = "/var/lib/racklet/node";
+/// The last settings that were valid, as read from the card.
+pub const LAST_GOOD_FILE: &str = "last-good-settings.toml";
+/// The paths the last plan wrote (JSON list), so that a setting removed from
+/// the card removes its file.
+pub const MANAGED_FILE: &str = "managed-files.json";
+/// The result of the last `apply` (what `racklet-node status` shows).
+pub const STATUS_PATH: &str = "/run/racklet/node/status.json";
+/// The running kernel's host name.
+pub const KERNEL_HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
+/// Where the node's identity comes from.
+pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
+pub const BOARD_SERIAL_PATH: &str = "/proc/device-tree/serial-number";
+
+/// Where `apply` reads and writes: the real paths, or all of them under a
+/// root directory (tests).
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub esp: PathBuf,
+    /// Set the running host name (not in tests).
+    pub set_kernel_hostname: bool,
+}
+
+impl Paths {
+    pub fn system() -> Paths {
+        Paths {
+            root: PathBuf::from("/"),
+            esp: PathBuf::from(ESP_MOUNT),
+            set_kernel_hostname: true,
+        }
+    }
+
+    /// `path` (absolute, as in the plan) under the root.
+    pub fn under_root(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    fn state(&self, name: &str) -> PathBuf {
+        self.under_root(STATE_DIR).join(name)
+    }
+}
+
+/// The settings to apply and where they came from.
+#[derive(Debug)]
+pub struct LoadedSettings {
+    pub settings: Settings,
+    pub source: SettingsSource,
+    /// Why the card's file was not used (invalid; its token file missing).
+    pub error: Option<String>,
+    pub token: Option<String>,
+}
+
+/// Read the card's settings (and the token file they name); on any problem
+/// the last good ones, else defaults.
+pub fn load(paths: &Paths) -> LoadedSettings {
+    let card = paths.esp.join(SETTINGS_PATH_ON_ESP);
+    let from_card = match std::fs::read(&card) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => Some(Err(format!("{}: {error}", card.display()))),
+        Ok(bytes) => Some(
+            String::from_utf8(bytes)
+                .map_err(|_| format!("{}: not UTF-8 text", card.display()))
+                .and_then(|text| {
+                    Settings::parse(
+                        &format!("{} ({SETTINGS_PATH_ON_ESP})", card.display()),
+                        &text,
+                    )
+                    .map_err(|error| error.to_string())
+                })
+                .and_then(|settings| {
+                    let token = read_token(paths, &settings)?;
+                    Ok((settings, token))
+                }),
+        ),
+    };
+    match from_card {
+        Some(Ok((settings, token))) => LoadedSettings {
+            settings,
+            source: SettingsSource::Card,
+            error: None,
+            token,
+        },
+        None => LoadedSettings {
+            settings: Settings::default(),
+            source: SettingsSource::Defaults,
+            error: None,
+            token: None,
+        },
+        Some(Err(error)) => {
+            let last_good = paths.state(LAST_GOOD_FILE);
+            let fallback = std::fs::read_to_string(&last_good)
+                .ok()
+                .and_then(|text| Settings::parse(&last_good.display().to_string(), &text).ok())
+                .and_then(|settings| {
+                    read_token(paths, &settings)
+                        .ok()
+                        .map(|token| (settings, token))
+                });
+            match fallback {
+                Some((settings, token)) => LoadedSettings {
+                    settings,
+                    source: SettingsSource::LastGood,
+                    error: Some(error),
+                    token,
+                },
+                None => LoadedSettings {
+                    settings: Settings::default(),
+                    source: SettingsSource::Defaults,
+                    error: Some(error),
+                    token: None,
+                },
+            }
+        }
+    }
+}
+
+fn read_token(paths: &Paths, settings: &Settings) -> std::result::Result<Option<String>, String> {
+    let kubernetes = &settings.kubernetes;
+    if let Some(token) = &kubernetes.token {
+        return Ok(Some(token.clone()));
+    }
+    let Some(name) = &kubernetes.token_file else {
+        return Ok(None);
+    };
+    let path = paths.esp.join(name);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|error| format!("kubernetes.token_file: {}: {error}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(['\n', '\r']) {
+        return Err(format!(
+            "kubernetes.token_file: {}: expected the token on one line",
+            path.display()
+        ));
+    }
+    Ok(Some(token.to_string()))
+}
+
+/// The node's identity from the machine id and the board serial.
+pub fn identity(paths: &Paths) -> NodeIdentity {
+    let read = |path: &str| {
+        std::fs::read(paths.under_root(path))
+            .ok()
+            .map(|bytes| {
+                String::from_utf8_lossy(&bytes)
+                    .trim_matches(['\0', '\n', ' '])
+                    .to_string()
+            })
+            .filter(|text| !text.is_empty())
+    };
+    NodeIdentity {
+        board_serial: read(BOARD_SERIAL_PATH),
+        machine_id: read(MACHINE_ID_PATH),
+    }
+}
+
+/// Apply: load, plan, write, record. Returns the status it recorded.
+pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
+    let loaded = load(paths);
+    let identity = identity(paths);
+    let plan = plan(&loaded.settings, &identity, loaded.token.as_deref());
+    // What went wrong while applying (the settings' own error is apart).
+    let mut errors: Vec<String> = Vec::new();
+    let mut changed = Vec::new();
+    for file in &plan.files {
+        match write_if_changed(paths, file) {
+            Ok(true) => changed.push(file.path.clone()),
+            Ok(false) => {}
+            Err(error) => errors.push(error.to_string()),
+        }
+    }
+    // Files an earlier plan wrote that this one has not: the setting is gone.
+    let managed = paths.state(MANAGED_FILE);
+    let before: BTreeSet<String> = std::fs::read(&managed)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let now_managed: BTreeSet<String> = plan.files.iter().map(|file| file.path.clone()).collect();
+    let mut removed = Vec::new();
+    for path in before.difference(&now_managed) {
+        match std::fs::remove_file(paths.under_root(path)) {
+            Ok(()) => removed.push(path.clone()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => errors.push(format!("removing {path}: {error}")),
+        }
+    }
+    if let Err(error) = write_atomically(
+        &managed,
+        serde_json::to_string_pretty(&now_managed)
+            .expect("json")
+            .as_bytes(),
+        0o600,
+    ) {
+        errors.push(error.to_string());
+    }
+    if loaded.source == SettingsSource::Card {
+        let text = loaded.settings.to_toml();
+        if let Err(error) = write_atomically(&paths.state(LAST_GOOD_FILE), text.as_bytes(), 0o600) {
+            errors.push(error.to_string());
+        }
+    }
+    if paths.set_kernel_hostname {
+        if let Err(error) = std::fs::write(paths.under_root(KERNEL_HOSTNAME_PATH), &plan.hostname) {
+            errors.push(format!("setting the host name {}: {error}", plan.hostname));
+        }
+    }
+    let status = NodeStatus {
+        schema: crate::status::NODE_STATUS_SCHEMA,
+        time: now.to_string(),
+        settings_source: loaded.source,
+        settings_error: loaded.error,
+        hostname: plan.hostname,
+        hostname_from_settings: plan.hostname_from_settings,
+        kubernetes_role: plan.k3s_role.to_string(),
+        kubernetes_server: loaded.settings.kubernetes.server.clone(),
+        ssh_authorized_keys: loaded.settings.ssh.authorized_keys.len(),
+        changed,
+        removed,
+        errors,
+    };
+    if let Err(error) = write_atomically(
+        &paths.under_root(STATUS_PATH),
+        serde_json::to_string_pretty(&status)
+            .expect("json")
+            .as_bytes(),
+        0o644,
+    ) {
+        tracing::error!("{error}");
+    }
+    status
+}
+
+/// Write `file` unless it already holds exactly this; `Ok(true)` if written.
+fn write_if_changed(paths: &Paths, file: &PlannedFile) -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = paths.under_root(&file.path);
+    if let Ok(metadata) = std::fs::metadata(&path) {
+        if metadata.permissions().mode() & 0o7777 == file.mode
+            && std::fs::read(&path).ok().as_deref() == Some(file.contents.as_bytes())
+        {
+            return Ok(false);
+        }
+    }
+    write_atomically(&path, file.contents.as_bytes(), file.mode)?;
+    Ok(true)
+}
+
+/// Write through a temporary file in the same directory, fsync, rename:
+/// a power cut leaves the old file or the new one, never half of one.
+pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let directory = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(directory).map_err(NodeError::io(directory))?;
+    let temporary = directory.join(format!(
+        ".{}.racklet-new",
+        path.file_name()
+            .map(|name| name.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temporary)
+        .map_err(NodeError::io(&temporary))?;
+    handle
+        .write_all(contents)
+        .map_err(NodeError::io(&temporary))?;
+    // The umask may have narrowed the mode: set it exactly.
+    handle
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(NodeError::io(&temporary))?;
+    handle.sync_all().map_err(NodeError::io(&temporary))?;
+    drop(handle);
+    std::fs::rename(&temporary, path).map_err(NodeError::io(path))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{HOSTNAME_PATH, K3S_CONFIG_PATH, K3S_ROLE_ENV_PATH, K3S_TOKEN_PATH};
+
+    fn setup() -> (tempfile::TempDir, Paths) {
+        let directory = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            root: directory.path().join("root"),
+            esp: directory.path().join("esp"),
+            set_kernel_hostname: false,
+        };
+        std::fs::create_dir_all(paths.esp.join("racklet")).unwrap();
+        std::fs::create_dir_all(paths.under_root("/etc")).unwrap();
+        std::fs::write(
+            paths.under_root(MACHINE_ID_PATH),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        (directory, paths)
+    }
+
+    fn card(paths: &Paths, text: &str) {
+        std::fs::write(paths.esp.join(SETTINGS_PATH_ON_ESP), text).unwrap();
+    }
+
+    fn read(paths: &Paths, path: &str) -> Option<String> {
+        std::fs::read_to_string(paths.under_root(path)).ok()
+    }
+
+    const AGENT: &str = "hostname = \"pi-2\"\n[kubernetes]\nrole = \"agent\"\nserver = \"https://pi-1.local:6443\"\ntoken_file = \"racklet/k3s-token\"\n";
+
+    #[test]
+    fn first_boot_without_a_card_file() {
+        let (_directory, paths) = setup();
+        let status = apply(&paths, "t1");
+        assert_eq!(status.settings_source, SettingsSource::Defaults);
+        assert!(
+            status.settings_error.is_none() && status.errors.is_empty(),
+            "{status:?}"
+        );
+        assert!(status.hostname.starts_with("racklet-"));
+        assert_eq!(
+            read(&paths, HOSTNAME_PATH).unwrap(),
+            format!("{}\n", status.hostname)
+        );
+        assert_eq!(status.changed, [HOSTNAME_PATH]);
+        let recorded: NodeStatus =
+            serde_json::from_str(&read(&paths, STATUS_PATH).unwrap()).unwrap();
+        assert_eq!(recorded, status);
+    }
+
+    #[test]
+    fn settings_applied_then_changed_then_removed() {
+        let (_directory, paths) = setup();
+        card(&paths, AGENT);
+        std::fs::write(paths.esp.join("racklet/k3s-token"), "K10secret\n").unwrap();
+        let status = apply(&paths, "t1");
+        assert_eq!(status.settings_source, SettingsSource::Card, "{status:?}");
+        assert_eq!(status.hostname, "pi-2");
+        assert_eq!(read(&paths, K3S_ROLE_ENV_PATH).unwrap(), "K3S_ROLE=agent\n");
+        assert_eq!(read(&paths, K3S_TOKEN_PATH).unwrap(), "K10secret\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(paths.under_root(K3S_TOKEN_PATH))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Nothing changed: nothing written.
+        assert!(apply(&paths, "t2").changed.is_empty());
+        // The role goes to none: k3s's files go.
+        card(&paths, "hostname = \"pi-2\"\n");
+        let status = apply(&paths, "t3");
+        assert_eq!(status.kubernetes_role, "none");
+        let removed: BTreeSet<&str> = status.removed.iter().map(String::as_str).collect();
+        assert_eq!(
+            removed,
+            BTreeSet::from([K3S_CONFIG_PATH, K3S_TOKEN_PATH, K3S_ROLE_ENV_PATH])
+        );
+        assert!(
+            read(&paths, K3S_ROLE_ENV_PATH).is_none() && read(&paths, K3S_CONFIG_PATH).is_none()
+        );
+    }
+
+    #[test]
+    fn an_invalid_card_keeps_the_last_good_settings() {
+        let (_directory, paths) = setup();
+        card(&paths, "hostname = \"pi-1\"\n");
+        apply(&paths, "t1");
+        card(
+            &paths,
+            "hostname = \"Pi_1\"\n[kubernetes]\nrole = \"agent\"\n",
+        );
+        let status = apply(&paths, "t2");
+        assert_eq!(status.settings_source, SettingsSource::LastGood);
+        assert_eq!(status.hostname, "pi-1");
+        let error = status.settings_error.unwrap();
+        assert!(
+            error.contains("racklet/settings.toml")
+                && error.contains("hostname: \"Pi_1\"")
+                && error.contains("kubernetes.server"),
+            "{error}"
+        );
+        assert_eq!(read(&paths, HOSTNAME_PATH).unwrap(), "pi-1\n");
+    }
+
+    #[test]
+    fn an_invalid_card_on_a_first_boot_gives_defaults() {
+        let (_directory, paths) = setup();
+        card(&paths, "hostname = ");
+        let status = apply(&paths, "t1");
+        assert_eq!(status.settings_source, SettingsSource::Defaults);
+        assert!(status.settings_error.unwrap().contains("line 1"));
+        assert!(status.hostname.starts_with("racklet-"));
+    }
+
+    #[test]
+    fn a_missing_token_file_is_a_settings_error() {
+        let (_directory, paths) = setup();
+        card(&paths, AGENT);
+        let status = apply(&paths, "t1");
+        assert_eq!(status.settings_source, SettingsSource::Defaults);
+        assert!(status
+            .settings_error
+            .unwrap()
+            .contains("kubernetes.token_file"));
+        assert!(read(&paths, K3S_ROLE_ENV_PATH).is_none());
+    }
+}

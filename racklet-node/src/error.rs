@@ -1,0 +1,27 @@
+//! The node tool's errors.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Status { path: PathBuf, message: String },
+}
+
+impl NodeError {
+    /// An IO error with the path it happened on.
+    pub fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> NodeError {
+        let path = path.as_ref().to_path_buf();
+        move |source| NodeError::Io { path, source }
+    }
+}
+
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
