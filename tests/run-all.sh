@@ -4,10 +4,9 @@
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
 #   1. the x86_64 images, then the aarch64 images;
-#   2. two VM workers take the VM test jobs (vm_jobs below: the e2e suites
-#      split in five, the two boot test groups), longest first, each job as
-#      soon as its images are built, so two guests of one vCPU each run at a
-#      time (TCG on two cores);
+#   2. then two VM workers take the VM test jobs (vm_jobs below: the e2e
+#      suites split in five, the two boot test groups), longest first, so two
+#      guests of one vCPU each run at a time (TCG on two cores);
 #   3. from the start, niced: lint, then tests/agent, tests/repo, image checks
 #      and bad input, the bit-identical second build of 1.0.0 from a fresh
 #      clone, rpi4 with the k3s stand-in, and last the unit tests; compiling
@@ -87,10 +86,8 @@ lane() {
 }
 
 # The VM tests as jobs for two workers (two guests at a time). Each worker
-# takes the first job in this order whose images are built: the x86_64 images
-# are built first, so the x86_64 jobs start while the aarch64 images build; the
-# aarch64 jobs, the longest (TCG emulates an aarch64 guest more slowly), go
-# first once theirs exist. On aarch64 one power cut a run, at a random moment
+# takes the first job in this order whose images are built, longest first
+# (TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
 # (write, placed, first boot; `make e2e` cuts at all three): each aarch64 cut
 # costs 4-12 minutes.
 # A job: name, the images it needs (x86 or arm), the command.
@@ -189,13 +186,14 @@ niced_lane() {
 
 failures=0
 niced_lane & niced=$!
-# The images first, one variant at a time (guests that share the CPU with a
-# compiler are slow enough to hit their timeouts); the VM workers take each
-# variant's jobs once its images are built.
-vm_worker & workers=($!)
-vm_worker & workers+=($!)
+# The images first, one variant at a time, before any guest: guests beside
+# the aarch64 cross build made both slow (measured: the aarch64 images took
+# 24 minutes beside two guests, the x86_64 update job 23 instead of 8), and
+# the aarch64 jobs, the longest, then started last.
 images x86 qemu-x86_64 || failures=$((failures + 1))
 images arm qemu-aarch64 || failures=$((failures + 1))
+vm_worker & workers=($!)
+vm_worker & workers+=($!)
 wait "$niced" || failures=$((failures + 1))
 for pid in "${workers[@]}"; do
   wait "$pid" || failures=$((failures + 1))
