@@ -92,33 +92,21 @@ fn read_status() -> Result<NodeStatus, NodeError> {
     })
 }
 
-/// Seconds since the epoch as RFC 3339 UTC, without a time crate.
+/// Now as RFC 3339 UTC, to the second.
 fn now_rfc3339() -> String {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|duration| duration.as_secs())
-        .unwrap_or(0);
-    let days = seconds / 86_400;
-    let rest = seconds % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    format!("{:.0}", jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn now_is_rfc3339_to_the_second() {
+        let now = super::now_rfc3339();
+        let bytes = now.as_bytes();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(
+            now.ends_with('Z') && bytes[4] == b'-' && bytes[10] == b'T' && bytes[16] == b':',
+            "{now}"
+        );
+    }
 }

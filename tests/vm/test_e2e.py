@@ -58,12 +58,6 @@ BOOT_FAILURE = re.compile(
 # which the callers allow for (they move past the login, or look for the
 # slot they expect). Group 1: ".slot=X".
 BOOT_LINE = re.compile(r"(?:\] Command line: |Kernel command line: )[^\r\n]*?(\.slot=[ab])")
-BOOT_LINES = {"x86_64": BOOT_LINE, "aarch64": BOOT_LINE}
-
-
-def boot_line(vm: "NetVM") -> re.Pattern:
-    """The pattern of one boot of `vm` and its slot (see BOOT_LINES)."""
-    return BOOT_LINES[vm.arch]
 VERITY_CORRUPTION = re.compile(r"device-mapper: verity: [^\r\n]*corrupted")
 
 
@@ -397,7 +391,7 @@ def boot_to_shell(vm: NetVM, slot: str | None = None, timeout: float = 400) -> d
     if not vm.running():
         vm.start()
     started = time.monotonic()
-    cmdline = vm.expect(boot_line(vm), timeout=timeout, fail=BOOT_FAILURE)
+    cmdline = vm.expect(BOOT_LINE, timeout=timeout, fail=BOOT_FAILURE)
     found = re.search(r"\.slot=([ab])", cmdline.group(1))
     booted = found.group(1) if found else "?"
     if slot:
@@ -589,7 +583,7 @@ def boot_loader_committed(ctx: Context, vm: NetVM, step: str, slot: str, other_b
 
 
 def reboot_seen(vm: NetVM, since: int) -> bool:
-    return boot_line(vm).search(vm.since(since)) is not None
+    return BOOT_LINE.search(vm.since(since)) is not None
 
 
 def wait_for(vm: NetVM, what: str, predicate, timeout: float, interval: float = 3.0,
@@ -633,7 +627,7 @@ def wait_for_reboot(vm: NetVM, since: int, timeout: float) -> float:
     """Wait for the guest to reboot on its own (its next kernel command line).
     Returns the (monotonic) time that line arrived."""
     vm.cursor = since
-    match = vm.expect(boot_line(vm), timeout=timeout)
+    match = vm.expect(BOOT_LINE, timeout=timeout)
     vm.cursor = since  # boot_to_shell looks for this command line again
     return vm.started_at + vm.time_at(match.start())
 
@@ -852,14 +846,14 @@ def e2e_update_scenario(ctx: Context) -> None:
     times = install_and_time(ctx, vm, server, v3)
     started = wait_for_reboot(vm, mark, timeout=300)
     vm.cursor = mark
-    cmdline = vm.expect(boot_line(vm), timeout=300)
+    cmdline = vm.expect(BOOT_LINE, timeout=300)
     check(".slot=a" in cmdline.group(1), f"v3's try should boot slot A: {cmdline.group(1)}")
     # The try of 3 (slot A), its health gate failing, and the reboot back to B
     # (the try's second command line, if both survived, is skipped).
-    second = vm.expect(boot_line(vm), timeout=600, fail=BOOT_FAILURE)
+    second = vm.expect(BOOT_LINE, timeout=600, fail=BOOT_FAILURE)
     deadline = time.monotonic() + 600
     while ".slot=a" in second.group(1) and not AUTOLOGIN.search(vm.output, cmdline.end(), second.start()):
-        second = vm.expect(boot_line(vm), timeout=max(1, deadline - time.monotonic()), fail=BOOT_FAILURE)
+        second = vm.expect(BOOT_LINE, timeout=max(1, deadline - time.monotonic()), fail=BOOT_FAILURE)
     check(".slot=b" in second.group(1), f"after 3's failed gate, expected slot B: {second.group(1)}")
     vm.cursor = second.start()
     boot_to_shell(vm, "b")
@@ -984,7 +978,7 @@ def power_cut(ctx: Context, moment: str, rng: random.Random, label: str) -> str:
         what = f"{delay:.2f} s after the monitor saw the try of B placed ({entries})"
     else:
         wait_for_reboot(vm, mark, timeout=1500)
-        vm.expect(boot_line(vm), timeout=300)
+        vm.expect(BOOT_LINE, timeout=300)
         delay = rng.uniform(0, 10)  # the commit comes some 12 s into that boot
         time.sleep(delay)
         what = f"{delay:.1f} s into the first boot of slot B"
@@ -1263,7 +1257,7 @@ def e2e_attack_corrupted_inactive_root(ctx: Context) -> None:
     overlay.write(root_b.start + offset, bytes([original ^ 0xFF]))
     vm.cursor = len(vm.output)
     vm.start()
-    first = vm.expect(boot_line(vm), timeout=300)
+    first = vm.expect(BOOT_LINE, timeout=300)
     check(".slot=b" in first.group(1), f"the try should boot B: {first.group(1)}")
     corrupted = vm.expect(VERITY_CORRUPTION, timeout=300, fail=AUTOLOGIN)
     boot_to_shell(vm, "a")
