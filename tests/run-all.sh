@@ -44,6 +44,19 @@ print(sum(int(p) for p, _ in pairs), sum(int(f) for _, f in pairs))
 EOF
 }
 
+# cpu_seconds FILE: the output of bash's `times` (the shell's and its children's
+# user and system time, "1m2.5s 0m3.1s" a line) as whole seconds.
+cpu_seconds() {
+  python3 - "$1" <<'EOF'
+import re, sys
+try:
+    text = open(sys.argv[1]).read()
+except OSError:
+    text = ""
+print(round(sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", text))))
+EOF
+}
+
 # stage NAME COMMAND...: run COMMAND with its output in $logs/NAME.log and a
 # row (name, start offset, seconds, exit status, passed, failed) in $stages.
 stage() {
@@ -51,12 +64,15 @@ stage() {
   local log="$logs/$name.log" began code
   began=$(date +%s)
   echo "=== $name: started at +$((began - start)) s (log: $log)"
-  "$@" > "$log" 2>&1
+  # The subshell's `times`: the CPU time (user + system) of everything the
+  # stage ran, for the table's cpu column.
+  ( "$@"; code=$?; times > "$log.cpu"; exit "$code" ) > "$log" 2>&1
   code=$?
-  local now; now=$(date +%s)
+  local now cpu; now=$(date +%s)
   read -r passed failed < <(counts "$log")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$((began - start))" "$((now - began))" "$code" "$passed" "$failed" >> "$stages"
-  echo "=== $name: $( [ "$code" -eq 0 ] && echo ok || echo "FAILED (exit $code)") in $((now - began)) s; $passed passed, $failed failed"
+  cpu=$(cpu_seconds "$log.cpu")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$((began - start))" "$((now - began))" "$code" "$passed" "$failed" "$cpu" >> "$stages"
+  echo "=== $name: $( [ "$code" -eq 0 ] && echo ok || echo "FAILED (exit $code)") in $((now - began)) s ($cpu s CPU); $passed passed, $failed failed"
   return "$code"
 }
 
@@ -205,14 +221,18 @@ echo "=== stages (wall time; offsets from the start of the run)"
 python3 - "$stages" "$(( $(date +%s) - start ))" <<'EOF'
 import sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
-print(f"{'stage':16} {'start':>7} {'time':>9} {'result':8} {'passed':>7} {'failed':>7}")
-passed = failed = 0
-for name, began, seconds, code, ok, bad in rows:
-    passed += int(ok); failed += int(bad)
-    minutes = f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
-    print(f"{name:16} {'+' + began + ' s':>7} {minutes:>9} {'ok' if code == '0' else 'FAIL ' + code:8} {ok:>7} {bad:>7}")
+def minutes(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+print(f"{'stage':18} {'start':>7} {'time':>7} {'cpu':>7} {'result':8} {'passed':>7} {'failed':>7}")
+cpu_total = 0
+for row in rows:
+    name, began, seconds, code, ok, bad = row[:6]
+    cpu = int(row[6]) if len(row) > 6 and row[6] else 0
+    cpu_total += cpu
+    print(f"{name:18} {'+' + began + ' s':>7} {minutes(seconds):>7} {minutes(cpu) if cpu else '-':>7} "
+          f"{'ok' if code == '0' else 'FAIL ' + code:8} {ok:>7} {bad:>7}")
 total = int(sys.argv[2])
-print(f"{'total':16} {'':>7} {total // 60}:{total % 60:02d} min")
+print(f"{'total':18} {'':>7} {minutes(total):>7} {minutes(cpu_total):>7} min (cpu: user + system time of the stages)")
 EOF
 echo
 echo "=== images built (sha256 of disk.img; verity root hash from manifest.json)"
