@@ -17,6 +17,7 @@ pub mod compose;
 pub mod disk;
 pub mod esp;
 pub mod filesystem;
+pub mod flash;
 pub mod host_tool;
 pub mod initramfs;
 pub mod inputs;

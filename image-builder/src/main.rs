@@ -106,6 +106,17 @@ enum Command {
         #[command(flatten)]
         expiries: ExpiryArgs,
     },
+    /// Write a disk image to a card (a whole-disk block device) with progress,
+    /// then read it back and compare. Refuses a disk the host uses (mounted,
+    /// swap, the disk it runs from) and one smaller than the image.
+    Flash {
+        /// The image: build/<variant>/disk.img (provisioned or not).
+        #[arg(long)]
+        disk: PathBuf,
+        /// The card, e.g. /dev/sdX or /dev/mmcblk0 (the whole disk).
+        #[arg(long)]
+        device: PathBuf,
+    },
     /// Write a node's settings (racklet/settings.toml, docs/settings.md) into
     /// the ESP of a disk image or flashed card, validated first, nothing mounted.
     Provision {
@@ -347,6 +358,21 @@ fn run(cli: &Cli) -> Result<serde_json::Value, BuildError> {
             let lock: LockFile = lock::resolve(&variant, &requested, &mirrors, &path)?;
             tracing::info!(packages = lock.package.len(), file = %path.display(), "lock written");
             Ok(serde_json::json!({"ok": true, "lock": path, "packages": lock.package.len()}))
+        }
+        Command::Flash { disk, device } => {
+            let report = image_builder::flash::flash(disk, device)?;
+            if !cli.json {
+                println!(
+                    "{}: wrote {} ({} bytes, {} of them data) in {:.0} s and read it back: sha256 {} matches",
+                    report.device.display(),
+                    report.image.display(),
+                    report.bytes,
+                    report.data_bytes,
+                    report.seconds,
+                    report.sha256
+                );
+            }
+            Ok(serde_json::to_value(report).expect("json"))
         }
         Command::Provision {
             disk,

@@ -265,13 +265,15 @@ pub fn ensure_dir(dir: &Path, owner: (u32, u32)) -> io::Result<()> {
 }
 
 /// Mount the data partition on `<new_root>/var` if there is a usable one,
-/// then the `/etc` overlay on it. Only the overlay's failure is an error
-/// (fatal); everything about the data partition is a [`VarOutcome`].
+/// call `on_mounted_var` with that directory (the factory reset empties it
+/// there), then mount the `/etc` overlay on it. Only the overlay's failure is
+/// an error (fatal); everything about the data partition is a [`VarOutcome`].
 pub fn mount_var_and_etc(
     new_root: &Path,
     disk: &str,
     data: &DataPartition,
     dev_dir: &Path,
+    on_mounted_var: impl FnOnce(&Path),
 ) -> Result<VarOutcome, InitError> {
     let device = match plan_var(disk, data, |device| probe_ext4(&device.node(dev_dir))) {
         VarPlan::Mount(device) => device,
@@ -291,6 +293,7 @@ pub fn mount_var_and_etc(
             error,
         }));
     }
+    on_mounted_var(&target);
     mount_etc_overlay(new_root)?;
     Ok(VarOutcome::Mounted { device })
 }

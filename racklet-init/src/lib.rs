@@ -16,6 +16,7 @@ pub mod console;
 pub mod data;
 pub mod device_mapper;
 pub mod error;
+pub mod factory_reset;
 pub mod modules;
 pub mod partitions;
 pub mod switch_root;
@@ -87,13 +88,27 @@ pub fn run() -> Result<Infallible, Fatal> {
     let new_root = Path::new(verity_root::SYSROOT);
     switch_root::check_init(new_root, &params.init).map_err(in_slot)?;
 
+    let reset =
+        factory_reset::requested(slot_partitions.esp.as_ref(), dev_dir).unwrap_or_else(|message| {
+            warn!("{message}");
+            None
+        });
+    let mut data_emptied = false;
     let var = data::mount_var_and_etc(
         new_root,
         &slot_partitions.disk,
         &slot_partitions.data,
         dev_dir,
+        |var_dir| {
+            if reset.is_some() {
+                data_emptied = empty_for_factory_reset(var_dir);
+            }
+        },
     )
     .map_err(in_slot)?;
+    if let Some(request) = reset {
+        finish_factory_reset(&request, &var, data_emptied);
+    }
     let var_summary = match &var {
         data::VarOutcome::Mounted { device } => format!(
             "data {} ({}) on {}, /etc overlay",
@@ -117,6 +132,55 @@ pub fn run() -> Result<Infallible, Fatal> {
         params.init
     );
     switch_root::switch_root(new_root, &params.init).map_err(in_slot)
+}
+
+/// The factory reset's work on the mounted data partition; whether it is
+/// empty now.
+fn empty_for_factory_reset(var_dir: &Path) -> bool {
+    match factory_reset::empty_data_partition(var_dir) {
+        Ok(emptied) => {
+            info!(
+                "factory reset: the data partition is empty ({} removed from {}): this boot is a first boot",
+                plural(emptied.entries, "item"),
+                var_dir.display()
+            );
+            true
+        }
+        Err(error) => {
+            warn!(
+                "factory reset: emptying {} failed: {error}; booting on, the flag {} stays for the next boot",
+                var_dir.display(),
+                os_format::settings::FACTORY_RESET_FLAG_ON_ESP
+            );
+            false
+        }
+    }
+}
+
+/// Remove the ESP's flag once the data partition is empty (or has no file
+/// system, so that systemd makes a new one this boot); else keep it.
+fn finish_factory_reset(
+    request: &factory_reset::ResetRequest,
+    var: &data::VarOutcome,
+    data_emptied: bool,
+) {
+    let flag = os_format::settings::FACTORY_RESET_FLAG_ON_ESP;
+    let done = data_emptied
+        || matches!(
+            var,
+            data::VarOutcome::Skipped(data::VarSkip::NoFileSystem { .. })
+        );
+    if !done {
+        warn!("factory reset: the data partition was not emptied; the flag {flag} stays for the next boot");
+        return;
+    }
+    match request.clear() {
+        Ok(()) => info!("factory reset: {flag} removed from the ESP {}", request.esp),
+        Err(error) => warn!(
+            "factory reset: cannot remove {flag} from the ESP {}: {error}; the next boot resets again",
+            request.esp
+        ),
+    }
 }
 
 /// `n thing` or `n things`.

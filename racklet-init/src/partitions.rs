@@ -19,7 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use os_format::gpt::{GptDisk, Guid};
-use os_format::layout::{root_partition_uuid, verity_partition_uuid, Slot, DATA_PARTITION_NAME};
+use os_format::layout::{
+    root_partition_uuid, verity_partition_uuid, Slot, DATA_PARTITION_NAME, ESP_PARTITION_NAME,
+};
 use os_format::verity::{root_hash_to_hex, RootHash};
 
 use crate::device_mapper::DeviceNumber;
@@ -72,6 +74,8 @@ pub struct SlotPartitions {
     pub disk: String,
     /// The partition named `data` on that disk.
     pub data: DataPartition,
+    /// The partition named `esp` on that disk, if the kernel shows it.
+    pub esp: Option<BlockDevice>,
 }
 
 /// The partition named [`DATA_PARTITION_NAME`] on the root's disk.
@@ -93,6 +97,8 @@ pub struct RootDisk {
     pub name: String,
     /// Its data partition.
     pub data: DataPartition,
+    /// Its ESP, if the kernel shows it.
+    pub esp: Option<BlockDevice>,
 }
 
 /// What one disk looked like during the last scan (for the error message).
@@ -291,6 +297,7 @@ pub fn scan_disks(
                     scan.root_disk = Some(RootDisk {
                         name: name.clone(),
                         data: found.data,
+                        esp: found.esp,
                     });
                 }
                 scan.verity = scan.verity.take().or(found.verity);
@@ -309,6 +316,7 @@ struct DiskScan {
     root: Option<BlockDevice>,
     verity: Option<BlockDevice>,
     data: DataPartition,
+    esp: Option<BlockDevice>,
 }
 
 /// The number of the partition named [`DATA_PARTITION_NAME`] in `gpt`.
@@ -346,6 +354,7 @@ fn scan_disk(
             root: None,
             verity: None,
             data: DataPartition::Absent,
+            esp: None,
         });
     }
     let node = disk.node(dev_dir);
@@ -369,11 +378,17 @@ fn scan_disk(
     };
     let root = find(slot.root_partition_name(), root_uuid)?;
     let verity = find(slot.verity_partition_name(), verity_uuid)?;
-    let data = if root.is_some() {
-        data_partition(&gpt, disk_dir)
-            .map_err(|error| format!("cannot list {}: {error}", disk_dir.display()))?
+    let (data, esp) = if root.is_some() {
+        let listing_error =
+            |error: io::Error| format!("cannot list {}: {error}", disk_dir.display());
+        let data = data_partition(&gpt, disk_dir).map_err(listing_error)?;
+        let esp = match gpt.find_by_name(ESP_PARTITION_NAME) {
+            Some((number, _)) => partition_device(disk_dir, number).map_err(listing_error)?,
+            None => None,
+        };
+        (data, esp)
     } else {
-        DataPartition::Absent
+        (DataPartition::Absent, None)
     };
     let partitions = gpt
         .partitions
@@ -385,6 +400,7 @@ fn scan_disk(
         root,
         verity,
         data,
+        esp,
     })
 }
 
@@ -415,6 +431,7 @@ pub fn wait_for_slot_partitions(
                     verity: verity.clone(),
                     disk: disk.name.clone(),
                     data: disk.data.clone(),
+                    esp: disk.esp.clone(),
                 });
             }
             thread::sleep(POLL_INTERVAL);
@@ -591,6 +608,8 @@ mod tests {
         assert_eq!(found.verity.number.to_string(), "253:3");
         assert_eq!(found.disk, "vda");
         assert_eq!(found.data, DataPartition::Absent);
+        // The ESP of the root's disk, not loop0's.
+        assert_eq!(found.esp.map(|esp| esp.name), Some("vda1".to_string()));
     }
 
     #[test]

@@ -298,6 +298,14 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     handle.sync_all().map_err(NodeError::io(&temporary))?;
     drop(handle);
     std::fs::rename(&temporary, path).map_err(NodeError::io(path))?;
+    // The file under its new name, then the directory: on vfat (the ESP) a
+    // directory sync alone does not write the renamed entry's size and start.
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(NodeError::io(path))?;
+    std::fs::File::open(directory)
+        .and_then(|file| file.sync_all())
+        .map_err(NodeError::io(directory))?;
     Ok(())
 }
 

@@ -5,5 +5,6 @@
 
 pub mod apply;
 pub mod error;
+pub mod factory_reset;
 pub mod plan;
 pub mod status;

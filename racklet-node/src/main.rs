@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use racklet_node::apply::{self, Paths, STATUS_PATH};
 use racklet_node::error::NodeError;
+use racklet_node::factory_reset;
 use racklet_node::status::{render, NodeStatus};
 
 #[derive(Parser)]
@@ -28,6 +29,19 @@ enum Command {
     Apply,
     /// What the last apply did: where the settings came from, errors, host name, role.
     Status,
+    /// Reset this node at its next boot, as a first boot: /var, the /etc changes, k3s
+    /// state, SSH host keys, the machine ID and the update agent's state are wiped; both
+    /// slots, the committed version and the card's settings stay. Places the flag
+    /// racklet/factory-reset on the ESP (a laptop can place it too). Root only; asks for
+    /// confirmation unless --yes.
+    FactoryReset {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Reboot right away (systemctl reboot).
+        #[arg(long)]
+        reboot: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,23 +69,81 @@ fn main() -> ExitCode {
             print(&cli, &status);
             ExitCode::SUCCESS
         }
+        Command::FactoryReset { yes, reboot } => match factory_reset_command(&cli, yes, reboot) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&cli, &error),
+        },
         Command::Status => match read_status() {
             Ok(status) => {
                 print(&cli, &status);
                 ExitCode::SUCCESS
             }
-            Err(error) => {
-                eprintln!("error: {error}");
-                if cli.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"ok": false, "error": error.to_string()})
-                    );
-                }
-                ExitCode::FAILURE
-            }
+            Err(error) => fail(&cli, &error.to_string()),
         },
     }
+}
+
+/// Print `error` once (and as JSON with --json); exit status 1.
+fn fail(cli: &Cli, error: &str) -> ExitCode {
+    eprintln!("error: {error}");
+    if cli.json {
+        println!("{}", serde_json::json!({"ok": false, "error": error}));
+    }
+    ExitCode::FAILURE
+}
+
+/// The word a person types to confirm a factory reset.
+const CONFIRMATION: &str = "reset";
+
+fn factory_reset_command(cli: &Cli, yes: bool, reboot: bool) -> Result<(), String> {
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("factory-reset must run as root (it writes the flag on the ESP)".into());
+    }
+    let esp = std::path::Path::new(apply::ESP_MOUNT);
+    if !yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            return Err("not confirmed: standard input is not a terminal; run with --yes".into());
+        }
+        eprint!(
+            "This wipes /var, the /etc changes, k3s state, SSH host keys, the machine ID and the\n\
+             update agent's state at the next boot. Type '{CONFIRMATION}' to go on: "
+        );
+        std::io::stderr().flush().ok();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .map_err(|error| format!("reading the confirmation: {error}"))?;
+        if answer.trim() != CONFIRMATION {
+            return Err(format!(
+                "not confirmed (expected '{CONFIRMATION}'); nothing changed"
+            ));
+        }
+    }
+    let requested =
+        factory_reset::request(esp, &now_rfc3339()).map_err(|error| error.to_string())?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "reboot": reboot, "requested": requested})
+        );
+    } else {
+        print!("{}", factory_reset::render(&requested, reboot));
+    }
+    if reboot {
+        let status = std::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .map_err(|error| format!("cannot run systemctl reboot: {error}"))?;
+        if !status.success() {
+            return Err(format!(
+                "systemctl reboot failed ({status}); the reset happens at the next boot"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn print(cli: &Cli, status: &NodeStatus) {

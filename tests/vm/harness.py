@@ -291,6 +291,13 @@ class EspEditor:
         self._m("mren", f"::/{old}", new_name)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------
 # QEMU
 
@@ -301,11 +308,13 @@ class VM:
     def __init__(self, arch: str, disk: Overlay | Path, workdir: Path, name: str, *,
                  no_reboot: bool = False, memory: int = 2048, cpus: int = VM_CPUS,
                  ovmf_vars: Path | None = None, extra_args: list[str] | None = None,
-                 incoming: Path | None = None, monitor: bool = False):
+                 incoming: Path | None = None, monitor: bool = False, ssh_port: int | None = None):
         """`incoming`: a VM state saved by `save_state()` to resume from on the
         first start (its disk must be an overlay of the saved disk, its OVMF
         variables a copy of the saved ones); later starts boot. `monitor`: a
-        human monitor on a unix socket (needed by `save_state()`)."""
+        human monitor on a unix socket (needed by `save_state()`). `ssh_port`:
+        a user-mode network (restricted: the guest reaches nothing) whose only
+        forward is 127.0.0.1:ssh_port on the host to the guest's port 22."""
         assert arch in ("x86_64", "aarch64"), arch
         self.arch = arch
         self.disk = disk.path if isinstance(disk, Overlay) else Path(disk)
@@ -319,6 +328,7 @@ class VM:
         self.log_path = self.workdir / f"{name}.serial.log"
         self.socket_path = Path(f"/tmp/rk-{uuid.uuid4().hex[:10]}.sock")
         self.incoming = incoming
+        self.ssh_port = ssh_port
         self.monitor_path = self.socket_path.with_suffix(".monitor") if monitor else None
         # One VARS copy per test: reused across the reboots of this VM object
         # (and by later VM objects of the same test if passed in), never shared.
@@ -348,6 +358,11 @@ class VM:
         common = ["-accel", "tcg", "-smp", str(self.cpus), "-m", str(self.memory),
                   "-display", "none", "-monitor", monitor, "-nic", "none", "-no-user-config",
                   *serial]
+        if self.ssh_port:
+            index = common.index("-nic")
+            common[index:index + 2] = [
+                "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=n0"]
         if self.no_reboot:
             common.append("-no-reboot")
         if self.incoming:

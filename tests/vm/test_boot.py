@@ -38,6 +38,7 @@ from harness import (  # noqa: E402
     clean,
     decode_uboot_env,
     encode_uboot_env,
+    free_port,
     read_osrel_version,
     require_tools,
     uki_cmdline,
@@ -58,6 +59,8 @@ BOOT_FAILURE = re.compile(
 KERNEL_CMDLINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
 INIT_OK = re.compile(r"racklet-init: slot ([ab]): [^\r\n]*starting [^\r\n]*\r?\n")
 SYSTEMD_BOOT_VENDOR_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+# The SSH host key, made at the first boot on the data partition (packages/ssh).
+HOST_KEY = "/var/lib/racklet/ssh/ssh_host_ed25519_key.pub"
 
 
 # ---------------------------------------------------------------------------
@@ -556,6 +559,9 @@ def x86_settings_from_the_card(ctx: Context) -> None:
     check(vm.run("cat /var/lib/racklet/update/seed").strip() == "77", "wave seed")
     unit = vm.run("systemctl show -p ActiveState,Result racklet-node.service").split()
     check("ActiveState=active" in unit, f"racklet-node.service: {unit}")
+    host_key = vm.run(f"for i in $(seq 120); do test -s {HOST_KEY} && break; sleep 1; done; cat {HOST_KEY}",
+                      timeout=200).strip()
+    check(host_key.startswith("ssh-ed25519 "), f"SSH host key: {host_key!r}")
     ctx.note(f"boot 1: {status['hostname']}, role {status['kubernetes_role']}, changed {status['changed']}")
 
     # 2. Changed on the card (here from the node itself): a new name, k3s off.
@@ -563,6 +569,7 @@ def x86_settings_from_the_card(ctx: Context) -> None:
     vm.reboot()
     boot_to_shell(vm, "a")
     check(vm.run("hostname").strip() == "pi-8", f"after the change: hostname {vm.run('hostname').strip()!r}")
+    check(vm.run(f"cat {HOST_KEY}").strip() == host_key, "the SSH host key changed across a reboot")
     status = node_status(vm)
     check(status["kubernetes_role"] == "none", f"role: {status}")
     gone = vm.run("ls /run/racklet/k3s.env /etc/rancher/k3s/config.yaml /etc/rancher/k3s/token "
@@ -587,6 +594,168 @@ def x86_settings_from_the_card(ctx: Context) -> None:
     check("settings not applied" in journal, f"the error is not in the journal: {journal[-400:]}")
     ctx.note(f"boot 3: kept {status['hostname']}; error: {error[:160]}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+def ssh_key(ctx: Context, name: str) -> tuple[Path, str]:
+    """A throwaway ed25519 key pair in the test's directory: (private key
+    path, public key line)."""
+    key = ctx.dir / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"racklet-test-{name}", "-f", str(key)],
+                   check=True)
+    return key, Path(f"{key}.pub").read_text().strip()
+
+
+def ssh(port: int, key: Path | None, known_hosts: Path, command: str = "true",
+        *options: str) -> subprocess.CompletedProcess:
+    """OpenSSH's client to the guest's forwarded port, as root, batch mode
+    (never a prompt), the host key checked against `known_hosts` only."""
+    identity = ["-i", str(key), "-o", "IdentitiesOnly=yes"] if key else []
+    return subprocess.run(["ssh", "-F", "/dev/null", "-p", str(port), *identity,
+                           "-o", "BatchMode=yes", "-o", "ConnectTimeout=60",
+                           "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                           "-o", "GlobalKnownHostsFile=/dev/null", *options, "root@127.0.0.1", command],
+                          capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+
+
+def wait_for_sshd(vm: VM, port: int, known_hosts: Path) -> str:
+    """Wait until the guest's ssh.service is active; write its host key (from
+    /var) as the only known key for 127.0.0.1:port. Returns that key line."""
+    state = vm.run("for i in $(seq 120); do systemctl is-active -q ssh.service && break; sleep 1; done; "
+                   "systemctl is-active ssh.service", timeout=200, check=False)[1].strip()
+    check(state == "active", f"ssh.service is {state!r}: "
+          f"{vm.run('journalctl -b --no-pager -o cat -u ssh -u racklet-ssh-host-keys | tail -n 20', check=False)[1]}")
+    host_key = vm.run(f"cat {HOST_KEY}").strip()
+    check(host_key.startswith("ssh-ed25519 "), f"host key {host_key!r}")
+    known_hosts.write_text(f"[127.0.0.1]:{port} {' '.join(host_key.split()[:2])}\n")
+    return host_key
+
+
+@test(X86)
+def x86_ssh_with_the_cards_keys(ctx: Context) -> None:
+    """The card's [ssh] authorized_keys log in as root over SSH (OpenSSH's
+    client, through QEMU's forward on 127.0.0.1); passwords, keyboard-
+    interactive and other keys are refused; the host key is made at the first
+    boot on /var (x86_settings_from_the_card: kept across reboots)."""
+    image = ctx.image(X86)
+    key, public = ssh_key(ctx, "laptop")
+    stranger, _ = ssh_key(ctx, "stranger")
+    settings = f'hostname = "pi-ssh"\n[ssh]\nauthorized_keys = ["{public}"]\n'
+    overlay = provisioned_overlay(ctx, image, settings)
+    port = free_port()
+    vm = ctx.vm(image, overlay, ssh_port=port)
+    boot_to_shell(vm, "a")
+    known_hosts = ctx.dir / "known_hosts"
+    host_key = wait_for_sshd(vm, port, known_hosts)
+    mode = vm.run(f"stat -c '%a %U' {HOST_KEY.removesuffix('.pub')}; findmnt -n -o TARGET -T {HOST_KEY}").split()
+    check(mode == ["600", "root", "/var"], f"host key: {mode}")
+
+    result = ssh(port, key, known_hosts, "hostname; id -u")
+    check(result.returncode == 0 and result.stdout.split() == ["pi-ssh", "0"],
+          f"ssh with the card's key: {result.returncode} {result.stdout!r} {result.stderr.strip()}")
+    result = ssh(port, None, known_hosts, "true", "-o", "PubkeyAuthentication=no",
+                 "-o", "PreferredAuthentications=password,keyboard-interactive")
+    check(result.returncode == 255 and "Permission denied (publickey)" in result.stderr,
+          f"a password login was not refused as expected: {result.returncode} {result.stderr.strip()}")
+    result = ssh(port, stranger, known_hosts)
+    check(result.returncode == 255 and "Permission denied (publickey)" in result.stderr,
+          f"a key not on the card was not refused: {result.returncode} {result.stderr.strip()}")
+    effective = dict(line.split(" ", 1) for line in vm.run("sshd -T").splitlines() if " " in line)
+    for name, want in [("passwordauthentication", "no"), ("kbdinteractiveauthentication", "no"),
+                       ("permitrootlogin", "without-password"), ("authenticationmethods", "publickey")]:
+        check(effective.get(name) == want, f"sshd -T: {name} {effective.get(name)!r}, expected {want!r}")
+    ctx.note(f"root login with the card's key as pi-ssh; password and stranger refused; host key {host_key[:40]}...")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+def boot_slots(vm: VM) -> list[dict]:
+    """The agent's view of the slots (`racklet-update --json status`:
+    boot_slots), waiting for the agent to be up after a boot."""
+    text = vm.run("for i in $(seq 90); do racklet-update --json status > /tmp/rk-status.json 2>/dev/null"
+                  " && break; sleep 2; done; cat /tmp/rk-status.json", timeout=240)
+    report = json.loads(text[text.index("{"):])
+    return [{key: entry.get(key) for key in ("slot", "version", "boot_state", "booted")}
+            for entry in report["boot_slots"]]
+
+
+def reset_checks(vm: VM, mark: int, machine_id: str, slots: list[dict], how: str,
+                 ssh_access: tuple[int, Path, Path, str]) -> str:
+    """After a factory reset boot: racklet-init said so, /var's token and the
+    machine ID are gone, the card's settings are back (host name, SSH with the
+    card's key, to a new host key), the flag is gone, the slots are as they
+    were. Returns the new machine ID."""
+    console = clean(vm.output[mark:])
+    check(re.search(r"racklet-init: factory reset: the data partition is empty", console),
+          f"{how}: racklet-init did not report the reset")
+    check("racklet-init: factory reset: racklet/factory-reset removed from the ESP" in console,
+          f"{how}: racklet-init did not remove the flag")
+    check(vm.run("test -e /var/lib/racklet-test/token; echo $?").strip() == "1", f"{how}: the /var token survived")
+    check(vm.run("test -e /etc/racklet-test-token; echo $?").strip() == "1", f"{how}: the /etc token survived")
+    after = vm.run("cat /etc/machine-id").strip()
+    check(re.fullmatch(r"[0-9a-f]{32}", after) and after != machine_id,
+          f"{how}: machine-id {after!r} (before: {machine_id})")
+    check(vm.run("hostname").strip() == "pi-reset", f"{how}: hostname {vm.run('hostname').strip()!r}")
+    check(vm.run("test -e /efi/racklet/factory-reset; echo $?").strip() == "1", f"{how}: the flag is still there")
+    check(vm.run("test -f /efi/racklet/settings.toml; echo $?").strip() == "0", f"{how}: the card's settings went")
+    now = boot_slots(vm)
+    check(now == slots, f"{how}: slots changed: {slots} -> {now}")
+    port, key, known_hosts, old_host_key = ssh_access
+    host_key = wait_for_sshd(vm, port, known_hosts)
+    check(host_key != old_host_key, f"{how}: the SSH host key survived the reset")
+    result = ssh(port, key, known_hosts, "hostname")
+    check(result.returncode == 0 and result.stdout.strip() == "pi-reset",
+          f"{how}: ssh with the card's key: {result.returncode} {result.stderr.strip()}")
+    return after
+
+
+@test(X86)
+def x86_factory_reset(ctx: Context) -> None:
+    """Factory reset by command (racklet-node factory-reset) and by the flag
+    racklet/factory-reset placed on the card's ESP: the next boot wipes /var
+    and the /etc changes (a token, the machine ID), removes the flag, applies
+    the card's settings again; the slots are as before."""
+    image = ctx.image(X86)
+    key, public = ssh_key(ctx, "laptop")
+    overlay = provisioned_overlay(ctx, image, f'hostname = "pi-reset"\n[ssh]\nauthorized_keys = ["{public}"]\n')
+    port = free_port()
+    known_hosts = ctx.dir / "known_hosts"
+    vm = ctx.vm(image, overlay, ssh_port=port)
+    boot_to_shell(vm, "a")
+    check(vm.run("hostname").strip() == "pi-reset", "provisioned hostname")
+    host_key = wait_for_sshd(vm, port, known_hosts)
+    slots = boot_slots(vm)
+    check(any(entry["slot"] == "a" and entry["booted"] for entry in slots), f"slots: {slots}")
+
+    def leave_traces() -> tuple[str, str]:
+        token = secrets.token_hex(8)
+        vm.run(f"mkdir -p /var/lib/racklet-test && echo {token} > /var/lib/racklet-test/token"
+               f" && echo {token} > /etc/racklet-test-token && sync")
+        return token, vm.run("cat /etc/machine-id").strip()
+
+    # 1. By command: refused without confirmation when not on a terminal, then --yes.
+    token, machine_id = leave_traces()
+    code, output = vm.run("racklet-node factory-reset < /dev/null", check=False)
+    check(code != 0 and "--yes" in output, f"an unconfirmed reset was not refused: {code} {output.strip()}")
+    check(vm.run("test -e /efi/racklet/factory-reset; echo $?").strip() == "1", "a refused reset left the flag")
+    text = vm.run("racklet-node --json factory-reset --yes")
+    requested = json.loads(text[text.index("{"):])
+    check(requested["ok"] and requested["requested"]["flag"] == "/efi/racklet/factory-reset", f"{requested}")
+    mark = len(vm.output)
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    machine_id = reset_checks(vm, mark, machine_id, slots, "by command", (port, key, known_hosts, host_key))
+    host_key = vm.run(f"cat {HOST_KEY}").strip()
+    ctx.note(f"by command: token {token} gone, new machine-id {machine_id}")
+
+    # 2. By the flag, placed on the card from a laptop (the node powered off).
+    token, machine_id = leave_traces()
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    patch_esp(overlay, {"racklet/factory-reset": b""})
+    mark = len(vm.output)
+    boot_to_shell(vm, "a")
+    machine_id = reset_checks(vm, mark, machine_id, slots, "by the ESP flag", (port, key, known_hosts, host_key))
+    ctx.note(f"by the ESP flag: token {token} gone, new machine-id {machine_id}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+    check("factory-reset" not in esp_listing(overlay, "racklet"), "the flag is on the ESP after the test")
 
 
 # ---------------------------------------------------------------------------
