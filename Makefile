@@ -43,6 +43,16 @@ builder := target/release/racklet-image
 # directory (then copied to $(builder)): the dependencies they share (tokio,
 # tough, rustls, zstd...) are compiled once, not twice.
 host_triple := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+# When the image's arch is the host's, the builder and the image binaries are
+# one cargo build of the whole workspace: cargo resolves features per set of
+# packages, so building them apart compiled tokio, rustls, reqwest, tough...
+# twice with different features; and `make unit` (cargo test --workspace, the
+# same set) then finds them all built. Another arch: the builder alone.
+ifeq ($(triple),$(host_triple))
+  builder_packages := --workspace
+else
+  builder_packages := -p image-builder
+endif
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
 .PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint test-image test-boot run bench clean check-variant images e2e soak
@@ -54,12 +64,13 @@ host-tools: check-variant
 	@image-builder/scripts/host-tools.sh $(arch)
 
 builder:
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p image-builder --target $(host_triple) --target-dir target/image
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked $(builder_packages) --target $(host_triple) --target-dir target/image
 	@cmp -s target/image/$(host_triple)/release/racklet-image $(builder) || { \
 	  install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder).new && mv -f $(builder).new $(builder); }
 
 image-binaries: host-tools
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked -p update-agent -p racklet-node --target $(triple) --target-dir target/image
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked \
+	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node) --target $(triple) --target-dir target/image
 	RUSTFLAGS="-C target-feature=+crt-static $(image_rustflags)" $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
 
 build: host-tools builder image-binaries
@@ -99,8 +110,9 @@ test:
 test-unit: lint unit
 
 # The unit tests, in release mode in the image binaries' target directory with
-# their flags: most dependencies are compiled there already (a debug build
-# would compile all of them again).
+# their flags and package set (--workspace, see builder_packages): after an
+# x86_64 image build every dependency is compiled already, only the test
+# harnesses are left (a debug build would compile all of them again).
 unit:
 	@image-builder/scripts/host-tools.sh x86_64
 	@image-builder/scripts/test-tools.sh

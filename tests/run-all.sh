@@ -178,10 +178,10 @@ images_ready() {
 # builds leave idle), then what needs the x86_64 release binaries (tests/agent
 # and tests/repo run those: no debug build of their own), the image checks, the
 # bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the k3s
-# stand-in. The unit tests come last, after every image build: `cargo test
-# --workspace` unifies features across the workspace, so its build of
-# aws-lc-sys, zstd-sys, ring... replaces the builder's in target/image, and a
-# `make build` after it would compile them again.
+# stand-in. The unit tests come last, after every image build (cargo's lock on
+# target/image would make them and an image build wait for each other); the
+# x86_64 image build compiled the same package set (Makefile: builder_packages),
+# so only the test harnesses are left to compile.
 release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
 niced_lane() {
   local code=0

@@ -484,6 +484,9 @@ fn install_binaries(input: &ComposeInput, root: &Path) -> Result<()> {
         for file in &recipe.files {
             install_recipe_file(input.project_root, root, file)?;
         }
+        for link in &recipe.links {
+            symlink(&link.target, &root.join(link.path.trim_start_matches('/')))?;
+        }
     }
     Ok(())
 }

@@ -38,6 +38,16 @@ pub struct RecipeFile {
     pub mode: String,
 }
 
+/// A symbolic link made in the root (what a postinst's `ln -s` would do).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeLink {
+    /// Absolute path of the link in the image.
+    pub path: String,
+    /// What it points to, as written (relative or absolute).
+    pub target: String,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -53,6 +63,9 @@ pub struct Recipe {
     pub binaries: Vec<String>,
     #[serde(default)]
     pub files: Vec<RecipeFile>,
+    /// Symbolic links, made after the files.
+    #[serde(default)]
+    pub links: Vec<RecipeLink>,
     #[serde(skip)]
     pub name: String,
 }
@@ -115,6 +128,18 @@ impl Recipe {
         recipe.name = name.to_string();
         for file in &recipe.files {
             validate_file(&path, project_root, file)?;
+        }
+        for link in &recipe.links {
+            if !link.path.starts_with('/') || link.target.is_empty() {
+                return Err(BuildError::ConfigKey {
+                    file: path.clone(),
+                    key: "links".into(),
+                    message: format!(
+                        "`{}` -> `{}`: expected an absolute path and a non-empty target",
+                        link.path, link.target
+                    ),
+                });
+            }
         }
         Ok(recipe)
     }
@@ -221,5 +246,31 @@ mod tests {
         let error = Recipe::load(directory.path(), "x").unwrap_err().to_string();
         assert!(error.contains("unknown field `debain`"), "{error}");
         assert!(error.contains("packages/x.toml"), "{error}");
+    }
+
+    #[test]
+    fn links_need_an_absolute_path() {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::create_dir(directory.path().join(PACKAGES_DIR)).unwrap();
+        let write = |links: &str| {
+            std::fs::write(
+                recipe_path(directory.path(), "x"),
+                format!("description = \"x\"\nlinks = [{links}]\n"),
+            )
+            .unwrap();
+        };
+        write(
+            r#"{ path = "/etc/resolv.conf", target = "../run/systemd/resolve/stub-resolv.conf" }"#,
+        );
+        let recipe = Recipe::load(directory.path(), "x").unwrap();
+        assert_eq!(recipe.links[0].path, "/etc/resolv.conf");
+        write(r#"{ path = "etc/resolv.conf", target = "x" }"#);
+        let error = Recipe::load(directory.path(), "x").unwrap_err().to_string();
+        assert!(
+            error.contains("packages/x.toml")
+                && error.contains("`links`")
+                && error.contains("absolute"),
+            "{error}"
+        );
     }
 }

@@ -9,7 +9,7 @@
 #                its second build uses the version in its manifest.json
 #   --keys DIR   the signing keys whose root.json that build embeds
 #                (default: DIR/../keys with --build)
-#   --only PART  checks (image checks, provision, bad input), reproducible, rpi4;
+#   --only PART  checks (image checks, provision, flash, bad input), reproducible, rpi4;
 #                repeatable (default: all three)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +19,7 @@ source "$here/check-image.sh"
 source "$here/bad-input.sh"
 source "$here/reproducible.sh"
 source "$here/provision.sh"
+source "$here/flash.sh"
 root="$(project_root)"
 cd "$root"
 export RACKLET_NO_PROGRESS=1
@@ -64,6 +65,7 @@ if [ -n "$x86" ]; then
   if wants checks; then
     check_image "$x86"
     check_provision "$x86"
+    check_flash "$x86"
     run_bad_input_tests
   fi
   if wants reproducible; then
