@@ -635,7 +635,8 @@ def x86_ssh_with_the_cards_keys(ctx: Context) -> None:
     """The card's [ssh] authorized_keys log in as root over SSH (OpenSSH's
     client, through QEMU's forward on 127.0.0.1); passwords, keyboard-
     interactive and other keys are refused; the host key is made at the first
-    boot on /var (x86_settings_from_the_card: kept across reboots)."""
+    boot on /var (x86_settings_from_the_card: kept across reboots). The node
+    has mDNS on and resolves its own <hostname>.local."""
     image = ctx.image(X86)
     key, public = ssh_key(ctx, "laptop")
     stranger, _ = ssh_key(ctx, "stranger")
@@ -664,6 +665,14 @@ def x86_ssh_with_the_cards_keys(ctx: Context) -> None:
                        ("permitrootlogin", "without-password"), ("authenticationmethods", "publickey")]:
         check(effective.get(name) == want, f"sshd -T: {name} {effective.get(name)!r}, expected {want!r}")
     ctx.note(f"root login with the card's key as pi-ssh; password and stranger refused; host key {host_key[:40]}...")
+    # Name resolution: systemd-resolved with mDNS on the Ethernet link; the
+    # node resolves its own <hostname>.local (there is no second node here).
+    mdns = vm.run("resolvectl mdns", check=False)[1]
+    check(re.search(r"Link \d+ \(\w+\): yes", mdns), f"mDNS is not on for the Ethernet link: {mdns.strip()}")
+    code, resolved = vm.run("getent hosts pi-ssh.local", check=False)
+    check(code == 0 and resolved.split()[:1] and "pi-ssh.local" in resolved,
+          f"pi-ssh.local does not resolve on the node: {code} {resolved.strip()}")
+    ctx.note(f"resolvectl mdns: {' '.join(mdns.split())}; getent hosts pi-ssh.local: {' '.join(resolved.split())}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
 
 
