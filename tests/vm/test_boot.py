@@ -774,13 +774,16 @@ def x86_factory_reset(ctx: Context) -> None:
 @test(ARM)
 def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
     """U-Boot runs boot.scr, which boots slot A's UKI onto the verified root;
-    the first boot of a provisioned card takes the card's host name."""
+    the first boot of a provisioned card takes the card's host name and lets
+    the card's SSH key in."""
     image = ctx.image(ARM)
-    # A card provisioned as a Pi would be: its first boot takes the name.
-    overlay = provisioned_overlay(ctx, image, 'hostname = "pi-arm-1"\n')
+    # A card provisioned as a Pi would be: its first boot takes the name and key.
+    key, public = ssh_key(ctx, "laptop")
+    overlay = provisioned_overlay(ctx, image, f'hostname = "pi-arm-1"\n[ssh]\nauthorized_keys = ["{public}"]\n')
     before = read_states(overlay)
     check(all(before), f"the image's state copies do not decode: {before}")
-    vm = ctx.vm(image, overlay)
+    port = free_port()
+    vm = ctx.vm(image, overlay, ssh_port=port)
     vm.start()
     decision = uboot_decision(vm)
     check("order a," in decision and "committed a" in decision, f"boot script: {decision}")
@@ -794,6 +797,11 @@ def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
     status = node_status(vm)
     check(hostname == "pi-arm-1" and status["settings_source"] == "card",
           f"the card's host name: {hostname!r}; racklet-node status: {status}")
+    known_hosts = ctx.dir / "known_hosts"
+    wait_for_sshd(vm, port, known_hosts)
+    result = ssh(port, key, known_hosts, "hostname")
+    check(result.returncode == 0 and result.stdout.strip() == "pi-arm-1",
+          f"ssh with the card's key: {result.returncode} {result.stdout!r} {result.stderr.strip()}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
     after = read_states(overlay)
     check(after == before, f"a committed boot must not write the state: {before} -> {after}")
