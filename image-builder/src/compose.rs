@@ -644,6 +644,11 @@ fn enable_units(input: &ComposeInput, root: &Path) -> Result<()> {
     let mut command = Command::new("systemctl");
     command
         .arg(format!("--root={}", root.display()))
+        // Units only: a package's SysV script beside its unit (openssh-server's
+        // /etc/init.d/ssh) would have systemctl run update-rc.d, which the
+        // image does not have (and systemd never runs such a script when a
+        // unit of that name exists).
+        .env("SYSTEMCTL_SKIP_SYSV", "1")
         .arg("enable")
         .args(&units);
     run(&mut command)?;

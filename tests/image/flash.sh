@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `racklet-image flash` onto a loop device standing in for a card: the card
 # holds the image byte for byte afterwards (cmp), including zeros where the
-# card had old bytes and the image has holes; the GPT on the card verifies
-# (sgdisk -v). Refused before anything is written: a regular file, a card
+# card had old bytes and the image has holes. (On a card larger than the
+# image the backup GPT sits where the image ended, as after any dd; the first
+# boot's systemd-repart moves it: test_boot's x86_data_partition_grows.)
+# Refused before anything is written: a regular file, a card
 # smaller than the image, a mounted disk, and the disk the host runs from.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,7 +40,6 @@ check_flash() {
     fail "flash: onto a loop device" "$(tail -n 5 "$scratch/flash.err")"
   fi
   check "flash: the card holds the image byte for byte (holes as zeros)" cmp -n "$size" "$image" "$card"
-  check "flash: sgdisk -v on the card" bash -c "sgdisk -v '$card' | grep -q 'No problems found'"
   losetup -d "$card"
 
   # Refusals: nothing written.
