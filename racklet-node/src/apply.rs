@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use os_format::settings::{Settings, SETTINGS_PATH_ON_ESP};
 
+use crate::cloud_init::{CloudInit, CloudInitReport, NETWORK_CONFIG_ON_ESP, USER_DATA_ON_ESP};
+
 use crate::error::{NodeError, Result};
 use crate::plan::{plan, NodeIdentity, PlannedFile};
 use crate::status::{NodeStatus, SettingsSource};
@@ -72,43 +74,102 @@ pub struct LoadedSettings {
     /// Why the card's file was not used (invalid; its token file missing).
     pub error: Option<String>,
     pub token: Option<String>,
+    /// The cloud-init files on the card, if any: what was ignored, refused, overridden.
+    pub cloud_init: Option<CloudInitReport>,
+}
+
+/// A file of the card as text: `None` when it is not there.
+fn card_text(path: &Path) -> Option<Result<String, String>> {
+    match std::fs::read(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => Some(Err(format!("{}: {error}", path.display()))),
+        Ok(bytes) => Some(
+            String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display())),
+        ),
+    }
+}
+
+/// The card's settings: racklet/settings.toml, over what the cloud-init
+/// files say (a strict subset, [`crate::cloud_init`]); `None` when the card
+/// has none of them. `cloud_init` gets the cloud-init report.
+fn read_card(
+    paths: &Paths,
+    cloud_init: &mut Option<CloudInitReport>,
+) -> Option<Result<Settings, String>> {
+    let card = paths.esp.join(SETTINGS_PATH_ON_ESP);
+    let label = format!("{} ({SETTINGS_PATH_ON_ESP})", card.display());
+    let settings_text = card_text(&card);
+    let user_data = card_text(&paths.esp.join(USER_DATA_ON_ESP));
+    let network_config = card_text(&paths.esp.join(NETWORK_CONFIG_ON_ESP));
+    if user_data.is_none() && network_config.is_none() {
+        return settings_text.map(|text| {
+            text.and_then(|text| Settings::parse(&label, &text).map_err(|error| error.to_string()))
+        });
+    }
+    let read = || -> Result<Settings, String> {
+        let mut cloud = CloudInit::default();
+        let result = (|| {
+            if let Some(text) = user_data {
+                crate::cloud_init::parse_user_data(&text?, &mut cloud)?;
+            }
+            if let Some(text) = network_config {
+                crate::cloud_init::parse_network_config(&text?, &mut cloud)?;
+            }
+            Ok::<(), String>(())
+        })();
+        *cloud_init = Some(cloud.report.clone());
+        result?;
+        let over = match settings_text {
+            Some(text) => {
+                let text = text?;
+                // Its own problems first, named as in racklet/settings.toml.
+                Settings::parse(&label, &text).map_err(|error| error.to_string())?;
+                toml::from_str::<toml::Table>(&text).map_err(|error| format!("{label}: {error}"))?
+            }
+            None => toml::Table::new(),
+        };
+        let (merged, overridden) = crate::cloud_init::merge_under(&cloud.settings, &over);
+        if let Some(report) = cloud_init.as_mut() {
+            report.overridden = overridden;
+        }
+        let merged_label = format!(
+            "{} and cloud-init ({})",
+            SETTINGS_PATH_ON_ESP,
+            cloud.report.files.join(", ")
+        );
+        Settings::parse(
+            &merged_label,
+            &toml::to_string(&merged).expect("a TOML table"),
+        )
+        .map_err(|error| error.to_string())
+    };
+    Some(read())
 }
 
 /// Read the card's settings (and the token file they name); on any problem
 /// the last good ones, else defaults.
 pub fn load(paths: &Paths) -> LoadedSettings {
-    let card = paths.esp.join(SETTINGS_PATH_ON_ESP);
-    let from_card = match std::fs::read(&card) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => Some(Err(format!("{}: {error}", card.display()))),
-        Ok(bytes) => Some(
-            String::from_utf8(bytes)
-                .map_err(|_| format!("{}: not UTF-8 text", card.display()))
-                .and_then(|text| {
-                    Settings::parse(
-                        &format!("{} ({SETTINGS_PATH_ON_ESP})", card.display()),
-                        &text,
-                    )
-                    .map_err(|error| error.to_string())
-                })
-                .and_then(|settings| {
-                    let token = read_token(paths, &settings)?;
-                    Ok((settings, token))
-                }),
-        ),
-    };
+    let mut cloud_init = None;
+    let from_card = read_card(paths, &mut cloud_init).map(|read| {
+        read.and_then(|settings| {
+            let token = read_token(paths, &settings)?;
+            Ok((settings, token))
+        })
+    });
     match from_card {
         Some(Ok((settings, token))) => LoadedSettings {
             settings,
             source: SettingsSource::Card,
             error: None,
             token,
+            cloud_init,
         },
         None => LoadedSettings {
             settings: Settings::default(),
             source: SettingsSource::Defaults,
             error: None,
             token: None,
+            cloud_init,
         },
         Some(Err(error)) => {
             let last_good = paths.state(LAST_GOOD_FILE);
@@ -126,12 +187,14 @@ pub fn load(paths: &Paths) -> LoadedSettings {
                     source: SettingsSource::LastGood,
                     error: Some(error),
                     token,
+                    cloud_init,
                 },
                 None => LoadedSettings {
                     settings: Settings::default(),
                     source: SettingsSource::Defaults,
                     error: Some(error),
                     token: None,
+                    cloud_init,
                 },
             }
         }
@@ -240,6 +303,7 @@ pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
         changed,
         removed,
         errors,
+        cloud_init: loaded.cloud_init,
     };
     if let Err(error) = write_atomically(
         &paths.under_root(STATUS_PATH),
@@ -390,6 +454,49 @@ mod tests {
         );
         assert!(
             read(&paths, K3S_ROLE_ENV_PATH).is_none() && read(&paths, K3S_CONFIG_PATH).is_none()
+        );
+    }
+
+    #[test]
+    fn cloud_init_files_apply_under_settings_toml() {
+        let (_directory, paths) = setup();
+        std::fs::write(
+            paths.esp.join("user-data"),
+            "#cloud-config\nhostname: from-imager\npackages: [avahi-daemon]\nntp:\n  servers: [ntp.example.org]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            paths.esp.join("network-config"),
+            "version: 2\nethernets:\n  eth0:\n    addresses: [192.168.1.21/24]\n    gateway4: 192.168.1.1\n",
+        )
+        .unwrap();
+        // Only cloud-init: its hostname, NTP and address.
+        let status = apply(&paths, "t1");
+        assert_eq!(status.settings_source, SettingsSource::Card);
+        assert_eq!(status.hostname, "from-imager");
+        let report = status.cloud_init.clone().unwrap();
+        assert_eq!(report.files, ["user-data", "network-config"]);
+        assert_eq!(report.ignored, ["user-data: packages"]);
+        assert!(read(&paths, crate::plan::STATIC_NETWORK_PATH)
+            .unwrap()
+            .contains("Address=192.168.1.21/24"));
+        // settings.toml wins where both say something, and the status says so.
+        card(&paths, "hostname = \"pi-1\"\n");
+        let status = apply(&paths, "t2");
+        assert_eq!(status.hostname, "pi-1");
+        assert_eq!(status.cloud_init.unwrap().overridden, ["hostname"]);
+        // A broken user-data is a broken card: the last good settings stay.
+        std::fs::write(
+            paths.esp.join("user-data"),
+            "#cloud-config\nhostname: [x]\n",
+        )
+        .unwrap();
+        let status = apply(&paths, "t3");
+        assert_eq!(status.settings_source, SettingsSource::LastGood);
+        assert_eq!(status.hostname, "pi-1");
+        assert_eq!(
+            status.settings_error.as_deref(),
+            Some("user-data: hostname: expected a string")
         );
     }
 

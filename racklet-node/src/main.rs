@@ -66,6 +66,17 @@ fn main() -> ExitCode {
             for error in &status.errors {
                 eprintln!("racklet-node: {error}");
             }
+            if let Some(cloud) = &status.cloud_init {
+                for key in &cloud.ignored {
+                    eprintln!("racklet-node: cloud-init key outside what Racklet OS reads, not applied: {key}");
+                }
+                for key in &cloud.refused {
+                    eprintln!("racklet-node: cloud-init password refused (keys only): {key}");
+                }
+                for key in &cloud.overridden {
+                    eprintln!("racklet-node: {key}: racklet/settings.toml wins over cloud-init");
+                }
+            }
             print(&cli, &status);
             ExitCode::SUCCESS
         }

@@ -40,6 +40,9 @@ pub struct NodeStatus {
     pub removed: Vec<String>,
     /// What went wrong while applying.
     pub errors: Vec<String>,
+    /// The card's cloud-init files, if any: read, ignored, refused, overridden.
+    #[serde(default)]
+    pub cloud_init: Option<crate::cloud_init::CloudInitReport>,
 }
 
 /// The status for people.
@@ -74,6 +77,18 @@ pub fn render(status: &NodeStatus) -> String {
     if !status.removed.is_empty() {
         text.push_str(&format!("removed:     {}\n", status.removed.join(", ")));
     }
+    if let Some(cloud) = &status.cloud_init {
+        text.push_str(&format!("cloud-init:  {}\n", cloud.files.join(", ")));
+        for (label, keys) in [
+            ("ignored", &cloud.ignored),
+            ("refused", &cloud.refused),
+            ("overridden by racklet/settings.toml", &cloud.overridden),
+        ] {
+            if !keys.is_empty() {
+                text.push_str(&format!("  {label}: {}\n", keys.join(", ")));
+            }
+        }
+    }
     text
 }
 
@@ -98,6 +113,12 @@ mod tests {
             changed: vec![],
             removed: vec!["/etc/rancher/k3s/token".into()],
             errors: vec![],
+            cloud_init: Some(crate::cloud_init::CloudInitReport {
+                files: vec!["user-data".into()],
+                ignored: vec!["user-data: packages".into()],
+                refused: vec!["user-data: users[0].passwd".into()],
+                overridden: vec!["hostname".into()],
+            }),
         };
         assert_eq!(
             render(&status),
@@ -106,7 +127,11 @@ mod tests {
              kubernetes:  agent, server https://pi-0.local:6443\n\
              ssh keys:    2\n\
              error:       /efi/racklet/settings.toml: hostname: \"Pi_1\": 1-63 characters\n\
-             removed:     /etc/rancher/k3s/token\n"
+             removed:     /etc/rancher/k3s/token\n\
+             cloud-init:  user-data\n\
+             \x20 ignored: user-data: packages\n\
+             \x20 refused: user-data: users[0].passwd\n\
+             \x20 overridden by racklet/settings.toml: hostname\n"
         );
     }
 }
