@@ -195,6 +195,27 @@ fn swaps_in_use(swaps: &str) -> Vec<InUse> {
         .collect()
 }
 
+/// What the host uses on the disk holding the block device `device` (the
+/// disk itself when it is one): its mounts and active swap areas, through
+/// partitions and device-mapper. Shared with `provision`, which refuses a
+/// card in use the same way.
+pub fn host_uses(device: DeviceNumber) -> Result<Vec<String>> {
+    let sys_dev_block = Path::new(SYS_DEV_BLOCK);
+    let mut in_use =
+        mounts_in_use(&fs::read_to_string(MOUNTINFO).map_err(BuildError::io(MOUNTINFO))?);
+    in_use.extend(swaps_in_use(&fs::read_to_string(SWAPS).unwrap_or_default()));
+    let mut uses = Vec::new();
+    for disk in disks_under(device, sys_dev_block) {
+        uses.extend(uses_of_disk(disk, &in_use, sys_dev_block));
+    }
+    Ok(uses)
+}
+
+/// A block device's number.
+pub fn device_number(metadata: &fs::Metadata) -> DeviceNumber {
+    DeviceNumber::from_rdev(metadata.rdev())
+}
+
 /// The checks before anything is written: a whole-disk block device, large
 /// enough, that the host does not use. Returns the device's size.
 fn check_target(device: &Path, image_size: u64) -> Result<u64> {
@@ -217,10 +238,7 @@ fn check_target(device: &Path, image_size: u64) -> Result<u64> {
             "is a partition ({number}); give the whole disk"
         )));
     }
-    let mut in_use =
-        mounts_in_use(&fs::read_to_string(MOUNTINFO).map_err(BuildError::io(MOUNTINFO))?);
-    in_use.extend(swaps_in_use(&fs::read_to_string(SWAPS).unwrap_or_default()));
-    let uses = uses_of_disk(number, &in_use, sys_dev_block);
+    let uses = host_uses(number)?;
     if !uses.is_empty() {
         return Err(refuse(format!(
             "the host uses this disk ({}); unmount it first, and never flash the disk the host runs from",

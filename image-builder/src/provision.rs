@@ -248,30 +248,27 @@ fn esp_offset(disk: &Path) -> Result<u64> {
         })
 }
 
-/// A block device with a mounted file system (its own or a partition's) is
-/// refused: the mounted FAT would not see our writes, and could undo them.
+/// A block device whose disk the host uses (a mounted file system or swap on
+/// it, its partitions or a device-mapper device over them; see
+/// [`crate::flash::host_uses`]) is refused: a mounted FAT would not see our
+/// writes, and could undo them.
 fn refuse_mounted(disk: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let metadata = std::fs::metadata(disk).map_err(BuildError::io(disk))?;
     if !metadata.file_type().is_block_device() {
         return Ok(());
     }
-    let device = std::fs::canonicalize(disk).map_err(BuildError::io(disk))?;
-    let device = device.display().to_string();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if source.starts_with(&device) {
-            return Err(BuildError::Config {
-                file: disk.into(),
-                message: format!("{source} is mounted on {target}; unmount it first"),
-            });
-        }
+    let uses = crate::flash::host_uses(crate::flash::device_number(&metadata))?;
+    if uses.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    Err(BuildError::Config {
+        file: disk.into(),
+        message: format!(
+            "the host uses this disk ({}); unmount it first",
+            uses.join(", ")
+        ),
+    })
 }
 
 #[cfg(test)]
