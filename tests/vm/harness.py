@@ -7,8 +7,11 @@ What it does:
   edit the ESP with mtools (the ESP is copied out to a raw file, edited, and
   the changed 64 KiB chunks are written back with `qemu-io`).
 * `VM`: one QEMU process (x86_64: q35 + OVMF -> systemd-boot; aarch64:
-  `-machine virt` + Debian's u-boot-qemu) with the serial console on a unix
-  socket. Everything the guest prints is appended to a log file; `expect()`
+  `-machine virt` + Debian's u-boot-qemu) with the serial console on a pair
+  of FIFOs (not a unix socket: QEMU writes the console one byte per write,
+  a unix socket holds only a few hundred such writes, and QEMU's UART drops
+  characters once its writes block; a FIFO made 1 MiB big holds minutes of
+  console output while this process waits for a CPU). Everything the guest prints is appended to a log file; `expect()`
   waits for a regular expression, `run()` types a command on the autologin
   root shell and returns its output and exit status.
 
@@ -19,9 +22,11 @@ Timeouts are generous because TCG on two cores is slow.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -44,6 +49,7 @@ VM_CPUS = int(os.environ.get("RACKLET_VM_CPUS", "2"))
 
 # Boot to the autologin shell: 10-40 s seen under TCG; leave a lot of room.
 BOOT_TIMEOUT = 300
+SERIAL_BUFFER = 1 << 20  # bytes of console output QEMU can write while the reader waits
 COMMAND_TIMEOUT = 120
 
 ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>])")
@@ -303,7 +309,7 @@ def free_port() -> int:
 
 
 class VM:
-    """One QEMU process with its serial console on a unix socket."""
+    """One QEMU process with its serial console on a pair of FIFOs."""
 
     def __init__(self, arch: str, disk: Overlay | Path, workdir: Path, name: str, *,
                  no_reboot: bool = False, memory: int = 2048, cpus: int = VM_CPUS,
@@ -326,10 +332,11 @@ class VM:
         self.cpus = cpus
         self.extra_args = extra_args or []
         self.log_path = self.workdir / f"{name}.serial.log"
-        self.socket_path = Path(f"/tmp/rk-{uuid.uuid4().hex[:10]}.sock")
+        # QEMU's pipe chardev: it reads <serial_path>.in, writes <serial_path>.out.
+        self.serial_path = Path(f"/tmp/rk-{uuid.uuid4().hex[:10]}.serial")
         self.incoming = incoming
         self.ssh_port = ssh_port
-        self.monitor_path = self.socket_path.with_suffix(".monitor") if monitor else None
+        self.monitor_path = self.serial_path.with_suffix(".monitor") if monitor else None
         # One VARS copy per test: reused across the reboots of this VM object
         # (and by later VM objects of the same test if passed in), never shared.
         if arch == "x86_64":
@@ -339,7 +346,8 @@ class VM:
         else:
             self.ovmf_vars = None
         self.process: subprocess.Popen | None = None
-        self._sock: socket.socket | None = None
+        self._serial_in: int | None = None  # our write end of <serial_path>.in
+        self._serial_out: int | None = None  # our read end of <serial_path>.out
         self._reader: threading.Thread | None = None
         self._lock = threading.Condition()
         self._buffer = ""
@@ -352,8 +360,7 @@ class VM:
     # -- process -----------------------------------------------------------
 
     def command(self) -> list[str]:
-        serial = ["-chardev", f"socket,id=ser0,path={self.socket_path},server=on,wait=on",
-                  "-serial", "chardev:ser0"]
+        serial = ["-chardev", f"pipe,id=ser0,path={self.serial_path}", "-serial", "chardev:ser0"]
         monitor = f"unix:{self.monitor_path},server=on,wait=off" if self.monitor_path else "none"
         common = ["-accel", "tcg", "-smp", str(self.cpus), "-m", str(self.memory),
                   "-display", "none", "-monitor", monitor, "-nic", "none", "-no-user-config",
@@ -380,34 +387,48 @@ class VM:
                 "-device", "virtio-blk-pci,drive=disk0",
                 *self.extra_args]
 
+    def _serial_fifo(self, suffix: str) -> Path:
+        return self.serial_path.with_name(self.serial_path.name + suffix)
+
+    def _open_serial(self) -> None:
+        """Fresh FIFOs for this start, opened before QEMU starts so that its
+        first output is kept: the read end non-blocking (polled by the reader
+        thread; it sees EOF once QEMU, the only writer, has exited), the write
+        end read-write so that opening it does not wait for QEMU."""
+        self._close_serial()
+        for suffix in (".in", ".out"):
+            self._serial_fifo(suffix).unlink(missing_ok=True)
+            os.mkfifo(self._serial_fifo(suffix), 0o600)
+        self._serial_out = os.open(self._serial_fifo(".out"), os.O_RDONLY | os.O_NONBLOCK)
+        self._serial_in = os.open(self._serial_fifo(".in"), os.O_RDWR)
+        try:
+            fcntl.fcntl(self._serial_out, fcntl.F_SETPIPE_SZ, SERIAL_BUFFER)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still beats a socket
+
+    def _close_serial(self) -> None:
+        for fd in (self._serial_in, self._serial_out):
+            if fd is not None:
+                os.close(fd)
+        self._serial_in = self._serial_out = None
+        for suffix in (".in", ".out"):
+            self._serial_fifo(suffix).unlink(missing_ok=True)
+
     def start(self) -> "VM":
         assert self.process is None or self.process.poll() is not None, "already running"
+        if self._reader:
+            self._reader.join(timeout=5)
         self._log = open(self.log_path, "ab", buffering=0)
         command = self.command()
         self._log.write(f"\n===== harness: starting {self.name}: {' '.join(command)}\n".encode())
-        self.socket_path.unlink(missing_ok=True)
+        self._open_serial()
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.incoming = None  # resumed once; a restart boots
         self._eof = False
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read().decode(errors="replace")
-                raise HarnessError(f"QEMU exited at start ({self.process.returncode}): {output}")
-            if self.socket_path.exists():
-                try:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.connect(str(self.socket_path))
-                    break
-                except OSError:
-                    sock.close()
-            if time.monotonic() > deadline:
-                raise HarnessError("QEMU did not open its serial socket")
-            time.sleep(0.05)
-        self._sock = sock
         self.started_at = time.monotonic()
-        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, args=(self._serial_out, self.process),
+                                        daemon=True)
         self._reader.start()
         threading.Thread(target=self._stderr_loop, daemon=True).start()
         return self
@@ -419,15 +440,25 @@ class VM:
             if self._log:
                 self._log.write(f"\n===== qemu: {text.rstrip()}\n".encode())
 
-    def _read_loop(self) -> None:
-        sock = self._sock
+    def _read_loop(self, fd: int, process: subprocess.Popen) -> None:
         # Incremental: a UTF-8 character may be split across two reads.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
             try:
-                data = sock.recv(65536)
+                # Before QEMU opens the FIFO nothing is reported; once QEMU,
+                # the only writer, has gone, POLLHUP and a read of b"".
+                events = poller.poll(1000)
+                data = os.read(fd, 1 << 20) if events else None
+            except BlockingIOError:
+                data = None
             except OSError:
                 data = b""
+            if data is None and process.poll() is not None:
+                data = b""  # QEMU exited before it opened the FIFO
+            if data is None:
+                continue
             if not data:
                 with self._lock:
                     self._eof = True
@@ -526,10 +557,9 @@ class VM:
                 self.process.kill()
                 self.process.wait()
             self.note("QEMU stopped by the harness")
-        if self._sock:
-            self._sock.close()
-            self._sock = None
-        self.socket_path.unlink(missing_ok=True)
+        if self._reader:
+            self._reader.join(timeout=5)
+        self._close_serial()
         if self.monitor_path:
             self.monitor_path.unlink(missing_ok=True)
 
@@ -568,9 +598,11 @@ class VM:
         return time.monotonic() - self.started_at
 
     def send(self, text: str) -> None:
-        if not self._sock:
-            raise VMExited(f"{self.name}: not connected")
-        self._sock.sendall(text.encode())
+        if self._serial_in is None or not self.running():
+            raise VMExited(f"{self.name}: not running")
+        data = text.encode()
+        while data:
+            data = data[os.write(self._serial_in, data):]
 
     def expect(self, pattern: str | re.Pattern, timeout: float = BOOT_TIMEOUT,
                fail: str | re.Pattern | None = None) -> re.Match:

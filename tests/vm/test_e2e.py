@@ -238,12 +238,9 @@ class NetVM(VM):
             self.process.kill()
             self.process.wait()
             self.note("QEMU killed (SIGKILL): power cut")
-        if self._sock:
-            self._sock.close()
-            self._sock = None
         if self._reader:
             self._reader.join(timeout=5)
-        self.socket_path.unlink(missing_ok=True)
+        self._close_serial()
 
 
 class Context:
