@@ -47,11 +47,14 @@ host_triple := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 # one cargo build of the whole workspace: cargo resolves features per set of
 # packages, so building them apart compiled tokio, rustls, reqwest, tough...
 # twice with different features; and `make unit` (cargo test --workspace, the
-# same set) then finds them all built. Another arch: the builder alone.
+# same set) then finds them all built. Another arch: the builder alone, unless
+# BUILDER_PACKAGES=--workspace (tests/run-all.sh: its x86_64 images built the
+# builder that way already; `-p image-builder` would resolve other features and
+# compile and link the builder again, a minute and a half).
 ifeq ($(triple),$(host_triple))
-  builder_packages := --workspace
+  BUILDER_PACKAGES ?= --workspace
 else
-  builder_packages := -p image-builder
+  BUILDER_PACKAGES ?= -p image-builder
 endif
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
@@ -64,13 +67,17 @@ host-tools: check-variant
 	@image-builder/scripts/host-tools.sh $(arch)
 
 builder:
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked $(builder_packages) --target $(host_triple) --target-dir target/image
+	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked $(BUILDER_PACKAGES) --target $(host_triple) --target-dir target/image
 	@cmp -s target/image/$(host_triple)/release/racklet-image $(builder) || { \
 	  install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder).new && mv -f $(builder).new $(builder); }
 
+# Another arch: only the binaries the image ships (packages/racklet-agents.toml),
+# not the TUF conformance client.
+image_bins := --bin racklet-update --bin racklet-node
+
 image-binaries: host-tools
 	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked \
-	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node) --target $(triple) --target-dir target/image
+	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node $(image_bins)) --target $(triple) --target-dir target/image
 	RUSTFLAGS="-C target-feature=+crt-static $(image_rustflags)" $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
 
 build: host-tools builder image-binaries
@@ -110,7 +117,7 @@ test:
 test-unit: lint unit
 
 # The unit tests, in release mode in the image binaries' target directory with
-# their flags and package set (--workspace, see builder_packages): after an
+# their flags and package set (--workspace, see BUILDER_PACKAGES): after an
 # x86_64 image build every dependency is compiled already, only the test
 # harnesses are left (a debug build would compile all of them again).
 unit:

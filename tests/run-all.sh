@@ -23,6 +23,9 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export RACKLET_NO_PROGRESS=1 CARGO_TERM_COLOR=never
+# The builder as the x86_64 images build it (the whole workspace) for every
+# variant: the aarch64 images and rpi4 then find it built (Makefile).
+export BUILDER_PACKAGES=--workspace
 logs="$root/build/test-logs"
 rm -rf "$logs"
 mkdir -p "$logs"
@@ -180,7 +183,7 @@ images_ready() {
 # bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the k3s
 # stand-in. The unit tests come last, after every image build (cargo's lock on
 # target/image would make them and an image build wait for each other); the
-# x86_64 image build compiled the same package set (Makefile: builder_packages),
+# x86_64 image build compiled the same package set (Makefile: BUILDER_PACKAGES),
 # so only the test harnesses are left to compile.
 release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
 niced_lane() {
