@@ -676,25 +676,21 @@ pub fn clamp_times(root: &Path, source_date_epoch: u64) -> Result<()> {
 }
 
 fn set_times(path: &Path, seconds: u64) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| BuildError::Other(format!("{}: path contains NUL", path.display())))?;
-    let time = libc::timespec {
-        tv_sec: seconds as libc::time_t,
+    let time = rustix::fs::Timespec {
+        tv_sec: i64::try_from(seconds).map_err(|_| {
+            BuildError::Other(format!("{}: time {seconds} out of range", path.display()))
+        })?,
         tv_nsec: 0,
     };
-    let times = [time, time];
-    // SAFETY: c_path is a valid NUL-terminated string and times has two entries.
-    let result = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+    let times = rustix::fs::Timestamps {
+        last_access: time,
+        last_modification: time,
     };
-    if result != 0 {
-        return Err(BuildError::io(path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|errno| BuildError::io(path)(errno.into()))
 }

@@ -260,32 +260,24 @@ fn check_target(device: &Path, image_size: u64) -> Result<u64> {
 /// The image's data ranges (start, end), from `SEEK_DATA`/`SEEK_HOLE`; the
 /// rest of `0..size` are holes.
 fn data_ranges(image: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::unix::io::AsRawFd;
-    let fd = image.as_raw_fd();
+    use rustix::fs::{seek, SeekFrom};
     let mut ranges = Vec::new();
     let mut offset: u64 = 0;
     while offset < size {
-        // SAFETY: lseek on an open descriptor.
-        let start = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-        if start < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after offset
-            }
-            return Err(error);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        ranges.push((start as u64, (end as u64).min(size)));
-        offset = end as u64;
+        let start = match seek(image, SeekFrom::Data(offset)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => break, // no data after offset
+            Err(errno) => return Err(errno.into()),
+        };
+        let end = seek(image, SeekFrom::Hole(start))?;
+        ranges.push((start, end.min(size)));
+        offset = end;
     }
     Ok(ranges)
 }
 
 /// `BLKZEROOUT` over `start..end` of the open device.
+#[allow(unsafe_code)] // a block-device ioctl
 fn zero_out(device: &File, start: u64, end: u64) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     if end <= start {
@@ -392,6 +384,7 @@ fn sha256_of(file: &mut File, size: u64, path: &Path, message: &str) -> Result<S
 /// Ask the kernel to re-read the card's partition table (`BLKRRPART`), so
 /// the new partitions show up; a failure (a busy disk) only means they show
 /// up at the next plug-in.
+#[allow(unsafe_code)] // a block-device ioctl
 fn reread_partition_table(device: &File) {
     use std::os::unix::io::AsRawFd;
     /// `_IO(0x12, 95)`.

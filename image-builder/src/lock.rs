@@ -5,7 +5,7 @@
 //! only the lock; they never resolve against the live archive.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
@@ -444,10 +444,6 @@ pub fn resolve(
     };
     lock.write(lock_path)?;
     Ok(lock)
-}
-
-pub fn default_lock_path(project_root: &Path, variant: &Variant) -> PathBuf {
-    variant.lock_file(project_root)
 }
 
 #[cfg(test)]

@@ -299,11 +299,10 @@ fn role_counts(values: &[String]) -> Result<HashMap<RoleType, RoleKeyCount>> {
 
 /// Files the builder creates get their modes from the packages or from the
 /// builder, never from the user's umask (reproducible builds).
-const BUILD_UMASK: libc::mode_t = 0o022;
+const BUILD_UMASK: u32 = 0o022;
 
 fn main() -> ExitCode {
-    // SAFETY: umask only sets the process's file mode creation mask.
-    unsafe { libc::umask(BUILD_UMASK) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(BUILD_UMASK));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -322,16 +321,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: {error}");
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
+            let causes = os_format::report::causes(&error);
+            eprintln!("error: {}", causes[0]);
+            for cause in &causes[1..] {
                 eprintln!("  caused by: {cause}");
-                source = cause.source();
             }
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "error": error.to_string()})
+                    serde_json::json!({"ok": false, "error": causes.join(": ")})
                 );
             }
             ExitCode::from(error.exit_code() as u8)

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gpt;
 pub mod layout;
 pub mod manifest;
+pub mod report;
 pub mod settings;
 pub mod update_manifest;
 pub mod verity;

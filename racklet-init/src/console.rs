@@ -6,6 +6,8 @@
 //! level), and to stderr before that or when not running as PID 1. The fatal
 //! line goes straight to the console (stderr of PID 1 is `/dev/console`), so it
 //! shows whatever `loglevel=` says.
+// PID 1's syscalls: fcntl/dup2 on the standard descriptors, by hand (SAFETY comments at each call).
+#![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

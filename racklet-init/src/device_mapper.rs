@@ -5,6 +5,8 @@
 //! [`DmTargetSpec`] per target, each followed by its NUL-terminated parameter
 //! string and padded to 8 bytes; `next` is the offset from the start of one
 //! spec to the start of the next.
+// PID 1's syscalls: the device-mapper ioctls, by hand (SAFETY comments at each call).
+#![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io;

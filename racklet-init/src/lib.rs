@@ -194,6 +194,7 @@ fn plural(count: usize, thing: &str) -> String {
 
 /// The end of a failed boot: one fatal line, then (as PID 1) a reboot after
 /// [`FATAL_REBOOT_DELAY`], or (in a test run) exit status 1.
+#[allow(unsafe_code)] // sync and reboot(2)
 pub fn fail(fatal: &Fatal) -> ! {
     if !sys::is_pid1() {
         console::fatal(&format!("{fatal} — exiting"));

@@ -4,6 +4,8 @@
 //! (uncompressed) `.ko` file per line, in dependency order. Empty lines and
 //! lines starting with `#` are ignored. `/init` loads them in that order with
 //! `finit_module(2)`; there is no `modprobe`, no `modules.dep` lookup.
+// PID 1's syscalls: finit_module, by hand (SAFETY comments at each call).
+#![allow(unsafe_code)]
 
 use std::fs::{self, File};
 use std::io;

@@ -7,6 +7,8 @@
 //! on `<root>/etc`, see [`crate::data`]) need nothing: `MS_MOVE` moves a mount
 //! with everything mounted below it, and the cleanup never enters the new
 //! root, which is another file system than the initramfs.
+// PID 1's syscalls: mount moves, chroot and exec of the root's init, by hand (SAFETY comments at each call).
+#![allow(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

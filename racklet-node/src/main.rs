@@ -107,8 +107,7 @@ fn fail(cli: &Cli, error: &str) -> ExitCode {
 const CONFIRMATION: &str = "reset";
 
 fn factory_reset_command(cli: &Cli, yes: bool, reboot: bool) -> Result<(), String> {
-    // SAFETY: geteuid(2) cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err("factory-reset must run as root (it writes the flag on the ESP)".into());
     }
     let esp = std::path::Path::new(apply::ESP_MOUNT);

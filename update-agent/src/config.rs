@@ -253,11 +253,6 @@ impl Config {
         Ok(config)
     }
 
-    /// [`Config::load`] from [`IMAGE_DEFAULTS_PATH`] and [`CONFIG_PATH`].
-    pub fn load_system() -> Result<Config, ConfigError> {
-        Config::load(Path::new(IMAGE_DEFAULTS_PATH), Path::new(CONFIG_PATH))
-    }
-
     /// A copy with every key `file` sets replaced, each value checked on its
     /// own (the error names the key). Pure.
     pub fn apply(&self, file: &ConfigFile) -> Result<Config, InvalidValue> {

@@ -936,17 +936,13 @@ impl Agent {
         match operation {
             // The install got as far as placing the try (set_one_try) before
             // the state file said so, and this is that try.
-            Operation::Downloading { version, slot, .. }
-            | Operation::Writing { version, slot, .. }
-            | Operation::Verifying { version, slot }
+            Operation::Writing { version, slot, .. } | Operation::Verifying { version, slot }
                 if slot == booted && trying && version == self.booted.version =>
             {
                 inner.state.operation = Operation::Trying { version, slot };
                 inner.state.slot_mut(slot).state = SlotState::Trying;
             }
-            Operation::Downloading { version, slot, .. }
-            | Operation::Writing { version, slot, .. }
-            | Operation::Verifying { version, slot } => {
+            Operation::Writing { version, slot, .. } | Operation::Verifying { version, slot } => {
                 // Interrupted (power cut, crash): the slot was unbootable all along.
                 inner.boot.mark_unbootable(slot)?;
                 inner.state.slot_mut(slot).state = SlotState::Unbootable;

@@ -35,13 +35,7 @@ pub enum UpdateError {
 
 impl From<AgentError> for UpdateError {
     fn from(error: AgentError) -> UpdateError {
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        let message = os_format::report::one_line(&error);
         if error.exit_code() == 2 {
             UpdateError::Refused(message)
         } else {

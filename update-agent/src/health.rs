@@ -229,13 +229,6 @@ impl SystemdUnits {
         SystemdUnits::default()
     }
 
-    /// Use an existing connection to the system bus.
-    pub fn with_connection(connection: zbus::Connection) -> SystemdUnits {
-        SystemdUnits {
-            connection: tokio::sync::OnceCell::new_with(Some(connection)),
-        }
-    }
-
     async fn connection(&self) -> Result<&zbus::Connection, UnitQueryError> {
         self.connection
             .get_or_try_init(zbus::Connection::system)
@@ -822,10 +815,12 @@ async fn run_process(
         Ok(status) => ProcessStatus::from(status?),
         Err(_) => {
             // Not reaped yet, so the group id is still ours to kill.
-            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-                // SAFETY: kill(2) with a negative pid signals the process
-                // group `pid` leads; it touches no memory of ours.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let leader = child
+                .id()
+                .and_then(|pid| i32::try_from(pid).ok())
+                .and_then(rustix::process::Pid::from_raw);
+            if let Some(leader) = leader {
+                let _ = rustix::process::kill_process_group(leader, rustix::process::Signal::KILL);
             }
             let _ = child.kill().await;
             ProcessStatus::TimedOut
@@ -868,7 +863,10 @@ async fn spawn(command: &Path, args: &[&str]) -> std::io::Result<tokio::process:
         match result {
             // ETXTBSY: the file was just written and another thread's
             // fork still holds it open for writing; that passes quickly.
-            Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempts < 10 => {
+            Err(error)
+                if error.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error())
+                    && attempts < 10 =>
+            {
                 attempts += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

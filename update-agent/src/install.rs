@@ -29,7 +29,6 @@
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -777,13 +776,10 @@ impl Seek for Region<'_> {
 /// next read comes from the device rather than from what was just written.
 /// Best effort: clean pages only (call after a sync), ignored where unsupported.
 fn drop_cached(disk: &File, offset: u64, len: u64) {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+    let Some(len) = std::num::NonZeroU64::new(len) else {
         return;
     };
-    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is
-    // valid for the lifetime of `disk`.
-    let _ =
-        unsafe { libc::posix_fadvise(disk.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    let _ = rustix::fs::fadvise(disk, offset, Some(len), rustix::fs::Advice::DontNeed);
 }
 
 /// The manifest's verity parameters, checked: (root hash, salt, data bytes).

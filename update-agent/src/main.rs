@@ -146,16 +146,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
+            let causes = os_format::report::causes(&error);
+            eprintln!("error: {}", causes[0]);
+            for cause in &causes[1..] {
                 eprintln!("  caused by: {cause}");
-                source = cause.source();
             }
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "error": error.to_string()})
+                    serde_json::json!({"ok": false, "error": causes.join(": ")})
                 );
             }
             ExitCode::from(error.exit_code())
@@ -288,7 +287,7 @@ async fn wait_for_install(
         bar.set_position(bytes);
         bar.set_message(format!("{operation} {version}"));
         match operation.as_str() {
-            "downloading" | "writing" | "verifying" => {}
+            "writing" | "verifying" => {}
             _ => {
                 // The agent may not have left idle yet right after Apply.
                 let status = parse_json(&proxy.status().await.map_err(remote_error)?);
@@ -407,14 +406,8 @@ fn jitter(limit: Duration) -> Duration {
     if limit.is_zero() {
         return Duration::ZERO;
     }
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most bytes.len() bytes into the buffer.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    let random = if filled == 8 {
-        u64::from_ne_bytes(bytes)
-    } else {
-        0
-    };
+    // No randomness (which getrandom(2) on Linux always has): no jitter.
+    let random = getrandom::u64().unwrap_or(0);
     Duration::from_millis(random % limit.as_millis().max(1) as u64)
 }
 

@@ -239,14 +239,7 @@ const SLOT_STATES: [(SlotState, &str); 7] = [
 ];
 
 /// Every [`Operation::name`], in a fixed order.
-const OPERATION_NAMES: [&str; 6] = [
-    "idle",
-    "downloading",
-    "writing",
-    "verifying",
-    "installed",
-    "trying",
-];
+const OPERATION_NAMES: [&str; 5] = ["idle", "writing", "verifying", "installed", "trying"];
 
 /// Names of the [`SlotBootState`] kinds, in a fixed order.
 const BOOT_STATE_NAMES: [&str; 4] = ["good", "trying", "bad", "absent"];
@@ -348,12 +341,7 @@ fn families(snapshot: &MetricsSnapshot) -> Vec<Family> {
     }
     families.push(operation);
     let (written, size) = match &state.operation {
-        Operation::Downloading {
-            bytes_written,
-            total,
-            ..
-        }
-        | Operation::Writing {
+        Operation::Writing {
             bytes_written,
             total,
             ..
@@ -562,10 +550,7 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
     match agent.status().await {
         Ok(report) => {
             let mut state = report.state;
-            if matches!(
-                state.operation,
-                Operation::Downloading { .. } | Operation::Writing { .. }
-            ) {
+            if matches!(state.operation, Operation::Writing { .. }) {
                 state.set_progress(report.progress.bytes);
             }
             let boot_states: Option<Vec<(Slot, SlotBootState)>> = report

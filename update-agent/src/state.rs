@@ -13,7 +13,7 @@
 //! an agent refuses a schema it does not know ([`StateError::Schema`]; the
 //! daemon decides whether to start over).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -71,7 +71,7 @@ pub enum StateError {
     #[error("cannot draw a random wave seed: {source}")]
     Random {
         #[source]
-        source: std::io::Error,
+        source: getrandom::Error,
     },
     #[error(transparent)]
     Write(#[from] AtomicWriteError),
@@ -84,13 +84,6 @@ pub enum Operation {
     /// Nothing in progress.
     #[default]
     Idle,
-    /// Fetching an update's artifacts; `bytes_written` of `total` (compressed) bytes.
-    Downloading {
-        version: Version,
-        slot: Slot,
-        bytes_written: u64,
-        total: u64,
-    },
     /// Writing an update into `slot`; `bytes_written` of `total` (uncompressed) bytes.
     Writing {
         version: Version,
@@ -111,7 +104,6 @@ impl Operation {
     pub fn name(&self) -> &'static str {
         match self {
             Operation::Idle => "idle",
-            Operation::Downloading { .. } => "downloading",
             Operation::Writing { .. } => "writing",
             Operation::Verifying { .. } => "verifying",
             Operation::Installed { .. } => "installed",
@@ -123,8 +115,7 @@ impl Operation {
     pub fn target(&self) -> Option<(&Version, Slot)> {
         match self {
             Operation::Idle => None,
-            Operation::Downloading { version, slot, .. }
-            | Operation::Writing { version, slot, .. }
+            Operation::Writing { version, slot, .. }
             | Operation::Verifying { version, slot }
             | Operation::Installed { version, slot }
             | Operation::Trying { version, slot } => Some((version, *slot)),
@@ -386,11 +377,9 @@ impl AgentState {
         self.last_error = None;
     }
 
-    /// Update the progress of a download or write; other operations are unchanged.
+    /// Update the progress of a write; other operations are unchanged.
     pub fn set_progress(&mut self, bytes: u64) {
-        if let Operation::Downloading { bytes_written, .. }
-        | Operation::Writing { bytes_written, .. } = &mut self.operation
-        {
+        if let Operation::Writing { bytes_written, .. } = &mut self.operation {
             *bytes_written = bytes;
         }
     }
@@ -524,38 +513,9 @@ pub fn parse_seed(path: &Path, text: &str) -> Result<u32, StateError> {
         })
 }
 
-/// Four random bytes from getrandom(2), or /dev/urandom where it is missing.
+/// A random number from the kernel (getrandom(2)).
 fn random_u32() -> Result<u32, StateError> {
-    let mut bytes = [0u8; 4];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        let remaining = &mut bytes[filled..];
-        // SAFETY: the pointer and length describe `remaining`, a live,
-        // writable buffer; getrandom writes at most that many bytes.
-        let result = unsafe {
-            libc::getrandom(
-                remaining.as_mut_ptr().cast::<libc::c_void>(),
-                remaining.len(),
-                0,
-            )
-        };
-        if result >= 0 {
-            filled += result as usize;
-            continue;
-        }
-        let error = std::io::Error::last_os_error();
-        match error.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ENOSYS) => {
-                std::fs::File::open("/dev/urandom")
-                    .and_then(|mut urandom| urandom.read_exact(&mut bytes))
-                    .map_err(|source| StateError::Random { source })?;
-                break;
-            }
-            _ => return Err(StateError::Random { source: error }),
-        }
-    }
-    Ok(u32::from_le_bytes(bytes))
+    getrandom::u32().map_err(|source| StateError::Random { source })
 }
 
 #[cfg(test)]

@@ -262,11 +262,9 @@ pub fn lock_repository(repo_dir: &Path) -> Result<RepositoryLock> {
         .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(BuildError::io(parent))?;
     let directory = fs::File::open(parent).map_err(BuildError::io(parent))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
-    if unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(BuildError::io(parent)(std::io::Error::last_os_error()));
-    }
+    // Blocks until the lock is ours.
+    rustix::fs::flock(&directory, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|errno| BuildError::io(parent)(errno.into()))?;
     Ok(RepositoryLock {
         _directory: directory,
     })

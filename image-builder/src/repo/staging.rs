@@ -6,9 +6,7 @@
 //! that swap, the live repository is untouched; after it, readers see the whole
 //! new version. A failure at any point drops the staging directory.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{BuildError, Result};
@@ -109,27 +107,11 @@ fn sync_tree(directory: &Path) -> Result<()> {
         .map_err(BuildError::io(directory))
 }
 
-fn c_path(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL bytes")
-}
-
 /// Swap two directory entries atomically.
 fn exchange(first: &Path, second: &Path) -> Result<()> {
-    let (first_c, second_c) = (c_path(first), c_path(second));
-    // SAFETY: both are valid NUL-terminated paths; renameat2 only reads them.
-    let result = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            first_c.as_ptr(),
-            libc::AT_FDCWD,
-            second_c.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if result != 0 {
-        return Err(BuildError::io(second)(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, first, CWD, second, RenameFlags::EXCHANGE)
+        .map_err(|errno| BuildError::io(second)(errno.into()))
 }
 
 #[cfg(test)]

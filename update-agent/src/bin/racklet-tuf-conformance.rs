@@ -90,19 +90,9 @@ enum Command {
 /// A failure, printed on stderr with its causes.
 struct Failure(String);
 
-impl<E: std::error::Error> From<E> for Failure {
+impl<E: std::error::Error + 'static> From<E> for Failure {
     fn from(error: E) -> Failure {
-        let mut message = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
-        Failure(message)
+        Failure(os_format::report::one_line(&error))
     }
 }
 
