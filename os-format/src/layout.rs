@@ -186,9 +186,136 @@ pub fn empty_partition_uuid(disk_guid: &Guid, partition_name: &str) -> Guid {
     Guid::derive(&seed)
 }
 
+/// Where Linux lists block devices (one directory per disk, named as in
+/// [`DEV_DIR`]); both racklet-init and the agent search it for the booted slot.
+pub const SYS_BLOCK_DIR: &str = "/sys/block";
+/// Where the disks' device nodes are.
+pub const DEV_DIR: &str = "/dev";
+/// The unit of sysfs `size` files: 512-byte sectors, whatever the device's own.
+pub const SYSFS_SECTOR_SIZE: u64 = 512;
+/// Kernel disk names never searched for a slot: loop devices, RAM disks,
+/// device-mapper (the opened verity root itself), zram, floppies.
+const NOT_SLOT_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
+
+/// The disks to search for the booted slot, in the order to search them
+/// (by name; the first match wins): `names` without the ones that never hold
+/// a slot. Pure; listing [`SYS_BLOCK_DIR`] is the caller's.
+pub fn slot_disk_candidates(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut candidates: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            !NOT_SLOT_DISK_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .collect();
+    candidates.sort();
+    candidates
+}
+
+/// The partitions of the slot booted with `root_hash` that one disk's GPT
+/// holds: a partition counts only when it carries both the slot's name and
+/// the PARTUUID the DPS rule derives from the root hash, so a UKI for slot b
+/// never boots slot a's root (even when both hold the same root hash), and
+/// another Racklet disk (a USB stick) with the same names is not taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootedSlotOnDisk {
+    /// The root partition's number, if this disk has it.
+    pub root: Option<u32>,
+    /// The verity partition's number, if this disk has it.
+    pub verity: Option<u32>,
+}
+
+impl BootedSlotOnDisk {
+    /// Look the slot up in `gpt`. Pure.
+    pub fn find(gpt: &crate::gpt::GptDisk, slot: Slot, root_hash: &RootHash) -> BootedSlotOnDisk {
+        let number = |name: &str, uuid: Guid| {
+            gpt.find_by_name(name)
+                .filter(|(_, entry)| entry.unique_guid == uuid)
+                .map(|(number, _)| number)
+        };
+        BootedSlotOnDisk {
+            root: number(slot.root_partition_name(), root_partition_uuid(root_hash)),
+            verity: number(
+                slot.verity_partition_name(),
+                verity_partition_uuid(root_hash),
+            ),
+        }
+    }
+
+    /// Both of the slot's partitions are on this disk.
+    pub fn is_complete(&self) -> bool {
+        self.root.is_some() && self.verity.is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_disks_leave_out_loop_ram_device_mapper_zram_and_floppies_in_name_order() {
+        let names = [
+            "vdb", "loop0", "sda", "dm-0", "mmcblk0", "zram0", "ram1", "fd0", "nvme0n1",
+        ];
+        assert_eq!(
+            slot_disk_candidates(names.map(String::from)),
+            ["mmcblk0", "nvme0n1", "sda", "vdb"]
+        );
+    }
+
+    #[test]
+    fn a_slot_partition_needs_both_its_name_and_the_root_hash_uuid() {
+        use crate::gpt::{GptDisk, PartitionSpec};
+        let hash: RootHash = std::array::from_fn(|index| index as u8);
+        let other: RootHash = std::array::from_fn(|index| 100 + index as u8);
+        let spec = |name: &str, uuid: Guid| PartitionSpec {
+            name: name.into(),
+            type_guid: ROOT_X86_64_TYPE,
+            unique_guid: uuid,
+            size_bytes: Some(1024 * 1024),
+            attributes: 0,
+        };
+        let gpt = GptDisk::plan(
+            Guid::from_rfc_bytes([1; 16]),
+            64 * 1024 * 1024,
+            &[
+                spec("root-a", root_partition_uuid(&hash)),
+                spec("verity-a", verity_partition_uuid(&hash)),
+                // Slot b's root has the other hash's UUID, its verity a name only.
+                spec("root-b", root_partition_uuid(&other)),
+                spec("verity-b", Guid::from_rfc_bytes([2; 16])),
+            ],
+        )
+        .unwrap();
+        let a = BootedSlotOnDisk::find(&gpt, Slot::A, &hash);
+        assert_eq!(
+            a,
+            BootedSlotOnDisk {
+                root: Some(1),
+                verity: Some(2)
+            }
+        );
+        assert!(a.is_complete());
+        // The right names with the wrong UUIDs, the right UUIDs under the wrong names.
+        assert_eq!(
+            BootedSlotOnDisk::find(&gpt, Slot::B, &hash),
+            BootedSlotOnDisk::default()
+        );
+        assert_eq!(
+            BootedSlotOnDisk::find(&gpt, Slot::A, &other),
+            BootedSlotOnDisk::default()
+        );
+        let b = BootedSlotOnDisk::find(&gpt, Slot::B, &other);
+        assert_eq!(
+            b,
+            BootedSlotOnDisk {
+                root: Some(3),
+                verity: None
+            }
+        );
+        assert!(!b.is_complete());
+    }
 
     #[test]
     fn partition_uuids_split_the_root_hash() {

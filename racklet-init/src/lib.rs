@@ -66,8 +66,8 @@ pub fn run() -> Result<Infallible, Fatal> {
         );
     }
 
-    let dev_dir = Path::new(partitions::DEV_DIR);
-    let sys_block = Path::new(partitions::SYS_BLOCK_DIR);
+    let dev_dir = Path::new(os_format::layout::DEV_DIR);
+    let sys_block = Path::new(os_format::layout::SYS_BLOCK_DIR);
     let slot_partitions = partitions::wait_for_slot_partitions(
         sys_block,
         dev_dir,

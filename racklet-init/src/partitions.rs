@@ -2,7 +2,7 @@
 //!
 //! By the DPS rule the root partition's unique GUID (PARTUUID) is the first
 //! 128 bits of the root hash and the verity partition's the last 128 bits.
-//! `/init` reads the GPT of every disk in [`SYS_BLOCK_DIR`] itself (no udev,
+//! `/init` reads the GPT of every disk in [`os_format::layout::SYS_BLOCK_DIR`] itself (no udev,
 //! no `/dev/disk/by-partuuid`), and maps the partition number to the kernel's
 //! partition device through sysfs: the child directory of
 //! `/sys/block/<disk>` whose `partition` file holds that number.
@@ -18,18 +18,15 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use os_format::gpt::{GptDisk, Guid};
+use os_format::gpt::GptDisk;
 use os_format::layout::{
-    root_partition_uuid, verity_partition_uuid, Slot, DATA_PARTITION_NAME, ESP_PARTITION_NAME,
+    root_partition_uuid, slot_disk_candidates, verity_partition_uuid, BootedSlotOnDisk, Slot,
+    DATA_PARTITION_NAME, ESP_PARTITION_NAME, SYSFS_SECTOR_SIZE,
 };
 use os_format::verity::{root_hash_to_hex, RootHash};
 
 use crate::device_mapper::DeviceNumber;
 
-/// Where the kernel lists whole disks.
-pub const SYS_BLOCK_DIR: &str = "/sys/block";
-/// Where devtmpfs puts device nodes.
-pub const DEV_DIR: &str = "/dev";
 /// How long to wait for the partitions to appear (TCG emulation is slow to
 /// probe disks; real hardware with USB or SD cards can be too).
 pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
@@ -39,11 +36,6 @@ pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
 pub const DATA_DEVICE_WAIT: Duration = Duration::from_secs(2);
 /// How often to look again while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Disks never searched: loop, RAM, device-mapper, zram and floppy devices
-/// (reading an empty floppy drive stalls).
-const SKIPPED_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
-/// sysfs `size` files count 512-byte sectors whatever the logical block size.
-const SYSFS_SECTOR_SIZE: u64 = 512;
 
 /// A block device the kernel knows, as sysfs describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,35 +254,22 @@ pub fn partition_device(disk_dir: &Path, number: u32) -> io::Result<Option<Block
     Ok(None)
 }
 
-/// Whether a disk name is one never searched for partitions.
-fn is_skipped_disk(name: &str) -> bool {
-    SKIPPED_DISK_PREFIXES
-        .iter()
-        .any(|prefix| name.starts_with(prefix))
-}
-
-/// Look for partitions with unique GUIDs `root_uuid` and `verity_uuid` on
-/// every disk listed in `sys_block`, reading each disk's GPT from its node
-/// in `dev_dir`. The first match in disk-name order wins.
-pub fn scan_disks(
-    sys_block: &Path,
-    dev_dir: &Path,
-    slot: Slot,
-    root_uuid: &Guid,
-    verity_uuid: &Guid,
-) -> Scan {
+/// Look for the partitions of `slot` booted with `root_hash`
+/// ([`BootedSlotOnDisk`]: the slot's names and the PARTUUIDs of the root hash)
+/// on every disk listed in `sys_block` that may hold a slot, reading each
+/// disk's GPT from its node in `dev_dir`. The first match in disk-name order
+/// wins ([`slot_disk_candidates`]).
+pub fn scan_disks(sys_block: &Path, dev_dir: &Path, slot: Slot, root_hash: &RootHash) -> Scan {
     let mut scan = Scan::default();
-    let mut names: Vec<String> = match fs::read_dir(sys_block) {
-        Ok(entries) => entries
-            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .filter(|name| !is_skipped_disk(name))
-            .collect(),
+    let names = match fs::read_dir(sys_block) {
+        Ok(entries) => slot_disk_candidates(
+            entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok()),
+        ),
         Err(_) => return scan,
     };
-    names.sort();
     for name in names {
         let disk_dir = sys_block.join(&name);
-        let state = match scan_disk(&disk_dir, dev_dir, slot, root_uuid, verity_uuid) {
+        let state = match scan_disk(&disk_dir, dev_dir, slot, root_hash) {
             Ok(found) => {
                 if scan.root.is_none() && found.root.is_some() {
                     scan.root = found.root;
@@ -337,14 +316,13 @@ pub fn data_partition(gpt: &GptDisk, disk_dir: &Path) -> io::Result<DataPartitio
     })
 }
 
-/// Read one disk's GPT and look up the two GUIDs (and, if the root is
-/// there, the data partition) on it.
+/// Read one disk's GPT and look up the slot's partitions (and, if the root is
+/// there, the data partition and the ESP) on it.
 fn scan_disk(
     disk_dir: &Path,
     dev_dir: &Path,
     slot: Slot,
-    root_uuid: &Guid,
-    verity_uuid: &Guid,
+    root_hash: &RootHash,
 ) -> Result<DiskScan, String> {
     let disk =
         block_device(disk_dir).map_err(|error| format!("unreadable sysfs entry: {error}"))?;
@@ -364,20 +342,16 @@ fn scan_disk(
         os_format::gpt::GptError::Io { .. } => format!("unreadable: {error}"),
         _ => "no GPT".to_string(),
     })?;
-    // A slot's partition must carry both the slot's GPT name and the PARTUUID
-    // derived from the root hash: a UKI for slot b never boots slot a's root,
-    // even when both slots hold the same root hash.
-    let find = |name: &str, guid: &Guid| -> Result<Option<BlockDevice>, String> {
-        match gpt.find_by_name(name) {
-            Some((number, entry)) if entry.unique_guid == *guid => {
-                partition_device(disk_dir, number)
-                    .map_err(|error| format!("cannot list {}: {error}", disk_dir.display()))
-            }
-            _ => Ok(None),
+    let booted = BootedSlotOnDisk::find(&gpt, slot, root_hash);
+    let device = |number: Option<u32>| -> Result<Option<BlockDevice>, String> {
+        match number {
+            Some(number) => partition_device(disk_dir, number)
+                .map_err(|error| format!("cannot list {}: {error}", disk_dir.display())),
+            None => Ok(None),
         }
     };
-    let root = find(slot.root_partition_name(), root_uuid)?;
-    let verity = find(slot.verity_partition_name(), verity_uuid)?;
+    let root = device(booted.root)?;
+    let verity = device(booted.verity)?;
     let (data, esp) = if root.is_some() {
         let listing_error =
             |error: io::Error| format!("cannot list {}: {error}", disk_dir.display());
@@ -415,12 +389,10 @@ pub fn wait_for_slot_partitions(
     root_hash: &RootHash,
     timeout: Duration,
 ) -> Result<SlotPartitions, MissingPartitions> {
-    let root_uuid = root_partition_uuid(root_hash);
-    let verity_uuid = verity_partition_uuid(root_hash);
     let started = Instant::now();
     let mut complete_since: Option<Instant> = None;
     loop {
-        let scan = scan_disks(sys_block, dev_dir, slot, &root_uuid, &verity_uuid);
+        let scan = scan_disks(sys_block, dev_dir, slot, root_hash);
         if let (Some(root), Some(verity), Some(disk)) = (&scan.root, &scan.verity, &scan.root_disk)
         {
             let since = *complete_since.get_or_insert_with(Instant::now);
@@ -455,7 +427,7 @@ pub fn wait_for_slot_partitions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use os_format::gpt::PartitionSpec;
+    use os_format::gpt::{Guid, PartitionSpec};
     use os_format::layout::{ROOT_VERITY_X86_64_TYPE, ROOT_X86_64_TYPE};
     use std::io::{Seek, SeekFrom, Write};
 
@@ -765,13 +737,7 @@ mod tests {
             &disk_image(&hash),
             &[("vda1", 1), ("vda2", 2), ("vda3", 3)],
         );
-        let scan = scan_disks(
-            &machine.sys_block(),
-            &machine.dev(),
-            Slot::B,
-            &root_partition_uuid(&hash),
-            &verity_partition_uuid(&hash),
-        );
+        let scan = scan_disks(&machine.sys_block(), &machine.dev(), Slot::B, &hash);
         assert_eq!(scan.root, None);
         assert_eq!(scan.verity, None);
     }
@@ -781,13 +747,7 @@ mod tests {
         let hash = test_hash();
         let machine = FakeMachine::new();
         machine.add_disk("vda", 253, &disk_image(&hash), &[("vda1", 1), ("vda2", 2)]);
-        let scan = scan_disks(
-            &machine.sys_block(),
-            &machine.dev(),
-            Slot::A,
-            &root_partition_uuid(&hash),
-            &verity_partition_uuid(&hash),
-        );
+        let scan = scan_disks(&machine.sys_block(), &machine.dev(), Slot::A, &hash);
         assert_eq!(scan.root.unwrap().name, "vda2");
         assert_eq!(scan.verity, None);
     }

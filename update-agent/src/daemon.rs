@@ -279,8 +279,8 @@ impl Agent {
         let hash = root_hash_from_hex(&self.booted.verity_root_hash)
             .map_err(|error| agent_error("racklet.roothash")(error.to_string()))?;
         Ok(slots::find_booted_disk(
-            Path::new(slots::SYS_BLOCK_DIR),
-            Path::new(slots::DEV_DIR),
+            Path::new(os_format::layout::SYS_BLOCK_DIR),
+            Path::new(os_format::layout::DEV_DIR),
             self.booted.slot,
             &hash,
         )?)

@@ -20,19 +20,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use os_format::gpt::{self, GptDisk, GptError, GptSource, Guid, PartitionEntry, UniqueGuidChange};
-use os_format::layout::{empty_partition_uuid, root_partition_uuid, verity_partition_uuid, Slot};
+use os_format::layout::{
+    empty_partition_uuid, root_partition_uuid, slot_disk_candidates, verity_partition_uuid,
+    BootedSlotOnDisk, Slot, SYSFS_SECTOR_SIZE,
+};
 use os_format::verity::{root_hash_to_hex, RootHash};
 use thiserror::Error;
-
-/// Where the kernel lists whole disks (as `racklet-init` scans them).
-pub const SYS_BLOCK_DIR: &str = "/sys/block";
-/// Where the device nodes of those disks are.
-pub const DEV_DIR: &str = "/dev";
-/// Disks never searched: loop, RAM, device-mapper, zram and floppy devices
-/// (the same list as `racklet-init`).
-const SKIPPED_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
-/// sysfs `size` files count 512-byte sectors whatever the logical block size.
-const SYSFS_SECTOR_SIZE: u64 = 512;
 
 /// One partition of a slot: where it is on the disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -420,14 +413,11 @@ fn check_new_uuids(gpt: &GptDisk, disk: &Path, targets: &[(&PartitionRange, Guid
     Ok(())
 }
 
-/// The disk the booted slot runs from, found the way `racklet-init` found it:
-/// the first disk in [`SYS_BLOCK_DIR`] (by name, skipping loop, RAM,
-/// device-mapper, zram and floppy devices) whose GPT has partitions named
-/// `root-<slot>` and `verity-<slot>` with the PARTUUIDs derived from the booted
-/// root hash (`racklet.roothash=`). Returns the disk's node in `dev_dir`.
-///
-/// Matching the PARTUUIDs, not only the names, keeps a second disk carrying the
-/// same partition names (another Racklet image on a USB stick) from being taken.
+/// The disk the booted slot runs from, found by the rule `racklet-init` uses
+/// (both in `os_format::layout`): the first of [`slot_disk_candidates`] whose
+/// GPT holds both of the slot's partitions ([`BootedSlotOnDisk`]: the slot's
+/// names with the PARTUUIDs of the booted root hash, `racklet.roothash=`).
+/// Returns the disk's node in `dev_dir`.
 pub fn find_booted_disk(
     sys_block: &Path,
     dev_dir: &Path,
@@ -436,26 +426,15 @@ pub fn find_booted_disk(
 ) -> Result<PathBuf> {
     let root_uuid = root_partition_uuid(root_hash);
     let verity_uuid = verity_partition_uuid(root_hash);
-    let mut names: Vec<String> = fs::read_dir(sys_block)
-        .map_err(io_error(sys_block, "listing disks"))?
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|name| {
-            !SKIPPED_DISK_PREFIXES
-                .iter()
-                .any(|prefix| name.starts_with(prefix))
-        })
-        .collect();
-    names.sort();
+    let names = slot_disk_candidates(
+        fs::read_dir(sys_block)
+            .map_err(io_error(sys_block, "listing disks"))?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok()),
+    );
     let mut seen = Vec::new();
     for name in names {
         let node = dev_dir.join(&name);
-        match disk_holds_slot(
-            &sys_block.join(&name),
-            &node,
-            slot,
-            &root_uuid,
-            &verity_uuid,
-        ) {
+        match disk_holds_slot(&sys_block.join(&name), &node, slot, root_hash) {
             Ok(true) => return Ok(node),
             Ok(false) => seen.push(format!("{name} (not this slot)")),
             Err(reason) => seen.push(format!("{name} ({reason})")),
@@ -470,14 +449,14 @@ pub fn find_booted_disk(
     })
 }
 
-/// Whether the disk (sysfs directory `sys_dir`, node `node`) holds the slot's
-/// partitions with these PARTUUIDs; `Err` says why it could not be read.
+/// Whether the disk (sysfs directory `sys_dir`, node `node`) holds both of
+/// the slot's partitions ([`BootedSlotOnDisk`]); `Err` says why it could not
+/// be read.
 fn disk_holds_slot(
     sys_dir: &Path,
     node: &Path,
     slot: Slot,
-    root_uuid: &Guid,
-    verity_uuid: &Guid,
+    root_hash: &RootHash,
 ) -> Result<bool, String> {
     let size_text = fs::read_to_string(sys_dir.join("size"))
         .map_err(|error| format!("unreadable size: {error}"))?;
@@ -492,14 +471,7 @@ fn disk_holds_slot(
         File::open(node).map_err(|error| format!("cannot open {}: {error}", node.display()))?;
     let gpt = GptDisk::read(&mut file, sectors * SYSFS_SECTOR_SIZE)
         .map_err(|error| format!("no usable GPT: {error}"))?;
-    let has = |name: &str, uuid: &Guid| {
-        gpt.find_by_name(name)
-            .is_some_and(|(_, entry)| entry.unique_guid == *uuid)
-    };
-    Ok(
-        has(slot.root_partition_name(), root_uuid)
-            && has(slot.verity_partition_name(), verity_uuid),
-    )
+    Ok(BootedSlotOnDisk::find(&gpt, slot, root_hash).is_complete())
 }
 
 /// Test support shared with `install.rs`: a disk image file laid out like a
