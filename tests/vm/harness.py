@@ -11,8 +11,8 @@ What it does:
   of FIFOs (not a unix socket: QEMU writes the console one byte per write,
   a unix socket holds only a few hundred such writes, and QEMU's UART drops
   characters once its writes block; a FIFO made 1 MiB big holds minutes of
-  console output while this process waits for a CPU). Everything the guest prints is appended to a log file; `expect()`
-  waits for a regular expression, `run()` types a command on the autologin
+  console output while this process waits for a CPU). Everything the guest
+  prints is appended to a log file; `expect()` waits for a regular expression, `run()` types a command on the autologin
   root shell and returns its output and exit status.
 
 Always `-accel tcg`: /dev/kvm on these machines hangs instead of failing.
@@ -349,6 +349,8 @@ class VM:
         self._serial_in: int | None = None  # our write end of <serial_path>.in
         self._serial_out: int | None = None  # our read end of <serial_path>.out
         self._reader: threading.Thread | None = None
+        self._qemu_reader: threading.Thread | None = None
+        self._qemu_said: list[str] = []  # QEMU's own stdout/stderr lines, this start
         self._lock = threading.Condition()
         self._buffer = ""
         self._chunks: list[tuple[float, int]] = []  # (arrival time, buffer offset)
@@ -406,6 +408,13 @@ class VM:
         except OSError:
             pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still beats a socket
 
+    def _release_serial(self) -> None:
+        """Once QEMU is gone: let the reader take the last output, then close
+        and remove the FIFOs."""
+        if self._reader:
+            self._reader.join(timeout=5)
+        self._close_serial()
+
     def _close_serial(self) -> None:
         for fd in (self._serial_in, self._serial_out):
             if fd is not None:
@@ -430,15 +439,30 @@ class VM:
         self._reader = threading.Thread(target=self._read_loop, args=(self._serial_out, self.process),
                                         daemon=True)
         self._reader.start()
-        threading.Thread(target=self._stderr_loop, daemon=True).start()
+        self._qemu_said = []
+        self._qemu_reader = threading.Thread(target=self._stderr_loop, daemon=True)
+        self._qemu_reader.start()
         return self
 
     def _stderr_loop(self) -> None:
         process = self.process
         for line in process.stdout:
-            text = line.decode(errors="replace")
+            text = line.decode(errors="replace").rstrip()
+            self._qemu_said.append(text)
             if self._log:
-                self._log.write(f"\n===== qemu: {text.rstrip()}\n".encode())
+                self._log.write(f"\n===== qemu: {text}\n".encode())
+
+    def _exit_report(self) -> str:
+        """After the console's EOF: QEMU's exit status and what QEMU itself
+        printed (why it would not start: a bad option, a missing file)."""
+        if self._qemu_reader:
+            self._qemu_reader.join(timeout=2)
+        try:
+            status = self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            status = None
+        said = "\n".join(self._qemu_said[-20:])
+        return f"QEMU exit status {status}" + (f"; QEMU said:\n{said}" if said else "")
 
     def _read_loop(self, fd: int, process: subprocess.Popen) -> None:
         # Incremental: a UTF-8 character may be split across two reads.
@@ -557,9 +581,7 @@ class VM:
                 self.process.kill()
                 self.process.wait()
             self.note("QEMU stopped by the harness")
-        if self._reader:
-            self._reader.join(timeout=5)
-        self._close_serial()
+        self._release_serial()
         if self.monitor_path:
             self.monitor_path.unlink(missing_ok=True)
 
@@ -624,8 +646,8 @@ class VM:
                     self.cursor = match.end()
                     return match
                 if self._eof:
-                    raise VMExited(f"{self.name}: QEMU exited while waiting for {regex.pattern!r}\n"
-                                   f"{self._tail_locked()}")
+                    raise VMExited(f"{self.name}: QEMU exited while waiting for {regex.pattern!r} "
+                                   f"({self._exit_report()})\n{self._tail_locked()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ExpectTimeout(f"{self.name}: {regex.pattern!r} not seen within {timeout:.0f} s\n"

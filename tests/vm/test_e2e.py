@@ -238,9 +238,7 @@ class NetVM(VM):
             self.process.kill()
             self.process.wait()
             self.note("QEMU killed (SIGKILL): power cut")
-        if self._reader:
-            self._reader.join(timeout=5)
-        self._close_serial()
+        self._release_serial()
 
 
 class Context:
