@@ -194,7 +194,8 @@ pub const DEV_DIR: &str = "/dev";
 /// The unit of sysfs `size` files: 512-byte sectors, whatever the device's own.
 pub const SYSFS_SECTOR_SIZE: u64 = 512;
 /// Kernel disk names never searched for a slot: loop devices, RAM disks,
-/// device-mapper (the opened verity root itself), zram, floppies.
+/// device-mapper (the opened verity root itself), zram, floppies (reading an
+/// empty floppy drive stalls).
 const NOT_SLOT_DISK_PREFIXES: [&str; 5] = ["loop", "ram", "dm-", "zram", "fd"];
 
 /// The disks to search for the booted slot, in the order to search them

@@ -27,6 +27,17 @@ pub fn one_line(error: &(dyn Error + 'static)) -> String {
     causes(error).join(": ")
 }
 
+/// [`causes`] for a person on a terminal: `error: <message>` and one
+/// `  caused by: <cause>` line for each cause, each line ending in a newline.
+pub fn for_people(error: &(dyn Error + 'static)) -> String {
+    let causes = causes(error);
+    let mut text = format!("error: {}\n", causes[0]);
+    for cause in &causes[1..] {
+        text.push_str(&format!("  caused by: {cause}\n"));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +90,16 @@ mod tests {
         assert_eq!(
             one_line(&error),
             "cannot fetch https://repo/1.root.json: error sending request: connection refused"
+        );
+    }
+
+    #[test]
+    fn people_read_the_message_then_each_cause_on_its_own_line() {
+        let root = layer("connection refused", None);
+        let error = layer("cannot fetch https://repo/1.root.json", Some(root));
+        assert_eq!(
+            for_people(&error),
+            "error: cannot fetch https://repo/1.root.json\n  caused by: connection refused\n"
         );
     }
 

@@ -146,16 +146,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let causes = os_format::report::causes(&error);
-            eprintln!("error: {}", causes[0]);
-            for cause in &causes[1..] {
-                eprintln!("  caused by: {cause}");
-            }
+            eprint!("{}", os_format::report::for_people(&error));
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "error": causes.join(": ")})
-                );
+                let error = os_format::report::one_line(&error);
+                println!("{}", serde_json::json!({"ok": false, "error": error}));
             }
             ExitCode::from(error.exit_code())
         }
