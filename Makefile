@@ -35,9 +35,14 @@ else
 unexport SOURCE_DATE_EPOCH
 endif
 
-# Binaries that go into images are built with paths remapped, so two checkouts
-# in different directories produce identical bytes.
-image_rustflags := --remap-path-prefix=$(CURDIR)=/racklet --remap-path-prefix=$(CARGO_HOME)=/cargo
+# Binaries that go into images are built with paths remapped (the checkout to
+# /racklet, cargo's home to /cargo), so two checkouts in different directories
+# produce identical bytes. Through a rustc wrapper, not RUSTFLAGS: cargo hashes
+# RUSTFLAGS into every crate's metadata, so a checkout path there would make the
+# dependencies' bytes and cargo's fingerprints differ between checkouts
+# (image-builder/scripts/rustc-remap).
+image_cargo_env := RUSTC_WRAPPER=$(CURDIR)/image-builder/scripts/rustc-remap \
+  RACKLET_REMAP_SOURCE=$(CURDIR) RACKLET_REMAP_CARGO_HOME=$(CARGO_HOME)
 builder := target/release/racklet-image
 # The builder is compiled with the image binaries' flags into their target
 # directory (then copied to $(builder)): the dependencies they share (tokio,
@@ -67,7 +72,7 @@ host-tools: check-variant
 	@image-builder/scripts/host-tools.sh $(arch)
 
 builder:
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked $(BUILDER_PACKAGES) --target $(host_triple) --target-dir target/image
+	$(image_cargo_env) $(CARGO) build --release --locked $(BUILDER_PACKAGES) --target $(host_triple) --target-dir target/image
 	@cmp -s target/image/$(host_triple)/release/racklet-image $(builder) || { \
 	  install -D -m 0755 target/image/$(host_triple)/release/racklet-image $(builder).new && mv -f $(builder).new $(builder); }
 
@@ -76,9 +81,9 @@ builder:
 image_bins := --bin racklet-update --bin racklet-node
 
 image-binaries: host-tools
-	RUSTFLAGS="$(image_rustflags)" $(CARGO) build --release --locked \
+	$(image_cargo_env) $(CARGO) build --release --locked \
 	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node $(image_bins)) --target $(triple) --target-dir target/image
-	RUSTFLAGS="-C target-feature=+crt-static $(image_rustflags)" $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
+	RUSTFLAGS="-C target-feature=+crt-static" $(image_cargo_env) $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
 
 build: host-tools builder image-binaries
 	$(builder) build --variant $(variant) --output $(OUTPUT) \
@@ -123,7 +128,7 @@ test-unit: lint unit
 unit:
 	@image-builder/scripts/host-tools.sh x86_64
 	@image-builder/scripts/test-tools.sh
-	RACKLET_REQUIRE_PROMTOOL=1 RUSTFLAGS="$(image_rustflags)" $(CARGO) test --release --locked --workspace \
+	RACKLET_REQUIRE_PROMTOOL=1 $(image_cargo_env) $(CARGO) test --release --locked --workspace \
 	  --target $(host_triple) --target-dir target/image
 
 # The agent's daemon on a private D-Bus: slots in a disk file, a repository on 127.0.0.1.

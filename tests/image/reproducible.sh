@@ -1,14 +1,42 @@
 #!/usr/bin/env bash
 # Two builds of the same commit must be bit-identical: disk.img, update/*,
 # manifest.json and the SBOM. The second build runs from a fresh clone in
-# another directory, with another umask, time zone and (later) clock time and
-# its own cargo target directory. On a difference, diffoscope shows where.
+# another directory, with another umask, time zone and (later) clock time. Our
+# own crates and racklet-init are compiled afresh there; the registry
+# dependencies of the image binaries are taken from this checkout's
+# target/image (copied, with our crates' artifacts removed), because cargo
+# compiles them from the same sources with the same flags into the same bytes
+# whatever the checkout (no checkout path in RUSTFLAGS: see
+# image-builder/scripts/rustc-remap); compiling them again took about 12 of
+# CI's CPU-minutes. RACKLET_REPRO_FRESH_DEPS=1 compiles everything afresh.
+# On a difference, diffoscope shows where.
 # Usage: reproducible.sh VARIANT REFERENCE_BUILD_DIR [K3S [MAKE_VARIABLE=VALUE...]]
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh
 source "$here/lib.sh"
 root="$(project_root)"
+
+# reuse_dependencies CLONE: copy this checkout's compiled dependencies for the
+# host (target/image/release: build scripts, proc macros; target/image/<host>:
+# the x86_64 image binaries' dependencies) into CLONE, under cargo's locks (an
+# aarch64 image build may be writing beside it), then remove our own crates'
+# artifacts from the copy so that the second build compiles them from CLONE.
+reuse_dependencies() {
+  local clone="$1" host members
+  host="$(rustc -vV | sed -n 's/^host: //p')"
+  [ -d "$root/target/image/$host/release" ] || { echo "no $root/target/image/$host/release to reuse"; return 1; }
+  mkdir -p "$clone/target/image/$host"
+  touch "$root/target/image/release/.cargo-lock" "$root/target/image/$host/release/.cargo-lock"
+  flock "$root/target/image/release/.cargo-lock" flock "$root/target/image/$host/release/.cargo-lock" \
+    cp -a "$root/target/image/release" "$clone/target/image/" || return 1
+  flock "$root/target/image/$host/release/.cargo-lock" \
+    cp -a "$root/target/image/$host/release" "$clone/target/image/$host/" || return 1
+  members="$(cd "$clone" && cargo metadata --no-deps --format-version 1 --offline \
+    | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')"
+  # shellcheck disable=SC2086  # one -p NAME per member
+  (cd "$clone" && cargo clean --release --target "$host" --target-dir target/image $members)
+}
 
 check_reproducible() {
   local variant="$1" reference="$2" k3s="${3:-default}"
@@ -19,6 +47,9 @@ check_reproducible() {
   fi
   git clone --quiet --no-hardlinks "$root" "$other/src"
   local log="$other/build.log"
+  if [ "${RACKLET_REPRO_FRESH_DEPS:-0}" != 1 ]; then
+    reuse_dependencies "$other/src" >> "$log" 2>&1 || echo "note: dependencies not reused (see $log)" >&2
+  fi
   if ! (cd "$other/src" && umask 077 && TZ=Asia/Tokyo LC_ALL=C.UTF-8 RACKLET_NO_PROGRESS=1 \
         make variant="$variant" K3S="$k3s" OUTPUT="$other/out" "${same_inputs[@]}" build) > "$log" 2>&1; then
     fail "$variant: second build from $other/src" "$(tail -n 20 "$log")"
