@@ -197,9 +197,9 @@ impl Cache {
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut file = std::fs::File::open(path).map_err(BuildError::io(path))?;
-    let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut file, &mut hasher).map_err(BuildError::io(path))?;
-    Ok((hex::encode(hasher.finalize()), size))
+    let size = file.metadata().map_err(BuildError::io(path))?.len();
+    let sha256 = crate::sparse::sha256(&mut file, size, |_| {}).map_err(BuildError::io(path))?;
+    Ok((sha256, size))
 }
 
 #[cfg(test)]

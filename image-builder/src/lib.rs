@@ -23,6 +23,7 @@ pub mod initramfs;
 pub mod inputs;
 pub mod kernel;
 pub mod provision;
+pub(crate) mod sparse;
 pub mod uki;
 pub mod unpack;
 pub mod verify;

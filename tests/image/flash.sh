@@ -31,7 +31,7 @@ check_flash() {
   card="$(losetup -f --show "$scratch/card.raw")"
   if output=$("$builder" --json flash --disk "$image" --device "$card" 2> "$scratch/flash.err"); then
     if [ "$(echo "$output" | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha256"])')" = \
-         "$(sha256sum "$image" | cut -c1-64)" ]; then
+         "$(python3 "$root/tests/sparse_sha256.py" "$image")" ]; then
       pass "flash: writes $(basename "$image") to $card and reports its sha256"
     else
       fail "flash: report" "$output"
