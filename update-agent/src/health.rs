@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use systemd_zbus::zbus;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
@@ -239,23 +238,23 @@ impl SystemdUnits {
     async fn query(connection: &zbus::Connection, unit: &str) -> Result<UnitState, zbus::Error> {
         use zbus::proxy::CacheProperties;
         // No property caching: every poll must see systemd's current state.
-        let manager = systemd_zbus::ManagerProxy::builder(connection)
+        let manager = SystemdManagerProxy::builder(connection)
             .cache_properties(CacheProperties::No)
             .build()
             .await?;
         // LoadUnit (unlike GetUnit) also answers for units not loaded yet.
         let path = manager.load_unit(unit).await?;
-        let proxy = systemd_zbus::UnitProxy::builder(connection)
+        let proxy = SystemdUnitProxy::builder(connection)
             .path(path)?
             .cache_properties(CacheProperties::No)
             .build()
             .await?;
-        // ActiveState as a string: systemd-zbus's enum rejects states newer
-        // than it (e.g. "refreshing").
-        let active_state: String = proxy.inner().get_property("ActiveState").await?;
+        // ActiveState as a string: states newer than our enum (e.g.
+        // "refreshing") are kept as they are.
+        let active_state = proxy.active_state().await?;
         let (job_id, _) = proxy.job().await?;
-        let condition_result: bool = proxy.inner().get_property("ConditionResult").await?;
-        let condition_timestamp: u64 = proxy.inner().get_property("ConditionTimestamp").await?;
+        let condition_result = proxy.condition_result().await?;
+        let condition_timestamp = proxy.condition_timestamp().await?;
         Ok(UnitState {
             load_state: proxy.load_state().await?,
             active_state: ActiveState::parse(&active_state),
@@ -264,6 +263,43 @@ impl SystemdUnits {
             condition_unmet: condition_timestamp != 0 && !condition_result,
         })
     }
+}
+
+/// The one method of systemd's manager the health gate calls (our own
+/// proxy: the systemd-zbus crate's bindings of every systemd interface took
+/// about a minute of CPU per build for these few calls).
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1",
+    gen_blocking = false
+)]
+trait SystemdManager {
+    /// The unit's object path, loading the unit if needed.
+    fn load_unit(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+}
+
+/// The properties of a systemd unit the health gate reads.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1",
+    gen_blocking = false
+)]
+trait SystemdUnit {
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    /// The queued job (id, path); id 0: none.
+    #[zbus(property)]
+    fn job(&self) -> zbus::Result<(u32, zbus::zvariant::OwnedObjectPath)>;
+    #[zbus(property)]
+    fn condition_result(&self) -> zbus::Result<bool>;
+    /// When the conditions were last checked (µs since the epoch); 0: never.
+    #[zbus(property)]
+    fn condition_timestamp(&self) -> zbus::Result<u64>;
 }
 
 impl UnitStates for SystemdUnits {
