@@ -33,6 +33,10 @@ stages="${RACKLET_STAGES:-$logs/stages.tsv}"
 touch "$stages"
 start="${RACKLET_START:-$(date +%s)}"
 e2e="$root/build/e2e"
+# The e2e jobs of one variant share each version's saved boot (test_e2e.py
+# --saved-boots): booted from power-on once per run, not once per job.
+saved_boots="$root/build/saved-boots"
+rm -rf "$saved_boots"
 
 # The "N passed, N failed" of a stage's log: the last such line of our
 # runners, or cargo's `test result:` lines summed. Prints "PASSED FAILED".
@@ -111,12 +115,12 @@ lane() {
 # costs 4-12 minutes.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only scenario"
-  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --only powercut --count 1"
-  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only scenario,waves"
-  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only powercut"
+  "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario"
+  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut --count 1"
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
+  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
-  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --only attack,fault"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
 # One vCPU per guest: two guests on two cores (see tests/vm/harness.py).
@@ -218,6 +222,8 @@ for pid in "${workers[@]}"; do
   wait "$pid" || failures=$((failures + 1))
 done
 
+rm -rf "$saved_boots"
+
 # The table.
 echo
 echo "=== stages (wall time; offsets from the start of the run)"
@@ -242,7 +248,7 @@ echo "=== images built (sha256 of disk.img; verity root hash from manifest.json)
 for manifest in "$e2e"/v*/*/manifest.json "$root"/build/rpi4/manifest.json; do
   [ -f "$manifest" ] || continue
   dir="$(dirname "$manifest")"
-  python3 - "$manifest" "$(sha256sum "$dir/disk.img" | cut -c1-64)" "${dir#"$root"/}" <<'EOF'
+  python3 - "$manifest" "$(python3 tests/sparse_sha256.py "$dir/disk.img")" "${dir#"$root"/}" <<'EOF'
 import json, sys
 m = json.load(open(sys.argv[1]))
 print(f"{sys.argv[3]:28} {m['variant']:13} {m['version']:6} disk.img {sys.argv[2]}  root hash {m['verity']['root_hash']}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import fcntl
 import gzip
 import json
 import os
@@ -281,7 +282,7 @@ class Context:
             return vm
         saved = saved_boot(self, name)
         self.last_overlay = overlay = Overlay(saved.disk, self.dir / f"{label}.qcow2", base_format="qcow2",
-                                              layout=self.disk(name))
+                                              layout=saved.raw)
         vars_copy = None
         if saved.ovmf_vars:
             vars_copy = self.dir / f"{label}.OVMF_VARS.fd"
@@ -324,6 +325,7 @@ class Context:
 
 @dataclasses.dataclass
 class SavedBoot:
+    raw: Path  # the raw disk the overlay is of (partition offsets)
     disk: Path  # the frozen qcow2 overlay of the raw image
     state: Path  # QEMU's migration stream
     ovmf_vars: Path | None
@@ -338,13 +340,53 @@ def saved_boot(ctx: Context, name: str) -> SavedBoot:
     """Version `name` booted once (per run) from power-on into slot A, up to a
     settled system (`is-system-running --wait`, everything synced), and its
     state saved. The agent waits for time sync there (the image's default),
-    so it has fetched nothing."""
+    so it has fetched nothing.
+
+    With --saved-boots DIR the saved boot is shared with other runs of this
+    script that use the same DIR at the same time (make test: the e2e jobs of
+    one variant): the first one boots and saves under a lock, the others wait
+    for it and resume from the same files; DIR/<variant>-<version>-<root hash>/
+    holds its own copy of the disk, so no run's clean-up can pull it away."""
     if name in SAVED_BOOTS:
         return SAVED_BOOTS[name]
-    directory = ctx.scratch / "saved-boot" / name
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    overlay = Overlay(ctx.disk(name), directory / "disk.qcow2")
+    shared = ctx.options.saved_boots
+    if shared is None:
+        directory = ctx.scratch / "saved-boot" / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        SAVED_BOOTS[name] = boot_and_save(ctx, name, directory, ctx.disk(name))
+        return SAVED_BOOTS[name]
+    manifest = ctx.builds.manifest(name)
+    key = f"{ctx.options.variant}-{manifest['version']}-{manifest['verity']['root_hash'][:16]}-{ctx.options.memory}M"
+    directory = shared / key
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while another run boots and saves
+        record = directory / "saved.json"
+        if record.exists():
+            meta = json.loads(record.read_text())
+            saved = SavedBoot(directory / "disk.img", directory / "disk.qcow2", directory / "state",
+                              Path(meta["ovmf_vars"]) if meta["ovmf_vars"] else None,
+                              meta["boot_seconds"], meta["saved_at"])
+            print(f"     {name}: resuming from the boot another run saved in {directory}", flush=True)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            raw = directory / "disk.img"
+            subprocess.run(["cp", "--sparse=always", str(ctx.builds.dirs[name] / "disk.img"), str(raw)], check=True)
+            saved = boot_and_save(ctx, name, directory, raw)
+            # Written last: its presence says the files above are complete.
+            record.write_text(json.dumps({
+                "ovmf_vars": str(saved.ovmf_vars) if saved.ovmf_vars else None,
+                "boot_seconds": saved.boot_seconds, "saved_at": saved.saved_at}))
+    SAVED_BOOTS[name] = saved
+    return saved
+
+
+def boot_and_save(ctx: Context, name: str, directory: Path, raw: Path) -> SavedBoot:
+    """Boot an overlay of `raw` in `directory` from power-on to a settled
+    system and save the VM's state there (see saved_boot)."""
+    overlay = Overlay(raw, directory / "disk.qcow2")
     # No server: nothing in the guest talks to 10.0.2.100 before a test
     # configures the agent (a connection would reach a closed port).
     vm = NetVM(ctx.builds.arch, overlay, directory, "boot", port=1, memory=ctx.options.memory, monitor=True)
@@ -359,8 +401,7 @@ def saved_boot(ctx: Context, name: str) -> SavedBoot:
         vm.close()
     print(f"     {name} booted from power-on in {seconds:.0f} s and saved "
           f"({state.stat().st_size // (1 << 20)} MiB); each node of {name} resumes from there", flush=True)
-    SAVED_BOOTS[name] = SavedBoot(overlay.path, state, vm.ovmf_vars, seconds, time.time())
-    return SAVED_BOOTS[name]
+    return SavedBoot(raw, overlay.path, state, vm.ovmf_vars, seconds, time.time())
 
 
 TESTS: list[tuple[str, tuple[str, ...], object]] = []
@@ -1328,6 +1369,9 @@ def main() -> int:
     parser.add_argument("--cold-boot", action="store_true",
                         help="boot every fresh node from power-on (default: resume the state saved "
                              "after one such boot per version)")
+    parser.add_argument("--saved-boots", type=Path, default=None,
+                        help="share the saved boots with other runs using this directory at the same "
+                             "time (make test: the e2e jobs of one variant; left in place)")
     options = parser.parse_args()
     if options.seed is None:
         options.seed = random.randrange(1 << 30)
