@@ -587,6 +587,10 @@ impl GateRun<'_> {
             K3S_READY_JSONPATH,
         ];
         let command = k3s.command.display().to_string();
+        // The node's last answer: what the timeout reports when the last call
+        // was cut short by the gate's own deadline (a slow fork under load
+        // says nothing about the node).
+        let mut last_answer: Option<(String, ProcessOutput)> = None;
         loop {
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             let limit = remaining.clamp(Duration::from_millis(100), K3S_CALL_TIMEOUT);
@@ -635,7 +639,12 @@ impl GateRun<'_> {
                     (detail, output)
                 }
             };
+            let cut_short = output.status == ProcessStatus::TimedOut && limit < K3S_CALL_TIMEOUT;
             if Instant::now() >= self.deadline {
+                let (detail, output) = match (cut_short, last_answer) {
+                    (true, Some(answer)) => answer,
+                    _ => (detail, output),
+                };
                 let mut result = CheckResult::new(
                     CheckKind::K3sNode,
                     &node,
@@ -650,6 +659,9 @@ impl GateRun<'_> {
                     "{} waiting for k3s node {node} to be Ready ({detail})",
                     self.timeout_text()
                 ));
+            }
+            if !cut_short {
+                last_answer = Some((detail, output));
             }
             self.pause().await;
         }
