@@ -526,6 +526,20 @@ impl MaintenanceWindow {
     }
 }
 
+impl std::fmt::Display for MaintenanceWindow {
+    /// `HH:MM-HH:MM`, as parsed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start_minute / 60,
+            self.start_minute % 60,
+            self.end_minute / 60,
+            self.end_minute % 60
+        )
+    }
+}
+
 /// An RFC 1123 host name label: 1-63 of `a-z`, `0-9`, `-`, not starting or
 /// ending with `-`. Upper case is refused rather than folded, so the name
 /// on the card is the name on the network.
@@ -1027,6 +1041,8 @@ ca_certificates = ["hello"]
         assert!(!night.contains(4 * 60) && !night.contains(12 * 60));
         let day = MaintenanceWindow::parse("02:00-04:30").unwrap();
         assert!(day.contains(120) && !day.contains(270) && !day.contains(119));
+        assert_eq!(night.to_string(), "22:00-04:00");
+        assert_eq!(day.to_string(), "02:00-04:30");
         for bad in [
             "",
             "2:00-4:00",

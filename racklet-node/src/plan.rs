@@ -198,8 +198,7 @@ fn k3s_config(settings: &Settings, hostname: &str, has_token: bool) -> String {
     text
 }
 
-/// The agent's keys from `[update]` (only those the agent knows; the
-/// maintenance window is validated but not yet applied), or `None`.
+/// The agent's keys from `[update]` (the seed goes to its own file), or `None`.
 fn update_config(settings: &Settings) -> Option<String> {
     let update = &settings.update;
     let mut table = toml::Table::new();
@@ -207,6 +206,7 @@ fn update_config(settings: &Settings) -> Option<String> {
         ("metadata_url", &update.metadata_url),
         ("targets_url", &update.targets_url),
         ("version_lock", &update.version_lock),
+        ("maintenance_window", &update.maintenance_window),
     ] {
         if let Some(value) = value {
             table.insert(key.into(), toml::Value::String(value.clone()));
@@ -373,7 +373,10 @@ mod tests {
                 && update.contains("auto_apply = false"),
             "{update}"
         );
-        assert!(!update.contains("maintenance"), "{update}");
+        assert!(
+            update.contains("maintenance_window = \"02:00-04:00\""),
+            "{update}"
+        );
         assert_eq!(contents(&plan, UPDATE_SEED_PATH), Some("42\n"));
         assert!(contents(&plan, K3S_ROLE_ENV_PATH).is_none());
     }

@@ -538,16 +538,18 @@ class Node:
         suite.server.reset(self.repo)
 
     # -- files --
-    def write_config(self, extra="", http_timeout=10, health=""):
+    def write_config(self, extra="", http_timeout=10, health="", automatic=False):
+        """update.toml; `automatic`: auto_apply and auto_reboot on (the timer's way)."""
         base = self.suite.base_url
+        auto = "true" if automatic else "false"
         with open(self.config, "w") as out:
             out.write(
                 f'metadata_url = "{base}/metadata/"\n'
                 f'targets_url = "{base}/targets/"\n'
                 "check_interval_seconds = 3600\n"
                 "check_jitter_seconds = 0\n"
-                "auto_apply = false\n"
-                "auto_reboot = false\n"
+                f"auto_apply = {auto}\n"
+                f"auto_reboot = {auto}\n"
                 f"http_timeout_seconds = {http_timeout}\n"
                 f"{extra}\n"
                 "[health]\n"
@@ -796,7 +798,9 @@ class Node:
         env.setdefault("RACKLET_LOG", "info")
         return env
 
-    def start(self, wait=True):
+    def start(self, wait=True, timer=False):
+        """`timer`: the daemon's own timer checks at once (and applies, with
+        auto_apply); by default it is off and the test drives every step."""
         check(self.daemon is None, "daemon already running")
         with open(self.log, "a") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n")
@@ -808,7 +812,8 @@ class Node:
                     "--tuf-root", os.path.join(self.repo, "metadata", "1.root.json"),
                     "--cmdline", self.cmdline, "--os-release", self.os_release,
                     "--config", self.config, "--config-defaults", self.defaults,
-                    "--reboot-marker", self.marker, "--no-time-sync", "--no-timer",
+                    "--reboot-marker", self.marker, "--no-time-sync",
+                    *([] if timer else ["--no-timer"]),
                 ],
                 stdout=log, stderr=log, env=self.env(),
             )
@@ -1071,6 +1076,47 @@ def apply_with_reboot_writes_the_marker(suite, node_name, boot_loader):
         node.ok("apply", "--reboot")
         node.assert_installed(suite.builds["1.1.0"])
         wait_until(lambda: os.path.exists(node.marker), 10, "the reboot marker")
+    finally:
+        node.close()
+
+
+def utc_window(offset_minutes, length_minutes):
+    """A maintenance window `HH:MM-HH:MM` starting `offset_minutes` from now (UTC)."""
+    now = time.gmtime()
+    start = (now.tm_hour * 60 + now.tm_min + offset_minutes) % 1440
+    end = (start + length_minutes) % 1440
+    return f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+
+
+@boot_loader_case
+def maintenance_window_defers_the_automatic_reboot(suite, node_name, boot_loader):
+    """auto_apply and auto_reboot with the maintenance window closed: the
+    timer installs the update at once and leaves the reboot for the window
+    (status says when it opens); once the window is open, the timer reboots
+    into the update without being asked."""
+    node = standard_node(suite, node_name, boot_loader=boot_loader, start=False)
+    closed = utc_window(120, 60)
+    node.write_config(f'maintenance_window = "{closed}"\n', automatic=True)
+    try:
+        node.start(timer=True)
+        wait_until(lambda: node.status()["state"]["operation"]["kind"] == "installed", 60,
+                   "the timer's automatic install")
+        node.assert_installed(suite.builds["1.1.0"])
+        status = node.status()
+        at = status.get("automatic_reboot_at") or ""
+        check(at.endswith("Z") and at[11:16] == closed[:5],
+              f"automatic_reboot_at {at!r}, expected the opening of {closed}")
+        human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+        check_in(f"reboot:      by itself at {at}", human, "status (human)")
+        time.sleep(2)
+        check(not os.path.exists(node.marker), f"rebooted outside the maintenance window {closed}")
+        # The window opens (here: a window around now, and a restart).
+        node.stop()
+        node.write_config(f'maintenance_window = "{utc_window(-30, 60)}"\n', automatic=True)
+        node.start(timer=True)
+        wait_until(lambda: os.path.exists(node.marker), 15, "the reboot once the window is open")
+        with open(node.marker) as marker:
+            check_in("maintenance window", marker.read(), "the reboot's reason")
     finally:
         node.close()
 

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 use url::Url;
 
+use os_format::settings::MaintenanceWindow;
+
 use crate::policy::VersionLock;
 
 /// The administrator's configuration; overrides the image's defaults.
@@ -126,6 +128,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_reboot: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub http_timeout_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_for_time_sync: Option<bool>,
@@ -172,6 +176,10 @@ pub struct Config {
     pub auto_apply: bool,
     /// Reboot into an installed update without being asked.
     pub auto_reboot: bool,
+    /// Automatic reboots only inside this UTC window (`HH:MM-HH:MM`); an
+    /// update installed outside it waits for its next opening. `None`: any time.
+    #[serde(serialize_with = "serialize_optional_display")]
+    pub maintenance_window: Option<MaintenanceWindow>,
     /// Timeout of each HTTP request, in seconds (at least 1).
     pub http_timeout_seconds: u64,
     /// Check only once systemd-timesyncd has synchronised the clock (the
@@ -221,6 +229,7 @@ impl Default for Config {
             check_jitter_seconds: DEFAULT_CHECK_JITTER_SECONDS,
             auto_apply: true,
             auto_reboot: false,
+            maintenance_window: None,
             http_timeout_seconds: DEFAULT_HTTP_TIMEOUT_SECONDS,
             wait_for_time_sync: true,
             health: HealthConfig::default(),
@@ -286,6 +295,15 @@ impl Config {
         }
         if let Some(value) = file.auto_reboot {
             config.auto_reboot = value;
+        }
+        if let Some(value) = &file.maintenance_window {
+            config.maintenance_window = Some(MaintenanceWindow::parse(value).ok_or_else(|| {
+                InvalidValue::new(
+                    "maintenance_window",
+                    quoted(value),
+                    "expected HH:MM-HH:MM in UTC, like \"02:00-04:00\" (may wrap midnight; start and end differing)",
+                )
+            })?);
         }
         if let Some(value) = file.http_timeout_seconds {
             config.http_timeout_seconds = value;
@@ -427,6 +445,16 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     let line_start = before.rfind('\n').map_or(0, |index| index + 1);
     let column = before[line_start..].chars().count() + 1;
     (line, column)
+}
+
+fn serialize_optional_display<S: Serializer, T: std::fmt::Display>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.collect_str(value),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn quoted(value: &str) -> String {
@@ -596,6 +624,7 @@ mod tests {
         let overrides = "metadata_url = \"http://10.0.0.1/metadata/\"\n\
                          version_lock = \"1.2.0\"\n\
                          auto_reboot = true\n\
+                         maintenance_window = \"22:30-04:00\"\n\
                          metrics_listen = \"127.0.0.1:9101\"\n\
                          metrics_textfile = \"/var/lib/node-exporter/racklet.prom\"\n\
                          [health]\nrequired_units = [\"k3s.service\"]\nk3s_node_ready = true\n";
@@ -607,6 +636,14 @@ mod tests {
         );
         assert_eq!(config.version_lock.to_string(), "1.2.0");
         assert!(config.auto_reboot);
+        assert_eq!(
+            config.maintenance_window.map(|window| window.to_string()),
+            Some("22:30-04:00".to_string())
+        );
+        assert_eq!(
+            serde_json::to_value(&config).unwrap()["maintenance_window"],
+            "22:30-04:00"
+        );
         assert_eq!(
             config.metrics_listen,
             Some("127.0.0.1:9101".parse().unwrap())
@@ -669,6 +706,13 @@ mod tests {
             (
                 "check_interval_seconds = 5\n",
                 &["update.toml: check_interval_seconds = 5: must be at least 60"],
+            ),
+            (
+                "maintenance_window = \"2:00-4:00\"\n",
+                &[
+                    "update.toml: maintenance_window = \"2:00-4:00\"",
+                    "expected HH:MM-HH:MM in UTC",
+                ],
             ),
             (
                 "[health]\ntimeout_seconds = 0\n",

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use os_format::layout::{Arch, Slot};
 use os_format::manifest::ArtifactKind;
+use os_format::settings::MaintenanceWindow;
 use os_format::update_manifest::{parse_version, Update, UpdateManifest, Version};
 use os_format::verity::root_hash_from_hex;
 use serde::Serialize;
@@ -31,7 +32,7 @@ use crate::boot_control::{self, BootControl, SlotBootState};
 use crate::config::{Config, CONFIG_PATH, IMAGE_DEFAULTS_PATH};
 use crate::error::AgentError;
 use crate::install;
-use crate::policy::{decide, Decision, DecisionInput};
+use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
 use crate::state::{self, AgentState, Operation, SlotState, STATE_DIR};
 use crate::status::{parse_os_release, read_booted_status, OS_RELEASE, PROC_CMDLINE};
@@ -168,6 +169,10 @@ pub struct ApplyRequest {
     pub version: Option<Version>,
     pub allow_downgrade: bool,
     pub reboot: bool,
+    /// The timer's request: reboot only inside this maintenance window (UTC)
+    /// once installed; outside it, the reboot waits for the next opening
+    /// (`Agent::tick`). A person's request reboots at once.
+    pub reboot_window: Option<MaintenanceWindow>,
 }
 
 /// Progress of the running write (shared with the writer thread).
@@ -189,6 +194,9 @@ pub struct StatusReport {
     pub progress: ProgressReport,
     pub seed: u32,
     pub config_error: Option<String>,
+    /// When the timer reboots into the installed update by itself (it waits
+    /// for the maintenance window); `None`: no such reboot is pending.
+    pub automatic_reboot_at: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -325,7 +333,17 @@ impl Agent {
                 }
             })
             .collect();
+        let automatic_reboot_at = match (&inner.config.maintenance_window, inner.config.auto_reboot)
+        {
+            (Some(window), true)
+                if !inner.busy && matches!(inner.state.operation, Operation::Installed { .. }) =>
+            {
+                Some(automatic_reboot_at(Some(window), Timestamp::now()))
+            }
+            _ => None,
+        };
         Ok(StatusReport {
+            automatic_reboot_at,
             booted: self.booted.clone(),
             state: inner.state.clone(),
             boot_slots,
@@ -560,7 +578,9 @@ impl Agent {
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             let result = agent.install(&update, &client, &repository).await;
-            agent.finish_install(&update, result, request.reboot).await;
+            agent
+                .finish_install(&update, result, request.reboot, request.reboot_window)
+                .await;
         });
         Ok(version)
     }
@@ -735,15 +755,30 @@ impl Agent {
         Ok(())
     }
 
-    async fn finish_install(&self, update: &Update, result: Result<(), AgentError>, reboot: bool) {
+    async fn finish_install(
+        &self,
+        update: &Update,
+        result: Result<(), AgentError>,
+        reboot: bool,
+        reboot_window: Option<MaintenanceWindow>,
+    ) {
         let slot = self.booted.slot.other();
         match result {
             Ok(()) => {
                 self.inner.lock().await.busy = false;
-                if reboot {
+                let now = Timestamp::now();
+                let reboot_at = automatic_reboot_at(reboot_window.as_ref(), now);
+                if reboot && reboot_at <= now {
                     if let Err(error) = self.reboot("update installed").await {
                         self.record_error("reboot", &error).await;
                     }
+                } else if reboot {
+                    tracing::info!(
+                        version = %update.version,
+                        maintenance_window = %reboot_window.map(|w| w.to_string()).unwrap_or_default(),
+                        %reboot_at,
+                        "installed; the reboot waits for the maintenance window (UTC)"
+                    );
                 }
             }
             Err(error) => {
@@ -1077,6 +1112,19 @@ impl Agent {
             let inner = self.inner.lock().await;
             !inner.busy && inner.state.operation == Operation::Idle
         };
+        if let Some(at) = self.next_automatic_reboot().await {
+            // An update installed outside the maintenance window: its reboot,
+            // once the window is open.
+            if at <= Timestamp::now() {
+                if let Err(error) = self
+                    .reboot("update installed; maintenance window open")
+                    .await
+                {
+                    self.record_error("reboot", &error).await;
+                }
+            }
+            return true;
+        }
         if !idle {
             return true;
         }
@@ -1086,6 +1134,7 @@ impl Agent {
                     version: None,
                     allow_downgrade: false,
                     reboot: config.auto_reboot,
+                    reboot_window: config.maintenance_window,
                 };
                 if let Err(error) = self.start_apply(request).await {
                     tracing::warn!(%error, "automatic update did not start");
@@ -1098,6 +1147,20 @@ impl Agent {
             }
         }
         true
+    }
+
+    /// When the timer reboots into an installed update by itself: set when an
+    /// update waits for its reboot, `auto_reboot` is on and a maintenance
+    /// window is configured (without a window the install's end reboots at
+    /// once); the time is now or the window's next opening.
+    pub async fn next_automatic_reboot(&self) -> Option<Timestamp> {
+        let inner = self.inner.lock().await;
+        let waiting = !inner.busy && matches!(inner.state.operation, Operation::Installed { .. });
+        let config = &inner.config;
+        match (&config.maintenance_window, waiting && config.auto_reboot) {
+            (Some(window), true) => Some(automatic_reboot_at(Some(window), Timestamp::now())),
+            _ => None,
+        }
     }
 
     /// Reboot through logind (or, in tests, write the marker file).

@@ -85,6 +85,7 @@ impl UpdateInterface {
             version: parse_optional_version(version)?,
             allow_downgrade,
             reboot,
+            reboot_window: None,
         };
         let version = self.agent.start_apply(request).await?;
         Ok(json(

@@ -386,6 +386,9 @@ fn print_status(value: &serde_json::Value) {
             );
         }
     }
+    if let Some(at) = value["automatic_reboot_at"].as_str() {
+        println!("reboot:      by itself at {at} (the maintenance window)");
+    }
     if let Some(error) = value["config_error"].as_str() {
         println!("config:      {error} (the last good configuration is in use)");
     }
@@ -449,6 +452,18 @@ async fn run_daemon(args: &DaemonArgs) -> Result<(), AgentError> {
                 let wait = retry.min(config.check_interval());
                 retry = (retry * 2).min(config.check_interval());
                 wait
+            };
+            // An installed update waiting for the maintenance window: wake when
+            // it opens (a window shorter than the interval would be missed).
+            let wait = match timer.next_automatic_reboot().await {
+                Some(at) => {
+                    let until = jiff::Timestamp::now().duration_until(at);
+                    wait.min(
+                        Duration::try_from(until).unwrap_or(Duration::ZERO)
+                            + Duration::from_secs(1),
+                    )
+                }
+                None => wait,
             };
             tokio::time::sleep(wait).await;
         }

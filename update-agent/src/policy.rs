@@ -41,12 +41,17 @@
 //!    (never crossing either), must differ from the running version
 //!    ([`RefusalReason::AlreadyRunning`]), and a lower version needs
 //!    `allow_downgrade` ([`RefusalReason::DowngradeNotAllowed`]).
+//!
+//! When an automatic reboot into an installed update may happen is a second
+//! pure decision, [`automatic_reboot_at`]: now, or the next opening of the
+//! maintenance window (installing is never deferred, only the reboot).
 
 use std::fmt;
 use std::str::FromStr;
 
 use jiff::Timestamp;
 use os_format::layout::Arch;
+use os_format::settings::MaintenanceWindow;
 use os_format::update_manifest::{parse_version, Update, UpdateManifest, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
@@ -400,6 +405,30 @@ fn not_found_here(
     }
 }
 
+const SECONDS_PER_DAY: i64 = 86_400;
+const MINUTES_PER_DAY: i64 = 1_440;
+
+/// When an automatic reboot into an installed update may happen: `now` when
+/// no maintenance window is set or `now` is inside it, else the start of the
+/// window's next opening (the window is in UTC). Pure.
+pub fn automatic_reboot_at(window: Option<&MaintenanceWindow>, now: Timestamp) -> Timestamp {
+    let Some(window) = window else {
+        return now;
+    };
+    let second_of_day = now.as_second().rem_euclid(SECONDS_PER_DAY);
+    let minute_of_day = (second_of_day / 60) as u16;
+    if window.contains(minute_of_day) {
+        return now;
+    }
+    let minutes =
+        (i64::from(window.start_minute) - i64::from(minute_of_day)).rem_euclid(MINUTES_PER_DAY);
+    let wait = jiff::SignedDuration::from_secs(minutes * 60 - second_of_day % 60);
+    // From the whole second: the opening is on the minute.
+    Timestamp::from_second(now.as_second())
+        .and_then(|whole_second| whole_second.checked_add(wait))
+        .unwrap_or(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +437,37 @@ mod tests {
 
     const VARIANT: &str = "rpi4";
     const ARCH: Arch = Arch::Aarch64;
+
+    #[test]
+    fn automatic_reboots_wait_for_the_maintenance_window() {
+        let early = MaintenanceWindow::parse("02:00-04:00").unwrap();
+        let night = MaintenanceWindow::parse("22:00-04:00").unwrap();
+        // (window, now, when the reboot may happen)
+        let cases = [
+            (None, "2026-12-03T12:34:56Z", "2026-12-03T12:34:56Z"),
+            (Some(early), "2026-12-03T02:00:00Z", "2026-12-03T02:00:00Z"),
+            (Some(early), "2026-12-03T03:59:59Z", "2026-12-03T03:59:59Z"),
+            (Some(early), "2026-12-03T01:59:30Z", "2026-12-03T02:00:00Z"),
+            (
+                Some(early),
+                "2026-12-03T01:59:30.25Z",
+                "2026-12-03T02:00:00Z",
+            ),
+            (Some(early), "2026-12-03T04:00:00Z", "2026-12-04T02:00:00Z"),
+            (Some(early), "2026-12-31T23:10:07Z", "2027-01-01T02:00:00Z"),
+            (Some(night), "2026-12-03T12:00:01Z", "2026-12-03T22:00:00Z"),
+            (Some(night), "2026-12-03T23:30:00Z", "2026-12-03T23:30:00Z"),
+            (Some(night), "2026-12-04T00:30:00Z", "2026-12-04T00:30:00Z"),
+            (Some(night), "2026-12-04T04:00:00Z", "2026-12-04T22:00:00Z"),
+        ];
+        for (window, now, expected) in cases {
+            assert_eq!(
+                automatic_reboot_at(window.as_ref(), time(now)),
+                time(expected),
+                "{window:?} at {now}"
+            );
+        }
+    }
 
     fn time(text: &str) -> Timestamp {
         text.parse().unwrap()
