@@ -63,7 +63,7 @@ else
 endif
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint test-image test-boot run bench clean check-variant images e2e soak
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint fmt-check clippy test-image test-boot run bench clean check-variant images e2e soak
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -110,7 +110,7 @@ lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
 # The README's test command: every test group, each image built once, VM
-# tests two at a time; ends with a table of stage times and image identities
+# tests three at a time; ends with a table of stage times and image identities
 # (tests/run-all.sh).
 test:
 	@image-builder/scripts/host-tools.sh x86_64
@@ -141,9 +141,17 @@ test-repo: builder
 	@image-builder/scripts/test-tools.sh
 	RACKLET_IMAGE=$(builder) tests/repo/run.sh
 
-lint:
+lint: fmt-check clippy
+
+fmt-check:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# clippy in the image binaries' target directory with their profile, package
+# set and flags (like `unit`): the build scripts (aws-lc-sys and zstd-sys
+# compile C) and proc macros an image build ran and compiled are reused.
+clippy:
+	$(image_cargo_env) $(CARGO) clippy --release --workspace --all-targets --locked \
+	  --target $(host_triple) --target-dir target/image -- -D warnings
 
 test-image: builder
 	@image-builder/scripts/host-tools.sh aarch64

@@ -4,13 +4,18 @@
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
 #   1. the x86_64 images, then the aarch64 images;
-#   2. then two VM workers take the VM test jobs (vm_jobs below: the e2e
-#      suites split in five, the two boot test groups), longest first, so two
-#      guests of one vCPU each run at a time (TCG on two cores);
-#   3. from the start, niced: lint, then tests/agent, tests/repo, image checks
-#      and bad input, the bit-identical second build of 1.0.0 from a fresh
-#      clone, rpi4 with the k3s stand-in, and last the unit tests; compiling
-#      fills the CPU that image builds and guests leave idle.
+#   2. then three VM workers take the VM test jobs (vm_jobs below: the e2e
+#      suites split in five, the two boot test groups), longest first: three
+#      guests of one vCPU each on two cores, because a guest often waits (a
+#      watchdog, a boot try's partition wait, a power cut's moment) and two
+#      left the CPU idle for about a sixth of the VM phase (measured);
+#   3. niced, from the start: rustfmt; once the x86_64 images are built:
+#      tests/agent, tests/repo, image checks and bad input, the bit-identical
+#      second build of 1.0.0 from a fresh clone; once the aarch64 images are
+#      built: rpi4 with the k3s stand-in, clippy (in the images' target
+#      directory, reusing their build scripts and proc macros), and last the
+#      unit tests; compiling fills the CPU that image builds and guests leave
+#      idle.
 # Each stage's output goes to build/test-logs/<stage>.log (printed whole when
 # its lane ends). The run ends with a table of each stage's wall time, the
 # identity (sha256 of disk.img, verity root hash) of every image built, and a
@@ -108,22 +113,23 @@ lane() {
   return "$code"
 }
 
-# The VM tests as jobs for two workers (two guests at a time). Each worker
-# takes the first job in this order whose images are built, longest first
-# (TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
+# The VM tests as jobs for three workers (three guests at a time). Each
+# worker takes the first job in this order whose images are built, longest
+# first (as measured: boot-x86 ~14 min, e2e-arm-update ~12, the x86 power
+# cuts ~8.5; TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
 # (write, placed, first boot; `make e2e` cuts at all three): each aarch64 cut
 # costs 4-12 minutes.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario"
-  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut --count 1"
-  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
-  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
+  "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario"
+  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
   "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault"
+  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut --count 1"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
-# One vCPU per guest: two guests on two cores (see tests/vm/harness.py).
+# One vCPU per guest: three guests on two cores (see tests/vm/harness.py).
 export RACKLET_VM_CPUS=1
 queue="$logs/vm-queue"
 mkdir -p "$queue" "$queue.taken"
@@ -180,30 +186,34 @@ images_ready() {
   [ -e "$logs/images-$1.built" ]
 }
 
-# Beside everything, niced: what needs no guest. Lint first (it compiles into
-# target/debug, apart from the images' target/image: it fills the CPU the image
-# builds leave idle), then what needs the x86_64 release binaries (tests/agent
-# and tests/repo run those: no debug build of their own), the image checks, the
-# bit-identical second build of 1.0.0 from a fresh clone, rpi4 with the k3s
-# stand-in. The unit tests come last, after every image build (cargo's lock on
-# target/image would make them and an image build wait for each other); the
-# x86_64 image build compiled the same package set (Makefile: BUILDER_PACKAGES),
-# so only the test harnesses are left to compile.
+# Beside everything, niced: what needs no guest. rustfmt first, then what
+# needs the x86_64 release binaries (tests/agent and tests/repo run those: no
+# debug build of their own), the image checks, the bit-identical second build
+# of 1.0.0 from a fresh clone. rpi4 with the k3s stand-in, clippy and the unit
+# tests come last, after every image build (cargo's lock on target/image would
+# make them and an image build wait for each other); the x86_64 image build
+# compiled the same package set (Makefile: BUILDER_PACKAGES), so clippy finds
+# its build scripts and proc macros built and the unit tests only the test
+# harnesses left to compile. (clippy used to run first in target/debug: 237
+# CPU-seconds while the image builds needed both cores.)
 release="$root/target/image/$(rustc -vV | sed -n 's/^host: //p')/release"
 niced_lane() {
   local code=0
-  lane lint nice -n 10 make lint || code=1
+  lane fmt nice -n 10 make fmt-check || code=1
   if images_ready x86; then
     lane agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" tests/agent/run.sh \
       -- repo env RACKLET_IMAGE="$release/racklet-image" tests/repo/run.sh \
       -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
-      -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible \
-      -- rpi4 nice -n 10 tests/image/run.sh --only rpi4 || code=1
+      -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible || code=1
   else
-    echo "=== agent, repo, image-checks, reproducible, rpi4: not run: images-x86 failed"; code=1
+    echo "=== agent, repo, image-checks, reproducible: not run: images-x86 failed"; code=1
   fi
+  # rpi4, clippy and the unit tests use target/image too: after the image
+  # builds (cargo's lock would make them wait for each other).
   images_ready arm || true
-  lane unit nice -n 10 make unit || code=1
+  lane rpi4 nice -n 10 tests/image/run.sh --only rpi4 \
+    -- clippy nice -n 10 make clippy \
+    -- unit nice -n 10 make unit || code=1
   return "$code"
 }
 
@@ -216,6 +226,7 @@ niced_lane & niced=$!
 images x86 qemu-x86_64 || failures=$((failures + 1))
 images arm qemu-aarch64 || failures=$((failures + 1))
 vm_worker & workers=($!)
+vm_worker & workers+=($!)
 vm_worker & workers+=($!)
 wait "$niced" || failures=$((failures + 1))
 for pid in "${workers[@]}"; do
