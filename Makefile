@@ -110,7 +110,7 @@ lock: check-variant builder
 	$(builder) lock --variant $(variant)
 
 # The README's test command: every test group, each image built once, VM
-# tests three at a time; ends with a table of stage times and image identities
+# tests two at a time; ends with a table of stage times and image identities
 # (tests/run-all.sh).
 test:
 	@image-builder/scripts/host-tools.sh x86_64

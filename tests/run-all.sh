@@ -4,11 +4,10 @@
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
 #   1. the x86_64 images, then the aarch64 images;
-#   2. then three VM workers take the VM test jobs (vm_jobs below: the e2e
-#      suites split in five, the two boot test groups), longest first: three
-#      guests of one vCPU each on two cores, because a guest often waits (a
-#      watchdog, a boot try's partition wait, a power cut's moment) and two
-#      left the CPU idle for about a sixth of the VM phase (measured);
+#   2. then two VM workers take the VM test jobs (vm_jobs below: the e2e
+#      suites split in five, the two boot test groups), longest first, so two
+#      guests of one vCPU each run at a time (TCG on two cores; three guests
+#      were tried: each job then cost 30-75% more CPU, and the run took longer);
 #   3. niced, from the start: rustfmt; once the x86_64 images are built:
 #      tests/agent, tests/repo, image checks and bad input, the bit-identical
 #      second build of 1.0.0 from a fresh clone; once the aarch64 images are
@@ -113,23 +112,22 @@ lane() {
   return "$code"
 }
 
-# The VM tests as jobs for three workers (three guests at a time). Each
-# worker takes the first job in this order whose images are built, longest
-# first (as measured: boot-x86 ~14 min, e2e-arm-update ~12, the x86 power
-# cuts ~8.5; TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
+# The VM tests as jobs for two workers (two guests at a time). Each worker
+# takes the first job in this order whose images are built, longest first
+# (TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
 # (write, placed, first boot; `make e2e` cuts at all three): each aarch64 cut
 # costs 4-12 minutes.
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
-  "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
   "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario"
-  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
-  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
-  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault"
   "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut --count 1"
+  "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
+  "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
+  "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
-# One vCPU per guest: three guests on two cores (see tests/vm/harness.py).
+# One vCPU per guest: two guests on two cores (see tests/vm/harness.py).
 export RACKLET_VM_CPUS=1
 queue="$logs/vm-queue"
 mkdir -p "$queue" "$queue.taken"
@@ -226,7 +224,6 @@ niced_lane & niced=$!
 images x86 qemu-x86_64 || failures=$((failures + 1))
 images arm qemu-aarch64 || failures=$((failures + 1))
 vm_worker & workers=($!)
-vm_worker & workers+=($!)
 vm_worker & workers+=($!)
 wait "$niced" || failures=$((failures + 1))
 for pid in "${workers[@]}"; do

@@ -41,7 +41,7 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 UBOOT_QEMU_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
 
-# vCPUs per guest: 2, or RACKLET_VM_CPUS. tests/run-all.sh runs three guests
+# vCPUs per guest: 2, or RACKLET_VM_CPUS. tests/run-all.sh runs two guests
 # at once on two cores with 1 each: an x86_64 guest with 2 vCPUs on an
 # overcommitted host was seen to hang at boot (RCU stalls: a halted vCPU's
 # timer wakeup never came).
