@@ -235,6 +235,23 @@ struct Inner {
     busy: bool,
 }
 
+impl Inner {
+    /// When the timer reboots into an installed update by itself: set when an
+    /// update waits for its reboot, `auto_reboot` is on and a maintenance
+    /// window is configured (without a window the install's end reboots at
+    /// once); the time is `now` or the window's next opening.
+    fn pending_automatic_reboot(&self, now: Timestamp) -> Option<Timestamp> {
+        let waiting = !self.busy && matches!(self.state.operation, Operation::Installed { .. });
+        match (
+            &self.config.maintenance_window,
+            waiting && self.config.auto_reboot,
+        ) {
+            (Some(window), true) => Some(automatic_reboot_at(Some(window), now)),
+            _ => None,
+        }
+    }
+}
+
 /// The agent: shared by the D-Bus interface and the timer.
 pub struct Agent {
     pub paths: Paths,
@@ -333,17 +350,8 @@ impl Agent {
                 }
             })
             .collect();
-        let automatic_reboot_at = match (&inner.config.maintenance_window, inner.config.auto_reboot)
-        {
-            (Some(window), true)
-                if !inner.busy && matches!(inner.state.operation, Operation::Installed { .. }) =>
-            {
-                Some(automatic_reboot_at(Some(window), Timestamp::now()))
-            }
-            _ => None,
-        };
         Ok(StatusReport {
-            automatic_reboot_at,
+            automatic_reboot_at: inner.pending_automatic_reboot(Timestamp::now()),
             booted: self.booted.clone(),
             state: inner.state.clone(),
             boot_slots,
@@ -1149,18 +1157,13 @@ impl Agent {
         true
     }
 
-    /// When the timer reboots into an installed update by itself: set when an
-    /// update waits for its reboot, `auto_reboot` is on and a maintenance
-    /// window is configured (without a window the install's end reboots at
-    /// once); the time is now or the window's next opening.
+    /// When the timer reboots into an installed update by itself (see
+    /// `Inner::pending_automatic_reboot`), or `None`.
     pub async fn next_automatic_reboot(&self) -> Option<Timestamp> {
-        let inner = self.inner.lock().await;
-        let waiting = !inner.busy && matches!(inner.state.operation, Operation::Installed { .. });
-        let config = &inner.config;
-        match (&config.maintenance_window, waiting && config.auto_reboot) {
-            (Some(window), true) => Some(automatic_reboot_at(Some(window), Timestamp::now())),
-            _ => None,
-        }
+        self.inner
+            .lock()
+            .await
+            .pending_automatic_reboot(Timestamp::now())
     }
 
     /// Reboot through logind (or, in tests, write the marker file).
