@@ -51,7 +51,7 @@ check_reproducible() {
     reuse_dependencies "$other/src" >> "$log" 2>&1 || echo "note: dependencies not reused (see $log)" >&2
   fi
   if ! (cd "$other/src" && umask 077 && TZ=Asia/Tokyo LC_ALL=C.UTF-8 RACKLET_NO_PROGRESS=1 \
-        make variant="$variant" K3S="$k3s" OUTPUT="$other/out" "${same_inputs[@]}" build) > "$log" 2>&1; then
+        make variant="$variant" K3S="$k3s" OUTPUT="$other/out" "${same_inputs[@]}" build) >> "$log" 2>&1; then
     fail "$variant: second build from $other/src" "$(tail -n 20 "$log")"
     return
   fi
