@@ -297,6 +297,11 @@ class EspEditor:
         self._m("mren", f"::/{old}", new_name)
 
 
+def copy_sparse(source: Path, destination: Path) -> None:
+    """A copy of a (sparse) disk image that keeps its holes."""
+    _check_call(["cp", "--sparse=always", str(source), str(destination)])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (now)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

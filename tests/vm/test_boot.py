@@ -36,6 +36,7 @@ from harness import (  # noqa: E402
     VM,
     check,
     clean,
+    copy_sparse,
     decode_uboot_env,
     encode_uboot_env,
     free_port,
@@ -80,8 +81,7 @@ class Image:
             if not (source / name).exists():
                 raise HarnessError(f"{source / name} is missing: run `make variant={variant} build` first")
         # Sparse copy: the disk is ~5 GB with ~200-300 MB of data.
-        subprocess.run(["cp", "--sparse=always", str(source / "disk.img"), str(self.dir / "disk.img")],
-                       check=True)
+        copy_sparse(source / "disk.img", self.dir / "disk.img")
         for name in ["manifest.json", "update/uki-a.efi", "update/uki-b.efi"]:
             shutil.copyfile(source / name, self.dir / name)
         self.disk = self.dir / "disk.img"
@@ -499,7 +499,7 @@ def provisioned_overlay(ctx: Context, image: Image, settings: str, label: str = 
     """An overlay of a raw copy of the image provisioned with `settings` by
     `racklet-image provision` (as a card would be)."""
     raw = ctx.dir / f"{label}.raw"
-    subprocess.run(["cp", "--sparse=always", str(image.disk), str(raw)], check=True)
+    copy_sparse(image.disk, raw)
     path = ctx.dir / f"{label}.settings.toml"
     path.write_text(settings)
     result = subprocess.run([str(RACKLET_IMAGE), "--json", "provision", "--disk", str(raw), "--settings", str(path)],

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, decode_uboot_env, require_tools,
+    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, copy_sparse, decode_uboot_env, require_tools,
     uboot_newest)
 from e2e_server import RepoServer  # noqa: E402
 
@@ -262,8 +262,7 @@ class Context:
         copy = self.scratch / "images" / name / "disk.img"
         if not copy.exists():
             copy.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "--sparse=always", str(self.builds.dirs[name] / "disk.img"), str(copy)],
-                           check=True)
+            copy_sparse(self.builds.dirs[name] / "disk.img", copy)
         return copy
 
     def overlay(self, name: str = "v1", label: str = "disk") -> Overlay:
@@ -373,7 +372,7 @@ def saved_boot(ctx: Context, name: str) -> SavedBoot:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
             raw = directory / "disk.img"
-            subprocess.run(["cp", "--sparse=always", str(ctx.builds.dirs[name] / "disk.img"), str(raw)], check=True)
+            copy_sparse(ctx.builds.dirs[name] / "disk.img", raw)
             saved = boot_and_save(ctx, name, directory, raw)
             # Written last: its presence says the files above are complete.
             record.write_text(json.dumps({
