@@ -648,13 +648,17 @@ pub fn build(options: &BuildOptions) -> Result<BuildManifest> {
             &verity_image,
         )?,
     ];
+    // The UKIs ship zstd-compressed (an arm64 kernel is an uncompressed
+    // Image: 37 MB of UKI become 11); update/uki-<slot>.efi stays as built.
     for (slot, path, _) in &ukis {
-        let name = format!("uki-{}.efi", slot.name());
+        let name = format!("uki-{}.efi.zst", slot.name());
+        let shipped = update.join(&name);
+        compress(path, &shipped, &indicatif::ProgressBar::hidden())?;
         artifacts.push(artifact(
             &name,
             ArtifactKind::KernelImage { slot: *slot },
-            Compression::None,
-            path,
+            Compression::Zstd,
+            &shipped,
             path,
         )?);
     }

@@ -161,6 +161,9 @@ pub fn debian_stage_key(input: &ComposeInput) -> Result<String> {
         hasher.update(std::fs::read(&path).map_err(BuildError::io(&path))?);
     }
     hasher.update(input.variant.arch.as_str());
+    for directory in &input.variant.kernel.omit_modules {
+        hasher.update(format!("omit {directory}\n"));
+    }
     hasher.update(input.source_date_epoch.to_le_bytes());
     Ok(hex::encode(hasher.finalize()))
 }
@@ -250,10 +253,17 @@ pub fn compose_debian(input: &ComposeInput, root: &Path, kernel_dir: &Path) -> R
     }
     bar.finish_and_clear();
     let kernel = move_kernel_out(root, kernel_dir)?;
-    run(Command::new("depmod")
-        .arg("-b")
-        .arg(root)
-        .arg(&kernel.version))?;
+    let depmod = || {
+        run(Command::new("depmod")
+            .arg("-b")
+            .arg(root)
+            .arg(&kernel.version))
+    };
+    depmod()?;
+    if !input.variant.kernel.omit_modules.is_empty() {
+        omit_modules(input.variant, &root.join(MODULES_DIR).join(&kernel.version))?;
+        depmod()?;
+    }
     create_users(root, input.source_date_epoch)?;
     for recipe in input.recipes {
         for alternative in &recipe.alternatives {
@@ -364,6 +374,42 @@ fn move_kernel_out(root: &Path, kernel_dir: &Path) -> Result<KernelFiles> {
     kernel_files(kernel_dir, root)
 }
 
+/// Remove the variant's `kernel.omit_modules` (and what needs them) from
+/// `modules_dir`, whose modules.dep lists every module; depmod runs again after.
+fn omit_modules(variant: &Variant, modules_dir: &Path) -> Result<()> {
+    let modules_dep = modules_dir.join("modules.dep");
+    let text = std::fs::read_to_string(&modules_dep).map_err(BuildError::io(&modules_dep))?;
+    let omitted = crate::kernel::omitted_modules(
+        &text,
+        &variant.kernel.omit_modules,
+        &variant.kernel.initramfs_modules,
+        &variant.file,
+    )?;
+    for module in &omitted {
+        let path = modules_dir.join(module);
+        std::fs::remove_file(&path).map_err(BuildError::io(&path))?;
+    }
+    // The listed directories go whole (one may lie inside another).
+    for directory in &variant.kernel.omit_modules {
+        let path = modules_dir.join(directory.trim_end_matches('/'));
+        match std::fs::remove_dir_all(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BuildError::Io {
+                    path,
+                    source: error,
+                })
+            }
+            _ => {}
+        }
+    }
+    tracing::info!(
+        modules = omitted.len(),
+        directories = ?variant.kernel.omit_modules,
+        "kernel modules left out (kernel.omit_modules and the modules that need them)"
+    );
+    Ok(())
+}
+
 /// The kernel pieces in `kernel_dir` as `move_kernel_out` left them.
 fn kernel_files(kernel_dir: &Path, root: &Path) -> Result<KernelFiles> {
     let version_file = kernel_dir.join(KERNEL_VERSION_FILE);
@@ -441,7 +487,11 @@ fn write_ca_bundle(root: &Path) -> Result<()> {
         }
         bundle.extend_from_slice(&text);
     }
-    write_file(&root.join(CA_BUNDLE), bundle, 0o644)
+    write_file(&root.join(CA_BUNDLE), &bundle, 0o644)?;
+    // The same bundle on the read-only root: racklet-node adds the card's
+    // [trust] certificates to this one, and a removed certificate goes.
+    let image_bundle = os_format::settings::IMAGE_CA_BUNDLE_PATH.trim_start_matches('/');
+    write_file(&root.join(image_bundle), &bundle, 0o644)
 }
 
 fn collect_files(directory: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The kernel: its config checked against `kernel-config/<variant>.toml`, and
 //! the closure of the modules the initramfs needs, from `modules.dep`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -184,9 +184,154 @@ pub fn module_closure(
     Ok(order)
 }
 
+/// The modules a variant leaves out of its image (`kernel.omit_modules`):
+/// every module under one of `directories` (paths relative to the kernel's
+/// modules directory, such as `kernel/sound`) and every module that needs one
+/// of those (modules.dep lists each module's dependencies, transitively), so
+/// that no module left in the image fails to load for a missing symbol.
+/// Returns the paths relative to the modules directory, sorted. A directory
+/// that holds no module, and an initramfs module that would go, are errors
+/// naming `variant_file` and the key.
+pub fn omitted_modules(
+    modules_dep: &str,
+    directories: &[String],
+    initramfs_modules: &[String],
+    variant_file: &Path,
+) -> Result<Vec<String>> {
+    let dependencies: Vec<(&str, Vec<&str>)> = modules_dep
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(module, deps)| (module, deps.split_whitespace().collect()))
+        .collect();
+    let mut omitted: BTreeSet<String> = BTreeSet::new();
+    for directory in directories {
+        let prefix = format!("{}/", directory.trim_end_matches('/'));
+        let before = omitted.len();
+        omitted.extend(
+            dependencies
+                .iter()
+                .filter(|(module, _)| module.starts_with(&prefix))
+                .map(|(module, _)| module.to_string()),
+        );
+        if omitted.len() == before {
+            return Err(BuildError::ConfigKey {
+                file: variant_file.to_path_buf(),
+                key: "kernel.omit_modules".into(),
+                message: format!(
+                    "`{directory}` holds no module of this kernel; expected a directory of modules.dep such as kernel/sound"
+                ),
+            });
+        }
+    }
+    // Until nothing changes: a module that needs an omitted one goes too.
+    loop {
+        let needing: Vec<String> = dependencies
+            .iter()
+            .filter(|(module, deps)| {
+                !omitted.contains(*module) && deps.iter().any(|dep| omitted.contains(*dep))
+            })
+            .map(|(module, _)| module.to_string())
+            .collect();
+        if needing.is_empty() {
+            break;
+        }
+        omitted.extend(needing);
+    }
+    let omitted_names: HashSet<String> = omitted.iter().map(|path| module_name_of(path)).collect();
+    if let Some(name) = initramfs_modules
+        .iter()
+        .find(|name| omitted_names.contains(&module_key(name)))
+    {
+        return Err(BuildError::ConfigKey {
+            file: variant_file.to_path_buf(),
+            key: "kernel.omit_modules".into(),
+            message: format!(
+                "leaves out `{name}` (or a module it needs), which kernel.initramfs_modules loads to reach the root; expected directories without it"
+            ),
+        });
+    }
+    Ok(omitted.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OMIT_DEP: &str = "kernel/sound/core/snd.ko:\n\
+kernel/sound/pci/snd-hda.ko: kernel/sound/core/snd.ko\n\
+kernel/drivers/staging/bcm2835-audio.ko: kernel/sound/core/snd.ko\n\
+kernel/drivers/staging/uses-audio.ko: kernel/drivers/staging/bcm2835-audio.ko kernel/sound/core/snd.ko\n\
+kernel/drivers/md/dm-verity.ko: kernel/drivers/md/dm-bufio.ko\n\
+kernel/drivers/md/dm-bufio.ko:\n";
+
+    #[test]
+    fn omitted_modules_take_what_needs_them_along() {
+        let omitted = omitted_modules(
+            OMIT_DEP,
+            &["kernel/sound".to_string()],
+            &["dm-verity".to_string()],
+            Path::new("variants/rpi4/variant.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            omitted,
+            [
+                "kernel/drivers/staging/bcm2835-audio.ko",
+                "kernel/drivers/staging/uses-audio.ko",
+                "kernel/sound/core/snd.ko",
+                "kernel/sound/pci/snd-hda.ko",
+            ]
+        );
+        // A trailing slash means the same directory; nothing to omit, nothing taken.
+        let omitted = omitted_modules(
+            OMIT_DEP,
+            &["kernel/drivers/md/".into()],
+            &[],
+            Path::new("v.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            omitted,
+            [
+                "kernel/drivers/md/dm-bufio.ko",
+                "kernel/drivers/md/dm-verity.ko"
+            ]
+        );
+        assert!(omitted_modules(OMIT_DEP, &[], &[], Path::new("v.toml"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn omitted_modules_refuse_typos_and_initramfs_modules() {
+        let file = Path::new("variants/rpi4/variant.toml");
+        let error = omitted_modules(OMIT_DEP, &["kernel/sond".into()], &[], file)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("variants/rpi4/variant.toml"), "{error}");
+        assert!(
+            error.contains("kernel.omit_modules")
+                && error.contains("`kernel/sond` holds no module"),
+            "{error}"
+        );
+        // A directory is matched whole: `kernel/sound/co` is not `kernel/sound/core`.
+        let error = omitted_modules(OMIT_DEP, &["kernel/sound/co".into()], &[], file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`kernel/sound/co` holds no module"),
+            "{error}"
+        );
+        let error = omitted_modules(
+            OMIT_DEP,
+            &["kernel/drivers/md".into()],
+            &["dm_verity".into()],
+            file,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("leaves out `dm_verity`"), "{error}");
+    }
 
     #[test]
     fn config_requirements_name_what_is_missing() {

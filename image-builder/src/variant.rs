@@ -36,6 +36,11 @@ pub struct KernelSection {
     pub package: String,
     pub cmdline: String,
     pub initramfs_modules: Vec<String>,
+    /// Directories of modules left out of the image (relative to the
+    /// kernel's modules directory, e.g. `kernel/sound`), with every module
+    /// that needs one of them (`kernel::omitted_modules`).
+    #[serde(default)]
+    pub omit_modules: Vec<String>,
     /// Device tree (path under the kernel's dtb directory) the firmware passes on.
     #[serde(default)]
     pub device_tree: Option<String>,
@@ -188,6 +193,16 @@ impl Variant {
                 "expected the modules that reach the root (disk driver, dm-verity, erofs)",
             ));
         }
+        if let Some(directory) = self.kernel.omit_modules.iter().find(|directory| {
+            let path = directory.trim_end_matches('/');
+            !path.starts_with("kernel/")
+                || path.split('/').any(|part| matches!(part, "" | "." | ".."))
+        }) {
+            return Err(self.key_error(
+                "kernel.omit_modules",
+                format!("`{directory}` is not a directory under the kernel's modules; expected a path such as kernel/sound"),
+            ));
+        }
         for (key, size) in [
             ("partitions.esp", self.partitions.esp),
             ("partitions.root", self.partitions.root),
@@ -322,6 +337,36 @@ required_units = ["containerd.service"]
         let text = GOOD.replace("arch = \"x86_64\"\n", "");
         let error = Variant::parse(&path(), &text).unwrap_err().to_string();
         assert!(error.contains("missing field `arch`"), "{error}");
+    }
+
+    #[test]
+    fn omitted_module_directories_stay_under_the_modules() {
+        let text = GOOD.replace(
+            "initramfs_modules = [\"dm-verity\"]",
+            "initramfs_modules = [\"dm-verity\"]\nomit_modules = [\"kernel/sound\", \"kernel/drivers/gpu/\"]",
+        );
+        let variant = Variant::parse(&path(), &text).unwrap();
+        assert_eq!(
+            variant.kernel.omit_modules,
+            ["kernel/sound", "kernel/drivers/gpu/"]
+        );
+        for bad in [
+            "/kernel/sound",
+            "sound",
+            "kernel/../../etc",
+            "kernel//sound",
+            "kernel/./x",
+        ] {
+            let text = GOOD.replace(
+                "initramfs_modules = [\"dm-verity\"]",
+                &format!("initramfs_modules = [\"dm-verity\"]\nomit_modules = [\"{bad}\"]"),
+            );
+            let error = Variant::parse(&path(), &text).unwrap_err().to_string();
+            assert!(
+                error.contains("kernel.omit_modules") && error.contains(bad),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -164,6 +164,13 @@ pub struct NetworkSettings {
     pub dns: Vec<String>,
 }
 
+/// The CA bundle TLS clients on a node read (the update agent through
+/// rustls-native-certs, containerd, k3s): the image's bundle plus `[trust]`.
+pub const SYSTEM_CA_BUNDLE_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The image's own CA bundle, on the read-only root (the image builder
+/// writes it beside the system one; racklet-node adds `[trust]` to it).
+pub const IMAGE_CA_BUNDLE_PATH: &str = "/usr/share/racklet/ca-certificates.crt";
+
 /// `[trust]`: extra CA certificates (PEM), for a private update server or
 /// registry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,8 +92,10 @@ def make_build(directory: str, version: str, root_bytes: int = 4 << 20,
     files = [
         ("root.erofs.zst", {"kind": "root-filesystem"}, "zstd", root_zst, root),
         ("verity.img.zst", {"kind": "verity-hash-tree"}, "zstd", verity_zst, verity),
+        # Slot A's UKI shipped as it is, slot B's compressed (as the image
+        # builder ships both): every install into B takes the zstd path.
         ("uki-a.efi", {"kind": "kernel-image", "slot": "a"}, "none", uki_a, uki_a),
-        ("uki-b.efi", {"kind": "kernel-image", "slot": "b"}, "none", uki_b, uki_b),
+        ("uki-b.efi.zst", {"kind": "kernel-image", "slot": "b"}, "zstd", zstd(uki_b), uki_b),
     ]
     artifacts = []
     for name, kind, compression, shipped, uncompressed in files:

@@ -1261,7 +1261,7 @@ def tampered_uki_is_refused(suite, node_name, boot_loader):
     node = standard_node(suite, node_name, start=False, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
-        path = node.target_path(new, "uki-b.efi")
+        path = node.target_path(new, "uki-b.efi.zst")
         data = bytearray(open(path, "rb").read())
         data[100] ^= 0x01
         with open(path + ".tmp", "wb") as out:
@@ -1270,7 +1270,8 @@ def tampered_uki_is_refused(suite, node_name, boot_loader):
         node.start()
         # Root and verity verified before the UKI is fetched, so slot B may keep the
         # new root hash's PARTUUIDs; without a UKI nothing boots it.
-        failed_install(node, None, ["uki-b.efi", ("sha256", "hash", "match")])
+        # Refused on the shipped bytes' sha256, before any decompression.
+        failed_install(node, None, ["uki-b.efi.zst", ("sha256", "hash", "match")])
     finally:
         node.close()
 

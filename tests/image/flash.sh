@@ -3,7 +3,7 @@
 # holds the image byte for byte afterwards (cmp), including zeros where the
 # card had old bytes and the image has holes. (On a card larger than the
 # image the backup GPT sits where the image ended, as after any dd; the first
-# boot's systemd-repart moves it: test_boot's x86_data_partition_grows.)
+# boot's systemd-repart moves it: test_boot's x86_boot_verified_root_then_reboots.)
 # Refused before anything is written: a regular file, a card
 # smaller than the image, a mounted disk, and the disk the host runs from.
 set -uo pipefail

@@ -56,7 +56,7 @@ check_reproducible() {
     return
   fi
   local second="$other/out/$variant" differing=()
-  for file in disk.img manifest.json sbom.cdx.json update/root.erofs.zst update/verity.img.zst update/uki-a.efi update/uki-b.efi; do
+  for file in disk.img manifest.json sbom.cdx.json update/root.erofs.zst update/verity.img.zst update/uki-a.efi update/uki-b.efi update/uki-a.efi.zst update/uki-b.efi.zst; do
     cmp -s "$reference/$file" "$second/$file" || differing+=("$file")
   done
   if [ "${#differing[@]}" -eq 0 ]; then

@@ -1200,11 +1200,66 @@ impl<R: Read> Read for CancellableReader<R> {
     }
 }
 
-/// Download a small target (a UKI) to `path`, checking its size and sha256
-/// against the manifest as well as TUF's own check.
+/// Download `artifact` (a UKI) from `reader` to `path`, checked against the
+/// signed manifest before anything may use it: the shipped bytes' length and
+/// sha256 first (so a zstd decoder never sees unverified bytes), then, for a
+/// compressed artifact, the decompressed bytes' length and sha256.
 fn download_checked(
-    mut reader: impl Read,
+    reader: impl Read,
     artifact: &os_format::manifest::Artifact,
+    path: &Path,
+) -> Result<(), AgentError> {
+    use os_format::manifest::Compression;
+    match artifact.compression {
+        Compression::None => copy_checked(
+            reader,
+            &artifact.name,
+            artifact.size,
+            &artifact.sha256,
+            path,
+        ),
+        Compression::Zstd => {
+            let mut shipped = path.as_os_str().to_owned();
+            shipped.push(".zst");
+            let shipped = PathBuf::from(shipped);
+            let result = copy_checked(
+                reader,
+                &artifact.name,
+                artifact.size,
+                &artifact.sha256,
+                &shipped,
+            )
+            .and_then(|()| {
+                let file = std::fs::File::open(&shipped).map_err(|source| AgentError::Io {
+                    path: shipped.clone(),
+                    source,
+                })?;
+                let decoder =
+                    zstd::stream::read::Decoder::new(file).map_err(|source| AgentError::Io {
+                        path: shipped.clone(),
+                        source,
+                    })?;
+                copy_checked(
+                    decoder,
+                    &format!("{} (decompressed)", artifact.name),
+                    artifact.uncompressed_size,
+                    &artifact.uncompressed_sha256,
+                    path,
+                )
+            });
+            let _ = std::fs::remove_file(&shipped);
+            result
+        }
+    }
+}
+
+/// Copy `reader` to `path`; its bytes must be `size` long with sha256 `sha256`
+/// (never more than `size` is read). The error names `what`.
+fn copy_checked(
+    mut reader: impl Read,
+    what: &str,
+    size: u64,
+    sha256: &str,
     path: &Path,
 ) -> Result<(), AgentError> {
     use sha2::{Digest, Sha256};
@@ -1223,22 +1278,21 @@ fn download_checked(
             break;
         }
         length += read as u64;
-        if length > artifact.size {
+        if length > size {
             return Err(AgentError::Invalid {
-                what: artifact.name.clone(),
-                message: format!("longer than its signed length {}", artifact.size),
+                what: what.to_string(),
+                message: format!("longer than its signed length {size}"),
             });
         }
         hasher.update(&buffer[..read]);
         file.write_all(&buffer[..read]).map_err(io_error)?;
     }
-    let sha256 = hex::encode(hasher.finalize());
-    if length != artifact.size || sha256 != artifact.sha256 {
+    let found = hex::encode(hasher.finalize());
+    if length != size || found != sha256 {
         return Err(AgentError::Invalid {
-            what: artifact.name.clone(),
+            what: what.to_string(),
             message: format!(
-                "expected {} bytes with sha256 {}, got {length} bytes with sha256 {sha256}",
-                artifact.size, artifact.sha256
+                "expected {size} bytes with sha256 {sha256}, got {length} bytes with sha256 {found}"
             ),
         });
     }
@@ -1256,5 +1310,100 @@ fn decision_summary(decision: &Decision) -> (&'static str, Option<Version>, Opti
             ("not-yet", Some(update.version.clone()), Some(*start))
         }
         Decision::Refused { .. } => ("refused", None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use os_format::manifest::{Artifact, Compression};
+    use sha2::{Digest, Sha256};
+
+    fn uki_artifact(shipped: &[u8], raw: &[u8], compression: Compression) -> Artifact {
+        Artifact {
+            name: "uki-b.efi.zst".into(),
+            kind: ArtifactKind::KernelImage { slot: Slot::B },
+            compression,
+            size: shipped.len() as u64,
+            sha256: hex::encode(Sha256::digest(shipped)),
+            uncompressed_size: raw.len() as u64,
+            uncompressed_sha256: hex::encode(Sha256::digest(raw)),
+        }
+    }
+
+    #[test]
+    fn a_uki_is_checked_shipped_then_decompressed() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(UKI_DOWNLOAD_NAME);
+        let raw: Vec<u8> = (0..200_000u32)
+            .flat_map(|n| (n % 251).to_le_bytes())
+            .collect();
+        let shipped = zstd::encode_all(&raw[..], 3).unwrap();
+        let artifact = uki_artifact(&shipped, &raw, Compression::Zstd);
+        download_checked(&shipped[..], &artifact, &path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), raw);
+        // Uncompressed artifacts are copied as they are.
+        download_checked(
+            &raw[..],
+            &uki_artifact(&raw, &raw, Compression::None),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), raw);
+        // Nothing but the download is left in the directory.
+        assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_bad_uki_is_refused_before_or_after_decompression() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(UKI_DOWNLOAD_NAME);
+        let raw = vec![7u8; 100_000];
+        let shipped = zstd::encode_all(&raw[..], 3).unwrap();
+        let artifact = uki_artifact(&shipped, &raw, Compression::Zstd);
+        // A changed shipped byte: the shipped sha256 says so; no decoder runs.
+        let mut tampered = shipped.clone();
+        tampered[shipped.len() / 2] ^= 1;
+        let error = download_checked(&tampered[..], &artifact, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("uki-b.efi.zst")
+                && error.contains("sha256")
+                && !error.contains("decompressed"),
+            "{error}"
+        );
+        // Longer than signed.
+        let mut longer = shipped.clone();
+        longer.push(0);
+        let error = download_checked(&longer[..], &artifact, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("longer than its signed length"), "{error}");
+        // Signed shipped bytes whose content is not what the manifest says.
+        let mut wrong = artifact.clone();
+        wrong.uncompressed_sha256 = hex::encode(Sha256::digest(b"other"));
+        let error = download_checked(&shipped[..], &wrong, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("(decompressed)") && error.contains("sha256"),
+            "{error}"
+        );
+        // A decompressed size above the signed one stops the copy there.
+        let mut small = artifact.clone();
+        small.uncompressed_size = 1000;
+        let error = download_checked(&shipped[..], &small, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("(decompressed)")
+                && error.contains("longer than its signed length 1000"),
+            "{error}"
+        );
+        assert!(!directory
+            .path()
+            .join(format!("{UKI_DOWNLOAD_NAME}.zst"))
+            .exists());
     }
 }
