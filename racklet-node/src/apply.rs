@@ -11,12 +11,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use os_format::settings::{Settings, SETTINGS_PATH_ON_ESP};
+use os_format::settings::{Settings, IMAGE_CA_BUNDLE_PATH, SETTINGS_PATH_ON_ESP};
 
 use crate::cloud_init::{CloudInit, CloudInitReport, NETWORK_CONFIG_ON_ESP, USER_DATA_ON_ESP};
 
 use crate::error::{NodeError, Result};
-use crate::plan::{plan, NodeIdentity, PlannedFile};
+use crate::plan::{plan, FileKind, NodeIdentity, PlannedFile, ZONEINFO_DIR};
 use crate::status::{NodeStatus, SettingsSource};
 
 /// Where the ESP is mounted (update-agent's `ESP_MOUNT`).
@@ -244,11 +244,36 @@ pub fn identity(paths: &Paths) -> NodeIdentity {
 pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
     let loaded = load(paths);
     let identity = identity(paths);
-    let plan = plan(&loaded.settings, &identity, loaded.token.as_deref());
     // What went wrong while applying (the settings' own error is apart).
     let mut errors: Vec<String> = Vec::new();
+    let image_bundle_path = paths.under_root(IMAGE_CA_BUNDLE_PATH);
+    let image_ca_bundle = match std::fs::read_to_string(&image_bundle_path) {
+        Ok(text) => Some(text),
+        Err(error) => {
+            if !loaded.settings.trust.ca_certificates.is_empty() {
+                errors.push(format!(
+                    "trust.ca_certificates: not applied: cannot read the image's CA bundle {}: {error}",
+                    image_bundle_path.display()
+                ));
+            }
+            None
+        }
+    };
+    let plan = plan(
+        &loaded.settings,
+        &identity,
+        loaded.token.as_deref(),
+        image_ca_bundle.as_deref(),
+    );
     let mut changed = Vec::new();
+    let mut now_managed: BTreeSet<String> = BTreeSet::new();
     for file in &plan.files {
+        if let Err(error) = check_link_target(paths, file) {
+            // Not written (no dangling link); an earlier one is removed below.
+            errors.push(error);
+            continue;
+        }
+        now_managed.insert(file.path.clone());
         match write_if_changed(paths, file) {
             Ok(true) => changed.push(file.path.clone()),
             Ok(false) => {}
@@ -261,7 +286,6 @@ pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
-    let now_managed: BTreeSet<String> = plan.files.iter().map(|file| file.path.clone()).collect();
     let mut removed = Vec::new();
     for path in before.difference(&now_managed) {
         match std::fs::remove_file(paths.under_root(path)) {
@@ -317,10 +341,43 @@ pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
     status
 }
 
+/// A planned symbolic link must point at something on this node (a time
+/// zone the image's tzdata has); the error names the setting's file path.
+fn check_link_target(paths: &Paths, file: &PlannedFile) -> std::result::Result<(), String> {
+    if file.kind != FileKind::Symlink {
+        return Ok(());
+    }
+    let link = paths.under_root(&file.path);
+    let target = link.parent().unwrap_or(Path::new("/")).join(&file.contents);
+    if target.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: not linked to {}: no such file on this node (for timezone, expected a zone of {ZONEINFO_DIR})",
+            file.path, file.contents
+        ))
+    }
+}
+
 /// Write `file` unless it already holds exactly this; `Ok(true)` if written.
 fn write_if_changed(paths: &Paths, file: &PlannedFile) -> Result<bool> {
     use std::os::unix::fs::PermissionsExt;
     let path = paths.under_root(&file.path);
+    if file.kind == FileKind::Symlink {
+        if std::fs::read_link(&path).ok().as_deref() == Some(Path::new(&file.contents)) {
+            return Ok(false);
+        }
+        // A new link under a temporary name, renamed over the old path.
+        let (directory, temporary) = temporary_beside(&path)?;
+        let _ = std::fs::remove_file(&temporary);
+        std::os::unix::fs::symlink(&file.contents, &temporary)
+            .map_err(NodeError::io(&temporary))?;
+        std::fs::rename(&temporary, &path).map_err(NodeError::io(&path))?;
+        std::fs::File::open(&directory)
+            .and_then(|handle| handle.sync_all())
+            .map_err(NodeError::io(&directory))?;
+        return Ok(true);
+    }
     if let Ok(metadata) = std::fs::metadata(&path) {
         if metadata.permissions().mode() & 0o7777 == file.mode
             && std::fs::read(&path).ok().as_deref() == Some(file.contents.as_bytes())
@@ -337,14 +394,7 @@ fn write_if_changed(paths: &Paths, file: &PlannedFile) -> Result<bool> {
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let directory = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(directory).map_err(NodeError::io(directory))?;
-    let temporary = directory.join(format!(
-        ".{}.racklet-new",
-        path.file_name()
-            .map(|name| name.to_string_lossy())
-            .unwrap_or_default()
-    ));
+    let (directory, temporary) = temporary_beside(path)?;
     let mut handle = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -367,10 +417,24 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|file| file.sync_all())
         .map_err(NodeError::io(path))?;
-    std::fs::File::open(directory)
+    std::fs::File::open(&directory)
         .and_then(|file| file.sync_all())
-        .map_err(NodeError::io(directory))?;
+        .map_err(NodeError::io(&directory))?;
     Ok(())
+}
+
+/// `path`'s directory (created if missing) and a temporary name in it for
+/// what is renamed over `path`.
+fn temporary_beside(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let directory = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    std::fs::create_dir_all(&directory).map_err(NodeError::io(&directory))?;
+    let temporary = directory.join(format!(
+        ".{}.racklet-new",
+        path.file_name()
+            .map(|name| name.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    Ok((directory, temporary))
 }
 
 #[cfg(test)]
@@ -423,6 +487,90 @@ mod tests {
         let recorded: NodeStatus =
             serde_json::from_str(&read(&paths, STATUS_PATH).unwrap()).unwrap();
         assert_eq!(recorded, status);
+    }
+
+    #[test]
+    fn a_time_zone_links_into_tzdata_and_an_unknown_one_is_an_error() {
+        use crate::plan::LOCALTIME_PATH;
+        let (_directory, paths) = setup();
+        let zoneinfo = paths.under_root("/usr/share/zoneinfo/Europe");
+        std::fs::create_dir_all(&zoneinfo).unwrap();
+        std::fs::write(zoneinfo.join("Berlin"), "TZif").unwrap();
+        card(&paths, "timezone = \"Europe/Berlin\"\n");
+        let status = apply(&paths, "t1");
+        assert!(status.errors.is_empty(), "{status:?}");
+        let link = paths.under_root(LOCALTIME_PATH);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("../usr/share/zoneinfo/Europe/Berlin")
+        );
+        assert_eq!(std::fs::read(&link).unwrap(), b"TZif");
+        assert!(status.changed.contains(&LOCALTIME_PATH.to_string()));
+        assert!(apply(&paths, "t2").changed.is_empty());
+        // A zone this node's tzdata does not have: no dangling link, the error says why.
+        card(&paths, "timezone = \"Europe/Atlantis\"\n");
+        let status = apply(&paths, "t3");
+        assert!(
+            status
+                .errors
+                .iter()
+                .any(|error| error.contains("/etc/localtime")
+                    && error.contains("Europe/Atlantis")
+                    && error.contains("/usr/share/zoneinfo")),
+            "{status:?}"
+        );
+        assert!(link.symlink_metadata().is_err(), "the old link stayed");
+        // Back to a known zone, then the setting gone: the link goes (UTC again).
+        card(&paths, "timezone = \"Europe/Berlin\"\n");
+        assert!(apply(&paths, "t4").errors.is_empty());
+        card(&paths, "hostname = \"pi-2\"\n");
+        let status = apply(&paths, "t5");
+        assert!(
+            status.removed.contains(&LOCALTIME_PATH.to_string()),
+            "{status:?}"
+        );
+        assert!(link.symlink_metadata().is_err());
+    }
+
+    #[test]
+    fn trusted_certificates_join_the_image_bundle_until_removed() {
+        use os_format::settings::SYSTEM_CA_BUNDLE_PATH;
+        let (_directory, paths) = setup();
+        let image = "-----BEGIN CERTIFICATE-----\nIMAGE\n-----END CERTIFICATE-----\n";
+        let card_pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        // Without the image's bundle a [trust] cannot apply: said, not fatal.
+        card(
+            &paths,
+            &format!("[trust]\nca_certificates = [{card_pem:?}]\n"),
+        );
+        let status = apply(&paths, "t0");
+        assert!(
+            status
+                .errors
+                .iter()
+                .any(|error| error.contains("trust.ca_certificates")
+                    && error.contains(IMAGE_CA_BUNDLE_PATH)),
+            "{status:?}"
+        );
+        for path in [IMAGE_CA_BUNDLE_PATH, SYSTEM_CA_BUNDLE_PATH] {
+            let path = paths.under_root(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, image).unwrap();
+        }
+        let status = apply(&paths, "t1");
+        assert!(status.errors.is_empty(), "{status:?}");
+        let bundle = read(&paths, SYSTEM_CA_BUNDLE_PATH).unwrap();
+        assert!(
+            bundle.starts_with(image) && bundle.contains(card_pem),
+            "{bundle}"
+        );
+        card(&paths, "hostname = \"pi-2\"\n");
+        let status = apply(&paths, "t2");
+        assert!(
+            status.changed.contains(&SYSTEM_CA_BUNDLE_PATH.to_string()),
+            "{status:?}"
+        );
+        assert_eq!(read(&paths, SYSTEM_CA_BUNDLE_PATH).unwrap(), image);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ([`plan`]). [`crate::apply`] then makes the disk match, and removes the
 //! files an earlier plan wrote that this one no longer has.
 
-use os_format::settings::{KubernetesRole, Settings};
+use os_format::settings::{KubernetesRole, Settings, SYSTEM_CA_BUNDLE_PATH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -30,6 +30,11 @@ pub const UPDATE_CONFIG_PATH: &str = "/etc/racklet/update.toml";
 /// The agent's wave seed (update-agent's state directory + `SEED_FILE_NAME`).
 pub const UPDATE_SEED_PATH: &str = "/var/lib/racklet/update/seed";
 
+/// The time zone: a symbolic link into tzdata (what systemd and glibc read).
+pub const LOCALTIME_PATH: &str = "/etc/localtime";
+/// Where the image's tzdata keeps the zones.
+pub const ZONEINFO_DIR: &str = "/usr/share/zoneinfo";
+
 /// Prefix of a derived host name.
 pub const DERIVED_HOSTNAME_PREFIX: &str = "racklet-";
 
@@ -46,9 +51,22 @@ pub struct NodeIdentity {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedFile {
     pub path: String,
+    /// The file's text; for a [`FileKind::Symlink`], the link's target.
     pub contents: String,
-    /// Unix permission bits.
+    /// Unix permission bits (not used for a symbolic link).
     pub mode: u32,
+    #[serde(default)]
+    pub kind: FileKind,
+}
+
+/// What a planned path is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileKind {
+    #[default]
+    Regular,
+    /// A symbolic link to `contents` (relative to the link's directory).
+    Symlink,
 }
 
 /// Everything the settings ask of this node.
@@ -88,8 +106,14 @@ pub fn derived_hostname(identity: &NodeIdentity) -> String {
 
 /// The files for `settings` on the node `identity`; `token` is the join
 /// token (from `kubernetes.token`, or the file `token_file` names, read by
-/// the caller).
-pub fn plan(settings: &Settings, identity: &NodeIdentity, token: Option<&str>) -> Plan {
+/// the caller); `image_ca_bundle` is the image's CA bundle
+/// ([`os_format::settings::IMAGE_CA_BUNDLE_PATH`]), to which `[trust]` adds its certificates.
+pub fn plan(
+    settings: &Settings,
+    identity: &NodeIdentity,
+    token: Option<&str>,
+    image_ca_bundle: Option<&str>,
+) -> Plan {
     let (hostname, hostname_from_settings) = match &settings.hostname {
         Some(name) => (name.clone(), true),
         None => (derived_hostname(identity), false),
@@ -143,6 +167,23 @@ pub fn plan(settings: &Settings, identity: &NodeIdentity, token: Option<&str>) -
         }
         files.push(file(STATIC_NETWORK_PATH, text, 0o644));
     }
+    if let Some(zone) = &settings.timezone {
+        files.push(PlannedFile {
+            path: LOCALTIME_PATH.into(),
+            contents: format!("..{ZONEINFO_DIR}/{zone}"),
+            mode: 0o777,
+            kind: FileKind::Symlink,
+        });
+    }
+    // Always planned (with or without [trust]): a certificate removed from
+    // the card leaves the bundle as the image has it.
+    if let Some(bundle) = image_ca_bundle {
+        files.push(file(
+            SYSTEM_CA_BUNDLE_PATH,
+            ca_bundle(bundle, &settings.trust.ca_certificates),
+            0o644,
+        ));
+    }
     if let Some(text) = update_config(settings) {
         files.push(file(UPDATE_CONFIG_PATH, text, 0o644));
     }
@@ -157,11 +198,28 @@ pub fn plan(settings: &Settings, identity: &NodeIdentity, token: Option<&str>) -
     }
 }
 
+/// The image's bundle, then the card's certificates, each ending in a newline.
+fn ca_bundle(image_bundle: &str, certificates: &[String]) -> String {
+    let mut text = image_bundle.to_string();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    if !certificates.is_empty() {
+        text.push_str("# From racklet/settings.toml [trust] on the ESP.\n");
+    }
+    for certificate in certificates {
+        text.push_str(certificate.trim());
+        text.push('\n');
+    }
+    text
+}
+
 fn file(path: &str, contents: String, mode: u32) -> PlannedFile {
     PlannedFile {
         path: path.to_string(),
         contents,
         mode,
+        kind: FileKind::Regular,
     }
 }
 
@@ -253,7 +311,7 @@ mod tests {
 
     #[test]
     fn defaults_give_a_derived_name_and_nothing_else() {
-        let plan = plan(&Settings::default(), &identity(), None);
+        let plan = plan(&Settings::default(), &identity(), None, None);
         assert!(
             plan.hostname.starts_with("racklet-") && plan.hostname.len() == 14,
             "{}",
@@ -291,6 +349,28 @@ mod tests {
     }
 
     #[test]
+    fn a_time_zone_is_a_link_into_tzdata_and_its_name() {
+        let plan = plan(
+            &settings("timezone = \"Europe/Berlin\"\n"),
+            &identity(),
+            None,
+            None,
+        );
+        let link = plan
+            .files
+            .iter()
+            .find(|file| file.path == LOCALTIME_PATH)
+            .expect("the link");
+        assert_eq!(link.kind, FileKind::Symlink);
+        assert_eq!(link.contents, "../usr/share/zoneinfo/Europe/Berlin");
+        let without = super::plan(&Settings::default(), &identity(), None, None);
+        assert!(without
+            .files
+            .iter()
+            .all(|file| file.kind == FileKind::Regular));
+    }
+
+    #[test]
     fn an_agent_gets_its_role_server_and_token_file() {
         let plan = plan(
             &settings(
@@ -299,6 +379,7 @@ mod tests {
             ),
             &identity(),
             Some("K10secret"),
+            None,
         );
         assert_eq!(plan.hostname, "pi-2");
         assert_eq!(contents(&plan, K3S_ROLE_ENV_PATH), Some("K3S_ROLE=agent\n"));
@@ -324,10 +405,32 @@ mod tests {
     }
 
     #[test]
+    fn trust_adds_certificates_to_the_image_bundle_and_its_removal_restores_it() {
+        const IMAGE: &str = "-----BEGIN CERTIFICATE-----\nIMAGE\n-----END CERTIFICATE-----\n";
+        const CARD: &str = "-----BEGIN CERTIFICATE-----\nCARD\n-----END CERTIFICATE-----";
+        let with = plan(
+            &settings(&format!("[trust]\nca_certificates = [{CARD:?}]\n")),
+            &identity(),
+            None,
+            Some(IMAGE),
+        );
+        assert_eq!(
+            contents(&with, SYSTEM_CA_BUNDLE_PATH).unwrap(),
+            format!("{IMAGE}# From racklet/settings.toml [trust] on the ESP.\n{CARD}\n")
+        );
+        let without = plan(&Settings::default(), &identity(), None, Some(IMAGE));
+        assert_eq!(contents(&without, SYSTEM_CA_BUNDLE_PATH), Some(IMAGE));
+        // No image bundle to add to: the system one is left alone.
+        let plan = plan(&Settings::default(), &identity(), None, None);
+        assert!(contents(&plan, SYSTEM_CA_BUNDLE_PATH).is_none());
+    }
+
+    #[test]
     fn a_first_server_starts_the_cluster() {
         let plan = plan(
             &settings("[kubernetes]\nrole = \"server\"\ncluster_init = true\n"),
             &identity(),
+            None,
             None,
         );
         let config = contents(&plan, K3S_CONFIG_PATH).unwrap();
@@ -352,6 +455,7 @@ mod tests {
                  maintenance_window = \"02:00-04:00\"\n",
             ),
             &identity(),
+            None,
             None,
         );
         assert_eq!(
