@@ -60,6 +60,9 @@ BOOT_FAILURE = re.compile(
 KERNEL_CMDLINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
 INIT_OK = re.compile(r"racklet-init: slot ([ab]): [^\r\n]*starting [^\r\n]*\r?\n")
 SYSTEMD_BOOT_VENDOR_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+# The CA bundle TLS clients read, and the image's own (os_format::settings).
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+IMAGE_CA_BUNDLE = "/usr/share/racklet/ca-certificates.crt"
 # The SSH host key, made at the first boot on the data partition (packages/ssh).
 HOST_KEY = "/var/lib/racklet/ssh/ssh_host_ed25519_key.pub"
 
@@ -283,20 +286,29 @@ def verified_root_checks(ctx: Context, vm: VM, image: Image, times: dict) -> Non
 @test(X86)
 def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
     """Three boots of one node (each boot under TCG costs about 45
-    CPU-seconds, so these share one). The image as built boots to multi-user
-    under UEFI on the dm-verity root of slot A; /var (data partition), the
-    /etc overlay and the machine ID survive a reboot; that reboot goes
-    through a boot-counted entry, which systemd-bless-boot blesses; then a
-    hung PID 1 stops feeding the watchdog (softdog) and the machine is reset
-    and boots again."""
+    CPU-seconds, so these share one). The image as built, written to a card
+    1 GiB larger than the image, boots to multi-user under UEFI on the
+    dm-verity root of slot A; the data partition grows into the free space
+    and /var's file system with it at the next boot; /var, the /etc overlay
+    and the machine ID survive a reboot; that reboot goes through a
+    boot-counted entry, which systemd-bless-boot blesses; then a hung PID 1
+    stops feeding the watchdog (softdog) and the machine is reset and boots
+    again."""
     image = ctx.image(X86)
     overlay = ctx.overlay(image)
+    data = overlay.partition("data")
+    # A card bigger than the image (qemu-img resize of the overlay).
+    subprocess.run(["qemu-img", "resize", "-q", str(overlay.path), "+1G"], check=True)
     vm = ctx.vm(image, overlay)
     times = boot_to_shell(vm, "a")
     verified_root_checks(ctx, vm, image, times)
 
+    # Growth: systemd-repart grows the data partition on the first boot.
+    grown = int(vm.run(f"lsblk -b -n -d -o SIZE /dev/vda{data.number}").strip())
+    check(grown >= data.size + 900 * 1024 * 1024,
+          f"data partition is {grown} bytes after the first boot; it was {data.size} on a disk 1 GiB larger")
+
     # Persistence: tokens in /var and /etc, the machine ID.
-    data = overlay.partition("data")
     var = vm.run("findmnt -n -o SOURCE,FSTYPE,OPTIONS /var").split()
     check(var[0] == f"/dev/vda{data.number}" and var[1] == "ext4" and "rw" in var[2].split(","),
           f"/var is {var}, expected /dev/vda{data.number} ext4 rw")
@@ -319,6 +331,10 @@ def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
     after = vm.run("cat /etc/machine-id").strip()
     check(after == machine_id, f"machine-id changed across the reboot: {machine_id} -> {after}")
     ctx.note(f"machine-id {machine_id} kept; token {token} kept in /var and /etc")
+    # Growth: x-systemd.growfs grows /var's ext4 to the partition at this boot.
+    var_size = int(vm.run("df -B1 --output=size /var | tail -n 1").strip())
+    check(var_size >= 900 * 1024 * 1024, f"/var is {var_size} bytes; expected it grown with its partition")
+    ctx.note(f"data partition {data.size} -> {grown} bytes; /var {var_size} bytes")
     count_path = vm.run(f"cat /sys/firmware/efi/efivars/LoaderBootCountPath-{SYSTEMD_BOOT_VENDOR_GUID}"
                         " | tail -c +5 | tr -d '\\000'", check=False)[1].strip()
     check(count_path.endswith("racklet-a+0-1.efi"), f"LoaderBootCountPath is {count_path!r}")
@@ -370,28 +386,6 @@ def x86_wiped_data_partition_is_recreated(ctx: Context) -> None:
     check(vm.run("cat /var/racklet-after-makefs").strip() == "kept", "/var lost its file")
     etc = vm.run("findmnt -n -o FSTYPE /etc").strip()
     check(etc == "overlay", f"/etc is {etc!r} on the boot after makefs, expected the overlay")
-    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
-
-
-@test(X86)
-def x86_data_partition_grows_to_fill_the_disk(ctx: Context) -> None:
-    """Written to a larger disk (an SD card bigger than the image), the data
-    partition grows into the free space (systemd-repart, /usr/lib/repart.d) and
-    /var's file system with it (x-systemd.growfs)."""
-    image = ctx.image(X86)
-    overlay = ctx.overlay(image)
-    data = overlay.partition("data")
-    subprocess.run(["qemu-img", "resize", "-q", str(overlay.path), "+1G"], check=True)
-    vm = ctx.vm(image, overlay)
-    boot_to_shell(vm, "a")
-    size = int(vm.run(f"lsblk -b -n -d -o SIZE /dev/vda{data.number}").strip())
-    check(size >= data.size + 900 * 1024 * 1024,
-          f"data partition is {size} bytes after the first boot; it was {data.size} on a disk 1 GiB larger")
-    vm.reboot()
-    boot_to_shell(vm, "a")
-    var_size = int(vm.run("df -B1 --output=size /var | tail -n 1").strip())
-    check(var_size >= 900 * 1024 * 1024, f"/var is {var_size} bytes; expected it grown with its partition")
-    ctx.note(f"data partition {data.size} -> {size} bytes; /var {var_size} bytes")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
 
 
@@ -518,16 +512,22 @@ def node_status(vm: VM) -> dict:
 @test(X86)
 def x86_settings_from_the_card(ctx: Context) -> None:
     """A card provisioned with racklet-image provision boots with its host name,
-    k3s role and configuration, NTP servers and wave seed; a setting changed on
+    k3s role and configuration, NTP servers, wave seed and an extra trusted CA; a setting changed on
     the ESP is applied at the next boot (files of a removed setting go); an
     invalid file keeps the previous settings and reports the file and key."""
     image = ctx.image(X86)
+    # A throwaway CA, as a private update server or registry would have.
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ed25519", "-nodes", "-subj", "/CN=racklet-test-ca",
+                    "-days", "1", "-keyout", str(ctx.dir / "ca.key"), "-out", str(ctx.dir / "ca.pem")],
+                   check=True, capture_output=True)
+    ca_pem = (ctx.dir / "ca.pem").read_text().strip()
     settings = (
         'hostname = "pi-7"\n'
         '[kubernetes]\nrole = "agent"\nserver = "https://pi-1.local:6443"\ntoken = "K10test-token"\n'
         'node_labels = ["racklet.io/shelf=2"]\n'
         '[time]\nntp_servers = ["ntp.racklet.invalid"]\n'
-        '[update]\nwave_seed = 77\n')
+        '[update]\nwave_seed = 77\n'
+        f'[trust]\nca_certificates = [{json.dumps(ca_pem)}]\n')
     overlay = provisioned_overlay(ctx, image, settings)
     vm = ctx.vm(image, overlay)
     boot_to_shell(vm, "a")
@@ -546,6 +546,13 @@ def x86_settings_from_the_card(ctx: Context) -> None:
     check(token == ["600", "root", "K10test-token"], f"token file: {token}")
     check("NTP=ntp.racklet.invalid" in vm.run("cat /etc/systemd/timesyncd.conf.d/50-racklet.conf"), "NTP")
     check(vm.run("cat /var/lib/racklet/update/seed").strip() == "77", "wave seed")
+    # (Counted in the guest: the bundles are 200 KB, slow over the serial console.)
+    counts = vm.run(f"grep -c 'BEGIN CERTIFICATE' {SYSTEM_CA_BUNDLE} {IMAGE_CA_BUNDLE}").split()
+    system_count, image_count = (int(line.rsplit(":", 1)[1]) for line in counts)
+    tail = vm.run(f"tail -n {len(ca_pem.splitlines())} {SYSTEM_CA_BUNDLE}").replace("\r", "").strip()
+    check(tail == ca_pem and image_count > 100 and system_count == image_count + 1,
+          f"the card's CA is not at the end of {SYSTEM_CA_BUNDLE} (image bundle: {image_count} certificates, "
+          f"system: {system_count}; its end: {tail[-200:]!r})")
     unit = vm.run("systemctl show -p ActiveState,Result racklet-node.service").split()
     check("ActiveState=active" in unit, f"racklet-node.service: {unit}")
     host_key = vm.run(f"for i in $(seq 120); do test -s {HOST_KEY} && break; sleep 1; done; cat {HOST_KEY}",
@@ -564,6 +571,8 @@ def x86_settings_from_the_card(ctx: Context) -> None:
     gone = vm.run("ls /run/racklet/k3s.env /etc/rancher/k3s/config.yaml /etc/rancher/k3s/token "
                   "/etc/systemd/timesyncd.conf.d/50-racklet.conf 2>&1", check=False)[1]
     check(gone.count("No such file") == 4, f"the removed settings' files should be gone: {gone}")
+    code, output = vm.run(f"cmp {SYSTEM_CA_BUNDLE} {IMAGE_CA_BUNDLE}", check=False)
+    check(code == 0, f"[trust] removed, yet the system CA bundle differs from the image's: {output.strip()}")
     # The card's seed is removed; the agent then draws one of its own.
     check("/var/lib/racklet/update/seed" in status["removed"], f"the card's wave seed was not removed: {status}")
     ctx.note(f"boot 2: {status['hostname']}, removed {status['removed']}")
@@ -760,12 +769,22 @@ def x86_ssh_and_factory_reset(ctx: Context) -> None:
 @test(ARM)
 def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
     """U-Boot runs boot.scr, which boots slot A's UKI onto the verified root;
-    the first boot of a provisioned card takes the card's host name and lets
-    the card's SSH key in."""
+    the first boot of a provisioned card takes the card's settings: a
+    settings.toml from racklet-image provision (host name, k3s server role
+    with cluster-init) beside the cloud-init NoCloud user-data a Raspberry Pi
+    Imager-style tool writes (host name, time zone, a user's SSH key, a
+    package list): the user-data key lets root in over SSH, the time zone is
+    applied, settings.toml wins the host name, the package list and the
+    user's groups are reported as not applied."""
     image = ctx.image(ARM)
     # A card provisioned as a Pi would be: its first boot takes the name and key.
     key, public = ssh_key(ctx, "laptop")
-    overlay = provisioned_overlay(ctx, image, f'hostname = "pi-arm-1"\n[ssh]\nauthorized_keys = ["{public}"]\n')
+    overlay = provisioned_overlay(
+        ctx, image, 'hostname = "pi-arm-1"\n[kubernetes]\nrole = "server"\ncluster_init = true\n')
+    user_data = ("#cloud-config\nhostname: imager-name\nssh_pwauth: false\ntimezone: Europe/Berlin\n"
+                 f"users:\n  - name: pi\n    groups: [sudo]\n    ssh_authorized_keys:\n      - {public}\n"
+                 "packages: [htop]\n")
+    patch_esp(overlay, {"user-data": user_data.encode()})
     before = read_states(overlay)
     check(all(before), f"the image's state copies do not decode: {before}")
     port = free_port()
@@ -783,6 +802,17 @@ def aarch64_uboot_boots_slot_a(ctx: Context) -> None:
     status = node_status(vm)
     check(hostname == "pi-arm-1" and status["settings_source"] == "card",
           f"the card's host name: {hostname!r}; racklet-node status: {status}")
+    cloud_init = status.get("cloud_init") or {}
+    check(cloud_init.get("files") == ["user-data"] and cloud_init.get("overridden") == ["hostname"]
+          and "user-data: packages" in cloud_init.get("ignored", [])
+          and "user-data: users[0].groups" in cloud_init.get("ignored", []) and not cloud_init.get("refused"),
+          f"cloud-init in racklet-node status: {cloud_init}")
+    check(status["kubernetes_role"] == "server" and status["ssh_authorized_keys"] == 1, f"status: {status}")
+    zone = vm.run("readlink /etc/localtime; env -u TZ date -d @1796320666 +%Z").split()
+    check(zone == ["../usr/share/zoneinfo/Europe/Berlin", "CET"], f"the user-data's time zone: {zone}")
+    config = vm.run("cat /run/racklet/k3s.env /etc/rancher/k3s/config.yaml")
+    check("K3S_ROLE=server" in config and "cluster-init: true" in config and 'node-name: "pi-arm-1"' in config
+          and "server:" not in config, f"k3s.env and config.yaml of the first server:\n{config}")
     known_hosts = ctx.dir / "known_hosts"
     wait_for_sshd(vm, port, known_hosts)
     result = ssh(port, key, known_hosts, "hostname")
