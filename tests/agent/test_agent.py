@@ -1537,6 +1537,18 @@ def install_and_boot_into_b(node, new):
     node.start()
 
 
+def install_boot_and_commit_b(node, new):
+    """Install `new`, boot B, and wait for a passing health gate to commit it.
+    Returns the status then."""
+    node.add_check("10-ok.sh", "echo all good; exit 0")
+    install_and_boot_into_b(node, new)
+
+    def committed():
+        status = node.status()
+        return status["state"]["slots"]["b"]["state"] == "good" and status
+    return wait_until(committed, 20, "the health gate to commit slot b")
+
+
 def add_slow_check(node, exit_code):
     """A health check that runs until the returned file exists (30 s at most),
     then exits `exit_code`: the gate is still running while the test acts."""
@@ -1570,17 +1582,49 @@ def check_retried_once(node, status):
 
 
 @boot_loader_case
+def unusable_state_is_set_aside_and_an_update_still_completes(suite, node_name, boot_loader):
+    """state.json replaced with garbage, then with a future schema: the agent
+    starts anyway, keeps the file aside, says so (status, last error, the
+    human status), rebuilds the slots from the boot loader, and an update
+    installs, boots and commits."""
+    node = standard_node(suite, node_name, boot_loader=boot_loader)
+    new = suite.builds["1.1.0"]
+    try:
+        state_file = os.path.join(node.state_dir, "state.json")
+        check(os.path.exists(state_file), "no state.json after the first start")
+        for contents, reason in [(b"\x00garbage{", "not a valid agent state file"),
+                                 (b'{"schema": 99, "slots": {}}', "agent state schema 99 is not supported")]:
+            node.stop()
+            with open(state_file, "wb") as out:
+                out.write(contents)
+            node.start()
+            status = node.status()
+            aside = status.get("state_set_aside") or {}
+            check_in(reason, aside.get("reason", ""), "state_set_aside.reason")
+            kept = aside.get("kept_as") or ""
+            check(os.path.basename(kept).startswith("state.json.set-aside-") and os.path.exists(kept),
+                  f"the unusable file was not kept aside: {aside}")
+            with open(kept, "rb") as source:
+                check_equal(source.read(), contents, "the set-aside file's bytes")
+            check_in("kept aside", (status["state"]["last_error"] or {}).get("message", ""), "last_error")
+            check_equal({s["slot"]: s["state"] for s in status["boot_slots"]}, {"a": "good", "b": "empty"},
+                        "slot states rebuilt from the boot loader")
+            human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+            check_in("state:       rebuilt at the start", human, "status (human)")
+        status = install_boot_and_commit_b(node, new)
+        check_equal((status["booted"]["slot"], status["booted"]["version"]), ("b", "1.1.0"), "booted")
+        check(status.get("state_set_aside") is None, f"a good state file reported as set aside: {status}")
+        node.check_boot("b-good", "after the health gate passed", uki_b=new.uki_b)
+    finally:
+        node.close()
+
+
+@boot_loader_case
 def health_gate_passes_and_commits(suite, node_name, boot_loader):
     node = standard_node(suite, node_name, boot_loader=boot_loader)
     new = suite.builds["1.1.0"]
     try:
-        node.add_check("10-ok.sh", "echo all good; exit 0")
-        install_and_boot_into_b(node, new)
-
-        def committed():
-            status = node.status()
-            return status["state"]["slots"]["b"]["state"] == "good" and status
-        status = wait_until(committed, 20, "the health gate to commit slot b")
+        status = install_boot_and_commit_b(node, new)
         check_equal(status["booted"]["slot"], "b", "booted slot")
         check_equal(status["booted"]["version"], "1.1.0", "booted version")
         check_equal(status["state"]["operation"]["kind"], "idle", "operation")

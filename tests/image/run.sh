@@ -88,5 +88,7 @@ assert m["k3s"]["kind"] == "stand-in" and m["k3s"]["name"] == "k3s-stand-in", m[
     | grep -q 'RACKLET_K3S="STAND-IN k3s-stand-in (not k3s; for tests only)"'
   python3 "$here/check_rpi4_esp.py" build/rpi4 && pass "rpi4: the ESP holds what the Pi 4 firmware and U-Boot need" \
     || fail "rpi4: ESP contents" "see above"
+  check "rpi4: the root has the modules a Pi 4 needs, none of kernel.omit_modules" \
+    python3 "$here/check_rpi4_modules.py" build/rpi4
 fi
 summary

@@ -364,31 +364,6 @@ def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
 
 
-@test(X86)
-def x86_wiped_data_partition_is_recreated(ctx: Context) -> None:
-    """A wiped data partition: racklet-init says so and boots on; systemd
-    formats /var (x-systemd.makefs); the next boot has /var and the /etc overlay."""
-    image = ctx.image(X86)
-    overlay = ctx.overlay(image)
-    data = overlay.partition("data")
-    overlay.write(data.start, bytes(4 * 1024 * 1024))  # superblocks and group descriptors gone
-    vm = ctx.vm(image, overlay)
-    boot_to_shell(vm, "a")
-    check(re.search(r"racklet-init: data partition vda\d+ has no ext4 file system", vm._buffer),
-          "racklet-init did not say that the data partition has no file system")
-    var = vm.run("findmnt -n -o SOURCE,FSTYPE /var").split()
-    check(var == [f"/dev/vda{data.number}", "ext4"], f"/var after makefs is {var}")
-    status, output = vm.run("touch /etc/racklet-write-test", check=False)
-    check(status != 0, f"/etc was writable on the boot that formatted /var: {output.strip()}")
-    vm.run("echo kept > /var/racklet-after-makefs && sync")
-    vm.reboot()
-    boot_to_shell(vm, "a")
-    check(vm.run("cat /var/racklet-after-makefs").strip() == "kept", "/var lost its file")
-    etc = vm.run("findmnt -n -o FSTYPE /etc").strip()
-    check(etc == "overlay", f"/etc is {etc!r} on the boot after makefs, expected the overlay")
-    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
-
-
 def systemd_block(image: Image, erofs: Path) -> tuple[int, str]:
     """(byte offset inside the root file system, what) of a block read at boot:
     the first data block of /usr/lib/systemd/systemd (exec'd as PID 1)."""
@@ -459,15 +434,22 @@ def counting_overlay(ctx: Context, image: Image) -> tuple[Overlay, str]:
 
 
 @test(X86)
-def x86_boot_counting_falls_back(ctx: Context) -> None:
-    """systemd-boot tries a counted entry once (renaming it +0-1), then boots A."""
+def x86_failed_try_falls_back_then_wiped_data_is_recreated(ctx: Context) -> None:
+    """Two recoveries on one node (a boot under TCG costs about 45 CPU-seconds).
+    systemd-boot tries a counted entry once (renaming it +0-1), then boots A;
+    on that boot a wiped data partition: racklet-init says so and boots on;
+    systemd formats /var (x-systemd.makefs); the next boot has /var and the
+    /etc overlay."""
     image = ctx.image(X86)
     overlay, newer = counting_overlay(ctx, image)
+    data = overlay.partition("data")
+    overlay.write(data.start, bytes(4 * 1024 * 1024))  # superblocks and group descriptors gone
     vm = ctx.vm(image, overlay)  # no -no-reboot: racklet-init reboots after FATAL
     vm.start()
     first = vm.expect(KERNEL_CMDLINE, timeout=400)
     check("racklet.slot=b" in first.group(1), f"first boot was not slot B: {first.group(1)}")
     fatal = vm.expect(r"racklet-init: FATAL: slot b[^\r\n]*\r?\n", timeout=300, fail=AUTOLOGIN)
+    mark = vm.cursor
     times = boot_to_shell(vm, "a")
     root_checks(vm, image, "a")
     listing = vm.run("ls /efi/EFI/Linux").split()
@@ -476,11 +458,25 @@ def x86_boot_counting_falls_back(ctx: Context) -> None:
     selected = vm.run(f"cat /sys/firmware/efi/efivars/LoaderEntrySelected-{SYSTEMD_BOOT_VENDOR_GUID}"
                       " | tail -c +5 | tr -d '\\000'").strip()
     check(selected == "racklet-a.efi", f"LoaderEntrySelected is {selected!r}")
+    ctx.note(f"B (.osrel {newer}) tried once: {fatal.group(0).strip()[:100]}...; then A logged in "
+             f"{times['login']:.1f} s after QEMU start")
+
+    # The wiped data partition, on A's boot.
+    check(re.search(r"racklet-init: data partition vda\d+ has no ext4 file system", vm.output[mark:]),
+          "racklet-init did not say that the data partition has no file system")
+    var = vm.run("findmnt -n -o SOURCE,FSTYPE /var").split()
+    check(var == [f"/dev/vda{data.number}", "ext4"], f"/var after makefs is {var}")
+    status, output = vm.run("touch /etc/racklet-write-test", check=False)
+    check(status != 0, f"/etc was writable on the boot that formatted /var: {output.strip()}")
+    vm.run("echo kept > /var/racklet-after-makefs && sync")
+    vm.reboot()
+    boot_to_shell(vm, "a")
+    check(vm.run("cat /var/racklet-after-makefs").strip() == "kept", "/var lost its file")
+    etc = vm.run("findmnt -n -o FSTYPE /etc").strip()
+    check(etc == "overlay", f"/etc is {etc!r} on the boot after makefs, expected the overlay")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
     check(esp_listing(overlay, "EFI/Linux") == ["racklet-a.efi", "racklet-b+0-1.efi"],
           f"ESP after the test: {esp_listing(overlay, 'EFI/Linux')}")
-    ctx.note(f"B (.osrel {newer}) tried once: {fatal.group(0).strip()[:100]}...; then A logged in "
-             f"{times['login']:.1f} s after QEMU start")
 
 
 # ---------------------------------------------------------------------------
@@ -665,6 +661,10 @@ def ssh_access_checks(ctx: Context, vm: VM, port: int, key: Path, known_hosts: P
                       check=False)[1]
     check(resolved.split()[:2] == ["active", "../run/systemd/resolve/stub-resolv.conf"] and hostname in resolved,
           f"systemd-resolved, resolv.conf, nss: {resolved.strip()}")
+    journal = vm.run("journalctl -b -u systemd-resolved --no-pager -o cat", check=False)[1]
+    # resolved takes the name it answers mDNS for at its start: after racklet-node.
+    check("Defaulting to hostname" not in journal,
+          f"systemd-resolved started before the card's host name was set: {journal.strip()[-400:]}")
     ctx.note(f"resolvectl mdns: {' '.join(mdns.split())}; resolved, resolv.conf, getent: {' '.join(resolved.split())}")
     return host_key
 

@@ -34,7 +34,7 @@ use crate::error::AgentError;
 use crate::install;
 use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
-use crate::state::{self, AgentState, Operation, SlotState, STATE_DIR};
+use crate::state::{self, AgentState, Operation, SlotState, StateSetAside, STATE_DIR};
 use crate::status::{parse_os_release, read_booted_status, OS_RELEASE, PROC_CMDLINE};
 use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
 
@@ -197,6 +197,9 @@ pub struct StatusReport {
     /// When the timer reboots into the installed update by itself (it waits
     /// for the maintenance window); `None`: no such reboot is pending.
     pub automatic_reboot_at: Option<Timestamp>,
+    /// The state file this agent found unusable at its start, and where it
+    /// went; `None` when it read its state.
+    pub state_set_aside: Option<StateSetAside>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -230,6 +233,8 @@ struct Inner {
     config: Config,
     config_error: Option<String>,
     state: AgentState,
+    /// The state file found unusable at the start (see [`StatusReport`]).
+    state_set_aside: Option<StateSetAside>,
     boot: Box<dyn BootControl>,
     /// A background apply is running.
     busy: bool,
@@ -273,7 +278,12 @@ impl Agent {
     pub fn open(paths: Paths) -> Result<Agent, AgentError> {
         let booted = Booted::read(&paths)?;
         let config = Config::load(&paths.config_defaults, &paths.config)?;
-        let state = AgentState::load(&paths.state_dir)?;
+        let now = Timestamp::now();
+        let (mut state, state_set_aside) = AgentState::load_or_set_aside(&paths.state_dir, now);
+        if let Some(aside) = &state_set_aside {
+            tracing::error!(state = %aside, "the agent's state file could not be used");
+            state.record_error(now, "state", aside.to_string());
+        }
         let seed = state::load_or_create_seed(&paths.state_dir)?;
         let boot = boot_control::detect(&paths.esp)?;
         let (changes, _) = watch::channel(0);
@@ -285,6 +295,7 @@ impl Agent {
                 config,
                 config_error: None,
                 state,
+                state_set_aside,
                 boot,
                 busy: false,
             }),
@@ -362,6 +373,7 @@ impl Agent {
             },
             seed: self.seed,
             config_error: inner.config_error.clone(),
+            state_set_aside: inner.state_set_aside.clone(),
         })
     }
 
@@ -962,13 +974,20 @@ impl Agent {
         let boot_states = inner.boot.slot_states()?;
         let other = booted.other();
         if inner.state.slot(other).state == SlotState::Unknown {
-            let absent = boot_states
+            // A first start, or a state rebuilt: the boot loader's word.
+            let boot_state = boot_states
                 .iter()
-                .any(|(slot, state)| *slot == other && *state == SlotBootState::Absent);
-            inner.state.slot_mut(other).state = if absent {
-                SlotState::Empty
-            } else {
-                SlotState::Good
+                .find(|(slot, _)| *slot == other)
+                .map(|(_, state)| state);
+            inner.state.slot_mut(other).state = match boot_state {
+                Some(SlotBootState::Absent) => SlotState::Empty,
+                // Never to be booted, or tried and not running: failed.
+                Some(SlotBootState::Bad | SlotBootState::Trying { tries_left: 0 }) => {
+                    SlotState::Bad
+                }
+                // A try placed and not taken yet: the next boot tries it.
+                Some(SlotBootState::Trying { .. }) => SlotState::Installed,
+                Some(SlotBootState::Good) | None => SlotState::Good,
             };
         }
         let trying = inner.boot.is_trying(booted)?;

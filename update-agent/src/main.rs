@@ -389,6 +389,15 @@ fn print_status(value: &serde_json::Value) {
     if let Some(at) = value["automatic_reboot_at"].as_str() {
         println!("reboot:      by itself at {at} (the maintenance window)");
     }
+    if let Some(aside) = value["state_set_aside"].as_object() {
+        println!(
+            "state:       rebuilt at the start: {} (kept as {})",
+            aside["reason"].as_str().unwrap_or("?"),
+            aside["kept_as"]
+                .as_str()
+                .unwrap_or("nowhere: it could not be moved")
+        );
+    }
     if let Some(error) = value["config_error"].as_str() {
         println!("config:      {error} (the last good configuration is in use)");
     }

@@ -206,6 +206,34 @@ pub struct LastError {
     pub message: String,
 }
 
+/// A state file the agent could not use, and where it went
+/// ([`AgentState::load_or_set_aside`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSetAside {
+    /// Why it could not be used (names the file).
+    pub reason: String,
+    /// Where it was kept; `None` if it could not be moved.
+    pub kept_as: Option<PathBuf>,
+}
+
+impl std::fmt::Display for StateSetAside {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kept_as {
+            Some(path) => write!(
+                formatter,
+                "{}; kept aside as {}, and the state rebuilt from the boot loader and the booted image",
+                self.reason,
+                path.display()
+            ),
+            None => write!(
+                formatter,
+                "{}; it could not be moved aside, and the state was rebuilt from the boot loader and the booted image",
+                self.reason
+            ),
+        }
+    }
+}
+
 /// Everything the agent keeps across restarts (`state.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -260,6 +288,36 @@ impl AgentState {
                 source,
             }),
         }
+    }
+
+    /// Read `dir/state.json` as [`AgentState::load`] does, except that a file
+    /// the agent cannot use (corrupt, an unknown schema, unreadable) never
+    /// stops it: the file is kept aside as `state.json.set-aside-<time>` (or
+    /// left where it is if even that fails, to be replaced by the next write)
+    /// and a fresh state is returned with why; the daemon's start then
+    /// rebuilds the slots' records from the boot loader and the booted image.
+    pub fn load_or_set_aside(dir: &Path, now: Timestamp) -> (AgentState, Option<StateSetAside>) {
+        let error = match AgentState::load(dir) {
+            Ok(state) => return (state, None),
+            Err(error) => error,
+        };
+        let path = AgentState::path(dir);
+        let stamp = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+        // A second one within the same second gets a number: none is lost.
+        let aside = (0..100)
+            .map(|number| match number {
+                0 => dir.join(format!("{STATE_FILE_NAME}.set-aside-{stamp}")),
+                _ => dir.join(format!("{STATE_FILE_NAME}.set-aside-{stamp}.{number}")),
+            })
+            .find(|candidate| candidate.symlink_metadata().is_err());
+        let kept_as = aside.filter(|aside| std::fs::rename(&path, aside).is_ok());
+        (
+            AgentState::default(),
+            Some(StateSetAside {
+                reason: error.to_string(),
+                kept_as,
+            }),
+        )
     }
 
     /// Parse the state; `path` names the source in errors. The schema is
@@ -671,6 +729,54 @@ mod tests {
         assert!(state.forget_failed_version(&version("1.2.0")));
         assert!(!state.forget_failed_version(&version("1.2.0")));
         assert_eq!(state.failed_version_numbers(), [version("1.3.0")]);
+    }
+
+    #[test]
+    fn an_unusable_state_file_is_set_aside_and_a_fresh_state_begins() {
+        let now: Timestamp = "2026-12-04T01:02:03Z".parse().unwrap();
+        for (contents, reason) in [
+            (&b"\x00garbage{"[..], "not a valid agent state file"),
+            (
+                &b"{\"schema\": 9, \"slots\": {}}"[..],
+                "agent state schema 9 is not supported",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(AgentState::path(dir.path()), contents).unwrap();
+            let (state, aside) = AgentState::load_or_set_aside(dir.path(), now);
+            assert_eq!(state, AgentState::default());
+            let aside = aside.expect("set aside");
+            let kept = dir.path().join("state.json.set-aside-20261204T010203Z");
+            assert!(
+                aside.reason.contains(reason) && aside.reason.contains("state.json"),
+                "{aside}"
+            );
+            assert_eq!(aside.kept_as.as_deref(), Some(kept.as_path()));
+            assert_eq!(std::fs::read(&kept).unwrap(), contents, "kept as it was");
+            assert!(!AgentState::path(dir.path()).exists());
+            assert!(
+                aside.to_string().contains("rebuilt from the boot loader"),
+                "{aside}"
+            );
+            // Another one in the same second is kept beside it.
+            std::fs::write(AgentState::path(dir.path()), contents).unwrap();
+            let (_, again) = AgentState::load_or_set_aside(dir.path(), now);
+            let second = dir.path().join("state.json.set-aside-20261204T010203Z.1");
+            assert_eq!(again.unwrap().kept_as.as_deref(), Some(second.as_path()));
+            assert!(kept.exists() && second.exists());
+        }
+        // A missing file is a first start, a good one is read: nothing set aside.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(AgentState::load_or_set_aside(dir.path(), now).1, None);
+        let state = AgentState {
+            written_bytes_total: 7,
+            ..AgentState::default()
+        };
+        state.write(dir.path()).unwrap();
+        assert_eq!(
+            AgentState::load_or_set_aside(dir.path(), now),
+            (state, None)
+        );
     }
 
     #[test]

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""The rpi4 root's kernel modules: what a Pi 4 node needs is there; what the
+variant leaves out (kernel.omit_modules) is not, nor a module that needs it,
+and modules.dep names no left-out module.
+
+    python3 tests/image/check_rpi4_modules.py BUILD_DIR   (e.g. build/rpi4)
+
+Reads update/root.erofs.zst with zstd and dump.erofs (erofs-utils); prints
+what it found and exits non-zero on the first surprise."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# Needed on a Pi 4 (as modules; the PCIe host, pin and clock drivers are built
+# in): its Ethernet, SD card, USB (VL805 on PCIe) and its reset, watchdog,
+# random number generator, temperature, CPU frequency, the PoE HAT's fan, I2C.
+NEEDED = [
+    "kernel/drivers/net/ethernet/broadcom/genet/genet.ko",
+    "kernel/drivers/mmc/host/sdhci-iproc.ko",
+    "kernel/drivers/usb/host/xhci-pci.ko",
+    "kernel/drivers/reset/reset-raspberrypi.ko",
+    "kernel/drivers/watchdog/bcm2835_wdt.ko",
+    "kernel/drivers/char/hw_random/iproc-rng200.ko",
+    "kernel/drivers/thermal/broadcom/bcm2711_thermal.ko",
+    "kernel/drivers/cpufreq/raspberrypi-cpufreq.ko",
+    "kernel/drivers/pwm/pwm-raspberrypi-poe.ko",
+    "kernel/drivers/i2c/busses/i2c-bcm2835.ko",
+]
+# Left out (variants/rpi4/variant.toml), and one that needs a left-out module.
+LEFT_OUT = [
+    "kernel/sound",
+    "kernel/drivers/gpu",
+    "kernel/drivers/media",
+    "kernel/drivers/net/wireless",
+    "kernel/drivers/staging/vc04_services/bcm2835-audio/snd-bcm2835.ko",
+]
+
+
+def listing(image: str, directory: str) -> set[str] | None:
+    """The names in `directory` of the erofs `image`, or None if it is not there."""
+    result = subprocess.run(["dump.erofs", "--ls", f"--path={directory}", image],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or "read inode failed" in result.stderr or "NID TYPE" not in result.stdout:
+        return None
+    rows = result.stdout.split("NID TYPE", 1)[1].splitlines()[1:]
+    return {row.split()[-1] for row in rows if len(row.split()) >= 3}
+
+
+def main() -> int:
+    build = sys.argv[1]
+    manifest = json.load(open(os.path.join(build, "manifest.json")))
+    modules = f"/usr/lib/modules/{manifest['kernel_version']}"
+    with tempfile.TemporaryDirectory() as scratch:
+        image = os.path.join(scratch, "root.erofs")
+        subprocess.run(["zstd", "-q", "-d", "-o", image, os.path.join(build, "update", "root.erofs.zst")], check=True)
+        for path in NEEDED:
+            directory, name = os.path.split(path)
+            names = listing(image, f"{modules}/{directory}")
+            if names is None or name not in names:
+                print(f"FAIL: {modules}/{path} is missing (a Pi 4 needs it)")
+                return 1
+        for path in LEFT_OUT:
+            directory, name = os.path.split(path)
+            names = listing(image, f"{modules}/{directory}")
+            if names is not None and name in names:
+                print(f"FAIL: {modules}/{path} is in the root; kernel.omit_modules leaves it out")
+                return 1
+        dep = subprocess.run(["fsck.erofs", f"--extract={scratch}/x", image], capture_output=True, text=True)
+        if dep.returncode != 0:
+            print(f"FAIL: fsck.erofs --extract: {dep.stderr.strip()[-400:]}")
+            return 1
+        text = open(f"{scratch}/x{modules}/modules.dep").read()
+        stale = [line.split(":")[0] for line in text.splitlines()
+                 if any(part.startswith(tuple(p + "/" for p in LEFT_OUT[:4])) for part in line.replace(":", " ").split())]
+        if stale:
+            print(f"FAIL: modules.dep still names left-out modules: {stale[:5]}")
+            return 1
+        print(f"{len(NEEDED)} needed modules present; {len(LEFT_OUT)} left-out paths absent; "
+              f"modules.dep ({len(text.splitlines())} modules) names none of them")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
