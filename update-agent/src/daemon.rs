@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use os_format::layout::{Arch, Slot};
+use os_format::layout::Arch;
 use os_format::manifest::ArtifactKind;
 use os_format::settings::MaintenanceWindow;
 use os_format::update_manifest::{parse_version, Update, UpdateManifest, Version};
@@ -35,7 +35,10 @@ use crate::install;
 use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
 use crate::state::{self, AgentState, Operation, SlotState, StateSetAside, STATE_DIR};
-use crate::status::{parse_os_release, read_booted_status, OS_RELEASE, PROC_CMDLINE};
+use crate::status::{
+    parse_os_release, read_booted_status, Booted, ProgressReport, SlotStatus, StatusReport,
+    OS_RELEASE, PROC_CMDLINE,
+};
 use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
 
 /// systemd-timesyncd touches this once the clock is synchronised.
@@ -108,18 +111,6 @@ impl Paths {
     }
 }
 
-/// What is running now.
-#[derive(Clone, Debug, Serialize)]
-pub struct Booted {
-    pub slot: Slot,
-    pub version: Version,
-    pub variant: String,
-    pub arch: Arch,
-    pub verity_root_hash: String,
-    /// The image's build time (its files' timestamps): the clock's floor.
-    pub build_time: u64,
-}
-
 impl Booted {
     pub fn read(paths: &Paths) -> Result<Booted, AgentError> {
         let status = read_booted_status(&paths.cmdline, &paths.os_release)?;
@@ -181,40 +172,6 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub total: AtomicU64,
     pub cancel: AtomicBool,
-}
-
-/// The status document (`racklet-update status --json`).
-#[derive(Clone, Debug, Serialize)]
-pub struct StatusReport {
-    pub booted: Booted,
-    pub state: AgentState,
-    pub boot_slots: Vec<SlotStatus>,
-    /// The slot the boot loader starts next (`None`: nothing bootable).
-    pub next_boot: Option<Slot>,
-    pub progress: ProgressReport,
-    pub seed: u32,
-    pub config_error: Option<String>,
-    /// When the timer reboots into the installed update by itself (it waits
-    /// for the maintenance window); `None`: no such reboot is pending.
-    pub automatic_reboot_at: Option<Timestamp>,
-    /// The state file this agent found unusable at its start, and where it
-    /// went; `None` when it read its state.
-    pub state_set_aside: Option<StateSetAside>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct SlotStatus {
-    pub slot: Slot,
-    pub booted: bool,
-    pub boot_state: String,
-    pub state: SlotState,
-    pub version: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgressReport {
-    pub bytes: u64,
-    pub total: u64,
 }
 
 /// The result of a check.
@@ -1335,6 +1292,7 @@ fn decision_summary(decision: &Decision) -> (&'static str, Option<Version>, Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use os_format::layout::Slot;
     use os_format::manifest::{Artifact, Compression};
     use sha2::{Digest, Sha256};
 

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use update_agent::daemon::{Agent, Paths};
 use update_agent::dbus::{remote_error, Update1Proxy};
 use update_agent::error::AgentError;
+use update_agent::status::{render_status, StatusReport};
 
 #[derive(Parser)]
 #[command(
@@ -183,11 +184,15 @@ async fn run(cli: &Cli) -> Result<(), AgentError> {
         Command::Daemon(args) => run_daemon(args).await,
         Command::Status => {
             let text = proxy().await?.status().await.map_err(remote_error)?;
-            let value = parse_json(&text);
             if cli.json {
+                let value = parse_json(&text);
                 println!("{}", serde_json::to_string_pretty(&value).expect("json"));
             } else {
-                print_status(&value);
+                let report: StatusReport =
+                    serde_json::from_str(&text).map_err(|error| AgentError::Remote {
+                        message: format!("the daemon's status is not a status document: {error}"),
+                    })?;
+                print!("{}", render_status(&report));
             }
             Ok(())
         }
@@ -314,94 +319,6 @@ async fn wait_for_install(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-}
-
-fn print_status(value: &serde_json::Value) {
-    let booted = &value["booted"];
-    println!(
-        "booted:      slot {} — {} {} ({})",
-        booted["slot"].as_str().unwrap_or("?"),
-        booted["variant"].as_str().unwrap_or("?"),
-        booted["version"].as_str().unwrap_or("?"),
-        booted["arch"].as_str().unwrap_or("?")
-    );
-    println!("SLOT   BOOTED   NEXT BOOT   VERSION      AGENT STATE    BOOT LOADER");
-    let next_boot = value["next_boot"].as_str();
-    if let Some(slots) = value["boot_slots"].as_array() {
-        for slot in slots {
-            let name = slot["slot"].as_str();
-            println!(
-                "{:<6} {:<8} {:<11} {:<12} {:<14} {}",
-                name.unwrap_or("?"),
-                if slot["booted"].as_bool() == Some(true) {
-                    "yes"
-                } else {
-                    ""
-                },
-                if name.is_some() && name == next_boot {
-                    "yes"
-                } else {
-                    ""
-                },
-                slot["version"].as_str().unwrap_or("-"),
-                slot["state"].as_str().unwrap_or("?"),
-                slot["boot_state"].as_str().unwrap_or("?")
-            );
-        }
-    }
-    let state = &value["state"];
-    println!(
-        "operation:   {}",
-        state["operation"]["kind"].as_str().unwrap_or("?")
-    );
-    if value["progress"]["total"].as_u64().unwrap_or(0) > 0 && state["operation"]["kind"] != "idle"
-    {
-        println!(
-            "progress:    {} of {} bytes",
-            value["progress"]["bytes"], value["progress"]["total"]
-        );
-    }
-    match state["last_check"].as_object() {
-        Some(check) => println!(
-            "last check:  {} — {}",
-            check["time"].as_str().unwrap_or("?"),
-            check["result"].as_str().unwrap_or("?")
-        ),
-        None => println!("last check:  never"),
-    }
-    if let Some(error) = state["last_error"].as_object() {
-        println!(
-            "last error:  {} ({}): {}",
-            error["time"].as_str().unwrap_or("?"),
-            error["operation"].as_str().unwrap_or("?"),
-            error["message"].as_str().unwrap_or("?")
-        );
-    }
-    if let Some(failed) = state["failed_versions"].as_array() {
-        for entry in failed {
-            println!(
-                "failed:      {} — {}",
-                entry["version"].as_str().unwrap_or("?"),
-                entry["reason"].as_str().unwrap_or("?")
-            );
-        }
-    }
-    if let Some(at) = value["automatic_reboot_at"].as_str() {
-        println!("reboot:      by itself at {at} (the maintenance window)");
-    }
-    if let Some(aside) = value["state_set_aside"].as_object() {
-        println!(
-            "state:       rebuilt at the start: {} (kept as {})",
-            aside["reason"].as_str().unwrap_or("?"),
-            aside["kept_as"]
-                .as_str()
-                .unwrap_or("nowhere: it could not be moved")
-        );
-    }
-    if let Some(error) = value["config_error"].as_str() {
-        println!("config:      {error} (the last good configuration is in use)");
-    }
-    println!("wave seed:   {}", value["seed"]);
 }
 
 /// The first retry after a failed check.

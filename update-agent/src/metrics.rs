@@ -55,8 +55,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::boot_control::SlotBootState;
-use crate::daemon::{Agent, Booted};
+use crate::daemon::Agent;
 use crate::state::{atomic_write, AgentState, AtomicWriteError, Operation, SlotState};
+use crate::status::Booted;
 use crate::status::BootedStatus;
 
 /// Prefix of every metric name.
@@ -227,17 +228,6 @@ impl Family {
     }
 }
 
-/// Every [`SlotState`], in a fixed order, with its name.
-const SLOT_STATES: [(SlotState, &str); 7] = [
-    (SlotState::Unknown, "unknown"),
-    (SlotState::Empty, "empty"),
-    (SlotState::Unbootable, "unbootable"),
-    (SlotState::Installed, "installed"),
-    (SlotState::Trying, "trying"),
-    (SlotState::Good, "good"),
-    (SlotState::Bad, "bad"),
-];
-
 /// Every [`Operation::name`], in a fixed order.
 const OPERATION_NAMES: [&str; 5] = ["idle", "writing", "verifying", "installed", "trying"];
 
@@ -287,9 +277,9 @@ fn families(snapshot: &MetricsSnapshot) -> Vec<Family> {
     );
     for slot in Slot::ALL {
         let record = state.slot(slot);
-        for (candidate, name) in SLOT_STATES {
+        for candidate in SlotState::ALL {
             slot_state = slot_state.flag(
-                &[("slot", slot.name()), ("state", name)],
+                &[("slot", slot.name()), ("state", candidate.name())],
                 record.state == candidate,
             );
         }
@@ -890,12 +880,12 @@ mod tests {
             (
                 "racklet_update_slot_state{",
                 "slot=\"a\"",
-                SLOT_STATES.len(),
+                SlotState::ALL.len(),
             ),
             (
                 "racklet_update_slot_state{",
                 "slot=\"b\"",
-                SLOT_STATES.len(),
+                SlotState::ALL.len(),
             ),
             ("racklet_update_slot_boot_state{", "slot=\"b\"", 4),
             ("racklet_update_operation{", "name=", OPERATION_NAMES.len()),

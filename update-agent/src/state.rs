@@ -144,6 +144,32 @@ pub enum SlotState {
     Bad,
 }
 
+impl SlotState {
+    /// Every state, in a fixed order (the metrics' one-hot family).
+    pub const ALL: [SlotState; 7] = [
+        SlotState::Unknown,
+        SlotState::Empty,
+        SlotState::Unbootable,
+        SlotState::Installed,
+        SlotState::Trying,
+        SlotState::Good,
+        SlotState::Bad,
+    ];
+
+    /// The state's name, as the status document and the metrics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Unknown => "unknown",
+            SlotState::Empty => "empty",
+            SlotState::Unbootable => "unbootable",
+            SlotState::Installed => "installed",
+            SlotState::Trying => "trying",
+            SlotState::Good => "good",
+            SlotState::Bad => "bad",
+        }
+    }
+}
+
 /// The agent's record of one slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -777,6 +803,16 @@ mod tests {
             AgentState::load_or_set_aside(dir.path(), now),
             (state, None)
         );
+    }
+
+    #[test]
+    fn slot_state_names_are_their_serde_names() {
+        for state in SlotState::ALL {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::from(state.name())
+            );
+        }
     }
 
     #[test]

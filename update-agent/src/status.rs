@@ -1,13 +1,21 @@
-//! What is running: read from the kernel command line and os-release.
+//! What is running (read from the kernel command line and os-release) and
+//! the status document: one typed [`StatusReport`] that the daemon builds,
+//! `racklet-update status --json` prints as it is, and [`render_status`]
+//! turns into text for people (a pure function, golden-tested against
+//! `tests/data/status/`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use jiff::Timestamp;
 use os_format::cmdline::BootParams;
+use os_format::layout::Arch;
 use os_format::layout::Slot;
-use serde::Serialize;
+use os_format::update_manifest::Version;
+use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
+use crate::state::{AgentState, SlotState, StateSetAside};
 
 pub const PROC_CMDLINE: &str = "/proc/cmdline";
 pub const OS_RELEASE: &str = "/etc/os-release";
@@ -19,6 +27,138 @@ pub struct BootedStatus {
     pub image_id: Option<String>,
     pub image_version: Option<String>,
     pub variant_id: Option<String>,
+}
+
+/// What is running now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booted {
+    pub slot: Slot,
+    pub version: Version,
+    pub variant: String,
+    pub arch: Arch,
+    pub verity_root_hash: String,
+    /// The image's build time (its files' timestamps): the clock's floor.
+    pub build_time: u64,
+}
+
+/// The status document (`racklet-update status --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub booted: Booted,
+    pub state: AgentState,
+    pub boot_slots: Vec<SlotStatus>,
+    /// The slot the boot loader starts next (`None`: nothing bootable).
+    pub next_boot: Option<Slot>,
+    pub progress: ProgressReport,
+    pub seed: u32,
+    pub config_error: Option<String>,
+    /// When the timer reboots into the installed update by itself (it waits
+    /// for the maintenance window); `None`: no such reboot is pending.
+    pub automatic_reboot_at: Option<Timestamp>,
+    /// The state file this agent found unusable at its start, and where it
+    /// went; `None` when it read its state.
+    pub state_set_aside: Option<StateSetAside>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: Slot,
+    pub booted: bool,
+    pub boot_state: String,
+    pub state: SlotState,
+    pub version: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub bytes: u64,
+    pub total: u64,
+}
+
+/// The status for people (`racklet-update status`): what booted, a table of
+/// the slots, the operation and its progress, the last check and error, the
+/// failed versions, a pending automatic reboot, a state file set aside, a
+/// configuration error, the wave seed. Pure; golden-tested.
+pub fn render_status(report: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let booted = &report.booted;
+    let _ = writeln!(
+        text,
+        "booted:      slot {} — {} {} ({})",
+        booted.slot.name(),
+        booted.variant,
+        booted.version,
+        booted.arch.as_str()
+    );
+    text.push_str("SLOT   BOOTED   NEXT BOOT   VERSION      AGENT STATE    BOOT LOADER\n");
+    for slot in &report.boot_slots {
+        let _ = writeln!(
+            text,
+            "{:<6} {:<8} {:<11} {:<12} {:<14} {}",
+            slot.slot.name(),
+            if slot.booted { "yes" } else { "" },
+            if report.next_boot == Some(slot.slot) {
+                "yes"
+            } else {
+                ""
+            },
+            slot.version.as_deref().unwrap_or("-"),
+            slot.state.name(),
+            slot.boot_state
+        );
+    }
+    let state = &report.state;
+    let _ = writeln!(text, "operation:   {}", state.operation.name());
+    if report.progress.total > 0 && state.operation != crate::state::Operation::Idle {
+        let _ = writeln!(
+            text,
+            "progress:    {} of {} bytes",
+            report.progress.bytes, report.progress.total
+        );
+    }
+    match &state.last_check {
+        Some(check) => {
+            let _ = writeln!(text, "last check:  {} — {}", check.time, check.result);
+        }
+        None => text.push_str("last check:  never\n"),
+    }
+    if let Some(error) = &state.last_error {
+        let _ = writeln!(
+            text,
+            "last error:  {} ({}): {}",
+            error.time, error.operation, error.message
+        );
+    }
+    for failed in &state.failed_versions {
+        let _ = writeln!(text, "failed:      {} — {}", failed.version, failed.reason);
+    }
+    if let Some(at) = report.automatic_reboot_at {
+        let _ = writeln!(
+            text,
+            "reboot:      by itself at {at} (the maintenance window)"
+        );
+    }
+    if let Some(aside) = &report.state_set_aside {
+        let _ = writeln!(
+            text,
+            "state:       rebuilt at the start: {} (kept as {})",
+            aside.reason,
+            aside
+                .kept_as
+                .as_ref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|| "nowhere: it could not be moved".into())
+        );
+    }
+    if let Some(error) = &report.config_error {
+        let _ = writeln!(
+            text,
+            "config:      {error} (the last good configuration is in use)"
+        );
+    }
+    let _ = writeln!(text, "wave seed:   {}", report.seed);
+    text
 }
 
 /// Parse os-release `KEY=value` lines (values may be quoted).
@@ -72,6 +212,51 @@ pub fn read_booted_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each `tests/data/status/<name>.json` (a status document as the daemon
+    /// serves it) renders as `<name>.txt`. After an intended change of the
+    /// text, RACKLET_BLESS=1 rewrites the .txt files.
+    #[test]
+    fn status_documents_render_as_their_golden_texts() {
+        let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/status");
+        let mut names: Vec<_> = std::fs::read_dir(&directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "json")
+            })
+            .collect();
+        names.sort();
+        assert!(
+            names.len() >= 3,
+            "golden status documents in {}",
+            directory.display()
+        );
+        for json in names {
+            let report: StatusReport = serde_json::from_slice(&std::fs::read(&json).unwrap())
+                .unwrap_or_else(|error| {
+                    panic!("{}: not a status document: {error}", json.display())
+                });
+            // The document round-trips: the daemon's JSON is the CLI's input.
+            let again: StatusReport =
+                serde_json::from_value(serde_json::to_value(&report).unwrap()).unwrap();
+            assert_eq!(again, report, "{}", json.display());
+            let rendered = render_status(&report);
+            let golden = json.with_extension("txt");
+            if std::env::var_os("RACKLET_BLESS").is_some() {
+                std::fs::write(&golden, &rendered).unwrap();
+            }
+            let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+            assert_eq!(
+                rendered,
+                expected,
+                "{} renders differently from {} (RACKLET_BLESS=1 rewrites it)",
+                json.display(),
+                golden.display()
+            );
+        }
+    }
 
     #[test]
     fn reads_slot_and_version() {
