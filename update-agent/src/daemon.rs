@@ -554,7 +554,18 @@ impl Agent {
         let version = update.version.clone();
         let agent = Arc::clone(self);
         tokio::spawn(async move {
-            let result = agent.install(&update, &client, &repository).await;
+            // The install in a task of its own: should it panic (a bug), the
+            // install fails like any other and the agent is not left busy.
+            let installer = Arc::clone(&agent);
+            let installed = update.clone();
+            let result = AgentError::joined(
+                "the install",
+                tokio::spawn(
+                    async move { installer.install(&installed, &client, &repository).await },
+                )
+                .await,
+            )
+            .and_then(|result| result);
             agent
                 .finish_install(&update, result, request.reboot, request.reboot_window)
                 .await;
@@ -604,9 +615,13 @@ impl Agent {
         }
         let partitions = {
             let disk = disk.clone();
-            tokio::task::spawn_blocking(move || slots::set_slot_partition_uuids(&disk, slot, None))
-                .await
-                .expect("the relabel task does not panic")?
+            AgentError::joined(
+                "the relabel task",
+                tokio::task::spawn_blocking(move || {
+                    slots::set_slot_partition_uuids(&disk, slot, None)
+                })
+                .await,
+            )??
         };
         // 2. Stream root and verity into the partitions.
         let mut written_before = 0;
@@ -623,26 +638,29 @@ impl Agent {
                 let partitions = partitions.clone();
                 let progress = Arc::clone(&self.progress);
                 let base = written_before;
-                let result = tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
-                    let file = install::open_disk_for_writing(&disk)?;
-                    let partition = install::partition_for(&artifact, &partitions)?;
-                    let cancellable = CancellableReader {
-                        inner: reader,
-                        progress: Arc::clone(&progress),
-                    };
-                    install::write_artifact(
-                        cancellable,
-                        &artifact,
-                        &file,
-                        partition,
-                        &mut |bytes| {
-                            progress.bytes.store(base + bytes, Ordering::Relaxed);
-                        },
-                    )?;
-                    Ok(())
-                })
-                .await
-                .expect("the writer task does not panic");
+                let result = AgentError::joined(
+                    "the writer task",
+                    tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                        let file = install::open_disk_for_writing(&disk)?;
+                        let partition = install::partition_for(&artifact, &partitions)?;
+                        let cancellable = CancellableReader {
+                            inner: reader,
+                            progress: Arc::clone(&progress),
+                        };
+                        install::write_artifact(
+                            cancellable,
+                            &artifact,
+                            &file,
+                            partition,
+                            &mut |bytes| {
+                                progress.bytes.store(base + bytes, Ordering::Relaxed);
+                            },
+                        )?;
+                        Ok(())
+                    })
+                    .await,
+                )
+                .and_then(|result| result);
                 match result {
                     Ok(()) => break,
                     Err(error) if attempt < ARTIFACT_ATTEMPTS && retryable(&error) => {
@@ -671,13 +689,15 @@ impl Agent {
             let disk = disk.clone();
             let partitions: SlotPartitions = partitions.clone();
             let verity = update.verity.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
-                let file = install::open_disk_for_writing(&disk)?;
-                install::verify_slot(&file, &partitions, &verity)?;
-                Ok(())
-            })
-            .await
-            .expect("the verify task does not panic")?;
+            AgentError::joined(
+                "the verify task",
+                tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                    let file = install::open_disk_for_writing(&disk)?;
+                    install::verify_slot(&file, &partitions, &verity)?;
+                    Ok(())
+                })
+                .await,
+            )??;
         }
         // 4. The UKI, downloaded and checked before anything marks the slot as holding a root.
         let uki_target = update
@@ -691,20 +711,24 @@ impl Agent {
             let reader = repository.target_reader(&uki_target.target)?;
             let artifact = uki_target.artifact.clone();
             let download = download.clone();
-            tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
-                .await
-                .expect("the download task does not panic")?;
+            AgentError::joined(
+                "the download task",
+                tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
+                    .await,
+            )??;
         }
         // 5. Only a verified slot gets the PARTUUIDs the initramfs looks for; then its UKI is placed with one try.
         let hash = root_hash_from_hex(&update.verity.root_hash)
             .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
         {
             let disk = disk.clone();
-            tokio::task::spawn_blocking(move || {
-                slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
-            })
-            .await
-            .expect("the relabel task does not panic")?;
+            AgentError::joined(
+                "the relabel task",
+                tokio::task::spawn_blocking(move || {
+                    slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
+                })
+                .await,
+            )??;
         }
         let _ = client;
         let mut inner = self.inner.lock().await;

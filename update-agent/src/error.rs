@@ -46,6 +46,10 @@ pub enum AgentError {
         #[source]
         source: Box<zbus::Error>,
     },
+    /// A task of the agent panicked (a bug); the step it ran failed, and
+    /// the agent goes on.
+    #[error("{task} stopped unexpectedly (a bug in the agent): {message}")]
+    TaskPanicked { task: String, message: String },
     #[error("the update agent refused: {message}")]
     Remote { message: String },
     /// The daemon refused a request (busy, nothing to do, bad input); its
@@ -68,11 +72,63 @@ impl AgentError {
         }
     }
 
+    /// The result of a joined task: its own result, or its panic (or
+    /// cancellation) as [`AgentError::TaskPanicked`] naming `task`.
+    pub fn joined<T>(
+        task: &str,
+        joined: Result<T, tokio::task::JoinError>,
+    ) -> Result<T, AgentError> {
+        joined.map_err(|error| AgentError::TaskPanicked {
+            task: task.to_string(),
+            message: if error.is_panic() {
+                let payload = error.into_panic();
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into())
+            } else {
+                "cancelled".into()
+            },
+        })
+    }
+
     pub fn dbus(context: impl Into<String>) -> impl FnOnce(zbus::Error) -> AgentError {
         let context = context.into();
         move |source| AgentError::DBus {
             context,
             source: Box::new(source),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_becomes_an_error_naming_it() {
+        let error = AgentError::joined(
+            "the verify task",
+            tokio::task::spawn_blocking(|| -> u32 { panic!("index out of bounds") }).await,
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the verify task stopped unexpectedly (a bug in the agent): index out of bounds"
+        );
+        let formatted = AgentError::joined(
+            "the install",
+            tokio::spawn(async { panic!("slot {} is odd", 7) }).await,
+        )
+        .unwrap_err();
+        assert!(
+            formatted.to_string().ends_with("slot 7 is odd"),
+            "{formatted}"
+        );
+        assert_eq!(
+            AgentError::joined("t", tokio::spawn(async { 5 }).await).unwrap(),
+            5
+        );
     }
 }
