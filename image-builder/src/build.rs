@@ -106,11 +106,22 @@ fn update_trust(options: &BuildOptions, variant: &Variant) -> Result<compose::Up
      -> Result<Option<String>> {
         let value = cli.clone().or_else(|| from_variant.clone());
         if let Some(value) = &value {
-            url::Url::parse(value).map_err(|error| BuildError::ConfigKey {
+            let url = url::Url::parse(value).map_err(|error| BuildError::ConfigKey {
                 file: variant.file.clone(),
                 key: format!("update.{key}"),
                 message: format!("'{value}' is not a URL: {error}"),
             })?;
+            if !variant.update.allow_insecure_http
+                && os_format::update_manifest::is_insecure_remote_url(url.scheme(), url.host_str())
+            {
+                return Err(BuildError::ConfigKey {
+                    file: variant.file.clone(),
+                    key: format!("update.{key}"),
+                    message: format!(
+                        "'{value}' is plain http:// to another machine, which the image's agent refuses; expected https://, or [update] allow_insecure_http = true in the variant"
+                    ),
+                });
+            }
         }
         Ok(value)
     };
@@ -126,6 +137,7 @@ fn update_trust(options: &BuildOptions, variant: &Variant) -> Result<compose::Up
             &variant.update.targets_url,
             "targets_url",
         )?,
+        allow_insecure_http: variant.update.allow_insecure_http,
     };
     if trust.root_json.is_none() {
         tracing::warn!("no TUF root given (run `make keys`); this image cannot verify updates until one is configured");

@@ -64,6 +64,8 @@ pub struct UpdateTrust {
     pub root_json: Option<Vec<u8>>,
     pub metadata_url: Option<String>,
     pub targets_url: Option<String>,
+    /// The variant's `update.allow_insecure_http`.
+    pub allow_insecure_http: bool,
 }
 
 /// The agent's image defaults (TOML): URLs and the units the health gate needs.
@@ -76,6 +78,9 @@ pub fn update_defaults(variant: &Variant, trust: &UpdateTrust) -> String {
     }
     if let Some(url) = &trust.targets_url {
         text.push_str(&format!("targets_url = {}\n", quote(url)));
+    }
+    if trust.allow_insecure_http {
+        text.push_str("# The variant allows plain http:// to its update server (variant.toml).\nallow_insecure_http = true\n");
     }
     text.push_str("\n[health]\nrequired_units = [");
     text.push_str(

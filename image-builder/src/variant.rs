@@ -70,6 +70,10 @@ pub struct BootSection {
 pub struct UpdateSection {
     pub metadata_url: Option<String>,
     pub targets_url: Option<String>,
+    /// Plain `http://` URLs to another machine are accepted (the agent
+    /// refuses them otherwise); for test variants on a private network.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -141,6 +141,10 @@ pub struct UpdateSettings {
     /// past midnight: `22:00-04:00`); unset: any time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance_window: Option<String>,
+    /// Accept plain `http://` URLs to another machine (the agent's key of
+    /// the same name); unset: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_insecure_http: Option<bool>,
 }
 
 /// `[time]`: NTP servers (unset: systemd-timesyncd's defaults).
@@ -433,6 +437,16 @@ impl UpdateSettings {
             if let Some(url) = url {
                 if let Err(expected) = check_url(url, &["https", "http"]) {
                     problem(key.into(), expected);
+                } else if self.allow_insecure_http != Some(true)
+                    && crate::update_manifest::is_insecure_remote_url(
+                        url.split_once("://").map_or("", |(scheme, _)| scheme),
+                        url_host(url),
+                    )
+                {
+                    problem(
+                        key.into(),
+                        format!("{url:?}: plain http:// to another machine; expected https://, or update.allow_insecure_http = true"),
+                    );
                 }
             }
         }
@@ -602,6 +616,20 @@ fn is_time_zone_name(zone: &str) -> bool {
 }
 
 /// `SCHEME://HOST[:PORT][/PATH]` with one of `schemes`.
+/// The host of a URL `check_url` accepted (IPv6 in brackets), without port.
+fn url_host(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next();
+    }
+    Some(
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    )
+}
+
 fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
     let wanted = schemes.join(" or ");
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -1015,6 +1043,27 @@ ca_certificates = ["hello"]
             multiline[0].starts_with("kubernetes.token"),
             "{multiline:?}"
         );
+    }
+
+    #[test]
+    fn plain_http_update_urls_need_allow_insecure_http() {
+        let remote = problems("[update]\nmetadata_url = \"http://10.1.2.3:8080/metadata/\"\n");
+        assert!(
+            remote[0].starts_with("update.metadata_url")
+                && remote[0].contains("update.allow_insecure_http = true"),
+            "{remote:?}"
+        );
+        for text in [
+            "[update]\nmetadata_url = \"http://10.1.2.3/m/\"\nallow_insecure_http = true\n",
+            "[update]\ntargets_url = \"http://127.0.0.1:8080/t/\"\n",
+            "[update]\ntargets_url = \"http://[::1]/t/\"\n",
+            "[update]\ntargets_url = \"https://updates.example.org/t/\"\n",
+        ] {
+            Settings::parse(FILE, text).unwrap();
+        }
+        assert_eq!(url_host("http://[2001:db8::1]:80/x"), Some("[2001:db8::1]"));
+        assert_eq!(url_host("http://pi-1.local:6443/x"), Some("pi-1.local"));
+        assert_eq!(url_host("http://pi-1.local"), Some("pi-1.local"));
     }
 
     #[test]

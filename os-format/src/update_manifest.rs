@@ -107,6 +107,25 @@ pub struct UpdateManifest {
     pub updates: Vec<Update>,
 }
 
+/// Whether a repository URL is plain `http://` to another machine than
+/// this one (`scheme` and `host` as the `url` crate gives them; loopback
+/// addresses and `localhost` are this machine). The agent refuses such URLs
+/// unless `allow_insecure_http` is set, and the image builder refuses to put
+/// them into an image without it.
+pub fn is_insecure_remote_url(scheme: &str, host: Option<&str>) -> bool {
+    if scheme != "http" {
+        return false;
+    }
+    let Some(host) = host else {
+        return true;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(address) => !address.is_loopback(),
+        Err(_) => !bare.eq_ignore_ascii_case("localhost"),
+    }
+}
+
 /// The flat TUF target name of one build artifact.
 pub fn target_name(variant: &str, version: &Version, artifact_name: &str) -> String {
     format!("{variant}-{version}-{artifact_name}")
@@ -318,6 +337,28 @@ impl UpdateManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_is_insecure_unless_to_this_machine() {
+        for (scheme, host, insecure) in [
+            ("http", Some("10.0.2.100"), true),
+            ("http", Some("updates.example.org"), true),
+            ("http", Some("127.0.0.1"), false),
+            ("http", Some("127.8.9.10"), false),
+            ("http", Some("[::1]"), false),
+            ("http", Some("LOCALHOST"), false),
+            ("http", Some("[2001:db8::1]"), true),
+            ("http", None, true),
+            ("https", Some("10.0.2.100"), false),
+            ("file", None, false),
+        ] {
+            assert_eq!(
+                is_insecure_remote_url(scheme, host),
+                insecure,
+                "{scheme} {host:?}"
+            );
+        }
+    }
     use crate::manifest::Compression;
 
     fn time(text: &str) -> jiff::Timestamp {

@@ -273,6 +273,7 @@ fn update_config(settings: &Settings) -> Option<String> {
     for (key, value) in [
         ("auto_apply", update.auto_apply),
         ("auto_reboot", update.auto_reboot),
+        ("allow_insecure_http", update.allow_insecure_http),
     ] {
         if let Some(value) = value {
             table.insert(key.into(), toml::Value::Boolean(value));

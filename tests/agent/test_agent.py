@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -460,11 +461,37 @@ class Suite:
         self.server = RepoServer(self.port)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        # The same repository over HTTPS, its certificate (for localhost and
+        # 127.0.0.1) from a throwaway CA that only SSL_CERT_FILE makes trusted.
+        tls = os.path.join(self.tmp, "tls")
+        os.makedirs(tls)
+        self.test_ca = os.path.join(tls, "ca.pem")
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-subj", "/CN=racklet-agent-test-ca", "-days", "1", "-keyout", os.path.join(tls, "ca.key"),
+             "-out", self.test_ca, "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-subj", "/CN=localhost", "-keyout", os.path.join(tls, "server.key"),
+             "-out", os.path.join(tls, "server.csr")])
+        with open(os.path.join(tls, "server.ext"), "w") as out:
+            out.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+                      "basicConstraints=CA:FALSE\n")
+        run(["openssl", "x509", "-req", "-in", os.path.join(tls, "server.csr"), "-CA", self.test_ca,
+             "-CAkey", os.path.join(tls, "ca.key"), "-CAcreateserial", "-days", "1",
+             "-extfile", os.path.join(tls, "server.ext"), "-out", os.path.join(tls, "server.pem")])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(os.path.join(tls, "server.pem"), os.path.join(tls, "server.key"))
+        self.tls_port = free_port()
+        self.tls_server = RepoServer(self.tls_port)
+        self.tls_server.socket = context.wrap_socket(self.tls_server.socket, server_side=True)
+        threading.Thread(target=self.tls_server.serve_forever, daemon=True).start()
+        self.tls_url = f"https://localhost:{self.tls_port}"
 
     def teardown(self):
-        if self.server:
-            self.server.shutdown()
-            self.server.server_close()
+        for server in (self.server, getattr(self, "tls_server", None)):
+            if server:
+                server.shutdown()
+                server.server_close()
         if self.dbus:
             self.dbus.terminate()
             try:
@@ -536,11 +563,15 @@ class Node:
         self.make_esp()
         self.boot("a", suite.builds["1.0.0"])
         suite.server.reset(self.repo)
+        suite.tls_server.reset(self.repo)
+        # Extra environment of the daemon (e.g. SSL_CERT_FILE).
+        self.extra_env = {}
 
     # -- files --
-    def write_config(self, extra="", http_timeout=10, health="", automatic=False):
-        """update.toml; `automatic`: auto_apply and auto_reboot on (the timer's way)."""
-        base = self.suite.base_url
+    def write_config(self, extra="", http_timeout=10, health="", automatic=False, base=None):
+        """update.toml; `automatic`: auto_apply and auto_reboot on (the timer's way);
+        `base`: the repository's URL (default: the suite's plain HTTP server)."""
+        base = base or self.suite.base_url
         auto = "true" if automatic else "false"
         with open(self.config, "w") as out:
             out.write(
@@ -796,6 +827,7 @@ class Node:
         env = dict(os.environ)
         env["DBUS_SYSTEM_BUS_ADDRESS"] = self.suite.bus_address
         env.setdefault("RACKLET_LOG", "info")
+        env.update(self.extra_env)
         return env
 
     def start(self, wait=True, timer=False):
@@ -1579,6 +1611,61 @@ def check_retried_once(node, status):
     report = node.ok("check").json
     check_equal((report["result"], report["version"]), ("available", "1.1.0"),
                 "check after one fallback (retried once)")
+
+
+@case
+def https_repository_trusted_through_a_private_ca(suite, node_name):
+    """The repository over HTTPS with a certificate from a throwaway CA: refused
+    while only the system's trust store is in use (the error names TLS), and
+    installed once the CA is in the trust store the agent reads (SSL_CERT_FILE,
+    as the image's bundle plus a card's [trust] certificates)."""
+    node = standard_node(suite, node_name, start=False)
+    new = suite.builds["1.1.0"]
+    try:
+        node.write_config(base=suite.tls_url)
+        node.extra_env = {"SSL_CERT_FILE": "/nonexistent/no-bundle.pem"}
+        node.start()
+        refused = node.cli("check")
+        check(refused.rc != 0, f"a check against an untrusted certificate succeeded: {refused}")
+        check(re.search(r"certificate|UnknownIssuer|tls|TLS", refused.out + refused.err),
+              f"the refusal does not say it is the certificate: {refused}")
+        node.stop()
+        node.extra_env = {"SSL_CERT_FILE": suite.test_ca}
+        node.start()
+        check_equal(node.ok("check").json["result"], "available", "check over HTTPS")
+        node.ok("apply")
+        node.assert_installed(new)
+        served = [path for path, _ in suite.tls_server.requests]
+        check(any(path.endswith("root.erofs.zst") for path in served),
+              f"the root was not fetched over HTTPS: {served[:8]}")
+        check_equal([path for path, _ in suite.server.requests], [], "requests to the plain HTTP server")
+    finally:
+        node.close()
+
+
+@case
+def plain_http_to_another_machine_is_refused(suite, node_name):
+    """A repository URL of plain http:// to another machine: the configuration
+    is refused (the status names the key and what to do instead), and the
+    agent runs on the image's defaults, never on the refused URL;
+    allow_insecure_http = true accepts it."""
+    node = standard_node(suite, node_name, start=False)
+    try:
+        node.write_config(base="http://192.0.2.10:8080")
+        node.start()
+        status = node.status()
+        error = status.get("config_error") or ""
+        check("metadata_url" in error and "http://192.0.2.10:8080/metadata/" in error
+              and "allow_insecure_http = true" in error, f"config_error: {error!r}")
+        refused = node.cli("check")
+        check(refused.rc != 0 and "192.0.2.10" not in refused.out + refused.err,
+              f"a check with the refused configuration: {refused}")
+        node.stop()
+        node.write_config(base="http://192.0.2.10:8080", extra="allow_insecure_http = true")
+        node.start()
+        check(node.status().get("config_error") is None, "allow_insecure_http = true was not accepted")
+    finally:
+        node.close()
 
 
 @boot_loader_case

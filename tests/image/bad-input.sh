@@ -116,6 +116,13 @@ run_bad_input_tests() {
   sed -i 's/^verity = 64/verity = 1/' "$project/variants/$variant/variant.toml"
   expect_failure "a verity partition too small for the root is refused" "$project" "partitions.verity.*cannot hold the hash tree"
 
+  # Plain http:// to another machine without the variant's allow_insecure_http:
+  # refused before anything is built (the image's agent would refuse it).
+  project="$(scratch_project)"
+  sed -i '/^allow_insecure_http = true/d' "$project/variants/$variant/variant.toml"
+  expect_failure "a plain http:// update URL to another machine is refused" "$project" \
+    "update.metadata_url.*'http://10.0.2.100/metadata/' is plain http:// to another machine.*allow_insecure_http = true"
+
   # An existing good build is left as it was when a rebuild fails.
   project="$(scratch_project)"
   mkdir -p "$project/build/$variant"

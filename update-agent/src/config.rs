@@ -138,6 +138,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_insecure_http: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfigFile>,
 }
 
@@ -191,6 +193,9 @@ pub struct Config {
     pub metrics_textfile: Option<PathBuf>,
     /// Where to serve metrics over HTTP, e.g. `127.0.0.1:9101`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Accept plain `http://` repository URLs to other machines than this
+    /// one (TUF still checks every byte; an observer sees what is fetched).
+    pub allow_insecure_http: bool,
 }
 
 /// The health gate's settings (`[health]`).
@@ -235,6 +240,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             metrics_textfile: None,
             metrics_listen: None,
+            allow_insecure_http: false,
         }
     }
 }
@@ -317,6 +323,9 @@ impl Config {
         if let Some(value) = &file.metrics_listen {
             config.metrics_listen = Some(parse_listen_address("metrics_listen", value)?);
         }
+        if let Some(value) = file.allow_insecure_http {
+            config.allow_insecure_http = value;
+        }
         if let Some(health) = &file.health {
             if let Some(value) = health.timeout_seconds {
                 config.health.timeout_seconds = value;
@@ -338,6 +347,24 @@ impl Config {
     /// Check every value and the keys that depend on each other.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         self.validate_values()?;
+        if !self.allow_insecure_http {
+            for (key, url) in [
+                ("metadata_url", &self.metadata_url),
+                ("targets_url", &self.targets_url),
+            ] {
+                if let Some(url) = url.as_ref().filter(|url| {
+                    os_format::update_manifest::is_insecure_remote_url(url.scheme(), url.host_str())
+                }) {
+                    return Err(InvalidValue::new(
+                        key,
+                        quoted(url.as_str()),
+                        "plain http:// to another machine; expected https://, or \
+                         allow_insecure_http = true where that is acceptable (TUF still checks \
+                         every byte, but anyone on the path sees what the node fetches)",
+                    ));
+                }
+            }
+        }
         match (&self.metadata_url, &self.targets_url) {
             (Some(metadata_url), None) => Err(InvalidValue::new(
                 "targets_url",
@@ -584,6 +611,55 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_to_another_machine_needs_allow_insecure_http() {
+        let urls = |base: &str| {
+            format!("metadata_url = \"{base}/metadata/\"\ntargets_url = \"{base}/targets/\"\n")
+        };
+        // This machine, https and file: fine as they are.
+        for base in [
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "http://localhost",
+            "https://updates.example.org",
+        ] {
+            Files::new(Some(&urls(base)), None).load().unwrap();
+        }
+        let files = Files::new(Some(&urls("http://10.0.2.100")), None);
+        let error = files.load().unwrap_err().to_string();
+        assert!(
+            error.contains("metadata_url")
+                && error.contains("http://10.0.2.100/metadata/")
+                && error.contains("allow_insecure_http = true"),
+            "{error}"
+        );
+        // Allowed in either file: the image's, or the administrator's.
+        let allowed = format!("{}allow_insecure_http = true\n", urls("http://10.0.2.100"));
+        assert!(
+            Files::new(Some(&allowed), None)
+                .load()
+                .unwrap()
+                .allow_insecure_http
+        );
+        let config = Files::new(
+            Some(&urls("http://10.0.2.100")),
+            Some("allow_insecure_http = true\n"),
+        )
+        .load()
+        .unwrap();
+        assert_eq!(
+            config.targets_url.unwrap().as_str(),
+            "http://10.0.2.100/targets/"
+        );
+        // An https metadata URL does not excuse plain http targets.
+        let mixed = "metadata_url = \"https://u.example.org/metadata/\"\ntargets_url = \"http://cdn.example.org/targets/\"\n";
+        let error = Files::new(Some(mixed), None)
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("targets_url"), "{error}");
+    }
+
+    #[test]
     fn neither_file_gives_built_in_defaults() {
         let config = Files::new(None, None).load().unwrap();
         assert_eq!(config, Config::default());
@@ -622,6 +698,7 @@ mod tests {
              [health]\nrequired_units = [\"a.service\"]\ntimeout_seconds = 100\n"
         );
         let overrides = "metadata_url = \"http://10.0.0.1/metadata/\"\n\
+                         allow_insecure_http = true\n\
                          version_lock = \"1.2.0\"\n\
                          auto_reboot = true\n\
                          maintenance_window = \"22:30-04:00\"\n\

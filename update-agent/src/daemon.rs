@@ -72,6 +72,8 @@ fn retryable(error: &AgentError) -> bool {
 
 /// Where a downloaded UKI waits (in the state directory) before it is placed on the ESP.
 const UKI_DOWNLOAD_NAME: &str = "uki.download";
+/// A path that is never a file: loading the image's defaults alone.
+const NO_CONFIG_FILE: &str = "/nonexistent/racklet-update.toml";
 
 /// Every path the agent touches, so tests can point them at files.
 #[derive(Clone, Debug)]
@@ -234,7 +236,17 @@ impl Agent {
     /// Read what booted, the config, the state and the boot loader's view.
     pub fn open(paths: Paths) -> Result<Agent, AgentError> {
         let booted = Booted::read(&paths)?;
-        let config = Config::load(&paths.config_defaults, &paths.config)?;
+        // An invalid administrator file must not stop the agent (no health
+        // gate, no updates): it starts on the image's defaults and says why.
+        let (config, config_error) = match Config::load(&paths.config_defaults, &paths.config) {
+            Ok(config) => (config, None),
+            Err(error) => {
+                tracing::error!(%error, "invalid configuration; starting on the image's defaults");
+                let defaults = Config::load(&paths.config_defaults, Path::new(NO_CONFIG_FILE))
+                    .unwrap_or_default();
+                (defaults, Some(error.to_string()))
+            }
+        };
         let now = Timestamp::now();
         let (mut state, state_set_aside) = AgentState::load_or_set_aside(&paths.state_dir, now);
         if let Some(aside) = &state_set_aside {
@@ -250,7 +262,7 @@ impl Agent {
             seed,
             inner: Mutex::new(Inner {
                 config,
-                config_error: None,
+                config_error,
                 state,
                 state_set_aside,
                 boot,
