@@ -79,16 +79,22 @@ builder:
 # Another arch: only the binaries the image ships (packages/racklet-agents.toml),
 # not the TUF conformance client.
 image_bins := --bin racklet-update --bin racklet-node
+# Another arch's binaries compile in target directories of their own: cargo
+# locks a whole target directory, and tests/run-all.sh compiles the aarch64
+# binaries while the x86_64 build holds target/image (filling the CPU that
+# build leaves idle).
+image_dir := $(if $(filter $(triple),$(host_triple)),target/image,target/image-$(triple))
+init_dir := $(if $(filter $(triple),$(host_triple)),target/init,target/init-$(triple))
 
 image-binaries: host-tools
 	$(image_cargo_env) $(CARGO) build --release --locked \
-	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node $(image_bins)) --target $(triple) --target-dir target/image
-	RUSTFLAGS="-C target-feature=+crt-static" $(image_cargo_env) $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir target/init
+	  $(if $(filter $(triple),$(host_triple)),--workspace,-p update-agent -p racklet-node $(image_bins)) --target $(triple) --target-dir $(image_dir)
+	RUSTFLAGS="-C target-feature=+crt-static" $(image_cargo_env) $(CARGO) build --release --locked -p racklet-init --target $(triple) --target-dir $(init_dir)
 
 build: host-tools builder image-binaries
 	$(builder) build --variant $(variant) --output $(OUTPUT) \
-	  --binaries target/image/$(triple)/release \
-	  --init target/init/$(triple)/release/racklet-init \
+	  --binaries $(image_dir)/$(triple)/release \
+	  --init $(init_dir)/$(triple)/release/racklet-init \
 	  --k3s $(k3s_flag) \
 	  $(if $(VERSION),--image-version $(VERSION)) \
 	  $(foreach recipe,$(EXTRA_RECIPES),--extra-recipe $(recipe)) \

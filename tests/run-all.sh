@@ -3,7 +3,8 @@
 # CI). Versions 1.0.0, 2.0.0, 3.0.0 of qemu-x86_64 and qemu-aarch64 are built
 # once into build/e2e (`make images`, throwaway keys) and shared by the image
 # checks, the boot tests and the end-to-end tests.
-#   1. the x86_64 images, then the aarch64 images;
+#   1. the x86_64 images, then the aarch64 images (their binaries compiled
+#      from the start, beside the x86_64 build);
 #   2. then two VM workers take the VM test jobs (vm_jobs below: the e2e
 #      suites split in five, the two boot test groups), longest first, so two
 #      guests of one vCPU each run at a time (TCG on two cores; three guests
@@ -217,11 +218,17 @@ niced_lane() {
 
 failures=0
 niced_lane & niced=$!
+# The aarch64 binaries compile from the start, beside the x86_64 images, in
+# their own target directory (Makefile: image_dir): alone, the x86_64 build
+# left about half a core idle (build scripts and links run one at a time).
+stage binaries-arm make image-binaries variant=qemu-aarch64 & binaries=$!
 # The images first, one variant at a time, before any guest: guests beside
 # the aarch64 cross build made both slow (measured: the aarch64 images took
 # 24 minutes beside two guests, the x86_64 update job 23 instead of 8), and
 # the aarch64 jobs, the longest, then started last.
 images x86 qemu-x86_64 || failures=$((failures + 1))
+wait "$binaries" || failures=$((failures + 1))
+shown binaries-arm
 images arm qemu-aarch64 || failures=$((failures + 1))
 vm_worker & workers=($!)
 vm_worker & workers+=($!)

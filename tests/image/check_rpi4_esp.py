@@ -70,7 +70,7 @@ with tempfile.TemporaryDirectory() as scratch:
         expect(pairs.get("racklet_committed") == "a" and pairs.get("racklet_order") == "a", f"{copy}: {pairs}")
         expect(pairs.get("racklet_tries_a") == "-" and pairs.get("racklet_tries_b") == "-", f"{copy}: {pairs}")
     uki = read("EFI/Linux/racklet-a.efi")
-    expect(hashlib.sha256(uki).hexdigest() == next(a["sha256"] for a in manifest["artifacts"] if a["name"] == "uki-a.efi"), "the ESP's UKI is not update/uki-a.efi")
+    expect(hashlib.sha256(uki).hexdigest() == next(a["uncompressed_sha256"] for a in manifest["artifacts"] if a["name"] == "uki-a.efi.zst"), "the ESP's UKI is not update/uki-a.efi.zst's content")
 
 for error in errors:
     print("rpi4 ESP:", error)
