@@ -132,6 +132,14 @@ fn module_name_of(path: &str) -> String {
     module_key(stem)
 }
 
+/// modules.dep's lines as (module path, the paths of the modules it needs).
+fn modules_dep_entries(modules_dep: &str) -> impl Iterator<Item = (&str, Vec<&str>)> {
+    modules_dep
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(module, deps)| (module, deps.split_whitespace().collect()))
+}
+
 /// The modules to load, dependencies first, as paths relative to the modules
 /// directory. Built-in modules are skipped; an unknown module is an error.
 pub fn module_closure(
@@ -139,19 +147,17 @@ pub fn module_closure(
     modules_builtin: &str,
     wanted: &[String],
 ) -> Result<Vec<String>> {
-    let mut dependencies: HashMap<String, (String, Vec<String>)> = HashMap::new();
-    for line in modules_dep.lines() {
-        let Some((module, deps)) = line.split_once(':') else {
-            continue;
-        };
-        dependencies.insert(
-            module_name_of(module),
+    let dependencies: HashMap<String, (String, Vec<String>)> = modules_dep_entries(modules_dep)
+        .map(|(module, deps)| {
             (
-                module.to_string(),
-                deps.split_whitespace().map(str::to_string).collect(),
-            ),
-        );
-    }
+                module_name_of(module),
+                (
+                    module.to_string(),
+                    deps.into_iter().map(str::to_string).collect(),
+                ),
+            )
+        })
+        .collect();
     let builtin: HashSet<String> = modules_builtin.lines().map(module_name_of).collect();
     let mut order = Vec::new();
     let mut seen = HashSet::new();
@@ -198,11 +204,7 @@ pub fn omitted_modules(
     initramfs_modules: &[String],
     variant_file: &Path,
 ) -> Result<Vec<String>> {
-    let dependencies: Vec<(&str, Vec<&str>)> = modules_dep
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(module, deps)| (module, deps.split_whitespace().collect()))
-        .collect();
+    let dependencies: Vec<(&str, Vec<&str>)> = modules_dep_entries(modules_dep).collect();
     let mut omitted: BTreeSet<String> = BTreeSet::new();
     for directory in directories {
         let prefix = format!("{}/", directory.trim_end_matches('/'));

@@ -435,18 +435,21 @@ impl UpdateSettings {
             ("update.targets_url", &self.targets_url),
         ] {
             if let Some(url) = url {
-                if let Err(expected) = check_url(url, &["https", "http"]) {
-                    problem(key.into(), expected);
-                } else if self.allow_insecure_http != Some(true)
-                    && crate::update_manifest::is_insecure_remote_url(
-                        url.split_once("://").map_or("", |(scheme, _)| scheme),
-                        url_host(url),
-                    )
-                {
-                    problem(
-                        key.into(),
-                        format!("{url:?}: plain http:// to another machine; expected https://, or update.allow_insecure_http = true"),
-                    );
+                match check_url(url, &["https", "http"]) {
+                    Err(expected) => problem(key.into(), expected),
+                    Ok((scheme, host))
+                        if self.allow_insecure_http != Some(true)
+                            && crate::update_manifest::is_insecure_remote_url(
+                                scheme,
+                                Some(host),
+                            ) =>
+                    {
+                        problem(
+                            key.into(),
+                            format!("{url:?}: plain http:// to another machine; expected https://, or update.allow_insecure_http = true"),
+                        );
+                    }
+                    Ok(_) => {}
                 }
             }
         }
@@ -616,21 +619,9 @@ fn is_time_zone_name(zone: &str) -> bool {
 }
 
 /// `SCHEME://HOST[:PORT][/PATH]` with one of `schemes`.
-/// The host of a URL `check_url` accepted (IPv6 in brackets), without port.
-fn url_host(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if authority.starts_with('[') {
-        return authority.split_inclusive(']').next();
-    }
-    Some(
-        authority
-            .rsplit_once(':')
-            .map_or(authority, |(host, _)| host),
-    )
-}
-
-fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+/// Check `url` (one of `schemes`, a host name or address, an optional port,
+/// no user or password); returns its scheme and host (IPv6 in brackets).
+fn check_url<'a>(url: &'a str, schemes: &[&str]) -> Result<(&'a str, &'a str), String> {
     let wanted = schemes.join(" or ");
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!("{url:?}: a URL ({wanted}://HOST...)"));
@@ -652,7 +643,7 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
         } else if !after.is_empty() {
             return Err(format!("{url:?}: expected ':PORT' after the address"));
         }
-        return Ok(());
+        return Ok((scheme, &authority[..address.len() + 2]));
     } else if let Some((host, port)) = authority.rsplit_once(':') {
         check_port(url, port)?;
         host
@@ -667,7 +658,7 @@ fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
     if host.parse::<IpAddr>().is_err() && check_dns_name(host).is_err() {
         return Err(format!("{url:?}: {host:?} is not a host name or address"));
     }
-    Ok(())
+    Ok((scheme, host))
 }
 
 fn check_port(url: &str, port: &str) -> Result<(), String> {
@@ -1061,9 +1052,10 @@ ca_certificates = ["hello"]
         ] {
             Settings::parse(FILE, text).unwrap();
         }
-        assert_eq!(url_host("http://[2001:db8::1]:80/x"), Some("[2001:db8::1]"));
-        assert_eq!(url_host("http://pi-1.local:6443/x"), Some("pi-1.local"));
-        assert_eq!(url_host("http://pi-1.local"), Some("pi-1.local"));
+        let host = |url| check_url(url, &["http"]).map(|(_, host)| host);
+        assert_eq!(host("http://[2001:db8::1]:80/x"), Ok("[2001:db8::1]"));
+        assert_eq!(host("http://pi-1.local:6443/x"), Ok("pi-1.local"));
+        assert_eq!(host("http://pi-1.local"), Ok("pi-1.local"));
     }
 
     #[test]

@@ -249,23 +249,38 @@ impl Config {
     /// Load the image's defaults, then the administrator's overrides; either
     /// file may be missing. Returns a complete, validated configuration.
     pub fn load(defaults_path: &Path, override_path: &Path) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        for path in [defaults_path, override_path] {
-            if let Some(file) = read_config_file(path)? {
-                config = config
-                    .apply(&file)
-                    .map_err(|problem| ConfigError::Invalid {
-                        path: path.to_path_buf(),
-                        problem,
-                    })?;
-            }
-        }
+        let config = Config::default()
+            .with_file(defaults_path)?
+            .with_file(override_path)?;
         config.validate().map_err(|problem| ConfigError::Merged {
             defaults_path: defaults_path.to_path_buf(),
             override_path: override_path.to_path_buf(),
             problem,
         })?;
         Ok(config)
+    }
+
+    /// The image's defaults alone: what the agent starts on when the
+    /// administrator's file is invalid.
+    pub fn load_defaults(defaults_path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::default().with_file(defaults_path)?;
+        config.validate().map_err(|problem| ConfigError::Invalid {
+            path: defaults_path.to_path_buf(),
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    /// This configuration with `path`'s keys applied (unchanged when the
+    /// file does not exist).
+    fn with_file(self, path: &Path) -> Result<Config, ConfigError> {
+        match read_config_file(path)? {
+            Some(file) => self.apply(&file).map_err(|problem| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem,
+            }),
+            None => Ok(self),
+        }
     }
 
     /// A copy with every key `file` sets replaced, each value checked on its

@@ -72,8 +72,6 @@ fn retryable(error: &AgentError) -> bool {
 
 /// Where a downloaded UKI waits (in the state directory) before it is placed on the ESP.
 const UKI_DOWNLOAD_NAME: &str = "uki.download";
-/// A path that is never a file: loading the image's defaults alone.
-const NO_CONFIG_FILE: &str = "/nonexistent/racklet-update.toml";
 
 /// Every path the agent touches, so tests can point them at files.
 #[derive(Clone, Debug)]
@@ -242,8 +240,7 @@ impl Agent {
             Ok(config) => (config, None),
             Err(error) => {
                 tracing::error!(%error, "invalid configuration; starting on the image's defaults");
-                let defaults = Config::load(&paths.config_defaults, Path::new(NO_CONFIG_FILE))
-                    .unwrap_or_default();
+                let defaults = Config::load_defaults(&paths.config_defaults).unwrap_or_default();
                 (defaults, Some(error.to_string()))
             }
         };
@@ -1328,20 +1325,19 @@ fn decision_summary(decision: &Decision) -> (&'static str, Option<Version>, Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slots::test_disk;
     use os_format::layout::Slot;
-    use os_format::manifest::{Artifact, Compression};
+    use os_format::manifest::Artifact;
     use sha2::{Digest, Sha256};
 
-    fn uki_artifact(shipped: &[u8], raw: &[u8], compression: Compression) -> Artifact {
-        Artifact {
-            name: "uki-b.efi.zst".into(),
-            kind: ArtifactKind::KernelImage { slot: Slot::B },
-            compression,
-            size: shipped.len() as u64,
-            sha256: hex::encode(Sha256::digest(shipped)),
-            uncompressed_size: raw.len() as u64,
-            uncompressed_sha256: hex::encode(Sha256::digest(raw)),
-        }
+    /// The manifest entry of a UKI shipped as `shipped` (zstd unless equal to `raw`).
+    fn uki_artifact(shipped: &[u8], raw: &[u8]) -> Artifact {
+        test_disk::artifact(
+            "uki-b.efi.zst",
+            ArtifactKind::KernelImage { slot: Slot::B },
+            shipped,
+            raw,
+        )
     }
 
     #[test]
@@ -1352,16 +1348,11 @@ mod tests {
             .flat_map(|n| (n % 251).to_le_bytes())
             .collect();
         let shipped = zstd::encode_all(&raw[..], 3).unwrap();
-        let artifact = uki_artifact(&shipped, &raw, Compression::Zstd);
+        let artifact = uki_artifact(&shipped, &raw);
         download_checked(&shipped[..], &artifact, &path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), raw);
         // Uncompressed artifacts are copied as they are.
-        download_checked(
-            &raw[..],
-            &uki_artifact(&raw, &raw, Compression::None),
-            &path,
-        )
-        .unwrap();
+        download_checked(&raw[..], &uki_artifact(&raw, &raw), &path).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), raw);
         // Nothing but the download is left in the directory.
         assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1);
@@ -1373,7 +1364,7 @@ mod tests {
         let path = directory.path().join(UKI_DOWNLOAD_NAME);
         let raw = vec![7u8; 100_000];
         let shipped = zstd::encode_all(&raw[..], 3).unwrap();
-        let artifact = uki_artifact(&shipped, &raw, Compression::Zstd);
+        let artifact = uki_artifact(&shipped, &raw);
         // A changed shipped byte: the shipped sha256 says so; no decoder runs.
         let mut tampered = shipped.clone();
         tampered[shipped.len() / 2] ^= 1;
