@@ -121,104 +121,18 @@ const CHS_MAX_CYLINDER: u64 = 1023;
 /// CHS value meaning "not representable" in an MBR partition record.
 const CHS_NOT_REPRESENTABLE: [u8; 3] = [0xFF, 0xFF, 0xFF];
 
-/// Length of the canonical GUID string form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-const GUID_TEXT_LENGTH: usize = 36;
-/// Byte indices (into the 16 GUID bytes) before which the string form has a hyphen.
-const GUID_HYPHEN_BEFORE_BYTE: [usize; 4] = [4, 6, 8, 10];
-
 /// A GUID/UUID, stored in canonical RFC 4122 byte order (the order of the hex
 /// digits in its string form).
 ///
 /// GPT stores GUIDs on disk in a mixed-endian form; use [`Guid::to_gpt_bytes`] and
-/// [`Guid::from_gpt_bytes`] to convert.
+/// [`Guid::from_gpt_bytes`] to convert. The text form and both byte orders are
+/// the `uuid` crate's ([`uuid::Uuid`]); this type adds what GPT needs on top.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Guid(pub [u8; 16]);
 
-/// Why a GUID string could not be parsed (usable in `const` context).
-#[derive(Clone, Copy)]
-enum GuidSyntaxError {
-    /// The string does not have 36 bytes.
-    Length { found: usize },
-    /// A hyphen is missing at this zero-based byte position.
-    Hyphen { position: usize },
-    /// A non-hexadecimal character at this zero-based byte position.
-    HexDigit { position: usize },
-}
-
-impl GuidSyntaxError {
-    /// A sentence saying what was expected and what was found in `text`.
-    fn describe(self, text: &str) -> String {
-        match self {
-            GuidSyntaxError::Length { found } => format!(
-                "expected {GUID_TEXT_LENGTH} characters in the form \
-                 xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, found {found} bytes"
-            ),
-            GuidSyntaxError::Hyphen { position } => format!(
-                "expected '-' at character {}, found {:?}",
-                position + 1,
-                char_at(text, position)
-            ),
-            GuidSyntaxError::HexDigit { position } => format!(
-                "expected a hexadecimal digit at character {}, found {:?}",
-                position + 1,
-                char_at(text, position)
-            ),
-        }
-    }
-}
-
-/// The (possibly partial) character at byte `position` of `text`, for error messages.
-fn char_at(text: &str, position: usize) -> String {
-    match text.get(position..) {
-        Some(rest) => rest.chars().next().map(String::from).unwrap_or_default(),
-        None => format!("byte 0x{:02x}", text.as_bytes()[position]),
-    }
-}
-
-/// The value of one ASCII hexadecimal digit, or `None`.
-const fn hex_digit_value(character: u8) -> Option<u8> {
-    match character {
-        b'0'..=b'9' => Some(character - b'0'),
-        b'a'..=b'f' => Some(character - b'a' + 10),
-        b'A'..=b'F' => Some(character - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Parses the canonical 8-4-4-4-12 string form into RFC 4122 byte order.
-const fn parse_guid_text(text: &[u8]) -> Result<[u8; 16], GuidSyntaxError> {
-    if text.len() != GUID_TEXT_LENGTH {
-        return Err(GuidSyntaxError::Length { found: text.len() });
-    }
-    let mut bytes = [0u8; 16];
-    let mut byte_index = 0;
-    let mut position = 0;
-    while position < GUID_TEXT_LENGTH {
-        if position == 8 || position == 13 || position == 18 || position == 23 {
-            if text[position] != b'-' {
-                return Err(GuidSyntaxError::Hyphen { position });
-            }
-            position += 1;
-            continue;
-        }
-        let high = match hex_digit_value(text[position]) {
-            Some(value) => value,
-            None => return Err(GuidSyntaxError::HexDigit { position }),
-        };
-        let low = match hex_digit_value(text[position + 1]) {
-            Some(value) => value,
-            None => {
-                return Err(GuidSyntaxError::HexDigit {
-                    position: position + 1,
-                })
-            }
-        };
-        bytes[byte_index] = (high << 4) | low;
-        byte_index += 1;
-        position += 2;
-    }
-    Ok(bytes)
-}
+/// The only text form [`Guid::parse`] accepts, as `GptError::InvalidGuid` says it.
+const GUID_TEXT_FORM: &str =
+    "the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hexadecimal digits, no braces)";
 
 impl Guid {
     /// The all-zero GUID, which GPT uses to mark an unused partition entry.
@@ -230,13 +144,13 @@ impl Guid {
     }
 
     /// Parses the canonical form `c12a7328-f81f-11d2-ba4b-00a0c93ec93b`
-    /// (hexadecimal digits in either case, no braces).
+    /// (hexadecimal digits in either case; no braces, `urn:uuid:` or hyphen-less form).
     pub fn parse(text: &str) -> Result<Guid, GptError> {
-        parse_guid_text(text.as_bytes())
-            .map(Guid)
+        text.parse::<uuid::fmt::Hyphenated>()
+            .map(|hyphenated| Guid(hyphenated.into_uuid().into_bytes()))
             .map_err(|error| GptError::InvalidGuid {
                 text: text.to_owned(),
-                reason: error.describe(text),
+                reason: format!("expected {GUID_TEXT_FORM}; {error}"),
             })
     }
 
@@ -244,24 +158,28 @@ impl Guid {
     /// `const X: Guid = Guid::parse_const("...")`. Invalid input fails the
     /// build when evaluated at compile time (and panics at run time).
     pub const fn parse_const(text: &str) -> Guid {
-        match parse_guid_text(text.as_bytes()) {
-            Ok(bytes) => Guid(bytes),
-            Err(_) => panic!(
-                "Guid::parse_const: invalid GUID; expected the form \
-                 xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx with hexadecimal digits"
-            ),
+        // `Uuid::try_parse` also takes the braced, URN and hyphen-less forms,
+        // which have other lengths; at this length it takes only the hyphenated one.
+        if text.len() == uuid::fmt::Hyphenated::LENGTH {
+            if let Ok(uuid) = uuid::Uuid::try_parse(text) {
+                return Guid(uuid.into_bytes());
+            }
         }
+        panic!(
+            "Guid::parse_const: invalid GUID; expected the form \
+             xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx with hexadecimal digits"
+        )
     }
 
     /// The mixed-endian form GPT stores on disk: the first three fields
     /// (4, 2 and 2 bytes) little-endian, the last 8 bytes as they are.
     pub const fn to_gpt_bytes(&self) -> [u8; 16] {
-        swap_guid_field_order(self.0)
+        uuid::Uuid::from_bytes(self.0).to_bytes_le()
     }
 
     /// A GUID from the mixed-endian form GPT stores on disk.
     pub const fn from_gpt_bytes(bytes: [u8; 16]) -> Guid {
-        Guid(swap_guid_field_order(bytes))
+        Guid(uuid::Uuid::from_bytes_le(bytes).into_bytes())
     }
 
     /// Whether this is the all-zero GUID.
@@ -275,30 +193,17 @@ impl Guid {
         let digest = Sha256::digest(seed);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
-        bytes[6] = (bytes[6] & 0x0F) | 0x40;
-        bytes[8] = (bytes[8] & 0x3F) | 0x80;
-        Guid(bytes)
+        Guid(
+            uuid::Builder::from_random_bytes(bytes)
+                .into_uuid()
+                .into_bytes(),
+        )
     }
-}
-
-/// Converts between RFC 4122 order and GPT's mixed-endian order (the conversion
-/// is its own inverse).
-const fn swap_guid_field_order(bytes: [u8; 16]) -> [u8; 16] {
-    [
-        bytes[3], bytes[2], bytes[1], bytes[0], bytes[5], bytes[4], bytes[7], bytes[6], bytes[8],
-        bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
-    ]
 }
 
 impl fmt::Display for Guid {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, byte) in self.0.iter().enumerate() {
-            if GUID_HYPHEN_BEFORE_BYTE.contains(&index) {
-                formatter.write_str("-")?;
-            }
-            write!(formatter, "{byte:02x}")?;
-        }
-        Ok(())
+        fmt::Display::fmt(&uuid::Uuid::from_bytes(self.0).hyphenated(), formatter)
     }
 }
 
@@ -2146,12 +2051,17 @@ mod tests {
 
     #[test]
     fn guid_mixed_endian_round_trip() {
+        // The EFI System Partition type GUID as GPT stores it (UEFI specification,
+        // and what sgdisk writes for type ef00): the first three fields reversed.
         let on_disk = [
             0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
             0xc9, 0x3b,
         ];
         assert_eq!(ESP_TYPE.to_gpt_bytes(), on_disk);
         assert_eq!(Guid::from_gpt_bytes(on_disk), ESP_TYPE);
+        let text = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+        assert_eq!(Guid::parse(text).unwrap().to_gpt_bytes(), on_disk);
+        assert_eq!(Guid::from_gpt_bytes(on_disk).to_string(), text);
         let other = Guid::derive(b"anything");
         assert_eq!(Guid::from_gpt_bytes(other.to_gpt_bytes()), other);
     }
@@ -2166,6 +2076,10 @@ mod tests {
             "c12a7328-f81f-11d2-ba4b-00a0c93ec93g",
             "{c12a7328-f81f-11d2-ba4b-00a0c93ec9}",
             "c12a7328-f81f-11d2-ba4b-00a0c93ec9é",
+            // Forms other parsers (uuid's `Uuid::parse_str`) accept: refused here.
+            "{c12a7328-f81f-11d2-ba4b-00a0c93ec93b}",
+            "urn:uuid:c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            "c12a7328f81f11d2ba4b00a0c93ec93b",
         ] {
             let error = Guid::parse(bad).unwrap_err();
             assert!(
@@ -2179,8 +2093,25 @@ mod tests {
         let message = Guid::parse("c12a7328-f81f-11d2-ba4b-00a0c93ec93g")
             .unwrap_err()
             .to_string();
-        assert!(message.contains("character 36"), "{message}");
-        assert!(message.contains("\"g\""), "{message}");
+        // uuid's parser counts positions from 0.
+        assert!(message.contains("found `g` at 35"), "{message}");
+    }
+
+    #[test]
+    fn guid_parse_const_takes_only_the_hyphenated_form() {
+        assert_eq!(
+            Guid::parse_const("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+            ESP_TYPE
+        );
+        for other_form in [
+            "{c12a7328-f81f-11d2-ba4b-00a0c93ec93b}",
+            "urn:uuid:c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            "c12a7328f81f11d2ba4b00a0c93ec93b",
+        ] {
+            let parsed =
+                std::panic::catch_unwind(|| Guid::parse_const(std::hint::black_box(other_form)));
+            assert!(parsed.is_err(), "{other_form:?} was accepted");
+        }
     }
 
     #[test]
