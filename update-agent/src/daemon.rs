@@ -1,7 +1,10 @@
 //! The agent's engine: what `racklet-update daemon` does, behind the D-Bus API.
 //!
-//! Decisions come from pure functions (`policy::decide`); this module does the
-//! IO around them in a fixed order that keeps the node bootable at every step:
+//! Decisions come from pure functions: which update applies (`policy::decide`)
+//! and every change of the state and the boot loader (`transition`: the new
+//! state plus the boot-loader steps). This module does the IO around them,
+//! carries the steps out and writes the state once per transition, in a fixed
+//! order that keeps the node bootable at every step:
 //!
 //! 1. mark the inactive slot unbootable (boot control) and give its partitions
 //!    the "empty" PARTUUIDs, so nothing can find a half-written slot;
@@ -28,17 +31,18 @@ use os_format::verity::root_hash_from_hex;
 use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
-use crate::boot_control::{self, BootControl, SlotBootState};
+use crate::boot_control::{self, BootControl};
 use crate::config::{Config, CONFIG_PATH, IMAGE_DEFAULTS_PATH};
 use crate::error::AgentError;
 use crate::install;
 use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
-use crate::state::{self, AgentState, Operation, SlotState, StateSetAside, STATE_DIR};
+use crate::state::{self, AgentState, Operation, StateSetAside, STATE_DIR};
 use crate::status::{
     parse_os_release, read_booted_status, Booted, ProgressReport, SlotStatus, StatusReport,
     OS_RELEASE, PROC_CMDLINE,
 };
+use crate::transition::{self, BootView, CancelPlan, Transition};
 use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
 
 /// systemd-timesyncd touches this once the clock is synchronised.
@@ -363,6 +367,14 @@ impl Agent {
         Ok(())
     }
 
+    /// Carry out a transition: its boot-loader steps, then its state, written
+    /// once. A failed step leaves the state (in memory and on disk) as it was.
+    fn carry_out(&self, inner: &mut Inner, step: Transition) -> Result<(), AgentError> {
+        transition::carry_out(inner.boot.as_mut(), &step.actions)?;
+        inner.state = step.state;
+        self.write_state(inner)
+    }
+
     async fn record_error(&self, operation: &str, error: &AgentError) {
         tracing::error!(operation, error = %error, "update step failed");
         let mut inner = self.inner.lock().await;
@@ -492,26 +504,7 @@ impl Agent {
     ) -> Result<Version, AgentError> {
         {
             let mut inner = self.inner.lock().await;
-            if inner.busy {
-                return Err(AgentError::Busy {
-                    operation: inner.state.operation.name().into(),
-                });
-            }
-            match &inner.state.operation {
-                Operation::Idle => {}
-                Operation::Installed { version, slot } => {
-                    return Err(AgentError::Busy {
-                        operation: format!(
-                            "{version} is installed in slot {slot} and waits for a reboot (cancel it first)"
-                        ),
-                    })
-                }
-                other => {
-                    return Err(AgentError::Busy {
-                        operation: other.name().into(),
-                    })
-                }
-            }
+            transition::may_start_install(&inner.state, inner.busy)?;
             inner.busy = true;
             // The CLI waits for this install's outcome; an older error must not look like it.
             inner.state.clear_error();
@@ -582,12 +575,6 @@ impl Agent {
         Ok(version)
     }
 
-    async fn set_operation(&self, operation: Operation) -> Result<(), AgentError> {
-        let mut inner = self.inner.lock().await;
-        inner.state.operation = operation;
-        self.write_state(&inner)
-    }
-
     async fn install(
         &self,
         update: &Update,
@@ -608,19 +595,8 @@ impl Agent {
         {
             // 1. Nothing may boot the slot while it is written.
             let mut inner = self.inner.lock().await;
-            inner.boot.mark_unbootable(slot)?;
-            let record = inner.state.slot_mut(slot);
-            record.state = SlotState::Unbootable;
-            record.version = None;
-            record.verity_root_hash = None;
-            inner.state.operation = Operation::Writing {
-                version: update.version.clone(),
-                slot,
-                bytes_written: 0,
-                total,
-            };
-            inner.state.clear_error();
-            self.write_state(&inner)?;
+            let step = transition::begin_install(&inner.state, slot, &update.version, total);
+            self.carry_out(&mut inner, step)?;
         }
         let partitions = {
             let disk = disk.clone();
@@ -689,11 +665,11 @@ impl Agent {
             self.announce();
         }
         // 3. Read back and recompute the dm-verity root hash.
-        self.set_operation(Operation::Verifying {
-            version: update.version.clone(),
-            slot,
-        })
-        .await?;
+        {
+            let mut inner = self.inner.lock().await;
+            let step = transition::verify_install(&inner.state, slot, &update.version);
+            self.carry_out(&mut inner, step)?;
+        }
         {
             let disk = disk.clone();
             let partitions: SlotPartitions = partitions.clone();
@@ -744,23 +720,21 @@ impl Agent {
         if self.progress.cancel.load(Ordering::SeqCst) {
             return Err(AgentError::Cancelled);
         }
-        inner.boot.set_one_try(slot, &download)?;
-        let _ = std::fs::remove_file(&download);
-        inner.state.written_bytes_total +=
-            [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
-                .iter()
-                .filter_map(|kind| update.target(*kind))
-                .map(|target| target.artifact.uncompressed_size)
-                .sum::<u64>();
-        let record = inner.state.slot_mut(slot);
-        record.state = SlotState::Installed;
-        record.version = Some(update.version.clone());
-        record.verity_root_hash = Some(update.verity.root_hash.clone());
-        inner.state.operation = Operation::Installed {
-            version: update.version.clone(),
+        let written_bytes = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
+            .iter()
+            .filter_map(|kind| update.target(*kind))
+            .map(|target| target.artifact.uncompressed_size)
+            .sum::<u64>();
+        let step = transition::finish_install(
+            &inner.state,
             slot,
-        };
-        self.write_state(&inner)?;
+            &update.version,
+            &update.verity.root_hash,
+            written_bytes,
+            download.clone(),
+        );
+        self.carry_out(&mut inner, step)?;
+        let _ = std::fs::remove_file(&download);
         tracing::info!(version = %update.version, %slot, "installed; the next boot tries it once");
         Ok(())
     }
@@ -794,22 +768,19 @@ impl Agent {
             Err(error) => {
                 let mut inner = self.inner.lock().await;
                 inner.busy = false;
-                // Leave the slot unbootable, whatever step failed.
-                if let Err(boot_error) = inner.boot.mark_unbootable(slot) {
+                // Leave the slot unbootable, whatever step failed; the
+                // failure is recorded even if the boot loader cannot be told.
+                let step = transition::install_failed(
+                    &inner.state,
+                    slot,
+                    &update.version,
+                    &error.to_string(),
+                    Timestamp::now(),
+                );
+                if let Err(boot_error) = transition::carry_out(inner.boot.as_mut(), &step.actions) {
                     tracing::error!(error = %boot_error, "cannot mark the inactive slot unbootable");
                 }
-                let record = inner.state.slot_mut(slot);
-                record.state = SlotState::Unbootable;
-                record.version = None;
-                record.verity_root_hash = None;
-                let operation = inner.state.operation.name().to_string();
-                inner.state.update_failures_total += 1;
-                inner.state.operation = Operation::Idle;
-                inner.state.record_error(
-                    Timestamp::now(),
-                    &operation,
-                    format!("installing {}: {error}", update.version),
-                );
+                inner.state = step.state;
                 if let Err(write_error) = self.write_state(&inner) {
                     tracing::error!(error = %write_error, "cannot write the state file");
                 }
@@ -821,67 +792,32 @@ impl Agent {
     /// Undo an apply that has not rebooted yet (or stop a running write).
     pub async fn cancel(&self) -> Result<String, AgentError> {
         let mut inner = self.inner.lock().await;
-        if inner.busy {
-            self.progress.cancel.store(true, Ordering::SeqCst);
-            return Ok("cancelling the running install; the inactive slot stays unbootable".into());
-        }
-        match inner.state.operation.clone() {
-            Operation::Installed { version, slot } => {
-                inner.boot.mark_unbootable(slot)?;
-                inner.state.slot_mut(slot).state = SlotState::Unbootable;
-                inner.state.operation = Operation::Idle;
-                self.write_state(&inner)?;
-                Ok(format!(
-                    "cancelled {version}: slot {slot} will not be booted"
-                ))
+        match transition::cancel(&inner.state, inner.busy)? {
+            CancelPlan::StopTheRunningInstall => {
+                self.progress.cancel.store(true, Ordering::SeqCst);
+                Ok("cancelling the running install; the inactive slot stays unbootable".into())
             }
-            Operation::Idle => Ok("nothing to cancel".into()),
-            other => Err(AgentError::Busy {
-                operation: other.name().into(),
-            }),
+            CancelPlan::Undo {
+                transition,
+                message,
+            } => {
+                self.carry_out(&mut inner, *transition)?;
+                Ok(message)
+            }
+            CancelPlan::NothingToCancel => Ok("nothing to cancel".into()),
         }
     }
 
     /// Boot the other slot next, if it holds a committed image.
     pub async fn rollback(&self, reboot: bool) -> Result<String, AgentError> {
-        let other = self.booted.slot.other();
-        {
+        let message = {
             let mut inner = self.inner.lock().await;
-            if inner.busy {
-                return Err(AgentError::Busy {
-                    operation: inner.state.operation.name().into(),
-                });
-            }
-            let states = inner.boot.slot_states()?;
-            let other_state = states
-                .iter()
-                .find(|(slot, _)| *slot == other)
-                .map(|(_, state)| *state)
-                .unwrap_or(SlotBootState::Absent);
-            let record_state = inner.state.slot(other).state;
-            if other_state != SlotBootState::Good
-                || matches!(
-                    record_state,
-                    SlotState::Bad | SlotState::Unbootable | SlotState::Empty
-                )
-            {
-                return Err(AgentError::NothingToApply {
-                    message: format!(
-                        "slot {other} holds no good image to roll back to (boot loader: {other_state}, agent: {record_state:?})"
-                    ),
-                });
-            }
-            inner.boot.switch_to(other)?;
-            inner.state.operation = Operation::Idle;
-            self.write_state(&inner)?;
-        }
-        let version = self.inner.lock().await.state.slot(other).version.clone();
-        let message = format!(
-            "slot {other} ({}) boots next",
-            version
-                .map(|version| version.to_string())
-                .unwrap_or_else(|| "version unknown".into())
-        );
+            let view = BootView::read(inner.boot.as_ref(), self.booted.slot)?;
+            let (step, message) =
+                transition::rollback(&inner.state, &view, self.booted.slot, inner.busy)?;
+            self.carry_out(&mut inner, step)?;
+            message
+        };
         tracing::info!("{message}");
         if reboot {
             self.reboot("manual rollback").await?;
@@ -891,233 +827,63 @@ impl Agent {
 
     /// The booted try is good: commit it.
     pub async fn mark_good(&self) -> Result<String, AgentError> {
-        let slot = self.booted.slot;
         let mut inner = self.inner.lock().await;
-        let trying = inner.boot.is_trying(slot)?;
-        if trying {
-            inner.boot.commit(slot)?;
-        }
-        let record = inner.state.slot_mut(slot);
-        record.state = SlotState::Good;
-        record.version = Some(self.booted.version.clone());
-        record.verity_root_hash = Some(self.booted.verity_root_hash.clone());
-        inner.state.operation = Operation::Idle;
-        inner.state.forget_failed_version(&self.booted.version);
-        self.write_state(&inner)?;
-        Ok(if trying {
-            format!("slot {slot} ({}) committed", self.booted.version)
-        } else {
-            format!(
-                "slot {slot} ({}) was already committed",
-                self.booted.version
-            )
-        })
+        let view = BootView::read(inner.boot.as_ref(), self.booted.slot)?;
+        let (step, message) = transition::mark_good(&inner.state, &view, &self.booted);
+        self.carry_out(&mut inner, step)?;
+        Ok(message)
     }
 
     /// The booted slot is bad: never boot it again automatically; the caller reboots.
     pub async fn mark_bad(&self, reason: &str) -> Result<String, AgentError> {
-        let slot = self.booted.slot;
-        let other = slot.other();
         let mut inner = self.inner.lock().await;
-        if !inner.boot.is_trying(slot)? {
-            // A committed slot: only if the other one is good to fall back to.
-            let states = inner.boot.slot_states()?;
-            if !states
-                .iter()
-                .any(|(s, state)| *s == other && *state == SlotBootState::Good)
-            {
-                return Err(AgentError::NothingToApply {
-                    message: format!("slot {other} holds no good image; refusing to mark the only bootable slot bad"),
-                });
-            }
-            inner.boot.switch_to(other)?;
-        }
-        inner.boot.mark_bad(slot)?;
-        inner.state.slot_mut(slot).state = SlotState::Bad;
-        inner.state.record_failed_version(
-            self.booted.version.clone(),
-            reason.to_string(),
-            Timestamp::now(),
-        );
-        inner.state.update_failures_total += 1;
-        inner.state.operation = Operation::Idle;
-        self.write_state(&inner)?;
-        Ok(format!(
-            "slot {slot} ({}) marked bad: {reason}; slot {other} boots next",
-            self.booted.version
-        ))
+        let view = BootView::read(inner.boot.as_ref(), self.booted.slot)?;
+        let (step, message) =
+            transition::mark_bad(&inner.state, &view, &self.booted, reason, Timestamp::now())?;
+        self.carry_out(&mut inner, step)?;
+        Ok(message)
     }
 
     /// Reconcile after a (re)start: an interrupted write, a try that did not
     /// come back, or this boot being a try. Returns true when this boot is a
     /// try whose health gate must run.
     pub async fn start(&self) -> Result<bool, AgentError> {
-        let booted = self.booted.slot;
         let mut inner = self.inner.lock().await;
-        // What the image shipped with: the booted slot's record.
-        if inner.state.slot(booted).state == SlotState::Unknown {
-            let record = inner.state.slot_mut(booted);
-            record.state = SlotState::Good;
-            record.version = Some(self.booted.version.clone());
-            record.verity_root_hash = Some(self.booted.verity_root_hash.clone());
-        }
-        let boot_states = inner.boot.slot_states()?;
-        let other = booted.other();
-        if inner.state.slot(other).state == SlotState::Unknown {
-            // A first start, or a state rebuilt: the boot loader's word.
-            let boot_state = boot_states
-                .iter()
-                .find(|(slot, _)| *slot == other)
-                .map(|(_, state)| state);
-            inner.state.slot_mut(other).state = match boot_state {
-                Some(SlotBootState::Absent) => SlotState::Empty,
-                // Never to be booted, or tried and not running: failed.
-                Some(SlotBootState::Bad | SlotBootState::Trying { tries_left: 0 }) => {
-                    SlotState::Bad
-                }
-                // A try placed and not taken yet: the next boot tries it.
-                Some(SlotBootState::Trying { .. }) => SlotState::Installed,
-                Some(SlotBootState::Good) | None => SlotState::Good,
-            };
-        }
-        let trying = inner.boot.is_trying(booted)?;
-        let operation = inner.state.operation.clone();
-        let was_trying = matches!(operation, Operation::Trying { .. });
-        let was_installed = matches!(operation, Operation::Installed { .. });
-        let interrupted_name = operation.name();
-        match operation {
-            // The install got as far as placing the try (set_one_try) before
-            // the state file said so, and this is that try.
-            Operation::Writing { version, slot, .. } | Operation::Verifying { version, slot }
-                if slot == booted && trying && version == self.booted.version =>
-            {
-                inner.state.operation = Operation::Trying { version, slot };
-                inner.state.slot_mut(slot).state = SlotState::Trying;
-            }
-            Operation::Writing { version, slot, .. } | Operation::Verifying { version, slot } => {
-                // Interrupted (power cut, crash): the slot was unbootable all along.
-                inner.boot.mark_unbootable(slot)?;
-                inner.state.slot_mut(slot).state = SlotState::Unbootable;
-                inner.state.operation = Operation::Idle;
-                inner.state.record_error(
-                    Timestamp::now(),
-                    interrupted_name,
-                    format!("installing {version} into slot {slot} was interrupted; it will start again"),
-                );
-            }
-            Operation::Installed { version, slot } | Operation::Trying { version, slot }
-                if slot != booted =>
-            {
-                // A try used up. `Bad` counts only for a try in progress: an
-                // installed update whose last boot-loader write was lost can
-                // look bad (U-Boot's state from before the install), and that
-                // is not a failed boot.
-                let used = boot_states.iter().any(|(s, state)| {
-                    *s == slot
-                        && match state {
-                            SlotBootState::Trying { tries_left: 0 } => true,
-                            SlotBootState::Bad => was_trying,
-                            _ => false,
-                        }
-                });
-                if used || was_trying {
-                    // The try happened and the boot loader fell back: a crash,
-                    // a failed boot or a power cut before the health gate. One
-                    // more automatic attempt (a power cut is not the image's
-                    // fault); the second time the version is recorded as failed.
-                    inner.boot.mark_bad(slot)?;
-                    if inner.state.interrupted_tries.contains(&version) {
-                        inner.state.slot_mut(slot).state = SlotState::Bad;
-                        inner.state.record_failed_version(
-                            version.clone(),
-                            "did not come up in its boot try, twice (the boot loader fell back)"
-                                .to_string(),
-                            Timestamp::now(),
-                        );
-                        inner.state.update_failures_total += 1;
-                    } else {
-                        inner.state.slot_mut(slot).state = SlotState::Unbootable;
-                        inner.state.interrupted_tries.push(version.clone());
-                        inner.state.record_error(
-                            Timestamp::now(),
-                            "trying",
-                            format!("{version} did not come up in its boot try in slot {slot} (the boot loader fell back); it will be installed once more"),
-                        );
-                    }
-                    inner.state.operation = Operation::Idle;
-                } else if was_installed
-                    && matches!(inner.boot.next_boot()?, Some(next) if next != slot)
-                {
-                    // Installed, but the boot loader would not try it: its
-                    // entry did not outlive a power cut. Never leave an
-                    // update waiting for a reboot that would not start it.
-                    inner.boot.mark_unbootable(slot)?;
-                    inner.state.slot_mut(slot).state = SlotState::Unbootable;
-                    inner.state.operation = Operation::Idle;
-                    inner.state.record_error(
-                        Timestamp::now(),
-                        "installed",
-                        format!("{version} was installed in slot {slot}, but after a restart the boot loader would not try it (its entry did not reach the disk); it will be installed again"),
-                    );
-                }
-            }
-            Operation::Installed { version, slot } | Operation::Trying { version, slot } => {
-                if trying {
-                    inner.state.operation = Operation::Trying { version, slot };
-                    inner.state.slot_mut(slot).state = SlotState::Trying;
-                } else {
-                    // Committed already (by hand or before a restart).
-                    inner.state.operation = Operation::Idle;
-                    inner.state.slot_mut(slot).state = SlotState::Good;
-                }
-            }
-            Operation::Idle => {
-                if trying {
-                    inner.state.operation = Operation::Trying {
-                        version: self.booted.version.clone(),
-                        slot: booted,
-                    };
-                    inner.state.slot_mut(booted).state = SlotState::Trying;
-                }
-            }
-        }
-        self.write_state(&inner)?;
-        Ok(trying)
+        let view = BootView::read(inner.boot.as_ref(), self.booted.slot)?;
+        let reconciled = transition::reconcile(&inner.state, &view, &self.booted, Timestamp::now());
+        self.carry_out(&mut inner, reconciled.transition)?;
+        Ok(reconciled.run_health_gate)
     }
 
     /// Run the health gate for this try; commit, or mark bad and reboot.
     pub async fn run_health_gate(&self) -> Result<bool, AgentError> {
         let config = self.config().await;
         let report = crate::health::run_system_health_gate(&config.health).await;
-        // A person may have decided by hand while the gate ran: their call stands.
-        let still_trying = {
-            let inner = self.inner.lock().await;
-            matches!(&inner.state.operation, Operation::Trying { slot, .. } if *slot == self.booted.slot)
-                && inner.state.slot(self.booted.slot).state == SlotState::Trying
-        };
-        if !still_trying {
+        let mut inner = self.inner.lock().await;
+        let view = BootView::read(inner.boot.as_ref(), self.booted.slot)?;
+        let Some((step, message)) = transition::health_gate_verdict(
+            &inner.state,
+            &view,
+            &self.booted,
+            &report,
+            Timestamp::now(),
+        )?
+        else {
             tracing::info!(
                 passed = report.passed,
                 "health gate finished after the try was decided by hand; leaving it as decided"
             );
             return Ok(report.passed);
-        }
+        };
+        self.carry_out(&mut inner, step)?;
+        drop(inner);
         if report.passed {
-            let message = self.mark_good().await?;
             tracing::info!("health gate passed: {message}");
-            Ok(true)
         } else {
-            let reason = report
-                .reason
-                .clone()
-                .unwrap_or_else(|| "health gate failed".into());
-            let message = self
-                .mark_bad(&format!("health gate failed: {reason}"))
-                .await?;
             tracing::error!("{message}; rebooting into the previous slot");
             self.reboot("health gate failed").await?;
-            Ok(false)
         }
+        Ok(report.passed)
     }
 
     /// One timer tick: reload config, check, and apply if the config says so.

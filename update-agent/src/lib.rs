@@ -15,4 +15,5 @@ pub mod policy;
 pub mod slots;
 pub mod state;
 pub mod status;
+pub mod transition;
 pub mod tuf;

@@ -493,16 +493,18 @@ impl BootControl for SystemdBoot {
     }
 }
 
+/// systemd-boot as it boots, for tests of this back end and of the agent's
+/// transitions (`transition.rs`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod simulated {
     use super::*;
 
     /// image-builder's `bootloader::LOADER_CONF` (the crates do not import each other).
-    const IMAGE_LOADER_CONF: &str =
+    pub(crate) const IMAGE_LOADER_CONF: &str =
         "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
 
     /// `fnmatch` as systemd-boot's `efi_fnmatch`: `*`, `?`, `[...]` with ranges.
-    fn fnmatch(pattern: &[u8], text: &[u8]) -> bool {
+    pub(crate) fn fnmatch(pattern: &[u8], text: &[u8]) -> bool {
         match pattern.first() {
             None => text.is_empty(),
             Some(b'*') => (0..=text.len()).any(|skip| fnmatch(&pattern[1..], &text[skip..])),
@@ -548,7 +550,7 @@ mod tests {
     /// does. Returns the file name it boots. Errors when the choice would
     /// depend on the UKIs' `.osrel` versions (which fake UKIs lack): that is
     /// the ambiguity the `default` key must avoid.
-    fn boot(esp: &Path) -> Result<String, String> {
+    pub(crate) fn boot(esp: &Path) -> Result<String, String> {
         let directory = esp.join(UKI_DIR);
         let mut ids: Vec<String> = std::fs::read_dir(&directory)
             .unwrap()
@@ -608,11 +610,35 @@ mod tests {
     }
 
     /// systemd-bless-boot after boot-complete.target: drop the booted counter.
-    fn bless(esp: &Path, booted: &str) {
+    pub(crate) fn bless(esp: &Path, booted: &str) {
         let directory = esp.join(UKI_DIR);
         let plain = format!("{}.efi", &booted[..booted.rfind('+').unwrap()]);
         std::fs::rename(directory.join(booted), directory.join(plain)).unwrap();
     }
+
+    /// A fresh qemu-x86_64 ESP: systemd-boot, loader.conf, slot A's UKI.
+    pub(crate) fn fresh_esp() -> tempfile::TempDir {
+        let esp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(esp.path().join("EFI/systemd")).unwrap();
+        std::fs::create_dir_all(esp.path().join("loader")).unwrap();
+        std::fs::create_dir_all(esp.path().join(UKI_DIR)).unwrap();
+        std::fs::write(esp.path().join(LOADER_CONF), IMAGE_LOADER_CONF).unwrap();
+        std::fs::write(esp.path().join("EFI/Linux/racklet-a.efi"), b"uki a v1").unwrap();
+        esp
+    }
+
+    /// One power-on: the slot systemd-boot starts (`None`: nothing to boot).
+    pub(crate) fn boot_slot(esp: &Path) -> Option<Slot> {
+        boot(esp)
+            .ok()
+            .map(|name| parse_entry(&name).expect("an entry of ours").slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simulated::*;
+    use super::*;
 
     struct Fixture {
         esp: tempfile::TempDir,
@@ -620,14 +646,8 @@ mod tests {
         backend: SystemdBoot,
     }
 
-    /// A fresh qemu-x86_64 ESP: systemd-boot, loader.conf, slot A's UKI.
     fn fresh() -> Fixture {
-        let esp = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(esp.path().join("EFI/systemd")).unwrap();
-        std::fs::create_dir_all(esp.path().join("loader")).unwrap();
-        std::fs::create_dir_all(esp.path().join(UKI_DIR)).unwrap();
-        std::fs::write(esp.path().join(LOADER_CONF), IMAGE_LOADER_CONF).unwrap();
-        std::fs::write(esp.path().join("EFI/Linux/racklet-a.efi"), b"uki a v1").unwrap();
+        let esp = fresh_esp();
         let backend = SystemdBoot::new(esp.path().to_path_buf());
         Fixture {
             esp,

@@ -354,8 +354,10 @@ impl BootControl for UBoot {
     }
 }
 
+/// Our boot script as U-Boot runs it, for tests of this back end and of the
+/// agent's transitions (`transition.rs`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod simulated {
     use std::collections::BTreeMap;
 
     use os_format::boot_state::{
@@ -376,14 +378,14 @@ mod tests {
     /// One run of image-builder/assets/u-boot/boot.cmd, step by step: returns
     /// the slot whose UKI it boots (`None`: nothing bootable, reset). Checks
     /// that `next_boot` (what `status` shows) predicted it.
-    fn boot_script(esp: &Path) -> Option<Slot> {
+    pub(crate) fn boot_script(esp: &Path) -> Option<Slot> {
         let predicted = UBoot::new(esp.to_path_buf()).next_boot().unwrap();
         let booted = run_boot_script(esp);
         assert_eq!(predicted, booted, "next_boot disagrees with boot.cmd");
         booted
     }
 
-    fn run_boot_script(esp: &Path) -> Option<Slot> {
+    pub(crate) fn run_boot_script(esp: &Path) -> Option<Slot> {
         let hex = |text: &str| u64::from_str_radix(text, 16).unwrap_or(0);
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         // racklet_committed from the marker; racklet_fallback stays that.
@@ -467,15 +469,9 @@ mod tests {
         None
     }
 
-    struct Fixture {
-        esp: tempfile::TempDir,
-        uki: tempfile::TempDir,
-        backend: UBoot,
-    }
-
     /// A fresh rpi4 ESP as the image builder writes it: boot.scr, both state
     /// copies `BootState::fresh(A)`, slot A's UKI.
-    fn fresh() -> Fixture {
+    pub(crate) fn fresh_esp() -> tempfile::TempDir {
         let esp = tempfile::tempdir().unwrap();
         std::fs::write(esp.path().join("boot.scr"), b"compiled script").unwrap();
         std::fs::create_dir_all(esp.path().join(STATE_DIR)).unwrap();
@@ -485,6 +481,23 @@ mod tests {
             std::fs::write(esp.path().join(copy), &state).unwrap();
         }
         std::fs::write(esp.path().join("EFI/Linux/racklet-a.efi"), b"uki a v1").unwrap();
+        esp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simulated::*;
+    use super::*;
+
+    struct Fixture {
+        esp: tempfile::TempDir,
+        uki: tempfile::TempDir,
+        backend: UBoot,
+    }
+
+    fn fresh() -> Fixture {
+        let esp = fresh_esp();
         let backend = UBoot::new(esp.path().to_path_buf());
         Fixture {
             esp,
