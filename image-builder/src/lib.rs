@@ -1,6 +1,7 @@
 //! Racklet OS image builder: variant -> pinned inputs -> root file system ->
 //! erofs + dm-verity -> UKIs -> ESP + GPT -> `disk.img`, `update/*`, `manifest.json`.
 
+pub mod cli;
 pub mod error;
 pub mod fetch;
 pub mod lock;

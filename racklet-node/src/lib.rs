@@ -4,6 +4,7 @@
 //! ([`os_format::settings`]); see docs/settings.md.
 
 pub mod apply;
+pub mod cli;
 pub mod cloud_init;
 pub mod error;
 pub mod factory_reset;

@@ -1,48 +1,9 @@
-//! `racklet-node`: a thin CLI over the racklet-node library.
+//! `racklet-node`: a thin CLI over the racklet-node library ([`racklet_node::cli`]).
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use racklet_node::apply::{self, Paths, STATUS_PATH};
-use racklet_node::error::NodeError;
-use racklet_node::factory_reset;
-use racklet_node::status::{render, NodeStatus};
-
-#[derive(Parser)]
-#[command(
-    name = "racklet-node",
-    version,
-    about = "Racklet OS node settings from the card"
-)]
-struct Cli {
-    /// Print JSON for scripts.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Apply racklet/settings.toml from the ESP (at boot, by racklet-node.service).
-    /// Never fails on bad settings: it keeps the last good ones and reports why.
-    Apply,
-    /// What the last apply did: where the settings came from, errors, host name, role.
-    Status,
-    /// Reset this node at its next boot, as a first boot: /var, the /etc changes, k3s
-    /// state, SSH host keys, the machine ID and the update agent's state are wiped; both
-    /// slots, the committed version and the card's settings stay. Places the flag
-    /// racklet/factory-reset on the ESP (a laptop can place it too). Root only; asks for
-    /// confirmation unless --yes.
-    FactoryReset {
-        /// Do not ask for confirmation.
-        #[arg(long)]
-        yes: bool,
-        /// Reboot right away (systemctl reboot).
-        #[arg(long)]
-        reboot: bool,
-    },
-}
+use clap::Parser;
+use racklet_node::cli::{run, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,140 +16,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
-    match cli.command {
-        Command::Apply => {
-            let now = now_rfc3339();
-            let status = apply::apply(&Paths::system(), &now);
-            if let Some(error) = &status.settings_error {
-                // On the console and in the journal (the unit's output).
-                eprintln!("racklet-node: settings not applied: {error}");
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Once, and as JSON with --json; exit status 1.
+            eprintln!("error: {error}");
+            if cli.json {
+                println!("{}", serde_json::json!({"ok": false, "error": error}));
             }
-            for error in &status.errors {
-                eprintln!("racklet-node: {error}");
-            }
-            if let Some(cloud) = &status.cloud_init {
-                for key in &cloud.ignored {
-                    eprintln!("racklet-node: cloud-init key outside what Racklet OS reads, not applied: {key}");
-                }
-                for key in &cloud.refused {
-                    eprintln!("racklet-node: cloud-init password refused (keys only): {key}");
-                }
-                for key in &cloud.overridden {
-                    eprintln!("racklet-node: {key}: racklet/settings.toml wins over cloud-init");
-                }
-            }
-            print(&cli, &status);
-            ExitCode::SUCCESS
+            ExitCode::FAILURE
         }
-        Command::FactoryReset { yes, reboot } => match factory_reset_command(&cli, yes, reboot) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => fail(&cli, &error),
-        },
-        Command::Status => match read_status() {
-            Ok(status) => {
-                print(&cli, &status);
-                ExitCode::SUCCESS
-            }
-            Err(error) => fail(&cli, &error.to_string()),
-        },
-    }
-}
-
-/// Print `error` once (and as JSON with --json); exit status 1.
-fn fail(cli: &Cli, error: &str) -> ExitCode {
-    eprintln!("error: {error}");
-    if cli.json {
-        println!("{}", serde_json::json!({"ok": false, "error": error}));
-    }
-    ExitCode::FAILURE
-}
-
-/// The word a person types to confirm a factory reset.
-const CONFIRMATION: &str = "reset";
-
-fn factory_reset_command(cli: &Cli, yes: bool, reboot: bool) -> Result<(), String> {
-    if !rustix::process::geteuid().is_root() {
-        return Err("factory-reset must run as root (it writes the flag on the ESP)".into());
-    }
-    let esp = std::path::Path::new(apply::ESP_MOUNT);
-    if !yes {
-        use std::io::{BufRead, IsTerminal, Write};
-        if !std::io::stdin().is_terminal() {
-            return Err("not confirmed: standard input is not a terminal; run with --yes".into());
-        }
-        eprint!(
-            "This wipes /var, the /etc changes, k3s state, SSH host keys, the machine ID and the\n\
-             update agent's state at the next boot. Type '{CONFIRMATION}' to go on: "
-        );
-        std::io::stderr().flush().ok();
-        let mut answer = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut answer)
-            .map_err(|error| format!("reading the confirmation: {error}"))?;
-        if answer.trim() != CONFIRMATION {
-            return Err(format!(
-                "not confirmed (expected '{CONFIRMATION}'); nothing changed"
-            ));
-        }
-    }
-    let requested =
-        factory_reset::request(esp, &now_rfc3339()).map_err(|error| error.to_string())?;
-    if cli.json {
-        println!(
-            "{}",
-            serde_json::json!({"ok": true, "reboot": reboot, "requested": requested})
-        );
-    } else {
-        print!("{}", factory_reset::render(&requested, reboot));
-    }
-    if reboot {
-        let status = std::process::Command::new("systemctl")
-            .arg("reboot")
-            .status()
-            .map_err(|error| format!("cannot run systemctl reboot: {error}"))?;
-        if !status.success() {
-            return Err(format!(
-                "systemctl reboot failed ({status}); the reset happens at the next boot"
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn print(cli: &Cli, status: &NodeStatus) {
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(status).expect("json"));
-    } else {
-        print!("{}", render(status));
-    }
-}
-
-fn read_status() -> Result<NodeStatus, NodeError> {
-    let bytes = std::fs::read(STATUS_PATH).map_err(NodeError::io(STATUS_PATH))?;
-    serde_json::from_slice(&bytes).map_err(|error| NodeError::Status {
-        path: STATUS_PATH.into(),
-        message: format!(
-            "not a status this version understands ({error}); did racklet-node.service run?"
-        ),
-    })
-}
-
-/// Now as RFC 3339 UTC, to the second.
-fn now_rfc3339() -> String {
-    format!("{:.0}", jiff::Timestamp::now())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn now_is_rfc3339_to_the_second() {
-        let now = super::now_rfc3339();
-        let bytes = now.as_bytes();
-        assert_eq!(now.len(), 20, "{now}");
-        assert!(
-            now.ends_with('Z') && bytes[4] == b'-' && bytes[10] == b'T' && bytes[16] == b':',
-            "{now}"
-        );
     }
 }
