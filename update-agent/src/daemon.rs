@@ -28,7 +28,6 @@ use os_format::manifest::ArtifactKind;
 use os_format::settings::MaintenanceWindow;
 use os_format::update_manifest::{parse_version, Update, UpdateManifest, Version};
 use os_format::verity::root_hash_from_hex;
-use serde::Serialize;
 use tokio::sync::{watch, Mutex};
 
 use crate::boot_control::{self, BootControl};
@@ -39,8 +38,8 @@ use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
 use crate::state::{self, AgentState, Operation, StateSetAside, STATE_DIR};
 use crate::status::{
-    parse_os_release, read_booted_status, Booted, ProgressReport, SlotStatus, StatusReport,
-    OS_RELEASE, PROC_CMDLINE,
+    parse_os_release, read_booted_status, Booted, CheckOutcome, CheckReport, ProgressReport,
+    SlotStatus, StatusReport, OS_RELEASE, PROC_CMDLINE,
 };
 use crate::transition::{self, BootView, CancelPlan, Transition};
 use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
@@ -50,8 +49,11 @@ pub const TIME_SYNCHRONIZED_MARKER: &str = "/run/systemd/timesync/synchronized";
 /// If this unit is not installed, nothing will ever synchronise the clock, and
 /// the agent relies on the build-time floor alone.
 pub const TIMESYNCD_UNIT: &str = "/usr/lib/systemd/system/systemd-timesyncd.service";
-/// The text of the error a cancelled read returns.
-const CANCELLED: &str = "cancelled";
+/// The error a cancelled read returns (inside an `io::Error`), so that the
+/// retry rule knows a cancel from a dropped connection by type.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+struct ReadCancelled;
 /// How often one artifact is downloaded again after a transport error
 /// (a dropped connection); tough resumes timeouts itself, not resets.
 const ARTIFACT_ATTEMPTS: u32 = 3;
@@ -64,7 +66,10 @@ fn retryable(error: &AgentError) -> bool {
     let AgentError::Install(install::InstallError::Read { source, .. }) = error else {
         return false;
     };
-    if source.to_string() == CANCELLED {
+    if source
+        .get_ref()
+        .is_some_and(|inner| inner.is::<ReadCancelled>())
+    {
         return false;
     }
     matches!(
@@ -176,18 +181,6 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub total: AtomicU64,
     pub cancel: AtomicBool,
-}
-
-/// The result of a check.
-#[derive(Clone, Debug, Serialize)]
-pub struct CheckReport {
-    pub time: Timestamp,
-    /// "up-to-date", "available", "not-yet" or "refused".
-    pub result: String,
-    pub message: String,
-    pub version: Option<String>,
-    pub wave_start: Option<Timestamp>,
-    pub seed: u32,
 }
 
 struct Inner {
@@ -325,7 +318,7 @@ impl Agent {
                 SlotStatus {
                     slot: *slot,
                     booted: *slot == self.booted.slot,
-                    boot_state: boot_state.to_string(),
+                    boot_state: *boot_state,
                     state: record.state,
                     version: record.version.as_ref().map(Version::to_string),
                 }
@@ -462,39 +455,32 @@ impl Agent {
         let now = Timestamp::now();
         let result = self.fetch_and_decide(&ApplyRequest::default()).await;
         let mut inner = self.inner.lock().await;
-        let report = match &result {
-            Ok((decision, _, _)) => {
-                let (kind, version, wave_start) = decision_summary(decision);
+        let result = result.map(|(decision, _, _)| {
+            let (kind, version, wave_start) = decision_summary(&decision);
+            CheckReport {
+                time: now,
+                result: kind,
+                message: decision.to_string(),
+                version,
+                wave_start,
+                seed: self.seed,
+            }
+        });
+        match &result {
+            Ok(report) => {
                 inner
                     .state
-                    .record_check(now, decision.to_string(), version.clone());
-                CheckReport {
-                    time: now,
-                    result: kind.into(),
-                    message: decision.to_string(),
-                    version: version.map(|version| version.to_string()),
-                    wave_start,
-                    seed: self.seed,
-                }
+                    .record_check(now, report.message.clone(), report.version.clone());
             }
             Err(error) => {
                 inner
                     .state
                     .record_check(now, format!("failed: {error}"), None);
                 inner.state.record_error(now, "check", error.to_string());
-                CheckReport {
-                    time: now,
-                    result: "error".into(),
-                    message: error.to_string(),
-                    version: None,
-                    wave_start: None,
-                    seed: self.seed,
-                }
             }
-        };
+        }
         self.write_state(&inner)?;
-        drop(inner);
-        result.map(|_| report)
+        result
     }
 
     /// Start installing in the background; returns the version being installed.
@@ -912,7 +898,7 @@ impl Agent {
             return true;
         }
         match self.check().await {
-            Ok(report) if report.result == "available" && config.auto_apply => {
+            Ok(report) if report.result == CheckOutcome::Available && config.auto_apply => {
                 let request = ApplyRequest {
                     version: None,
                     allow_downgrade: false,
@@ -923,7 +909,7 @@ impl Agent {
                     tracing::warn!(%error, "automatic update did not start");
                 }
             }
-            Ok(report) => tracing::info!(result = %report.result, "{}", report.message),
+            Ok(report) => tracing::info!(result = ?report.result, "{}", report.message),
             Err(error) => {
                 tracing::warn!(%error, "update check failed");
                 return false;
@@ -969,7 +955,7 @@ impl<R: Read> Read for CancellableReader<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         if self.progress.cancel.load(Ordering::Relaxed) {
             // Not ErrorKind::Interrupted: readers retry that.
-            return Err(std::io::Error::other(CANCELLED));
+            return Err(std::io::Error::other(ReadCancelled));
         }
         self.inner.read(buffer)
     }
@@ -1077,14 +1063,18 @@ fn copy_checked(
 
 /// A decision as the status and `check --json` name it: its kind, the version
 /// it concerns and, for a closed wave, when this node's wave opens.
-fn decision_summary(decision: &Decision) -> (&'static str, Option<Version>, Option<Timestamp>) {
+fn decision_summary(decision: &Decision) -> (CheckOutcome, Option<Version>, Option<Timestamp>) {
     match decision {
-        Decision::UpToDate { .. } => ("up-to-date", None, None),
-        Decision::Available { update } => ("available", Some(update.version.clone()), None),
-        Decision::NotYet { update, start } => {
-            ("not-yet", Some(update.version.clone()), Some(*start))
+        Decision::UpToDate { .. } => (CheckOutcome::UpToDate, None, None),
+        Decision::Available { update } => {
+            (CheckOutcome::Available, Some(update.version.clone()), None)
         }
-        Decision::Refused { .. } => ("refused", None, None),
+        Decision::NotYet { update, start } => (
+            CheckOutcome::NotYet,
+            Some(update.version.clone()),
+            Some(*start),
+        ),
+        Decision::Refused { .. } => (CheckOutcome::Refused, None, None),
     }
 }
 
@@ -1095,6 +1085,26 @@ mod tests {
     use os_format::layout::Slot;
     use os_format::manifest::Artifact;
     use sha2::{Digest, Sha256};
+
+    #[test]
+    fn a_dropped_download_is_retried_and_a_cancelled_one_is_not() {
+        let read_error = |source: std::io::Error| {
+            AgentError::Install(install::InstallError::Read {
+                artifact: "root.erofs.zst".into(),
+                offset: 4096,
+                source,
+            })
+        };
+        let incomplete = crate::tuf::TufError::TargetIncomplete {
+            target: "root.erofs.zst".into(),
+        };
+        assert!(retryable(&read_error(std::io::Error::other(incomplete))));
+        assert!(!retryable(&read_error(std::io::Error::other(
+            ReadCancelled
+        ))));
+        assert!(!retryable(&read_error(std::io::Error::other("cancelled"))));
+        assert!(!retryable(&AgentError::Cancelled));
+    }
 
     /// The manifest entry of a UKI shipped as `shipped` (zstd unless equal to `raw`).
     fn uki_artifact(shipped: &[u8], raw: &[u8]) -> Artifact {

@@ -15,6 +15,7 @@ use zbus::{connection, interface, proxy, Connection};
 
 use crate::daemon::{Agent, ApplyRequest};
 use crate::error::AgentError;
+use crate::status::{ActionReply, ApplyStarted};
 
 pub const BUS_NAME: &str = "org.racklet.Update1";
 pub const OBJECT_PATH: &str = "/org/racklet/Update1";
@@ -36,7 +37,7 @@ pub enum UpdateError {
 impl From<AgentError> for UpdateError {
     fn from(error: AgentError) -> UpdateError {
         let message = os_format::report::one_line(&error);
-        if error.exit_code() == 2 {
+        if error.is_refusal() {
             UpdateError::Refused(message)
         } else {
             UpdateError::Failed(message)
@@ -88,30 +89,31 @@ impl UpdateInterface {
             reboot_window: None,
         };
         let version = self.agent.start_apply(request).await?;
-        Ok(json(
-            &serde_json::json!({"started": true, "version": version.to_string()}),
-        ))
+        Ok(json(&ApplyStarted {
+            started: true,
+            version,
+        }))
     }
 
     /// Undo an install that has not been booted.
     async fn cancel(&self) -> Result<String, UpdateError> {
-        Ok(json(
-            &serde_json::json!({"message": self.agent.cancel().await?}),
-        ))
+        Ok(json(&ActionReply {
+            message: self.agent.cancel().await?,
+        }))
     }
 
     /// Make the other slot boot next (if it holds a good image).
     async fn rollback(&self, reboot: bool) -> Result<String, UpdateError> {
-        Ok(json(
-            &serde_json::json!({"message": self.agent.rollback(reboot).await?}),
-        ))
+        Ok(json(&ActionReply {
+            message: self.agent.rollback(reboot).await?,
+        }))
     }
 
     /// Commit the booted try (what the health gate does when it passes).
     async fn mark_good(&self) -> Result<String, UpdateError> {
-        Ok(json(
-            &serde_json::json!({"message": self.agent.mark_good().await?}),
-        ))
+        Ok(json(&ActionReply {
+            message: self.agent.mark_good().await?,
+        }))
     }
 
     /// Mark the booted slot bad (what the health gate does when it fails).
@@ -121,9 +123,9 @@ impl UpdateInterface {
         } else {
             reason
         };
-        Ok(json(
-            &serde_json::json!({"message": self.agent.mark_bad(reason).await?}),
-        ))
+        Ok(json(&ActionReply {
+            message: self.agent.mark_bad(reason).await?,
+        }))
     }
 
     /// idle, writing, verifying, installed, trying...

@@ -59,16 +59,26 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// Process exit codes: 2 for a request that cannot be done (bad input,
-    /// nothing to do, busy), 1 for failures.
-    pub fn exit_code(&self) -> u8 {
-        match self {
+    /// A request that cannot be done as asked (bad input, nothing to do,
+    /// busy), as opposed to a failure while doing it. D-Bus sends it as
+    /// `org.racklet.Update1.Error.Refused`.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
             AgentError::NothingToApply { .. }
-            | AgentError::Refused { .. }
-            | AgentError::Busy { .. }
-            | AgentError::Config(_)
-            | AgentError::Invalid { .. } => 2,
-            _ => 1,
+                | AgentError::Refused { .. }
+                | AgentError::Busy { .. }
+                | AgentError::Config(_)
+                | AgentError::Invalid { .. }
+        )
+    }
+
+    /// Process exit codes: 2 for a refusal, 1 for failures.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_refusal() {
+            2
+        } else {
+            1
         }
     }
 

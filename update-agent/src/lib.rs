@@ -4,6 +4,7 @@
 //! this library; decisions are pure functions, IO stays at the edges.
 
 pub mod boot_control;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dbus;

@@ -543,12 +543,12 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
             if matches!(state.operation, Operation::Writing { .. }) {
                 state.set_progress(report.progress.bytes);
             }
-            let boot_states: Option<Vec<(Slot, SlotBootState)>> = report
+            let boot_states: Vec<(Slot, SlotBootState)> = report
                 .boot_slots
                 .iter()
-                .map(|slot| Some((slot.slot, parse_boot_state(&slot.boot_state)?)))
+                .map(|slot| (slot.slot, slot.boot_state))
                 .collect();
-            let boot_slots = boot_states.and_then(|states| <[_; 2]>::try_from(states).ok());
+            let boot_slots = <[_; 2]>::try_from(boot_states).ok();
             let written_bytes_total = Some(state.written_bytes_total);
             MetricsSnapshot {
                 state,
@@ -569,24 +569,6 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
                 boot_slots: None,
                 written_bytes_total: None,
             }
-        }
-    }
-}
-
-/// [`SlotBootState`]'s `Display` text back to the state (the daemon's status
-/// report carries the text).
-fn parse_boot_state(text: &str) -> Option<SlotBootState> {
-    match text {
-        "good" => Some(SlotBootState::Good),
-        "bad" => Some(SlotBootState::Bad),
-        "absent" => Some(SlotBootState::Absent),
-        other => {
-            let tries = other
-                .strip_prefix("trying (")?
-                .strip_suffix(" tries left)")?;
-            Some(SlotBootState::Trying {
-                tries_left: tries.parse().ok()?,
-            })
         }
     }
 }
@@ -994,21 +976,6 @@ mod tests {
             timestamp_value(time("2026-12-01T10:00:00.123Z")).to_string(),
             "1796119200.123"
         );
-    }
-
-    #[test]
-    fn boot_states_parse_back_from_their_display() {
-        for state in [
-            SlotBootState::Good,
-            SlotBootState::Bad,
-            SlotBootState::Absent,
-            SlotBootState::Trying { tries_left: 0 },
-            SlotBootState::Trying { tries_left: 3 },
-        ] {
-            assert_eq!(parse_boot_state(&state.to_string()), Some(state));
-        }
-        assert_eq!(parse_boot_state("trying (x tries left)"), None);
-        assert_eq!(parse_boot_state("broken"), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use os_format::layout::Slot;
 use os_format::update_manifest::Version;
 use serde::{Deserialize, Serialize};
 
+use crate::boot_control::SlotBootState;
 use crate::error::AgentError;
 use crate::state::{AgentState, SlotState, StateSetAside};
 
@@ -64,9 +65,58 @@ pub struct StatusReport {
 pub struct SlotStatus {
     pub slot: Slot,
     pub booted: bool,
-    pub boot_state: String,
+    pub boot_state: SlotBootState,
     pub state: SlotState,
     pub version: Option<String>,
+}
+
+/// What a check found (`racklet-update check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckOutcome {
+    UpToDate,
+    Available,
+    /// An update applies, but this node's wave starts later.
+    NotYet,
+    /// The repository offers nothing this node may take (e.g. its variant is
+    /// not in it).
+    Refused,
+}
+
+/// The result of a check (the D-Bus `Check` reply).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub time: Timestamp,
+    pub result: CheckOutcome,
+    /// The decision, for people.
+    pub message: String,
+    pub version: Option<Version>,
+    /// When this node's wave starts (`not-yet`).
+    pub wave_start: Option<Timestamp>,
+    pub seed: u32,
+}
+
+/// The D-Bus `Apply` reply: the install started in the background.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyStarted {
+    pub started: bool,
+    pub version: Version,
+}
+
+/// The reply of `Cancel`, `Rollback`, `MarkGood` and `MarkBad`: what was done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionReply {
+    pub message: String,
+}
+
+/// What `racklet-update --json apply` prints once the install is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallDone {
+    pub ok: bool,
+    pub version: Version,
+    /// `installed` (waits for its reboot) or `trying`.
+    pub operation: String,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,9 +51,10 @@ pub const SYSTEMD_BOOT_DIR: &str = "EFI/systemd";
 /// The compiled U-Boot boot script, relative to the ESP.
 pub const UBOOT_SCRIPT: &str = "boot.scr";
 
-/// A slot's boot state as the ESP records it (for `status`).
+/// A slot's boot state as the ESP records it (for `status`). Serialized as
+/// its display text ("good", "trying (1 tries left)", "bad", "absent").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "String", try_from = "String")]
 pub enum SlotBootState {
     /// A committed UKI: booted by default or kept as the fallback.
     Good,
@@ -75,6 +76,45 @@ impl std::fmt::Display for SlotBootState {
             SlotBootState::Bad => f.write_str("bad"),
             SlotBootState::Absent => f.write_str("absent"),
         }
+    }
+}
+
+impl std::str::FromStr for SlotBootState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SlotBootState, String> {
+        let tries_left = |text: &str| {
+            text.strip_prefix("trying (")?
+                .strip_suffix(" tries left)")?
+                .parse()
+                .ok()
+        };
+        match text {
+            "good" => Ok(SlotBootState::Good),
+            "bad" => Ok(SlotBootState::Bad),
+            "absent" => Ok(SlotBootState::Absent),
+            other => tries_left(other)
+                .map(|tries_left| SlotBootState::Trying { tries_left })
+                .ok_or_else(|| {
+                    format!(
+                        "unknown boot state {other:?}: expected good, bad, absent or \"trying (N tries left)\""
+                    )
+                }),
+        }
+    }
+}
+
+impl From<SlotBootState> for String {
+    fn from(state: SlotBootState) -> String {
+        state.to_string()
+    }
+}
+
+impl TryFrom<String> for SlotBootState {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<SlotBootState, String> {
+        text.parse()
     }
 }
 
@@ -380,9 +420,20 @@ mod tests {
             SlotBootState::Trying { tries_left: 1 }.to_string(),
             "trying (1 tries left)"
         );
-        assert_eq!(
-            serde_json::to_string(&SlotBootState::Good).unwrap(),
-            "\"good\""
-        );
+        for state in [
+            SlotBootState::Good,
+            SlotBootState::Trying { tries_left: 0 },
+            SlotBootState::Trying { tries_left: 3 },
+            SlotBootState::Bad,
+            SlotBootState::Absent,
+        ] {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{state}\""));
+            assert_eq!(serde_json::from_str::<SlotBootState>(&json).unwrap(), state);
+        }
+        for text in ["trying (x tries left)", "broken", "Good"] {
+            let error = text.parse::<SlotBootState>().unwrap_err();
+            assert!(error.contains(text), "{error}");
+        }
     }
 }
