@@ -6,13 +6,13 @@
 //! level), and to stderr before that or when not running as PID 1. The fatal
 //! line goes straight to the console (stderr of PID 1 is `/dev/console`), so it
 //! shows whatever `loglevel=` says.
-// PID 1's syscalls: fcntl/dup2 on the standard descriptors, by hand (SAFETY comments at each call).
-#![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
+
+use rustix::stdio;
 
 /// The kernel log device.
 pub const KMSG_PATH: &str = "/dev/kmsg";
@@ -59,20 +59,27 @@ pub fn attach_kmsg() {
 /// kernel normally arranges for PID 1: the initramfs may lack `/dev/console`
 /// at the time the kernel looks for it. The root's init inherits them.
 pub fn ensure_console_fds() {
-    // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
-    let closed = |fd: i32| unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1;
-    if !(0..=2).any(closed) {
+    let standard_fds = [stdio::stdin(), stdio::stdout(), stdio::stderr()];
+    if !standard_fds.into_iter().any(is_closed) {
         return;
     }
     let Ok(console) = OpenOptions::new().read(true).write(true).open(CONSOLE_PATH) else {
         return;
     };
-    for fd in 0..=2 {
-        if closed(fd) {
-            // SAFETY: dup2 onto a closed standard descriptor; `console` stays valid.
-            unsafe { libc::dup2(console.as_raw_fd(), fd) };
-        }
+    if is_closed(stdio::stdin()) {
+        let _ = stdio::dup2_stdin(&console);
     }
+    if is_closed(stdio::stdout()) {
+        let _ = stdio::dup2_stdout(&console);
+    }
+    if is_closed(stdio::stderr()) {
+        let _ = stdio::dup2_stderr(&console);
+    }
+}
+
+/// Whether `fd` is not open: `fcntl(F_GETFD)` fails on it.
+fn is_closed(fd: BorrowedFd<'_>) -> bool {
+    rustix::io::fcntl_getfd(fd).is_err()
 }
 
 /// Write one progress line.
@@ -122,6 +129,13 @@ pub fn fatal(message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn an_open_descriptor_is_not_closed() {
+        let file = tempfile::tempfile().unwrap();
+        assert!(!is_closed(file.as_fd()));
+    }
 
     #[test]
     fn fatal_line_has_the_prefix() {

@@ -18,15 +18,18 @@
 //! [`crate::switch_root`] makes it `/`, and the initramfs cleanup (which never
 //! crosses into another file system) does not touch them.
 
+use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::io::Errno;
+use rustix::mount::MountFlags;
+
 use crate::error::InitError;
 use crate::partitions::{BlockDevice, DataPartition};
-use crate::sys;
 
 /// The file system the data partition holds.
 pub const DATA_FS_TYPE: &str = "ext4";
@@ -34,11 +37,13 @@ pub const DATA_FS_TYPE: &str = "ext4";
 pub const DATA_MOUNT_OPTIONS: &str = "rw,noatime";
 /// [`DATA_MOUNT_OPTIONS`] as `mount(2)` flags (`rw` is the absence of
 /// `MS_RDONLY`; no file-system specific options).
-pub const DATA_MOUNT_FLAGS: libc::c_ulong = libc::MS_NOATIME;
+pub const DATA_MOUNT_FLAGS: MountFlags = MountFlags::NOATIME;
 /// Where the data partition goes, relative to the new root.
 pub const VAR_DIR: &str = "var";
 /// Where the overlay goes, relative to the new root.
 pub const ETC_DIR: &str = "etc";
+/// The overlay's file system type (and source name).
+pub const OVERLAY_FS_TYPE: &str = "overlay";
 /// The overlay's directory on the data partition, relative to the new root.
 pub const ETC_OVERLAY_DIR: &str = "var/lib/racklet/etc";
 /// The overlay's upper layer (the changed files), inside [`ETC_OVERLAY_DIR`].
@@ -103,7 +108,7 @@ pub enum VarSkip {
         /// Where it was to be mounted.
         target: PathBuf,
         /// What `mount(2)` said.
-        error: io::Error,
+        error: Errno,
     },
 }
 
@@ -143,18 +148,18 @@ impl fmt::Display for VarSkip {
                 "cannot mount data partition {device} ({DATA_FS_TYPE}, {DATA_MOUNT_OPTIONS}) on \
                  {}: {error}{}; {NOT_MOUNTED}",
                 target.display(),
-                data_mount_hint(error)
+                data_mount_hint(*error)
             ),
         }
     }
 }
 
 /// A hint for the errors `mount` of the data partition commonly returns.
-fn data_mount_hint(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::ENODEV) => " (ext4 unknown to the kernel: is it in the module list?)",
-        Some(libc::ENOENT) => " (the root has no /var directory)",
-        Some(libc::EINVAL) | Some(libc::EUCLEAN) => " (damaged file system?)",
+fn data_mount_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::NODEV => " (ext4 unknown to the kernel: is it in the module list?)",
+        Errno::NOENT => " (the root has no /var directory)",
+        Errno::INVAL | Errno::UCLEAN => " (damaged file system?)",
         _ => "",
     }
 }
@@ -280,10 +285,10 @@ pub fn mount_var_and_etc(
         VarPlan::Skip(skip) => return Ok(VarOutcome::Skipped(skip)),
     };
     let target = new_root.join(VAR_DIR);
-    if let Err(error) = sys::mount(
-        Some(device.node(dev_dir).as_os_str()),
+    if let Err(error) = rustix::mount::mount(
+        device.node(dev_dir),
         &target,
-        Some(DATA_FS_TYPE),
+        DATA_FS_TYPE,
         DATA_MOUNT_FLAGS,
         None,
     ) {
@@ -310,17 +315,24 @@ pub fn mount_etc_overlay(new_root: &Path) -> Result<(), InitError> {
     }
     let options = etc_overlay_options(new_root);
     let target = new_root.join(ETC_DIR);
-    sys::mount(
-        Some("overlay".as_ref()),
-        &target,
-        Some("overlay"),
-        0,
-        Some(&options),
-    )
-    .map_err(|source| InitError::EtcOverlay {
+    let mount_error = |source| InitError::EtcOverlay {
         step: format!("mount overlay ({options}) on {}", target.display()),
         source,
-    })
+    };
+    let data = CString::new(options.as_str()).map_err(|_| {
+        mount_error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the options contain a NUL byte",
+        ))
+    })?;
+    rustix::mount::mount(
+        OVERLAY_FS_TYPE,
+        &target,
+        OVERLAY_FS_TYPE,
+        MountFlags::empty(),
+        data.as_c_str(),
+    )
+    .map_err(|errno| mount_error(errno.into()))
 }
 
 #[cfg(test)]
@@ -351,8 +363,10 @@ mod tests {
     #[test]
     fn data_mount_flags_spell_rw_noatime() {
         assert_eq!(DATA_MOUNT_OPTIONS, "rw,noatime");
-        assert_eq!(DATA_MOUNT_FLAGS & libc::MS_RDONLY, 0);
-        assert_eq!(DATA_MOUNT_FLAGS, libc::MS_NOATIME);
+        assert!(!DATA_MOUNT_FLAGS.contains(MountFlags::RDONLY));
+        assert_eq!(DATA_MOUNT_FLAGS, MountFlags::NOATIME);
+        // MS_NOATIME in linux/mount.h.
+        assert_eq!(DATA_MOUNT_FLAGS.bits(), 0x400);
     }
 
     #[test]
@@ -434,7 +448,7 @@ mod tests {
     #[test]
     fn an_unreadable_or_unmountable_data_partition_is_skipped() {
         let plan = plan_var("vda", &DataPartition::Present(vda4()), |_| {
-            Err(io::Error::from_raw_os_error(libc::EIO))
+            Err(Errno::IO.into())
         });
         let VarPlan::Skip(skip) = plan else {
             panic!("expected a skip")
@@ -446,7 +460,7 @@ mod tests {
         let skip = VarSkip::MountFailed {
             device: "vda4".into(),
             target: "/sysroot/var".into(),
-            error: io::Error::from_raw_os_error(libc::ENODEV),
+            error: Errno::NODEV,
         };
         let text = skip.to_string();
         assert!(

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use os_format::cmdline::CmdlineError;
 use os_format::layout::Slot;
 use os_format::verity::VerityError;
+use rustix::io::Errno;
 use thiserror::Error;
 
 use crate::partitions::MissingPartitions;
@@ -57,11 +58,11 @@ pub enum InitError {
         source: io::Error,
     },
     /// The kernel refused a listed module.
-    #[error("kernel module {path} failed to load: {source}{hint}", hint = module_error_hint(source))]
+    #[error("kernel module {path} failed to load: {source}{hint}", hint = module_error_hint(*source))]
     ModuleLoad {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: Errno,
     },
     /// The slot's root or verity partition never appeared.
     #[error("{0}")]
@@ -100,13 +101,13 @@ pub enum InitError {
     },
     /// The verity device could not be mounted as the root file system.
     #[error("cannot mount {device} ({fs_type}, read-only) on {target}: {source}{hint}",
-        hint = mount_error_hint(source))]
+        hint = mount_error_hint(*source))]
     MountRoot {
         device: PathBuf,
         fs_type: String,
         target: &'static str,
         #[source]
-        source: io::Error,
+        source: Errno,
     },
     /// The `/etc` overlay on the mounted data partition could not be set up.
     #[error("cannot set up the /etc overlay: {step}: {source}{hint}", hint = overlay_error_hint(source))]
@@ -186,34 +187,35 @@ impl std::error::Error for Fatal {
 }
 
 /// A hint for the errors `finit_module` commonly returns.
-fn module_error_hint(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::ENOENT) => {
+fn module_error_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::NOENT => {
             " (unknown symbol: a module it needs is missing from the list or listed after it)"
         }
-        Some(libc::ENOEXEC) => " (not a module for this kernel, or compressed)",
-        Some(libc::EKEYREJECTED) | Some(libc::EBADMSG) => " (signature rejected)",
+        Errno::NOEXEC => " (not a module for this kernel, or compressed)",
+        Errno::KEYREJECTED | Errno::BADMSG => " (signature rejected)",
         _ => "",
     }
 }
 
 /// A hint for the errors `mount` of the root commonly returns.
-fn mount_error_hint(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::ENODEV) => " (file system type unknown: is its module in the list?)",
-        Some(libc::EIO) => " (I/O error: corrupt data or wrong roothash?)",
-        Some(libc::EINVAL) => " (not a file system of that type: wrong rootfstype= or roothash?)",
+fn mount_error_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::NODEV => " (file system type unknown: is its module in the list?)",
+        Errno::IO => " (I/O error: corrupt data or wrong roothash?)",
+        Errno::INVAL => " (not a file system of that type: wrong rootfstype= or roothash?)",
         _ => "",
     }
 }
 
-/// A hint for the errors setting up the `/etc` overlay commonly returns.
+/// A hint for the errors setting up the `/etc` overlay commonly returns
+/// (creating its directories, or the mount).
 fn overlay_error_hint(error: &io::Error) -> &'static str {
-    match error.raw_os_error() {
-        Some(libc::ENODEV) => " (overlay file system unknown: is overlay in the module list?)",
-        Some(libc::ENOENT) => " (the root has no /etc directory?)",
-        Some(libc::EROFS) => " (the data partition is read-only)",
-        Some(libc::EINVAL) => " (see the kernel log above)",
+    match Errno::from_io_error(error) {
+        Some(Errno::NODEV) => " (overlay file system unknown: is overlay in the module list?)",
+        Some(Errno::NOENT) => " (the root has no /etc directory?)",
+        Some(Errno::ROFS) => " (the data partition is read-only)",
+        Some(Errno::INVAL) => " (see the kernel log above)",
         _ => "",
     }
 }
@@ -240,18 +242,21 @@ mod tests {
     fn module_errors_carry_a_hint() {
         let error = InitError::ModuleLoad {
             path: "/lib/modules/x/dm-verity.ko".into(),
-            source: io::Error::from_raw_os_error(libc::ENOENT),
+            source: Errno::NOENT,
         };
-        let text = error.to_string();
-        assert!(text.starts_with("kernel module /lib/modules/x/dm-verity.ko failed to load"));
-        assert!(text.contains("unknown symbol"), "{text}");
+        assert_eq!(
+            error.to_string(),
+            "kernel module /lib/modules/x/dm-verity.ko failed to load: No such file or directory \
+             (os error 2) (unknown symbol: a module it needs is missing from the list or listed \
+             after it)"
+        );
     }
 
     #[test]
     fn overlay_errors_name_the_step() {
         let error = InitError::EtcOverlay {
             step: "mount overlay (lowerdir=/sysroot/etc,...) on /sysroot/etc".into(),
-            source: io::Error::from_raw_os_error(libc::ENODEV),
+            source: Errno::NODEV.into(),
         };
         let text = Fatal::in_slot(Slot::A, error).to_string();
         assert!(

@@ -15,25 +15,23 @@
 //! Nothing here stops a boot: an ESP that cannot be mounted, or a reset that
 //! fails half-way, is a warning on the console, the boot goes on, and the flag
 //! stays for the next boot to try again.
-// PID 1's syscalls: umount2 and sync, by hand (SAFETY comments at each call).
-#![allow(unsafe_code)]
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use os_format::settings::FACTORY_RESET_FLAG_ON_ESP;
+use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::partitions::BlockDevice;
-use crate::sys;
+use crate::sys::NOSUID_NODEV_NOEXEC;
 
 /// Where the initramfs mounts the ESP while it looks for the flag.
 pub const ESP_MOUNT_POINT: &str = "/esp";
 /// The ESP's file system.
 pub const ESP_FS_TYPE: &str = "vfat";
 /// Mount flags for the ESP: nothing on it is run or treated as a device.
-const ESP_MOUNT_FLAGS: libc::c_ulong =
-    libc::MS_NOATIME | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+const ESP_MOUNT_FLAGS: MountFlags = MountFlags::NOATIME.union(NOSUID_NODEV_NOEXEC);
 /// Entries of the data partition's root that a reset keeps: ext4's own.
 const KEPT_ENTRIES: [&str; 1] = ["lost+found"];
 
@@ -65,10 +63,7 @@ impl ResetRequest {
 
 impl Drop for ResetRequest {
     fn drop(&mut self) {
-        if let Ok(path) = sys::c_string(&self.mount_point) {
-            // SAFETY: umount2 with a NUL-terminated path.
-            unsafe { libc::umount2(path.as_ptr(), 0) };
-        }
+        let _ = rustix::mount::unmount(&self.mount_point, UnmountFlags::empty());
     }
 }
 
@@ -86,10 +81,10 @@ pub fn requested(
     let mount_point = PathBuf::from(ESP_MOUNT_POINT);
     fs::create_dir_all(&mount_point)
         .map_err(|error| format!("cannot create {}: {error}", mount_point.display()))?;
-    sys::mount(
-        Some(esp.node(dev_dir).as_os_str()),
+    rustix::mount::mount(
+        esp.node(dev_dir),
         &mount_point,
-        Some(ESP_FS_TYPE),
+        ESP_FS_TYPE,
         ESP_MOUNT_FLAGS,
         None,
     )
@@ -144,8 +139,7 @@ pub fn empty_data_partition(var: &Path) -> io::Result<Emptied> {
         emptied.entries += 1;
     }
     File::open(var)?.sync_all()?;
-    // SAFETY: sync(2) takes no arguments.
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     Ok(emptied)
 }
 
@@ -189,6 +183,12 @@ mod tests {
             empty_data_partition(var.path()).unwrap(),
             Emptied::default()
         );
+    }
+
+    #[test]
+    fn the_esp_is_mounted_noatime_nosuid_nodev_noexec() {
+        // MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME in linux/mount.h.
+        assert_eq!(ESP_MOUNT_FLAGS.bits(), 0x2 | 0x4 | 0x8 | 0x400);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod console;
 pub mod data;
 pub mod device_mapper;
 pub mod error;
+pub mod execv;
 pub mod factory_reset;
 pub mod modules;
 pub mod partitions;
@@ -194,7 +195,6 @@ fn plural(count: usize, thing: &str) -> String {
 
 /// The end of a failed boot: one fatal line, then (as PID 1) a reboot after
 /// [`FATAL_REBOOT_DELAY`], or (in a test run) exit status 1.
-#[allow(unsafe_code)] // sync and reboot(2)
 pub fn fail(fatal: &Fatal) -> ! {
     if !sys::is_pid1() {
         console::fatal(&format!("{fatal} — exiting"));
@@ -202,11 +202,10 @@ pub fn fail(fatal: &Fatal) -> ! {
     }
     console::fatal(&format!("{fatal} — rebooting"));
     std::thread::sleep(FATAL_REBOOT_DELAY);
-    // SAFETY: plain syscalls; reboot only returns on failure.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
+    rustix::fs::sync();
+    // `reboot(2)` with `LINUX_REBOOT_CMD_RESTART` (libc's `RB_AUTOBOOT`);
+    // it only returns on failure.
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
     // Exiting PID 1 panics the kernel, which reboots if `panic=` is set.
     std::process::exit(1)
 }
@@ -214,6 +213,12 @@ pub fn fail(fatal: &Fatal) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reboot_after_a_fatal_error_is_a_restart() {
+        // LINUX_REBOOT_CMD_RESTART (linux/reboot.h), which glibc calls RB_AUTOBOOT.
+        assert_eq!(rustix::system::RebootCommand::Restart as i32, 0x0123_4567);
+    }
 
     #[test]
     fn plural_counts() {

@@ -4,13 +4,12 @@
 //! (uncompressed) `.ko` file per line, in dependency order. Empty lines and
 //! lines starting with `#` are ignored. `/init` loads them in that order with
 //! `finit_module(2)`; there is no `modprobe`, no `modules.dep` lookup.
-// PID 1's syscalls: finit_module, by hand (SAFETY comments at each call).
-#![allow(unsafe_code)]
 
+use std::ffi::CStr;
 use std::fs::{self, File};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
 
 use crate::error::InitError;
 
@@ -20,6 +19,11 @@ pub const MODULE_LIST_PATH: &str = "/etc/racklet-init/modules";
 const MODULE_SUFFIX: &str = ".ko";
 /// Suffixes of compressed modules, which the kernel we ship cannot load from a file.
 const COMPRESSED_MODULE_SUFFIXES: [&str; 3] = [".ko.xz", ".ko.zst", ".ko.gz"];
+/// `finit_module` parameters: none.
+const NO_MODULE_PARAMETERS: &CStr = c"";
+/// `finit_module` flags: none (no `MODULE_INIT_IGNORE_*`, no in-kernel
+/// decompression).
+const NO_MODULE_INIT_FLAGS: i32 = 0;
 
 /// What happened to one module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,27 +91,13 @@ pub fn load_module(path: &Path) -> Result<ModuleOutcome, InitError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let no_parameters = c"";
-    // SAFETY: finit_module reads the open descriptor and a NUL-terminated
-    // (empty) parameter string; flags 0.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            module.as_raw_fd(),
-            no_parameters.as_ptr(),
-            0,
-        )
-    };
-    if result == 0 {
-        return Ok(ModuleOutcome::Loaded);
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::EEXIST) => Ok(ModuleOutcome::AlreadyLoaded),
-        Some(libc::ENODEV) => Ok(ModuleOutcome::NotForThisMachine),
-        _ => Err(InitError::ModuleLoad {
+    match rustix::system::finit_module(&module, NO_MODULE_PARAMETERS, NO_MODULE_INIT_FLAGS) {
+        Ok(()) => Ok(ModuleOutcome::Loaded),
+        Err(Errno::EXIST) => Ok(ModuleOutcome::AlreadyLoaded),
+        Err(Errno::NODEV) => Ok(ModuleOutcome::NotForThisMachine),
+        Err(source) => Err(InitError::ModuleLoad {
             path: path.to_path_buf(),
-            source: error,
+            source,
         }),
     }
 }

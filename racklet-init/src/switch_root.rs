@@ -7,8 +7,6 @@
 //! on `<root>/etc`, see [`crate::data`]) need nothing: `MS_MOVE` moves a mount
 //! with everything mounted below it, and the cleanup never enters the new
 //! root, which is another file system than the initramfs.
-// PID 1's syscalls: mount moves, chroot and exec of the root's init, by hand (SAFETY comments at each call).
-#![allow(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -17,11 +15,13 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::ptr;
+
+use rustix::io::Errno;
+use rustix::mount::UnmountFlags;
 
 use crate::error::InitError;
-use crate::info;
 use crate::sys::{self, API_MOUNTS};
+use crate::{execv, info};
 
 /// The initramfs's own program; its presence (and a RAM-backed `/`) is what
 /// lets `/init` delete the files of `/`.
@@ -55,7 +55,7 @@ pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
         if metadata.file_type().is_symlink() {
             hops += 1;
             if hops > MAX_SYMLINK_HOPS {
-                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                return Err(Errno::LOOP.into());
             }
             let target = fs::read_link(&candidate)?;
             push_front_components(&mut pending, &mut resolved, &target);
@@ -166,12 +166,9 @@ fn check_running_from_initramfs() -> Result<(), InitError> {
     if !sys::is_pid1() {
         return refuse("not running as PID 1");
     }
-    let root = sys::c_string("/").expect("no NUL in /");
-    // SAFETY: statfs fills the zeroed struct we own.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(root.as_ptr(), &mut stat) } == -1 {
+    let Ok(stat) = rustix::fs::statfs("/") else {
         return refuse("cannot statfs /");
-    }
+    };
     if !is_initramfs_fs_type(stat.f_type as u32) {
         return refuse("/ is not a ramfs or tmpfs");
     }
@@ -181,10 +178,13 @@ fn check_running_from_initramfs() -> Result<(), InitError> {
     Ok(())
 }
 
-/// The error of a failed switch step.
-fn step_error(step: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
+/// The error of a failed switch step (from std or from rustix).
+fn step_error<E: Into<io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> InitError {
     let step = step.into();
-    move |source| InitError::SwitchRoot { step, source }
+    move |source| InitError::SwitchRoot {
+        step,
+        source: source.into(),
+    }
 }
 
 /// Make `new_root` (a mount point) the root and exec `init` on it. Only
@@ -205,18 +205,18 @@ pub fn switch_root(new_root: &Path, init: &str) -> Result<Infallible, InitError>
         let from = Path::new(api.target);
         let to = new_root.join(api.target.trim_start_matches('/'));
         if to.is_dir() {
-            sys::mount(Some(from.as_os_str()), &to, None, libc::MS_MOVE, None).map_err(
-                step_error(format!("move {} to {}", from.display(), to.display())),
-            )?;
+            rustix::mount::mount_move(from, &to).map_err(step_error(format!(
+                "move {} to {}",
+                from.display(),
+                to.display()
+            )))?;
         } else {
             info!(
                 "{} is missing on the root; unmounting {} instead of moving it",
                 to.display(),
                 from.display()
             );
-            let from_c = sys::c_string(from).expect("no NUL in API mount paths");
-            // SAFETY: umount2 with a NUL-terminated path.
-            let _ = unsafe { libc::umount2(from_c.as_ptr(), libc::MNT_DETACH) };
+            let _ = rustix::mount::unmount(from, UnmountFlags::DETACH);
         }
     }
 
@@ -224,37 +224,15 @@ pub fn switch_root(new_root: &Path, init: &str) -> Result<Infallible, InitError>
 
     std::env::set_current_dir(new_root)
         .map_err(step_error(format!("chdir {}", new_root.display())))?;
-    sys::mount(
-        Some(".".as_ref()),
-        Path::new("/"),
-        None,
-        libc::MS_MOVE,
-        None,
-    )
-    .map_err(step_error(format!("move {} to /", new_root.display())))?;
-    let dot = sys::c_string(".").expect("no NUL in .");
-    // SAFETY: chroot with a NUL-terminated path.
-    sys::check(unsafe { libc::chroot(dot.as_ptr()) }).map_err(step_error("chroot ."))?;
+    rustix::mount::mount_move(".", "/")
+        .map_err(step_error(format!("move {} to /", new_root.display())))?;
+    rustix::process::chroot(".").map_err(step_error("chroot ."))?;
     std::env::set_current_dir("/").map_err(step_error("chdir /"))?;
 
-    Err(exec(init))
-}
-
-/// `execv(init, [init])`; returns the error if it fails.
-fn exec(init: &str) -> InitError {
-    let exec_error = |source| InitError::Exec {
+    Err(InitError::Exec {
         init: init.to_string(),
-        source,
-    };
-    let path = match sys::c_string(init) {
-        Ok(path) => path,
-        Err(error) => return exec_error(error),
-    };
-    let argv = [path.as_ptr(), ptr::null()];
-    // SAFETY: path and argv are NUL-terminated and outlive the call; execv
-    // only returns on failure.
-    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
-    exec_error(io::Error::last_os_error())
+        source: execv::exec_without_arguments(init),
+    })
 }
 
 #[cfg(test)]
@@ -298,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         symlink("/loop", dir.path().join("loop")).unwrap();
         let error = resolve_in_root(dir.path(), "/loop").unwrap_err();
-        assert_eq!(error.raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(Errno::from_io_error(&error), Some(Errno::LOOP));
     }
 
     #[test]
@@ -351,15 +329,15 @@ mod tests {
         /// Mount a small tmpfs on `target`; `None` if this process may not mount.
         fn tmpfs(target: &Path) -> Option<Mounted> {
             fs::create_dir_all(target).unwrap();
-            match sys::mount(
-                Some("tmpfs".as_ref()),
+            match rustix::mount::mount(
+                "tmpfs",
                 target,
-                Some("tmpfs"),
-                0,
-                Some("size=1m"),
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                c"size=1m",
             ) {
                 Ok(()) => Some(Mounted(target.to_path_buf())),
-                Err(error) if error.raw_os_error() == Some(libc::EPERM) => None,
+                Err(Errno::PERM) => None,
                 Err(error) => panic!("mount tmpfs on {}: {error}", target.display()),
             }
         }
@@ -367,9 +345,7 @@ mod tests {
 
     impl Drop for Mounted {
         fn drop(&mut self) {
-            let path = sys::c_string(&self.0).unwrap();
-            // SAFETY: umount2 with a NUL-terminated path.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            let _ = rustix::mount::unmount(&self.0, UnmountFlags::DETACH);
         }
     }
 

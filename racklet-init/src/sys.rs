@@ -1,15 +1,13 @@
-//! Thin, checked wrappers over the few libc calls `/init` makes, plus the
-//! early mounts of the API file systems.
-// PID 1's syscalls: the libc calls the rest of /init goes through, by hand (SAFETY comments at each call).
-#![allow(unsafe_code)]
+//! The early mounts of the API file systems, and the small file-system and
+//! process helpers the rest of `/init` shares.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CStr;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
-use std::ptr;
+
+use rustix::mount::MountFlags;
 
 use crate::error::InitError;
 
@@ -21,10 +19,16 @@ pub struct ApiMount {
     /// Mount point; created if missing.
     pub target: &'static str,
     /// Mount flags.
-    pub flags: libc::c_ulong,
-    /// File-system specific options.
-    pub data: &'static str,
+    pub flags: MountFlags,
+    /// File-system specific options; `None` passes a null pointer.
+    pub data: Option<&'static CStr>,
 }
+
+/// `MS_NOSUID | MS_NODEV | MS_NOEXEC`: nothing on the file system runs, is
+/// set-user-ID, or is a device.
+pub const NOSUID_NODEV_NOEXEC: MountFlags = MountFlags::NOSUID
+    .union(MountFlags::NODEV)
+    .union(MountFlags::NOEXEC);
 
 /// devtmpfs, proc and sysfs, in mount order. [`crate::switch_root`] moves
 /// them into the new root.
@@ -32,20 +36,20 @@ pub const API_MOUNTS: [ApiMount; 3] = [
     ApiMount {
         fs_type: "devtmpfs",
         target: "/dev",
-        flags: libc::MS_NOSUID,
-        data: "mode=0755",
+        flags: MountFlags::NOSUID,
+        data: Some(c"mode=0755"),
     },
     ApiMount {
         fs_type: "proc",
         target: "/proc",
-        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        data: "",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
     ApiMount {
         fs_type: "sysfs",
         target: "/sys",
-        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        data: "",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
 ];
 
@@ -64,18 +68,13 @@ pub fn mount_api_filesystems() -> Result<(), InitError> {
             source,
         })?;
         if !mounted {
-            mount(
-                Some(OsStr::new(api.fs_type)),
-                target,
-                Some(api.fs_type),
-                api.flags,
-                Some(api.data),
-            )
-            .map_err(|source| InitError::MountApiFs {
-                fs_type: api.fs_type,
-                target: api.target,
-                source,
-            })?;
+            rustix::mount::mount(api.fs_type, target, api.fs_type, api.flags, api.data).map_err(
+                |errno| InitError::MountApiFs {
+                    fs_type: api.fs_type,
+                    target: api.target,
+                    source: errno.into(),
+                },
+            )?;
         }
     }
     Ok(())
@@ -113,55 +112,6 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(fs::symlink_metadata(path)?.dev() != fs::metadata(parent)?.dev())
 }
 
-/// A path (or any OS string) as a C string.
-pub fn c_string(text: impl AsRef<OsStr>) -> io::Result<CString> {
-    CString::new(text.as_ref().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{:?} contains a NUL byte", text.as_ref()),
-        )
-    })
-}
-
-/// `mount(2)`.
-pub fn mount(
-    source: Option<&OsStr>,
-    target: &Path,
-    fs_type: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
-    let source = source.map(c_string).transpose()?;
-    let target = c_string(target)?;
-    let fs_type = fs_type.map(c_string).transpose()?;
-    let data = data
-        .filter(|data| !data.is_empty())
-        .map(c_string)
-        .transpose()?;
-    let as_ptr = |text: &Option<CString>| text.as_ref().map_or(ptr::null(), |text| text.as_ptr());
-    // SAFETY: every pointer is either null or a NUL-terminated string that
-    // outlives the call.
-    let result = unsafe {
-        libc::mount(
-            as_ptr(&source),
-            target.as_ptr(),
-            as_ptr(&fs_type),
-            flags,
-            as_ptr(&data).cast(),
-        )
-    };
-    check(result)
-}
-
-/// Turn a libc return value into an `io::Result`, reading `errno` on -1.
-pub fn check(result: libc::c_int) -> io::Result<()> {
-    if result == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Whether this process is PID 1 (the real `/init`, not a test run).
 pub fn is_pid1() -> bool {
     std::process::id() == 1
@@ -190,14 +140,18 @@ mod tests {
     }
 
     #[test]
-    fn c_string_rejects_nul() {
-        assert!(c_string("a\0b").is_err());
-        assert_eq!(c_string("/dev").unwrap().as_bytes(), b"/dev");
-    }
-
-    #[test]
     fn api_mounts_cover_dev_proc_sys() {
         let targets: Vec<_> = API_MOUNTS.iter().map(|api| api.target).collect();
         assert_eq!(targets, ["/dev", "/proc", "/sys"]);
+    }
+
+    /// The flags as the kernel's numbers (`linux/mount.h`), and the options.
+    #[test]
+    fn api_mounts_pass_the_kernel_flags() {
+        let flags: Vec<_> = API_MOUNTS.iter().map(|api| api.flags.bits()).collect();
+        // MS_NOSUID = 2; MS_NOSUID | MS_NODEV | MS_NOEXEC = 2 | 4 | 8.
+        assert_eq!(flags, [0x2, 0xe, 0xe]);
+        let data: Vec<_> = API_MOUNTS.iter().map(|api| api.data).collect();
+        assert_eq!(data, [Some(c"mode=0755"), None, None]);
     }
 }

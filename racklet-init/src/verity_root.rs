@@ -7,6 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use os_format::verity::{dm_table_params, RootHash, VeritySuperblock, SUPERBLOCK_SIZE};
+use rustix::mount::MountFlags;
 
 use crate::device_mapper::{DeviceMapper, DeviceNumber, Target, DM_CONTROL_PATH, DM_READONLY_FLAG};
 use crate::error::InitError;
@@ -17,6 +18,8 @@ use crate::sys;
 pub const VERITY_DEVICE_NAME: &str = "racklet-root";
 /// Where the root is mounted before switching to it.
 pub const SYSROOT: &str = "/sysroot";
+/// Mount flags of the root: read-only (`MS_RDONLY`), nothing else.
+pub const ROOT_MOUNT_FLAGS: MountFlags = MountFlags::RDONLY;
 /// Root file system type when the command line has no `rootfstype=`.
 pub const DEFAULT_ROOT_FS_TYPE: &str = "erofs";
 /// The command-line key naming the root file system type.
@@ -192,24 +195,40 @@ fn wait_for_dm_node(
 pub fn mount_root(device: &Path, fs_type: &str) -> Result<(), InitError> {
     let target = Path::new(SYSROOT);
     sys::create_dir(target)?;
-    sys::mount(
-        Some(device.as_os_str()),
-        target,
-        Some(fs_type),
-        libc::MS_RDONLY,
-        None,
-    )
-    .map_err(|source| InitError::MountRoot {
-        device: device.to_path_buf(),
-        fs_type: fs_type.to_string(),
-        target: SYSROOT,
-        source,
+    rustix::mount::mount(device, target, fs_type, ROOT_MOUNT_FLAGS, None).map_err(|source| {
+        InitError::MountRoot {
+            device: device.to_path_buf(),
+            fs_type: fs_type.to_string(),
+            target: SYSROOT,
+            source,
+        }
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_is_mounted_read_only_and_nothing_else() {
+        // MS_RDONLY in linux/mount.h.
+        assert_eq!(ROOT_MOUNT_FLAGS.bits(), 0x1);
+    }
+
+    #[test]
+    fn mount_errors_name_the_device_and_carry_a_hint() {
+        let error = InitError::MountRoot {
+            device: "/dev/dm-0".into(),
+            fs_type: "erofs".into(),
+            target: SYSROOT,
+            source: rustix::io::Errno::INVAL,
+        };
+        assert_eq!(
+            error.to_string(),
+            "cannot mount /dev/dm-0 (erofs, read-only) on /sysroot: Invalid argument (os error \
+             22) (not a file system of that type: wrong rootfstype= or roothash?)"
+        );
+    }
 
     #[test]
     fn rootfstype_defaults_to_erofs_and_last_one_wins() {
