@@ -5,13 +5,17 @@ use std::path::Path;
 use std::process::Command;
 
 use os_format::boot_state::{BootState, STATE_COPIES};
-use os_format::layout::{Arch, Slot, ESP_LOADER_CONF, ESP_UKI_DIR};
+use os_format::layout::{
+    Arch, Slot, ESP_LOADER_CONF, ESP_LOADER_CONF_CONTENTS, ESP_SYSTEMD_BOOT_DIR, ESP_UBOOT_SCRIPT,
+    ESP_UKI_DIR,
+};
 
 use crate::error::{BuildError, Result};
 use crate::esp::EspContents;
 use crate::variant::{Bootloader, Variant};
 
-const SYSTEMD_BOOT_DIR: &str = "usr/lib/systemd/boot/efi";
+/// In the root tree: where Debian's systemd-boot package puts the loader.
+const SYSTEMD_BOOT_PACKAGE_DIR: &str = "usr/lib/systemd/boot/efi";
 const RASPI_FIRMWARE_DIR: &str = "usr/lib/raspi-firmware";
 const RASPI_FIRMWARE_FILES: [&str; 2] = ["start4.elf", "fixup4.dat"];
 const U_BOOT_RPI: &str = "usr/lib/u-boot/rpi_arm64/u-boot.bin";
@@ -23,11 +27,6 @@ pub const VARIANT_ESP_DIR: &str = "esp";
 pub fn uki_path(slot: Slot) -> String {
     format!("{ESP_UKI_DIR}/{}", slot.uki_file_name())
 }
-
-/// systemd-boot's loader.conf: no menu delay, no editing the command line (it
-/// carries the root hash), no auto entries.
-pub const LOADER_CONF: &str =
-    "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
 
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(BuildError::io(path))
@@ -51,13 +50,16 @@ pub fn add_boot_files(
                 "systemd-boot{}.efi",
                 variant.arch.efi_suffix().to_lowercase()
             );
-            let loader = read(&root.join(SYSTEMD_BOOT_DIR).join(&name))?;
+            let loader = read(&root.join(SYSTEMD_BOOT_PACKAGE_DIR).join(&name))?;
             contents.insert(
                 format!("EFI/BOOT/BOOT{}.EFI", variant.arch.efi_suffix()),
                 loader.clone(),
             );
-            contents.insert(format!("EFI/systemd/{name}"), loader);
-            contents.insert(ESP_LOADER_CONF.into(), LOADER_CONF.as_bytes().to_vec());
+            contents.insert(format!("{ESP_SYSTEMD_BOOT_DIR}/{name}"), loader);
+            contents.insert(
+                ESP_LOADER_CONF.into(),
+                ESP_LOADER_CONF_CONTENTS.as_bytes().to_vec(),
+            );
         }
         Bootloader::UBoot => {
             if variant
@@ -95,7 +97,7 @@ pub fn add_boot_files(
                 contents.insert(file_name, read(&device_tree_dir.join(device_tree))?);
             }
             contents.insert(
-                "boot.scr".into(),
+                ESP_UBOOT_SCRIPT.into(),
                 compile_boot_script(variant.arch, source_date_epoch)?,
             );
             let state = BootState::fresh(Slot::A)

@@ -27,6 +27,16 @@ pub const IMAGE_TUF_ROOT: &str = "usr/share/racklet/update/root.json";
 pub const ESP_UKI_DIR: &str = "EFI/Linux";
 /// On the ESP: systemd-boot's configuration.
 pub const ESP_LOADER_CONF: &str = "loader/loader.conf";
+/// The image's [`ESP_LOADER_CONF`]: no menu delay, no editing the command
+/// line (it carries the root hash), no auto entries. The update agent adds
+/// and changes only the `default` line.
+pub const ESP_LOADER_CONF_CONTENTS: &str =
+    "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
+/// On the ESP: systemd-boot's own directory (x86_64 images).
+pub const ESP_SYSTEMD_BOOT_DIR: &str = "EFI/systemd";
+/// On the ESP: our compiled U-Boot boot script (rpi4 and qemu-aarch64 images),
+/// next to the one-try state (`boot_state::STATE_COPIES`).
+pub const ESP_UBOOT_SCRIPT: &str = "boot.scr";
 
 pub const ESP_PARTITION_NAME: &str = "esp";
 pub const DATA_PARTITION_NAME: &str = "data";

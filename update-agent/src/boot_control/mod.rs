@@ -33,7 +33,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use os_format::boot_state::{BootStateError, STATE_COPIES};
-use os_format::layout::Slot;
+use os_format::layout::{Slot, ESP_LOADER_CONF, ESP_SYSTEMD_BOOT_DIR, ESP_UBOOT_SCRIPT};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -45,11 +45,6 @@ pub use uboot::UBoot;
 
 /// Where the ESP is mounted on the device.
 pub const ESP_MOUNT: &str = "/efi";
-pub use os_format::layout::{ESP_LOADER_CONF as LOADER_CONF, ESP_UKI_DIR as UKI_DIR};
-/// systemd-boot's own directory, relative to the ESP.
-pub const SYSTEMD_BOOT_DIR: &str = "EFI/systemd";
-/// The compiled U-Boot boot script, relative to the ESP.
-pub const UBOOT_SCRIPT: &str = "boot.scr";
 
 /// A slot's boot state as the ESP records it (for `status`). Serialized as
 /// its display text ("good", "trying (1 tries left)", "bad", "absent").
@@ -198,16 +193,17 @@ pub enum BootControlError {
         path: PathBuf,
     },
     #[error(
-        "no known boot loader on the ESP {path}: {reason} (systemd-boot needs {LOADER_CONF} \
-         and {SYSTEMD_BOOT_DIR}/; U-Boot needs {UBOOT_SCRIPT} or racklet/state-*.env)"
+        "no known boot loader on the ESP {path}: {reason} (systemd-boot needs {ESP_LOADER_CONF} \
+         and {ESP_SYSTEMD_BOOT_DIR}/; U-Boot needs {ESP_UBOOT_SCRIPT} or racklet/state-*.env)"
     )]
     UnknownBootLoader { path: PathBuf, reason: &'static str },
 }
 
 /// Pick the back end from what is on the ESP mounted at `esp`.
 pub fn detect(esp: &Path) -> Result<Box<dyn BootControl>, BootControlError> {
-    let systemd_boot = esp.join(LOADER_CONF).is_file() && esp.join(SYSTEMD_BOOT_DIR).is_dir();
-    let u_boot = esp.join(UBOOT_SCRIPT).is_file()
+    let systemd_boot =
+        esp.join(ESP_LOADER_CONF).is_file() && esp.join(ESP_SYSTEMD_BOOT_DIR).is_dir();
+    let u_boot = esp.join(ESP_UBOOT_SCRIPT).is_file()
         || STATE_COPIES.iter().any(|copy| esp.join(copy).is_file());
     match (systemd_boot, u_boot) {
         (true, false) => Ok(Box::new(SystemdBoot::new(esp.to_path_buf()))),
@@ -367,20 +363,20 @@ mod tests {
         assert!(error.contains("neither"), "{error}");
 
         std::fs::create_dir_all(esp.path().join("loader")).unwrap();
-        std::fs::create_dir_all(esp.path().join(SYSTEMD_BOOT_DIR)).unwrap();
-        std::fs::write(esp.path().join(LOADER_CONF), "timeout 0\n").unwrap();
+        std::fs::create_dir_all(esp.path().join(ESP_SYSTEMD_BOOT_DIR)).unwrap();
+        std::fs::write(esp.path().join(ESP_LOADER_CONF), "timeout 0\n").unwrap();
         let backend = detect(esp.path()).unwrap();
         assert!(
             format!("{backend:?}").starts_with("SystemdBoot"),
             "{backend:?}"
         );
 
-        std::fs::write(esp.path().join(UBOOT_SCRIPT), b"script").unwrap();
+        std::fs::write(esp.path().join(ESP_UBOOT_SCRIPT), b"script").unwrap();
         let error = detect(esp.path()).unwrap_err().to_string();
         assert!(error.contains("both"), "{error}");
 
         let esp = tempfile::tempdir().unwrap();
-        std::fs::write(esp.path().join(UBOOT_SCRIPT), b"script").unwrap();
+        std::fs::write(esp.path().join(ESP_UBOOT_SCRIPT), b"script").unwrap();
         let backend = detect(esp.path()).unwrap();
         assert!(format!("{backend:?}").starts_with("UBoot"), "{backend:?}");
 

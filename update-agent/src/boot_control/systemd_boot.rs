@@ -49,12 +49,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use os_format::layout::Slot;
+use os_format::layout::{Slot, ESP_LOADER_CONF, ESP_UKI_DIR};
 use tracing::{info, warn};
 
 use super::{
     io_error, remove_file, rename_file, write_file, BootControl, BootControlError, SlotBootState,
-    LOADER_CONF, UKI_DIR,
 };
 
 /// The systemd-boot back end over the ESP mounted at `esp`.
@@ -208,11 +207,11 @@ impl SystemdBoot {
     }
 
     fn linux_dir(&self) -> PathBuf {
-        self.esp.join(UKI_DIR)
+        self.esp.join(ESP_UKI_DIR)
     }
 
     fn loader_conf(&self) -> PathBuf {
-        self.esp.join(LOADER_CONF)
+        self.esp.join(ESP_LOADER_CONF)
     }
 
     /// All file names in `EFI/Linux`, sorted.
@@ -497,11 +496,9 @@ impl BootControl for SystemdBoot {
 /// transitions (`transition.rs`).
 #[cfg(test)]
 pub(crate) mod simulated {
-    use super::*;
+    use os_format::layout::{ESP_LOADER_CONF_CONTENTS, ESP_SYSTEMD_BOOT_DIR};
 
-    /// image-builder's `bootloader::LOADER_CONF` (the crates do not import each other).
-    pub(crate) const IMAGE_LOADER_CONF: &str =
-        "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
+    use super::*;
 
     /// `fnmatch` as systemd-boot's `efi_fnmatch`: `*`, `?`, `[...]` with ranges.
     pub(crate) fn fnmatch(pattern: &[u8], text: &[u8]) -> bool {
@@ -551,7 +548,7 @@ pub(crate) mod simulated {
     /// depend on the UKIs' `.osrel` versions (which fake UKIs lack): that is
     /// the ambiguity the `default` key must avoid.
     pub(crate) fn boot(esp: &Path) -> Result<String, String> {
-        let directory = esp.join(UKI_DIR);
+        let directory = esp.join(ESP_UKI_DIR);
         let mut ids: Vec<String> = std::fs::read_dir(&directory)
             .unwrap()
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
@@ -561,7 +558,7 @@ pub(crate) mod simulated {
         // Bad entries last; the rest's order depends on versions, checked below.
         ids.sort_by_key(|id| systemd_tries(id).is_some_and(|(left, _)| left == 0));
         let bad = |id: &String| systemd_tries(id).is_some_and(|(left, _)| left == 0);
-        let content = std::fs::read_to_string(esp.join(LOADER_CONF)).unwrap_or_default();
+        let content = std::fs::read_to_string(esp.join(ESP_LOADER_CONF)).unwrap_or_default();
         let candidates: Vec<&String> = match parse_default(&content) {
             Some(pattern)
                 if ids
@@ -611,7 +608,7 @@ pub(crate) mod simulated {
 
     /// systemd-bless-boot after boot-complete.target: drop the booted counter.
     pub(crate) fn bless(esp: &Path, booted: &str) {
-        let directory = esp.join(UKI_DIR);
+        let directory = esp.join(ESP_UKI_DIR);
         let plain = format!("{}.efi", &booted[..booted.rfind('+').unwrap()]);
         std::fs::rename(directory.join(booted), directory.join(plain)).unwrap();
     }
@@ -619,10 +616,10 @@ pub(crate) mod simulated {
     /// A fresh qemu-x86_64 ESP: systemd-boot, loader.conf, slot A's UKI.
     pub(crate) fn fresh_esp() -> tempfile::TempDir {
         let esp = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(esp.path().join("EFI/systemd")).unwrap();
+        std::fs::create_dir_all(esp.path().join(ESP_SYSTEMD_BOOT_DIR)).unwrap();
         std::fs::create_dir_all(esp.path().join("loader")).unwrap();
-        std::fs::create_dir_all(esp.path().join(UKI_DIR)).unwrap();
-        std::fs::write(esp.path().join(LOADER_CONF), IMAGE_LOADER_CONF).unwrap();
+        std::fs::create_dir_all(esp.path().join(ESP_UKI_DIR)).unwrap();
+        std::fs::write(esp.path().join(ESP_LOADER_CONF), ESP_LOADER_CONF_CONTENTS).unwrap();
         std::fs::write(esp.path().join("EFI/Linux/racklet-a.efi"), b"uki a v1").unwrap();
         esp
     }
@@ -637,6 +634,8 @@ pub(crate) mod simulated {
 
 #[cfg(test)]
 mod tests {
+    use os_format::layout::ESP_LOADER_CONF_CONTENTS;
+
     use super::simulated::*;
     use super::*;
 
@@ -666,7 +665,7 @@ mod tests {
             path
         }
         fn files(&self) -> Vec<String> {
-            let mut names: Vec<_> = std::fs::read_dir(self.path().join(UKI_DIR))
+            let mut names: Vec<_> = std::fs::read_dir(self.path().join(ESP_UKI_DIR))
                 .unwrap()
                 .map(|entry| entry.unwrap().file_name().into_string().unwrap())
                 .collect();
@@ -674,13 +673,13 @@ mod tests {
             names
         }
         fn read(&self, name: &str) -> Vec<u8> {
-            std::fs::read(self.path().join(UKI_DIR).join(name)).unwrap()
+            std::fs::read(self.path().join(ESP_UKI_DIR).join(name)).unwrap()
         }
         fn states(&self) -> [(Slot, SlotBootState); 2] {
             self.backend.slot_states().unwrap()
         }
         fn loader_conf(&self) -> String {
-            std::fs::read_to_string(self.path().join(LOADER_CONF)).unwrap()
+            std::fs::read_to_string(self.path().join(ESP_LOADER_CONF)).unwrap()
         }
     }
 
@@ -746,8 +745,8 @@ mod tests {
         );
         assert_eq!(parse_default("defaults x\n# default y\n"), None);
         assert_eq!(
-            with_default(IMAGE_LOADER_CONF, "racklet-a.efi"),
-            format!("{IMAGE_LOADER_CONF}default racklet-a.efi\n")
+            with_default(ESP_LOADER_CONF_CONTENTS, "racklet-a.efi"),
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-a.efi\n")
         );
         assert_eq!(with_default("", "x"), "default x\n");
     }
@@ -771,7 +770,7 @@ mod tests {
         assert_eq!(fixture.read("racklet-b+1.efi"), b"uki b v2");
         assert_eq!(
             fixture.loader_conf(),
-            format!("{IMAGE_LOADER_CONF}default racklet-b[.+][e1-9]*\n")
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-b[.+][e1-9]*\n")
         );
         assert_eq!(
             fixture.states(),
@@ -816,7 +815,7 @@ mod tests {
         );
         assert_eq!(
             fixture.loader_conf(),
-            format!("{IMAGE_LOADER_CONF}default racklet-b.efi\n")
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-b.efi\n")
         );
 
         // The next update goes to A while B (booted) stays untouched.
@@ -931,7 +930,7 @@ mod tests {
     fn stale_files_of_the_slot_are_replaced() {
         let mut fixture = fresh();
         for name in ["racklet-b.efi", "racklet-b+0-3.efi", "racklet-b+junk.efi"] {
-            std::fs::write(fixture.path().join(UKI_DIR).join(name), b"old b").unwrap();
+            std::fs::write(fixture.path().join(ESP_UKI_DIR).join(name), b"old b").unwrap();
         }
         let uki = fixture.new_uki(b"uki b v2");
         fixture.backend.set_one_try(Slot::B, &uki).unwrap();
@@ -960,7 +959,7 @@ mod tests {
         assert!(error.contains(&path_b.display().to_string()), "{error}");
         assert_eq!(fixture.files(), ["racklet-a.efi"]);
         assert_eq!(fixture.read("racklet-a.efi"), a_v1);
-        assert_eq!(fixture.loader_conf(), IMAGE_LOADER_CONF);
+        assert_eq!(fixture.loader_conf(), ESP_LOADER_CONF_CONTENTS);
 
         // A missing UKI to copy is named too, and the slot stays unbootable.
         let missing = fixture.uki.path().join("missing.efi");

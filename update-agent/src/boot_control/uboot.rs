@@ -33,12 +33,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use os_format::boot_state::{newest_copy, BootState, COMMITTED_B_MARKER, STATE_COPIES, STATE_DIR};
-use os_format::layout::Slot;
+use os_format::layout::{Slot, ESP_UKI_DIR};
 use tracing::{info, warn};
 
-use super::{
-    io_error, remove_file, write_file, BootControl, BootControlError, SlotBootState, UKI_DIR,
-};
+use super::{io_error, remove_file, write_file, BootControl, BootControlError, SlotBootState};
 
 /// The U-Boot back end over the ESP mounted at `esp`.
 #[derive(Clone, Debug)]
@@ -77,7 +75,7 @@ impl UBoot {
     }
 
     fn uki_path(&self, slot: Slot) -> PathBuf {
-        self.esp.join(UKI_DIR).join(slot.uki_file_name())
+        self.esp.join(ESP_UKI_DIR).join(slot.uki_file_name())
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -365,6 +363,8 @@ pub(crate) mod simulated {
         KEY_TRIES_A, KEY_TRIES_B,
     };
 
+    use os_format::layout::ESP_UBOOT_SCRIPT;
+
     use super::*;
 
     const KEYS: [&str; 5] = [
@@ -452,7 +452,7 @@ pub(crate) mod simulated {
             }
             if go
                 && esp
-                    .join(UKI_DIR)
+                    .join(ESP_UKI_DIR)
                     .join(format!("racklet-{slot}.efi"))
                     .exists()
             {
@@ -460,7 +460,7 @@ pub(crate) mod simulated {
             }
         }
         if esp
-            .join(UKI_DIR)
+            .join(ESP_UKI_DIR)
             .join(format!("racklet-{fallback}.efi"))
             .exists()
         {
@@ -473,9 +473,9 @@ pub(crate) mod simulated {
     /// copies `BootState::fresh(A)`, slot A's UKI.
     pub(crate) fn fresh_esp() -> tempfile::TempDir {
         let esp = tempfile::tempdir().unwrap();
-        std::fs::write(esp.path().join("boot.scr"), b"compiled script").unwrap();
+        std::fs::write(esp.path().join(ESP_UBOOT_SCRIPT), b"compiled script").unwrap();
         std::fs::create_dir_all(esp.path().join(STATE_DIR)).unwrap();
-        std::fs::create_dir_all(esp.path().join(UKI_DIR)).unwrap();
+        std::fs::create_dir_all(esp.path().join(ESP_UKI_DIR)).unwrap();
         let state = BootState::fresh(Slot::A).encode().unwrap();
         for copy in STATE_COPIES {
             std::fs::write(esp.path().join(copy), &state).unwrap();
@@ -516,7 +516,7 @@ mod tests {
             path
         }
         fn uki(&self, slot: Slot) -> Option<Vec<u8>> {
-            std::fs::read(self.path().join(UKI_DIR).join(slot.uki_file_name())).ok()
+            std::fs::read(self.path().join(ESP_UKI_DIR).join(slot.uki_file_name())).ok()
         }
         fn copy(&self, index: usize) -> Vec<u8> {
             std::fs::read(self.path().join(STATE_COPIES[index])).unwrap()
@@ -532,7 +532,7 @@ mod tests {
         }
         fn leftovers(&self) -> Vec<String> {
             let mut names = Vec::new();
-            for dir in [STATE_DIR, UKI_DIR] {
+            for dir in [STATE_DIR, ESP_UKI_DIR] {
                 for entry in std::fs::read_dir(self.path().join(dir)).unwrap() {
                     let name = entry.unwrap().file_name().into_string().unwrap();
                     if name.starts_with('.') {
