@@ -31,6 +31,7 @@ any failure.
 """
 
 import fnmatch
+import glob
 import hashlib
 import http.server
 import json
@@ -1395,6 +1396,61 @@ def expired_metadata_is_refused(suite, node_name):
         # Re-signed in time: fine again.
         node.repo_command("refresh")
         check_equal(node.ok("check").json["result"], "available", "check after a refresh")
+    finally:
+        node.close()
+
+
+def faketime_library():
+    """libfaketime for a multithreaded program (Debian's libfaketime)."""
+    for directory in glob.glob("/usr/lib/*/faketime"):
+        path = os.path.join(directory, "libfaketimeMT.so.1")
+        if os.path.exists(path):
+            return path
+    raise TestFailure("libfaketimeMT.so.1 not found (apt-get install libfaketime)")
+
+
+@case
+def a_clock_a_year_ahead_and_back_heals_by_itself(suite, node_name):
+    """One wrong clock (a spoofed NTP answer a year ahead) must not lock the
+    node out: the check fails while the clock is wrong, nothing of that time
+    is kept, and once the clock is right the node updates without a person.
+    A latest known time from the future left by an older agent is forgotten."""
+    node = standard_node(suite, node_name, start=False)
+    try:
+        offset = os.path.join(node.dir, "faketime-offset")
+        with open(offset, "w") as out:
+            out.write("+0d\n")
+        node.extra_env = {
+            "LD_PRELOAD": faketime_library(),
+            "FAKETIME_TIMESTAMP_FILE": offset,
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+        node.start()
+        check_equal(node.ok("check").json["result"], "available", "check on the right clock")
+        known_time = os.path.join(node.tuf_dir, "latest_known_time.json")
+        before = read_or_none(known_time)
+        with open(offset, "w") as out:
+            out.write("+365d\n")
+        ahead = node.cli("check")
+        check(ahead.rc != 0, f"check a year ahead succeeded: {ahead}")
+        check_in("expired", ahead.out + ahead.err, "check a year ahead")
+        check_equal(read_or_none(known_time), before,
+                    "latest_known_time.json after a failed check a year ahead (kept only with verified metadata)")
+        with open(offset, "w") as out:
+            out.write("+0d\n")
+        check_equal(node.ok("check").json["result"], "available", "check with the clock back")
+        # What an older agent (tough writing in place) left behind.
+        next_year = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 365 * 86400))
+        with open(known_time, "w") as out:
+            out.write(json.dumps(next_year))
+        check_equal(node.ok("check").json["result"], "available", "check after a latest known time a year ahead")
+        check_in("forgot a latest known time", node.log_tail(80), "daemon log")
+        kept = json.loads(read_or_none(known_time))
+        check(kept < next_year, f"latest_known_time.json still a year ahead: {kept}")
+        applied = node.ok("apply").json
+        check_equal(applied.get("version"), "1.1.0", "apply once the clock is right")
+        node.assert_installed(suite.builds["1.1.0"])
     finally:
         node.close()
 

@@ -25,6 +25,20 @@
 //! refuses older ones ([`TufError::Rollback`]). tough also refuses to run when
 //! the clock is behind the latest time it has seen ([`TufError::ClockSteppedBack`]).
 //!
+//! Crash safety and the clock: tough writes its datastore in place (no temp
+//! file, no fsync; `root.json` removed, then written again, on every load) and
+//! records the clock in `latest_known_time.json` before it verifies anything.
+//! So tough works on a scratch copy of the datastore ([`ScratchDatastore`]);
+//! after a load that verified, only the files whose bytes changed go back into
+//! the datastore, each written atomically (temp file, fsync, rename, directory
+//! fsync; [`crate::state::atomic_write`]). A failed load changes nothing, and
+//! the latest known time only moves forward with metadata that verified at
+//! that time: one wrong clock reading (a spoofed NTP answer a year ahead)
+//! makes that check fail and is then forgotten. A latest known time recorded
+//! by an older agent that lies both ahead of the clock and past the expiry of
+//! the trusted timestamp was never confirmed by signed metadata, and is
+//! forgotten too ([`remembered_time_verdict`]).
+//!
 //! Targets: [`LoadedRepository::target_reader`] streams a target through a
 //! bounded channel (at most [`TARGET_CHANNEL_CHUNKS`] chunks in flight) into a
 //! blocking [`Read`]. tough checks the length as bytes arrive and the sha256 at
@@ -52,6 +66,11 @@ use tough::{
 use url::Url;
 
 use crate::config::Config;
+
+/// tough's record of the latest clock reading, inside the datastore.
+pub const LATEST_KNOWN_TIME_FILE: &str = "latest_known_time.json";
+/// The trusted timestamp metadata, inside the datastore.
+pub const TRUSTED_TIMESTAMP_FILE: &str = "timestamp.json";
 
 /// The persistent TUF datastore on the device (on the data partition).
 pub const TUF_DATASTORE_DIR: &str = "/var/lib/racklet/update/tuf";
@@ -116,6 +135,15 @@ pub enum TufError {
         #[source]
         source: io::Error,
     },
+    #[error("{path}: cannot {action} (TUF datastore): {source}")]
+    DatastoreFile {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    DatastoreWrite(#[from] crate::state::AtomicWriteError),
     /// Neither the image's root nor the stored root can be used.
     #[error("no usable trusted TUF root: {details}")]
     NoTrustedRoot { details: String },
@@ -507,8 +535,9 @@ impl TufClient {
     }
 
     /// Refresh the metadata (TUF client workflow, expiry enforced) starting
-    /// from [`TufClient::trusted_root`]; tough records what it verified in the
-    /// datastore, the root included.
+    /// from [`TufClient::trusted_root`]. tough works on a scratch copy of the
+    /// datastore; what it verified goes back atomically, file by file, and
+    /// only when the load succeeded (see the module's documentation).
     pub async fn load(&self) -> Result<LoadedRepository, TufError> {
         tokio::fs::create_dir_all(&self.datastore)
             .await
@@ -524,6 +553,14 @@ impl TufClient {
             root.version,
             root.path.display()
         );
+        let datastore = self.datastore.clone();
+        let scratch = blocking(&self.datastore, move || {
+            ScratchDatastore::copy_of(&datastore)
+        })
+        .await?;
+        if let Some(forgotten) = scratch.heal_latest_known_time(jiff::Timestamp::now())? {
+            tracing::warn!(%forgotten, "forgot a latest known time that signed metadata never confirmed (a clock that was wrong)");
+        }
         let transport = self
             .transport
             .clone()
@@ -534,15 +571,183 @@ impl TufClient {
             self.targets_url.clone(),
         )
         .transport(transport)
-        .datastore(&self.datastore)
+        .datastore(scratch.path())
         .expiration_enforcement(ExpirationEnforcement::Safe)
         .load()
         .await
         .map_err(|error| TufError::from_tough(error, None))?;
+        let scratch = Arc::new(scratch);
+        let persisted = Arc::clone(&scratch);
+        let datastore = self.datastore.clone();
+        blocking(&self.datastore, move || persisted.persist_into(&datastore)).await?;
         Ok(LoadedRepository {
             repository: Arc::new(repository),
             started_from: root,
+            _scratch: scratch,
         })
+    }
+}
+
+/// A copy of the datastore that tough reads and writes during one load (and
+/// while targets of that load are read: tough samples the clock into it).
+#[derive(Debug)]
+pub struct ScratchDatastore {
+    directory: tempfile::TempDir,
+}
+
+impl ScratchDatastore {
+    /// Copy the datastore's files into a new directory beside it (the same
+    /// file system).
+    pub fn copy_of(datastore: &Path) -> Result<ScratchDatastore, TufError> {
+        let parent = datastore.parent().unwrap_or(Path::new("."));
+        let directory = tempfile::Builder::new()
+            .prefix(".tuf-scratch-")
+            .tempdir_in(parent)
+            .map_err(datastore_error(parent, "create a scratch directory in"))?;
+        for (name, bytes) in datastore_files(datastore)? {
+            let path = directory.path().join(&name);
+            std::fs::write(&path, bytes).map_err(datastore_error(&path, "write"))?;
+        }
+        Ok(ScratchDatastore { directory })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.directory.path()
+    }
+
+    /// Forget a latest known time that signed metadata never confirmed
+    /// ([`remembered_time_verdict`]); returns the time forgotten.
+    pub fn heal_latest_known_time(
+        &self,
+        now: jiff::Timestamp,
+    ) -> Result<Option<jiff::Timestamp>, TufError> {
+        let remembered = read_json_time(&self.path().join(LATEST_KNOWN_TIME_FILE), None);
+        let timestamp_expiry = read_json_time(
+            &self.path().join(TRUSTED_TIMESTAMP_FILE),
+            Some(&["signed", "expires"]),
+        );
+        match (
+            remembered,
+            remembered_time_verdict(remembered, now, timestamp_expiry),
+        ) {
+            (Some(time), RememberedTime::Forget) => {
+                let path = self.path().join(LATEST_KNOWN_TIME_FILE);
+                std::fs::remove_file(&path).map_err(datastore_error(&path, "remove"))?;
+                Ok(Some(time))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Write back into `datastore` each file whose bytes changed (atomically)
+    /// and remove the files tough removed.
+    pub fn persist_into(&self, datastore: &Path) -> Result<(), TufError> {
+        let old: std::collections::BTreeMap<String, Vec<u8>> =
+            datastore_files(datastore)?.into_iter().collect();
+        let new: std::collections::BTreeMap<String, Vec<u8>> =
+            datastore_files(self.path())?.into_iter().collect();
+        for (name, bytes) in &new {
+            if old.get(name) != Some(bytes) {
+                crate::state::atomic_write(datastore.join(name), bytes)?;
+            }
+        }
+        let removed: Vec<&String> = old.keys().filter(|name| !new.contains_key(*name)).collect();
+        for name in &removed {
+            let path = datastore.join(name);
+            std::fs::remove_file(&path).map_err(datastore_error(&path, "remove"))?;
+        }
+        if !removed.is_empty() {
+            std::fs::File::open(datastore)
+                .and_then(|directory| directory.sync_all())
+                .map_err(datastore_error(datastore, "fsync"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Run datastore file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    datastore: &Path,
+    work: impl FnOnce() -> Result<T, TufError> + Send + 'static,
+) -> Result<T, TufError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| TufError::Datastore {
+            path: datastore.to_path_buf(),
+            source: io::Error::other(format!("the datastore task stopped: {error}")),
+        })?
+}
+
+fn datastore_error(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> TufError {
+    let path = path.to_path_buf();
+    move |source| TufError::DatastoreFile {
+        path,
+        action,
+        source,
+    }
+}
+
+/// The datastore's regular files (not hidden ones: temporaries), by name.
+fn datastore_files(directory: &Path) -> Result<Vec<(String, Vec<u8>)>, TufError> {
+    let mut files = Vec::new();
+    let entries = match std::fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(files),
+        Err(error) => return Err(datastore_error(directory, "list")(error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(datastore_error(directory, "list"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if !is_file || name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        files.push((
+            name,
+            std::fs::read(&path).map_err(datastore_error(&path, "read"))?,
+        ));
+    }
+    Ok(files)
+}
+
+/// A time in a JSON file: the whole document (`latest_known_time.json`) or
+/// the string at `pointer`; `None` when missing or unreadable.
+fn read_json_time(path: &Path, pointer: Option<&[&str]>) -> Option<jiff::Timestamp> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    for key in pointer.unwrap_or(&[]) {
+        value = value.get(*key)?.clone();
+    }
+    value.as_str()?.parse().ok()
+}
+
+/// What to do with the latest known time tough remembered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RememberedTime {
+    /// Keep it: tough refuses a clock behind it (a clock that stepped back).
+    Keep,
+    /// Forget it: it is ahead of the clock, and no signed metadata this node
+    /// trusts was valid then (it is past the trusted timestamp's expiry, or
+    /// there is none), so it came from a wrong clock, not from a check that
+    /// verified.
+    Forget,
+}
+
+/// The clock rule for a remembered latest known time (pure).
+pub fn remembered_time_verdict(
+    remembered: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+    trusted_timestamp_expiry: Option<jiff::Timestamp>,
+) -> RememberedTime {
+    match remembered {
+        Some(remembered)
+            if remembered > now
+                && trusted_timestamp_expiry.is_none_or(|expiry| remembered > expiry) =>
+        {
+            RememberedTime::Forget
+        }
+        _ => RememberedTime::Keep,
     }
 }
 
@@ -569,6 +774,8 @@ pub struct TargetInfo {
 pub struct LoadedRepository {
     repository: Arc<Repository>,
     started_from: TrustedRoot,
+    /// tough keeps writing the clock into its datastore while targets are read.
+    _scratch: Arc<ScratchDatastore>,
 }
 
 impl LoadedRepository {
@@ -915,5 +1122,114 @@ mod tests {
         );
         let error = client.trusted_root().unwrap_err().to_string();
         assert!(error.contains("not a TUF root"), "{error}");
+    }
+
+    fn time(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_remembered_time_is_forgotten_only_when_no_signed_metadata_confirmed_it() {
+        let now = time("2026-12-04T10:00:00Z");
+        let next_year = time("2027-12-04T10:00:00Z");
+        let yesterday = time("2026-12-03T10:00:00Z");
+        let in_an_hour = time("2026-12-04T11:00:00Z");
+        let expiry_next_week = Some(time("2026-12-11T10:00:00Z"));
+        for (remembered, expiry, expected) in [
+            // Nothing remembered, or a time behind the clock: tough's rule.
+            (None, expiry_next_week, RememberedTime::Keep),
+            (Some(yesterday), expiry_next_week, RememberedTime::Keep),
+            // The clock stepped back an hour, within the timestamp's life: refused.
+            (Some(in_an_hour), expiry_next_week, RememberedTime::Keep),
+            // A year ahead, past every expiry: a wrong clock, forgotten.
+            (Some(next_year), expiry_next_week, RememberedTime::Forget),
+            (Some(next_year), None, RememberedTime::Forget),
+            (Some(in_an_hour), None, RememberedTime::Forget),
+        ] {
+            assert_eq!(
+                remembered_time_verdict(remembered, now, expiry),
+                expected,
+                "{remembered:?} {expiry:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_scratch_datastore_goes_back_file_by_file_and_only_when_changed() {
+        let parent = tempfile::tempdir().unwrap();
+        let datastore = parent.path().join("tuf");
+        std::fs::create_dir(&datastore).unwrap();
+        std::fs::write(datastore.join("root.json"), b"root v2").unwrap();
+        std::fs::write(datastore.join("snapshot.json"), b"snapshot v3").unwrap();
+        std::fs::write(datastore.join(".root.json.tmp"), b"leftover").unwrap();
+        let before = std::fs::metadata(datastore.join("root.json")).unwrap();
+
+        let scratch = ScratchDatastore::copy_of(&datastore).unwrap();
+        assert!(
+            scratch.path().starts_with(parent.path()),
+            "same file system"
+        );
+        assert!(!scratch.path().join(".root.json.tmp").exists());
+        // tough rewrites root.json as it was, removes snapshot.json and adds timestamp.json.
+        std::fs::remove_file(scratch.path().join("root.json")).unwrap();
+        std::fs::write(scratch.path().join("root.json"), b"root v2").unwrap();
+        std::fs::remove_file(scratch.path().join("snapshot.json")).unwrap();
+        std::fs::write(scratch.path().join("timestamp.json"), b"timestamp v4").unwrap();
+        scratch.persist_into(&datastore).unwrap();
+
+        let mut names: Vec<String> = std::fs::read_dir(&datastore)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".root.json.tmp", "root.json", "timestamp.json"]);
+        assert_eq!(
+            std::fs::read(datastore.join("timestamp.json")).unwrap(),
+            b"timestamp v4"
+        );
+        let after = std::fs::metadata(datastore.join("root.json")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&before),
+            std::os::unix::fs::MetadataExt::ino(&after),
+            "an unchanged root.json is not rewritten"
+        );
+        let scratch_path = scratch.path().to_path_buf();
+        drop(scratch);
+        assert!(!scratch_path.exists(), "the scratch copy goes away");
+    }
+
+    #[test]
+    fn a_latest_known_time_from_a_wrong_clock_is_healed() {
+        let parent = tempfile::tempdir().unwrap();
+        let datastore = parent.path().join("tuf");
+        std::fs::create_dir(&datastore).unwrap();
+        std::fs::write(
+            datastore.join(TRUSTED_TIMESTAMP_FILE),
+            br#"{"signed":{"_type":"timestamp","expires":"2026-12-11T10:00:00Z"},"signatures":[]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            datastore.join(LATEST_KNOWN_TIME_FILE),
+            br#""2027-12-04T10:00:00Z""#,
+        )
+        .unwrap();
+        let now = time("2026-12-04T10:00:00Z");
+        let scratch = ScratchDatastore::copy_of(&datastore).unwrap();
+        assert_eq!(
+            scratch.heal_latest_known_time(now).unwrap(),
+            Some(time("2027-12-04T10:00:00Z"))
+        );
+        assert!(!scratch.path().join(LATEST_KNOWN_TIME_FILE).exists());
+        assert_eq!(scratch.heal_latest_known_time(now).unwrap(), None);
+
+        // A time an hour ahead, within the trusted timestamp's life, stays.
+        std::fs::write(
+            datastore.join(LATEST_KNOWN_TIME_FILE),
+            br#""2026-12-04T11:00:00Z""#,
+        )
+        .unwrap();
+        let scratch = ScratchDatastore::copy_of(&datastore).unwrap();
+        assert_eq!(scratch.heal_latest_known_time(now).unwrap(), None);
+        assert!(scratch.path().join(LATEST_KNOWN_TIME_FILE).exists());
     }
 }
