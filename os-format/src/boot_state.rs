@@ -19,7 +19,7 @@ use thiserror::Error;
 use crate::layout::Slot;
 
 /// Size of each copy in bytes (U-Boot's `-s` argument).
-pub const STATE_FILE_SIZE: usize = 4096;
+pub(crate) const STATE_FILE_SIZE: usize = 4096;
 pub const STATE_DIR: &str = "racklet";
 pub const STATE_COPIES: [&str; 2] = ["racklet/state-1.env", "racklet/state-2.env"];
 
@@ -152,7 +152,7 @@ impl BootState {
             .or_else(|| uki_exists(fallback).then_some(fallback))
     }
 
-    pub fn to_variables(&self) -> BTreeMap<String, String> {
+    pub(crate) fn to_variables(&self) -> BTreeMap<String, String> {
         let tries = |value: Option<u32>| {
             value.map_or_else(|| "-".to_string(), |tries| format!("{tries:x}"))
         };
@@ -172,7 +172,7 @@ impl BootState {
         variables
     }
 
-    pub fn from_variables(
+    pub(crate) fn from_variables(
         variables: &BTreeMap<String, String>,
     ) -> Result<BootState, BootStateError> {
         let get = |key: &'static str| variables.get(key).map(String::as_str).unwrap_or("");

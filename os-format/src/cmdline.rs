@@ -14,10 +14,10 @@ use thiserror::Error;
 use crate::layout::Slot;
 use crate::verity::{root_hash_from_hex, root_hash_to_hex, RootHash};
 
-pub const SLOT_KEY: &str = "racklet.slot";
-pub const ROOT_HASH_KEY: &str = "racklet.roothash";
-pub const INIT_KEY: &str = "racklet.init";
-pub const DEFAULT_INIT: &str = "/sbin/init";
+pub(crate) const SLOT_KEY: &str = "racklet.slot";
+pub(crate) const ROOT_HASH_KEY: &str = "racklet.roothash";
+pub(crate) const INIT_KEY: &str = "racklet.init";
+pub(crate) const DEFAULT_INIT: &str = "/sbin/init";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CmdlineError {

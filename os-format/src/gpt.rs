@@ -44,9 +44,9 @@ use thiserror::Error;
 /// Size of one logical sector (one LBA) in bytes.
 pub const SECTOR_SIZE: u64 = 512;
 /// Number of entries in the partition entry arrays this module writes.
-pub const PARTITION_ENTRY_COUNT: u32 = 128;
+pub(crate) const PARTITION_ENTRY_COUNT: u32 = 128;
 /// Size of one partition entry in bytes, as written by this module.
-pub const ENTRY_SIZE: u32 = 128;
+pub(crate) const ENTRY_SIZE: u32 = 128;
 
 /// Attribute bit 0: the platform requires this partition to function.
 pub const ATTRIBUTE_REQUIRED: u64 = 1 << 0;
@@ -54,13 +54,11 @@ pub const ATTRIBUTE_REQUIRED: u64 = 1 << 0;
 pub const ATTRIBUTE_READ_ONLY: u64 = 1 << 60;
 /// Attribute bit 59 (Discoverable Partitions Specification): grow the file system to the partition size.
 pub const ATTRIBUTE_GROWFS: u64 = 1 << 59;
-/// Attribute bit 63 (Discoverable Partitions Specification): do not mount automatically.
-pub const ATTRIBUTE_NO_AUTO: u64 = 1 << 63;
 
 /// Alignment of partition starts and sizes chosen by [`GptDisk::plan`]: 1 MiB.
-pub const PARTITION_ALIGNMENT_BYTES: u64 = 1024 * 1024;
+pub(crate) const PARTITION_ALIGNMENT_BYTES: u64 = 1024 * 1024;
 /// Maximum length of a partition name, in UTF-16 code units.
-pub const MAX_NAME_UTF16_UNITS: usize = 36;
+pub(crate) const MAX_NAME_UTF16_UNITS: usize = 36;
 
 /// The 8-byte signature that starts every GPT header.
 const HEADER_SIGNATURE: [u8; 8] = *b"EFI PART";
@@ -124,8 +122,8 @@ const CHS_NOT_REPRESENTABLE: [u8; 3] = [0xFF, 0xFF, 0xFF];
 /// A GUID/UUID, stored in canonical RFC 4122 byte order (the order of the hex
 /// digits in its string form).
 ///
-/// GPT stores GUIDs on disk in a mixed-endian form; use [`Guid::to_gpt_bytes`] and
-/// [`Guid::from_gpt_bytes`] to convert. The text form and both byte orders are
+/// GPT stores GUIDs on disk in a mixed-endian form; use `Guid::to_gpt_bytes` and
+/// `Guid::from_gpt_bytes` to convert. The text form and both byte orders are
 /// the `uuid` crate's ([`uuid::Uuid`]); this type adds what GPT needs on top.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Guid(pub [u8; 16]);
@@ -139,7 +137,7 @@ impl Guid {
     pub const ZERO: Guid = Guid([0; 16]);
 
     /// A GUID from its 16 bytes in RFC 4122 (string) order.
-    pub const fn from_rfc_bytes(bytes: [u8; 16]) -> Guid {
+    pub(crate) const fn from_rfc_bytes(bytes: [u8; 16]) -> Guid {
         Guid(bytes)
     }
 
@@ -173,12 +171,12 @@ impl Guid {
 
     /// The mixed-endian form GPT stores on disk: the first three fields
     /// (4, 2 and 2 bytes) little-endian, the last 8 bytes as they are.
-    pub const fn to_gpt_bytes(&self) -> [u8; 16] {
+    pub(crate) const fn to_gpt_bytes(self) -> [u8; 16] {
         uuid::Uuid::from_bytes(self.0).to_bytes_le()
     }
 
     /// A GUID from the mixed-endian form GPT stores on disk.
-    pub const fn from_gpt_bytes(bytes: [u8; 16]) -> Guid {
+    pub(crate) const fn from_gpt_bytes(bytes: [u8; 16]) -> Guid {
         Guid(uuid::Uuid::from_bytes_le(bytes).into_bytes())
     }
 

@@ -8,7 +8,7 @@ use std::error::Error;
 
 /// The messages of `error` and of its causes, outermost first, each cause
 /// only when the message before it does not already contain it.
-pub fn causes(error: &(dyn Error + 'static)) -> Vec<String> {
+pub(crate) fn causes(error: &(dyn Error + 'static)) -> Vec<String> {
     let mut messages = vec![error.to_string()];
     let mut source = error.source();
     while let Some(cause) = source {
@@ -22,12 +22,12 @@ pub fn causes(error: &(dyn Error + 'static)) -> Vec<String> {
     messages
 }
 
-/// [`causes`] on one line, joined by ": " (JSON output, D-Bus errors, logs).
+/// `causes` on one line, joined by ": " (JSON output, D-Bus errors, logs).
 pub fn one_line(error: &(dyn Error + 'static)) -> String {
     causes(error).join(": ")
 }
 
-/// [`causes`] for a person on a terminal: `error: <message>` and one
+/// `causes` for a person on a terminal: `error: <message>` and one
 /// `  caused by: <cause>` line for each cause, each line ending in a newline.
 pub fn for_people(error: &(dyn Error + 'static)) -> String {
     let causes = causes(error);

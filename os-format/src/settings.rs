@@ -22,9 +22,9 @@ pub const SETTINGS_PATH_ON_ESP: &str = "racklet/settings.toml";
 /// Present on the ESP: the next boot wipes the data partition (factory reset).
 pub const FACTORY_RESET_FLAG_ON_ESP: &str = "racklet/factory-reset";
 /// The largest settings file accepted (a FAT file anyone can edit).
-pub const SETTINGS_MAX_BYTES: usize = 256 * 1024;
+pub(crate) const SETTINGS_MAX_BYTES: usize = 256 * 1024;
 /// The key types `ssh.authorized_keys` accepts (OpenSSH's names).
-pub const SSH_KEY_TYPES: [&str; 7] = [
+pub(crate) const SSH_KEY_TYPES: [&str; 7] = [
     "ssh-ed25519",
     "ecdsa-sha2-nistp256",
     "ecdsa-sha2-nistp384",
@@ -567,7 +567,7 @@ impl std::fmt::Display for MaintenanceWindow {
 /// An RFC 1123 host name label: 1-63 of `a-z`, `0-9`, `-`, not starting or
 /// ending with `-`. Upper case is refused rather than folded, so the name
 /// on the card is the name on the network.
-pub fn check_hostname(name: &str) -> Result<(), String> {
+pub(crate) fn check_hostname(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 63
         && name
@@ -671,7 +671,7 @@ fn check_port(url: &str, port: &str) -> Result<(), String> {
 /// `TYPE BASE64 [COMMENT]` as in OpenSSH's authorized_keys, without options
 /// (`command=`, `from=`: the node writes the keys as given, so options would
 /// be a way to smuggle in anything).
-pub fn check_authorized_key(line: &str) -> Result<(), String> {
+pub(crate) fn check_authorized_key(line: &str) -> Result<(), String> {
     let shown = if line.chars().count() > 40 {
         format!("{}...", line.chars().take(40).collect::<String>())
     } else {

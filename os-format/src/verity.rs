@@ -5,10 +5,10 @@
 //!
 //! The hash device starts with one 4096-byte block whose first
 //! [`SUPERBLOCK_SIZE`] bytes are the verity superblock (the rest is zero). The
-//! hash tree follows from hash block [`HASH_START_BLOCK`] on.
+//! hash tree follows from hash block `HASH_START_BLOCK` on.
 //!
 //! * Hash type 1 ("normal"): every digest is `sha256(salt || block)`.
-//! * A hash block holds [`DIGESTS_PER_HASH_BLOCK`] digests back to back, its
+//! * A hash block holds `DIGESTS_PER_HASH_BLOCK` digests back to back, its
 //!   unused tail zero-filled.
 //! * Level 0 holds the digests of the data blocks; level `i + 1` holds the
 //!   digests of the hash blocks of level `i`; the top level is a single block.
@@ -34,11 +34,11 @@ pub const ALGORITHM: &str = "sha256";
 pub type RootHash = [u8; 32];
 
 /// Hash-device block index where the tree starts: block 0 holds the superblock.
-pub const HASH_START_BLOCK: u64 = 1;
+pub(crate) const HASH_START_BLOCK: u64 = 1;
 /// Number of sha256 digests in one 4096-byte hash block.
-pub const DIGESTS_PER_HASH_BLOCK: u64 = VERITY_BLOCK_SIZE / DIGEST_SIZE as u64;
+pub(crate) const DIGESTS_PER_HASH_BLOCK: u64 = VERITY_BLOCK_SIZE / DIGEST_SIZE as u64;
 /// Largest salt the superblock can hold, in bytes.
-pub const MAX_SALT_SIZE: usize = 256;
+pub(crate) const MAX_SALT_SIZE: usize = 256;
 
 /// [`VERITY_BLOCK_SIZE`] as a `usize`, for slicing.
 const BLOCK_SIZE: usize = VERITY_BLOCK_SIZE as usize;
@@ -180,7 +180,7 @@ impl VeritySuperblock {
     /// The 512 on-disk bytes.
     ///
     /// Fields too long for their slot (an algorithm name over 32 bytes, a salt
-    /// over [`MAX_SALT_SIZE`] bytes) are truncated; the constructors in this
+    /// over `MAX_SALT_SIZE` bytes) are truncated; the constructors in this
     /// module never produce such values.
     pub fn to_bytes(&self) -> [u8; SUPERBLOCK_SIZE] {
         let mut bytes = [0u8; SUPERBLOCK_SIZE];

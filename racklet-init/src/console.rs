@@ -15,11 +15,11 @@ use std::sync::OnceLock;
 use rustix::stdio;
 
 /// The kernel log device.
-pub const KMSG_PATH: &str = "/dev/kmsg";
+pub(crate) const KMSG_PATH: &str = "/dev/kmsg";
 /// The system console device.
-pub const CONSOLE_PATH: &str = "/dev/console";
+pub(crate) const CONSOLE_PATH: &str = "/dev/console";
 /// Prefix of every line `/init` writes.
-pub const LOG_PREFIX: &str = "racklet-init: ";
+pub(crate) const LOG_PREFIX: &str = "racklet-init: ";
 /// `/dev/kmsg` record priority of progress lines (`KERN_INFO`).
 const KMSG_INFO_PRIORITY: &str = "<6>";
 /// `/dev/kmsg` record priority of warnings (`KERN_WARNING`).
@@ -49,7 +49,7 @@ macro_rules! warn {
 
 /// Send later progress lines to the kernel log. Call once `/dev` is mounted;
 /// does nothing if `/dev/kmsg` cannot be opened.
-pub fn attach_kmsg() {
+pub(crate) fn attach_kmsg() {
     if let Ok(kmsg) = OpenOptions::new().write(true).open(KMSG_PATH) {
         let _ = KMSG.set(kmsg);
     }
@@ -58,7 +58,7 @@ pub fn attach_kmsg() {
 /// Make sure file descriptors 0, 1 and 2 are open on the console, as the
 /// kernel normally arranges for PID 1: the initramfs may lack `/dev/console`
 /// at the time the kernel looks for it. The root's init inherits them.
-pub fn ensure_console_fds() {
+pub(crate) fn ensure_console_fds() {
     let standard_fds = [stdio::stdin(), stdio::stdout(), stdio::stderr()];
     if !standard_fds.into_iter().any(is_closed) {
         return;
@@ -83,12 +83,12 @@ fn is_closed(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Write one progress line.
-pub fn info(message: &str) {
+pub(crate) fn info(message: &str) {
     log(KMSG_INFO_PRIORITY, message);
 }
 
 /// Write one warning line.
-pub fn warn(message: &str) {
+pub(crate) fn warn(message: &str) {
     log(KMSG_WARNING_PRIORITY, message);
 }
 
@@ -105,13 +105,13 @@ fn log(priority: &str, message: &str) {
 }
 
 /// The fatal line as printed: `racklet-init: FATAL: <message>`.
-pub fn fatal_line(message: &str) -> String {
+pub(crate) fn fatal_line(message: &str) -> String {
     format!("{LOG_PREFIX}FATAL: {message}")
 }
 
 /// Print the fatal line once: on stderr (the console for PID 1), or, if that
 /// is closed, on `/dev/console`, or failing both in the kernel log.
-pub fn fatal(message: &str) {
+pub(crate) fn fatal(message: &str) {
     let line = format!("{}\n", fatal_line(message));
     if std::io::stderr().write_all(line.as_bytes()).is_ok() {
         return;

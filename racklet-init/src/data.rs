@@ -32,29 +32,29 @@ use crate::error::InitError;
 use crate::partitions::{BlockDevice, DataPartition};
 
 /// The file system the data partition holds.
-pub const DATA_FS_TYPE: &str = "ext4";
+pub(crate) const DATA_FS_TYPE: &str = "ext4";
 /// The data partition's mount options, as `mount(8)` and fstab spell them.
-pub const DATA_MOUNT_OPTIONS: &str = "rw,noatime";
+pub(crate) const DATA_MOUNT_OPTIONS: &str = "rw,noatime";
 /// [`DATA_MOUNT_OPTIONS`] as `mount(2)` flags (`rw` is the absence of
 /// `MS_RDONLY`; no file-system specific options).
-pub const DATA_MOUNT_FLAGS: MountFlags = MountFlags::NOATIME;
+pub(crate) const DATA_MOUNT_FLAGS: MountFlags = MountFlags::NOATIME;
 /// Where the data partition goes, relative to the new root.
-pub const VAR_DIR: &str = "var";
+pub(crate) const VAR_DIR: &str = "var";
 /// Where the overlay goes, relative to the new root.
-pub const ETC_DIR: &str = "etc";
+pub(crate) const ETC_DIR: &str = "etc";
 /// The overlay's file system type (and source name).
-pub const OVERLAY_FS_TYPE: &str = "overlay";
+pub(crate) const OVERLAY_FS_TYPE: &str = "overlay";
 /// The overlay's directory on the data partition, relative to the new root.
-pub const ETC_OVERLAY_DIR: &str = "var/lib/racklet/etc";
+pub(crate) const ETC_OVERLAY_DIR: &str = "var/lib/racklet/etc";
 /// The overlay's upper layer (the changed files), inside [`ETC_OVERLAY_DIR`].
-pub const ETC_UPPER: &str = "upper";
+pub(crate) const ETC_UPPER: &str = "upper";
 /// The overlay's work directory, inside [`ETC_OVERLAY_DIR`].
-pub const ETC_WORK: &str = "work";
+pub(crate) const ETC_WORK: &str = "work";
 /// Mode of the overlay directories (and of any parent `/init` creates); the
 /// upper directory's mode and owner become those of `/etc`.
-pub const ETC_OVERLAY_DIR_MODE: u32 = 0o755;
+pub(crate) const ETC_OVERLAY_DIR_MODE: u32 = 0o755;
 /// Owner (uid, gid) of the overlay directories: root.
-pub const ROOT_OWNER: (u32, u32) = (0, 0);
+pub(crate) const ROOT_OWNER: (u32, u32) = (0, 0);
 /// Byte offset of the ext2/3/4 superblock magic: superblock at 1024,
 /// `s_magic` at 0x38 in it.
 const EXT4_MAGIC_OFFSET: usize = 1024 + 0x38;
@@ -63,7 +63,7 @@ const EXT4_MAGIC: u16 = 0xef53;
 
 /// What the initramfs ends up doing about `/var` and `/etc`.
 #[derive(Debug)]
-pub enum VarOutcome {
+pub(crate) enum VarOutcome {
     /// The data partition is on `/var` and the overlay on `/etc`.
     Mounted {
         /// The data partition.
@@ -76,7 +76,7 @@ pub enum VarOutcome {
 /// Why the data partition is not mounted on `/var`. Displays as the warning
 /// line (without the `racklet-init: ` prefix).
 #[derive(Debug)]
-pub enum VarSkip {
+pub(crate) enum VarSkip {
     /// The root's disk has no partition named `data`.
     NoPartition {
         /// The root's disk, e.g. `vda`.
@@ -166,14 +166,14 @@ fn data_mount_hint(errno: Errno) -> &'static str {
 
 /// Whether `head` (the first bytes of a partition, at least 1082) carries the
 /// ext2/3/4 superblock magic. The ext4 driver mounts all three.
-pub fn has_ext4_magic(head: &[u8]) -> bool {
+pub(crate) fn has_ext4_magic(head: &[u8]) -> bool {
     head.get(EXT4_MAGIC_OFFSET..EXT4_MAGIC_OFFSET + 2)
         .is_some_and(|magic| u16::from_le_bytes([magic[0], magic[1]]) == EXT4_MAGIC)
 }
 
 /// Read the start of `device` and look for the ext4 magic. A device too
 /// small to hold a superblock has none.
-pub fn probe_ext4(device: &Path) -> io::Result<bool> {
+pub(crate) fn probe_ext4(device: &Path) -> io::Result<bool> {
     let mut head = Vec::with_capacity(EXT4_MAGIC_OFFSET + 2);
     File::open(device)?
         .take((EXT4_MAGIC_OFFSET + 2) as u64)
@@ -183,7 +183,7 @@ pub fn probe_ext4(device: &Path) -> io::Result<bool> {
 
 /// What to do about `/var`, before touching any mount.
 #[derive(Debug)]
-pub enum VarPlan {
+pub(crate) enum VarPlan {
     /// Mount this partition.
     Mount(BlockDevice),
     /// Leave `/var` alone, with this warning.
@@ -192,7 +192,7 @@ pub enum VarPlan {
 
 /// Decide from the root disk's data partition and, if it has a device,
 /// `probe` (does it hold ext4?) whether to mount it.
-pub fn plan_var(
+pub(crate) fn plan_var(
     disk: &str,
     data: &DataPartition,
     probe: impl FnOnce(&BlockDevice) -> io::Result<bool>,
@@ -224,14 +224,14 @@ pub fn plan_var(
 }
 
 /// The overlay's upper and work directories under `new_root`.
-pub fn etc_overlay_dirs(new_root: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn etc_overlay_dirs(new_root: &Path) -> (PathBuf, PathBuf) {
     let base = new_root.join(ETC_OVERLAY_DIR);
     (base.join(ETC_UPPER), base.join(ETC_WORK))
 }
 
 /// The overlay's mount options: the root's `/etc` under the upper layer kept
 /// on the data partition.
-pub fn etc_overlay_options(new_root: &Path) -> String {
+pub(crate) fn etc_overlay_options(new_root: &Path) -> String {
     let (upper, work) = etc_overlay_dirs(new_root);
     format!(
         "lowerdir={},upperdir={},workdir={}",
@@ -244,7 +244,7 @@ pub fn etc_overlay_options(new_root: &Path) -> String {
 /// Make sure `dir` exists as a directory with mode
 /// [`ETC_OVERLAY_DIR_MODE`] and owner `owner`, creating missing parents
 /// with that mode too.
-pub fn ensure_dir(dir: &Path, owner: (u32, u32)) -> io::Result<()> {
+pub(crate) fn ensure_dir(dir: &Path, owner: (u32, u32)) -> io::Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(metadata) if !metadata.is_dir() => {
             return Err(io::Error::new(
@@ -273,7 +273,7 @@ pub fn ensure_dir(dir: &Path, owner: (u32, u32)) -> io::Result<()> {
 /// call `on_mounted_var` with that directory (the factory reset empties it
 /// there), then mount the `/etc` overlay on it. Only the overlay's failure is
 /// an error (fatal); everything about the data partition is a [`VarOutcome`].
-pub fn mount_var_and_etc(
+pub(crate) fn mount_var_and_etc(
     new_root: &Path,
     disk: &str,
     data: &DataPartition,
@@ -305,7 +305,7 @@ pub fn mount_var_and_etc(
 
 /// Create the overlay's directories on the mounted `/var` and mount the
 /// overlay on `<new_root>/etc`.
-pub fn mount_etc_overlay(new_root: &Path) -> Result<(), InitError> {
+pub(crate) fn mount_etc_overlay(new_root: &Path) -> Result<(), InitError> {
     let (upper, work) = etc_overlay_dirs(new_root);
     for dir in [&upper, &work] {
         ensure_dir(dir, ROOT_OWNER).map_err(|source| InitError::EtcOverlay {

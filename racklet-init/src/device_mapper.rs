@@ -14,22 +14,20 @@ use std::mem::size_of;
 use std::os::fd::AsRawFd;
 
 /// The device-mapper control node (devtmpfs creates it when `dm-mod` loads).
-pub const DM_CONTROL_PATH: &str = "/dev/mapper/control";
+pub(crate) const DM_CONTROL_PATH: &str = "/dev/mapper/control";
 
 /// Interface version we speak; the kernel accepts any request with the same
 /// major and a minor no newer than its own.
-pub const DM_VERSION: [u32; 3] = [4, 0, 0];
+pub(crate) const DM_VERSION: [u32; 3] = [4, 0, 0];
 /// `DM_NAME_LEN`: device name field size, NUL included.
-pub const DM_NAME_LEN: usize = 128;
+pub(crate) const DM_NAME_LEN: usize = 128;
 /// `DM_UUID_LEN`: device UUID field size, NUL included.
-pub const DM_UUID_LEN: usize = 129;
+pub(crate) const DM_UUID_LEN: usize = 129;
 /// `DM_MAX_TYPE_NAME`: target type field size, NUL included.
-pub const DM_MAX_TYPE_NAME: usize = 16;
+pub(crate) const DM_MAX_TYPE_NAME: usize = 16;
 
 /// `DM_READONLY_FLAG`: the device (and the table) is read-only.
-pub const DM_READONLY_FLAG: u32 = 1 << 0;
-/// `DM_SUSPEND_FLAG`: with `DM_DEV_SUSPEND`, suspend; without it, resume.
-pub const DM_SUSPEND_FLAG: u32 = 1 << 1;
+pub(crate) const DM_READONLY_FLAG: u32 = 1 << 0;
 
 /// The `ioctl` type byte of device-mapper (`DM_IOCTL`).
 const DM_IOCTL_TYPE: u32 = 0xfd;
@@ -47,7 +45,7 @@ const MINOR_LOW_BITS: u64 = 0xff;
 /// `struct dm_ioctl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DmIoctl {
+pub(crate) struct DmIoctl {
     /// Interface version, in: what we speak; out: what the kernel speaks.
     pub version: [u32; 3],
     /// Total buffer size, header included.
@@ -77,7 +75,7 @@ pub struct DmIoctl {
 /// `struct dm_target_spec`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DmTargetSpec {
+pub(crate) struct DmTargetSpec {
     /// First sector of the device this target maps.
     pub sector_start: u64,
     /// Number of sectors it maps.
@@ -91,9 +89,9 @@ pub struct DmTargetSpec {
 }
 
 /// Size of the header: the kernel checks `data_start` against it.
-pub const DM_IOCTL_SIZE: usize = size_of::<DmIoctl>();
+pub(crate) const DM_IOCTL_SIZE: usize = size_of::<DmIoctl>();
 /// Size of one target spec.
-pub const DM_TARGET_SPEC_SIZE: usize = size_of::<DmTargetSpec>();
+pub(crate) const DM_TARGET_SPEC_SIZE: usize = size_of::<DmTargetSpec>();
 
 // The kernel ABI, checked at compile time: both structs are padding-free, so
 // viewing them as bytes is sound.
@@ -111,19 +109,19 @@ const fn dm_ioctl_request(nr: u32) -> u64 {
 }
 
 /// `DM_VERSION`.
-pub const DM_VERSION_IOCTL: u64 = dm_ioctl_request(DM_VERSION_CMD);
+pub(crate) const DM_VERSION_IOCTL: u64 = dm_ioctl_request(DM_VERSION_CMD);
 /// `DM_DEV_CREATE`.
-pub const DM_DEV_CREATE_IOCTL: u64 = dm_ioctl_request(DM_DEV_CREATE_CMD);
+pub(crate) const DM_DEV_CREATE_IOCTL: u64 = dm_ioctl_request(DM_DEV_CREATE_CMD);
 /// `DM_DEV_REMOVE`.
-pub const DM_DEV_REMOVE_IOCTL: u64 = dm_ioctl_request(DM_DEV_REMOVE_CMD);
+pub(crate) const DM_DEV_REMOVE_IOCTL: u64 = dm_ioctl_request(DM_DEV_REMOVE_CMD);
 /// `DM_DEV_SUSPEND` (also resumes).
-pub const DM_DEV_SUSPEND_IOCTL: u64 = dm_ioctl_request(DM_DEV_SUSPEND_CMD);
+pub(crate) const DM_DEV_SUSPEND_IOCTL: u64 = dm_ioctl_request(DM_DEV_SUSPEND_CMD);
 /// `DM_TABLE_LOAD`.
-pub const DM_TABLE_LOAD_IOCTL: u64 = dm_ioctl_request(DM_TABLE_LOAD_CMD);
+pub(crate) const DM_TABLE_LOAD_IOCTL: u64 = dm_ioctl_request(DM_TABLE_LOAD_CMD);
 
 /// One line of a device-mapper table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// First sector mapped.
     pub start_sector: u64,
     /// Number of 512-byte sectors mapped.
@@ -135,8 +133,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// The table line as `dmsetup table` prints it.
-    pub fn table_line(&self) -> String {
+    /// The table line as `dmsetup table` prints it (the tests compare it).
+    #[cfg(test)]
+    pub(crate) fn table_line(&self) -> String {
         format!(
             "{} {} {} {}",
             self.start_sector, self.length_sectors, self.target_type, self.params
@@ -146,14 +145,14 @@ impl Target {
 
 /// A device number split into major and minor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceNumber {
+pub(crate) struct DeviceNumber {
     pub major: u32,
     pub minor: u32,
 }
 
 impl DeviceNumber {
     /// Decode the kernel's `huge_encode_dev` form (as in `dm_ioctl.dev`).
-    pub fn from_huge_encoded(dev: u64) -> DeviceNumber {
+    pub(crate) fn from_huge_encoded(dev: u64) -> DeviceNumber {
         let major = ((dev >> 8) & 0xfff) as u32;
         let minor = ((dev & MINOR_LOW_BITS) | ((dev >> 12) & !MINOR_LOW_BITS)) as u32;
         DeviceNumber { major, minor }
@@ -205,7 +204,7 @@ impl From<BufferError> for io::Error {
 
 impl DmIoctl {
     /// A header for device `name` (may be empty for `DM_VERSION`) with `flags`.
-    pub fn new(name: &str, flags: u32) -> Result<DmIoctl, BufferError> {
+    pub(crate) fn new(name: &str, flags: u32) -> Result<DmIoctl, BufferError> {
         let mut header = DmIoctl {
             version: DM_VERSION,
             data_size: DM_IOCTL_SIZE as u32,
@@ -228,14 +227,14 @@ impl DmIoctl {
     }
 
     /// The header's bytes, as the kernel reads them.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         // SAFETY: `DmIoctl` is `repr(C)`, has no padding (checked by the size
         // assertion above: the fields sum to 312 bytes), and only plain integers.
         unsafe { std::slice::from_raw_parts((self as *const DmIoctl).cast(), DM_IOCTL_SIZE) }
     }
 
     /// Read a header back from the start of an ioctl buffer.
-    pub fn from_buffer(buffer: &[u8]) -> DmIoctl {
+    pub(crate) fn from_buffer(buffer: &[u8]) -> DmIoctl {
         assert!(
             buffer.len() >= DM_IOCTL_SIZE,
             "ioctl buffer shorter than its header"
@@ -246,14 +245,14 @@ impl DmIoctl {
     }
 
     /// The device number the kernel returned.
-    pub fn device_number(&self) -> DeviceNumber {
+    pub(crate) fn device_number(&self) -> DeviceNumber {
         DeviceNumber::from_huge_encoded(self.dev)
     }
 }
 
 impl DmTargetSpec {
     /// The spec's bytes, as the kernel reads them.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         // SAFETY: `repr(C)`, padding-free (size assertion above), plain integers.
         unsafe {
             std::slice::from_raw_parts((self as *const DmTargetSpec).cast(), DM_TARGET_SPEC_SIZE)
@@ -262,12 +261,12 @@ impl DmTargetSpec {
 }
 
 /// The buffer for an ioctl that carries no payload.
-pub fn simple_buffer(name: &str, flags: u32) -> Result<Vec<u8>, BufferError> {
+pub(crate) fn simple_buffer(name: &str, flags: u32) -> Result<Vec<u8>, BufferError> {
     Ok(DmIoctl::new(name, flags)?.as_bytes().to_vec())
 }
 
 /// The buffer for `DM_TABLE_LOAD` of `targets` into device `name`.
-pub fn table_load_buffer(
+pub(crate) fn table_load_buffer(
     name: &str,
     flags: u32,
     targets: &[Target],
@@ -304,13 +303,13 @@ pub fn table_load_buffer(
 }
 
 /// An open `/dev/mapper/control`.
-pub struct DeviceMapper {
+pub(crate) struct DeviceMapper {
     control: File,
 }
 
 impl DeviceMapper {
     /// Open the control node at `path`.
-    pub fn open(path: &str) -> io::Result<DeviceMapper> {
+    pub(crate) fn open(path: &str) -> io::Result<DeviceMapper> {
         Ok(DeviceMapper {
             control: OpenOptions::new().read(true).write(true).open(path)?,
         })
@@ -329,13 +328,13 @@ impl DeviceMapper {
     }
 
     /// `DM_VERSION`: the kernel's interface version.
-    pub fn version(&self) -> io::Result<[u32; 3]> {
+    pub(crate) fn version(&self) -> io::Result<[u32; 3]> {
         let mut buffer = simple_buffer("", 0)?;
         Ok(self.ioctl(DM_VERSION_IOCTL, &mut buffer)?.version)
     }
 
     /// `DM_DEV_CREATE`: a new, empty device named `name`.
-    pub fn create_device(&self, name: &str, flags: u32) -> io::Result<DeviceNumber> {
+    pub(crate) fn create_device(&self, name: &str, flags: u32) -> io::Result<DeviceNumber> {
         let mut buffer = simple_buffer(name, flags)?;
         Ok(self
             .ioctl(DM_DEV_CREATE_IOCTL, &mut buffer)?
@@ -343,13 +342,13 @@ impl DeviceMapper {
     }
 
     /// `DM_TABLE_LOAD`: load `targets` as the inactive table of `name`.
-    pub fn load_table(&self, name: &str, flags: u32, targets: &[Target]) -> io::Result<()> {
+    pub(crate) fn load_table(&self, name: &str, flags: u32, targets: &[Target]) -> io::Result<()> {
         let mut buffer = table_load_buffer(name, flags, targets)?;
         self.ioctl(DM_TABLE_LOAD_IOCTL, &mut buffer).map(drop)
     }
 
     /// `DM_DEV_SUSPEND` without `DM_SUSPEND_FLAG`: make the loaded table live.
-    pub fn resume(&self, name: &str) -> io::Result<DeviceNumber> {
+    pub(crate) fn resume(&self, name: &str) -> io::Result<DeviceNumber> {
         let mut buffer = simple_buffer(name, 0)?;
         Ok(self
             .ioctl(DM_DEV_SUSPEND_IOCTL, &mut buffer)?
@@ -357,7 +356,7 @@ impl DeviceMapper {
     }
 
     /// `DM_DEV_REMOVE`: remove device `name`.
-    pub fn remove_device(&self, name: &str) -> io::Result<()> {
+    pub(crate) fn remove_device(&self, name: &str) -> io::Result<()> {
         let mut buffer = simple_buffer(name, 0)?;
         self.ioctl(DM_DEV_REMOVE_IOCTL, &mut buffer).map(drop)
     }

@@ -148,9 +148,9 @@ pub enum InitError {
 #[derive(Debug)]
 pub struct Fatal {
     /// The slot named on the kernel command line, if it was parsed.
-    pub slot: Option<Slot>,
+    pub(crate) slot: Option<Slot>,
     /// What went wrong.
-    pub error: InitError,
+    pub(crate) error: InitError,
 }
 
 impl Fatal {
@@ -163,7 +163,7 @@ impl Fatal {
     }
 
     /// A failure while booting `slot`.
-    pub fn in_slot(slot: Slot, error: impl Into<InitError>) -> Fatal {
+    pub(crate) fn in_slot(slot: Slot, error: impl Into<InitError>) -> Fatal {
         Fatal {
             slot: Some(slot),
             error: error.into(),

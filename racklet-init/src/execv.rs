@@ -17,7 +17,7 @@ use std::ptr;
 /// `execv(program, [program])` with the current environment: the process
 /// becomes `program` with no arguments but its name. Returns only on
 /// failure, with the error.
-pub fn exec_without_arguments(program: &str) -> io::Error {
+pub(crate) fn exec_without_arguments(program: &str) -> io::Error {
     let Ok(path) = CString::new(program) else {
         return io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -27,9 +27,9 @@ use crate::partitions::BlockDevice;
 use crate::sys::NOSUID_NODEV_NOEXEC;
 
 /// Where the initramfs mounts the ESP while it looks for the flag.
-pub const ESP_MOUNT_POINT: &str = "/esp";
+pub(crate) const ESP_MOUNT_POINT: &str = "/esp";
 /// The ESP's file system.
-pub const ESP_FS_TYPE: &str = "vfat";
+pub(crate) const ESP_FS_TYPE: &str = "vfat";
 /// Mount flags for the ESP: nothing on it is run or treated as a device.
 const ESP_MOUNT_FLAGS: MountFlags = MountFlags::NOATIME.union(NOSUID_NODEV_NOEXEC);
 /// Entries of the data partition's root that a reset keeps: ext4's own.
@@ -38,7 +38,7 @@ const KEPT_ENTRIES: [&str; 1] = ["lost+found"];
 /// The ESP mounted in the initramfs, with the flag seen on it; unmounted on
 /// drop.
 #[derive(Debug)]
-pub struct ResetRequest {
+pub(crate) struct ResetRequest {
     mount_point: PathBuf,
     /// The ESP's kernel name, for messages.
     pub esp: String,
@@ -51,7 +51,7 @@ impl ResetRequest {
     }
 
     /// Remove the flag and sync its directory: the reset is done.
-    pub fn clear(&self) -> io::Result<()> {
+    pub(crate) fn clear(&self) -> io::Result<()> {
         let flag = self.flag();
         fs::remove_file(&flag)?;
         if let Some(directory) = flag.parent() {
@@ -71,7 +71,7 @@ impl Drop for ResetRequest {
 /// reset. Mounts it on [`ESP_MOUNT_POINT`]; when the flag is there the mount
 /// stays (in the returned request) until the request is dropped, else it is
 /// unmounted at once. `Err` is a message for a warning: the boot goes on.
-pub fn requested(
+pub(crate) fn requested(
     esp: Option<&BlockDevice>,
     dev_dir: &Path,
 ) -> Result<Option<ResetRequest>, String> {
@@ -110,7 +110,7 @@ pub fn requested(
 
 /// What [`empty_data_partition`] removed.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Emptied {
+pub(crate) struct Emptied {
     /// Entries removed from the partition's root (each with all it held).
     pub entries: usize,
 }
@@ -118,7 +118,7 @@ pub struct Emptied {
 /// Remove everything on the mounted data partition `var` except
 /// [`KEPT_ENTRIES`], then sync the file system. Symbolic links are removed,
 /// never followed.
-pub fn empty_data_partition(var: &Path) -> io::Result<Emptied> {
+pub(crate) fn empty_data_partition(var: &Path) -> io::Result<Emptied> {
     let mut emptied = Emptied::default();
     let mut names: Vec<_> = fs::read_dir(var)?
         .map(|entry| entry.map(|entry| entry.file_name()))

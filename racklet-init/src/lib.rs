@@ -6,23 +6,23 @@
 //! listed, finds the slot's root and verity partitions by their PARTUUIDs
 //! (derived from the root hash), opens a read-only dm-verity device over them,
 //! mounts it on `/sysroot`, mounts the data partition of the same disk on
-//! `/sysroot/var` with an overlay on `/sysroot/etc` kept there (see [`data`]),
+//! `/sysroot/var` with an overlay on `/sysroot/etc` kept there (see `data.rs`),
 //! and switches root to the slot's init.
 //!
 //! Any failure ends in one `racklet-init: FATAL: ...` line on the console and
 //! a reboot (see [`fail`]); there is no shell.
 
-pub mod console;
-pub mod data;
-pub mod device_mapper;
-pub mod error;
-pub mod execv;
-pub mod factory_reset;
-pub mod modules;
-pub mod partitions;
-pub mod switch_root;
-pub mod sys;
-pub mod verity_root;
+pub(crate) mod console;
+pub(crate) mod data;
+pub(crate) mod device_mapper;
+pub(crate) mod error;
+pub(crate) mod execv;
+pub(crate) mod factory_reset;
+pub(crate) mod modules;
+pub(crate) mod partitions;
+pub(crate) mod switch_root;
+pub(crate) mod sys;
+pub(crate) mod verity_root;
 
 use std::convert::Infallible;
 use std::fs;
@@ -34,7 +34,7 @@ use os_format::cmdline::BootParams;
 pub use error::{Fatal, InitError};
 
 /// The kernel command line.
-pub const PROC_CMDLINE: &str = "/proc/cmdline";
+pub(crate) const PROC_CMDLINE: &str = "/proc/cmdline";
 /// How long the fatal line stays on screen before the reboot.
 const FATAL_REBOOT_DELAY: Duration = Duration::from_secs(3);
 
@@ -194,7 +194,7 @@ fn plural(count: usize, thing: &str) -> String {
 }
 
 /// The end of a failed boot: one fatal line, then (as PID 1) a reboot after
-/// [`FATAL_REBOOT_DELAY`], or (in a test run) exit status 1.
+/// `FATAL_REBOOT_DELAY`, or (in a test run) exit status 1.
 pub fn fail(fatal: &Fatal) -> ! {
     if !sys::is_pid1() {
         console::fatal(&format!("{fatal} — exiting"));

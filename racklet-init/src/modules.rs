@@ -14,7 +14,7 @@ use rustix::io::Errno;
 use crate::error::InitError;
 
 /// The module list inside the initramfs.
-pub const MODULE_LIST_PATH: &str = "/etc/racklet-init/modules";
+pub(crate) const MODULE_LIST_PATH: &str = "/etc/racklet-init/modules";
 /// File name suffix of a plain kernel module.
 const MODULE_SUFFIX: &str = ".ko";
 /// Suffixes of compressed modules, which the kernel we ship cannot load from a file.
@@ -27,7 +27,7 @@ const NO_MODULE_INIT_FLAGS: i32 = 0;
 
 /// What happened to one module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModuleOutcome {
+pub(crate) enum ModuleOutcome {
     /// The kernel loaded it.
     Loaded,
     /// It was already loaded (`EEXIST`).
@@ -40,7 +40,7 @@ pub enum ModuleOutcome {
 
 /// Counts of what [`load_listed_modules`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ModuleSummary {
+pub(crate) struct ModuleSummary {
     /// Modules the kernel loaded.
     pub loaded: usize,
     /// Modules that were already loaded.
@@ -50,7 +50,7 @@ pub struct ModuleSummary {
 }
 
 /// Parse the module list: absolute paths of `.ko` files, in order.
-pub fn parse_module_list(text: &str, list_path: &Path) -> Result<Vec<PathBuf>, InitError> {
+pub(crate) fn parse_module_list(text: &str, list_path: &Path) -> Result<Vec<PathBuf>, InitError> {
     let mut modules = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let entry = line.trim();
@@ -86,7 +86,7 @@ pub fn parse_module_list(text: &str, list_path: &Path) -> Result<Vec<PathBuf>, I
 }
 
 /// Load one module file with `finit_module(2)`.
-pub fn load_module(path: &Path) -> Result<ModuleOutcome, InitError> {
+pub(crate) fn load_module(path: &Path) -> Result<ModuleOutcome, InitError> {
     let module = File::open(path).map_err(|source| InitError::ModuleMissing {
         path: path.to_path_buf(),
         source,
@@ -104,7 +104,7 @@ pub fn load_module(path: &Path) -> Result<ModuleOutcome, InitError> {
 
 /// Read the module list at `list_path` and load every module in it, in order.
 /// The first missing or failing module is fatal.
-pub fn load_listed_modules(list_path: &Path) -> Result<ModuleSummary, InitError> {
+pub(crate) fn load_listed_modules(list_path: &Path) -> Result<ModuleSummary, InitError> {
     let text = fs::read_to_string(list_path).map_err(|source| InitError::Read {
         path: list_path.to_path_buf(),
         source,

@@ -29,17 +29,17 @@ use crate::device_mapper::DeviceNumber;
 
 /// How long to wait for the partitions to appear (TCG emulation is slow to
 /// probe disks; real hardware with USB or SD cards can be too).
-pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const PARTITION_WAIT: Duration = Duration::from_secs(30);
 /// How long to keep looking for the data partition's device once the root
 /// and verity partitions are there (the kernel adds a disk's partitions one
 /// after the other).
-pub const DATA_DEVICE_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const DATA_DEVICE_WAIT: Duration = Duration::from_secs(2);
 /// How often to look again while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A block device the kernel knows, as sysfs describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockDevice {
+pub(crate) struct BlockDevice {
     /// Kernel name, e.g. `vda2`, `nvme0n1p3`.
     pub name: String,
     /// Major and minor number (for device-mapper tables).
@@ -50,14 +50,14 @@ pub struct BlockDevice {
 
 impl BlockDevice {
     /// The device node under `dev_dir`.
-    pub fn node(&self, dev_dir: &Path) -> PathBuf {
+    pub(crate) fn node(&self, dev_dir: &Path) -> PathBuf {
         dev_dir.join(&self.name)
     }
 }
 
 /// The two partitions of a slot, and the data partition of the root's disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotPartitions {
+pub(crate) struct SlotPartitions {
     /// The partition holding the root file system.
     pub root: BlockDevice,
     /// The partition holding its dm-verity superblock and hash tree.
@@ -72,7 +72,7 @@ pub struct SlotPartitions {
 
 /// The partition named [`DATA_PARTITION_NAME`] on the root's disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DataPartition {
+pub(crate) enum DataPartition {
     /// The disk's GPT has no partition of that name.
     Absent,
     /// The GPT has it as this partition number, but the kernel shows no
@@ -84,7 +84,7 @@ pub enum DataPartition {
 
 /// The disk the root partition was found on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RootDisk {
+pub(crate) struct RootDisk {
     /// Kernel name, e.g. `vda`.
     pub name: String,
     /// Its data partition.
@@ -127,7 +127,7 @@ impl fmt::Display for DiskSeen {
 
 /// The result of one pass over all disks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scan {
+pub(crate) struct Scan {
     /// The partition with the root PARTUUID, if found and present in sysfs.
     pub root: Option<BlockDevice>,
     /// The partition with the verity PARTUUID, if found and present in sysfs.
@@ -195,7 +195,7 @@ fn read_attribute(path: &Path) -> io::Result<String> {
 }
 
 /// Parse a sysfs `dev` attribute: `major:minor`.
-pub fn parse_device_number(text: &str) -> Option<DeviceNumber> {
+pub(crate) fn parse_device_number(text: &str) -> Option<DeviceNumber> {
     let (major, minor) = text.trim().split_once(':')?;
     Some(DeviceNumber {
         major: major.parse().ok()?,
@@ -205,7 +205,7 @@ pub fn parse_device_number(text: &str) -> Option<DeviceNumber> {
 
 /// Describe the block device whose sysfs directory is `dir` (a disk or a
 /// partition).
-pub fn block_device(dir: &Path) -> io::Result<BlockDevice> {
+pub(crate) fn block_device(dir: &Path) -> io::Result<BlockDevice> {
     let name = dir
         .file_name()
         .and_then(|name| name.to_str())
@@ -241,7 +241,7 @@ pub fn block_device(dir: &Path) -> io::Result<BlockDevice> {
 /// The partition device numbered `number` of the disk whose sysfs directory
 /// is `disk_dir`: the child directory whose `partition` file holds `number`.
 /// `None` if the kernel has not (yet) created it.
-pub fn partition_device(disk_dir: &Path, number: u32) -> io::Result<Option<BlockDevice>> {
+pub(crate) fn partition_device(disk_dir: &Path, number: u32) -> io::Result<Option<BlockDevice>> {
     for entry in fs::read_dir(disk_dir)? {
         let child = entry?.path();
         let Ok(text) = read_attribute(&child.join("partition")) else {
@@ -259,7 +259,12 @@ pub fn partition_device(disk_dir: &Path, number: u32) -> io::Result<Option<Block
 /// on every disk listed in `sys_block` that may hold a slot, reading each
 /// disk's GPT from its node in `dev_dir`. The first match in disk-name order
 /// wins ([`slot_disk_candidates`]).
-pub fn scan_disks(sys_block: &Path, dev_dir: &Path, slot: Slot, root_hash: &RootHash) -> Scan {
+pub(crate) fn scan_disks(
+    sys_block: &Path,
+    dev_dir: &Path,
+    slot: Slot,
+    root_hash: &RootHash,
+) -> Scan {
     let mut scan = Scan::default();
     let names = match fs::read_dir(sys_block) {
         Ok(entries) => slot_disk_candidates(
@@ -299,14 +304,14 @@ struct DiskScan {
 }
 
 /// The number of the partition named [`DATA_PARTITION_NAME`] in `gpt`.
-pub fn data_partition_number(gpt: &GptDisk) -> Option<u32> {
+pub(crate) fn data_partition_number(gpt: &GptDisk) -> Option<u32> {
     gpt.find_by_name(DATA_PARTITION_NAME)
         .map(|(number, _)| number)
 }
 
 /// The data partition of the disk whose sysfs directory is `disk_dir` and
 /// whose GPT is `gpt`.
-pub fn data_partition(gpt: &GptDisk, disk_dir: &Path) -> io::Result<DataPartition> {
+pub(crate) fn data_partition(gpt: &GptDisk, disk_dir: &Path) -> io::Result<DataPartition> {
     let Some(number) = data_partition_number(gpt) else {
         return Ok(DataPartition::Absent);
     };
@@ -382,7 +387,7 @@ fn scan_disk(
 /// `timeout` passes. If the root's disk has a data partition whose device is
 /// not there yet, keep looking for up to [`DATA_DEVICE_WAIT`] more (never
 /// past `timeout`); after that it is reported as [`DataPartition::NoDevice`].
-pub fn wait_for_slot_partitions(
+pub(crate) fn wait_for_slot_partitions(
     sys_block: &Path,
     dev_dir: &Path,
     slot: Slot,

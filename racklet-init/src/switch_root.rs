@@ -25,7 +25,7 @@ use crate::{execv, info};
 
 /// The initramfs's own program; its presence (and a RAM-backed `/`) is what
 /// lets `/init` delete the files of `/`.
-pub const INITRAMFS_INIT: &str = "/init";
+pub(crate) const INITRAMFS_INIT: &str = "/init";
 /// `statfs` magic of the kernel's rootfs when it is a ramfs.
 const RAMFS_MAGIC: u32 = 0x8584_58f6;
 /// `statfs` magic of the kernel's rootfs when it is a tmpfs.
@@ -38,7 +38,7 @@ const EXECUTE_BITS: u32 = 0o111;
 /// Resolve `path` as if `root` were `/`: symbolic links (absolute ones
 /// included) and `..` never leave `root`. The result is a path under `root`
 /// that exists.
-pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
+pub(crate) fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
     let mut resolved: Vec<OsString> = Vec::new();
     let mut pending: VecDeque<OsString> = VecDeque::new();
     push_front_components(&mut pending, &mut resolved, Path::new(path));
@@ -90,7 +90,7 @@ fn push_front_components(
 
 /// Check that `init` (an absolute path inside `root`) exists there, is a
 /// regular file after following links inside `root`, and is executable.
-pub fn check_init(root: &Path, init: &str) -> Result<(), InitError> {
+pub(crate) fn check_init(root: &Path, init: &str) -> Result<(), InitError> {
     let fail = |reason: String| InitError::InitNotExecutable {
         init: init.to_string(),
         reason,
@@ -129,7 +129,7 @@ pub fn check_init(root: &Path, init: &str) -> Result<(), InitError> {
 /// following symbolic links or descending into other mounts (a mount point's
 /// own device differs, so it and all mounts below it are skipped whole).
 /// Best effort: what cannot be deleted stays.
-pub fn delete_tree_contents(dir: &Path, device: u64) {
+pub(crate) fn delete_tree_contents(dir: &Path, device: u64) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -151,7 +151,7 @@ pub fn delete_tree_contents(dir: &Path, device: u64) {
 }
 
 /// Whether a `statfs` file system magic is one the kernel's initramfs uses.
-pub fn is_initramfs_fs_type(magic: u32) -> bool {
+pub(crate) fn is_initramfs_fs_type(magic: u32) -> bool {
     magic == RAMFS_MAGIC || magic == TMPFS_MAGIC
 }
 
@@ -189,7 +189,7 @@ fn step_error<E: Into<io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> 
 
 /// Make `new_root` (a mount point) the root and exec `init` on it. Only
 /// returns on failure.
-pub fn switch_root(new_root: &Path, init: &str) -> Result<Infallible, InitError> {
+pub(crate) fn switch_root(new_root: &Path, init: &str) -> Result<Infallible, InitError> {
     check_running_from_initramfs()?;
     let old_root_device = fs::metadata("/").map_err(step_error("stat /"))?.dev();
     let new_root_device = fs::metadata(new_root)

@@ -13,7 +13,7 @@ use crate::error::InitError;
 
 /// An API file system `/init` mounts before anything else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ApiMount {
+pub(crate) struct ApiMount {
     /// File system type (and source name).
     pub fs_type: &'static str,
     /// Mount point; created if missing.
@@ -26,13 +26,13 @@ pub struct ApiMount {
 
 /// `MS_NOSUID | MS_NODEV | MS_NOEXEC`: nothing on the file system runs, is
 /// set-user-ID, or is a device.
-pub const NOSUID_NODEV_NOEXEC: MountFlags = MountFlags::NOSUID
+pub(crate) const NOSUID_NODEV_NOEXEC: MountFlags = MountFlags::NOSUID
     .union(MountFlags::NODEV)
     .union(MountFlags::NOEXEC);
 
 /// devtmpfs, proc and sysfs, in mount order. [`crate::switch_root`] moves
 /// them into the new root.
-pub const API_MOUNTS: [ApiMount; 3] = [
+pub(crate) const API_MOUNTS: [ApiMount; 3] = [
     ApiMount {
         fs_type: "devtmpfs",
         target: "/dev",
@@ -58,7 +58,7 @@ const DIR_MODE: u32 = 0o755;
 
 /// Mount devtmpfs, proc and sysfs unless something is already mounted there
 /// (so running twice, or outside an initramfs, does not stack mounts).
-pub fn mount_api_filesystems() -> Result<(), InitError> {
+pub(crate) fn mount_api_filesystems() -> Result<(), InitError> {
     for api in API_MOUNTS {
         let target = Path::new(api.target);
         create_dir(target)?;
@@ -81,7 +81,7 @@ pub fn mount_api_filesystems() -> Result<(), InitError> {
 }
 
 /// Create `path` (mode 0755) unless it exists.
-pub fn create_dir(path: &Path) -> Result<(), InitError> {
+pub(crate) fn create_dir(path: &Path) -> Result<(), InitError> {
     if path.is_dir() {
         return Ok(());
     }
@@ -100,7 +100,7 @@ pub fn create_dir(path: &Path) -> Result<(), InitError> {
 
 /// Whether `path` is the root of a mount: its device differs from its
 /// parent's, or it is `/`.
-pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+pub(crate) fn is_mount_point(path: &Path) -> io::Result<bool> {
     let Some(parent) = path.parent() else {
         return Ok(true);
     };
@@ -113,7 +113,7 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
 }
 
 /// Whether this process is PID 1 (the real `/init`, not a test run).
-pub fn is_pid1() -> bool {
+pub(crate) fn is_pid1() -> bool {
     std::process::id() == 1
 }
 

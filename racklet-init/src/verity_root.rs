@@ -15,18 +15,18 @@ use crate::partitions::{BlockDevice, SlotPartitions};
 use crate::sys;
 
 /// Name of the device-mapper device holding the verified root.
-pub const VERITY_DEVICE_NAME: &str = "racklet-root";
+pub(crate) const VERITY_DEVICE_NAME: &str = "racklet-root";
 /// Where the root is mounted before switching to it.
-pub const SYSROOT: &str = "/sysroot";
+pub(crate) const SYSROOT: &str = "/sysroot";
 /// Mount flags of the root: read-only (`MS_RDONLY`), nothing else.
-pub const ROOT_MOUNT_FLAGS: MountFlags = MountFlags::RDONLY;
+pub(crate) const ROOT_MOUNT_FLAGS: MountFlags = MountFlags::RDONLY;
 /// Root file system type when the command line has no `rootfstype=`.
-pub const DEFAULT_ROOT_FS_TYPE: &str = "erofs";
+pub(crate) const DEFAULT_ROOT_FS_TYPE: &str = "erofs";
 /// The command-line key naming the root file system type.
 const ROOT_FS_TYPE_KEY: &str = "rootfstype";
 /// dm-verity optional argument: reboot on a corrupt block, so the boot
 /// counter moves on to the other slot instead of the system limping along.
-pub const VERITY_OPTIONAL_ARGS: [&str; 1] = ["restart_on_corruption"];
+pub(crate) const VERITY_OPTIONAL_ARGS: [&str; 1] = ["restart_on_corruption"];
 /// Bytes per device-mapper sector.
 const SECTOR_SIZE: u64 = 512;
 /// How long to wait for devtmpfs to create the dm node.
@@ -36,7 +36,7 @@ const NODE_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The root file system type: the last `rootfstype=` on the command line, or
 /// [`DEFAULT_ROOT_FS_TYPE`].
-pub fn root_fs_type(cmdline: &str) -> String {
+pub(crate) fn root_fs_type(cmdline: &str) -> String {
     cmdline
         .split_ascii_whitespace()
         .rev()
@@ -48,7 +48,7 @@ pub fn root_fs_type(cmdline: &str) -> String {
 
 /// The single-target verity table covering the whole data area the
 /// superblock describes, with both devices given as `major:minor`.
-pub fn verity_target(
+pub(crate) fn verity_target(
     superblock: &VeritySuperblock,
     root_hash: &RootHash,
     data: DeviceNumber,
@@ -69,7 +69,7 @@ pub fn verity_target(
 }
 
 /// Read and parse the verity superblock at the start of `device`.
-pub fn read_superblock(device: &Path) -> Result<VeritySuperblock, InitError> {
+pub(crate) fn read_superblock(device: &Path) -> Result<VeritySuperblock, InitError> {
     let read_error = |source| InitError::Read {
         path: device.to_path_buf(),
         source,
@@ -86,7 +86,7 @@ pub fn read_superblock(device: &Path) -> Result<VeritySuperblock, InitError> {
 
 /// The verified root device: its node and number.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerityDevice {
+pub(crate) struct VerityDevice {
     /// `/dev/dm-N`.
     pub node: PathBuf,
     /// Its device number.
@@ -95,7 +95,7 @@ pub struct VerityDevice {
 
 /// Create [`VERITY_DEVICE_NAME`], a read-only dm-verity device over the
 /// slot's partitions, and return its node.
-pub fn open_verity_root(
+pub(crate) fn open_verity_root(
     partitions: &SlotPartitions,
     root_hash: &RootHash,
     dev_dir: &Path,
@@ -192,7 +192,7 @@ fn wait_for_dm_node(
 }
 
 /// Mount `device` read-only on [`SYSROOT`] (created if missing).
-pub fn mount_root(device: &Path, fs_type: &str) -> Result<(), InitError> {
+pub(crate) fn mount_root(device: &Path, fs_type: &str) -> Result<(), InitError> {
     let target = Path::new(SYSROOT);
     sys::create_dir(target)?;
     rustix::mount::mount(device, target, fs_type, ROOT_MOUNT_FLAGS, None).map_err(|source| {

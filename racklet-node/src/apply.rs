@@ -20,27 +20,27 @@ use crate::plan::{plan, FileKind, NodeIdentity, PlannedFile, ZONEINFO_DIR};
 use crate::status::{NodeStatus, SettingsSource};
 
 /// Where the ESP is mounted (update-agent's `ESP_MOUNT`).
-pub const ESP_MOUNT: &str = "/efi";
+pub(crate) const ESP_MOUNT: &str = "/efi";
 /// The node's own state, on the data partition: the last good settings and
 /// the list of files the last plan wrote.
-pub const STATE_DIR: &str = "/var/lib/racklet/node";
+pub(crate) const STATE_DIR: &str = "/var/lib/racklet/node";
 /// The last settings that were valid, as read from the card.
-pub const LAST_GOOD_FILE: &str = "last-good-settings.toml";
+pub(crate) const LAST_GOOD_FILE: &str = "last-good-settings.toml";
 /// The paths the last plan wrote (JSON list), so that a setting removed from
 /// the card removes its file.
-pub const MANAGED_FILE: &str = "managed-files.json";
+pub(crate) const MANAGED_FILE: &str = "managed-files.json";
 /// The result of the last `apply` (what `racklet-node status` shows).
-pub const STATUS_PATH: &str = "/run/racklet/node/status.json";
+pub(crate) const STATUS_PATH: &str = "/run/racklet/node/status.json";
 /// The running kernel's host name.
-pub const KERNEL_HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
+pub(crate) const KERNEL_HOSTNAME_PATH: &str = "/proc/sys/kernel/hostname";
 /// Where the node's identity comes from.
-pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
-pub const BOARD_SERIAL_PATH: &str = "/proc/device-tree/serial-number";
+pub(crate) const MACHINE_ID_PATH: &str = "/etc/machine-id";
+pub(crate) const BOARD_SERIAL_PATH: &str = "/proc/device-tree/serial-number";
 
 /// Where `apply` reads and writes: the real paths, or all of them under a
 /// root directory (tests).
 #[derive(Clone, Debug)]
-pub struct Paths {
+pub(crate) struct Paths {
     pub root: PathBuf,
     pub esp: PathBuf,
     /// Set the running host name (not in tests).
@@ -48,7 +48,7 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn system() -> Paths {
+    pub(crate) fn system() -> Paths {
         Paths {
             root: PathBuf::from("/"),
             esp: PathBuf::from(ESP_MOUNT),
@@ -57,7 +57,7 @@ impl Paths {
     }
 
     /// `path` (absolute, as in the plan) under the root.
-    pub fn under_root(&self, path: &str) -> PathBuf {
+    pub(crate) fn under_root(&self, path: &str) -> PathBuf {
         self.root.join(path.trim_start_matches('/'))
     }
 
@@ -68,7 +68,7 @@ impl Paths {
 
 /// The settings to apply and where they came from.
 #[derive(Debug)]
-pub struct LoadedSettings {
+pub(crate) struct LoadedSettings {
     pub settings: Settings,
     pub source: SettingsSource,
     /// Why the card's file was not used (invalid; its token file missing).
@@ -148,7 +148,7 @@ fn read_card(
 
 /// Read the card's settings (and the token file they name); on any problem
 /// the last good ones, else defaults.
-pub fn load(paths: &Paths) -> LoadedSettings {
+pub(crate) fn load(paths: &Paths) -> LoadedSettings {
     let mut cloud_init = None;
     let from_card = read_card(paths, &mut cloud_init).map(|read| {
         read.and_then(|settings| {
@@ -223,7 +223,7 @@ fn read_token(paths: &Paths, settings: &Settings) -> std::result::Result<Option<
 }
 
 /// The node's identity from the machine id and the board serial.
-pub fn identity(paths: &Paths) -> NodeIdentity {
+pub(crate) fn identity(paths: &Paths) -> NodeIdentity {
     let read = |path: &str| {
         std::fs::read(paths.under_root(path))
             .ok()
@@ -241,7 +241,7 @@ pub fn identity(paths: &Paths) -> NodeIdentity {
 }
 
 /// Apply: load, plan, write, record. Returns the status it recorded.
-pub fn apply(paths: &Paths, now: &str) -> NodeStatus {
+pub(crate) fn apply(paths: &Paths, now: &str) -> NodeStatus {
     let loaded = load(paths);
     let identity = identity(paths);
     // What went wrong while applying (the settings' own error is apart).
@@ -391,7 +391,7 @@ fn write_if_changed(paths: &Paths, file: &PlannedFile) -> Result<bool> {
 
 /// Write through a temporary file in the same directory, fsync, rename:
 /// a power cut leaves the old file or the new one, never half of one.
-pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let (directory, temporary) = temporary_beside(path)?;

@@ -22,13 +22,13 @@ use serde::Serialize;
 use yaml_serde::Value;
 
 /// `user-data` on the ESP (NoCloud, at the top of the FAT partition).
-pub const USER_DATA_ON_ESP: &str = "user-data";
+pub(crate) const USER_DATA_ON_ESP: &str = "user-data";
 /// `network-config` on the ESP.
-pub const NETWORK_CONFIG_ON_ESP: &str = "network-config";
+pub(crate) const NETWORK_CONFIG_ON_ESP: &str = "network-config";
 
 /// What the cloud-init files said, as a settings table and a report.
 #[derive(Debug, Default, PartialEq)]
-pub struct CloudInit {
+pub(crate) struct CloudInit {
     /// In `racklet/settings.toml`'s shape.
     pub settings: toml::Table,
     pub report: CloudInitReport,
@@ -36,7 +36,7 @@ pub struct CloudInit {
 
 /// What the status says about the cloud-init files.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CloudInitReport {
+pub(crate) struct CloudInitReport {
     /// The files read.
     pub files: Vec<String>,
     /// Keys outside the subset, not applied (e.g. `user-data: packages`).
@@ -50,7 +50,7 @@ pub struct CloudInitReport {
 const PASSWORD_KEYS: [&str; 4] = ["passwd", "plain_text_passwd", "hashed_passwd", "chpasswd"];
 
 /// Parse `user-data` (its text) into `into`.
-pub fn parse_user_data(text: &str, into: &mut CloudInit) -> Result<(), String> {
+pub(crate) fn parse_user_data(text: &str, into: &mut CloudInit) -> Result<(), String> {
     let file = USER_DATA_ON_ESP;
     if text.lines().next().map(str::trim_end) != Some("#cloud-config") {
         return Err(format!(
@@ -144,7 +144,7 @@ pub fn parse_user_data(text: &str, into: &mut CloudInit) -> Result<(), String> {
 }
 
 /// Parse `network-config` (version 2) into `into`.
-pub fn parse_network_config(text: &str, into: &mut CloudInit) -> Result<(), String> {
+pub(crate) fn parse_network_config(text: &str, into: &mut CloudInit) -> Result<(), String> {
     let file = NETWORK_CONFIG_ON_ESP;
     let value: Value = yaml_serde::from_str(text).map_err(|error| format!("{file}: {error}"))?;
     let Some(mut top) = mapping(&value, file, "the document")? else {
@@ -250,7 +250,7 @@ pub fn parse_network_config(text: &str, into: &mut CloudInit) -> Result<(), Stri
 
 /// `over` (racklet/settings.toml) merged over `base` (from cloud-init), key
 /// by key; the dotted keys both set are returned (where `over` won).
-pub fn merge_under(base: &toml::Table, over: &toml::Table) -> (toml::Table, Vec<String>) {
+pub(crate) fn merge_under(base: &toml::Table, over: &toml::Table) -> (toml::Table, Vec<String>) {
     fn merge(
         into: &mut toml::Table,
         over: &toml::Table,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum NodeError {
+pub(crate) enum NodeError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -18,10 +18,10 @@ pub enum NodeError {
 
 impl NodeError {
     /// An IO error with the path it happened on.
-    pub fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> NodeError {
+    pub(crate) fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> NodeError {
         let path = path.as_ref().to_path_buf();
         move |source| NodeError::Io { path, source }
     }
 }
 
-pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = NodeError> = std::result::Result<T, E>;

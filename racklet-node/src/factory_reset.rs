@@ -13,7 +13,7 @@ use crate::error::Result;
 
 /// What `factory-reset` did, for `--json` and people.
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct ResetRequested {
+pub(crate) struct ResetRequested {
     /// The flag file written.
     pub flag: PathBuf,
     /// Whether a flag was there already.
@@ -23,18 +23,13 @@ pub struct ResetRequested {
 }
 
 /// The flag's path on the ESP mounted at `esp`.
-pub fn flag_path(esp: &Path) -> PathBuf {
+pub(crate) fn flag_path(esp: &Path) -> PathBuf {
     esp.join(FACTORY_RESET_FLAG_ON_ESP)
-}
-
-/// Whether the next boot will reset this node.
-pub fn is_requested(esp: &Path) -> bool {
-    flag_path(esp).exists()
 }
 
 /// Write the flag (atomically, synced) on the ESP mounted at `esp`. Its
 /// contents are for people only; racklet-init looks at its presence.
-pub fn request(esp: &Path, now: &str) -> Result<ResetRequested> {
+pub(crate) fn request(esp: &Path, now: &str) -> Result<ResetRequested> {
     let flag = flag_path(esp);
     let already_requested = flag.exists();
     let text = format!(
@@ -50,7 +45,7 @@ pub fn request(esp: &Path, now: &str) -> Result<ResetRequested> {
 }
 
 /// The lines people see after a request.
-pub fn render(requested: &ResetRequested, reboot: bool) -> String {
+pub(crate) fn render(requested: &ResetRequested, reboot: bool) -> String {
     let mut text = format!(
         "Factory reset requested ({}{}).\n\
          The next boot wipes /var, the /etc changes, k3s state, SSH host keys, the machine ID\n\
@@ -78,11 +73,11 @@ mod tests {
     #[test]
     fn the_flag_is_written_where_racklet_init_looks() {
         let esp = tempfile::tempdir().unwrap();
-        assert!(!is_requested(esp.path()));
+        assert!(!flag_path(esp.path()).exists());
         let requested = request(esp.path(), "2026-12-03T12:00:00Z").unwrap();
         assert_eq!(requested.flag, esp.path().join("racklet/factory-reset"));
         assert!(!requested.already_requested);
-        assert!(is_requested(esp.path()));
+        assert!(flag_path(esp.path()).exists());
         let text = std::fs::read_to_string(&requested.flag).unwrap();
         assert!(text.contains("2026-12-03T12:00:00Z"), "{text}");
         let again = request(esp.path(), "2026-12-03T12:01:00Z").unwrap();

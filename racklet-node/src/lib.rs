@@ -3,10 +3,10 @@
 //! shown by `racklet-node status`. The format is os-format's
 //! ([`os_format::settings`]); see docs/settings.md.
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod cli;
-pub mod cloud_init;
-pub mod error;
-pub mod factory_reset;
-pub mod plan;
-pub mod status;
+pub(crate) mod cloud_init;
+pub(crate) mod error;
+pub(crate) mod factory_reset;
+pub(crate) mod plan;
+pub(crate) mod status;

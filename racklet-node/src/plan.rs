@@ -8,39 +8,39 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The host name (systemd reads it at boot; `apply` also sets it at once).
-pub const HOSTNAME_PATH: &str = "/etc/hostname";
+pub(crate) const HOSTNAME_PATH: &str = "/etc/hostname";
 /// k3s's configuration file (k3s reads it by default; its keys are k3s's
 /// command-line flags without the dashes).
-pub const K3S_CONFIG_PATH: &str = "/etc/rancher/k3s/config.yaml";
+pub(crate) const K3S_CONFIG_PATH: &str = "/etc/rancher/k3s/config.yaml";
 /// The join token, readable by root only (`token-file` in the config).
-pub const K3S_TOKEN_PATH: &str = "/etc/rancher/k3s/token";
+pub(crate) const K3S_TOKEN_PATH: &str = "/etc/rancher/k3s/token";
 /// The role k3s.service starts with (`K3S_ROLE=server|agent`); absent when
 /// the role is `none`, and the unit's `ConditionPathExists` skips it.
 /// Under /run: written afresh at every boot.
-pub const K3S_ROLE_ENV_PATH: &str = "/run/racklet/k3s.env";
+pub(crate) const K3S_ROLE_ENV_PATH: &str = "/run/racklet/k3s.env";
 /// SSH keys root may log in with (sshd's `AuthorizedKeysFile`).
-pub const AUTHORIZED_KEYS_PATH: &str = "/etc/ssh/racklet_authorized_keys";
+pub(crate) const AUTHORIZED_KEYS_PATH: &str = "/etc/ssh/racklet_authorized_keys";
 /// NTP servers for systemd-timesyncd.
-pub const TIMESYNCD_DROP_IN_PATH: &str = "/etc/systemd/timesyncd.conf.d/50-racklet.conf";
+pub(crate) const TIMESYNCD_DROP_IN_PATH: &str = "/etc/systemd/timesyncd.conf.d/50-racklet.conf";
 /// A static address; sorts before the image's DHCP file (80-racklet-ethernet.network).
-pub const STATIC_NETWORK_PATH: &str = "/etc/systemd/network/10-racklet-static.network";
+pub(crate) const STATIC_NETWORK_PATH: &str = "/etc/systemd/network/10-racklet-static.network";
 /// The update agent's administrator file (update-agent's `CONFIG_PATH`),
 /// written when the settings have an `[update]` section: the card wins.
-pub const UPDATE_CONFIG_PATH: &str = "/etc/racklet/update.toml";
+pub(crate) const UPDATE_CONFIG_PATH: &str = "/etc/racklet/update.toml";
 /// The agent's wave seed (update-agent's state directory + `SEED_FILE_NAME`).
-pub const UPDATE_SEED_PATH: &str = "/var/lib/racklet/update/seed";
+pub(crate) const UPDATE_SEED_PATH: &str = "/var/lib/racklet/update/seed";
 
 /// The time zone: a symbolic link into tzdata (what systemd and glibc read).
-pub const LOCALTIME_PATH: &str = "/etc/localtime";
+pub(crate) const LOCALTIME_PATH: &str = "/etc/localtime";
 /// Where the image's tzdata keeps the zones.
-pub const ZONEINFO_DIR: &str = "/usr/share/zoneinfo";
+pub(crate) const ZONEINFO_DIR: &str = "/usr/share/zoneinfo";
 
 /// Prefix of a derived host name.
-pub const DERIVED_HOSTNAME_PREFIX: &str = "racklet-";
+pub(crate) const DERIVED_HOSTNAME_PREFIX: &str = "racklet-";
 
 /// What identifies this node when the settings give no host name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeIdentity {
+pub(crate) struct NodeIdentity {
     /// The board's serial number (the Pi's `/proc/device-tree/serial-number`).
     pub board_serial: Option<String>,
     /// `/etc/machine-id`.
@@ -49,7 +49,7 @@ pub struct NodeIdentity {
 
 /// One file the node's settings put on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlannedFile {
+pub(crate) struct PlannedFile {
     pub path: String,
     /// The file's text; for a [`FileKind::Symlink`], the link's target.
     pub contents: String,
@@ -62,7 +62,7 @@ pub struct PlannedFile {
 /// What a planned path is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum FileKind {
+pub(crate) enum FileKind {
     #[default]
     Regular,
     /// A symbolic link to `contents` (relative to the link's directory).
@@ -71,7 +71,7 @@ pub enum FileKind {
 
 /// Everything the settings ask of this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub hostname: String,
     /// Whether the host name comes from the settings (else derived).
     pub hostname_from_settings: bool,
@@ -82,7 +82,7 @@ pub struct Plan {
 /// A host name of this node's own: `racklet-` and 6 hex digits of the
 /// sha256 of the board serial (else the machine id), so neighbours flashed
 /// from one image differ; `racklet` when neither is known.
-pub fn derived_hostname(identity: &NodeIdentity) -> String {
+pub(crate) fn derived_hostname(identity: &NodeIdentity) -> String {
     let source = identity
         .board_serial
         .as_deref()
@@ -108,7 +108,7 @@ pub fn derived_hostname(identity: &NodeIdentity) -> String {
 /// token (from `kubernetes.token`, or the file `token_file` names, read by
 /// the caller); `image_ca_bundle` is the image's CA bundle
 /// ([`os_format::settings::IMAGE_CA_BUNDLE_PATH`]), to which `[trust]` adds its certificates.
-pub fn plan(
+pub(crate) fn plan(
     settings: &Settings,
     identity: &NodeIdentity,
     token: Option<&str>,

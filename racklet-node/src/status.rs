@@ -6,12 +6,12 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when a field changes meaning.
-pub const NODE_STATUS_SCHEMA: u32 = 1;
+pub(crate) const NODE_STATUS_SCHEMA: u32 = 1;
 
 /// Where the applied settings came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SettingsSource {
+pub(crate) enum SettingsSource {
     /// `racklet/settings.toml` on the card, valid.
     Card,
     /// The card's file was invalid: the last good settings.
@@ -21,7 +21,7 @@ pub enum SettingsSource {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
+pub(crate) struct NodeStatus {
     pub schema: u32,
     /// When `apply` ran (RFC 3339).
     pub time: String,
@@ -46,7 +46,7 @@ pub struct NodeStatus {
 }
 
 /// The status for people.
-pub fn render(status: &NodeStatus) -> String {
+pub(crate) fn render(status: &NodeStatus) -> String {
     let source = match status.settings_source {
         SettingsSource::Card => "the card (racklet/settings.toml)",
         SettingsSource::LastGood => "the last good settings (the card's file is invalid)",
