@@ -333,7 +333,13 @@ class RepoHandler(http.server.BaseHTTPRequestHandler):
             data = data[: len(data) // 2]
         elif mode == "extra":
             data = data + os.urandom(rule.get("bytes", 65536))
-        elif mode == "refuse":
+        elif mode == "gone" and rule.get("dropped"):
+            mode = "refuse"
+        elif mode == "gone":
+            # The first answer breaks off half-way; the server is gone after that.
+            rule["dropped"] = True
+            mode = "drop"
+        if mode == "refuse":
             self.send_response(503)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -355,18 +361,29 @@ class RepoHandler(http.server.BaseHTTPRequestHandler):
         if head:
             return
         body = data[start:]
+
+        def send(part, rate=None):
+            """Write `part` (at `rate` bytes/s if given), counting what is served."""
+            chunk = 64 * 1024 if rate else max(1, len(part))
+            for index in range(0, len(part), chunk):
+                piece = part[index : index + chunk]
+                self.wfile.write(piece)
+                self.wfile.flush()
+                with server.lock:
+                    server.served[path] = server.served.get(path, 0) + len(piece)
+                if rate:
+                    time.sleep(len(piece) / rate)
+
         try:
             if mode == "drop":
-                # Half the body, then the connection goes away.
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
+                # Half the body (at `rate` bytes/s if given), then the connection goes away.
+                send(body[: len(body) // 2], rule.get("rate"))
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
             if mode == "stall":
                 # Half the body, then silence (the client's timeout), then close.
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
+                send(body[: len(body) // 2])
                 time.sleep(rule.get("seconds", 5))
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
@@ -374,15 +391,10 @@ class RepoHandler(http.server.BaseHTTPRequestHandler):
             if mode == "throttle":
                 # The first `fast` bytes at once, the rest at `rate` bytes/s.
                 fast = max(0, rule.get("fast", 0) - start)
-                self.wfile.write(body[:fast])
-                rate = rule.get("rate", MIB)
-                chunk = 64 * 1024
-                for index in range(fast, len(body), chunk):
-                    self.wfile.write(body[index : index + chunk])
-                    self.wfile.flush()
-                    time.sleep(chunk / rate)
+                send(body[:fast])
+                send(body[fast:], rule.get("rate", MIB))
                 return
-            self.wfile.write(body)
+            send(body)
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
 
@@ -396,6 +408,7 @@ class RepoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.directory = "/nonexistent"
         self.rules = {}
         self.requests = []
+        self.served = {}
         self.lock = threading.Lock()
 
     def handle_error(self, request, client_address):
@@ -406,6 +419,7 @@ class RepoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             self.directory = directory
             self.rules = {}
             self.requests = []
+            self.served = {}
 
     def set_rule(self, needle, **behaviour):
         with self.lock:
@@ -1336,7 +1350,7 @@ def server_gone_mid_download_fails_cleanly(suite, node_name):
     node = standard_node(suite, node_name)
     new = suite.builds["1.1.0"]
     try:
-        suite.server.set_rule(new.target_name("root.erofs.zst"), mode="drop")
+        suite.server.set_rule(new.target_name("root.erofs.zst"), mode="gone")
         failed_install(node, new, ["root.erofs.zst"])
     finally:
         node.close()
@@ -1353,6 +1367,26 @@ def one_dropped_connection_is_resumed(suite, node_name):
         node.assert_installed(new)
         requests = [r for r in suite.server.requests if name in r[0]]
         check(len(requests) >= 2, f"expected a retry of {name}: {requests}")
+    finally:
+        node.close()
+
+
+@case
+def throttled_download_cut_three_times_goes_on_where_it_stopped(suite, node_name):
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        name = new.target_name("root.erofs.zst")
+        size = os.path.getsize(node.target_path(new, "root.erofs.zst"))
+        suite.server.set_rule(name, mode="drop", count=3, rate=4 * MIB)
+        node.ok("apply")
+        node.assert_installed(new)
+        ranges = [r[1] for r in suite.server.requests if name in r[0]]
+        check(len(ranges) == 4 and ranges[0] is None and all(r and r.startswith("bytes=") for r in ranges[1:]),
+              f"expected one request and three range requests for {name}: {ranges}")
+        served = sum(count for path, count in suite.server.served.items() if name in path)
+        check(served < 1.5 * size, f"served {served} bytes of a {size}-byte artifact (resumed downloads send each byte once)")
+        check(node.status()["progress"]["resumed"] >= 3, f"status progress: {node.status()['progress']}")
     finally:
         node.close()
 

@@ -181,6 +181,8 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub total: AtomicU64,
     pub cancel: AtomicBool,
+    /// How often this install's downloads went on with a range request.
+    pub resumed: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -333,6 +335,7 @@ impl Agent {
             progress: ProgressReport {
                 bytes: self.progress.bytes.load(Ordering::Relaxed),
                 total: self.progress.total.load(Ordering::Relaxed),
+                resumed: self.progress.resumed.load(Ordering::Relaxed),
             },
             seed: self.seed,
             config_error: inner.config_error.clone(),
@@ -417,7 +420,8 @@ impl Agent {
             config.http_timeout(),
             self.paths.image_tuf_root.clone(),
             self.paths.tuf_datastore.clone(),
-        ))
+        )
+        .with_resume_counter(Arc::clone(&self.progress.resumed)))
     }
 
     /// Fetch and verify the repository and decide.
@@ -572,6 +576,7 @@ impl Agent {
         tracing::info!(version = %update.version, %slot, disk = %disk.display(), "installing");
         self.progress.cancel.store(false, Ordering::SeqCst);
         self.progress.bytes.store(0, Ordering::SeqCst);
+        self.progress.resumed.store(0, Ordering::SeqCst);
         let total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
             .iter()
             .filter_map(|kind| update.target(*kind))

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod download;
 pub mod error;
 pub mod health;
 pub mod install;

@@ -123,6 +123,10 @@ pub struct InstallDone {
 pub struct ProgressReport {
     pub bytes: u64,
     pub total: u64,
+    /// How often the last install's downloads went on with a range request
+    /// after breaking off.
+    #[serde(default)]
+    pub resumed: u64,
 }
 
 /// The status for people (`racklet-update status`): what booted, a table of
@@ -161,11 +165,18 @@ pub fn render_status(report: &StatusReport) -> String {
     let state = &report.state;
     let _ = writeln!(text, "operation:   {}", state.operation.name());
     if report.progress.total > 0 && state.operation != crate::state::Operation::Idle {
-        let _ = writeln!(
+        let _ = write!(
             text,
             "progress:    {} of {} bytes",
             report.progress.bytes, report.progress.total
         );
+        match report.progress.resumed {
+            0 => text.push('\n'),
+            1 => text.push_str(" (resumed once)\n"),
+            times => {
+                let _ = writeln!(text, " (resumed {times} times)");
+            }
+        }
     }
     match &state.last_check {
         Some(check) => {

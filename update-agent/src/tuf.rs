@@ -29,11 +29,12 @@
 //! file, no fsync; `root.json` removed, then written again, on every load) and
 //! records the clock in `latest_known_time.json` before it verifies anything.
 //! So tough works on a scratch copy of the datastore ([`ScratchDatastore`]);
-//! after a load that verified, only the files whose bytes changed go back into
-//! the datastore, each written atomically (temp file, fsync, rename, directory
-//! fsync; [`crate::state::atomic_write`]). A failed load changes nothing, and
-//! the latest known time only moves forward with metadata that verified at
-//! that time: one wrong clock reading (a spoofed NTP answer a year ahead)
+//! after a load, only the files whose bytes changed go back into the
+//! datastore, each written atomically (temp file, fsync, rename, directory
+//! fsync; [`crate::state::atomic_write`]): what tough verified before a later
+//! step failed stays trusted (a root rotation, as the spec's workflow says),
+//! but the latest known time goes back only from a load that verified, so it
+//! only moves forward with metadata that verified at that time: one wrong clock reading (a spoofed NTP answer a year ahead)
 //! makes that check fail and is then forgotten. A latest known time recorded
 //! by an older agent that lies both ahead of the clock and past the expiry of
 //! the trusted timestamp was never confirmed by signed metadata, and is
@@ -49,6 +50,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,12 +62,13 @@ use tokio::sync::mpsc;
 use tough::error::Error as ToughError;
 use tough::schema::{RoleType, Root, Signed};
 use tough::{
-    Bytes, DefaultTransport, ExpirationEnforcement, HttpTransportBuilder, IntoVec, Repository,
-    RepositoryLoader, TargetName, Transport, TransportError, TransportErrorKind, TransportStream,
+    Bytes, ExpirationEnforcement, IntoVec, Repository, RepositoryLoader, TargetName, Transport,
+    TransportError, TransportErrorKind, TransportStream,
 };
 use url::Url;
 
 use crate::config::Config;
+use crate::download::{ResumeRules, ResumingTransport};
 
 /// tough's record of the latest clock reading, inside the datastore.
 pub const LATEST_KNOWN_TIME_FILE: &str = "latest_known_time.json";
@@ -80,10 +83,6 @@ pub const STORED_ROOT_FILE: &str = "root.json";
 pub const MAX_UPDATE_MANIFEST_SIZE: u64 = 16 * 1024 * 1024;
 /// How many chunks of a target may wait between the download task and the reader.
 pub const TARGET_CHANNEL_CHUNKS: usize = 8;
-/// HTTP tries per request (tough resumes with a range request when it can).
-pub const HTTP_TRIES: u32 = 4;
-/// The connect phase's timeout, at most (never more than the request timeout).
-pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `tough` streams implement `futures_core::Stream`; read them chunk by chunk.
 mod stream {
@@ -96,34 +95,23 @@ mod stream {
         std::future::poll_fn(|context| stream.as_mut().poll_next(context)).await
     }
 }
-pub(crate) use stream::Stream;
+pub(crate) use stream::{next as next_item, Stream};
 
 /// The image's trusted root, as an absolute path.
 pub fn image_root_path() -> PathBuf {
     Path::new("/").join(IMAGE_TUF_ROOT)
 }
 
-/// tough's default transport (`file://`, `http://`, `https://`) with the
-/// agent's timeouts: `timeout` bounds each whole HTTP request (body included;
-/// a body that times out is resumed with a range request when the server
-/// supports it; a dropped connection is not, and the daemon downloads that
-/// artifact again), the connect phase gets at most [`MAX_CONNECT_TIMEOUT`].
-/// tough sleeps its initial backoff before every request, the first one
-/// included, so that backoff is kept short.
-pub fn default_transport(timeout: Duration) -> DefaultTransport {
-    DefaultTransport::new_with_http_settings(
-        HttpTransportBuilder::new()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
-            .tries(HTTP_TRIES)
-            .initial_backoff(INITIAL_BACKOFF)
-            .backoff_factor(4.0),
-    )
+/// The agent's transport: `file://`, and HTTP(S) downloads that go on with
+/// a range request where they broke off ([`crate::download`]); `timeout` is
+/// the longest wait for a byte. `resumed` counts the range requests.
+pub fn default_transport(
+    timeout: Duration,
+    resumed: Arc<AtomicU64>,
+) -> Result<ResumingTransport, TufError> {
+    ResumingTransport::new(ResumeRules::with_timeout(timeout), resumed)
+        .map_err(|message| TufError::HttpClient { message })
 }
-
-/// tough's wait before each request (and the first retry); later retries wait
-/// four times longer each.
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Why talking to the repository failed. Every variant that comes from tough
 /// keeps tough's error as its source.
@@ -135,6 +123,8 @@ pub enum TufError {
         #[source]
         source: io::Error,
     },
+    #[error("{message}")]
+    HttpClient { message: String },
     #[error("{path}: cannot {action} (TUF datastore): {source}")]
     DatastoreFile {
         path: PathBuf,
@@ -438,12 +428,15 @@ pub struct TufClient {
     image_root: PathBuf,
     datastore: PathBuf,
     transport: Option<BoxedTransport>,
+    /// Counts the downloads that went on with a range request.
+    resumed: Arc<AtomicU64>,
 }
 
 impl TufClient {
     /// A client of the repository at `metadata_url`/`targets_url`, trusting
     /// `image_root` first and keeping its state in `datastore` (created when
-    /// missing). HTTP requests time out after `http_timeout` each.
+    /// missing). A download fails after `http_timeout` without a byte, five
+    /// times in a row ([`ResumeRules`]).
     pub fn new(
         metadata_url: Url,
         targets_url: Url,
@@ -458,7 +451,14 @@ impl TufClient {
             image_root: image_root.into(),
             datastore: datastore.into(),
             transport: None,
+            resumed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Count the downloads that go on with a range request in `resumed`.
+    pub fn with_resume_counter(mut self, resumed: Arc<AtomicU64>) -> TufClient {
+        self.resumed = resumed;
+        self
     }
 
     /// The client the configuration asks for, with the image's root and the
@@ -561,11 +561,14 @@ impl TufClient {
         if let Some(forgotten) = scratch.heal_latest_known_time(jiff::Timestamp::now())? {
             tracing::warn!(%forgotten, "forgot a latest known time that signed metadata never confirmed (a clock that was wrong)");
         }
-        let transport = self
-            .transport
-            .clone()
-            .unwrap_or_else(|| BoxedTransport(Box::new(default_transport(self.http_timeout))));
-        let repository = RepositoryLoader::new(
+        let transport = match &self.transport {
+            Some(transport) => transport.clone(),
+            None => BoxedTransport(Box::new(default_transport(
+                self.http_timeout,
+                Arc::clone(&self.resumed),
+            )?)),
+        };
+        let loaded = RepositoryLoader::new(
             &root.bytes,
             self.metadata_url.clone(),
             self.targets_url.clone(),
@@ -574,18 +577,38 @@ impl TufClient {
         .datastore(scratch.path())
         .expiration_enforcement(ExpirationEnforcement::Safe)
         .load()
-        .await
-        .map_err(|error| TufError::from_tough(error, None))?;
+        .await;
+        // What tough verified stays trusted even when a later step failed
+        // (the spec's client workflow: a root rotation is kept); the clock
+        // reading only when everything verified.
+        let clock = if loaded.is_ok() {
+            ClockReading::Keep
+        } else {
+            ClockReading::Drop
+        };
         let scratch = Arc::new(scratch);
         let persisted = Arc::clone(&scratch);
         let datastore = self.datastore.clone();
-        blocking(&self.datastore, move || persisted.persist_into(&datastore)).await?;
+        blocking(&self.datastore, move || {
+            persisted.persist_into(&datastore, clock)
+        })
+        .await?;
+        let repository = loaded.map_err(|error| TufError::from_tough(error, None))?;
         Ok(LoadedRepository {
             repository: Arc::new(repository),
             started_from: root,
             _scratch: scratch,
         })
     }
+}
+
+/// Whether a load's clock reading goes into the datastore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockReading {
+    /// The load verified: its time is a time the metadata was valid at.
+    Keep,
+    /// The load failed: its time may come from a wrong clock.
+    Drop,
 }
 
 /// A copy of the datastore that tough reads and writes during one load (and
@@ -640,12 +663,17 @@ impl ScratchDatastore {
     }
 
     /// Write back into `datastore` each file whose bytes changed (atomically)
-    /// and remove the files tough removed.
-    pub fn persist_into(&self, datastore: &Path) -> Result<(), TufError> {
-        let old: std::collections::BTreeMap<String, Vec<u8>> =
+    /// and remove the files tough removed; the latest known time only with
+    /// [`ClockReading::Keep`].
+    pub fn persist_into(&self, datastore: &Path, clock: ClockReading) -> Result<(), TufError> {
+        let mut old: std::collections::BTreeMap<String, Vec<u8>> =
             datastore_files(datastore)?.into_iter().collect();
-        let new: std::collections::BTreeMap<String, Vec<u8>> =
+        let mut new: std::collections::BTreeMap<String, Vec<u8>> =
             datastore_files(self.path())?.into_iter().collect();
+        if clock == ClockReading::Drop {
+            old.remove(LATEST_KNOWN_TIME_FILE);
+            new.remove(LATEST_KNOWN_TIME_FILE);
+        }
         for (name, bytes) in &new {
             if old.get(name) != Some(bytes) {
                 crate::state::atomic_write(datastore.join(name), bytes)?;
@@ -1175,7 +1203,9 @@ mod tests {
         std::fs::write(scratch.path().join("root.json"), b"root v2").unwrap();
         std::fs::remove_file(scratch.path().join("snapshot.json")).unwrap();
         std::fs::write(scratch.path().join("timestamp.json"), b"timestamp v4").unwrap();
-        scratch.persist_into(&datastore).unwrap();
+        scratch
+            .persist_into(&datastore, ClockReading::Keep)
+            .unwrap();
 
         let mut names: Vec<String> = std::fs::read_dir(&datastore)
             .unwrap()

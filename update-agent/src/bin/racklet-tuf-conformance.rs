@@ -33,7 +33,8 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tough::schema::{Delegations, Signed, Targets};
-use tough::{Bytes, DefaultTransport, Transport, TransportError, TransportStream};
+use tough::{Bytes, Transport, TransportError, TransportStream};
+use update_agent::download::ResumingTransport;
 use update_agent::tuf::{default_transport, LoadedRepository, TargetInfo, TufClient, TufError};
 use url::Url;
 // tough's streams are `futures_core::Stream`s; update-agent reaches that
@@ -198,10 +199,12 @@ async fn refresh(
     targets_url: &Url,
 ) -> Result<LoadedRepository, Failure> {
     let datastore = metadata_dir.join(DATASTORE_DIR);
-    let recorder = RecordingTransport::new(
-        default_transport(Duration::from_secs(cli.http_timeout_seconds)),
-        metadata_url,
-    );
+    let transport = default_transport(
+        Duration::from_secs(cli.http_timeout_seconds),
+        Default::default(),
+    )
+    .map_err(Failure::from)?;
+    let recorder = RecordingTransport::new(transport, metadata_url);
     let client = TufClient::new(
         metadata_url.clone(),
         targets_url.clone(),
@@ -395,13 +398,13 @@ fn export_delegated_role(
 /// the served bytes rather than tough's re-serialization.
 #[derive(Clone, Debug)]
 struct RecordingTransport {
-    inner: DefaultTransport,
+    inner: ResumingTransport,
     metadata_prefix: String,
     responses: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl RecordingTransport {
-    fn new(inner: DefaultTransport, metadata_url: &Url) -> RecordingTransport {
+    fn new(inner: ResumingTransport, metadata_url: &Url) -> RecordingTransport {
         let mut metadata_prefix = metadata_url.to_string();
         if !metadata_prefix.ends_with('/') {
             metadata_prefix.push('/');
