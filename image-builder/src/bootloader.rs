@@ -6,8 +6,8 @@ use std::process::Command;
 
 use os_format::boot_state::{BootState, STATE_COPIES};
 use os_format::layout::{
-    Arch, Slot, ESP_LOADER_CONF, ESP_LOADER_CONF_CONTENTS, ESP_SYSTEMD_BOOT_DIR, ESP_UBOOT_SCRIPT,
-    ESP_UKI_DIR,
+    Arch, Slot, COMMITTED_BOOT_TRIES, ESP_LOADER_CONF, ESP_LOADER_CONF_CONTENTS,
+    ESP_SYSTEMD_BOOT_DIR, ESP_UBOOT_SCRIPT, ESP_UKI_DIR,
 };
 
 use crate::error::{BuildError, Result};
@@ -129,12 +129,17 @@ pub fn add_boot_files(
     Ok(())
 }
 
+/// Our boot script's source with the shared constants filled in.
+fn boot_script_source() -> String {
+    BOOT_SCRIPT_SOURCE.replace("@COMMITTED_BOOT_TRIES@", &COMMITTED_BOOT_TRIES.to_string())
+}
+
 /// `mkimage -T script` (u-boot-tools) with SOURCE_DATE_EPOCH for the header time.
 pub fn compile_boot_script(arch: Arch, source_date_epoch: u64) -> Result<Vec<u8>> {
     let directory = tempfile::tempdir().map_err(BuildError::io(std::env::temp_dir()))?;
     let source = directory.path().join("boot.cmd");
     let output = directory.path().join("boot.scr");
-    std::fs::write(&source, BOOT_SCRIPT_SOURCE).map_err(BuildError::io(&source))?;
+    std::fs::write(&source, boot_script_source()).map_err(BuildError::io(&source))?;
     let architecture = match arch {
         Arch::X86_64 => "x86_64",
         Arch::Aarch64 => "arm64",
@@ -161,4 +166,24 @@ pub fn compile_boot_script(arch: Arch, source_date_epoch: u64) -> Result<Vec<u8>
         "u-boot-tools",
     )?;
     read(&output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_script_counts_committed_boots_like_the_agent() {
+        let source = boot_script_source();
+        assert!(!source.contains('@'), "a placeholder is left");
+        assert!(source.contains(&format!(
+            "itest ${{racklet_boots}} -lt {COMMITTED_BOOT_TRIES}; then"
+        )));
+        for key in [
+            os_format::boot_state::KEY_BOOTS_A,
+            os_format::boot_state::KEY_BOOTS_B,
+        ] {
+            assert!(source.matches(key).count() >= 4, "{key}");
+        }
+    }
 }

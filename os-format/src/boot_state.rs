@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::layout::Slot;
+use crate::layout::{Slot, COMMITTED_BOOT_TRIES};
 
 /// Size of each copy in bytes (U-Boot's `-s` argument).
 pub(crate) const STATE_FILE_SIZE: usize = 4096;
@@ -33,6 +33,11 @@ pub const KEY_ORDER: &str = "racklet_order";
 pub const KEY_COMMITTED: &str = "racklet_committed";
 pub const KEY_TRIES_A: &str = "racklet_tries_a";
 pub const KEY_TRIES_B: &str = "racklet_tries_b";
+/// Boots of a committed slot since one was last confirmed healthy (the
+/// script counts them up, the agent resets them); absent in state files
+/// written before committed slots were counted, which reads as 0.
+pub const KEY_BOOTS_A: &str = "racklet_boots_a";
+pub const KEY_BOOTS_B: &str = "racklet_boots_b";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BootStateError {
@@ -116,9 +121,14 @@ pub struct BootState {
     pub order: Vec<Slot>,
     /// The slot last marked good; booted when nothing else can be.
     pub committed: Slot,
-    /// Tries left per slot; `None` = committed (no counting).
+    /// Tries left per slot; `None` = committed (counted in `boots_*`).
     pub tries_a: Option<u32>,
     pub tries_b: Option<u32>,
+    /// Boots of each committed slot since the agent last confirmed one
+    /// (see [`COMMITTED_BOOT_TRIES`]); the script skips a committed slot
+    /// that has used them all.
+    pub boots_a: u32,
+    pub boots_b: u32,
 }
 
 impl BootState {
@@ -130,6 +140,8 @@ impl BootState {
             committed,
             tries_a: None,
             tries_b: None,
+            boots_a: 0,
+            boots_b: 0,
         }
     }
 
@@ -140,16 +152,44 @@ impl BootState {
         }
     }
 
+    pub fn boots(&self, slot: Slot) -> u32 {
+        match slot {
+            Slot::A => self.boots_a,
+            Slot::B => self.boots_b,
+        }
+    }
+
+    pub fn set_boots(&mut self, slot: Slot, boots: u32) {
+        match slot {
+            Slot::A => self.boots_a = boots,
+            Slot::B => self.boots_b = boots,
+        }
+    }
+
+    /// A committed slot that used all its [`COMMITTED_BOOT_TRIES`] boots
+    /// without one being confirmed: the script no longer starts it.
+    pub fn failed_to_start(&self, slot: Slot) -> bool {
+        self.tries(slot).is_none() && self.boots(slot) >= COMMITTED_BOOT_TRIES
+    }
+
+    /// Would the script start `slot` when it reaches it in the order?
+    fn startable(&self, slot: Slot) -> bool {
+        match self.tries(slot) {
+            Some(tries) => tries > 0,
+            None => self.boots(slot) < COMMITTED_BOOT_TRIES,
+        }
+    }
+
     /// The slot our boot script starts next, as `boot.cmd` decides: the first
-    /// slot in `order` that is committed or has a try left and whose UKI
-    /// exists, else `fallback` (the script's `racklet_fallback`, from the
-    /// `committed-b` marker file; `None` when its UKI is missing too).
-    pub fn next_boot(&self, fallback: Slot, uki_exists: impl Fn(Slot) -> bool) -> Option<Slot> {
+    /// slot of `order`, then the committed slot, that has a try left or is
+    /// committed with boots left, and whose UKI exists. `None` means the
+    /// script stops on its console message: nothing can be started.
+    pub fn next_boot(&self, uki_exists: impl Fn(Slot) -> bool) -> Option<Slot> {
         self.order
             .iter()
             .copied()
-            .find(|&slot| self.tries(slot).is_none_or(|tries| tries > 0) && uki_exists(slot))
-            .or_else(|| uki_exists(fallback).then_some(fallback))
+            .chain([self.committed])
+            .find(|&slot| self.startable(slot) && uki_exists(slot))
     }
 
     pub(crate) fn to_variables(&self) -> BTreeMap<String, String> {
@@ -169,6 +209,8 @@ impl BootState {
         variables.insert(KEY_COMMITTED.to_string(), self.committed.name().to_string());
         variables.insert(KEY_TRIES_A.to_string(), tries(self.tries_a));
         variables.insert(KEY_TRIES_B.to_string(), tries(self.tries_b));
+        variables.insert(KEY_BOOTS_A.to_string(), format!("{:x}", self.boots_a));
+        variables.insert(KEY_BOOTS_B.to_string(), format!("{:x}", self.boots_b));
         variables
     }
 
@@ -211,12 +253,24 @@ impl BootState {
                 }
             }
         };
+        let boots = |key: &'static str| -> Result<u32, BootStateError> {
+            match get(key) {
+                "" => Ok(0),
+                text => u32::from_str_radix(text, 16).map_err(|_| BootStateError::Value {
+                    key,
+                    value: text.into(),
+                    expected: "a hexadecimal number of boots",
+                }),
+            }
+        };
         Ok(BootState {
             sequence,
             order,
             committed,
             tries_a: tries(KEY_TRIES_A)?,
             tries_b: tries(KEY_TRIES_B)?,
+            boots_a: boots(KEY_BOOTS_A)?,
+            boots_b: boots(KEY_BOOTS_B)?,
         })
     }
 
@@ -257,39 +311,76 @@ mod tests {
         let trying_b = BootState {
             sequence: 2,
             order: vec![Slot::B, Slot::A],
-            committed: Slot::A,
-            tries_a: None,
             tries_b: Some(1),
+            ..BootState::fresh(Slot::A)
         };
         let both = |_| true;
-        assert_eq!(trying_b.next_boot(Slot::A, both), Some(Slot::B));
+        assert_eq!(trying_b.next_boot(both), Some(Slot::B));
         // B's UKI missing: A, the next in the order.
-        assert_eq!(
-            trying_b.next_boot(Slot::A, |slot| slot == Slot::A),
-            Some(Slot::A)
-        );
+        assert_eq!(trying_b.next_boot(|slot| slot == Slot::A), Some(Slot::A));
         // The try used up: A.
         let used = BootState {
             tries_b: Some(0),
             ..trying_b.clone()
         };
-        assert_eq!(used.next_boot(Slot::A, both), Some(Slot::A));
+        assert_eq!(used.next_boot(both), Some(Slot::A));
         // Nothing in the order can boot: the committed slot, if its UKI exists.
         let odd = BootState {
             order: vec![Slot::B],
             ..used.clone()
         };
-        assert_eq!(odd.next_boot(Slot::A, both), Some(Slot::A));
-        assert_eq!(odd.next_boot(Slot::A, |_| false), None);
+        assert_eq!(odd.next_boot(both), Some(Slot::A));
+        assert_eq!(odd.next_boot(|_| false), None);
         // A manual rollback: B committed, A first in the order, both good.
         let rolled_back = BootState {
             sequence: 5,
             order: vec![Slot::A, Slot::B],
-            committed: Slot::B,
-            tries_a: None,
-            tries_b: None,
+            ..BootState::fresh(Slot::B)
         };
-        assert_eq!(rolled_back.next_boot(Slot::A, both), Some(Slot::A));
+        assert_eq!(rolled_back.next_boot(both), Some(Slot::A));
+    }
+
+    #[test]
+    fn a_committed_slot_that_keeps_failing_gives_way_to_the_other() {
+        let mut state = BootState {
+            order: vec![Slot::B, Slot::A],
+            ..BootState::fresh(Slot::B)
+        };
+        let both = |_| true;
+        for boots in 0..COMMITTED_BOOT_TRIES {
+            state.boots_b = boots;
+            assert_eq!(state.next_boot(both), Some(Slot::B), "{boots} boots");
+            assert!(!state.failed_to_start(Slot::B));
+        }
+        state.boots_b = COMMITTED_BOOT_TRIES;
+        assert!(state.failed_to_start(Slot::B));
+        assert_eq!(state.next_boot(both), Some(Slot::A));
+        // A has used its boots too: nothing is started (the script stops).
+        state.boots_a = COMMITTED_BOOT_TRIES;
+        assert_eq!(state.next_boot(both), None);
+        // A try is counted by its tries, not by boots.
+        state.tries_a = Some(1);
+        assert_eq!(state.next_boot(both), Some(Slot::A));
+        assert!(!state.failed_to_start(Slot::A));
+    }
+
+    #[test]
+    fn boots_are_hexadecimal_and_absent_in_older_state_files() {
+        let mut state = BootState::fresh(Slot::A);
+        state.boots_a = 2;
+        state.boots_b = 11;
+        let variables = state.to_variables();
+        assert_eq!(variables[KEY_BOOTS_A], "2");
+        assert_eq!(variables[KEY_BOOTS_B], "b");
+        assert_eq!(BootState::from_variables(&variables).unwrap(), state);
+        let mut older = state.to_variables();
+        older.remove(KEY_BOOTS_A);
+        older.remove(KEY_BOOTS_B);
+        let read = BootState::from_variables(&older).unwrap();
+        assert_eq!((read.boots_a, read.boots_b), (0, 0));
+        older.insert(KEY_BOOTS_B.into(), "x".into());
+        let error = BootState::from_variables(&older).unwrap_err().to_string();
+        assert!(error.contains(KEY_BOOTS_B), "{error}");
     }
 
     #[test]
@@ -297,9 +388,9 @@ mod tests {
         let state = BootState {
             sequence: 7,
             order: vec![Slot::B, Slot::A],
-            committed: Slot::A,
-            tries_a: None,
             tries_b: Some(1),
+            boots_a: 1,
+            ..BootState::fresh(Slot::A)
         };
         let bytes = state.encode().unwrap();
         assert_eq!(bytes.len(), STATE_FILE_SIZE);

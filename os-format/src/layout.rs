@@ -38,6 +38,16 @@ pub const ESP_SYSTEMD_BOOT_DIR: &str = "EFI/systemd";
 /// next to the one-try state (`boot_state::STATE_COPIES`).
 pub const ESP_UBOOT_SCRIPT: &str = "boot.scr";
 
+/// Boots the boot loader gives a committed slot in a row without a confirmed
+/// success (the agent's health gate passing resets the count) before it
+/// falls back to the other slot: a root that dm-verity finds corrupted resets
+/// the machine, a kernel that does not come up is reset by the watchdog, and
+/// after this many such boots the other slot's good version runs instead.
+/// systemd-boot counts in the committed UKI's name (`racklet-a+3.efi`), our
+/// U-Boot script in the boot state (`racklet_boots_a`). At most 9 (the
+/// systemd-boot `default` pattern matches one digit).
+pub const COMMITTED_BOOT_TRIES: u32 = 3;
+
 pub const ESP_PARTITION_NAME: &str = "esp";
 pub const DATA_PARTITION_NAME: &str = "data";
 
@@ -173,6 +183,72 @@ impl std::fmt::Display for Slot {
 }
 
 /// DPS rule: a root partition's unique GUID is the first 128 bits of its root hash.
+/// A boot counter `+LEFT-DONE` in a UKI's file name (systemd-boot's boot
+/// counting, the Boot Loader Specification's format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootCounter {
+    pub left: u32,
+    pub done: u32,
+}
+
+impl BootCounter {
+    /// A try's counter (`+1`, `+0-1`, and `+0-2` once booted again after its
+    /// try, when nothing else was left); every other counter is a committed
+    /// UKI's (`+3` … `+0-3`, then `+0-4` …; see [`COMMITTED_BOOT_TRIES`]).
+    pub fn is_try(self) -> bool {
+        self.left + self.done <= 1 || (self.left == 0 && self.done == 2)
+    }
+
+    /// As renamed by systemd-boot for the boot it starts: this boot came
+    /// after the UKI had used all its boots (a try booted again, a committed
+    /// UKI booted a fourth time). systemd-boot does that only when every
+    /// entry is used up (or a person picked it in the menu).
+    pub fn booted_past_its_tries(self) -> bool {
+        self.left == 0 && self.done != 1 && self.done != COMMITTED_BOOT_TRIES
+    }
+}
+
+/// One of our UKIs in [`ESP_UKI_DIR`]: `racklet-<slot>.efi` or
+/// `racklet-<slot>+LEFT[-DONE].efi`, case-insensitive as on FAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UkiFileName {
+    pub slot: Slot,
+    pub counter: Option<BootCounter>,
+}
+
+impl UkiFileName {
+    pub fn parse(file_name: &str) -> Option<UkiFileName> {
+        let lower = file_name.to_ascii_lowercase();
+        let stem = lower.strip_prefix("racklet-")?.strip_suffix(".efi")?;
+        let (slot, counter) = match stem.split_once('+') {
+            None => (stem, None),
+            Some((slot, counter)) => {
+                let (left, done) = counter.split_once('-').unwrap_or((counter, "0"));
+                let number = |text: &str| {
+                    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+                        return None;
+                    }
+                    text.parse::<u32>().ok()
+                };
+                (
+                    slot,
+                    Some(BootCounter {
+                        left: number(left)?,
+                        done: number(done)?,
+                    }),
+                )
+            }
+        };
+        if slot.len() != 1 {
+            return None;
+        }
+        Some(UkiFileName {
+            slot: Slot::parse(slot)?,
+            counter,
+        })
+    }
+}
+
 pub fn root_partition_uuid(verity_root_hash: &RootHash) -> Guid {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&verity_root_hash[..16]);
@@ -263,6 +339,46 @@ impl BootedSlotOnDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uki_file_names_and_boots_past_the_last_try() {
+        let name = |text| UkiFileName::parse(text).unwrap();
+        assert_eq!(name("racklet-a.efi").counter, None);
+        assert_eq!(name("RACKLET-B+0-3.EFI").slot, Slot::B);
+        let counter = |text| name(text).counter.unwrap();
+        // Tries and committed UKIs told apart by their counts.
+        for text in ["racklet-b+1.efi", "racklet-b+0-1.efi", "racklet-b+0-2.efi"] {
+            assert!(counter(text).is_try(), "{text}");
+        }
+        for text in [
+            "racklet-a+3.efi",
+            "racklet-a+2-1.efi",
+            "racklet-a+0-3.efi",
+            "racklet-a+0-4.efi",
+        ] {
+            assert!(!counter(text).is_try(), "{text}");
+        }
+        // The boot that uses the last try is not past it; the next one is.
+        for (text, past) in [
+            ("racklet-b+0-1.efi", false),
+            ("racklet-b+0-2.efi", true),
+            ("racklet-a+1-2.efi", false),
+            ("racklet-a+0-3.efi", false),
+            ("racklet-a+0-4.efi", true),
+            ("racklet-a+0-9.efi", true),
+        ] {
+            assert_eq!(counter(text).booted_past_its_tries(), past, "{text}");
+        }
+        for text in [
+            "racklet-c.efi",
+            "racklet-ab.efi",
+            "racklet-b+x.efi",
+            "racklet-b+.efi",
+            "other.efi",
+        ] {
+            assert_eq!(UkiFileName::parse(text), None, "{text}");
+        }
+    }
 
     #[test]
     fn slot_disks_leave_out_loop_ram_device_mapper_zram_and_floppies_in_name_order() {

@@ -12,6 +12,7 @@
 //! Any failure ends in one `racklet-init: FATAL: ...` line on the console and
 //! a reboot (see [`fail`]); there is no shell.
 
+pub(crate) mod boot_attempt;
 pub(crate) mod console;
 pub(crate) mod data;
 pub(crate) mod device_mapper;
@@ -77,6 +78,12 @@ pub fn run() -> Result<Infallible, Fatal> {
         partitions::PARTITION_WAIT,
     )
     .map_err(|missing| in_slot(InitError::PartitionsNotFound(missing)))?;
+
+    match boot_attempt::check(slot_partitions.esp.as_ref(), dev_dir, slot) {
+        Ok(Some(file_name)) => stop(&boot_attempt::stop_message(slot, &file_name)),
+        Ok(None) => {}
+        Err(message) => warn!("{message}"),
+    }
 
     let verity = verity_root::open_verity_root(
         &slot_partitions,
@@ -190,6 +197,20 @@ fn plural(count: usize, thing: &str) -> String {
         format!("{count} {thing}")
     } else {
         format!("{count} {thing}s")
+    }
+}
+
+/// A boot that must not go on and must not reset either (every slot failed
+/// to start): one line on the console, then (as PID 1) nothing, for good;
+/// in a test run, exit status 2.
+pub(crate) fn stop(message: &str) -> ! {
+    console::fatal(&format!("STOPPED: {message}"));
+    if !sys::is_pid1() {
+        std::process::exit(2);
+    }
+    rustix::fs::sync();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 

@@ -317,14 +317,17 @@ async fn run_daemon(args: &DaemonArgs) -> Result<(), AgentError> {
     tracing::info!(slot = %agent.booted.slot, version = %agent.booted.version, seed = agent.seed, "racklet-update daemon starting");
     let trying = agent.start().await?;
     let _connection = crate::dbus::serve(Arc::clone(&agent)).await?;
-    if trying {
-        let gate = Arc::clone(&agent);
-        tokio::spawn(async move {
-            if let Err(error) = gate.run_health_gate().await {
-                tracing::error!(%error, "health gate could not complete");
-            }
-        });
-    }
+    let gate = Arc::clone(&agent);
+    tokio::spawn(async move {
+        let result = if trying {
+            gate.run_health_gate().await
+        } else {
+            gate.confirm_boot_when_healthy().await
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "health gate could not complete");
+        }
+    });
     let config = agent.config().await;
     if let Some(listen) = config.metrics_listen {
         let metrics_agent = Arc::clone(&agent);

@@ -430,9 +430,13 @@ impl Agent {
         request: &ApplyRequest,
     ) -> Result<(Decision, TufClient, crate::tuf::LoadedRepository), AgentError> {
         let now = Timestamp::now();
-        let (config, failed) = {
+        let (config, failed, repair) = {
             let inner = self.inner.lock().await;
-            (inner.config.clone(), inner.state.failed_version_numbers())
+            (
+                inner.config.clone(),
+                inner.state.failed_version_numbers(),
+                self.repair_pending(&inner.state),
+            )
         };
         self.check_clock(now, config.wait_for_time_sync)?;
         let client = self.tuf_client(&config)?;
@@ -450,8 +454,17 @@ impl Agent {
             requested_version: request.version.as_ref(),
             allow_downgrade: request.allow_downgrade,
             failed_versions: &failed,
+            repair,
         });
         Ok((decision, client, repository))
+    }
+
+    /// The other slot failed to start and waits for an install into it.
+    fn repair_pending(&self, state: &AgentState) -> bool {
+        state
+            .failed_slot
+            .as_ref()
+            .is_some_and(|failed| failed.slot != self.booted.slot)
     }
 
     /// Is there an update for this node, and when may it start?
@@ -508,9 +521,12 @@ impl Agent {
                 return Err(error);
             }
         };
+        let repair = self.repair_pending(&self.inner.lock().await.state);
         let refusal = match &decision {
+            // Repairing the failed slot with the running image is the one
+            // install of the running root.
             Decision::Available { update }
-                if update.verity.root_hash == self.booted.verity_root_hash =>
+                if update.verity.root_hash == self.booted.verity_root_hash && !repair =>
             {
                 Some(AgentError::NothingToApply {
                     message: format!("{} has the running root hash", update.version),
@@ -877,14 +893,45 @@ impl Agent {
         Ok(report.passed)
     }
 
+    /// On a boot of the committed slot: run the health gate, and when it
+    /// passes tell the boot loader that this boot came up, so that its boots
+    /// are counted from zero again (`BootControl::confirm_boot`). A failed
+    /// gate changes nothing: after a few boots like this the boot loader
+    /// falls back to the other slot.
+    pub async fn confirm_boot_when_healthy(&self) -> Result<bool, AgentError> {
+        let config = self.config().await;
+        let report = crate::health::run_system_health_gate(&config.health).await;
+        if !report.passed {
+            tracing::warn!(
+                reason = report.reason.as_deref().unwrap_or("health gate failed"),
+                "this boot of committed slot {} is not confirmed: {} failed boots in a row make the boot loader fall back to the other slot",
+                self.booted.slot,
+                os_format::layout::COMMITTED_BOOT_TRIES
+            );
+            return Ok(false);
+        }
+        // An install into the other slot may be running: it never touches
+        // the booted slot's entry, which is all this changes.
+        self.inner
+            .lock()
+            .await
+            .boot
+            .confirm_boot(self.booted.slot)?;
+        tracing::info!(slot = %self.booted.slot, "health gate passed: this boot of the committed slot is confirmed");
+        Ok(true)
+    }
+
     /// One timer tick: reload config, check, and apply if the config says so.
     /// Returns false when the check failed (the timer then retries sooner).
     pub async fn tick(self: &Arc<Self>) -> bool {
         let _ = self.reload_config().await;
         let config = self.config().await;
-        let idle = {
+        let (idle, repair) = {
             let inner = self.inner.lock().await;
-            !inner.busy && inner.state.operation == Operation::Idle
+            (
+                !inner.busy && inner.state.operation == Operation::Idle,
+                self.repair_pending(&inner.state),
+            )
         };
         if let Some(at) = self.next_automatic_reboot().await {
             // An update installed outside the maintenance window: its reboot,
@@ -903,7 +950,12 @@ impl Agent {
             return true;
         }
         match self.check().await {
-            Ok(report) if report.result == CheckOutcome::Available && config.auto_apply => {
+            // A slot that failed to start is repaired even on a node that
+            // installs updates only when told (the reboot into it still
+            // follows auto_reboot and the maintenance window).
+            Ok(report)
+                if report.result == CheckOutcome::Available && (config.auto_apply || repair) =>
+            {
                 let request = ApplyRequest {
                     version: None,
                     allow_downgrade: false,

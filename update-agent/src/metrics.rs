@@ -32,6 +32,8 @@
 //! | `update_available` | gauge | `version` | 1 (with the version) when the last check found an update |
 //! | `failed_versions` | gauge | | versions that failed their health gate on this node |
 //! | `update_failures_total` | counter | | the same count (see below) |
+//! | `slot_start_failures_total` | counter | | committed slots the boot loader gave up on (failed to start 3 times in a row) |
+//! | `slot_awaiting_repair` | gauge | `slot` | 1 for a slot that failed to start and is not repaired yet |
 //! | `written_bytes_total` | counter | | bytes written into slots since the agent started, when the daemon counts them |
 //! | `last_error_timestamp_seconds` | gauge | `operation` | when the agent last met an error, and in what |
 //!
@@ -232,13 +234,14 @@ impl Family {
 const OPERATION_NAMES: [&str; 5] = ["idle", "writing", "verifying", "installed", "trying"];
 
 /// Names of the [`SlotBootState`] kinds, in a fixed order.
-const BOOT_STATE_NAMES: [&str; 4] = ["good", "trying", "bad", "absent"];
+const BOOT_STATE_NAMES: [&str; 5] = ["good", "trying", "bad", "failed_to_start", "absent"];
 
 fn boot_state_name(state: SlotBootState) -> &'static str {
     match state {
         SlotBootState::Good => "good",
         SlotBootState::Trying { .. } => "trying",
         SlotBootState::Bad => "bad",
+        SlotBootState::FailedToStart => "failed_to_start",
         SlotBootState::Absent => "absent",
     }
 }
@@ -414,6 +417,24 @@ fn families(snapshot: &MetricsSnapshot) -> Vec<Family> {
         )
         .sample(&[], Value::Int(state.update_failures_total)),
     );
+    families.push(
+        Family::new(
+            "slot_start_failures",
+            Kind::Counter,
+            "Committed slots the boot loader gave up on after they failed to start repeatedly.",
+        )
+        .sample(&[], Value::Int(state.slot_start_failures_total)),
+    );
+    if let Some(failed) = &state.failed_slot {
+        families.push(
+            Family::new(
+                "slot_awaiting_repair",
+                Kind::Gauge,
+                "1 for a slot that failed to start and is not repaired yet.",
+            )
+            .flag(&[("slot", failed.slot.name())], true),
+        );
+    }
     if let Some(written_total) = snapshot.written_bytes_total {
         families.push(
             Family::new(
@@ -869,7 +890,11 @@ mod tests {
                 "slot=\"b\"",
                 SlotState::ALL.len(),
             ),
-            ("racklet_update_slot_boot_state{", "slot=\"b\"", 4),
+            (
+                "racklet_update_slot_boot_state{",
+                "slot=\"b\"",
+                BOOT_STATE_NAMES.len(),
+            ),
             ("racklet_update_operation{", "name=", OPERATION_NAMES.len()),
         ] {
             let values: Vec<&str> = text

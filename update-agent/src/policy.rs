@@ -41,6 +41,13 @@
 //!    (never crossing either), must differ from the running version
 //!    ([`RefusalReason::AlreadyRunning`]), and a lower version needs
 //!    `allow_downgrade` ([`RefusalReason::DowngradeNotAllowed`]).
+//! 6. **Repair (`repair`).** The other slot failed to start and was given up
+//!    by the boot loader, so the node has one good slot. An automatic decision
+//!    (3 and 4) that is [`Decision::NotYet`] becomes available now (the
+//!    node needs a second good slot more than a staged rollout needs it to
+//!    wait), and [`Decision::UpToDate`] becomes the running version itself
+//!    when it is published, within the ceiling: the same image is installed
+//!    into the failed slot. Refusals and requests are unchanged.
 //!
 //! When an automatic reboot into an installed update may happen is a second
 //! pure decision, [`automatic_reboot_at`]: now, or the next opening of the
@@ -147,6 +154,8 @@ pub struct DecisionInput<'a> {
     pub allow_downgrade: bool,
     /// Versions whose health gate failed on this node.
     pub failed_versions: &'a [Version],
+    /// The other slot failed to start and waits for its repair (rule 6).
+    pub repair: bool,
 }
 
 /// Where the version a refusal is about came from.
@@ -248,6 +257,37 @@ impl fmt::Display for Decision {
 /// Decide which update, if any, applies. Pure; see the module documentation
 /// for the rules.
 pub fn decide(input: &DecisionInput<'_>) -> Decision {
+    let decision = decide_update(input);
+    if !input.repair || input.requested_version.is_some() {
+        return decision;
+    }
+    match decision {
+        Decision::NotYet { update, .. } => Decision::Available { update },
+        Decision::UpToDate { newest_allowed } => {
+            let ceiling = input
+                .manifest
+                .updates_for(input.variant, input.arch)
+                .last()
+                .map(|newest| newest.max_version.clone());
+            let running = input
+                .manifest
+                .updates_for(input.variant, input.arch)
+                .into_iter()
+                .find(|update| update.version == *input.running_version)
+                .filter(|_| ceiling.is_some_and(|ceiling| *input.running_version <= ceiling));
+            match running {
+                Some(update) => Decision::Available {
+                    update: update.clone(),
+                },
+                None => Decision::UpToDate { newest_allowed },
+            }
+        }
+        other => other,
+    }
+}
+
+/// Rules 1 to 5.
+fn decide_update(input: &DecisionInput<'_>) -> Decision {
     let entries = input.manifest.updates_for(input.variant, input.arch);
     let ceiling = entries.last().map(|newest| &newest.max_version);
     let newest_allowed = entries
@@ -578,6 +618,7 @@ mod tests {
         requested: Option<&'static str>,
         allow_downgrade: bool,
         failed: &'static [&'static str],
+        repair: bool,
         expected: Expected,
     }
 
@@ -602,6 +643,7 @@ mod tests {
                 requested: None,
                 allow_downgrade: false,
                 failed: &[],
+                repair: false,
                 expected: Expected::UpToDate(None),
             }
         }
@@ -864,6 +906,53 @@ mod tests {
                 ..Case::default()
             },
             Case {
+                name: "repair: the running version goes into the failed slot",
+                updates: vec![plain("0.9.0"), plain("1.0.0")],
+                repair: true,
+                expected: Expected::Available("1.0.0"),
+                ..Case::default()
+            },
+            Case {
+                name: "repair: a newer version is taken as usual",
+                updates: vec![plain("1.0.0"), plain("1.1.0")],
+                repair: true,
+                expected: Expected::Available("1.1.0"),
+                ..Case::default()
+            },
+            Case {
+                name: "repair: a closed wave does not hold it back",
+                updates: vec![UpdateBuilder::new("1.1.0").waves(TWO_WAVES).build()],
+                seed: LATE_SEED,
+                repair: true,
+                expected: Expected::Available("1.1.0"),
+                ..Case::default()
+            },
+            Case {
+                name: "repair: a pinned node repairs with its pin",
+                updates: vec![plain("1.0.0"), plain("1.1.0")],
+                lock: pinned("1.0.0"),
+                repair: true,
+                expected: Expected::Available("1.0.0"),
+                ..Case::default()
+            },
+            Case {
+                name: "repair: nothing when the running version is not published",
+                updates: vec![plain("0.9.0")],
+                repair: true,
+                expected: Expected::UpToDate(Some("0.9.0")),
+                ..Case::default()
+            },
+            Case {
+                name: "repair: nothing above the ceiling",
+                updates: vec![
+                    plain("1.0.0"),
+                    UpdateBuilder::new("1.1.0").max_version("0.9.0").build(),
+                ],
+                repair: true,
+                expected: Expected::UpToDate(None),
+                ..Case::default()
+            },
+            Case {
                 name: "requested failed version may be retried",
                 updates: vec![plain("1.1.0")],
                 requested: Some("1.1.0"),
@@ -893,6 +982,7 @@ mod tests {
                 requested_version: requested.as_ref(),
                 allow_downgrade: case.allow_downgrade,
                 failed_versions: &failed,
+                repair: case.repair,
             });
             let matches = match (&case.expected, &decision) {
                 (Expected::UpToDate(expected), Decision::UpToDate { newest_allowed }) => {

@@ -277,6 +277,25 @@ pub struct AgentState {
     pub update_failures_total: u64,
     /// Bytes written into slots, since the state file was created.
     pub written_bytes_total: u64,
+    /// The last committed slot the boot loader gave up on (it failed to
+    /// start [`COMMITTED_BOOT_TRIES`](os_format::layout::COMMITTED_BOOT_TRIES)
+    /// times in a row) and that is not repaired yet; `None` once an install
+    /// into that slot was committed.
+    pub failed_slot: Option<FailedSlot>,
+    /// Committed slots the boot loader gave up on, since the state file was
+    /// created.
+    pub slot_start_failures_total: u64,
+}
+
+/// A committed slot that failed to start and was given up by the boot
+/// loader: what it held, and when the agent found the node on the other slot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedSlot {
+    pub slot: Slot,
+    /// What the slot held, when the agent knew it.
+    pub version: Option<Version>,
+    /// When the agent found the node running the other slot.
+    pub time: Timestamp,
 }
 
 impl Default for AgentState {
@@ -291,6 +310,8 @@ impl Default for AgentState {
             interrupted_tries: Vec::new(),
             update_failures_total: 0,
             written_bytes_total: 0,
+            failed_slot: None,
+            slot_start_failures_total: 0,
         }
     }
 }

@@ -194,6 +194,19 @@ pub fn render_status(report: &StatusReport) -> String {
     for failed in &state.failed_versions {
         let _ = writeln!(text, "failed:      {} — {}", failed.version, failed.reason);
     }
+    if let Some(failed) = &state.failed_slot {
+        let _ = writeln!(
+            text,
+            "repair:      slot {}{} failed to start {} times in a row (found {}); the next install goes into it",
+            failed.slot.name(),
+            failed
+                .version
+                .as_ref()
+                .map_or_else(String::new, |version| format!(" ({version})")),
+            os_format::layout::COMMITTED_BOOT_TRIES,
+            failed.time
+        );
+    }
     if let Some(at) = report.automatic_reboot_at {
         let _ = writeln!(
             text,

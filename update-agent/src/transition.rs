@@ -34,6 +34,8 @@ pub enum BootAction {
     Commit(Slot),
     MarkBad(Slot),
     SwitchTo(Slot),
+    /// The committed slot failed to start and the booted one runs instead.
+    FallBackFrom(Slot),
 }
 
 /// The new state and the boot-loader steps that come before it is written.
@@ -65,6 +67,7 @@ pub fn carry_out(
             BootAction::Commit(slot) => boot.commit(*slot)?,
             BootAction::MarkBad(slot) => boot.mark_bad(*slot)?,
             BootAction::SwitchTo(slot) => boot.switch_to(*slot)?,
+            BootAction::FallBackFrom(slot) => boot.fall_back_from(*slot)?,
         }
     }
     Ok(())
@@ -104,7 +107,9 @@ pub fn slot_state_from_boot_loader(boot_state: SlotBootState) -> SlotState {
     match boot_state {
         SlotBootState::Absent => SlotState::Empty,
         // Never to be booted, or tried and not running: failed.
-        SlotBootState::Bad | SlotBootState::Trying { tries_left: 0 } => SlotState::Bad,
+        SlotBootState::Bad
+        | SlotBootState::FailedToStart
+        | SlotBootState::Trying { tries_left: 0 } => SlotState::Bad,
         // A try placed and not taken yet: the next boot tries it.
         SlotBootState::Trying { .. } => SlotState::Installed,
         SlotBootState::Good => SlotState::Good,
@@ -143,6 +148,9 @@ pub fn reconcile(
         next.slot_mut(other).state = slot_state_from_boot_loader(boot.state_of(other));
     }
     let trying = boot.booted_is_trying;
+    if !trying && boot.state_of(other) == SlotBootState::FailedToStart {
+        fall_back_from(&mut next, &mut actions, state, running, now);
+    }
     let was_trying = matches!(state.operation, Operation::Trying { .. });
     let was_installed = matches!(state.operation, Operation::Installed { .. });
     let interrupted_name = state.operation.name();
@@ -247,6 +255,45 @@ pub fn reconcile(
         },
         run_health_gate: trying,
     }
+}
+
+/// The committed slot (the other one) failed to start
+/// [`COMMITTED_BOOT_TRIES`](os_format::layout::COMMITTED_BOOT_TRIES) times
+/// in a row and the boot loader started the booted slot: the booted slot
+/// becomes the committed one, the failed slot is never started again
+/// automatically and is recorded as waiting for its repair (the next install
+/// goes into it, see `policy::decide`'s `repair`).
+fn fall_back_from(
+    next: &mut AgentState,
+    actions: &mut Vec<BootAction>,
+    state: &AgentState,
+    running: &Booted,
+    now: Timestamp,
+) {
+    let failed = running.slot.other();
+    let version = match state.slot(failed).state {
+        SlotState::Good | SlotState::Unknown => state.slot(failed).version.clone(),
+        _ => None,
+    };
+    actions.push(BootAction::FallBackFrom(failed));
+    next.slot_mut(failed).state = SlotState::Bad;
+    next.slot_start_failures_total += 1;
+    next.failed_slot = Some(crate::state::FailedSlot {
+        slot: failed,
+        version: version.clone(),
+        time: now,
+    });
+    let held = version.map_or_else(String::new, |version| format!(" ({version})"));
+    next.record_error(
+        now,
+        "boot",
+        format!(
+            "committed slot {failed}{held} failed to start {} times in a row (a corrupted root or a kernel that does not come up); the boot loader fell back to slot {} ({}), which is committed now; slot {failed} is repaired by the next install",
+            os_format::layout::COMMITTED_BOOT_TRIES,
+            running.slot,
+            running.version
+        ),
+    );
 }
 
 /// May an install start now? `busy`: one is running in the background.
@@ -446,6 +493,14 @@ pub fn mark_good(state: &AgentState, boot: &BootView, running: &Booted) -> (Tran
     record.verity_root_hash = Some(running.verity_root_hash.clone());
     next.operation = Operation::Idle;
     next.forget_failed_version(&running.version);
+    if next
+        .failed_slot
+        .as_ref()
+        .is_some_and(|failed| failed.slot == slot)
+    {
+        // The slot that failed to start holds a good version again.
+        next.failed_slot = None;
+    }
     if boot.booted_is_trying {
         (
             Transition {
@@ -609,14 +664,30 @@ mod tests {
                 boot,
                 state: AgentState::default(),
             };
+            // The first boot comes up, and the agent starts.
+            assert_eq!(node.power_on(), Some(Slot::A), "{loader:?}");
             let first = node.reconcile(&running(Slot::A, "1.0.0"));
             node.apply(first.transition);
             node
         }
 
         /// A power-on: the slot the boot loader starts (it counts tries on
-        /// the ESP as the real one does).
+        /// the ESP as the real one does), and, for a committed slot, its boot
+        /// coming up healthy (the agent confirms it; a try is decided by its
+        /// own health gate in each test).
         fn power_on(&self) -> Option<Slot> {
+            let booted = self.boot_only();
+            if let Some(slot) = booted {
+                match self.loader {
+                    Loader::SystemdBoot => systemd_boot::simulated::came_up(self.esp.path(), slot),
+                    Loader::UBoot => uboot::simulated::came_up(self.esp.path(), slot),
+                }
+            }
+            booted
+        }
+
+        /// A power-on whose boot never comes up (nothing is confirmed).
+        fn boot_only(&self) -> Option<Slot> {
             let esp: &Path = self.esp.path();
             match self.loader {
                 Loader::SystemdBoot => systemd_boot::simulated::boot_slot(esp),
@@ -887,6 +958,130 @@ mod tests {
             assert_eq!(again.actions, []);
             assert_eq!(message, "slot b (2.0.0) was already committed");
         }
+    }
+
+    #[test]
+    fn a_committed_slot_that_fails_to_start_is_given_up_then_repaired() {
+        for loader in LOADERS {
+            // Two good slots: A holds 1.0.0, B the committed 2.0.0.
+            let (mut node, v2) = trying(loader);
+            let (step, _) = mark_good(&node.state, &node.view(Slot::B), &v2);
+            node.apply(step);
+            assert_eq!(node.power_on(), Some(Slot::B), "{loader:?}");
+            // B's root is corrupted: its boots never come up.
+            for boot in 1..=os_format::layout::COMMITTED_BOOT_TRIES {
+                assert_eq!(node.boot_only(), Some(Slot::B), "{loader:?} boot {boot}");
+            }
+            assert_eq!(
+                node.view(Slot::A).state_of(Slot::B),
+                SlotBootState::FailedToStart,
+                "{loader:?}"
+            );
+            // The next boot is A's good version, without anybody's help.
+            assert_eq!(node.boot_only(), Some(Slot::A), "{loader:?}");
+            let v1 = running(Slot::A, "1.0.0");
+            let reconciled = node.reconcile(&v1);
+            assert!(!reconciled.run_health_gate, "{loader:?}");
+            assert_eq!(
+                reconciled.transition.actions,
+                [BootAction::FallBackFrom(Slot::B)],
+                "{loader:?}"
+            );
+            let state = &reconciled.transition.state;
+            assert_eq!(state.slot(Slot::B).state, SlotState::Bad);
+            assert_eq!(state.slot_start_failures_total, 1);
+            let failed = state.failed_slot.as_ref().unwrap();
+            assert_eq!(
+                (failed.slot, failed.version.clone()),
+                (Slot::B, Some(version("2.0.0")))
+            );
+            let error = state.last_error.as_ref().unwrap();
+            assert_eq!(error.operation, "boot");
+            assert!(
+                error
+                    .message
+                    .starts_with("committed slot b (2.0.0) failed to start 3 times in a row"),
+                "{}",
+                error.message
+            );
+            node.apply(reconciled.transition);
+            assert_eq!(
+                node.view(Slot::A).slot_states,
+                [
+                    (Slot::A, SlotBootState::Good),
+                    (Slot::B, SlotBootState::Bad)
+                ]
+                .map(|(slot, state)| (
+                    slot,
+                    if loader_removes_bad(loader) && slot == Slot::B {
+                        SlotBootState::Absent
+                    } else {
+                        state
+                    }
+                )),
+                "{loader:?}"
+            );
+            // A again reconciled: nothing more to do, and B is never started.
+            assert_eq!(node.reconcile(&v1).transition.actions, [], "{loader:?}");
+            for _ in 0..4 {
+                assert_eq!(node.power_on(), Some(Slot::A), "{loader:?}");
+            }
+
+            // The repair: 2.0.0 installed into B again, tried, committed.
+            node.install("2.0.0");
+            assert_eq!(node.power_on(), Some(Slot::B), "{loader:?}");
+            let tried = node.reconcile(&v2);
+            assert!(tried.run_health_gate, "{loader:?}");
+            node.apply(tried.transition);
+            let (step, _) = mark_good(&node.state, &node.view(Slot::B), &v2);
+            assert_eq!(step.state.failed_slot, None, "{loader:?}");
+            node.apply(step);
+            assert_eq!(
+                node.view(Slot::B).slot_states,
+                [
+                    (Slot::A, SlotBootState::Good),
+                    (Slot::B, SlotBootState::Good)
+                ],
+                "{loader:?}"
+            );
+            assert_eq!(node.power_on(), Some(Slot::B), "{loader:?}");
+        }
+    }
+
+    #[test]
+    fn when_both_slots_fail_to_start_nothing_is_started_again() {
+        for loader in LOADERS {
+            let (mut node, v2) = trying(loader);
+            let (step, _) = mark_good(&node.state, &node.view(Slot::B), &v2);
+            node.apply(step);
+            let tries = os_format::layout::COMMITTED_BOOT_TRIES;
+            for _ in 0..tries {
+                assert_eq!(node.boot_only(), Some(Slot::B), "{loader:?}");
+            }
+            for _ in 0..tries {
+                assert_eq!(node.boot_only(), Some(Slot::A), "{loader:?}");
+            }
+            match loader {
+                // The script stops.
+                Loader::UBoot => assert_eq!(node.boot_only(), None),
+                // Only used-up entries are left: systemd-boot boots one of
+                // them (by version), renamed `+0-4`, which racklet-init
+                // recognizes as a boot past its tries and stops.
+                Loader::SystemdBoot => {
+                    let choice = systemd_boot::simulated::boot(node.esp.path()).unwrap_err();
+                    assert!(
+                        choice.contains("racklet-a+0-3.efi")
+                            && choice.contains("racklet-b+0-3.efi"),
+                        "{choice}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// systemd-boot's back end removes a bad slot's UKI; U-Boot's keeps it.
+    fn loader_removes_bad(loader: Loader) -> bool {
+        matches!(loader, Loader::SystemdBoot)
     }
 
     #[test]

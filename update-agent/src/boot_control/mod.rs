@@ -59,6 +59,11 @@ pub enum SlotBootState {
     Trying { tries_left: u32 },
     /// A UKI that is never booted automatically.
     Bad,
+    /// A committed UKI that the boot loader started
+    /// [`COMMITTED_BOOT_TRIES`](os_format::layout::COMMITTED_BOOT_TRIES)
+    /// times in a row without the boot being confirmed (a corrupted root, a
+    /// kernel that does not come up): no longer started automatically.
+    FailedToStart,
     /// No UKI for the slot.
     Absent,
 }
@@ -69,6 +74,7 @@ impl std::fmt::Display for SlotBootState {
             SlotBootState::Good => f.write_str("good"),
             SlotBootState::Trying { tries_left } => write!(f, "trying ({tries_left} tries left)"),
             SlotBootState::Bad => f.write_str("bad"),
+            SlotBootState::FailedToStart => f.write_str("failed to start"),
             SlotBootState::Absent => f.write_str("absent"),
         }
     }
@@ -87,12 +93,13 @@ impl std::str::FromStr for SlotBootState {
         match text {
             "good" => Ok(SlotBootState::Good),
             "bad" => Ok(SlotBootState::Bad),
+            "failed to start" => Ok(SlotBootState::FailedToStart),
             "absent" => Ok(SlotBootState::Absent),
             other => tries_left(other)
                 .map(|tries_left| SlotBootState::Trying { tries_left })
                 .ok_or_else(|| {
                     format!(
-                        "unknown boot state {other:?}: expected good, bad, absent or \"trying (N tries left)\""
+                        "unknown boot state {other:?}: expected good, bad, failed to start, absent or \"trying (N tries left)\""
                     )
                 }),
         }
@@ -149,8 +156,21 @@ pub trait BootControl: std::fmt::Debug + Send {
     fn mark_bad(&mut self, slot: Slot) -> Result<(), BootControlError>;
 
     /// Manual rollback: make `slot`, which must hold a committed UKI, the
-    /// default for the next boot; the other slot stays a good fallback.
+    /// default for the next boot with all its boots counted afresh; the
+    /// other slot stays a good fallback.
     fn switch_to(&mut self, slot: Slot) -> Result<(), BootControlError>;
+
+    /// This boot of the committed slot `booted` came up healthy (its health
+    /// gate passed): count its boots from zero again, so that only
+    /// [`COMMITTED_BOOT_TRIES`](os_format::layout::COMMITTED_BOOT_TRIES)
+    /// failed boots in a row make the boot loader fall back. Nothing for a
+    /// slot being tried ([`commit`](BootControl::commit) decides those).
+    fn confirm_boot(&mut self, booted: Slot) -> Result<(), BootControlError>;
+
+    /// The committed slot `failed` used up its boots and the boot loader
+    /// started the other slot (now running): make the running slot the
+    /// committed default and never start `failed` automatically again.
+    fn fall_back_from(&mut self, failed: Slot) -> Result<(), BootControlError>;
 
     /// What the ESP says about each slot, A first.
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError>;

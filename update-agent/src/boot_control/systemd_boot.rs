@@ -22,6 +22,23 @@
 //!   `[...]`); with no match, the first entry. A matching "bad" entry is
 //!   **not** skipped (systemd issue #31215).
 //!
+//! ## Counting committed boots too
+//!
+//! A committed UKI is named `racklet-<slot>+3.efi`
+//! ([`COMMITTED_BOOT_TRIES`]): every boot of it is counted by systemd-boot
+//! (`+2-1`, `+1-2`, `+0-3`), and the agent renames it back to `+3` once a
+//! boot's health gate passed ([`BootControl::confirm_boot`]). A committed
+//! slot whose root dm-verity finds corrupted (the machine resets) or whose
+//! kernel never comes up is so at `+0-3` after three boots: "bad", sorted
+//! last, no longer matched by the default, and systemd-boot starts the other
+//! slot. A try is `racklet-<slot>+1.efi`; the two kinds are told apart by
+//! their counts (tries left + done: 1 for a try, 3 for a committed UKI).
+//! `racklet-<slot>.efi` without a counter (what the image builder writes,
+//! and what systemd-bless-boot would make of any booted entry) is good and
+//! uncounted; the agent counts it from its first confirmed boot on. Our
+//! images mask systemd-bless-boot: it would turn every booted committed
+//! entry into an uncounted one, and it races with the agent's renames.
+//!
 //! ## How the default is chosen here
 //!
 //! Sorting by version cannot express a rollback (the other slot may hold an
@@ -30,18 +47,23 @@
 //! that slot's entry is bad or gone — and then exactly one good entry (the
 //! other slot's) is left to sort first. The value is one of:
 //!
-//! - `racklet-<slot>.efi`: the committed slot (exact name);
+//! - `racklet-<slot>[.+][e1-3]*` for the committed slot: it matches
+//!   `racklet-<slot>.efi` and the committed counter with boots left
+//!   (`+3`, `+2-1`, `+1-2`), never `+0-3`; an older agent wrote the exact
+//!   name `racklet-<slot>.efi`, still understood;
 //! - `racklet-<slot>[.+][e1-9]*` while `<slot>` is being tried: it matches
-//!   `racklet-<slot>+1.efi` (not tried yet) and `racklet-<slot>.efi` (blessed
-//!   by systemd-bless-boot before the agent commits), but not
-//!   `racklet-<slot>+0-1.efi` (its try is used up). So the first boot tries the
-//!   new UKI, any boot after that without a bless or a commit falls back to the
-//!   other slot's committed `racklet-<other>.efi`, and a blessed try stays the
-//!   default until the agent commits it or marks it bad.
+//!   `racklet-<slot>+1.efi` (not tried yet) and `racklet-<slot>.efi`, but not
+//!   `racklet-<slot>+0-1.efi` (its try is used up). So the first boot tries
+//!   the new UKI, and any boot after that without a commit falls back to the
+//!   other slot's committed UKI.
 //!
 //! A plain glob like `racklet-b*` is not used: with counters in the id it
 //! would also match `racklet-b+0-1.efi`, and systemd 252 would boot that bad
 //! entry forever.
+//!
+//! When every entry is bad, systemd-boot still boots one of them; racklet-init
+//! sees a counter past its last try (`+0-4`, `+0-2`) and stops the boot with
+//! a console message instead of resetting in a loop.
 //!
 //! Every step is ordered so that a crash between two steps still boots a slot
 //! that is either committed or has its one try left; see each method.
@@ -49,7 +71,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use os_format::layout::{Slot, ESP_LOADER_CONF, ESP_UKI_DIR};
+use os_format::layout::{
+    BootCounter as Counter, Slot, UkiFileName, COMMITTED_BOOT_TRIES, ESP_LOADER_CONF, ESP_UKI_DIR,
+};
 use tracing::{info, warn};
 
 use super::{
@@ -60,13 +84,6 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct SystemdBoot {
     esp: PathBuf,
-}
-
-/// A boot counter `+LEFT-DONE` in an entry's file name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Counter {
-    left: u32,
-    done: u32,
 }
 
 /// One of our UKIs in `EFI/Linux`.
@@ -82,20 +99,45 @@ struct Entry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum DefaultEntry {
     Committed(Slot),
+    /// The exact `racklet-<slot>.efi` an older agent wrote.
+    LegacyCommitted(Slot),
     Trying(Slot),
     Other(String),
     Unset,
 }
 
-impl DefaultEntry {
-    fn names(&self, slot: Slot) -> bool {
-        matches!(self, DefaultEntry::Committed(named) | DefaultEntry::Trying(named) if *named == slot)
+impl Entry {
+    /// Good and uncounted (`racklet-<slot>.efi`) or committed with boots left.
+    fn is_usable_committed(&self) -> bool {
+        self.counter
+            .is_none_or(|counter| !counter.is_try() && counter.left > 0)
+    }
+
+    fn is_try(&self) -> bool {
+        self.counter.is_some_and(Counter::is_try)
+    }
+
+    /// A committed UKI that used up its boots.
+    fn failed_to_start(&self) -> bool {
+        self.counter
+            .is_some_and(|counter| !counter.is_try() && counter.left == 0)
     }
 }
 
-/// The `default` value for a committed slot: its exact entry id.
+impl DefaultEntry {
+    fn names(&self, slot: Slot) -> bool {
+        matches!(self, DefaultEntry::Committed(named) | DefaultEntry::LegacyCommitted(named) | DefaultEntry::Trying(named) if *named == slot)
+    }
+}
+
+/// The `default` value for a committed slot: its entry with boots left.
 fn committed_default(slot: Slot) -> String {
-    slot.uki_file_name()
+    format!("racklet-{}[.+][e1-{COMMITTED_BOOT_TRIES}]*", slot.name())
+}
+
+/// A committed slot's UKI with all its boots left.
+fn committed_name(slot: Slot) -> String {
+    format!("racklet-{}+{COMMITTED_BOOT_TRIES}.efi", slot.name())
 }
 
 /// The `default` value while `slot` is tried: matches `racklet-<slot>.efi` and
@@ -110,34 +152,11 @@ fn one_try_name(slot: Slot) -> String {
 
 /// Parse `racklet-<slot>.efi` or `racklet-<slot>+LEFT[-DONE].efi`.
 fn parse_entry(file_name: &str) -> Option<Entry> {
-    let lower = file_name.to_ascii_lowercase();
-    let stem = lower.strip_prefix("racklet-")?.strip_suffix(".efi")?;
-    let (slot, counter) = match stem.split_once('+') {
-        None => (stem, None),
-        Some((slot, counter)) => {
-            let (left, done) = counter.split_once('-').unwrap_or((counter, "0"));
-            let number = |text: &str| {
-                if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
-                    return None;
-                }
-                text.parse::<u32>().ok()
-            };
-            (
-                slot,
-                Some(Counter {
-                    left: number(left)?,
-                    done: number(done)?,
-                }),
-            )
-        }
-    };
-    if slot.len() != 1 {
-        return None;
-    }
+    let parsed = UkiFileName::parse(file_name)?;
     Some(Entry {
-        slot: Slot::parse(slot)?,
+        slot: parsed.slot,
         file_name: file_name.to_string(),
-        counter,
+        counter: parsed.counter,
     })
 }
 
@@ -242,11 +261,33 @@ impl SystemdBoot {
             .collect())
     }
 
+    /// Does `slot` hold a committed UKI the boot loader would still start?
     fn has_committed(&self, slot: Slot) -> Result<bool, BootControlError> {
         Ok(self
             .entries_of(slot)?
             .iter()
-            .any(|entry| entry.counter.is_none()))
+            .any(Entry::is_usable_committed))
+    }
+
+    /// Give `slot`'s committed UKI all its boots again: rename it to
+    /// `racklet-<slot>+3.efi` and remove stale files of the slot. The default
+    /// must already match both names (the committed pattern does).
+    fn rearm(&self, slot: Slot) -> Result<(), BootControlError> {
+        let target = committed_name(slot);
+        let entries = self.entries_of(slot)?;
+        if !entries.iter().any(|entry| entry.file_name == target) {
+            let source = entries
+                .iter()
+                .filter(|entry| !entry.is_try())
+                .min_by_key(|entry| entry.counter.map_or(0, |counter| counter.done + 1));
+            if let Some(source) = source {
+                rename_file(
+                    &self.linux_dir().join(&source.file_name),
+                    &self.linux_dir().join(&target),
+                )?;
+            }
+        }
+        self.remove_files_of(slot, Some(&target))
     }
 
     fn read_loader_conf(&self) -> Result<String, BootControlError> {
@@ -265,6 +306,9 @@ impl SystemdBoot {
         for slot in Slot::ALL {
             if value == committed_default(slot) {
                 return Ok(DefaultEntry::Committed(slot));
+            }
+            if value == slot.uki_file_name() {
+                return Ok(DefaultEntry::LegacyCommitted(slot));
             }
             if value == trying_default(slot) {
                 return Ok(DefaultEntry::Trying(slot));
@@ -347,23 +391,20 @@ impl BootControl for SystemdBoot {
         if self.default()? == DefaultEntry::Trying(booted) {
             return Ok(true);
         }
-        Ok(self
-            .entries_of(booted)?
-            .iter()
-            .any(|entry| entry.counter.is_some()))
+        Ok(self.entries_of(booted)?.iter().any(Entry::is_try))
     }
 
-    /// Renames the counted file to `racklet-<booted>.efi` (what
-    /// systemd-bless-boot does; nothing to rename if it already did), removes
-    /// stale duplicates, then makes it the exact default. A crash after the
-    /// rename still boots it (the try pattern matches the plain name).
+    /// Renames the booted UKI to `racklet-<booted>+3.efi` (all its boots
+    /// left), removes stale duplicates, then makes the committed pattern the
+    /// default. A crash after the rename still boots it (the try pattern
+    /// matches the committed name too).
     fn commit(&mut self, booted: Slot) -> Result<(), BootControlError> {
         let entries = self.entries_of(booted)?;
-        let committed = booted.uki_file_name();
-        if !entries.iter().any(|entry| entry.counter.is_none()) {
-            let Some(counted) = entries
+        let committed = committed_name(booted);
+        if !entries.iter().any(|entry| entry.file_name == committed) {
+            let Some(source) = entries
                 .iter()
-                .max_by_key(|entry| entry.counter.map(|c| c.done))
+                .max_by_key(|entry| (entry.counter.is_none(), entry.counter.map(|c| c.done)))
             else {
                 return Err(BootControlError::Refused {
                     operation: "commit",
@@ -373,16 +414,11 @@ impl BootControl for SystemdBoot {
                 });
             };
             rename_file(
-                &self.linux_dir().join(&counted.file_name),
+                &self.linux_dir().join(&source.file_name),
                 &self.linux_dir().join(&committed),
             )?;
         }
-        let keep = self
-            .entries_of(booted)?
-            .into_iter()
-            .find(|entry| entry.counter.is_none())
-            .map(|entry| entry.file_name);
-        self.remove_files_of(booted, keep.as_deref())?;
+        self.remove_files_of(booted, Some(&committed))?;
         self.set_default(&committed_default(booted))?;
         info!(slot = %booted, "slot committed");
         Ok(())
@@ -407,7 +443,7 @@ impl BootControl for SystemdBoot {
 
     fn switch_to(&mut self, slot: Slot) -> Result<(), BootControlError> {
         let entries = self.entries_of(slot)?;
-        if !entries.iter().any(|entry| entry.counter.is_none()) {
+        if !entries.iter().any(Entry::is_usable_committed) {
             let found = if entries.is_empty() {
                 "no UKI at all".to_string()
             } else {
@@ -415,17 +451,53 @@ impl BootControl for SystemdBoot {
                     .iter()
                     .map(|entry| entry.file_name.as_str())
                     .collect();
-                format!("only the uncommitted {}", names.join(", "))
+                format!("only {}", names.join(", "))
             };
             return Err(BootControlError::Refused {
                 operation: "switch_to",
                 slot,
-                reason: format!("the slot has no committed UKI ({found})"),
-                path: self.linux_dir().join(slot.uki_file_name()),
+                reason: format!(
+                    "the slot has no committed UKI with boots left ({found}; \
+                     uncommitted or failed to start)"
+                ),
+                path: self.linux_dir().join(committed_name(slot)),
             });
         }
+        self.rearm(slot)?;
         self.set_default(&committed_default(slot))?;
         info!(%slot, "default switched");
+        Ok(())
+    }
+
+    /// Makes the committed pattern the default if it named `booted` the old
+    /// way (or nothing), then renames the booted UKI to `+3` again.
+    fn confirm_boot(&mut self, booted: Slot) -> Result<(), BootControlError> {
+        let default = self.default()?;
+        let entries = self.entries_of(booted)?;
+        if default == DefaultEntry::Trying(booted) || entries.iter().any(Entry::is_try) {
+            return Ok(());
+        }
+        if matches!(default, DefaultEntry::LegacyCommitted(slot) if slot == booted)
+            || default == DefaultEntry::Unset
+        {
+            self.set_default(&committed_default(booted))?;
+        }
+        let before = self.file_names()?;
+        self.rearm(booted)?;
+        if self.file_names()? != before {
+            info!(slot = %booted, file = %committed_name(booted), "boot confirmed: the committed UKI has all its boots again");
+        }
+        Ok(())
+    }
+
+    /// The default names the running slot first, then the failed slot's
+    /// UKIs are removed (as [`mark_bad`](BootControl::mark_bad) does).
+    fn fall_back_from(&mut self, failed: Slot) -> Result<(), BootControlError> {
+        let booted = failed.other();
+        self.set_default(&committed_default(booted))?;
+        self.rearm(booted)?;
+        self.remove_files_of(failed, None)?;
+        warn!(%failed, %booted, "committed slot {failed} failed to start; its UKI is removed and slot {booted} is committed");
         Ok(())
     }
 
@@ -443,10 +515,12 @@ impl BootControl for SystemdBoot {
             entries.extend(self.entries_of(slot)?);
         }
         let named = entries.iter().find(|entry| match &default {
-            DefaultEntry::Committed(slot) => {
-                entry.slot == *slot && entry.file_name == committed_default(*slot)
+            DefaultEntry::LegacyCommitted(slot) => {
+                entry.slot == *slot && entry.file_name == slot.uki_file_name()
             }
-            DefaultEntry::Trying(slot) => entry.slot == *slot && bootable(entry),
+            DefaultEntry::Committed(slot) | DefaultEntry::Trying(slot) => {
+                entry.slot == *slot && bootable(entry)
+            }
             DefaultEntry::Other(_) | DefaultEntry::Unset => false,
         });
         if let Some(entry) = named {
@@ -471,14 +545,18 @@ impl BootControl for SystemdBoot {
             if entries.is_empty() {
                 return Ok((slot, SlotBootState::Absent));
             }
-            if entries.iter().any(|entry| entry.counter.is_none()) {
+            if entries.iter().any(Entry::is_usable_committed) {
                 return Ok((slot, SlotBootState::Good));
             }
-            let left = entries
+            let tries: Vec<Counter> = entries
                 .iter()
-                .filter_map(|entry| entry.counter.map(|counter| counter.left))
-                .max()
-                .unwrap_or(0);
+                .filter(|entry| entry.is_try())
+                .filter_map(|entry| entry.counter)
+                .collect();
+            if tries.is_empty() && entries.iter().any(Entry::failed_to_start) {
+                return Ok((slot, SlotBootState::FailedToStart));
+            }
+            let left = tries.iter().map(|counter| counter.left).max().unwrap_or(0);
             Ok((
                 slot,
                 if left > 0 || default == DefaultEntry::Trying(slot) {
@@ -604,6 +682,13 @@ pub(crate) mod simulated {
             return Ok(next);
         }
         Ok(chosen)
+    }
+
+    /// The agent's confirmation after this boot's health gate passed.
+    pub(crate) fn came_up(esp: &Path, slot: Slot) {
+        SystemdBoot::new(esp.to_path_buf())
+            .confirm_boot(slot)
+            .unwrap();
     }
 
     /// systemd-bless-boot after boot-complete.target: drop the booted counter.
@@ -786,50 +871,133 @@ mod tests {
         );
 
         fixture.backend.commit(Slot::B).unwrap();
-        assert_eq!(fixture.files(), ["racklet-a.efi", "racklet-b.efi"]);
+        assert_eq!(fixture.files(), ["racklet-a.efi", "racklet-b+3.efi"]);
         assert!(!fixture.backend.is_trying(Slot::B).unwrap());
         assert_eq!(
             fixture.states(),
             states(SlotBootState::Good, SlotBootState::Good)
         );
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
-        // Committing again changes nothing.
+        // Each boot of the committed UKI is counted; the agent's confirmation
+        // after the health gate gives it all its boots again.
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+1-2.efi");
+        fixture.backend.confirm_boot(Slot::B).unwrap();
+        assert_eq!(fixture.files(), ["racklet-a.efi", "racklet-b+3.efi"]);
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
+        // Committing again changes nothing but the count.
         fixture.backend.commit(Slot::B).unwrap();
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
 
-        // Manual rollback to A and back.
+        // Manual rollback to A and back. A (never confirmed by this agent)
+        // is counted from the switch on.
         fixture.backend.switch_to(Slot::A).unwrap();
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
+        assert_eq!(fixture.files(), ["racklet-a+3.efi", "racklet-b+2-1.efi"]);
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+2-1.efi");
         assert_eq!(
             fixture.states(),
             states(SlotBootState::Good, SlotBootState::Good)
         );
         assert!(!fixture.backend.is_trying(Slot::A).unwrap());
         fixture.backend.switch_to(Slot::B).unwrap();
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
+        assert_eq!(fixture.files(), ["racklet-a+2-1.efi", "racklet-b+3.efi"]);
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
         assert_eq!(
-            fixture.read("racklet-a.efi"),
+            fixture.read("racklet-a+2-1.efi"),
             a_v1,
-            "slot A's UKI is never touched"
+            "slot A's UKI is only renamed"
         );
         assert_eq!(
             fixture.loader_conf(),
-            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-b.efi\n")
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-b[.+][e1-3]*\n")
         );
 
         // The next update goes to A while B (booted) stays untouched.
-        let b_v2 = fixture.read("racklet-b.efi");
+        fixture.backend.confirm_boot(Slot::B).unwrap();
+        let b_v2 = fixture.read("racklet-b+3.efi");
         fixture.backend.mark_unbootable(Slot::A).unwrap();
-        assert_eq!(fixture.files(), ["racklet-b.efi"]);
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
+        assert_eq!(fixture.files(), ["racklet-b+3.efi"]);
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
         let uki = fixture.new_uki(b"uki a v3");
         fixture.backend.set_one_try(Slot::A, &uki).unwrap();
         assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+0-1.efi");
         fixture.backend.commit(Slot::A).unwrap();
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+2-1.efi");
+        assert_eq!(fixture.read("racklet-a+2-1.efi"), b"uki a v3");
+        assert_eq!(fixture.read("racklet-b+2-1.efi"), b_v2);
+    }
+
+    #[test]
+    fn a_committed_slot_that_fails_to_start_gives_way_and_both_failing_stops() {
+        let mut fixture = fresh();
+        let uki = fixture.new_uki(b"uki b v2");
+        fixture.backend.set_one_try(Slot::B, &uki).unwrap();
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+0-1.efi");
+        fixture.backend.commit(Slot::B).unwrap();
+        // B's root is corrupted: three boots that never come up.
+        for expected in [
+            "racklet-b+2-1.efi",
+            "racklet-b+1-2.efi",
+            "racklet-b+0-3.efi",
+        ] {
+            let booted = boot(fixture.path()).unwrap();
+            assert_eq!(booted, expected);
+            assert!(!UkiFileName::parse(&booted)
+                .unwrap()
+                .counter
+                .unwrap()
+                .booted_past_its_tries());
+        }
+        assert_eq!(
+            fixture.states(),
+            states(SlotBootState::Good, SlotBootState::FailedToStart)
+        );
+        // The fourth boot is A's good version.
         assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
-        assert_eq!(fixture.read("racklet-a.efi"), b"uki a v3");
-        assert_eq!(fixture.read("racklet-b.efi"), b_v2);
+        assert!(!fixture.backend.is_trying(Slot::A).unwrap());
+        fixture.backend.fall_back_from(Slot::B).unwrap();
+        fixture.backend.confirm_boot(Slot::A).unwrap();
+        assert_eq!(fixture.files(), ["racklet-a+3.efi"]);
+        assert_eq!(
+            fixture.states(),
+            states(SlotBootState::Good, SlotBootState::Absent)
+        );
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+2-1.efi");
+        // A fails too: after its three boots, systemd-boot has only used-up
+        // entries and boots one anyway, which racklet-init recognizes.
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+1-2.efi");
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+0-3.efi");
+        let past = boot(fixture.path()).unwrap();
+        assert_eq!(past, "racklet-a+0-4.efi");
+        assert!(UkiFileName::parse(&past)
+            .unwrap()
+            .counter
+            .unwrap()
+            .booted_past_its_tries());
+    }
+
+    #[test]
+    fn an_older_agents_committed_entry_is_counted_once_confirmed() {
+        let mut fixture = fresh();
+        std::fs::write(
+            fixture.path().join(ESP_LOADER_CONF),
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-a.efi\n"),
+        )
+        .unwrap();
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a.efi");
+        assert_eq!(fixture.backend.next_boot().unwrap(), Some(Slot::A));
+        fixture.backend.confirm_boot(Slot::A).unwrap();
+        assert_eq!(fixture.files(), ["racklet-a+3.efi"]);
+        assert_eq!(
+            fixture.loader_conf(),
+            format!("{ESP_LOADER_CONF_CONTENTS}default racklet-a[.+][e1-3]*\n")
+        );
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-a+2-1.efi");
+        // Confirming a try does nothing: its commit decides.
+        let uki = fixture.new_uki(b"uki b v2");
+        fixture.backend.set_one_try(Slot::B, &uki).unwrap();
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+0-1.efi");
+        fixture.backend.confirm_boot(Slot::B).unwrap();
+        assert_eq!(fixture.files(), ["racklet-a+2-1.efi", "racklet-b+0-1.efi"]);
     }
 
     #[test]
@@ -861,7 +1029,7 @@ mod tests {
             error.contains(
                 &fixture
                     .path()
-                    .join("EFI/Linux/racklet-b.efi")
+                    .join("EFI/Linux/racklet-b+3.efi")
                     .display()
                     .to_string()
             ),
@@ -923,7 +1091,7 @@ mod tests {
         bless(fixture.path(), &booted);
         fixture.backend.commit(Slot::B).unwrap();
         assert!(!fixture.backend.is_trying(Slot::B).unwrap());
-        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b.efi");
+        assert_eq!(boot(fixture.path()).unwrap(), "racklet-b+2-1.efi");
     }
 
     #[test]
@@ -944,6 +1112,7 @@ mod tests {
         let a_v1 = fixture.read("racklet-a.efi");
         let uki = fixture.new_uki(b"uki");
         let path_b = fixture.path().join("EFI/Linux/racklet-b.efi");
+        let committed_b = fixture.path().join("EFI/Linux/racklet-b+3.efi");
         for error in [
             fixture.backend.mark_unbootable(Slot::A).unwrap_err(),
             fixture.backend.set_one_try(Slot::A, &uki).unwrap_err(),
@@ -953,10 +1122,16 @@ mod tests {
             assert!(error.contains("no committed UKI"), "{error}");
         }
         let error = fixture.backend.switch_to(Slot::B).unwrap_err().to_string();
-        assert!(error.contains(&path_b.display().to_string()), "{error}");
+        assert!(
+            error.contains(&committed_b.display().to_string()),
+            "{error}"
+        );
         assert!(error.contains("no UKI at all"), "{error}");
         let error = fixture.backend.commit(Slot::B).unwrap_err().to_string();
-        assert!(error.contains(&path_b.display().to_string()), "{error}");
+        assert!(
+            error.contains(&committed_b.display().to_string()),
+            "{error}"
+        );
         assert_eq!(fixture.files(), ["racklet-a.efi"]);
         assert_eq!(fixture.read("racklet-a.efi"), a_v1);
         assert_eq!(fixture.loader_conf(), ESP_LOADER_CONF_CONTENTS);

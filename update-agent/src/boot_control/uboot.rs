@@ -142,7 +142,7 @@ impl UBoot {
                 source,
             })?;
             write_file(&path, &bytes)?;
-            info!(path = %path.display(), sequence = next.sequence, order = ?next.order, committed = %next.committed, tries_a = ?next.tries_a, tries_b = ?next.tries_b, "boot state written");
+            info!(path = %path.display(), sequence = next.sequence, order = ?next.order, committed = %next.committed, tries_a = ?next.tries_a, tries_b = ?next.tries_b, boots_a = next.boots_a, boots_b = next.boots_b, "boot state written");
         }
         self.sync_marker(next.committed)
     }
@@ -249,6 +249,7 @@ impl BootControl for UBoot {
         })
     }
 
+    /// Committed with its boots counted from zero again.
     fn commit(&mut self, booted: Slot) -> Result<(), BootControlError> {
         if !self.uki_exists(booted)? {
             return Err(BootControlError::Refused {
@@ -262,6 +263,7 @@ impl BootControl for UBoot {
         let mut next = current.state.clone();
         next.committed = booted;
         set_tries(&mut next, booted, None);
+        next.set_boots(booted, 0);
         next.order = self.order_from(booted, &next)?;
         self.write(&current, next)?;
         info!(slot = %booted, "slot committed");
@@ -317,16 +319,53 @@ impl BootControl for UBoot {
         }
         let mut next = current.state.clone();
         next.committed = slot;
+        next.set_boots(slot, 0);
         next.order = self.order_from(slot, &next)?;
         self.write(&current, next)?;
         info!(%slot, "default switched");
         Ok(())
     }
 
+    /// Boots counted from zero again (a state rebuilt from the marker is
+    /// written, so counting resumes). Nothing for a slot being tried.
+    fn confirm_boot(&mut self, booted: Slot) -> Result<(), BootControlError> {
+        let current = self.current()?;
+        if current.state.tries(booted).is_some() {
+            return Ok(());
+        }
+        let mut next = current.state.clone();
+        next.set_boots(booted, 0);
+        self.write(&current, next)
+    }
+
+    /// The booted slot becomes the committed one and the failed slot gets no
+    /// tries: out of the order for good.
+    fn fall_back_from(&mut self, failed: Slot) -> Result<(), BootControlError> {
+        let booted = failed.other();
+        if !self.uki_exists(booted)? {
+            return Err(BootControlError::Refused {
+                operation: "fall_back_from",
+                slot: failed,
+                reason: format!("the other slot {booted} has no UKI"),
+                path: self.uki_path(booted),
+            });
+        }
+        let current = self.current()?;
+        let mut next = current.state.clone();
+        next.committed = booted;
+        set_tries(&mut next, booted, None);
+        set_tries(&mut next, failed, Some(0));
+        next.set_boots(failed, 0);
+        next.order = vec![booted];
+        self.write(&current, next)?;
+        warn!(%failed, %booted, "committed slot {failed} failed to start; slot {booted} is committed now");
+        Ok(())
+    }
+
     fn next_boot(&self) -> Result<Option<Slot>, BootControlError> {
         let state = self.current()?.state;
         let exists = [self.uki_exists(Slot::A)?, self.uki_exists(Slot::B)?];
-        Ok(state.next_boot(self.marker_committed()?, |slot| exists[slot as usize]))
+        Ok(state.next_boot(|slot| exists[slot as usize]))
     }
 
     fn slot_states(&self) -> Result<[(Slot, SlotBootState); 2], BootControlError> {
@@ -341,6 +380,7 @@ impl BootControl for UBoot {
                 }
                 Some(0) => SlotBootState::Bad,
                 Some(tries_left) => SlotBootState::Trying { tries_left },
+                None if state.failed_to_start(slot) => SlotBootState::FailedToStart,
                 None if state.committed == slot || state.order.contains(&slot) => {
                     SlotBootState::Good
                 }
@@ -359,20 +399,23 @@ pub(crate) mod simulated {
     use std::collections::BTreeMap;
 
     use os_format::boot_state::{
-        decode_environment, encode_environment, KEY_COMMITTED, KEY_ORDER, KEY_SEQUENCE,
-        KEY_TRIES_A, KEY_TRIES_B,
+        decode_environment, encode_environment, KEY_BOOTS_A, KEY_BOOTS_B, KEY_COMMITTED, KEY_ORDER,
+        KEY_SEQUENCE, KEY_TRIES_A, KEY_TRIES_B,
     };
+    use os_format::layout::COMMITTED_BOOT_TRIES;
 
     use os_format::layout::ESP_UBOOT_SCRIPT;
 
     use super::*;
 
-    const KEYS: [&str; 5] = [
+    const KEYS: [&str; 7] = [
         KEY_SEQUENCE,
         KEY_ORDER,
         KEY_COMMITTED,
         KEY_TRIES_A,
         KEY_TRIES_B,
+        KEY_BOOTS_A,
+        KEY_BOOTS_B,
     ];
 
     /// One run of image-builder/assets/u-boot/boot.cmd, step by step: returns
@@ -388,14 +431,13 @@ pub(crate) mod simulated {
     pub(crate) fn run_boot_script(esp: &Path) -> Option<Slot> {
         let hex = |text: &str| u64::from_str_radix(text, 16).unwrap_or(0);
         let mut env: BTreeMap<String, String> = BTreeMap::new();
-        // racklet_committed from the marker; racklet_fallback stays that.
+        // racklet_committed from the marker, until a state copy says otherwise.
         let marker = if esp.join(COMMITTED_B_MARKER).exists() {
             "b"
         } else {
             "a"
         };
         env.insert(KEY_COMMITTED.into(), marker.into());
-        let fallback = marker.to_string();
         // racklet_seq1/2: `load` + `env import -c` (CRC) of each copy.
         let read = |index: usize| -> Option<BTreeMap<String, String>> {
             let bytes = std::fs::read(esp.join(STATE_COPIES[index])).ok()?;
@@ -416,39 +458,54 @@ pub(crate) mod simulated {
             older = Some(older_copy);
             let variables = read(newest).unwrap();
             for key in KEYS {
-                if let Some(value) = variables.get(key) {
-                    env.insert(key.into(), value.clone());
-                }
+                // `env import` with a list deletes listed keys the copy lacks.
+                match variables.get(key) {
+                    Some(value) => env.insert(key.into(), value.clone()),
+                    None => env.remove(key),
+                };
+            }
+            for key in [KEY_BOOTS_A, KEY_BOOTS_B] {
+                env.entry(key.into()).or_insert_with(|| "0".into());
             }
         }
-        let order: Vec<String> = env[KEY_ORDER]
+        let write = |env: &mut BTreeMap<String, String>| -> bool {
+            let sequence = hex(env.get(KEY_SEQUENCE).map_or("", String::as_str)) + 1;
+            env.insert(KEY_SEQUENCE.into(), format!("{sequence:x}"));
+            let exported: BTreeMap<String, String> = KEYS
+                .iter()
+                .filter_map(|key| env.get(*key).map(|value| (key.to_string(), value.clone())))
+                .collect();
+            let bytes = encode_environment(&exported).unwrap();
+            // fatwrite to racklet/state-${racklet_older}.env
+            let target = esp.join(STATE_COPIES[older.expect("counted from a copy")]);
+            std::fs::write(target, bytes).unwrap();
+            true
+        };
+        let mut slots: Vec<String> = env[KEY_ORDER]
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        for slot in order {
-            let key = if slot == "a" {
-                KEY_TRIES_A
+        slots.push(env[KEY_COMMITTED].clone());
+        for slot in slots {
+            let (tries_key, boots_key) = if slot == "a" {
+                (KEY_TRIES_A, KEY_BOOTS_A)
             } else {
-                KEY_TRIES_B
+                (KEY_TRIES_B, KEY_BOOTS_B)
             };
-            let tries = env[key].clone();
+            let tries = env[tries_key].clone();
             let mut go = false;
-            if tries == "-" {
+            if older.is_none() {
                 go = true;
+            } else if tries == "-" {
+                let boots = hex(&env[boots_key]);
+                if boots < u64::from(COMMITTED_BOOT_TRIES) {
+                    env.insert(boots_key.into(), format!("{:x}", boots + 1));
+                    write(&mut env);
+                    go = true;
+                }
             } else if hex(&tries) > 0 {
-                env.insert(key.into(), format!("{:x}", hex(&tries) - 1));
-                let sequence = hex(env.get(KEY_SEQUENCE).map_or("", String::as_str)) + 1;
-                env.insert(KEY_SEQUENCE.into(), format!("{sequence:x}"));
-                let exported: BTreeMap<String, String> = KEYS
-                    .iter()
-                    .filter_map(|key| env.get(*key).map(|value| (key.to_string(), value.clone())))
-                    .collect();
-                let bytes = encode_environment(&exported).unwrap();
-                // fatwrite to racklet/state-${racklet_older}.env
-                let target =
-                    esp.join(STATE_COPIES[older.expect("a counted slot comes from a copy")]);
-                std::fs::write(target, bytes).unwrap();
-                go = true;
+                env.insert(tries_key.into(), format!("{:x}", hex(&tries) - 1));
+                go = write(&mut env);
             }
             if go
                 && esp
@@ -459,14 +516,14 @@ pub(crate) mod simulated {
                 return Slot::parse(&slot);
             }
         }
-        if esp
-            .join(ESP_UKI_DIR)
-            .join(format!("racklet-{fallback}.efi"))
-            .exists()
-        {
-            return Slot::parse(&fallback);
-        }
+        // STOPPED: no slot can be started.
         None
+    }
+
+    /// Linux confirms the boot of `slot` the way the agent does after its
+    /// health gate: a test helper for "this boot came up".
+    pub(crate) fn came_up(esp: &Path, slot: Slot) {
+        UBoot::new(esp.to_path_buf()).confirm_boot(slot).unwrap();
     }
 
     /// A fresh rpi4 ESP as the image builder writes it: boot.scr, both state
@@ -548,11 +605,21 @@ mod tests {
         [(Slot::A, a), (Slot::B, b)]
     }
 
+    /// A boot that comes up: the script starts a slot, and the agent
+    /// confirms it once its health gate passed.
+    fn boot_up(esp: &Path) -> Option<Slot> {
+        let booted = boot_script(esp);
+        if let Some(slot) = booted {
+            came_up(esp, slot);
+        }
+        booted
+    }
+
     #[test]
     fn update_try_commit_and_manual_rollback() {
         let mut fixture = fresh();
         let a_v1 = fixture.uki(Slot::A).unwrap();
-        assert_eq!(boot_script(fixture.path()), Some(Slot::A));
+        assert_eq!(fixture.backend.next_boot().unwrap(), Some(Slot::A));
         assert_eq!(
             fixture.states(),
             states(SlotBootState::Good, SlotBootState::Absent)
@@ -579,6 +646,8 @@ mod tests {
                 committed: Slot::A,
                 tries_a: None,
                 tries_b: Some(1),
+                boots_a: 0,
+                boots_b: 0,
             }
         );
         assert_eq!(
@@ -607,6 +676,8 @@ mod tests {
                 committed: Slot::B,
                 tries_a: None,
                 tries_b: None,
+                boots_a: 0,
+                boots_b: 0,
             }
         );
         assert!(fixture.marker());
@@ -616,7 +687,7 @@ mod tests {
             states(SlotBootState::Good, SlotBootState::Good)
         );
         for _ in 0..2 {
-            assert_eq!(boot_script(fixture.path()), Some(Slot::B));
+            assert_eq!(boot_up(fixture.path()), Some(Slot::B));
         }
         // Committing again writes nothing.
         let before = (fixture.copy(0), fixture.copy(1));
@@ -681,8 +752,8 @@ mod tests {
             fixture.states(),
             states(SlotBootState::Good, SlotBootState::Bad)
         );
-        for _ in 0..3 {
-            assert_eq!(boot_script(fixture.path()), Some(Slot::A));
+        for _ in 0..5 {
+            assert_eq!(boot_up(fixture.path()), Some(Slot::A));
         }
         assert!(!fixture.backend.is_trying(Slot::A).unwrap());
         assert!(!fixture.marker());
@@ -735,22 +806,27 @@ mod tests {
         torn[8] ^= 0x55;
         std::fs::write(fixture.path().join(STATE_COPIES[0]), &torn).unwrap();
         assert_eq!(fixture.state(), BootState::decode(&older).unwrap());
+        // The script boots A, counting the boot in place of the torn copy.
         assert_eq!(boot_script(fixture.path()), Some(Slot::A));
+        assert_eq!(fixture.copy(1), older);
+        let counted = BootState::decode(&fixture.copy(0)).unwrap();
+        assert_eq!((counted.sequence, counted.boots_a), (3, 1));
         assert!(!fixture.backend.is_trying(Slot::A).unwrap());
         assert_eq!(
             fixture.states(),
             states(SlotBootState::Good, SlotBootState::Bad)
         );
 
-        // The next write replaces the torn copy and keeps the valid one.
+        // The next write goes to the older copy and keeps the newest valid one.
         fixture.backend.set_one_try(Slot::B, &uki).unwrap();
-        assert_eq!(fixture.copy(1), older);
-        assert_eq!(BootState::decode(&fixture.copy(0)).unwrap().sequence, 3);
+        assert_eq!(BootState::decode(&fixture.copy(0)).unwrap(), counted);
+        assert_eq!(BootState::decode(&fixture.copy(1)).unwrap().sequence, 4);
         assert_eq!(boot_script(fixture.path()), Some(Slot::B));
 
         // A short (truncated) copy counts as damaged too.
-        std::fs::write(fixture.path().join(STATE_COPIES[1]), &older[..100]).unwrap();
-        assert_eq!(fixture.backend.current().unwrap().newest, Some(0));
+        let newest = fixture.copy(0);
+        std::fs::write(fixture.path().join(STATE_COPIES[0]), &newest[..100]).unwrap();
+        assert_eq!(fixture.backend.current().unwrap().newest, Some(1));
     }
 
     #[test]
