@@ -749,3 +749,44 @@ fn set_times(path: &Path, seconds: u64) -> Result<()> {
     )
     .map_err(|errno| BuildError::io(path)(errno.into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The image's `/usr/lib/racklet/update.toml` for the variant as checked
+    /// in, with its own URLs.
+    fn defaults_of(name: &str) -> toml::Table {
+        let project_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let variant = Variant::load(&project_root, name).unwrap();
+        let trust = UpdateTrust {
+            root_json: None,
+            metadata_url: variant.update.metadata_url.clone(),
+            targets_url: variant.update.targets_url.clone(),
+            allow_insecure_http: variant.update.allow_insecure_http,
+        };
+        toml::from_str(&update_defaults(&variant, &trust)).unwrap()
+    }
+
+    #[test]
+    fn only_the_qemu_variants_allow_plain_http_in_the_image() {
+        for name in ["qemu-x86_64", "qemu-aarch64"] {
+            let defaults = defaults_of(name);
+            assert_eq!(
+                defaults["allow_insecure_http"].as_bool(),
+                Some(true),
+                "{name}: {defaults}"
+            );
+            assert!(defaults["metadata_url"]
+                .as_str()
+                .unwrap()
+                .starts_with("http://10.0.2.100/"));
+        }
+        let rpi4 = defaults_of("rpi4");
+        assert!(!rpi4.contains_key("allow_insecure_http"), "{rpi4}");
+        assert!(rpi4["metadata_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://"));
+    }
+}

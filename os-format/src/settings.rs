@@ -145,7 +145,16 @@ pub struct UpdateSettings {
     /// the same name); unset: refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_insecure_http: Option<bool>,
+    /// CA certificates (PEM) only the update agent trusts for its
+    /// repository's TLS, besides the system's store: racklet-node writes them
+    /// to [`UPDATE_CA_CERTIFICATES_PATH`] and names it in the agent's
+    /// `extra_ca_certificates`. (`[trust]` is for every TLS client.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certificates: Vec<String>,
 }
+
+/// Where racklet-node writes `[update] ca_certificates` for the agent.
+pub const UPDATE_CA_CERTIFICATES_PATH: &str = "/etc/racklet/update-ca.pem";
 
 /// `[time]`: NTP servers (unset: systemd-timesyncd's defaults).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,6 +460,11 @@ impl UpdateSettings {
                     }
                     Ok(_) => {}
                 }
+            }
+        }
+        for (index, pem) in self.ca_certificates.iter().enumerate() {
+            if let Err(expected) = check_pem_certificate(pem) {
+                problem(format!("update.ca_certificates[{index}]"), expected);
             }
         }
         if let Some(seed) = self.wave_seed {
@@ -821,10 +835,65 @@ fn check_pem_certificate(pem: &str) -> Result<(), String> {
         return Err(format!("one PEM certificate, from {BEGIN} to {END}"));
     };
     let joined: String = body.split_whitespace().collect();
-    if joined.is_empty() || decode_base64(&joined).is_none() {
+    let Some(der) = decode_base64(&joined).filter(|der| !der.is_empty()) else {
         return Err("the certificate's body is not base64".into());
+    };
+    check_certificate_shape(&der).map_err(|problem| {
+        format!("not an X.509 certificate ({problem}); was it cut short when copied?")
+    })
+}
+
+/// A DER X.509 certificate's outline: one SEQUENCE filling the bytes, of a
+/// SEQUENCE (the signed part), a SEQUENCE (the signature algorithm) and a
+/// BIT STRING (the signature). A certificate cut short or mixed up when
+/// copied onto the card fails it; TLS clients would skip it (and OpenSSL
+/// would reject the whole bundle), so the card is refused instead.
+fn check_certificate_shape(der: &[u8]) -> Result<(), &'static str> {
+    const SEQUENCE: u8 = 0x30;
+    const BIT_STRING: u8 = 0x03;
+    let (tag, content, after) = der_element(der)?;
+    if tag != SEQUENCE || !after.is_empty() {
+        return Err("expected one DER SEQUENCE");
     }
-    Ok(())
+    let mut rest = content;
+    for expected in [SEQUENCE, SEQUENCE, BIT_STRING] {
+        let (tag, _, after) = der_element(rest)?;
+        if tag != expected {
+            return Err("expected the signed part, the algorithm and the signature");
+        }
+        rest = after;
+    }
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err("bytes after the signature")
+    }
+}
+
+/// The first DER element of `bytes`: (tag, content, what follows).
+fn der_element(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), &'static str> {
+    const TRUNCATED: &str = "it ends inside an element";
+    let (&tag, rest) = bytes.split_first().ok_or(TRUNCATED)?;
+    let (&first, mut rest) = rest.split_first().ok_or(TRUNCATED)?;
+    let length = if first < 0x80 {
+        usize::from(first)
+    } else {
+        // Long form: the next (first & 0x7f) bytes, big-endian; at most 4.
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return Err("a length that is not DER");
+        }
+        let (digits, after) = rest.split_at(count);
+        rest = after;
+        digits
+            .iter()
+            .fold(0usize, |length, digit| (length << 8) | usize::from(*digit))
+    };
+    if rest.len() < length {
+        return Err(TRUNCATED);
+    }
+    let (content, after) = rest.split_at(length);
+    Ok((tag, content, after))
 }
 
 #[cfg(test)]
@@ -1034,6 +1103,75 @@ ca_certificates = ["hello"]
             multiline[0].starts_with("kubernetes.token"),
             "{multiline:?}"
         );
+    }
+
+    /// A PEM certificate of the outline a DER X.509 certificate has (not a
+    /// real one: the node checks the outline, TLS clients the rest); with
+    /// `signature` bytes of signature, so long ones take the long length form.
+    fn certificate_shaped_pem(signature: usize) -> String {
+        fn element(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag];
+            match content.len() {
+                length @ 0..=0x7f => out.push(length as u8),
+                length @ 0x80..=0xff => out.extend([0x81, length as u8]),
+                length => out.extend([0x82, (length >> 8) as u8, length as u8]),
+            }
+            out.extend_from_slice(content);
+            out
+        }
+        let mut body = element(0x30, &element(0x02, &[1]));
+        body.extend(element(0x30, &element(0x06, &[0x2a, 0x03])));
+        body.extend(element(0x03, &vec![0x5a; signature]));
+        let der = element(0x30, &body);
+        let base64 = encode_base64(&der);
+        let lines: Vec<&str> = base64
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    }
+
+    #[test]
+    fn a_ca_certificate_must_have_a_certificate_outline() {
+        for signature in [1, 100, 300] {
+            let pem = certificate_shaped_pem(signature);
+            check_pem_certificate(&pem).unwrap();
+            let text = format!("[trust]\nca_certificates = [{pem:?}]\n");
+            Settings::parse(FILE, &text).unwrap();
+        }
+        // Cut short when copied: a line missing, the last line short.
+        let pem = certificate_shaped_pem(300);
+        let mut lines: Vec<&str> = pem.lines().collect();
+        lines.remove(2);
+        let cut = lines.join("\n");
+        let error = check_pem_certificate(&cut).unwrap_err();
+        assert!(
+            error.contains("not an X.509 certificate") && error.contains("cut short"),
+            "{error}"
+        );
+        // Base64 of something else.
+        let other = "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----";
+        assert!(check_pem_certificate(other)
+            .unwrap_err()
+            .contains("not an X.509 certificate"));
+        // Bytes after the signature, a length beyond the end.
+        assert!(check_certificate_shape(&[0x30, 0x00, 0x00]).is_err());
+        assert!(check_certificate_shape(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_err());
+        for section in ["trust", "update"] {
+            let problems = problems(&format!("[{section}]\nca_certificates = [\"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\"]\n"));
+            assert!(
+                problems[0].starts_with(&format!("{section}.ca_certificates[0]")),
+                "{problems:?}"
+            );
+        }
+        let pem = certificate_shaped_pem(10);
+        let settings =
+            Settings::parse(FILE, &format!("[update]\nca_certificates = [{pem:?}]\n")).unwrap();
+        assert_eq!(settings.update.ca_certificates, [pem]);
     }
 
     #[test]

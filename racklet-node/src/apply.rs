@@ -537,7 +537,8 @@ mod tests {
         use os_format::settings::SYSTEM_CA_BUNDLE_PATH;
         let (_directory, paths) = setup();
         let image = "-----BEGIN CERTIFICATE-----\nIMAGE\n-----END CERTIFICATE-----\n";
-        let card_pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let card_pem = crate::test_ca::throwaway_ca_pem();
+        let card_pem = card_pem.trim();
         // Without the image's bundle a [trust] cannot apply: said, not fatal.
         card(
             &paths,
@@ -564,8 +565,28 @@ mod tests {
             bundle.starts_with(image) && bundle.contains(card_pem),
             "{bundle}"
         );
-        card(&paths, "hostname = \"pi-2\"\n");
+        // A certificate cut short on the card: the card is refused (named in
+        // the status), the node goes on with its last good settings.
+        let mut lines: Vec<&str> = card_pem.lines().collect();
+        lines.remove(2);
+        let cut = lines.join("\n");
+        card(
+            &paths,
+            &format!("hostname = \"pi-3\"\n[trust]\nca_certificates = [{cut:?}]\n"),
+        );
         let status = apply(&paths, "t2");
+        assert_eq!(status.settings_source, SettingsSource::LastGood);
+        let error = status.settings_error.clone().unwrap_or_default();
+        assert!(
+            error.contains("trust.ca_certificates[0]")
+                && error.contains("not an X.509 certificate"),
+            "{status:?}"
+        );
+        assert!(read(&paths, SYSTEM_CA_BUNDLE_PATH)
+            .unwrap()
+            .contains(card_pem));
+        card(&paths, "hostname = \"pi-2\"\n");
+        let status = apply(&paths, "t3");
         assert!(
             status.changed.contains(&SYSTEM_CA_BUNDLE_PATH.to_string()),
             "{status:?}"

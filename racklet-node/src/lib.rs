@@ -10,3 +10,5 @@ pub(crate) mod error;
 pub(crate) mod factory_reset;
 pub(crate) mod plan;
 pub(crate) mod status;
+#[cfg(test)]
+pub(crate) mod test_ca;

@@ -3,7 +3,9 @@
 //! ([`plan`]). [`crate::apply`] then makes the disk match, and removes the
 //! files an earlier plan wrote that this one no longer has.
 
-use os_format::settings::{KubernetesRole, Settings, SYSTEM_CA_BUNDLE_PATH};
+use os_format::settings::{
+    KubernetesRole, Settings, SYSTEM_CA_BUNDLE_PATH, UPDATE_CA_CERTIFICATES_PATH,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -180,12 +182,19 @@ pub(crate) fn plan(
     if let Some(bundle) = image_ca_bundle {
         files.push(file(
             SYSTEM_CA_BUNDLE_PATH,
-            ca_bundle(bundle, &settings.trust.ca_certificates),
+            ca_bundle(bundle, &settings.trust.ca_certificates, "[trust]"),
             0o644,
         ));
     }
     if let Some(text) = update_config(settings) {
         files.push(file(UPDATE_CONFIG_PATH, text, 0o644));
+    }
+    if !settings.update.ca_certificates.is_empty() {
+        files.push(file(
+            UPDATE_CA_CERTIFICATES_PATH,
+            ca_bundle("", &settings.update.ca_certificates, "[update]"),
+            0o644,
+        ));
     }
     if let Some(seed) = settings.update.wave_seed {
         files.push(file(UPDATE_SEED_PATH, format!("{seed}\n"), 0o600));
@@ -198,14 +207,17 @@ pub(crate) fn plan(
     }
 }
 
-/// The image's bundle, then the card's certificates, each ending in a newline.
-fn ca_bundle(image_bundle: &str, certificates: &[String]) -> String {
-    let mut text = image_bundle.to_string();
+/// `bundle` (the image's), then the card's certificates from `section`, each
+/// ending in a newline.
+fn ca_bundle(bundle: &str, certificates: &[String], section: &str) -> String {
+    let mut text = bundle.to_string();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
     if !certificates.is_empty() {
-        text.push_str("# From racklet/settings.toml [trust] on the ESP.\n");
+        text.push_str(&format!(
+            "# From racklet/settings.toml {section} on the ESP.\n"
+        ));
     }
     for certificate in certificates {
         text.push_str(certificate.trim());
@@ -278,6 +290,12 @@ fn update_config(settings: &Settings) -> Option<String> {
         if let Some(value) = value {
             table.insert(key.into(), toml::Value::Boolean(value));
         }
+    }
+    if !update.ca_certificates.is_empty() {
+        table.insert(
+            "extra_ca_certificates".into(),
+            toml::Value::String(UPDATE_CA_CERTIFICATES_PATH.into()),
+        );
     }
     if table.is_empty() {
         return None;
@@ -408,16 +426,19 @@ mod tests {
     #[test]
     fn trust_adds_certificates_to_the_image_bundle_and_its_removal_restores_it() {
         const IMAGE: &str = "-----BEGIN CERTIFICATE-----\nIMAGE\n-----END CERTIFICATE-----\n";
-        const CARD: &str = "-----BEGIN CERTIFICATE-----\nCARD\n-----END CERTIFICATE-----";
+        let card = crate::test_ca::throwaway_ca_pem();
         let with = plan(
-            &settings(&format!("[trust]\nca_certificates = [{CARD:?}]\n")),
+            &settings(&format!("[trust]\nca_certificates = [{card:?}]\n")),
             &identity(),
             None,
             Some(IMAGE),
         );
         assert_eq!(
             contents(&with, SYSTEM_CA_BUNDLE_PATH).unwrap(),
-            format!("{IMAGE}# From racklet/settings.toml [trust] on the ESP.\n{CARD}\n")
+            format!(
+                "{IMAGE}# From racklet/settings.toml [trust] on the ESP.\n{}\n",
+                card.trim()
+            )
         );
         let without = plan(&Settings::default(), &identity(), None, Some(IMAGE));
         assert_eq!(contents(&without, SYSTEM_CA_BUNDLE_PATH), Some(IMAGE));
@@ -484,5 +505,38 @@ mod tests {
         );
         assert_eq!(contents(&plan, UPDATE_SEED_PATH), Some("42\n"));
         assert!(contents(&plan, K3S_ROLE_ENV_PATH).is_none());
+        // No [update] ca_certificates: no file, no key.
+        assert!(contents(&plan, UPDATE_CA_CERTIFICATES_PATH).is_none());
+        assert!(!update.contains("extra_ca_certificates"), "{update}");
+    }
+
+    #[test]
+    fn update_ca_certificates_are_for_the_agent_alone() {
+        let card = crate::test_ca::throwaway_ca_pem();
+        let plan = plan(
+            &settings(&format!("[update]\nca_certificates = [{card:?}]\n")),
+            &identity(),
+            None,
+            Some("IMAGE BUNDLE\n"),
+        );
+        assert_eq!(
+            contents(&plan, UPDATE_CA_CERTIFICATES_PATH).unwrap(),
+            format!(
+                "# From racklet/settings.toml [update] on the ESP.\n{}\n",
+                card.trim()
+            )
+        );
+        let update = contents(&plan, UPDATE_CONFIG_PATH).unwrap();
+        assert!(
+            update.contains(&format!(
+                "extra_ca_certificates = \"{UPDATE_CA_CERTIFICATES_PATH}\""
+            )),
+            "{update}"
+        );
+        // Not in the system's bundle (containerd and k3s do not trust it).
+        assert_eq!(
+            contents(&plan, SYSTEM_CA_BUNDLE_PATH),
+            Some("IMAGE BUNDLE\n")
+        );
     }
 }

@@ -477,7 +477,8 @@ class Suite:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # The same repository over HTTPS, its certificate (for localhost and
-        # 127.0.0.1) from a throwaway CA that only SSL_CERT_FILE makes trusted.
+        # 127.0.0.1) from a throwaway CA that only SSL_CERT_FILE or
+        # extra_ca_certificates make trusted.
         tls = os.path.join(self.tmp, "tls")
         os.makedirs(tls)
         self.test_ca = os.path.join(tls, "ca.pem")
@@ -1705,53 +1706,92 @@ def check_retried_once(node, status):
 
 @case
 def https_repository_trusted_through_a_private_ca(suite, node_name):
-    """The repository over HTTPS with a certificate from a throwaway CA: refused
-    while only the system's trust store is in use (the error names TLS), and
-    installed once the CA is in the trust store the agent reads (SSL_CERT_FILE,
-    as the image's bundle plus a card's [trust] certificates)."""
+    """The repository over HTTPS with a certificate from a throwaway CA made at
+    the suite's start. Trusting another CA only, the check fails at once (a
+    certificate that does not verify is not asked for again) and says why
+    (UnknownIssuer); an extra_ca_certificates file without a certificate is
+    named in the error; the CA in the system's trust store (SSL_CERT_FILE, as
+    the image's bundle plus a card's [trust]) is trusted; given the CA through
+    the configuration's extra_ca_certificates, the update installs over HTTPS.
+    A user and password in the URL are sent, never shown."""
     node = standard_node(suite, node_name, start=False)
     new = suite.builds["1.1.0"]
+    other_ca = os.path.join(node.dir, "other-ca.pem")
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=racklet-agent-test-other-ca", "-days", "1",
+         "-keyout", os.path.join(node.dir, "other-ca.key"), "-out", other_ca])
+    not_a_certificate = os.path.join(node.dir, "not-a-certificate.pem")
+    shutil.copyfile(os.path.join(node.dir, "other-ca.key"), not_a_certificate)
+    with_credentials = suite.tls_url.replace("https://", "https://racklet:s3cret@")
     try:
-        node.write_config(base=suite.tls_url)
-        node.extra_env = {"SSL_CERT_FILE": "/nonexistent/no-bundle.pem"}
+        node.write_config(base=with_credentials)
+        node.extra_env = {"SSL_CERT_FILE": other_ca}
+        node.start()
+        started = time.monotonic()
+        refused = node.cli("check")
+        elapsed = time.monotonic() - started
+        said = refused.out + refused.err
+        check(refused.rc != 0, f"a check against an untrusted certificate succeeded: {refused}")
+        check("UnknownIssuer" in said and "TLS" in said,
+              f"the refusal does not say it is the certificate: {refused}")
+        check(elapsed < 3.0, f"an untrusted certificate was asked for again ({elapsed:.1f} s)")
+        status = node.status()
+        shown = json.dumps(status) + said + node.ok("status").out
+        check("s3cret" not in shown, f"the URL's password is shown: {shown}")
+        node.stop()
+
+        node.write_config(base=with_credentials, extra=f'extra_ca_certificates = "{not_a_certificate}"')
         node.start()
         refused = node.cli("check")
-        check(refused.rc != 0, f"a check against an untrusted certificate succeeded: {refused}")
-        check(re.search(r"certificate|UnknownIssuer|tls|TLS", refused.out + refused.err),
-              f"the refusal does not say it is the certificate: {refused}")
+        said = refused.out + refused.err
+        check(refused.rc != 0 and not_a_certificate in said and "extra_ca_certificates" in said
+              and "no certificate in it" in said,
+              f"the error does not name the file without a certificate: {refused}")
         node.stop()
+
+        node.write_config(base=suite.tls_url)
         node.extra_env = {"SSL_CERT_FILE": suite.test_ca}
         node.start()
-        check_equal(node.ok("check").json["result"], "available", "check over HTTPS")
+        check_equal(node.ok("check").json["result"], "available", "check over HTTPS (system trust store)")
+        node.stop()
+
+        node.write_config(base=with_credentials, extra=f'extra_ca_certificates = "{suite.test_ca}"')
+        node.extra_env = {"SSL_CERT_FILE": other_ca}
+        node.start()
+        check_equal(node.ok("check").json["result"], "available", "check over HTTPS (extra_ca_certificates)")
         node.ok("apply")
         node.assert_installed(new)
         served = [path for path, _ in suite.tls_server.requests]
         check(any(path.endswith("root.erofs.zst") for path in served),
               f"the root was not fetched over HTTPS: {served[:8]}")
         check_equal([path for path, _ in suite.server.requests], [], "requests to the plain HTTP server")
+        check("s3cret" not in json.dumps(node.status()), "the URL's password is in the status")
     finally:
         node.close()
 
 
 @case
 def plain_http_to_another_machine_is_refused(suite, node_name):
-    """A repository URL of plain http:// to another machine: the configuration
-    is refused (the status names the key and what to do instead), and the
-    agent runs on the image's defaults, never on the refused URL;
+    """A repository URL of plain http:// to another machine (as the QEMU
+    variants' 10.0.2.100): the configuration is refused (the status names the
+    file, the key, the URL without its password, and allow_insecure_http), and
+    the agent runs on the image's defaults, never on the refused URL;
     allow_insecure_http = true accepts it."""
     node = standard_node(suite, node_name, start=False)
     try:
-        node.write_config(base="http://192.0.2.10:8080")
+        node.write_config(base="http://racklet:s3cret@10.0.2.100")
         node.start()
         status = node.status()
         error = status.get("config_error") or ""
-        check("metadata_url" in error and "http://192.0.2.10:8080/metadata/" in error
-              and "allow_insecure_http = true" in error, f"config_error: {error!r}")
+        check(node.config in error and "metadata_url" in error
+              and "http://***@10.0.2.100/metadata/" in error
+              and "allow_insecure_http = true" in error and "s3cret" not in error,
+              f"config_error: {error!r}")
         refused = node.cli("check")
-        check(refused.rc != 0 and "192.0.2.10" not in refused.out + refused.err,
+        check(refused.rc != 0 and "10.0.2.100" not in refused.out + refused.err,
               f"a check with the refused configuration: {refused}")
         node.stop()
-        node.write_config(base="http://192.0.2.10:8080", extra="allow_insecure_http = true")
+        node.write_config(base="http://10.0.2.100", extra="allow_insecure_http = true")
         node.start()
         check(node.status().get("config_error") is None, "allow_insecure_http = true was not accepted")
     finally:

@@ -13,6 +13,10 @@
 //! good one on error. Errors name the file, the key, the value and what was
 //! expected, e.g. `/etc/racklet/update.toml: check_interval_seconds = 5: must
 //! be at least 60`.
+//!
+//! A repository URL may carry a user and password (`https://user:pass@host/`,
+//! sent as HTTP basic authentication); nothing the agent shows or logs
+//! carries them: [`redacted`] and [`redact_urls_in`] put `***` in their place.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -140,6 +144,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_insecure_http: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_certificates: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfigFile>,
 }
 
@@ -196,6 +202,9 @@ pub struct Config {
     /// Accept plain `http://` repository URLs to other machines than this
     /// one (TUF still checks every byte; an observer sees what is fetched).
     pub allow_insecure_http: bool,
+    /// A PEM file of CA certificates the agent trusts for its repository's
+    /// TLS, besides the system's trust store (absolute; read at each check).
+    pub extra_ca_certificates: Option<PathBuf>,
 }
 
 /// The health gate's settings (`[health]`).
@@ -241,6 +250,7 @@ impl Default for Config {
             metrics_textfile: None,
             metrics_listen: None,
             allow_insecure_http: false,
+            extra_ca_certificates: None,
         }
     }
 }
@@ -341,6 +351,9 @@ impl Config {
         if let Some(value) = file.allow_insecure_http {
             config.allow_insecure_http = value;
         }
+        if let Some(value) = &file.extra_ca_certificates {
+            config.extra_ca_certificates = Some(value.clone());
+        }
         if let Some(health) = &file.health {
             if let Some(value) = health.timeout_seconds {
                 config.health.timeout_seconds = value;
@@ -372,7 +385,7 @@ impl Config {
                 }) {
                     return Err(InvalidValue::new(
                         key,
-                        quoted(url.as_str()),
+                        quoted(&redacted(url)),
                         "plain http:// to another machine; expected https://, or \
                          allow_insecure_http = true where that is acceptable (TUF still checks \
                          every byte, but anyone on the path sees what the node fetches)",
@@ -384,12 +397,18 @@ impl Config {
             (Some(metadata_url), None) => Err(InvalidValue::new(
                 "targets_url",
                 "(not set)",
-                format!("must be set when metadata_url is ({metadata_url})"),
+                format!(
+                    "must be set when metadata_url is ({})",
+                    redacted(metadata_url)
+                ),
             )),
             (None, Some(targets_url)) => Err(InvalidValue::new(
                 "metadata_url",
                 "(not set)",
-                format!("must be set when targets_url is ({targets_url})"),
+                format!(
+                    "must be set when targets_url is ({})",
+                    redacted(targets_url)
+                ),
             )),
             _ => Ok(()),
         }
@@ -418,6 +437,9 @@ impl Config {
         check_absolute("health.checks_dir", &self.health.checks_dir)?;
         if let Some(path) = &self.metrics_textfile {
             check_absolute("metrics_textfile", path)?;
+        }
+        if let Some(path) = &self.extra_ca_certificates {
+            check_absolute("extra_ca_certificates", path)?;
         }
         Ok(())
     }
@@ -468,7 +490,7 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         let context = error
             .span()
             .and_then(|_| text.lines().nth(line - 1))
-            .map(|line_text| line_text.trim().to_string())
+            .map(|line_text| redact_urls_in(line_text.trim()))
             .filter(|line_text| !line_text.is_empty());
         ConfigError::Parse {
             path: path.to_path_buf(),
@@ -507,7 +529,7 @@ fn parse_repository_url(key: &str, value: &str) -> Result<Url, InvalidValue> {
     let url = Url::parse(value).map_err(|error| {
         InvalidValue::new(
             key,
-            quoted(value),
+            quoted(&redact_urls_in(value)),
             format!("expected an http, https or file URL ({error})"),
         )
     })?;
@@ -521,7 +543,7 @@ fn check_url_scheme(key: &str, url: &Url) -> Result<(), InvalidValue> {
     } else {
         Err(InvalidValue::new(
             key,
-            quoted(url.as_str()),
+            quoted(&redacted(url)),
             format!("expected an http, https or file URL, not {}:", url.scheme()),
         ))
     }
@@ -583,9 +605,60 @@ fn serialize_optional_url<S: Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     match url {
-        Some(url) => serializer.serialize_some(url.as_str()),
+        Some(url) => serializer.serialize_some(&redacted(url)),
         None => serializer.serialize_none(),
     }
+}
+
+/// What stands for a URL's user and password wherever the agent shows one.
+pub const REDACTED_CREDENTIALS: &str = "***";
+
+/// `url` as the agent may show it: a user and password in it replaced by
+/// `***` (`https://***@updates.example/metadata/`); a URL without them as
+/// it is. Pure.
+pub fn redacted(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    // Both only fail for URLs that cannot have credentials (no host), which
+    // then have none.
+    let _ = shown.set_password(None);
+    let _ = shown.set_username(REDACTED_CREDENTIALS);
+    shown.to_string()
+}
+
+/// `text` (an error message, a log line) with the user and password of every
+/// `SCHEME://USER:PASSWORD@HOST` in it replaced by `***`: messages from
+/// tough and reqwest carry the URLs they were given. Pure.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(index) = rest.find("://") {
+        let authority_start = index + 3;
+        out.push_str(&rest[..authority_start]);
+        rest = &rest[authority_start..];
+        // The authority ends where the path, query or fragment begins, or
+        // where the URL does in running text.
+        let authority_end = rest
+            .find(|c: char| {
+                matches!(
+                    c,
+                    '/' | '?' | '#' | '"' | '\'' | '`' | '<' | '>' | ',' | ';'
+                ) || c.is_whitespace()
+            })
+            .unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str(REDACTED_CREDENTIALS);
+                out.push_str(&rest[at..authority_end]);
+            }
+            None => out.push_str(&rest[..authority_end]),
+        }
+        rest = &rest[authority_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -672,6 +745,100 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("targets_url"), "{error}");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_never_shown() {
+        let url = Url::parse("https://racklet:s3cret@updates.example.org/metadata/").unwrap();
+        assert_eq!(redacted(&url), "https://***@updates.example.org/metadata/");
+        let user_only = Url::parse("https://racklet@updates.example.org/").unwrap();
+        assert_eq!(redacted(&user_only), "https://***@updates.example.org/");
+        let plain = Url::parse("https://updates.example.org/metadata/").unwrap();
+        assert_eq!(redacted(&plain), "https://updates.example.org/metadata/");
+        assert_eq!(
+            redacted(&Url::parse("file:///srv/repo/").unwrap()),
+            "file:///srv/repo/"
+        );
+        for (text, shown) in [
+            (
+                "cannot fetch https://u:p@h.example/metadata/1.root.json: error sending request for url (https://u:p@h.example/metadata/1.root.json)",
+                "cannot fetch https://***@h.example/metadata/1.root.json: error sending request for url (https://***@h.example/metadata/1.root.json)",
+            ),
+            ("\"http://u:p@[::1]:8080\" refused", "\"http://***@[::1]:8080\" refused"),
+            ("http://u:p@host?x=a@b", "http://***@host?x=a@b"),
+            ("https://host/a@b and mail@example.org", "https://host/a@b and mail@example.org"),
+            ("no url: a://", "no url: a://"),
+        ] {
+            assert_eq!(redact_urls_in(text), shown, "{text}");
+        }
+        // In every error of the configuration: a refused plain http URL, a
+        // URL that does not parse, a scheme, a syntax error's line.
+        for (defaults, overrides) in [
+            ("metadata_url = \"http://racklet:s3cret@10.0.2.100/metadata/\"\ntargets_url = \"https://u.example/t/\"\n", ""),
+            ("", "metadata_url = \"https://racklet:s3cret@updates example/\"\n"),
+            ("", "targets_url = \"ftp://racklet:s3cret@updates.example/t/\"\n"),
+            ("", "metadata_url = \"https://racklet:s3cret@updates.example/m/\" x\n"),
+            ("", "metadata_url = \"https://racklet:s3cret@updates.example/m/\"\n"),
+        ] {
+            let error = Files::new(Some(defaults), Some(overrides))
+                .load()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                !error.contains("s3cret") && !error.contains("racklet:") && error.contains("***@"),
+                "{error}"
+            );
+        }
+        let config = Files::new(
+            Some(
+                "metadata_url = \"https://racklet:s3cret@u.example/m/\"\n\
+                 targets_url = \"https://racklet:s3cret@u.example/t/\"\n",
+            ),
+            None,
+        )
+        .load()
+        .unwrap();
+        // Kept for the requests (HTTP basic authentication), never shown.
+        assert_eq!(
+            config.metadata_url.as_ref().unwrap().password(),
+            Some("s3cret")
+        );
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(
+            !json.contains("s3cret") && json.contains("https://***@u.example/m/"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn extra_ca_certificates_is_an_absolute_path() {
+        let config = Files::new(
+            Some(DEFAULTS),
+            Some("extra_ca_certificates = \"/etc/racklet/update-ca.pem\"\n"),
+        )
+        .load()
+        .unwrap();
+        assert_eq!(
+            config.extra_ca_certificates,
+            Some(PathBuf::from("/etc/racklet/update-ca.pem"))
+        );
+        assert_eq!(
+            Files::new(Some(DEFAULTS), None)
+                .load()
+                .unwrap()
+                .extra_ca_certificates,
+            None
+        );
+        let error = Files::new(Some(DEFAULTS), Some("extra_ca_certificates = \"ca.pem\"\n"))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "update.toml: extra_ca_certificates = \"ca.pem\": expected an absolute path"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -14,20 +14,90 @@
 //!
 //! 403, 404 and 410 are "file not found" (tough relies on it to find the end
 //! of a root rotation chain); other 4xx answers are final.
+//!
+//! TLS (rustls, aws-lc-rs) trusts the system's trust store, read through
+//! rustls-platform-verifier (on Linux rustls-native-certs: `SSL_CERT_FILE`,
+//! else `/etc/ssl/certs/ca-certificates.crt`, the image's bundle plus a
+//! card's `[trust]` certificates), and the certificates of the agent's
+//! `extra_ca_certificates` file ([`load_ca_certificates`]). A certificate the
+//! server presents that does not verify is final: no attempt is repeated.
+//! URLs in messages and logs carry no user or password
+//! ([`crate::config::redacted`]).
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use thiserror::Error;
 use tokio::sync::mpsc;
 use tough::{
     Bytes, FilesystemTransport, Transport, TransportError, TransportErrorKind, TransportStream,
 };
 use url::Url;
 
+use crate::config::redacted;
 use crate::tuf::Stream;
+
+/// Why the transport could not be set up.
+#[derive(Debug, Error)]
+pub enum TransportSetupError {
+    #[error("{}: cannot read the CA certificates that extra_ca_certificates names: {source}", .path.display())]
+    ReadCaCertificates {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {problem} (extra_ca_certificates: expected PEM certificates, each from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----)", .path.display())]
+    InvalidCaCertificates { path: PathBuf, problem: String },
+    #[error("cannot set up the HTTP client: {source}")]
+    Client {
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// The CA certificates of a PEM file (`extra_ca_certificates`): every
+/// `CERTIFICATE` block in it (other blocks are skipped), each one a
+/// certificate rustls accepts as a trust anchor; at least one.
+pub fn load_ca_certificates(
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TransportSetupError> {
+    let bytes = std::fs::read(path).map_err(|source| TransportSetupError::ReadCaCertificates {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_ca_certificates(&bytes).map_err(|problem| TransportSetupError::InvalidCaCertificates {
+        path: path.to_path_buf(),
+        problem,
+    })
+}
+
+/// [`load_ca_certificates`] on the file's bytes. Pure.
+fn parse_ca_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certificates = Vec::new();
+    for (index, certificate) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let certificate =
+            certificate.map_err(|error| format!("certificate {}: not PEM ({error})", index + 1))?;
+        rustls::RootCertStore::empty()
+            .add(certificate.clone())
+            .map_err(|error| {
+                format!(
+                    "certificate {}: not a certificate usable as a CA ({error})",
+                    index + 1
+                )
+            })?;
+        certificates.push(certificate);
+    }
+    if certificates.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(certificates)
+}
 
 /// When a download gives up, and how long it waits between attempts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,16 +148,29 @@ pub struct ResumingTransport {
 }
 
 impl ResumingTransport {
-    pub fn new(rules: ResumeRules, resumed: Arc<AtomicU64>) -> Result<ResumingTransport, String> {
+    /// A transport whose TLS trusts the system's trust store and
+    /// `extra_ca_certificates` (from [`load_ca_certificates`]).
+    pub fn new(
+        rules: ResumeRules,
+        resumed: Arc<AtomicU64>,
+        extra_ca_certificates: Vec<CertificateDer<'static>>,
+    ) -> Result<ResumingTransport, TransportSetupError> {
         // tough's builder installs its rustls crypto provider (aws-lc-rs) for
         // the process, which reqwest's client needs: the same TLS as tough's
         // own transport.
         let _ = tough::HttpTransportBuilder::new();
+        let setup_error = |source| TransportSetupError::Client { source };
+        let extra_roots = extra_ca_certificates
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(setup_error)?;
         let client = reqwest::Client::builder()
             .connect_timeout(rules.connect_timeout)
             .read_timeout(rules.read_timeout)
+            .tls_certs_merge(extra_roots)
             .build()
-            .map_err(|error| format!("cannot set up the HTTP client: {error}"))?;
+            .map_err(setup_error)?;
         Ok(ResumingTransport {
             client,
             rules,
@@ -140,7 +223,17 @@ impl ResumingTransport {
         }
         let response = match request.send().await {
             Ok(response) => response,
-            Err(error) => return Attempt::Retry(error_chain(&error)),
+            Err(error) => match untrusted_certificate(&error) {
+                // Asking again gets the same certificate.
+                Some(problem) => {
+                    return Attempt::Final(format!(
+                        "TLS: the server's certificate does not verify ({problem}); is its CA in \
+                         the system's trust store (a card's [trust]) or in extra_ca_certificates \
+                         (a card's [update] ca_certificates)?"
+                    ))
+                }
+                None => return Attempt::Retry(error_chain(&error)),
+            },
         };
         let status = response.status().as_u16();
         match classify_status(status) {
@@ -194,7 +287,7 @@ impl ResumingTransport {
                     let _ = sender
                         .send(Err(TransportError::new_with_cause(
                             TransportErrorKind::FileNotFound,
-                            url.as_str(),
+                            redacted(&url),
                             message,
                         )))
                         .await;
@@ -215,7 +308,7 @@ impl ResumingTransport {
                 return;
             }
             let wait = self.rules.backoff(attempts_without_progress);
-            tracing::warn!(%url, received, attempt = attempts_without_progress, error = %failure, "download broke off; going on from byte {received} in {wait:?}");
+            tracing::warn!(url = %redacted(&url), received, attempt = attempts_without_progress, error = %failure, "download broke off; going on from byte {received} in {wait:?}");
             tokio::time::sleep(wait).await;
             if received > 0 {
                 self.resumed.fetch_add(1, Ordering::Relaxed);
@@ -263,7 +356,30 @@ enum Forwarded {
 }
 
 fn other_error(url: &Url, message: String) -> TransportError {
-    TransportError::new_with_cause(TransportErrorKind::Other, url.as_str(), message)
+    TransportError::new_with_cause(TransportErrorKind::Other, redacted(url), message)
+}
+
+/// The certificate problem rustls found, when that is why `error` happened
+/// (it sits in an `io::Error`, perhaps inside another, in the chain of
+/// causes; `io::Error::source` skips the error it wraps, so that is
+/// followed through `get_ref`).
+fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(rustls::Error::InvalidCertificate(problem)) =
+            current.downcast_ref::<rustls::Error>()
+        {
+            return Some(format!("{problem:?}"));
+        }
+        cause = match current
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
 }
 
 /// An error and its causes, on one line (reqwest's own text leaves out why).
@@ -305,7 +421,7 @@ impl Transport for ResumingTransport {
             }
             _ => Err(TransportError::new(
                 TransportErrorKind::UnsupportedUrlScheme,
-                url.as_str(),
+                redacted(&url),
             )),
         }
     }
@@ -348,6 +464,109 @@ mod tests {
         ] {
             assert_eq!(classify_status(status), expected, "{status}");
         }
+    }
+
+    /// A throwaway CA (certificate and key, PEM) made with `openssl` now.
+    fn throwaway_ca(directory: &Path) -> (String, String) {
+        let output = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=racklet-agent-unit-test-ca", "-keyout"])
+            .arg(directory.join("ca.key"))
+            .arg("-out")
+            .arg(directory.join("ca.pem"))
+            .output()
+            .expect("openssl runs (the tests make a throwaway CA with it)");
+        assert!(output.status.success(), "openssl req: {output:?}");
+        (
+            std::fs::read_to_string(directory.join("ca.pem")).unwrap(),
+            std::fs::read_to_string(directory.join("ca.key")).unwrap(),
+        )
+    }
+
+    #[test]
+    fn extra_ca_certificates_are_pem_certificates_and_errors_name_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let (ca, key) = throwaway_ca(directory.path());
+        let other = directory.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let (second, _) = throwaway_ca(&other);
+        // Other blocks (a key) are skipped; every certificate counts.
+        let bundle = format!("# comment\n{ca}{key}{second}");
+        assert_eq!(parse_ca_certificates(bundle.as_bytes()).unwrap().len(), 2);
+        let path = directory.path().join("update-ca.pem");
+        std::fs::write(&path, &ca).unwrap();
+        assert_eq!(load_ca_certificates(&path).unwrap().len(), 1);
+        // A transport trusting them can be built.
+        ResumingTransport::new(
+            ResumeRules::with_timeout(Duration::from_secs(5)),
+            Arc::default(),
+            load_ca_certificates(&path).unwrap(),
+        )
+        .unwrap();
+        let cut: String = {
+            let mut lines: Vec<&str> = ca.lines().collect();
+            lines.remove(2);
+            lines.join("\n")
+        };
+        for (contents, expected) in [
+            (String::new(), "no certificate in it"),
+            (key.clone(), "no certificate in it"),
+            (cut, "certificate 1: "),
+            (
+                "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n".into(),
+                "certificate 1: not PEM",
+            ),
+        ] {
+            std::fs::write(&path, &contents).unwrap();
+            let error = load_ca_certificates(&path).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("{}: ", path.display()))
+                    && error.contains(expected)
+                    && error.contains("extra_ca_certificates"),
+                "{contents:?}: {error}"
+            );
+        }
+        let missing = directory.path().join("missing.pem");
+        let error = load_ca_certificates(&missing).unwrap_err();
+        assert!(
+            matches!(&error, TransportSetupError::ReadCaCertificates { path, .. } if *path == missing),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_the_server_presents_that_does_not_verify_is_told_apart() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let tls = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            )
+        };
+        assert_eq!(
+            untrusted_certificate(&Wrapper(tls())).as_deref(),
+            Some("UnknownIssuer")
+        );
+        // One io::Error inside another (hyper's connector around rustls's).
+        let nested = std::io::Error::other(tls());
+        assert_eq!(
+            untrusted_certificate(&Wrapper(nested)).as_deref(),
+            Some("UnknownIssuer")
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(untrusted_certificate(&Wrapper(refused)), None);
     }
 
     #[test]

@@ -68,7 +68,7 @@ use tough::{
 use url::Url;
 
 use crate::config::Config;
-use crate::download::{ResumeRules, ResumingTransport};
+use crate::download::{load_ca_certificates, ResumeRules, ResumingTransport, TransportSetupError};
 
 /// tough's record of the latest clock reading, inside the datastore.
 pub const LATEST_KNOWN_TIME_FILE: &str = "latest_known_time.json";
@@ -104,13 +104,32 @@ pub fn image_root_path() -> PathBuf {
 
 /// The agent's transport: `file://`, and HTTP(S) downloads that go on with
 /// a range request where they broke off ([`crate::download`]); `timeout` is
-/// the longest wait for a byte. `resumed` counts the range requests.
+/// the longest wait for a byte. `resumed` counts the range requests. TLS
+/// trusts the system's trust store.
 pub fn default_transport(
     timeout: Duration,
     resumed: Arc<AtomicU64>,
 ) -> Result<ResumingTransport, TufError> {
-    ResumingTransport::new(ResumeRules::with_timeout(timeout), resumed)
-        .map_err(|message| TufError::HttpClient { message })
+    transport_trusting(timeout, resumed, None)
+}
+
+/// [`default_transport`] whose TLS also trusts the CA certificates in the
+/// PEM file `extra_ca_certificates` (read now: an unreadable or invalid file
+/// is an error naming it).
+pub fn transport_trusting(
+    timeout: Duration,
+    resumed: Arc<AtomicU64>,
+    extra_ca_certificates: Option<&Path>,
+) -> Result<ResumingTransport, TufError> {
+    let extra = match extra_ca_certificates {
+        Some(path) => load_ca_certificates(path)?,
+        None => Vec::new(),
+    };
+    Ok(ResumingTransport::new(
+        ResumeRules::with_timeout(timeout),
+        resumed,
+        extra,
+    )?)
 }
 
 /// Why talking to the repository failed. Every variant that comes from tough
@@ -123,8 +142,9 @@ pub enum TufError {
         #[source]
         source: io::Error,
     },
-    #[error("{message}")]
-    HttpClient { message: String },
+    /// The HTTP(S) transport could not be set up (its TLS trust included).
+    #[error(transparent)]
+    HttpClient(#[from] TransportSetupError),
     #[error("{path}: cannot {action} (TUF datastore): {source}")]
     DatastoreFile {
         path: PathBuf,
@@ -430,6 +450,8 @@ pub struct TufClient {
     transport: Option<BoxedTransport>,
     /// Counts the downloads that went on with a range request.
     resumed: Arc<AtomicU64>,
+    /// A PEM file of CA certificates TLS trusts besides the system's store.
+    extra_ca_certificates: Option<PathBuf>,
 }
 
 impl TufClient {
@@ -452,7 +474,16 @@ impl TufClient {
             datastore: datastore.into(),
             transport: None,
             resumed: Arc::new(AtomicU64::new(0)),
+            extra_ca_certificates: None,
         }
+    }
+
+    /// TLS also trusts the CA certificates in this PEM file (the agent's
+    /// `extra_ca_certificates`), read at each load; `None`: the system's
+    /// trust store alone.
+    pub fn with_extra_ca_certificates(mut self, path: Option<PathBuf>) -> TufClient {
+        self.extra_ca_certificates = path;
+        self
     }
 
     /// Count the downloads that go on with a range request in `resumed`.
@@ -464,13 +495,16 @@ impl TufClient {
     /// The client the configuration asks for, with the image's root and the
     /// system datastore; `None` when no repository is configured.
     pub fn from_config(config: &Config) -> Option<TufClient> {
-        Some(TufClient::new(
-            config.metadata_url.clone()?,
-            config.targets_url.clone()?,
-            config.http_timeout(),
-            image_root_path(),
-            TUF_DATASTORE_DIR,
-        ))
+        Some(
+            TufClient::new(
+                config.metadata_url.clone()?,
+                config.targets_url.clone()?,
+                config.http_timeout(),
+                image_root_path(),
+                TUF_DATASTORE_DIR,
+            )
+            .with_extra_ca_certificates(config.extra_ca_certificates.clone()),
+        )
     }
 
     /// Use `transport` instead of [`default_transport`] (tests, recording).
@@ -563,9 +597,10 @@ impl TufClient {
         }
         let transport = match &self.transport {
             Some(transport) => transport.clone(),
-            None => BoxedTransport(Box::new(default_transport(
+            None => BoxedTransport(Box::new(transport_trusting(
                 self.http_timeout,
                 Arc::clone(&self.resumed),
+                self.extra_ca_certificates.as_deref(),
             )?)),
         };
         let loaded = RepositoryLoader::new(
