@@ -321,8 +321,9 @@ def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
     check(re.fullmatch(r"[0-9a-f]{32}", machine_id), f"machine-id {machine_id!r}")
     boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
 
-    # Blessing: the next boot through a counted entry (1 try), as an update's try.
-    vm.run("mv /efi/EFI/Linux/racklet-a.efi /efi/EFI/Linux/racklet-a+1.efi && sync")
+    # Counting: once the agent's health gate passed, the committed UKI is
+    # counted (racklet-a+3.efi, three boots before systemd-boot falls back).
+    confirmed = wait_for_listing(vm, ["racklet-a+3.efi"])
     vm.reboot()
     boot_to_shell(vm, "a")
     check(vm.run("cat /proc/sys/kernel/random/boot_id").strip() != boot_id, "the boot ID did not change")
@@ -337,13 +338,12 @@ def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
     ctx.note(f"data partition {data.size} -> {grown} bytes; /var {var_size} bytes")
     count_path = vm.run(f"cat /sys/firmware/efi/efivars/LoaderBootCountPath-{SYSTEMD_BOOT_VENDOR_GUID}"
                         " | tail -c +5 | tr -d '\\000'", check=False)[1].strip()
-    check(count_path.endswith("racklet-a+0-1.efi"), f"LoaderBootCountPath is {count_path!r}")
-    vm.run("systemctl is-system-running --wait", timeout=300, check=False)
-    status = vm.run("systemctl is-active systemd-bless-boot.service", check=False)[1].strip()
-    listing = vm.run("ls /efi/EFI/Linux").split()
-    check(listing == ["racklet-a.efi"], f"/efi/EFI/Linux after boot-complete: {listing} "
-                                         f"(systemd-bless-boot.service: {status})")
-    ctx.note(f"booted via {count_path}; systemd-bless-boot.service {status}; ESP now {listing}")
+    check(count_path.endswith("racklet-a+2-1.efi"), f"LoaderBootCountPath is {count_path!r}")
+    bless = vm.run("systemctl is-enabled systemd-bless-boot.service", check=False)[1].strip()
+    check(bless == "masked", f"systemd-bless-boot.service is {bless!r}, expected masked")
+    listing = wait_for_listing(vm, ["racklet-a+3.efi"])
+    ctx.note(f"first boot confirmed: {confirmed}; booted via {count_path}; systemd-bless-boot {bless}; "
+             f"confirmed again: {listing}")
 
     # Watchdog: armed by systemd; a frozen PID 1 stops petting it.
     runtime = vm.run("systemctl show -p RuntimeWatchdogUSec --value").strip()
@@ -362,6 +362,20 @@ def x86_boot_verified_root_then_reboots(ctx: Context) -> None:
           "/var token lost in the watchdog reset")
     ctx.note(f"watchdog reset and boot to the shell {time.monotonic() - started:.0f} s after PID 1 froze")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+def wait_for_listing(vm: VM, expected: list[str], timeout: float = 240) -> list[str]:
+    """Wait until /efi/EFI/Linux lists exactly `expected` (the agent renames
+    the booted UKI once its health gate passed); returns the listing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = vm.run("ls /efi/EFI/Linux").split()
+        if listing == expected:
+            return listing
+        if time.monotonic() > deadline:
+            raise TestFailure(f"/efi/EFI/Linux is {listing}, expected {expected} within {timeout:.0f} s; "
+                              f"agent: {vm.run('journalctl -b -u racklet-update --no-pager | tail -n 5', check=False)[1]}")
+        time.sleep(3)
 
 
 def systemd_block(image: Image, erofs: Path) -> tuple[int, str]:
@@ -453,8 +467,8 @@ def x86_failed_try_falls_back_then_wiped_data_is_recreated(ctx: Context) -> None
     times = boot_to_shell(vm, "a")
     root_checks(vm, image, "a")
     listing = vm.run("ls /efi/EFI/Linux").split()
-    check("racklet-b+0-1.efi" in listing and "racklet-a.efi" in listing and "racklet-b+1.efi" not in listing,
-          f"/efi/EFI/Linux: {listing}")
+    check("racklet-b+0-1.efi" in listing and "racklet-b+1.efi" not in listing
+          and ("racklet-a.efi" in listing or "racklet-a+3.efi" in listing), f"/efi/EFI/Linux: {listing}")
     selected = vm.run(f"cat /sys/firmware/efi/efivars/LoaderEntrySelected-{SYSTEMD_BOOT_VENDOR_GUID}"
                       " | tail -c +5 | tr -d '\\000'").strip()
     check(selected == "racklet-a.efi", f"LoaderEntrySelected is {selected!r}")
@@ -475,8 +489,11 @@ def x86_failed_try_falls_back_then_wiped_data_is_recreated(ctx: Context) -> None
     etc = vm.run("findmnt -n -o FSTYPE /etc").strip()
     check(etc == "overlay", f"/etc is {etc!r} on the boot after makefs, expected the overlay")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
-    check(esp_listing(overlay, "EFI/Linux") == ["racklet-a.efi", "racklet-b+0-1.efi"],
-          f"ESP after the test: {esp_listing(overlay, 'EFI/Linux')}")
+    # A: counted once the agent confirmed a boot (+3), or counted down by the
+    # last boot before the poweroff (+2-1).
+    final = esp_listing(overlay, "EFI/Linux")
+    check(final[1:] == ["racklet-b+0-1.efi"] and final[0] in ("racklet-a+3.efi", "racklet-a+2-1.efi", "racklet-a.efi"),
+          f"ESP after the test: {final}")
 
 
 # ---------------------------------------------------------------------------
@@ -844,18 +861,24 @@ def aarch64_uboot_try_b_then_fall_back(ctx: Context) -> None:
     decision = uboot_decision(vm)
     check("state copy 1 (sequence 3): order b a" in decision and "b=0" in decision, f"second pass: {decision}")
     vm.expect(r"racklet: slot b has no tries left; skipping it", timeout=60)
+    # A, the committed slot, boots counted (this file has no boots yet: 0).
+    vm.expect(r"racklet: booting committed slot a \(boot 1 of 3 ", timeout=60)
     vm.expect(r"Booting /EFI\\Linux\\racklet-a\.efi", timeout=120)
     boot_to_shell(vm, "a")
     root_checks(vm, image, "a")
-    seen = vm.run("tr '\\000' '\\n' < /efi/racklet/state-1.env | grep '^racklet_'")
-    check("racklet_tries_b=0" in seen.split() and "racklet_seq=3" in seen.split(),
-          f"/efi/racklet/state-1.env in the guest: {seen.split()}")
     check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
     copies = read_states(overlay)
-    check(copies[0] == state(3, "b a", tries_b=0), f"state-1.env (written by U-Boot): {copies[0]}")
-    check(copies[1] == newer, f"state-2.env must be untouched: {copies[1]}")
+    # Copy 1: the try, written by U-Boot (sequence 3; the boot counts of a file
+    # written before they existed read as 0), or, once A's health gate passed,
+    # the agent's confirmation of A's boot (sequence 5). Copy 2: U-Boot's count
+    # of A's boot (sequence 4).
+    tried = {**state(3, "b a", tries_b=0), "racklet_boots_a": "0", "racklet_boots_b": "0"}
+    counted = {**tried, "racklet_seq": "4", "racklet_boots_a": "1"}
+    confirmed = {**tried, "racklet_seq": "5"}
+    check(copies[1] == counted, f"state-2.env (A's boot, counted by U-Boot): {copies[1]}")
+    check(copies[0] in (tried, confirmed), f"state-1.env: {copies[0]}")
     esp_fsck(overlay)
-    ctx.note("B tried once, then skipped; state-1.env = " + repr(copies[0]))
+    ctx.note(f"B tried once, then skipped; A counted; state copies {copies}")
 
 
 @test(ARM)
@@ -879,9 +902,13 @@ def aarch64_uboot_damaged_newer_copy(ctx: Context) -> None:
     check("racklet.slot=a" in cmdline.group(1), cmdline.group(1))
     vm.expect(INIT_OK, timeout=300, fail=BOOT_FAILURE)
     vm.kill()
-    with overlay.esp() as esp:
-        check(esp.read("racklet/state-1.env") == torn and esp.read("racklet/state-2.env") == valid,
-              "no try happened, so neither copy may change")
+    copies = read_states(overlay)
+    # The boot of A is counted in place of the torn copy; the valid one stays
+    # (or carries the agent's confirmation, if A's health gate passed first).
+    check(copies[0] == {**state(7, "a"), "racklet_boots_a": "1", "racklet_boots_b": "0"},
+          f"state-1.env should be the counted boot of A replacing the torn copy: {copies[0]}")
+    check(copies[1] in (decode_uboot_env(valid), {**state(8, "a"), "racklet_boots_a": "0", "racklet_boots_b": "0"}),
+          f"state-2.env: {copies[1]}")
     ctx.note(decision)
 
 

@@ -543,7 +543,8 @@ def esp_entries(vm: NetVM) -> list[str]:
 def try_placed(words: list[str]) -> bool:
     """The monitor's ESP words show a try of slot B placed for the boot loader:
     systemd-boot's counted entry, or a U-Boot state copy with one try of B."""
-    return any(word.startswith("racklet-b+") for word in words) or "uboot-try-b" in words
+    return (any(word in ("racklet-b+1.efi", "racklet-b+0-1.efi") for word in words)
+            or "uboot-try-b" in words)
 
 
 UBOOT_STATE_LINE = re.compile(r"RKSTATE([12]) ([A-Za-z0-9+/=]*)")
@@ -575,7 +576,8 @@ def describe_uboot(state: dict) -> str:
 
 def check_committed_on_esp(vm: NetVM, slot: str, other_bootable: bool | None = None) -> str:
     """The boot loader's own record says `slot` is committed, as its boot
-    loader will read it: systemd-boot, `racklet-<slot>.efi` without a counter;
+    loader will read it: systemd-boot, a committed entry with boots left
+    (`racklet-<slot>+3.efi` and its counted-down names) and no try;
     U-Boot, the newest state copy commits `slot` uncounted and first in the
     order, and the marker racklet/committed-b matches. With other_bootable
     given, whether the other slot is in the boot order too (or, on
@@ -583,11 +585,12 @@ def check_committed_on_esp(vm: NetVM, slot: str, other_bootable: bool | None = N
     other = "b" if slot == "a" else "a"
     if vm.arch == "x86_64":
         entries = esp_entries(vm)
-        check(f"racklet-{slot}.efi" in entries and not any(e.startswith(f"racklet-{slot}+") for e in entries),
-              f"slot {slot} should have an uncounted entry on the ESP: {entries}")
+        mine = [e for e in entries if e.startswith(f"racklet-{slot}")]
+        check(committed_entry(entries, slot) and len(mine) == 1,
+              f"slot {slot} should have one committed entry on the ESP: {entries}")
         if other_bootable is not None:
-            check((f"racklet-{other}.efi" in entries) == other_bootable,
-                  f"slot {other} should {'' if other_bootable else 'not '}have an entry: {entries}")
+            check(committed_entry(entries, other) == other_bootable,
+                  f"slot {other} should {'' if other_bootable else 'not '}have a committed entry: {entries}")
         return f"EFI/Linux: {entries}"
     state = uboot_state(vm)
     newest = state["newest"]
@@ -824,6 +827,50 @@ def other_not_bootable(report: dict) -> None:
           f"slot {other} must not be bootable after a refused update: {summary(report)}")
 
 
+# The boots the boot loader gives a committed slot before it falls back
+# (os_format::layout::COMMITTED_BOOT_TRIES).
+COMMITTED_BOOT_TRIES = 3
+# A byte of the root's erofs superblock (block 0): read by the first mount, so
+# dm-verity resets the machine early in each boot of a slot whose root holds it.
+SUPERBLOCK_BYTE = 1024 + 100
+
+
+def corrupt_root(vm: NetVM, slot: str) -> str:
+    """Flip one byte of slot's root partition from inside the guest (bit rot on
+    the card) and flush it; returns what was written."""
+    device = f"/dev/disk/by-partlabel/root-{slot}"
+    original = vm.run(f"dd if={device} bs=1 skip={SUPERBLOCK_BYTE} count=1 status=none | od -An -tx1").strip()
+    new, octal = ("a5", "245") if original == "5a" else ("5a", "132")
+    vm.run(f"printf '\\{octal}' | dd of={device} bs=1 seek={SUPERBLOCK_BYTE} count=1 conv=notrunc,fsync status=none")
+    seen = vm.run(f"dd if={device} bs=1 skip={SUPERBLOCK_BYTE} count=1 status=none | od -An -tx1").strip()
+    check(seen == new, f"the flipped byte did not land in {device}: {original} -> {seen}, expected {new}")
+    return f"root-{slot} byte {SUPERBLOCK_BYTE}: {original} -> {new}"
+
+
+def failed_boots(vm: NetVM, slot: str, count: int) -> list[str]:
+    """`count` boots of `slot` in a row, each stopped by dm-verity before any
+    login; returns what the kernel said each time."""
+    said = []
+    for boot in range(1, count + 1):
+        line = vm.expect(BOOT_LINE, timeout=400)
+        check(f".slot={slot}" in line.group(1), f"failed boot {boot}: expected slot {slot}: {line.group(1)}")
+        corrupted = vm.expect(VERITY_CORRUPTION, timeout=300, fail=AUTOLOGIN)
+        said.append(corrupted.group(0).strip())
+    return said
+
+
+def committed_entry(entries: list[str], slot: str) -> bool:
+    """systemd-boot: slot has a committed UKI with boots left, counted
+    (racklet-<slot>+3.efi, +2-1, +1-2) or not yet (racklet-<slot>.efi)."""
+    for entry in entries:
+        found = re.fullmatch(rf"racklet-{slot}(?:\+(\d)(?:-(\d))?)?\.efi", entry)
+        if found and (found.group(1) is None
+                      or (int(found.group(1)) > 0
+                          and int(found.group(1)) + int(found.group(2) or 0) == COMMITTED_BOOT_TRIES)):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------
 # The scenario
 
@@ -883,6 +930,44 @@ def e2e_update_scenario(ctx: Context) -> None:
     on_good_slot(report, v2)
     check_committed_on_esp(vm, "b", other_bootable=True)
 
+    # 5. The committed slot's root rots on the card: B fails to start three
+    #    times, the boot loader falls back to A's good 1 without help, the
+    #    agent names slot B and repairs it (2 installed into B again).
+    configure_agent(vm, auto=True, interval=60)
+    flipped = corrupt_root(vm, "b")
+    mark = vm.cursor
+    started = time.monotonic()
+    vm.reboot()
+    said = failed_boots(vm, "b", COMMITTED_BOOT_TRIES)
+    boot_to_shell(vm, "a")
+    ctx.phase("corrupted B: three failed boots -> A up", time.monotonic() - started)
+    if vm.arch == "aarch64":
+        skipped = re.search(r"racklet: committed slot b failed to start \d+ times in a row; skipping it",
+                            clean(vm.since(mark)))
+        check(skipped, "boot.scr never said that it skipped slot b")
+    report = status(vm)
+    failed = report["state"].get("failed_slot") or {}
+    check(report["booted"]["slot"] == "a" and report["booted"]["version"] == v1,
+          f"after B failed to start, A ({v1}) should run: {summary(report)}")
+    check(failed.get("slot") == "b" and failed.get("version") == v2,
+          f"status should name slot b ({v2}) as failed to start: {report['state'].get('failed_slot')}")
+    check(report["state"].get("slot_start_failures_total") == 1, f"slot_start_failures_total: {summary(report)}")
+    logged = vm.run("journalctl -b -u racklet-update --no-pager | grep -c 'committed slot b failed to start'",
+                    check=False)[1].strip()
+    check(logged not in ("", "0"), "the journal does not name the slot that failed to start")
+    ctx.note(f"step 5: {flipped}; kernel each time: {said[0]}; status: failed_slot {failed}")
+    times = install_and_time(ctx, vm, server, v2)
+    reboot_at = wait_for_reboot(vm, times["mark"], timeout=300)
+    boot_to_shell(vm, "b")
+    report = wait_for(vm, f"{v2} repaired and committed", lambda r: committed(r, v2), timeout=400, interval=1)
+    report_install(ctx, "repair of B", times, reboot_at, time.monotonic())
+    check(report["state"].get("failed_slot") is None, f"the repaired slot is still named: {summary(report)}")
+    check(slot_view(report, "a") == {"boot_state": "good", "state": "good", "version": v1, "booted": False},
+          f"slot A should still hold {v1}, good: {summary(report)}")
+    check_committed_on_esp(vm, "b", other_bootable=True)
+    check_var_token(vm, token)
+    ctx.note(f"step 5 repaired: {summary(report)}")
+
     # 3. 3 is published; installed into A; fails its gate; back to 2 by itself.
     repo.publish("v3")
     configure_agent(vm, auto=True, interval=60)
@@ -932,7 +1017,27 @@ def e2e_update_scenario(ctx: Context) -> None:
     code, result = cli_json(vm, "rollback", timeout=60)
     check(code != 0, f"rollback onto slot A (failed {v3}) must be refused: {result}")
     ctx.note(f"rollback onto the failed slot: exit {code}: {result if isinstance(result, str) else result.get('error')}")
-    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+    # 6. Now B rots too, with A bad (3 failed): no slot can start. The node
+    #    stops on a console message instead of resetting forever.
+    flipped = corrupt_root(vm, "b")
+    mark = vm.cursor
+    vm.reboot()
+    failed_boots(vm, "b", COMMITTED_BOOT_TRIES)
+    if vm.arch == "aarch64":
+        stopped = vm.expect(r"racklet: STOPPED: no slot can be started[^\r\n]*", timeout=120, fail=BOOT_LINE)
+    else:
+        # systemd-boot boots the used-up entry once more; racklet-init stops it.
+        line = vm.expect(BOOT_LINE, timeout=400)
+        check(".slot=b" in line.group(1), f"expected the used-up slot b: {line.group(1)}")
+        stopped = vm.expect(r"racklet-init: FATAL: STOPPED: no slot can be started[^\r\n]*", timeout=300,
+                            fail=VERITY_CORRUPTION)
+    quiet_from = len(vm.output)
+    time.sleep(30)
+    check(not BOOT_LINE.search(vm.since(quiet_from)) and not AUTOLOGIN.search(vm.since(quiet_from)),
+          "the node booted again after it said it stopped")
+    ctx.note(f"step 6: {flipped}; then: {clean(stopped.group(0))[:200]}")
+    vm.kill()
 
 
 # ---------------------------------------------------------------------------
