@@ -201,7 +201,10 @@ pub enum KeysCommand {
     },
     /// Sign root version N+1 with new keys for the given roles (default: root),
     /// cross-signed by the current root keys so nodes follow the rotation.
+    /// Needs only the root keys: run it where they are kept (offline), then
+    /// `keys export` the result to the publishing key directory.
     RotateRoot {
+        /// The key directory holding the root keys.
         #[arg(long)]
         dir: PathBuf,
         /// Roles whose keys are replaced.
@@ -213,6 +216,19 @@ pub enum KeysCommand {
         root_expiry_days: u32,
         #[arg(long, hide = true)]
         now: Option<String>,
+    },
+    /// Copy the signed roots and the targets, snapshot and timestamp private
+    /// keys (never a root key) from the key directory holding the root keys
+    /// to a publishing key directory, which `publish` and `repo` then use;
+    /// keys the newest root no longer lists move to its retired/.
+    Export {
+        /// The key directory holding the root keys (where `keys generate`
+        /// and `keys rotate-root` ran).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The publishing key directory (created when missing).
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -460,8 +476,38 @@ pub fn run(cli: &Cli) -> Result<serde_json::Value> {
                 )?;
                 if !cli.json {
                     println!(
-                        "root version {} signed by the old and the new root keys; run `racklet-image repo refresh` to publish it",
-                        report.root_version
+                        "root version {} signed by the old and the new root keys; copy it to the publishing key directory with `racklet-image keys export --dir {} --to <publishing keys>` (unless that is this directory) and publish it with `racklet-image repo refresh`",
+                        report.root_version,
+                        dir.display()
+                    );
+                }
+                Ok(serde_json::to_value(report).expect("json"))
+            }
+            KeysCommand::Export { dir, to } => {
+                let report = KeyDirectory::new(dir).export(&KeyDirectory::new(to))?;
+                if report.root_keys_in_destination > 0 {
+                    tracing::warn!(
+                        "{} holds {} root private key(s); routine publishing does not use them: keep them only where `keys rotate-root` runs",
+                        to.display(),
+                        report.root_keys_in_destination
+                    );
+                }
+                if !cli.json {
+                    let list = |names: &[String]| {
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    };
+                    println!(
+                        "{}: root version {} (roots copied: {}), keys copied: {}, keys retired: {}; publish with --keys {}",
+                        report.to.display(),
+                        report.root_version,
+                        list(&report.roots_copied.iter().map(u64::to_string).collect::<Vec<_>>()),
+                        list(&report.keys_copied),
+                        list(&report.keys_retired),
+                        report.to.display()
                     );
                 }
                 Ok(serde_json::to_value(report).expect("json"))
@@ -590,7 +636,7 @@ fn run_repo(cli: &Cli, command: &RepoCommand) -> Result<serde_json::Value> {
             if !expired.is_empty() {
                 return Err(BuildError::repository(
                     repo.repo.display().to_string(),
-                    format!("expired metadata: {}; nodes refuse it; run `racklet-image repo refresh` (or `keys rotate-root` for root)", expired.join(", ")),
+                    format!("expired metadata: {}; nodes refuse it; run `racklet-image repo refresh` (for root: `keys rotate-root` where the root keys are kept, then `keys export` to the publishing key directory)", expired.join(", ")),
                 ));
             }
             Ok(serde_json::json!({"ok": true, "roles": roles}))

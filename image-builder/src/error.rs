@@ -76,6 +76,18 @@ pub enum BuildError {
     /// published, a missing key, an expired root...).
     #[error("{what}: {message}")]
     Repository { what: String, message: String },
+    /// Routine publishing (publish, refresh, set-max-version) found that the
+    /// root must be signed again, which only the root keys can do, and those
+    /// are kept off the publishing machine.
+    #[error("{file}: root version {version} {why}; routine publishing never signs root: {fix}")]
+    RootNeedsSigning {
+        file: PathBuf,
+        version: u64,
+        /// "expired at T ..." or "expires at T, before ...".
+        why: String,
+        /// The commands that sign the next root where the root keys are.
+        fix: String,
+    },
     /// tough refused or failed an operation on TUF metadata.
     #[error("{what}: {source}")]
     Tuf {
@@ -105,7 +117,8 @@ impl BuildError {
             | BuildError::HostTool { .. }
             | BuildError::OfflineMissing { .. }
             | BuildError::PinGone { .. }
-            | BuildError::Repository { .. } => 2,
+            | BuildError::Repository { .. }
+            | BuildError::RootNeedsSigning { .. } => 2,
             _ => 1,
         }
     }

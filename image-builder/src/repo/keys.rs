@@ -12,6 +12,11 @@
 //! Which key belongs to which role is read from the root itself: every key file
 //! is loaded, its TUF key id computed, and matched against the root's roles.
 //! Signing goes through tough (`SignedRole`), never by hand.
+//!
+//! Routine publishing needs only the keys of [`PUBLISHING_ROLES`]; the root
+//! keys may live in a separate (offline) directory where `generate` and
+//! `rotate_root` run, and `export` copies the signed roots and the publishing
+//! keys, never a root key, from there to the publishing directory.
 
 use std::collections::HashMap;
 use std::fs;
@@ -45,6 +50,11 @@ pub const ALL_ROLES: [RoleType; 4] = [
     RoleType::Snapshot,
     RoleType::Timestamp,
 ];
+
+/// The roles `publish`, `repo refresh` and `repo set-max-version` sign: never
+/// root, whose keys can stay offline.
+pub const PUBLISHING_ROLES: [RoleType; 3] =
+    [RoleType::Targets, RoleType::Snapshot, RoleType::Timestamp];
 
 /// Printed on stderr whenever development keys are created or used to sign.
 pub const DEVELOPMENT_KEYS_WARNING: &str = "\
@@ -129,6 +139,22 @@ pub struct KeysReport {
     pub root_file: PathBuf,
     pub root_expires: String,
     pub roles: Vec<RoleReport>,
+}
+
+/// What `keys export` reports.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub root_version: u64,
+    /// Root versions written to `<to>/roots/` (those it did not hold yet).
+    pub roots_copied: Vec<u64>,
+    /// Private key files written to `<to>/keys/`.
+    pub keys_copied: Vec<String>,
+    /// Key files of `<to>/keys/` the new root no longer lists, moved to `<to>/retired/`.
+    pub keys_retired: Vec<String>,
+    /// Root private keys found in `<to>/keys/` (none belong there).
+    pub root_keys_in_destination: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -280,52 +306,234 @@ impl KeyDirectory {
         Ok(sources)
     }
 
-    /// Check that the keys here can sign every role of `root` to its threshold.
+    /// Check that the keys here can sign every role of `roles` of `root` to
+    /// its threshold.
     pub fn check_can_sign(&self, root: &Root, roles: &[RoleType]) -> Result<()> {
-        let available = self.key_ids()?;
-        for role in roles {
-            let role_keys = root.roles.get(role).ok_or_else(|| {
-                BuildError::repository(
-                    self.current_root_path().display().to_string(),
-                    format!("the root has no {} role", role_name(*role)),
-                )
+        let available: Vec<Decoded<Hex>> =
+            self.keys_by_id()?.into_iter().map(|(_, id)| id).collect();
+        check_signers(root, roles, &available).map_err(|missing| {
+            let hint = if missing.role == RoleType::Root {
+                "; root keys are kept off the publishing machine: run `racklet-image keys rotate-root` in the key directory that holds them and copy the new root here with `racklet-image keys export` (docs/keys.md)"
+            } else {
+                ""
+            };
+            BuildError::repository(
+                self.path.join(KEY_FILES_DIR).display().to_string(),
+                format!("{missing}, and only {} of those keys are here{hint}", missing.present),
+            )
+        })
+    }
+
+    /// Every key file in `keys/` with its TUF key id.
+    fn keys_by_id(&self) -> Result<Vec<(PathBuf, Decoded<Hex>)>> {
+        self.key_files()?
+            .into_iter()
+            .map(|path| {
+                let bytes = fs::read(&path).map_err(BuildError::io(&path))?;
+                let pair = parse_keypair(&bytes).map_err(|error| {
+                    BuildError::repository(path.display().to_string(), error.to_string())
+                })?;
+                let id = pair.tuf_key().key_id().map_err(key_id_error)?;
+                Ok((path, id))
+            })
+            .collect()
+    }
+
+    /// Every signed root from version 1 to the newest, each checked: it
+    /// parses, carries its own version number, is signed by the threshold of
+    /// its own root keys and (from version 2 on) of its predecessor's, and
+    /// the newest is `root.json`.
+    pub fn verified_root_chain(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let chain = self.root_chain()?;
+        let mut previous: Option<Root> = None;
+        for (version, bytes) in &chain {
+            let path = self.root_version_path(*version);
+            let bad = |message: String| BuildError::repository(path.display().to_string(), message);
+            let root: Signed<Root> = serde_json::from_slice(bytes)
+                .map_err(|error| bad(format!("not a signed TUF root: {error}")))?;
+            if root.signed.version.get() != *version {
+                return Err(bad(format!(
+                    "holds root version {}, expected version {version}",
+                    root.signed.version
+                )));
+            }
+            root.signed.verify_role(&root).map_err(|error| {
+                bad(format!(
+                    "not signed by the threshold of its own root keys: {error}"
+                ))
             })?;
-            let present = role_keys
-                .keyids
-                .iter()
-                .filter(|id| available.contains(id))
-                .count() as u64;
-            if present < role_keys.threshold.get() {
+            if let Some(previous) = &previous {
+                previous.verify_role(&root).map_err(|error| {
+                    bad(format!(
+                        "not signed by the threshold of root version {}'s keys, so nodes trusting it would refuse it: {error}",
+                        previous.version
+                    ))
+                })?;
+            }
+            previous = Some(root.signed);
+        }
+        let current_path = self.current_root_path();
+        let current = fs::read(&current_path).map_err(BuildError::io(&current_path))?;
+        if chain.last().map(|(_, bytes)| bytes) != Some(&current) {
+            return Err(BuildError::repository(
+                current_path.display().to_string(),
+                format!(
+                    "differs from {}, the newest root of the chain",
+                    self.root_version_path(chain.len() as u64).display()
+                ),
+            ));
+        }
+        Ok(chain)
+    }
+
+    /// Copy what publishing needs from this directory (the one holding the
+    /// root keys) to the publishing key directory `to`: every signed root it
+    /// does not hold yet, `root.json`, and the private keys of the
+    /// targets, snapshot and timestamp roles that `to` lacks, never a root
+    /// key. Keys of `to` the newest root no longer lists move to its
+    /// `retired/`. Refused, with `to` unchanged, when its roots are not the
+    /// beginning of this directory's chain or when it could not publish
+    /// afterwards (a publishing role short of its threshold).
+    pub fn export(&self, to: &KeyDirectory) -> Result<ExportReport> {
+        if let (Ok(from_path), Ok(to_path)) = (self.path.canonicalize(), to.path.canonicalize()) {
+            if from_path == to_path {
                 return Err(BuildError::repository(
-                    self.path.join(KEY_FILES_DIR).display().to_string(),
+                    to.path.display().to_string(),
+                    "is the key directory being exported from; name the publishing key directory",
+                ));
+            }
+        }
+        let chain = self.verified_root_chain()?;
+        let newest = self.current_root()?.signed;
+        let newest_version = newest.version.get();
+        let held = if to.current_root_path().exists() {
+            to.current_root()?.signed.version.get()
+        } else {
+            0
+        };
+        if held > newest_version {
+            return Err(BuildError::repository(
+                to.current_root_path().display().to_string(),
+                format!(
+                    "holds root version {held}, newer than version {newest_version} in {}; export from the key directory that signed it",
+                    self.path.display()
+                ),
+            ));
+        }
+        for (version, bytes) in chain.iter().take(held as usize) {
+            let theirs = to.root_version_path(*version);
+            if fs::read(&theirs).ok().as_ref() != Some(bytes) {
+                return Err(BuildError::repository(
+                    theirs.display().to_string(),
                     format!(
-                        "missing or wrong {} key: the root (version {}) needs {} signature(s) from key ids {}, and only {present} of those keys are here",
-                        role_name(*role),
-                        root.version,
-                        role_keys.threshold,
-                        role_keys
-                            .keyids
-                            .iter()
-                            .map(|id| hex::encode(id.as_ref() as &[u8]))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "differs from {} or is missing: these key directories do not belong to the same repository",
+                        self.root_version_path(*version).display()
                     ),
                 ));
             }
         }
-        Ok(())
-    }
 
-    fn key_ids(&self) -> Result<Vec<Decoded<Hex>>> {
-        let mut ids = Vec::new();
-        for path in self.key_files()? {
-            let bytes = fs::read(&path).map_err(BuildError::io(&path))?;
-            let pair = parse_keypair(&bytes).map_err(|error| {
-                BuildError::repository(path.display().to_string(), error.to_string())
-            })?;
-            ids.push(pair.tuf_key().key_id().map_err(key_id_error)?);
+        let root_ids = &newest.roles[&RoleType::Root].keyids;
+        let publishing_ids: Vec<&Decoded<Hex>> = PUBLISHING_ROLES
+            .iter()
+            .filter_map(|role| newest.roles.get(role))
+            .flat_map(|keys| keys.keyids.iter())
+            .filter(|id| !root_ids.contains(id))
+            .collect();
+        let theirs = if to.path.join(KEY_FILES_DIR).is_dir() {
+            to.keys_by_id()?
+        } else {
+            Vec::new()
+        };
+        let ours = if self.path.join(KEY_FILES_DIR).is_dir() {
+            self.keys_by_id()?
+        } else {
+            Vec::new()
+        };
+        let mut to_copy: Vec<(PathBuf, Decoded<Hex>)> = Vec::new();
+        for (path, id) in ours {
+            let wanted = publishing_ids.contains(&&id)
+                && !theirs.iter().any(|(_, their_id)| *their_id == id)
+                && !to_copy.iter().any(|(_, copied)| *copied == id);
+            if !wanted {
+                continue;
+            }
+            let destination = to
+                .path
+                .join(KEY_FILES_DIR)
+                .join(path.file_name().expect("key file name"));
+            if destination.exists() {
+                return Err(BuildError::repository(
+                    destination.display().to_string(),
+                    format!(
+                        "is in the way of {}: a file of that name holding another key",
+                        path.display()
+                    ),
+                ));
+            }
+            to_copy.push((path, id));
         }
-        Ok(ids)
+        let available: Vec<Decoded<Hex>> = theirs
+            .iter()
+            .chain(&to_copy)
+            .map(|(_, id)| id.clone())
+            .collect();
+        check_signers(&newest, &PUBLISHING_ROLES, &available).map_err(|missing| {
+            BuildError::repository(
+                to.path.display().to_string(),
+                format!(
+                    "could not publish with root version {newest_version}: {missing}, and {} and {} hold only {} of those keys together; put the missing private key in {}",
+                    self.path.display(),
+                    to.path.display(),
+                    missing.present,
+                    self.path.join(KEY_FILES_DIR).display()
+                ),
+            )
+        })?;
+        let root_keys_in_destination = theirs
+            .iter()
+            .filter(|(_, id)| root_ids.contains(id))
+            .count();
+
+        let created = !to.path.exists();
+        for directory in [KEY_FILES_DIR, ROOTS_DIR] {
+            let path = to.path.join(directory);
+            fs::create_dir_all(&path).map_err(BuildError::io(&path))?;
+        }
+        if created {
+            fs::set_permissions(&to.path, fs::Permissions::from_mode(0o700))
+                .map_err(BuildError::io(&to.path))?;
+        }
+        let warning = self.path.join(WARNING_FILE);
+        if warning.exists() && !to.path.join(WARNING_FILE).exists() {
+            fs::copy(&warning, to.path.join(WARNING_FILE)).map_err(BuildError::io(&warning))?;
+        }
+        // Roots first, root.json last: an interrupted export leaves `to`
+        // on its old newest root, and running it again completes it.
+        let mut roots_copied = Vec::new();
+        for (version, bytes) in chain.iter().skip(held as usize) {
+            write_file_atomically(&to.root_version_path(*version), bytes)?;
+            roots_copied.push(*version);
+        }
+        let mut keys_copied = Vec::new();
+        for (path, _) in &to_copy {
+            let bytes = fs::read(path).map_err(BuildError::io(path))?;
+            let name = path.file_name().expect("key file name");
+            write_private_file(&to.path.join(KEY_FILES_DIR).join(name), &bytes)?;
+            keys_copied.push(name.to_string_lossy().into_owned());
+        }
+        let (_, newest_bytes) = chain.last().expect("a chain has version 1");
+        write_file_atomically(&to.current_root_path(), newest_bytes)?;
+        let keys_retired = to.retire_unused_keys(&newest)?;
+        Ok(ExportReport {
+            from: self.path.clone(),
+            to: to.path.clone(),
+            root_version: newest_version,
+            roots_copied,
+            keys_copied,
+            keys_retired,
+            root_keys_in_destination,
+        })
     }
 
     /// Generate keys for every role and sign root version 1.
@@ -449,20 +657,20 @@ impl KeyDirectory {
         Ok(ids)
     }
 
-    fn retire_unused_keys(&self, root: &Root) -> Result<()> {
+    /// Move key files whose key `root` no longer lists to `retired/`;
+    /// returns their file names.
+    fn retire_unused_keys(&self, root: &Root) -> Result<Vec<String>> {
         let retired_dir = self.path.join(RETIRED_KEYS_DIR);
-        for path in self.key_files()? {
-            let bytes = fs::read(&path).map_err(BuildError::io(&path))?;
-            let pair =
-                parse_keypair(&bytes).map_err(BuildError::tuf(path.display().to_string()))?;
-            let id = pair.tuf_key().key_id().map_err(key_id_error)?;
+        let mut retired = Vec::new();
+        for (path, id) in self.keys_by_id()? {
             if !root.keys.contains_key(&id) {
                 fs::create_dir_all(&retired_dir).map_err(BuildError::io(&retired_dir))?;
-                let target = retired_dir.join(path.file_name().expect("key file name"));
-                fs::rename(&path, &target).map_err(BuildError::io(&path))?;
+                let name = path.file_name().expect("key file name");
+                fs::rename(&path, retired_dir.join(name)).map_err(BuildError::io(&path))?;
+                retired.push(name.to_string_lossy().into_owned());
             }
         }
-        Ok(())
+        Ok(retired)
     }
 
     fn store_root(&self, signed: &SignedRole<Root>) -> Result<()> {
@@ -500,6 +708,59 @@ impl KeyDirectory {
 
 fn key_id_error(error: tough::schema::Error) -> BuildError {
     BuildError::repository("key id", error.to_string())
+}
+
+/// A role of a root that the keys at hand cannot sign to its threshold.
+#[derive(Debug)]
+struct MissingSigners {
+    role: RoleType,
+    root_version: u64,
+    threshold: u64,
+    key_ids: Vec<String>,
+    present: usize,
+}
+
+impl std::fmt::Display for MissingSigners {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "missing or wrong {} key: the root (version {}) needs {} signature(s) from key ids {}",
+            role_name(self.role),
+            self.root_version,
+            self.threshold,
+            self.key_ids.join(", ")
+        )
+    }
+}
+
+/// The first role of `roles` that the keys `available` cannot sign to the
+/// threshold `root` sets for it.
+fn check_signers(
+    root: &Root,
+    roles: &[RoleType],
+    available: &[Decoded<Hex>],
+) -> std::result::Result<(), MissingSigners> {
+    for role in roles {
+        let (key_ids, threshold) = match root.roles.get(role) {
+            Some(keys) => (keys.keyids.as_slice(), keys.threshold.get()),
+            // A root without the role: nothing here can sign it.
+            None => (&[][..], 1),
+        };
+        let present = key_ids.iter().filter(|id| available.contains(id)).count();
+        if (present as u64) < threshold {
+            return Err(MissingSigners {
+                role: *role,
+                root_version: root.version.get(),
+                threshold,
+                key_ids: key_ids
+                    .iter()
+                    .map(|id| hex::encode(id.as_ref() as &[u8]))
+                    .collect(),
+                present,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn role_keys(keyids: Vec<Decoded<Hex>>, threshold: u64) -> Result<RoleKeys> {
@@ -647,6 +908,196 @@ mod tests {
         assert_eq!(keys.key_files().unwrap().len(), 5);
         assert_eq!(keys.root_chain().unwrap().len(), 2);
         keys.check_can_sign(&root2.signed, &ALL_ROLES).unwrap();
+    }
+
+    /// Key files of `role` in `<dir>/<sub>/`.
+    fn files_of(dir: &Path, sub: &str, role: RoleType) -> Vec<PathBuf> {
+        let prefix = format!("{}-", role_name(role));
+        let mut files: Vec<PathBuf> = fs::read_dir(dir.join(sub))
+            .map(|entries| entries.map(|entry| entry.unwrap().path()).collect())
+            .unwrap_or_default();
+        files.retain(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        });
+        files
+    }
+
+    fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        for sub in ["", KEY_FILES_DIR, ROOTS_DIR, RETIRED_KEYS_DIR] {
+            let Ok(entries) = fs::read_dir(dir.join(sub)) else {
+                continue;
+            };
+            for path in entries.map(|entry| entry.unwrap().path()) {
+                if path.is_file() {
+                    files.push((path.clone(), fs::read(&path).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn an_offline_root_rotates_a_compromised_targets_key() {
+        let directory = tempfile::tempdir().unwrap();
+        let offline = KeyDirectory::new(directory.path().join("offline"));
+        let publishing = KeyDirectory::new(directory.path().join("publishing"));
+        let mut counts = HashMap::new();
+        counts.insert(
+            RoleType::Root,
+            RoleKeyCount {
+                keys: 3,
+                threshold: 2,
+            },
+        );
+        offline.generate(&counts, now(), 365).unwrap();
+
+        let report = offline.export(&publishing).unwrap();
+        assert_eq!(report.roots_copied, vec![1]);
+        assert_eq!(report.keys_copied.len(), 3, "{report:?}");
+        assert!(report.keys_retired.is_empty());
+        assert_eq!(report.root_keys_in_destination, 0);
+        assert!(files_of(&publishing.path, KEY_FILES_DIR, RoleType::Root).is_empty());
+        let root1 = publishing.current_root().unwrap();
+        publishing
+            .check_can_sign(&root1.signed, &PUBLISHING_ROLES)
+            .unwrap();
+        let error = publishing
+            .check_can_sign(&root1.signed, &[RoleType::Root])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing or wrong root key"), "{error}");
+        assert!(error.contains("keys export"), "{error}");
+        let mode = fs::metadata(&publishing.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+
+        // The offline directory keeps only root keys, and one of its three
+        // is lost: two still meet the threshold.
+        for role in PUBLISHING_ROLES {
+            for path in files_of(&offline.path, KEY_FILES_DIR, role) {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        fs::remove_file(&files_of(&offline.path, KEY_FILES_DIR, RoleType::Root)[0]).unwrap();
+        let old_targets = root1.signed.roles[&RoleType::Targets].keyids.clone();
+
+        let rotated = offline
+            .rotate_root(&[RoleType::Targets], &HashMap::new(), now(), 365)
+            .unwrap();
+        assert_eq!(rotated.root_version, 2);
+        let root2 = offline.current_root().unwrap();
+        let new_targets = &root2.signed.roles[&RoleType::Targets].keyids;
+        assert_ne!(new_targets, &old_targets);
+        assert_eq!(
+            root2.signed.roles[&RoleType::Root],
+            root1.signed.roles[&RoleType::Root]
+        );
+        root1.signed.verify_role(&root2).unwrap();
+        root2.signed.verify_role(&root2).unwrap();
+
+        let report = offline.export(&publishing).unwrap();
+        assert_eq!(report.root_version, 2);
+        assert_eq!(report.roots_copied, vec![2]);
+        assert_eq!(report.keys_copied.len(), 1, "{report:?}");
+        assert!(report.keys_copied[0].starts_with("targets-"), "{report:?}");
+        assert_eq!(report.keys_retired.len(), 1, "{report:?}");
+        assert!(report.keys_retired[0].starts_with("targets-"), "{report:?}");
+        assert_eq!(
+            files_of(&publishing.path, RETIRED_KEYS_DIR, RoleType::Targets).len(),
+            1
+        );
+        assert!(files_of(&publishing.path, KEY_FILES_DIR, RoleType::Root).is_empty());
+        assert_eq!(publishing.verified_root_chain().unwrap().len(), 2);
+        let published_root = publishing.current_root().unwrap();
+        publishing
+            .check_can_sign(&published_root.signed, &PUBLISHING_ROLES)
+            .unwrap();
+        // The old targets key alone can no longer sign for root version 2.
+        let only_old = KeyDirectory::new(directory.path().join("old"));
+        fs::create_dir_all(only_old.path.join(KEY_FILES_DIR)).unwrap();
+        let old_file = &files_of(&publishing.path, RETIRED_KEYS_DIR, RoleType::Targets)[0];
+        fs::copy(
+            old_file,
+            only_old
+                .path
+                .join(KEY_FILES_DIR)
+                .join(old_file.file_name().unwrap()),
+        )
+        .unwrap();
+        assert!(only_old
+            .check_can_sign(&published_root.signed, &[RoleType::Targets])
+            .is_err());
+        only_old
+            .check_can_sign(&root1.signed, &[RoleType::Targets])
+            .unwrap();
+
+        // Exporting again changes nothing.
+        let before = tree(&publishing.path);
+        let report = offline.export(&publishing).unwrap();
+        assert!(report.roots_copied.is_empty() && report.keys_copied.is_empty());
+        assert_eq!(tree(&publishing.path), before);
+    }
+
+    #[test]
+    fn export_refuses_what_would_not_publish_and_changes_nothing() {
+        let directory = tempfile::tempdir().unwrap();
+        let first = KeyDirectory::new(directory.path().join("first"));
+        let other = KeyDirectory::new(directory.path().join("other"));
+        let publishing = KeyDirectory::new(directory.path().join("publishing"));
+        first.generate(&HashMap::new(), now(), 365).unwrap();
+        other.generate(&HashMap::new(), now(), 365).unwrap();
+        first.export(&publishing).unwrap();
+        let before = tree(&publishing.path);
+
+        // Another repository's root.
+        let error = other.export(&publishing).unwrap_err().to_string();
+        assert!(error.contains("1.root.json"), "{error}");
+        assert!(
+            error.contains("not belong to the same repository"),
+            "{error}"
+        );
+        assert_eq!(tree(&publishing.path), before);
+
+        // Into itself.
+        let error = first.export(&first).unwrap_err().to_string();
+        assert!(
+            error.contains("name the publishing key directory"),
+            "{error}"
+        );
+
+        // A destination that would lack the targets key.
+        fs::remove_file(&files_of(&first.path, KEY_FILES_DIR, RoleType::Targets)[0]).unwrap();
+        let fresh = KeyDirectory::new(directory.path().join("fresh"));
+        let error = first.export(&fresh).unwrap_err().to_string();
+        assert!(error.contains("could not publish"), "{error}");
+        assert!(error.contains("missing or wrong targets key"), "{error}");
+        assert!(!fresh.path.exists(), "nothing created");
+    }
+
+    #[test]
+    fn a_root_chain_with_a_root_its_predecessor_did_not_sign_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let first = KeyDirectory::new(directory.path().join("first"));
+        let other = KeyDirectory::new(directory.path().join("other"));
+        for keys in [&first, &other] {
+            keys.generate(&HashMap::new(), now(), 365).unwrap();
+            keys.rotate_root(&[RoleType::Root], &HashMap::new(), now(), 365)
+                .unwrap();
+        }
+        first.verified_root_chain().unwrap();
+        let foreign = fs::read(other.root_version_path(2)).unwrap();
+        fs::write(first.root_version_path(2), &foreign).unwrap();
+        fs::write(first.current_root_path(), &foreign).unwrap();
+        let error = first.verified_root_chain().unwrap_err().to_string();
+        assert!(error.contains("2.root.json"), "{error}");
+        assert!(error.contains("root version 1's keys"), "{error}");
+        let publishing = KeyDirectory::new(directory.path().join("publishing"));
+        assert!(first.export(&publishing).is_err());
+        assert!(!publishing.path.exists());
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //!
 //! Every change (publish, refresh, ceiling) is written into a staging copy,
 //! loaded back with tough's client from its first root, and only then swapped
-//! in (see `staging`). Signing is tough's editor with keys from `keys`.
+//! in (see `staging`). Signing is tough's editor with keys from `keys`, and
+//! only targets, snapshot and timestamp are signed: the root is published as
+//! the key directory holds it (signed where the root keys are kept), so no
+//! change here needs a root key; one that would need a new root is refused
+//! (`BuildError::RootNeedsSigning`).
 
 pub mod keys;
 pub mod staging;
@@ -29,13 +33,15 @@ use sha2::{Digest, Sha256};
 use tough::editor::signed::PathExists;
 use tough::editor::RepositoryEditor;
 use tough::schema::decoded::Decoded;
-use tough::schema::{Hashes, Target};
+use tough::schema::{Hashes, RoleType, Target};
 use tough::{
     ExpirationEnforcement, FilesystemTransport, IntoVec, Repository, RepositoryLoader, TargetName,
 };
 
 use crate::error::{BuildError, Result};
-use keys::{days_from, runtime, whole_seconds, KeyDirectory, ALL_ROLES, DEVELOPMENT_KEYS_WARNING};
+use keys::{
+    days_from, runtime, whole_seconds, KeyDirectory, DEVELOPMENT_KEYS_WARNING, PUBLISHING_ROLES,
+};
 use staging::{Staging, METADATA_DIR, TARGETS_DIR};
 
 /// Where build artifacts are, inside a build directory.
@@ -270,19 +276,88 @@ pub fn lock_repository(repo_dir: &Path) -> Result<RepositoryLock> {
     })
 }
 
-/// Refuse to sign with a root that has expired (rotate it first).
-fn check_root_fresh(keys: &KeyDirectory, now: jiff::Timestamp) -> Result<()> {
-    let root = keys.current_root()?;
-    if root.signed.expires <= now {
-        return Err(BuildError::repository(
-            keys.current_root_path().display().to_string(),
-            format!(
-                "root version {} expired at {}; sign a new one with `racklet-image keys rotate-root --dir {}` (clients refuse an expired root)",
-                root.signed.version, root.signed.expires, keys.path.display()
-            ),
-        ));
+/// How long before the root expires routine publishing starts to warn.
+const ROOT_WARN_DAYS: i64 = 30;
+
+/// What the root's expiry means for a routine change signed at `now` whose
+/// timestamp expires at `timestamp_expires`.
+#[derive(Debug, PartialEq, Eq)]
+enum RootVerdict {
+    Fresh,
+    /// Expires within `ROOT_WARN_DAYS`, but after the new timestamp.
+    ExpiresSoon,
+    /// Still valid, but expires before the new timestamp would: nodes would
+    /// refuse the repository while its timestamp still looks good.
+    ExpiresBeforeTimestamp,
+    Expired,
+}
+
+fn root_verdict(
+    root_expires: jiff::Timestamp,
+    now: jiff::Timestamp,
+    timestamp_expires: jiff::Timestamp,
+) -> RootVerdict {
+    if root_expires <= now {
+        RootVerdict::Expired
+    } else if root_expires < timestamp_expires {
+        RootVerdict::ExpiresBeforeTimestamp
+    } else if root_expires <= now + jiff::SignedDuration::from_hours(24 * ROOT_WARN_DAYS) {
+        RootVerdict::ExpiresSoon
+    } else {
+        RootVerdict::Fresh
     }
-    keys.check_can_sign(&root.signed, &ALL_ROLES)
+}
+
+/// Routine changes sign only targets, snapshot and timestamp, with the root
+/// the key directory holds as it is: refuse when that root must be signed
+/// again (it has expired, or expires before the new timestamp), which needs
+/// the root keys, and check that the publishing keys are here.
+fn check_root_usable(
+    keys: &KeyDirectory,
+    now: jiff::Timestamp,
+    timestamp_expires: jiff::Timestamp,
+) -> Result<()> {
+    let root = keys.current_root()?;
+    let version = root.signed.version.get();
+    let expires = root.signed.expires;
+    let next = version + 1;
+    let fix = if keys.check_can_sign(&root.signed, &[RoleType::Root]).is_ok() {
+        // One directory holds every key (development keys, `make keys`).
+        format!(
+            "sign root version {next} with `racklet-image keys rotate-root --dir {}`, then run this again",
+            keys.path.display()
+        )
+    } else {
+        format!(
+            "where the root keys are kept, sign root version {next} with `racklet-image keys rotate-root --dir <root key directory>` and copy it here with `racklet-image keys export --dir <root key directory> --to {}`, then run this again",
+            keys.path.display()
+        )
+    };
+    let needs_signing = |why: String| BuildError::RootNeedsSigning {
+        file: keys.current_root_path(),
+        version,
+        why,
+        fix: fix.clone(),
+    };
+    match root_verdict(expires, now, timestamp_expires) {
+        RootVerdict::Expired => {
+            return Err(needs_signing(format!(
+                "expired at {expires} and nodes refuse an expired root"
+            )))
+        }
+        RootVerdict::ExpiresBeforeTimestamp => {
+            return Err(needs_signing(format!(
+                "expires at {expires}, before the timestamp this would sign ({timestamp_expires}), and nodes refuse the whole repository once the root has expired"
+            )))
+        }
+        RootVerdict::ExpiresSoon => tracing::warn!(
+            root_version = version,
+            expires = %expires,
+            "the root expires within {ROOT_WARN_DAYS} days; {fix}"
+        ),
+        RootVerdict::Fresh => {}
+    }
+    keys.check_can_sign(&root.signed, &PUBLISHING_ROLES)
 }
 
 /// What a change does to the manifest and targets before signing.
@@ -302,7 +377,8 @@ async fn write_new_version(
     expiries: Expiries,
     change: Change,
 ) -> Result<(u64, jiff::Timestamp)> {
-    check_root_fresh(keys, now)?;
+    let timestamp_expires = days_from(now, expiries.timestamp_days);
+    check_root_usable(keys, now, timestamp_expires)?;
     check_same_trust(repo_dir, keys)?;
     eprintln!("{DEVELOPMENT_KEYS_WARNING}");
     let root_path = keys.current_root_path();
@@ -344,7 +420,6 @@ async fn write_new_version(
     let version = versions
         .map(|(targets, snapshot, timestamp)| next(targets.max(snapshot).max(timestamp)))
         .unwrap_or(NonZeroU64::MIN);
-    let timestamp_expires = days_from(now, expiries.timestamp_days);
     editor
         .targets_version(version)
         .map_err(BuildError::tuf("targets version"))?
@@ -742,4 +817,86 @@ pub fn validate(repo_dir: &Path) -> Result<Validation> {
             updates: manifest.updates.len(),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_root_verdict_follows_its_expiry() {
+        let now = at("2026-11-27T10:00:00Z");
+        let timestamp = days_from(now, 7);
+        let cases = [
+            ("2026-11-27T09:59:59Z", RootVerdict::Expired),
+            ("2026-11-27T10:00:00Z", RootVerdict::Expired),
+            ("2026-11-27T10:00:01Z", RootVerdict::ExpiresBeforeTimestamp),
+            ("2026-12-04T09:59:59Z", RootVerdict::ExpiresBeforeTimestamp),
+            ("2026-12-04T10:00:00Z", RootVerdict::ExpiresSoon),
+            ("2026-12-27T10:00:00Z", RootVerdict::ExpiresSoon),
+            ("2026-12-27T10:00:01Z", RootVerdict::Fresh),
+            ("2027-11-27T10:00:00Z", RootVerdict::Fresh),
+        ];
+        for (expires, verdict) in cases {
+            assert_eq!(
+                root_verdict(at(expires), now, timestamp),
+                verdict,
+                "{expires}"
+            );
+        }
+        // A timestamp that outlives a root with a year left is refused too.
+        assert_eq!(
+            root_verdict(at("2027-11-27T10:00:00Z"), now, days_from(now, 400)),
+            RootVerdict::ExpiresBeforeTimestamp
+        );
+    }
+
+    #[test]
+    fn routine_publishing_needs_no_root_key_and_names_the_offline_command() {
+        let directory = tempfile::tempdir().unwrap();
+        let offline = KeyDirectory::new(directory.path().join("offline"));
+        let publishing = KeyDirectory::new(directory.path().join("publishing"));
+        let now = at("2026-11-27T10:00:00Z");
+        offline.generate(&HashMap::new(), now, 30).unwrap();
+        offline.export(&publishing).unwrap();
+        check_root_usable(&publishing, now, days_from(now, 7)).unwrap();
+
+        let error =
+            check_root_usable(&publishing, days_from(now, 25), days_from(now, 32)).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        let text = error.to_string();
+        for words in [
+            "root version 1 expires at 2026-12-27T10:00:00Z",
+            "before the timestamp this would sign (2026-12-29T10:00:00Z)",
+            "sign root version 2 with `racklet-image keys rotate-root --dir <root key directory>`",
+            "keys export --dir <root key directory> --to",
+            "publishing",
+        ] {
+            assert!(text.contains(words), "{words:?} in {text}");
+        }
+        let text = check_root_usable(&publishing, days_from(now, 31), days_from(now, 38))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("root version 1 expired at 2026-12-27T10:00:00Z"),
+            "{text}"
+        );
+        // Where the root keys are at hand, the command is simply rotate-root.
+        let text = check_root_usable(&offline, days_from(now, 31), days_from(now, 38))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("root version 1 expired"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "sign root version 2 with `racklet-image keys rotate-root --dir {}`",
+                offline.path.display()
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("keys export"), "{text}");
+    }
 }
