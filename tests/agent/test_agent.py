@@ -75,11 +75,18 @@ VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
 VAR_TYPE = "4D21B016-B534-45C2-A9FB-5C16E091FD2D"
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n"
 TRY_PATTERN = "racklet-b[.+][e1-9]*"
+# The boots the boot loaders give a committed slot in a row before they fall
+# back (os_format::layout::COMMITTED_BOOT_TRIES), and the systemd-boot default
+# naming a committed slot: its UKI with boots left.
+COMMITTED_BOOT_TRIES = 3
+COMMITTED_PATTERN = {slot: f"racklet-{slot}[.+][e1-{COMMITTED_BOOT_TRIES}]*" for slot in "ab"}
 BOOT_LOADERS = ("systemd-boot", "u-boot")
 # U-Boot's A/B state (os-format/src/boot_state.rs, image-builder/assets/u-boot/boot.cmd).
 UBOOT_STATE_COPIES = ("racklet/state-1.env", "racklet/state-2.env")
 UBOOT_COMMITTED_B = "racklet/committed-b"
 UBOOT_KEYS = ("racklet_seq", "racklet_order", "racklet_committed", "racklet_tries_a", "racklet_tries_b")
+# Every key the script exports: the above and the committed slots' boot counts.
+UBOOT_EXPORTED = UBOOT_KEYS + ("racklet_boots_a", "racklet_boots_b")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Cases that fail because of a known agent bug: name -> the bug. They still
@@ -174,31 +181,60 @@ def run_boot_script(esp):
     before its UKI is loaded; nothing startable: the marker's slot. Returns
     the slot whose UKI it boots (None: nothing bootable, reset)."""
     committed = "b" if os.path.exists(os.path.join(esp, UBOOT_COMMITTED_B)) else "a"
-    fallback = committed
     copies = [decode_uboot_env(read_or_none(os.path.join(esp, copy))) for copy in UBOOT_STATE_COPIES]
     env = {"racklet_committed": committed, "racklet_order": committed,
            "racklet_tries_a": "-", "racklet_tries_b": "-"}
     newest = uboot_newest(copies)
     if newest is not None:
-        env.update({key: value for key, value in copies[newest].items() if key in UBOOT_KEYS})
+        # `env import` with a list: listed keys the copy lacks are deleted;
+        # the script then sets missing boot counts to 0.
+        for key in UBOOT_EXPORTED:
+            if key in copies[newest]:
+                env[key] = copies[newest][key]
+            else:
+                env.pop(key, None)
+        for key in ("racklet_boots_a", "racklet_boots_b"):
+            env.setdefault(key, "0")
 
     def uki_exists(slot):
         return os.path.exists(os.path.join(esp, "EFI", "Linux", f"racklet-{slot}.efi"))
 
-    for slot in env["racklet_order"].split():
-        key = "racklet_tries_a" if slot == "a" else "racklet_tries_b"
-        tries = env[key]
-        go = tries == "-"
-        if not go and hex_or_zero(tries) > 0:
-            env[key] = f"{hex_or_zero(tries) - 1:x}"
-            env["racklet_seq"] = f"{hex_or_zero(env.get('racklet_seq')) + 1:x}"
-            exported = {name: env[name] for name in UBOOT_KEYS if name in env}
-            with open(os.path.join(esp, UBOOT_STATE_COPIES[1 - newest]), "wb") as out:  # fatwrite to the older copy
-                out.write(encode_uboot_env(exported))
+    def write():
+        env["racklet_seq"] = f"{hex_or_zero(env.get('racklet_seq')) + 1:x}"
+        exported = {name: env[name] for name in UBOOT_EXPORTED if name in env}
+        with open(os.path.join(esp, UBOOT_STATE_COPIES[1 - newest]), "wb") as out:  # fatwrite to the older copy
+            out.write(encode_uboot_env(exported))
+
+    # The order, then the committed slot.
+    for slot in env["racklet_order"].split() + [env["racklet_committed"]]:
+        tries_key, boots_key = f"racklet_tries_{slot}", f"racklet_boots_{slot}"
+        tries = env[tries_key]
+        go = False
+        if newest is None:
+            go = True  # no valid state: the committed slot, uncounted
+        elif tries == "-":
+            boots = hex_or_zero(env[boots_key])
+            if boots < COMMITTED_BOOT_TRIES:
+                env[boots_key] = f"{boots + 1:x}"
+                write()
+                go = True
+        elif hex_or_zero(tries) > 0:
+            env[tries_key] = f"{hex_or_zero(tries) - 1:x}"
+            write()
             go = True
         if go and uki_exists(slot):
             return slot
-    return fallback if uki_exists(fallback) else None
+    return None  # the script stops: no slot can be started
+
+
+def committed_name(name):
+    """systemd-boot: "A" or "B" for a committed UKI with boots left
+    (racklet-a.efi, racklet-a+3.efi, +2-1, +1-2), else the name itself."""
+    match = re.fullmatch(r"racklet-([ab])(?:\+(\d)(?:-(\d))?)?\.efi", name)
+    if match and (match.group(2) is None or (int(match.group(2)) > 0 and int(match.group(2))
+                                             + int(match.group(3) or 0) == COMMITTED_BOOT_TRIES)):
+        return match.group(1).upper()
+    return name
 
 
 def loader_conf_default(esp):
@@ -243,43 +279,44 @@ def run_systemd_boot(esp):
 
 # What the ESP and `status` show while slot B is updated (slot A keeps the
 # image's first version). Per situation and boot loader: the names in
-# EFI/Linux, what may be the boot loader's state (systemd-boot: loader.conf's
+# EFI/Linux (systemd-boot: "A" and "B" stand for the slot's committed UKI,
+# uncounted or counted with boots left; see committed_name), what may be the boot loader's state (systemd-boot: loader.conf's
 # default; U-Boot: order, committed, tries of a and b of the newest copy),
 # and slot B's boot_state in `status`; then next_boot for both.
 BOOT_SITUATIONS = {
     # B's new UKI placed with one try, not booted yet.
     "b-try": {
-        "systemd-boot": (["racklet-a.efi", "racklet-b+1.efi"], {TRY_PATTERN}, "trying (1 tries left)"),
+        "systemd-boot": (["A", "racklet-b+1.efi"], {TRY_PATTERN}, "trying (1 tries left)"),
         "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "a", "-", "1")}, "trying (1 tries left)"),
         "next_boot": "b",
     },
     # B's try used: B runs it, or it died and the boot loader fell back to A.
     "b-tried": {
-        "systemd-boot": (["racklet-a.efi", "racklet-b+0-1.efi"], {TRY_PATTERN}, "trying (0 tries left)"),
+        "systemd-boot": (["A", "racklet-b+0-1.efi"], {TRY_PATTERN}, "trying (0 tries left)"),
         "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "a", "-", "0")}, "trying (0 tries left)"),
         "next_boot": "a",
     },
     # B committed, A the good fallback.
     "b-good": {
-        "systemd-boot": (["racklet-a.efi", "racklet-b.efi"], {"racklet-b.efi"}, "good"),
+        "systemd-boot": (["A", "B"], {COMMITTED_PATTERN["b"]}, "good"),
         "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("b a", "b", "-", "-")}, "good"),
         "next_boot": "b",
     },
     # Rolled back: A committed, B the good fallback.
     "a-good": {
-        "systemd-boot": (["racklet-a.efi", "racklet-b.efi"], {"racklet-a.efi"}, "good"),
+        "systemd-boot": (["A", "B"], {COMMITTED_PATTERN["a"]}, "good"),
         "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("a b", "a", "-", "-")}, "good"),
         "next_boot": "a",
     },
     # B marked bad (systemd-boot removes its UKI: systemd-bless-boot cannot bless it then).
     "b-bad": {
-        "systemd-boot": (["racklet-a.efi"], {"racklet-a.efi"}, "absent"),
+        "systemd-boot": (["A"], {COMMITTED_PATTERN["a"]}, "absent"),
         "u-boot": (["racklet-a.efi", "racklet-b.efi"], {("a", "a", "-", "0")}, "bad"),
         "next_boot": "a",
     },
     # No UKI for B (never installed, or made unbootable).
     "b-absent": {
-        "systemd-boot": (["racklet-a.efi"], {None, "racklet-a.efi"}, "absent"),
+        "systemd-boot": (["A"], {None, COMMITTED_PATTERN["a"]}, "absent"),
         "u-boot": (["racklet-a.efi"], {("a", "a", "-", "-"), ("a", "a", "-", "0")}, "absent"),
         "next_boot": "a",
     },
@@ -753,8 +790,8 @@ class Node:
         with open(conf) as source:
             text = source.read()
         with open(conf, "w") as target:
-            target.write(text.replace(f"default {TRY_PATTERN}", "default racklet-a.efi"))
-        check_equal(self.loader_default(), "racklet-a.efi", "loader.conf default put back")
+            target.write(text.replace(f"default {TRY_PATTERN}", f"default {COMMITTED_PATTERN['a']}"))
+        check_equal(self.loader_default(), COMMITTED_PATTERN["a"], "loader.conf default put back")
 
     def check_boot(self, situation, what, uki_b=None):
         """The ESP shows `situation` (a key of BOOT_SITUATIONS) for this boot
@@ -762,14 +799,17 @@ class Node:
         daemon runs, status's boot_slots and next_boot say the same."""
         names, states, b_state = BOOT_SITUATIONS[situation][self.boot_loader]
         what = f"{what} ({situation}, {self.boot_loader})"
-        check_equal(self.esp_names(), names, f"EFI/Linux {what}")
+        found = self.esp_names()
+        if self.boot_loader == "systemd-boot":
+            found = [committed_name(name) for name in found]
+        check_equal(found, names, f"EFI/Linux {what}")
         if self.boot_loader == "u-boot":
             self.check_uboot_state(states, what)
         else:
             check(self.loader_default() in states,
                   f"loader.conf default {what}: expected one of {states}, found {self.loader_default()!r}")
         if uki_b is not None:
-            b_name = [name for name in names if name.startswith("racklet-b")][0]
+            b_name = [name for name in self.esp_names() if name.startswith("racklet-b")][0]
             check_equal(sha256_file(self.esp_file(b_name)), sha256_file(uki_b), f"{b_name} bytes {what}")
         if self.daemon is not None:
             status = self.status()
@@ -954,7 +994,8 @@ class Node:
 
     def assert_slot_a_untouched(self):
         check_equal(self.slot_fingerprint("a"), self.slot_a_before, "slot A partitions (PARTUUIDs, bytes)")
-        check_equal(sha256_file(self.esp_file("racklet-a.efi")), self.uki_a_sha, "racklet-a.efi bytes")
+        a_name = [name for name in self.esp_names() if name.startswith("racklet-a")][0]
+        check_equal(sha256_file(self.esp_file(a_name)), self.uki_a_sha, f"{a_name} bytes")
 
     def assert_b_unbootable(self, new_build=None):
         self.check_boot("b-absent", "with slot B unbootable")

@@ -372,7 +372,11 @@ impl Agent {
     }
 
     async fn record_error(&self, operation: &str, error: &AgentError) {
-        tracing::error!(operation, error = %error, "update step failed");
+        tracing::error!(
+            operation,
+            error = %crate::config::redact_urls_in(&error.to_string()),
+            "update step failed"
+        );
         let mut inner = self.inner.lock().await;
         inner
             .state
@@ -421,7 +425,8 @@ impl Agent {
             self.paths.image_tuf_root.clone(),
             self.paths.tuf_datastore.clone(),
         )
-        .with_resume_counter(Arc::clone(&self.progress.resumed)))
+        .with_resume_counter(Arc::clone(&self.progress.resumed))
+        .with_extra_ca_certificates(config.extra_ca_certificates.clone()))
     }
 
     /// Fetch and verify the repository and decide.

@@ -36,7 +36,7 @@ pub enum UpdateError {
 
 impl From<AgentError> for UpdateError {
     fn from(error: AgentError) -> UpdateError {
-        let message = os_format::report::one_line(&error);
+        let message = crate::config::redact_urls_in(&os_format::report::one_line(&error));
         if error.is_refusal() {
             UpdateError::Refused(message)
         } else {

@@ -423,7 +423,7 @@ impl AgentState {
     ) {
         self.last_check = Some(LastCheck {
             time,
-            result: result.into(),
+            result: crate::config::redact_urls_in(&result.into()),
             available_version,
         });
     }
@@ -474,7 +474,7 @@ impl AgentState {
         self.last_error = Some(LastError {
             time,
             operation: operation.into(),
-            message: message.into(),
+            message: crate::config::redact_urls_in(&message.into()),
         });
     }
 

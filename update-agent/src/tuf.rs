@@ -582,7 +582,7 @@ impl TufClient {
         let root = self.trusted_root()?;
         tracing::debug!(
             "loading TUF metadata from {} starting at the {} root (version {}, {})",
-            self.metadata_url,
+            crate::config::redacted(&self.metadata_url),
             root.source,
             root.version,
             root.path.display()
