@@ -209,6 +209,17 @@ e2e: images
 	  python3 tests/vm/test_e2e.py --variant $$variant --builds $(E2E) --no-build || status=1; \
 	done; exit $$status
 
+# COUNT power cuts at random moments (install, first boot, commit), split over
+# both boot paths ($(E2E_VARIANTS)); ends with the total "N passed, N failed".
 soak: builder
 	@image-builder/scripts/vm-tools.sh
-	python3 tests/vm/test_e2e.py --variant $(variant) --builds $(E2E) --only powercut --count $(COUNT)
+	@set -e; mkdir -p build; variants="$(E2E_VARIANTS)"; n=$$(echo $$variants | wc -w); passed=0; failed=0; \
+	for variant in $$variants; do \
+	  count=$$(( $(COUNT) / n )); [ "$$count" -gt 0 ] || count=1; \
+	  python3 tests/vm/test_e2e.py --variant $$variant --builds $(E2E) --only powercut --count $$count \
+	    | tee build/soak-$$variant.log || true; \
+	  line=$$(grep -E '^power cuts: [0-9]+ passed, [0-9]+ failed' build/soak-$$variant.log | tail -n 1); \
+	  p=$$(echo "$$line" | sed -E 's/.* ([0-9]+) passed.*/\1/'); f=$$(echo "$$line" | sed -E 's/.* ([0-9]+) failed.*/\1/'); \
+	  [ -n "$$line" ] || { p=0; f=$$count; }; \
+	  passed=$$((passed + p)); failed=$$((failed + f)); \
+	done; echo "soak: $$passed passed, $$failed failed"; [ "$$failed" -eq 0 ]
