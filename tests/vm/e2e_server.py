@@ -8,7 +8,9 @@ from a thread, with switchable misbehaviour for the attack tests:
 * `extra[path] = bytes`: append bytes to the file (a target longer than its
   signed length);
 * `cut_after = N` (with `cut_paths` a substring filter): close the connection
-  after N bytes of a matching file (the server going away mid-download);
+  after N bytes of a matching file (the server going away mid-download): once
+  (`cut_once`), or, with `cuts_left = K`, in each of the next K responses (a
+  flaky link: every resumed range request is cut again after N bytes);
 * `down = True`: close every connection at once without answering;
 * `write_delay`: seconds to sleep between 64 KiB chunks (slows a download so
   that a power cut can land in it).
@@ -56,6 +58,7 @@ class RepoServer:
         self.cut_after: int | None = None
         self.cut_paths = "/targets/"
         self.cut_once = True
+        self.cuts_left: int | None = None
         self.down = False
         self.write_delay = 0.0
         self.requests: list[Request] = []
@@ -126,7 +129,12 @@ class RepoServer:
                             self.wfile.write(piece)
                             record.sent += len(piece)
                             self.wfile.flush()
-                            if server.cut_once:
+                            if server.cuts_left is not None:
+                                server.cuts_left -= 1
+                                if server.cuts_left <= 0:
+                                    server.cut_after = None
+                                    server.cuts_left = None
+                            elif server.cut_once:
                                 server.cut_after = None
                             self.close_connection = True
                             self.connection.shutdown(socket.SHUT_RDWR)
@@ -163,6 +171,7 @@ class RepoServer:
         self.override.clear()
         self.extra.clear()
         self.cut_after = None
+        self.cuts_left = None
         self.down = False
         self.write_delay = 0.0
 
