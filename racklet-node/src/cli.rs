@@ -87,9 +87,8 @@ pub fn run(cli: &Cli) -> Result<(), String> {
 const CONFIRMATION: &str = "reset";
 
 fn factory_reset_command(cli: &Cli, yes: bool, reboot: bool) -> Result<(), String> {
-    if !rustix::process::geteuid().is_root() {
-        return Err("factory-reset must run as root (it writes the flag on the ESP)".into());
-    }
+    require_root_for_factory_reset(rustix::process::geteuid().is_root())
+        .map_err(|error| error.to_string())?;
     let esp = std::path::Path::new(apply::ESP_MOUNT);
     if !yes {
         use std::io::{BufRead, IsTerminal, Write};
@@ -136,6 +135,18 @@ fn factory_reset_command(cli: &Cli, yes: bool, reboot: bool) -> Result<(), Strin
     Ok(())
 }
 
+/// A factory reset is root's: refused before anything else (the prompt).
+fn require_root_for_factory_reset(is_root: bool) -> Result<(), NodeError> {
+    if is_root {
+        return Ok(());
+    }
+    Err(NodeError::NeedsRoot {
+        command: "factory-reset",
+        what: "a factory reset",
+        why: "it places the flag racklet/factory-reset on the ESP, which only root may write",
+    })
+}
+
 fn print_status(cli: &Cli, status: &NodeStatus) {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(status).expect("json"));
@@ -168,6 +179,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_factory_reset_by_another_user_than_root_is_refused_naming_the_command() {
+        assert!(super::require_root_for_factory_reset(true).is_ok());
+        assert_eq!(
+            super::require_root_for_factory_reset(false)
+                .unwrap_err()
+                .to_string(),
+            "racklet-node factory-reset: refused: a factory reset needs root (it places the flag \
+             racklet/factory-reset on the ESP, which only root may write; expected uid 0)"
+        );
     }
 
     #[test]

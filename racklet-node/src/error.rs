@@ -14,6 +14,13 @@ pub(crate) enum NodeError {
     },
     #[error("{path}: {message}")]
     Status { path: PathBuf, message: String },
+    /// A command that only root may run, run by another user.
+    #[error("racklet-node {command}: refused: {what} needs root ({why}; expected uid 0)")]
+    NeedsRoot {
+        command: &'static str,
+        what: &'static str,
+        why: &'static str,
+    },
 }
 
 impl NodeError {

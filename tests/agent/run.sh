@@ -31,6 +31,7 @@ declare -A tools=(
   [zstd]=zstd
   [faketime]=faketime
   [python3]=python3
+  [setpriv]=util-linux
 )
 missing=()
 for tool in "${!tools[@]}"; do

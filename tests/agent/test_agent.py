@@ -470,6 +470,36 @@ class RepoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 # --- the suite's shared pieces ----------------------------------------------------
 
 
+# The suite's bus lets its user (root) call anything.
+OPEN_BUS_POLICY = ("<policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>"
+                   "<allow eavesdrop=\"true\"/><allow own=\"*\"/></policy>")
+
+
+def start_bus(directory, kind, rules):
+    """A dbus-daemon of `kind` (session, system) listening on
+    `directory`/socket with the policy XML `rules`; returns (its process, its
+    address)."""
+    config = os.path.join(directory, "bus.conf")
+    with open(config, "w") as out:
+        out.write(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\"\n"
+            " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
+            f"<busconfig><type>{kind}</type><listen>unix:path={directory}/socket</listen>"
+            f"<auth>EXTERNAL</auth>{rules}</busconfig>\n"
+        )
+    log = os.path.join(directory, "dbus-daemon.log")
+    process = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+    )
+    address = process.stdout.readline().strip()
+    if not address:
+        process.kill()
+        with open(log) as source:
+            raise RuntimeError(f"dbus-daemon ({kind}) printed no address: {source.read().strip()}")
+    return process, address
+
+
 class Suite:
     def __init__(self, keep=False):
         self.keep = keep
@@ -477,6 +507,8 @@ class Suite:
         self.tmp = tempfile.mkdtemp(prefix="racklet-agent-test.", dir=base)
         self.dbus = None
         self.server = None
+        # Directories outside tmp to remove at the end.
+        self.cleanup = []
 
     def setup(self):
         self.keys = os.path.join(self.tmp, "keys")
@@ -490,25 +522,7 @@ class Suite:
         # A private bus, configured like the session bus.
         bus_dir = os.path.join(self.tmp, "bus")
         os.makedirs(bus_dir)
-        config = os.path.join(bus_dir, "bus.conf")
-        with open(config, "w") as out:
-            out.write(
-                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\"\n"
-                " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
-                "<busconfig><type>session</type>"
-                f"<listen>unix:path={bus_dir}/socket</listen><auth>EXTERNAL</auth>"
-                "<policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>"
-                "<allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>\n"
-            )
-        self.dbus = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
-            stdout=subprocess.PIPE,
-            stderr=open(os.path.join(bus_dir, "dbus-daemon.log"), "w"),
-            text=True,
-        )
-        self.bus_address = self.dbus.stdout.readline().strip()
-        if not self.bus_address:
-            raise RuntimeError("dbus-daemon printed no address")
+        self.dbus, self.bus_address = start_bus(bus_dir, "session", OPEN_BUS_POLICY)
         self.port = free_port()
         self.server = RepoServer(self.port)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -551,6 +565,8 @@ class Suite:
                 self.dbus.wait(5)
             except subprocess.TimeoutExpired:
                 self.dbus.kill()
+        for directory in self.cleanup:
+            shutil.rmtree(directory, ignore_errors=True)
         if not self.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -1087,6 +1103,183 @@ def cli_without_daemon_says_so(suite, node_name):
     result = node.cli("status")
     check(result.rc != 0, f"status without a daemon succeeded: {result}")
     check_in("racklet-update.service running", result.err, "error without a daemon")
+
+
+# --- callers other than root --------------------------------------------------------
+
+# The user the cases below call as (nobody), and the agent's D-Bus policy file.
+OTHER_UID = 65534
+POLICY = os.path.join(TOP, "packages", "racklet-agents", "org.racklet.Update1.conf")
+# The state-changing commands: (CLI arguments, D-Bus method).
+STATE_CHANGES = [(("apply",), "Apply"), (("cancel",), "Cancel"), (("rollback",), "Rollback"),
+                 (("mark-good",), "MarkGood"), (("mark-bad", "--reason", "x"), "MarkBad")]
+
+
+def needs_root_line(args, method):
+    """What the CLI prints (stderr) when `args` is refused for want of root."""
+    return (f"error: racklet-update {args[0]}: refused: changing the update state needs root "
+            f"(org.racklet.Update1.{method} is allowed to uid 0 only)")
+
+
+class PrivateBus:
+    """A dbus-daemon of a case's own that every user may connect to (its
+    socket in a world-readable directory outside the suite's, which is
+    root's only). `policy`: "system" is a system bus's default policy (method
+    calls denied unless allowed) with the agent's policy file included, as on a
+    node; "open" lets anyone call anything (a too permissive policy)."""
+
+    def __init__(self, policy):
+        self.dir = tempfile.mkdtemp(prefix="racklet-agent-bus.")
+        os.chmod(self.dir, 0o755)
+        if policy == "system":
+            rules = (
+                '<policy context="default"><allow user="*"/><deny own="*"/>'
+                '<deny send_type="method_call"/><allow send_type="signal"/>'
+                '<allow send_requested_reply="true" send_type="method_return"/>'
+                '<allow send_requested_reply="true" send_type="error"/>'
+                '<allow receive_type="method_call"/><allow receive_type="method_return"/>'
+                '<allow receive_type="error"/><allow receive_type="signal"/>'
+                '<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>'
+                '<allow send_destination="org.freedesktop.DBus"'
+                ' send_interface="org.freedesktop.DBus.Introspectable"/>'
+                '</policy>'
+                f"<include>{POLICY}</include>")
+            kind = "system"
+        else:
+            # The suite's bus, for every user.
+            rules = OPEN_BUS_POLICY.replace("<policy context=\"default\">",
+                                            "<policy context=\"default\"><allow user=\"*\"/>")
+            kind = "session"
+        self.process, self.address = start_bus(self.dir, kind, rules)
+
+    def close(self):
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def as_user(node, uid, argv, timeout=120):
+    """`argv` run as `uid` (and its group, no others) with the node's bus."""
+    completed = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+        env=dict(node.env(), RACKLET_LOG="warn"), timeout=timeout)
+    return Result(completed)
+
+
+def other_user_binary(suite):
+    """The CLI where `OTHER_UID` may run it: where it is, or a copy."""
+    binary = os.path.abspath(UPDATE)
+    probe = subprocess.run(["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+                            "--", binary, "--version"], capture_output=True, text=True, cwd="/")
+    if probe.returncode == 0:
+        return binary
+    directory = tempfile.mkdtemp(prefix="racklet-agent-cli.")
+    os.chmod(directory, 0o755)
+    copy = os.path.join(directory, "racklet-update")
+    shutil.copyfile(UPDATE, copy)
+    os.chmod(copy, 0o755)
+    suite.cleanup.append(directory)
+    return copy
+
+
+def refused_for_want_of_root(node, cli, uid):
+    """Each state-changing command, run as `uid`, exits 2 with the one-line
+    refusal naming the command and the method; nothing changes."""
+    for args, method in STATE_CHANGES:
+        result = as_user(node, uid, [cli, *args])
+        check_equal(result.rc, 2, f"{' '.join(args)} as uid {uid}: {result}")
+        check_in(needs_root_line(args, method), result.err.splitlines(), f"{' '.join(args)} as uid {uid}")
+        with_json = as_user(node, uid, [cli, "--json", *args])
+        check_equal(with_json.rc, 2, f"--json {' '.join(args)} as uid {uid}: {with_json}")
+        check_equal(with_json.json, {"ok": False, "error": needs_root_line(args, method).removeprefix("error: ")},
+                    f"--json {' '.join(args)} as uid {uid}")
+    status = node.status()
+    check_equal(status["state"]["operation"]["kind"], "idle", "operation after the refused calls")
+    check_equal({s["slot"]: s["state"] for s in status["boot_slots"]}, {"a": "good", "b": "empty"},
+                "slot states after the refused calls")
+    node.assert_b_unbootable()
+
+
+@case
+def callers_other_than_root_read_and_check_but_change_nothing(suite, node_name):
+    """On a bus with a system bus's policy and the agent's policy file, as
+    on a node: a user other than root (nobody) reads the status and the
+    properties and asks for a check, but a second check within a minute is
+    refused (rate limited, saying when to try again) while root checks as
+    often as it likes; apply, cancel, rollback, mark-good and mark-bad are
+    refused by the bus, each with the CLI's one line naming the command and
+    the method. Then on a bus that lets anyone call anything (a too
+    permissive policy): the daemon refuses the same calls itself (the
+    caller's UID from the bus), and root still installs an update."""
+    check(os.geteuid() == 0, "this case runs the CLI as another user (setpriv): run tests/agent as root")
+    check(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to call as another user")
+    node = standard_node(suite, node_name, start=False)
+    buses = []
+    try:
+        cli = other_user_binary(suite)
+        system_bus = PrivateBus("system")
+        buses.append(system_bus)
+        node.extra_env["DBUS_SYSTEM_BUS_ADDRESS"] = system_bus.address
+        node.start()
+        # Reading: the status, a property, introspection.
+        status = as_user(node, OTHER_UID, [cli, "--json", "status"])
+        check_equal(status.rc, 0, f"status as uid {OTHER_UID}: {status}")
+        check_equal(status.json["booted"]["version"], "1.0.0", "status as another user")
+        busctl = ["busctl", f"--address={system_bus.address}"]
+        slot = as_user(node, OTHER_UID, [*busctl, "get-property", "org.racklet.Update1", "/org/racklet/Update1",
+                                         "org.racklet.Update1", "BootedSlot"])
+        check_equal((slot.rc, slot.out.strip()), (0, 's "a"'), f"BootedSlot as uid {OTHER_UID}: {slot}")
+        introspect = as_user(node, OTHER_UID, [*busctl, "introspect", "org.racklet.Update1", "/org/racklet/Update1"])
+        check(introspect.rc == 0 and ".Apply" in introspect.out, f"introspection as uid {OTHER_UID}: {introspect}")
+        # A check, then a second one within the minute: rate limited.
+        checked = as_user(node, OTHER_UID, [cli, "--json", "check"])
+        check_equal(checked.rc, 0, f"check as uid {OTHER_UID}: {checked}")
+        check_equal(checked.json["result"], "available", "check as another user")
+        again = as_user(node, OTHER_UID, [cli, "check"])
+        check_equal(again.rc, 2, f"a second check as uid {OTHER_UID}: {again}")
+        limited = re.search(r"^error: org\.racklet\.Update1\.Check: rate limited: a user other than root may ask "
+                            r"for a check once every 60 s; try again in (\d+) s \(racklet-update status shows "
+                            r"the last check\)$", again.err, re.M)
+        check(limited and 1 <= int(limited.group(1)) <= 60, f"the rate limit's message: {again.err!r}")
+        # Root is not limited.
+        for _ in range(3):
+            check_equal(node.ok("check").json["result"], "available", "root's repeated checks")
+        # Changing the state: refused by the bus's policy (the daemon never sees the calls).
+        refused_for_want_of_root(node, cli, OTHER_UID)
+        call = as_user(node, OTHER_UID, [*busctl, "call", "org.racklet.Update1", "/org/racklet/Update1",
+                                         "org.racklet.Update1", "MarkGood"])
+        check(call.rc != 0 and "Access denied" in call.err, f"busctl call MarkGood as uid {OTHER_UID}: {call}")
+        check("a state change by a user other than root" not in node.log_tail(200),
+              "the daemon saw a state change the bus's policy should have refused")
+        node.stop()
+        system_bus.close()
+        buses.remove(system_bus)
+
+        # A bus that lets anyone call anything: the daemon refuses by itself.
+        open_bus = PrivateBus("open")
+        buses.append(open_bus)
+        node.extra_env["DBUS_SYSTEM_BUS_ADDRESS"] = open_bus.address
+        node.start()
+        refused_for_want_of_root(node, cli, OTHER_UID)
+        call = as_user(node, OTHER_UID, ["busctl", f"--address={open_bus.address}", "call", "org.racklet.Update1",
+                                         "/org/racklet/Update1", "org.racklet.Update1", "Apply", "sbb", "",
+                                         "false", "false"])
+        check(call.rc != 0, f"busctl call Apply as uid {OTHER_UID} succeeded: {call}")
+        check_in(f"org.racklet.Update1.Apply: refused: changing the update state needs root (the caller is uid "
+                 f"{OTHER_UID}; expected uid 0)", call.err, "the daemon's own refusal")
+        check_in("refused: a state change by a user other than root", node.log_tail(200), "the daemon's log")
+        # Reading and checking still work; root changes the state.
+        check_equal(as_user(node, OTHER_UID, [cli, "check"]).rc, 0, f"check as uid {OTHER_UID} after a restart")
+        check_equal(node.ok("apply").json.get("version"), "1.1.0", "root's apply")
+        node.assert_installed(suite.builds["1.1.0"])
+    finally:
+        node.close()
+        for bus in buses:
+            bus.close()
 
 
 @boot_loader_case

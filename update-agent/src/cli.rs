@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::daemon::{Agent, Paths};
-use crate::dbus::{remote_error, Update1Proxy};
+use crate::dbus::{call_error, remote_error, Update1Proxy};
 use crate::error::AgentError;
 use crate::status::{
     render_status, ActionReply, ApplyStarted, CheckReport, InstallDone, StatusReport,
@@ -172,7 +172,7 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             Ok(())
         }
         Command::Check => {
-            let text = proxy().await?.check().await.map_err(remote_error)?;
+            let text = proxy().await?.check().await.map_err(call_error("Check"))?;
             let report: CheckReport = parse_reply("Check", &text)?;
             if cli.json {
                 print_json(&report);
@@ -194,7 +194,7 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             let text = proxy
                 .apply(version.as_deref().unwrap_or(""), *allow_downgrade, *reboot)
                 .await
-                .map_err(remote_error)?;
+                .map_err(call_error("Apply"))?;
             let started: ApplyStarted = parse_reply("Apply", &text)?;
             if *no_wait {
                 if cli.json {
@@ -207,7 +207,11 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             wait_for_install(&proxy, &started.version, cli.json).await
         }
         Command::Cancel => {
-            let text = proxy().await?.cancel().await.map_err(remote_error)?;
+            let text = proxy()
+                .await?
+                .cancel()
+                .await
+                .map_err(call_error("Cancel"))?;
             print_reply(cli.json, "Cancel", &text)
         }
         Command::Rollback { reboot } => {
@@ -215,16 +219,23 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
                 .await?
                 .rollback(*reboot)
                 .await
-                .map_err(remote_error)?;
+                .map_err(call_error("Rollback"))?;
             print_reply(cli.json, "Rollback", &text)
         }
         Command::MarkGood => {
-            let text = proxy().await?.mark_good().await.map_err(remote_error)?;
+            let text = proxy()
+                .await?
+                .mark_good()
+                .await
+                .map_err(call_error("MarkGood"))?;
             print_reply(cli.json, "MarkGood", &text)
         }
         Command::MarkBad { reason, reboot } => {
             let proxy = proxy().await?;
-            let text = proxy.mark_bad(reason).await.map_err(remote_error)?;
+            let text = proxy
+                .mark_bad(reason)
+                .await
+                .map_err(call_error("MarkBad"))?;
             print_reply(cli.json, "MarkBad", &text)?;
             if *reboot {
                 crate::dbus::reboot_via_logind().await?;

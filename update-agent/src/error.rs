@@ -56,17 +56,50 @@ pub enum AgentError {
     /// message already says why, so it is shown as it is.
     #[error("{message}")]
     Refused { message: String },
+    /// The daemon's own check of the caller (`dbus::caller_uid`): a method
+    /// that changes the update state, called by a user other than root. The
+    /// bus policy refuses such calls first; this holds should it be too
+    /// permissive.
+    #[error(
+        "org.racklet.Update1.{method}: refused: changing the update state needs root \
+         (the caller is uid {uid}; expected uid 0)"
+    )]
+    CallerNotRoot { method: String, uid: u32 },
+    /// The CLI's side of the same refusal, whether the bus policy
+    /// (`org.freedesktop.DBus.Error.AccessDenied`) or the daemon
+    /// (`org.racklet.Update1.Error.NeedsRoot`) said no: one line naming the
+    /// command and the method.
+    #[error(
+        "racklet-update {command}: refused: changing the update state needs root \
+         (org.racklet.Update1.{method} is allowed to uid 0 only)"
+    )]
+    NeedsRoot { command: String, method: String },
+    /// A caller other than root asked for checks too often
+    /// (`dbus::CheckLimiter`).
+    #[error(
+        "org.racklet.Update1.{method}: rate limited: a user other than root may ask for a check \
+         once every {interval_seconds} s; try again in {retry_in_seconds} s \
+         (racklet-update status shows the last check)"
+    )]
+    RateLimited {
+        method: String,
+        interval_seconds: u64,
+        retry_in_seconds: u64,
+    },
 }
 
 impl AgentError {
     /// A request that cannot be done as asked (bad input, nothing to do,
-    /// busy), as opposed to a failure while doing it. D-Bus sends it as
+    /// busy, not allowed to this caller, rate limited), as opposed to a failure while doing it. D-Bus sends it as
     /// `org.racklet.Update1.Error.Refused`.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
             AgentError::NothingToApply { .. }
                 | AgentError::Refused { .. }
+                | AgentError::CallerNotRoot { .. }
+                | AgentError::NeedsRoot { .. }
+                | AgentError::RateLimited { .. }
                 | AgentError::Busy { .. }
                 | AgentError::Config(_)
                 | AgentError::Invalid { .. }
@@ -115,6 +148,32 @@ impl AgentError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_for_want_of_root_and_rate_limits_exit_2() {
+        for error in [
+            AgentError::CallerNotRoot {
+                method: "Apply".into(),
+                uid: 1000,
+            },
+            AgentError::NeedsRoot {
+                command: "apply".into(),
+                method: "Apply".into(),
+            },
+            AgentError::RateLimited {
+                method: "Check".into(),
+                interval_seconds: 60,
+                retry_in_seconds: 5,
+            },
+        ] {
+            assert!(error.is_refusal(), "{error}");
+            assert_eq!(error.exit_code(), 2, "{error}");
+            assert!(
+                error.to_string().contains("org.racklet.Update1."),
+                "{error}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_panicking_task_becomes_an_error_naming_it() {

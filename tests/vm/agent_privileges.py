@@ -1,0 +1,141 @@
+"""What a user other than root may do to the update agent on a booted node,
+and what the agent's sandbox hides from it (docs/update-flow.md, "Who may
+call what"). One check for a boot test to call on a guest booted to its
+autologin root shell, the agent running:
+
+    from agent_privileges import check_agent_privileges
+    ctx.note(check_agent_privileges(vm))
+
+As nobody (uid 65534, through util-linux's `setpriv`; no user is added):
+`racklet-update status` works; `racklet-update check` reaches the agent (it
+may fail there, e.g. with no clock sync or no update server in QEMU) and a
+second check within the minute is rate limited, while root's is not;
+`apply`, `cancel`, `rollback`, `mark-good`, `mark-bad` and `racklet-node
+factory-reset` each exit non-zero with the one line that names the command
+and says it needs root, and change nothing. Then, in the agent's own mount
+namespace (through /proc/<its pid>/root), the SSH host key is not there
+while it is on the node. Last, `systemd-analyze security` of both agents'
+units. Call it once per boot: the second call within a minute would find
+nobody's first check rate limited.
+
+Guest tools: setpriv (util-linux), systemctl and systemd-analyze (systemd),
+cat, stat, test (coreutils), grep. Stdlib only; raises harness.TestFailure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from harness import TestFailure, check
+
+NOBODY_UID = 65534
+AS_NOBODY = f"setpriv --reuid={NOBODY_UID} --regid={NOBODY_UID} --clear-groups --"
+# The commands that change the update state: (arguments, D-Bus method).
+STATE_CHANGES = [("apply", "Apply"), ("cancel", "Cancel"), ("rollback", "Rollback"),
+                 ("mark-good", "MarkGood"), ("mark-bad --reason privilege-test", "MarkBad")]
+# The SSH host key (packages/ssh: made at the first boot on the data partition).
+HOST_KEY = "/var/lib/racklet/ssh/ssh_host_ed25519_key"
+FACTORY_RESET_FLAG = "/efi/racklet/factory-reset"
+EXPOSURE = re.compile(r"Overall exposure level for (\S+): ([0-9.]+) ([A-Z]+)")
+# Longest a check may take before the CLI is stopped (`timeout`): on a guest
+# without clock sync the agent refuses at once; a check that went to an
+# unreachable server could take many minutes.
+CHECK_SECONDS = 120
+
+
+def needs_root_line(args: str, method: str) -> str:
+    command = args.split()[0]
+    return (f"racklet-update {command}: refused: changing the update state needs root "
+            f"(org.racklet.Update1.{method} is allowed to uid 0 only)")
+
+
+def agent_state(vm) -> dict:
+    """The operation and the slots as root sees them (`racklet-update --json
+    status`), waiting for the agent to answer after a boot."""
+    text = vm.run("for i in $(seq 90); do racklet-update --json status > /tmp/rk-privileges.json 2>/dev/null"
+                  " && break; sleep 2; done; cat /tmp/rk-privileges.json", timeout=240)
+    report = json.loads(text[text.index("{"):])
+    return {"operation": report["state"]["operation"],
+            "slots": [{key: entry.get(key) for key in ("slot", "version", "boot_state", "booted")}
+                      for entry in report["boot_slots"]]}
+
+
+def check_agent_privileges(vm) -> str:
+    """Run the checks on `vm` (harness.VM at its root shell); returns a one-line
+    summary for the test's notes, raises TestFailure on the first that fails."""
+    before = agent_state(vm)
+
+    # Reading.
+    code, output = vm.run(f"{AS_NOBODY} racklet-update --json status", check=False)
+    check(code == 0, f"racklet-update status as uid {NOBODY_UID} exited {code}: {output.strip()[-400:]}")
+    status = json.loads(output[output.index("{"):])
+    check(status["booted"]["slot"] in ("a", "b"), f"status as uid {NOBODY_UID}: {status['booted']}")
+
+    # Checking: the first call reaches the agent (0, or 1 with the agent's own
+    # failure: "the update agent refused: ..."), the second is rate limited.
+    code, output = vm.run(f"timeout {CHECK_SECONDS} {AS_NOBODY} racklet-update check",
+                          timeout=CHECK_SECONDS + 60, check=False)
+    check(code != 124, f"racklet-update check as uid {NOBODY_UID} did not answer within {CHECK_SECONDS} s")
+    reached = code == 0 or (code == 1 and "the update agent refused:" in output)
+    check(reached and "rate limited" not in output and "needs root" not in output,
+          f"racklet-update check as uid {NOBODY_UID} did not reach the agent: exit {code}: {output.strip()}")
+    first_check = f"exit {code}" + ("" if code == 0 else f" ({output.strip().splitlines()[-1][:120]})")
+    code, output = vm.run(f"{AS_NOBODY} racklet-update check", check=False)
+    limited = re.search(r"rate limited: .* try again in (\d+) s", output)
+    check(code == 2 and limited, f"a second check as uid {NOBODY_UID} was not rate limited: exit {code}: "
+                                 f"{output.strip()}")
+    code, output = vm.run(f"timeout {CHECK_SECONDS} racklet-update check", timeout=CHECK_SECONDS + 60,
+                          check=False)
+    check(code != 124, f"racklet-update check as root did not answer within {CHECK_SECONDS} s")
+    check("rate limited" not in output, f"root's check was rate limited: exit {code}: {output.strip()}")
+
+    # Changing the state: each refused with its one line; the factory reset too.
+    flag_before = vm.run(f"test -e {FACTORY_RESET_FLAG}; echo $?").strip()
+    for args, method in STATE_CHANGES:
+        code, output = vm.run(f"{AS_NOBODY} racklet-update {args}", check=False)
+        line = needs_root_line(args, method)
+        check(code == 2 and f"error: {line}" in output.splitlines(),
+              f"racklet-update {args} as uid {NOBODY_UID}: exit {code}, expected 2 and {line!r}: {output.strip()}")
+    code, output = vm.run(f"{AS_NOBODY} racklet-node factory-reset --yes", check=False)
+    check(code != 0 and "racklet-node factory-reset: refused: a factory reset needs root" in output,
+          f"racklet-node factory-reset as uid {NOBODY_UID}: exit {code}: {output.strip()}")
+    flag = vm.run(f"test -e {FACTORY_RESET_FLAG}; echo $?").strip()
+    check(flag == flag_before,
+          f"a refused factory reset changed {FACTORY_RESET_FLAG} (test -e: {flag_before} -> {flag})")
+    after = agent_state(vm)
+    check(after == before, f"the refused calls changed the agent's state: {before} -> {after}")
+
+    # The agent's sandbox: its mount namespace has no host key, the node has.
+    pid = vm.run("systemctl show -p MainPID --value racklet-update.service").strip()
+    check(pid.isdigit() and pid != "0", f"racklet-update.service's main PID: {pid!r}")
+    check(vm.run(f"test -s {HOST_KEY}; echo $?").strip() == "0", f"{HOST_KEY} is not on the node")
+    code, output = vm.run(f"cat /proc/{pid}/root/etc/os-release", check=False)
+    check(code == 0 and "IMAGE_VERSION" in output,
+          f"the agent's root (/proc/{pid}/root) cannot be read at all: {code} {output.strip()[:200]}")
+    # (Its contents go to /dev/null: never into the serial log.)
+    code, output = vm.run(f"cat /proc/{pid}/root{HOST_KEY} > /dev/null", check=False)
+    check(code != 0, f"the agent (pid {pid}) can read {HOST_KEY}: cat exited 0")
+    mode = vm.run(f"stat -c %a /proc/{pid}/root{HOST_KEY.rsplit('/', 1)[0]}", check=False)[1].strip()
+    check(mode == "0", f"{HOST_KEY.rsplit('/', 1)[0]} in the agent's namespace has mode {mode!r}, "
+                       "expected 0 (InaccessiblePaths=)")
+
+    # How exposed systemd rates both units.
+    scores = {}
+    for unit in ("racklet-update.service", "racklet-node.service"):
+        output = vm.run(f"systemd-analyze security --no-pager {unit} "
+                        "| grep -o 'Overall exposure level for [^ ]*: [0-9.]* [A-Z]*'", check=False)[1]
+        match = EXPOSURE.search(output)
+        check(match and match.group(1) == unit, f"systemd-analyze security {unit}: {output.strip()}")
+        check(match.group(3) in ("SAFE", "OK"), f"systemd-analyze security rates {unit} {match.group(2)} "
+                                                 f"{match.group(3)}, expected SAFE or OK")
+        scores[unit] = f"{match.group(2)} {match.group(3)}"
+
+    return (f"as uid {NOBODY_UID}: status ok, check reached the agent ({first_check}), a second check "
+            f"rate limited (try again in {limited.group(1)} s), root's not; apply, cancel, rollback, "
+            f"mark-good, mark-bad and racklet-node factory-reset refused (needs root), nothing changed; "
+            f"the agent (pid {pid}) cannot read {HOST_KEY} (mode 0 in its namespace); systemd-analyze security: "
+            + ", ".join(f"{unit} {score}" for unit, score in scores.items()))
+
+
+__all__ = ["check_agent_privileges", "TestFailure"]
