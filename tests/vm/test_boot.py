@@ -46,6 +46,7 @@ from harness import (  # noqa: E402
     with_cmdline_replaced,
     with_osrel_version,
 )
+from agent_privileges import check_agent_privileges  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 X86 = "qemu-x86_64"
@@ -741,6 +742,7 @@ def x86_ssh_and_factory_reset(ctx: Context) -> None:
     host_key = ssh_access_checks(ctx, vm, port, key, known_hosts, "pi-reset")
     slots = boot_slots(vm)
     check(any(entry["slot"] == "a" and entry["booted"] for entry in slots), f"slots: {slots}")
+    ctx.note(f"agent privileges: {check_agent_privileges(vm)}")
 
     def leave_traces() -> tuple[str, str]:
         token = secrets.token_hex(8)
