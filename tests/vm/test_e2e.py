@@ -1058,7 +1058,7 @@ def e2e_update_scenario(ctx: Context) -> None:
         stopped = vm.expect(r"racklet-init: FATAL: STOPPED: no slot can be started[^\r\n]*", timeout=300,
                             fail=VERITY_CORRUPTION)
     quiet_from = len(vm.output)
-    time.sleep(30)
+    time.sleep(15)
     check(not BOOT_LINE.search(vm.since(quiet_from)) and not AUTOLOGIN.search(vm.since(quiet_from)),
           "the node booted again after it said it stopped")
     ctx.note(f"step 6: {flipped}; then: {clean(stopped.group(0))[:200]}")
