@@ -15,12 +15,12 @@
 //! unknown, and the boot goes on.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use os_format::layout::{Slot, UkiFileName, COMMITTED_BOOT_TRIES, ESP_UKI_DIR};
 use rustix::mount::{MountFlags, UnmountFlags};
 
-use crate::factory_reset::{ESP_FS_TYPE, ESP_MOUNT_POINT};
+use crate::factory_reset::mount_esp;
 use crate::partitions::BlockDevice;
 use crate::sys::NOSUID_NODEV_NOEXEC;
 
@@ -40,7 +40,7 @@ pub(crate) fn booted_past_its_tries<'a>(
     })
 }
 
-/// Read the ESP (mounted read-only on [`ESP_MOUNT_POINT`] and unmounted
+/// Read the ESP (mounted read-only by [`mount_esp`] and unmounted
 /// again) and return the booted slot's UKI name if this boot came after its
 /// last try. `Err` is a message for a warning; the boot goes on.
 pub(crate) fn check(
@@ -51,22 +51,12 @@ pub(crate) fn check(
     let Some(esp) = esp else {
         return Err("no ESP on the root's disk: boot counting cannot be read".into());
     };
-    let mount_point = PathBuf::from(ESP_MOUNT_POINT);
-    fs::create_dir_all(&mount_point)
-        .map_err(|error| format!("cannot create {}: {error}", mount_point.display()))?;
-    rustix::mount::mount(
-        esp.node(dev_dir),
-        &mount_point,
-        ESP_FS_TYPE,
+    let mount_point = mount_esp(
+        esp,
+        dev_dir,
         MountFlags::RDONLY | NOSUID_NODEV_NOEXEC,
-        None,
-    )
-    .map_err(|error| {
-        format!(
-            "cannot mount the ESP {} ({ESP_FS_TYPE}) to read boot counting: {error}",
-            esp.name
-        )
-    })?;
+        "read boot counting",
+    )?;
     let directory = mount_point.join(ESP_UKI_DIR);
     let names: Result<Vec<String>, _> = fs::read_dir(&directory).map(|entries| {
         entries

@@ -67,6 +67,29 @@ impl Drop for ResetRequest {
     }
 }
 
+/// Mount the ESP `esp` (a device under `dev_dir`) on [`ESP_MOUNT_POINT`]
+/// with `flags`; `purpose` ends the error message ("cannot mount the ESP
+/// vda1 (vfat) to <purpose>: …"). The caller unmounts it.
+pub(crate) fn mount_esp(
+    esp: &BlockDevice,
+    dev_dir: &Path,
+    flags: MountFlags,
+    purpose: &str,
+) -> Result<PathBuf, String> {
+    let mount_point = PathBuf::from(ESP_MOUNT_POINT);
+    fs::create_dir_all(&mount_point)
+        .map_err(|error| format!("cannot create {}: {error}", mount_point.display()))?;
+    rustix::mount::mount(esp.node(dev_dir), &mount_point, ESP_FS_TYPE, flags, None).map_err(
+        |error| {
+            format!(
+                "cannot mount the ESP {} ({ESP_FS_TYPE}) to {purpose}: {error}",
+                esp.name
+            )
+        },
+    )?;
+    Ok(mount_point)
+}
+
 /// Whether the ESP `esp` (a device under `dev_dir`) asks for a factory
 /// reset. Mounts it on [`ESP_MOUNT_POINT`]; when the flag is there the mount
 /// stays (in the returned request) until the request is dropped, else it is
@@ -78,22 +101,12 @@ pub(crate) fn requested(
     let Some(esp) = esp else {
         return Err("no ESP on the root's disk: a factory reset flag cannot be read".into());
     };
-    let mount_point = PathBuf::from(ESP_MOUNT_POINT);
-    fs::create_dir_all(&mount_point)
-        .map_err(|error| format!("cannot create {}: {error}", mount_point.display()))?;
-    rustix::mount::mount(
-        esp.node(dev_dir),
-        &mount_point,
-        ESP_FS_TYPE,
+    let mount_point = mount_esp(
+        esp,
+        dev_dir,
         ESP_MOUNT_FLAGS,
-        None,
-    )
-    .map_err(|error| {
-        format!(
-            "cannot mount the ESP {} ({ESP_FS_TYPE}) to look for {FACTORY_RESET_FLAG_ON_ESP}: {error}",
-            esp.name
-        )
-    })?;
+        &format!("look for {FACTORY_RESET_FLAG_ON_ESP}"),
+    )?;
     let request = ResetRequest {
         mount_point,
         esp: esp.name.clone(),

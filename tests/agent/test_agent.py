@@ -57,7 +57,9 @@ import make_build  # noqa: E402
 
 # The U-Boot environment format and boot.cmd's choice of copy, shared with the VM tests.
 sys.path.insert(0, os.path.join(TOP, "tests", "vm"))
-from harness import decode_uboot_env, encode_uboot_env, hex_or_zero, uboot_newest  # noqa: E402
+from harness import (  # noqa: E402
+    COMMITTED_BOOT_TRIES, committed_uki_slot, decode_uboot_env, encode_uboot_env, hex_or_zero, uboot_newest,
+)
 
 UPDATE = os.environ.get("RACKLET_UPDATE", os.path.join(TOP, "target", "debug", "racklet-update"))
 IMAGE = os.environ.get("RACKLET_IMAGE", os.path.join(TOP, "target", "debug", "racklet-image"))
@@ -75,10 +77,7 @@ VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
 VAR_TYPE = "4D21B016-B534-45C2-A9FB-5C16E091FD2D"
 LOADER_CONF = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n"
 TRY_PATTERN = "racklet-b[.+][e1-9]*"
-# The boots the boot loaders give a committed slot in a row before they fall
-# back (os_format::layout::COMMITTED_BOOT_TRIES), and the systemd-boot default
-# naming a committed slot: its UKI with boots left.
-COMMITTED_BOOT_TRIES = 3
+# The systemd-boot default naming a committed slot: its UKI with boots left.
 COMMITTED_PATTERN = {slot: f"racklet-{slot}[.+][e1-{COMMITTED_BOOT_TRIES}]*" for slot in "ab"}
 BOOT_LOADERS = ("systemd-boot", "u-boot")
 # U-Boot's A/B state (os-format/src/boot_state.rs, image-builder/assets/u-boot/boot.cmd).
@@ -230,11 +229,8 @@ def run_boot_script(esp):
 def committed_name(name):
     """systemd-boot: "A" or "B" for a committed UKI with boots left
     (racklet-a.efi, racklet-a+3.efi, +2-1, +1-2), else the name itself."""
-    match = re.fullmatch(r"racklet-([ab])(?:\+(\d)(?:-(\d))?)?\.efi", name)
-    if match and (match.group(2) is None or (int(match.group(2)) > 0 and int(match.group(2))
-                                             + int(match.group(3) or 0) == COMMITTED_BOOT_TRIES)):
-        return match.group(1).upper()
-    return name
+    slot = committed_uki_slot(name)
+    return slot.upper() if slot else name
 
 
 def loader_conf_default(esp):

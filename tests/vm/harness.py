@@ -840,6 +840,23 @@ def decode_uboot_env(blob: bytes | None) -> dict[str, str] | None:
         data = data[end + 1:]
 
 
+# The boots the boot loaders give a committed slot in a row before they fall
+# back (os_format::layout::COMMITTED_BOOT_TRIES).
+COMMITTED_BOOT_TRIES = 3
+
+
+def committed_uki_slot(name: str) -> str | None:
+    """systemd-boot: the slot ("a", "b") whose committed UKI with boots left
+    `name` is (racklet-a.efi, racklet-a+3.efi, +2-1, +1-2); None for a try, a
+    used-up UKI or anything else."""
+    found = re.fullmatch(r"racklet-([ab])(?:\+(\d)(?:-(\d))?)?\.efi", name)
+    if found and (found.group(2) is None
+                  or (int(found.group(2)) > 0
+                      and int(found.group(2)) + int(found.group(3) or 0) == COMMITTED_BOOT_TRIES)):
+        return found.group(1)
+    return None
+
+
 def hex_or_zero(text: str | None) -> int:
     """What U-Boot's itest/setexpr make of a hexadecimal variable."""
     try:

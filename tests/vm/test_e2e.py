@@ -38,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    AUTOLOGIN, HarnessError, Overlay, TestFailure, VM, check, clean, copy_sparse, decode_uboot_env, require_tools,
-    uboot_newest)
+    AUTOLOGIN, COMMITTED_BOOT_TRIES, HarnessError, Overlay, TestFailure, VM, check, clean, committed_uki_slot,
+    copy_sparse, decode_uboot_env, require_tools, uboot_newest)
 from e2e_server import RepoServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -827,9 +827,6 @@ def other_not_bootable(report: dict) -> None:
           f"slot {other} must not be bootable after a refused update: {summary(report)}")
 
 
-# The boots the boot loader gives a committed slot before it falls back
-# (os_format::layout::COMMITTED_BOOT_TRIES).
-COMMITTED_BOOT_TRIES = 3
 # A byte of the root's erofs superblock (block 0): read by the first mount, so
 # dm-verity resets the machine early in each boot of a slot whose root holds it.
 SUPERBLOCK_BYTE = 1024 + 100
@@ -862,13 +859,7 @@ def failed_boots(vm: NetVM, slot: str, count: int) -> list[str]:
 def committed_entry(entries: list[str], slot: str) -> bool:
     """systemd-boot: slot has a committed UKI with boots left, counted
     (racklet-<slot>+3.efi, +2-1, +1-2) or not yet (racklet-<slot>.efi)."""
-    for entry in entries:
-        found = re.fullmatch(rf"racklet-{slot}(?:\+(\d)(?:-(\d))?)?\.efi", entry)
-        if found and (found.group(1) is None
-                      or (int(found.group(1)) > 0
-                          and int(found.group(1)) + int(found.group(2) or 0) == COMMITTED_BOOT_TRIES)):
-            return True
-    return False
+    return any(committed_uki_slot(entry) == slot for entry in entries)
 
 
 # ---------------------------------------------------------------------------

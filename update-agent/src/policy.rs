@@ -264,17 +264,12 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
     match decision {
         Decision::NotYet { update, .. } => Decision::Available { update },
         Decision::UpToDate { newest_allowed } => {
-            let ceiling = input
-                .manifest
-                .updates_for(input.variant, input.arch)
-                .last()
-                .map(|newest| newest.max_version.clone());
-            let running = input
-                .manifest
-                .updates_for(input.variant, input.arch)
+            let entries = input.manifest.updates_for(input.variant, input.arch);
+            let ceiling = entries.last().map(|newest| &newest.max_version);
+            let running = entries
                 .into_iter()
                 .find(|update| update.version == *input.running_version)
-                .filter(|_| ceiling.is_some_and(|ceiling| *input.running_version <= ceiling));
+                .filter(|_| ceiling.is_some_and(|ceiling| input.running_version <= ceiling));
             match running {
                 Some(update) => Decision::Available {
                     update: update.clone(),
