@@ -37,6 +37,8 @@ STATE_CHANGES = [("apply", "Apply"), ("cancel", "Cancel"), ("rollback", "Rollbac
 # The SSH host key (packages/ssh: made at the first boot on the data partition).
 HOST_KEY = "/var/lib/racklet/ssh/ssh_host_ed25519_key"
 FACTORY_RESET_FLAG = "/efi/racklet/factory-reset"
+# racklet-update-fetch.socket's socket (update-agent/src/fetcher.rs).
+FETCHER_SOCKET = "/run/racklet-update-fetch.sock"
 EXPOSURE = re.compile(r"Overall exposure level for (\S+): ([0-9.]+) ([A-Z]+)")
 # Longest a check may take before the CLI is stopped (`timeout`): on a guest
 # without clock sync the agent refuses at once; a check that went to an
@@ -120,21 +122,31 @@ def check_agent_privileges(vm) -> str:
     check(mode == "0", f"{HOST_KEY.rsplit('/', 1)[0]} in the agent's namespace has mode {mode!r}, "
                        "expected 0 (InaccessiblePaths=)")
 
-    # How exposed systemd rates both units.
+    # The fetcher's socket: only root may ask for downloads.
+    socket = vm.run(f"stat -c '%a %U' {FETCHER_SOCKET}", check=False)[1].strip()
+    check(socket == "600 root", f"{FETCHER_SOCKET}: mode and owner {socket!r}, expected '600 root'")
+    deny = vm.run("systemctl show -p IPAddressDeny --value racklet-update.service").strip()
+    check(deny not in ("", "n/a"), f"racklet-update.service has no IPAddressDeny= (network): {deny!r}")
+
+    # How exposed systemd rates the units (the fetcher through an instance name).
     scores = {}
-    for unit in ("racklet-update.service", "racklet-node.service"):
+    for unit, most in (("racklet-update.service", 2.0), ("racklet-update-fetch@probe.service", 1.5),
+                       ("racklet-node.service", None)):
         output = vm.run(f"systemd-analyze security --no-pager {unit} "
                         "| grep -o 'Overall exposure level for [^ ]*: [0-9.]* [A-Z]*'", check=False)[1]
         match = EXPOSURE.search(output)
         check(match and match.group(1) == unit, f"systemd-analyze security {unit}: {output.strip()}")
         check(match.group(3) in ("SAFE", "OK"), f"systemd-analyze security rates {unit} {match.group(2)} "
                                                  f"{match.group(3)}, expected SAFE or OK")
+        check(most is None or float(match.group(2)) <= most,
+              f"systemd-analyze security rates {unit} {match.group(2)}, expected at most {most}")
         scores[unit] = f"{match.group(2)} {match.group(3)}"
 
     return (f"as uid {NOBODY_UID}: status ok, check reached the agent ({first_check}), a second check "
             f"rate limited (try again in {limited.group(1)} s), root's not; apply, cancel, rollback, "
             f"mark-good, mark-bad and racklet-node factory-reset refused (needs root), nothing changed; "
-            f"the agent (pid {pid}) cannot read {HOST_KEY} (mode 0 in its namespace); systemd-analyze security: "
+            f"the agent (pid {pid}) cannot read {HOST_KEY} (mode 0 in its namespace); {FETCHER_SOCKET} 600 root; "
+            f"systemd-analyze security: "
             + ", ".join(f"{unit} {score}" for unit, score in scores.items()))
 
 

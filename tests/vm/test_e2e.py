@@ -441,6 +441,9 @@ def boot_to_shell(vm: NetVM, slot: str | None = None, timeout: float = 400) -> d
     return {"slot": booted, "seconds": time.monotonic() - started, "login": vm.time_at(login.start())}
 
 
+# tough's record of the latest clock reading (update-agent/src/tuf.rs).
+TUF_LATEST_KNOWN_TIME = "/var/lib/racklet/update/tuf/latest_known_time.json"
+
 AGENT_CONFIG = """\
 wait_for_time_sync = false
 check_interval_seconds = {interval}
@@ -1295,13 +1298,38 @@ def e2e_attack_replayed_metadata(ctx: Context) -> None:
 
 
 @test()
-def e2e_attack_expired_metadata(ctx: Context) -> None:
-    """Expired metadata is refused: the repository's timestamp (7 days) seen
-    from a node whose clock is 10 days ahead. (The publisher itself refuses to
-    write already-expired metadata, so the node's clock moves instead.)"""
+def e2e_attack_expired_metadata_then_clock_back(ctx: Context) -> None:
+    """Issue 14 (c): the node's clock a year ahead (a spoofed NTP answer):
+    the repository's metadata (timestamp: 7 days) looks expired and is
+    refused, and that clock reading is not remembered. (The publisher refuses
+    to write already-expired metadata, so the node's clock moves instead.)
+    Then the clock comes back: the agent's own timer installs the update,
+    with no person deleting anything."""
     repo, server, vm = attack_setup(ctx, "v1", "v2")
-    vm.run(f"date -u -s @{int(time.time()) + 10 * 86400}")
-    refused(ctx, vm, "1.0.0", ["expire"], "timestamp expired (node clock +10 days)")
+    year_ahead = int(time.time()) + 365 * 86400
+    vm.run(f"date -u -s @{year_ahead}")
+    refused(ctx, vm, "1.0.0", ["expire"], "timestamp expired (node clock +1 year)")
+    # The agent's timer, on, and its first check (at its start) with the clock still ahead.
+    refused_at = (status(vm)["state"].get("last_error") or {}).get("time")
+    configure_agent(vm, auto=True, interval=60, reboot=False)
+
+    def timer_refused(report: dict) -> bool:
+        error = report["state"].get("last_error") or {}
+        return error.get("time") != refused_at and "expire" in error.get("message", "").lower()
+
+    report = wait_for(vm, "the timer's check refused with the clock ahead", timer_refused, timeout=300)
+    remembered = vm.run(f"cat {TUF_LATEST_KNOWN_TIME} 2>/dev/null || echo none").strip()
+    ctx.note(f"clock +1 year: {summary(report)}; latest known time on disk: {remembered}")
+    check(str(time.gmtime(year_ahead).tm_year) not in remembered,
+          f"the clock a year ahead must not be remembered: {TUF_LATEST_KNOWN_TIME}: {remembered}")
+    # The clock back (what time synchronisation does): nobody touches the node.
+    started = time.monotonic()
+    vm.run(f"date -u -s @{int(time.time())}")
+    report = wait_for(vm, "2.0.0 installed by the timer once the clock is back",
+                      lambda r: operation(r) == "installed", timeout=1200, interval=5)
+    check(slot_view(report, "b")["version"] == "2.0.0", f"slot B should hold 2.0.0: {summary(report)}")
+    ctx.phase("clock back -> 2.0.0 installed by the timer", time.monotonic() - started)
+    ctx.note(f"clock back: {summary(report)}")
 
 
 @test()

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::daemon::{Agent, Paths};
 use crate::dbus::{call_error, remote_error, Update1Proxy};
 use crate::error::AgentError;
+use crate::fetcher::FetcherLaunch;
 use crate::status::{
     render_status, ActionReply, ApplyStarted, CheckReport, InstallDone, StatusReport,
 };
@@ -71,6 +72,11 @@ pub enum Command {
     },
     /// Run the agent (systemd starts this as racklet-update.service).
     Daemon(Box<DaemonArgs>),
+    /// Serve one download for the daemon on stdin/stdout, without privilege
+    /// (systemd starts this as racklet-update-fetch@.service; see
+    /// update_agent::fetcher).
+    #[command(hide = true)]
+    Fetcher,
 }
 
 #[derive(clap::Args)]
@@ -96,6 +102,11 @@ pub struct DaemonArgs {
     config: PathBuf,
     #[arg(long, default_value = crate::config::IMAGE_DEFAULTS_PATH)]
     config_defaults: PathBuf,
+    /// Ask the unprivileged fetcher on this socket for every download
+    /// (racklet-update-fetch.socket); without it, each download starts
+    /// `racklet-update fetcher` with the daemon's own privileges.
+    #[arg(long)]
+    fetcher_socket: Option<PathBuf>,
     /// Tests: write this file instead of rebooting.
     #[arg(long, hide = true)]
     reboot_marker: Option<PathBuf>,
@@ -122,6 +133,7 @@ impl DaemonArgs {
         paths.config = self.config.clone();
         paths.config_defaults = self.config_defaults.clone();
         paths.reboot_marker = self.reboot_marker.clone();
+        paths.fetcher = FetcherLaunch::from_socket_option(self.fetcher_socket.as_deref());
         if self.no_time_sync {
             paths.timesyncd_unit = PathBuf::from("/nonexistent");
         }
@@ -161,6 +173,10 @@ fn print_reply(json: bool, method: &str, text: &str) -> Result<(), AgentError> {
 pub async fn run(cli: &Cli) -> Result<(), AgentError> {
     match &cli.command {
         Command::Daemon(args) => run_daemon(args).await,
+        Command::Fetcher => {
+            crate::fetcher::serve(std::io::stdin(), std::io::stdout()).await;
+            Ok(())
+        }
         Command::Status => {
             let text = proxy().await?.status().await.map_err(remote_error)?;
             let report: StatusReport = parse_reply("Status", &text)?;

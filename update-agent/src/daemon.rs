@@ -33,6 +33,7 @@ use tokio::sync::{watch, Mutex};
 use crate::boot_control::{self, BootControl};
 use crate::config::{Config, CONFIG_PATH, IMAGE_DEFAULTS_PATH};
 use crate::error::AgentError;
+use crate::fetcher::{FailureKind, FetchFailure, Fetcher, FetcherLaunch, SignedBytes};
 use crate::install;
 use crate::policy::{automatic_reboot_at, decide, Decision, DecisionInput};
 use crate::slots::{self, SlotPartitions};
@@ -72,6 +73,9 @@ fn retryable(error: &AgentError) -> bool {
     {
         return false;
     }
+    if let Some(failure) = FetchFailure::from_io(source) {
+        return failure.kind == FailureKind::Transport;
+    }
     matches!(
         crate::tuf::TufError::from_io(source),
         Some(crate::tuf::TufError::Transport { .. })
@@ -97,6 +101,8 @@ pub struct Paths {
     pub config_defaults: PathBuf,
     /// Tests: write this file instead of asking logind to reboot.
     pub reboot_marker: Option<PathBuf>,
+    /// Where downloads happen (the unprivileged fetcher).
+    pub fetcher: FetcherLaunch,
     pub time_synchronized_marker: PathBuf,
     pub timesyncd_unit: PathBuf,
 }
@@ -114,6 +120,7 @@ impl Paths {
             config: PathBuf::from(CONFIG_PATH),
             config_defaults: PathBuf::from(IMAGE_DEFAULTS_PATH),
             reboot_marker: None,
+            fetcher: FetcherLaunch::Socket(PathBuf::from(crate::fetcher::FETCHER_SOCKET_PATH)),
             time_synchronized_marker: PathBuf::from(TIME_SYNCHRONIZED_MARKER),
             timesyncd_unit: PathBuf::from(TIMESYNCD_UNIT),
         }
@@ -425,8 +432,30 @@ impl Agent {
             self.paths.image_tuf_root.clone(),
             self.paths.tuf_datastore.clone(),
         )
-        .with_resume_counter(Arc::clone(&self.progress.resumed))
-        .with_extra_ca_certificates(config.extra_ca_certificates.clone()))
+        .with_transport(self.fetcher(config)?))
+    }
+
+    /// The unprivileged fetcher, trusting the configured CA certificates
+    /// (read here: the fetcher cannot read the file).
+    fn fetcher(&self, config: &Config) -> Result<Fetcher, AgentError> {
+        let pem = match &config.extra_ca_certificates {
+            Some(path) => {
+                crate::download::load_ca_certificates(path).map_err(crate::tuf::TufError::from)?;
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| AgentError::Io {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Fetcher::new(
+            self.paths.fetcher.clone(),
+            config.http_timeout(),
+            pem,
+            Arc::clone(&self.progress.resumed),
+        ))
     }
 
     /// Fetch and verify the repository and decide.
@@ -598,10 +627,12 @@ impl Agent {
         self.progress.cancel.store(false, Ordering::SeqCst);
         self.progress.bytes.store(0, Ordering::SeqCst);
         self.progress.resumed.store(0, Ordering::SeqCst);
+        let fetcher = self.fetcher(&self.config().await)?;
+        // Counted as the agent receives them: uncompressed (the fetcher decompresses).
         let total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
             .iter()
             .filter_map(|kind| update.target(*kind))
-            .map(|target| target.artifact.size)
+            .map(|target| target.artifact.uncompressed_size)
             .sum();
         self.progress.total.store(total, Ordering::SeqCst);
         {
@@ -629,8 +660,12 @@ impl Agent {
             })?;
             let mut attempt = 1;
             loop {
-                let reader = repository.target_reader(&target.target)?;
-                let artifact = target.artifact.clone();
+                let source = ArtifactSource::for_target(
+                    repository,
+                    &fetcher,
+                    &target.target,
+                    &target.artifact,
+                )?;
                 let disk = disk.clone();
                 let partitions = partitions.clone();
                 let progress = Arc::clone(&self.progress);
@@ -639,6 +674,7 @@ impl Agent {
                     "the writer task",
                     tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
                         let file = install::open_disk_for_writing(&disk)?;
+                        let (reader, artifact) = source.open();
                         let partition = install::partition_for(&artifact, &partitions)?;
                         let cancellable = CancellableReader {
                             inner: reader,
@@ -673,7 +709,7 @@ impl Agent {
                     }
                 }
             }
-            written_before += target.artifact.size;
+            written_before += target.artifact.uncompressed_size;
             self.announce();
         }
         // 3. Read back and recompute the dm-verity root hash.
@@ -1008,6 +1044,74 @@ impl Agent {
 }
 
 /// A reader that stops with an error once cancel is requested.
+/// Where the bytes of a root or hash-tree artifact come from, and what they
+/// are checked against as they are written.
+enum ArtifactSource {
+    /// A zstd artifact, decompressed by the unprivileged fetcher: what the
+    /// agent receives is checked against the signed manifest's
+    /// uncompressed length and sha256 (the agent never decodes bytes
+    /// nobody verified yet).
+    Decompressed {
+        fetcher: Fetcher,
+        url: url::Url,
+        artifact: os_format::manifest::Artifact,
+    },
+    /// A stored artifact, read through tough (its signed length and hash)
+    /// and checked against the manifest too.
+    Stored {
+        reader: crate::tuf::TargetReader,
+        artifact: os_format::manifest::Artifact,
+    },
+}
+
+impl ArtifactSource {
+    fn for_target(
+        repository: &crate::tuf::LoadedRepository,
+        fetcher: &Fetcher,
+        target: &str,
+        artifact: &os_format::manifest::Artifact,
+    ) -> Result<ArtifactSource, AgentError> {
+        use os_format::manifest::Compression;
+        Ok(match artifact.compression {
+            Compression::Zstd => ArtifactSource::Decompressed {
+                fetcher: fetcher.clone(),
+                url: repository.target_url(target, jiff::Timestamp::now())?,
+                artifact: artifact.clone(),
+            },
+            Compression::None => ArtifactSource::Stored {
+                reader: repository.target_reader(target)?,
+                artifact: artifact.clone(),
+            },
+        })
+    }
+
+    /// The reader, and the artifact entry its bytes are checked against.
+    /// Blocks (it may start a fetcher).
+    fn open(self) -> (Box<dyn Read + Send>, os_format::manifest::Artifact) {
+        match self {
+            ArtifactSource::Decompressed {
+                fetcher,
+                url,
+                artifact,
+            } => {
+                let signed = SignedBytes {
+                    length: artifact.size,
+                    sha256: artifact.sha256.clone(),
+                };
+                let reader = fetcher.decompressed_reader(&url, signed, artifact.uncompressed_size);
+                let as_received = os_format::manifest::Artifact {
+                    compression: os_format::manifest::Compression::None,
+                    size: artifact.uncompressed_size,
+                    sha256: artifact.uncompressed_sha256.clone(),
+                    ..artifact
+                };
+                (Box::new(reader), as_received)
+            }
+            ArtifactSource::Stored { reader, artifact } => (Box::new(reader), artifact),
+        }
+    }
+}
+
 struct CancellableReader<R> {
     inner: R,
     progress: Arc<Progress>,

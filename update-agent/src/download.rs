@@ -78,7 +78,7 @@ pub fn load_ca_certificates(
 }
 
 /// [`load_ca_certificates`] on the file's bytes. Pure.
-fn parse_ca_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn parse_ca_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut certificates = Vec::new();
     for (index, certificate) in CertificateDer::pem_slice_iter(pem).enumerate() {
         let certificate =
@@ -383,7 +383,7 @@ fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> Option<St
 }
 
 /// An error and its causes, on one line (reqwest's own text leaves out why).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -398,7 +398,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// The receiving end of a download, as tough's stream.
-struct ReceivedStream(mpsc::Receiver<Result<Bytes, TransportError>>);
+pub(crate) struct ReceivedStream(mpsc::Receiver<Result<Bytes, TransportError>>);
+
+impl ReceivedStream {
+    pub(crate) fn new(receiver: mpsc::Receiver<Result<Bytes, TransportError>>) -> ReceivedStream {
+        ReceivedStream(receiver)
+    }
+}
 
 impl Stream for ReceivedStream {
     type Item = Result<Bytes, TransportError>;

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod download;
 pub mod error;
+pub mod fetcher;
 pub mod health;
 pub mod install;
 pub mod metrics;

@@ -157,6 +157,14 @@ pub enum TufError {
     /// Neither the image's root nor the stored root can be used.
     #[error("no usable trusted TUF root: {details}")]
     NoTrustedRoot { details: String },
+    /// Metadata loaded before expired while its targets were still read.
+    #[error(
+        "TUF {role} metadata expired at {expires}, after it was loaded (re-check the repository)"
+    )]
+    ExpiredSinceLoad {
+        role: &'static str,
+        expires: jiff::Timestamp,
+    },
     /// Metadata (or the trusted root) has expired.
     #[error("TUF {role} metadata has expired: the repository has not been re-signed in time, or this node's clock is wrong")]
     Expired {
@@ -208,6 +216,8 @@ pub enum TufError {
     },
     #[error("target {target} is not listed in the repository's signed targets")]
     TargetMissing { target: String },
+    #[error("target {target}: no URL under the targets URL: {message}")]
+    InvalidTargetUrl { target: String, message: String },
     #[error("'{target}' is not a valid TUF target name: {source}")]
     InvalidTargetName {
         target: String,
@@ -631,6 +641,7 @@ impl TufClient {
         let repository = loaded.map_err(|error| TufError::from_tough(error, None))?;
         Ok(LoadedRepository {
             repository: Arc::new(repository),
+            targets_url: self.targets_url.clone(),
             started_from: root,
             _scratch: scratch,
         })
@@ -836,6 +847,8 @@ pub struct TargetInfo {
 #[derive(Clone, Debug)]
 pub struct LoadedRepository {
     repository: Arc<Repository>,
+    /// Where its targets are (the client's `targets_url`).
+    targets_url: Url,
     started_from: TrustedRoot,
     /// tough keeps writing the clock into its datastore while targets are read.
     _scratch: Arc<ScratchDatastore>,
@@ -920,6 +933,45 @@ impl LoadedRepository {
             .await
             .map_err(|error| TufError::from_tough(error, Some(target)))?;
         UpdateManifest::from_json(target, &bytes).map_err(TufError::Manifest)
+    }
+
+    /// Where `name` is downloaded from, for a target the agent checks itself
+    /// as it reads it (the fetcher decompresses it; the signed manifest's
+    /// uncompressed length and sha256 are checked instead of tough's hash
+    /// of the published bytes): tough's rule (consistent snapshots:
+    /// `HASH.NAME` under the targets URL), refused like tough's own read
+    /// once any top-level metadata has expired at `now`.
+    pub fn target_url(&self, name: &str, now: jiff::Timestamp) -> Result<Url, TufError> {
+        let info = self
+            .target_info(name)
+            .ok_or_else(|| TufError::TargetMissing {
+                target: name.to_string(),
+            })?;
+        let repository = &self.repository;
+        for (role, expires) in [
+            ("root", repository.root().signed.expires),
+            ("timestamp", repository.timestamp().signed.expires),
+            ("snapshot", repository.snapshot().signed.expires),
+            ("targets", repository.targets().signed.expires),
+        ] {
+            if now >= expires {
+                return Err(TufError::ExpiredSinceLoad { role, expires });
+            }
+        }
+        let file = if repository.root().signed.consistent_snapshot {
+            format!("{}.{name}", info.sha256)
+        } else {
+            name.to_string()
+        };
+        let mut base = self.targets_url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        base.join(&file)
+            .map_err(|error| TufError::InvalidTargetUrl {
+                target: name.to_string(),
+                message: error.to_string(),
+            })
     }
 
     /// Start downloading a target; the returned reader yields its bytes as
