@@ -52,6 +52,11 @@ pub enum Command {
         /// Return once the install has started, without waiting.
         #[arg(long)]
         no_wait: bool,
+        /// Install from a copy of the published repository in this directory
+        /// (its metadata/ and targets/, e.g. on a USB stick), checked with
+        /// this node's trusted TUF state like the network repository.
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
     },
     /// Undo an apply that has not rebooted yet.
     Cancel,
@@ -205,12 +210,27 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             allow_downgrade,
             reboot,
             no_wait,
+            from,
         } => {
             let proxy = proxy().await?;
-            let text = proxy
-                .apply(version.as_deref().unwrap_or(""), *allow_downgrade, *reboot)
-                .await
-                .map_err(call_error("Apply"))?;
+            let version = version.as_deref().unwrap_or("");
+            let text = match from {
+                Some(copy) => {
+                    // The daemon runs elsewhere (its own working directory).
+                    let copy = std::path::absolute(copy).map_err(|source| AgentError::Io {
+                        path: copy.clone(),
+                        source,
+                    })?;
+                    proxy
+                        .apply_from(&copy.to_string_lossy(), version, *allow_downgrade, *reboot)
+                        .await
+                        .map_err(call_error("ApplyFrom"))?
+                }
+                None => proxy
+                    .apply(version, *allow_downgrade, *reboot)
+                    .await
+                    .map_err(call_error("Apply"))?,
+            };
             let started: ApplyStarted = parse_reply("Apply", &text)?;
             if *no_wait {
                 if cli.json {

@@ -180,7 +180,17 @@ pub struct ApplyRequest {
     /// once installed; outside it, the reboot waits for the next opening
     /// (`Agent::tick`). A person's request reboots at once.
     pub reboot_window: Option<MaintenanceWindow>,
+    /// A copy of the published repository in this directory (`metadata/`
+    /// and `targets/`, e.g. on a USB stick) instead of the configured URLs:
+    /// checked with the node's trusted TUF state exactly like the network
+    /// repository ([`LOCAL_COPY_METADATA_DIR`], [`LOCAL_COPY_TARGETS_DIR`]).
+    pub from: Option<PathBuf>,
 }
+
+/// The metadata of a local repository copy, under its directory.
+pub const LOCAL_COPY_METADATA_DIR: &str = "metadata";
+/// The targets of a local repository copy, under its directory.
+pub const LOCAL_COPY_TARGETS_DIR: &str = "targets";
 
 /// Progress of the running write (shared with the writer thread).
 #[derive(Debug, Default)]
@@ -435,6 +445,45 @@ impl Agent {
         .with_transport(self.fetcher(config)?))
     }
 
+    /// A client of the repository copy in `copy` (`file://` URLs, read by
+    /// the fetcher like any download), with the node's trusted root and
+    /// datastore: the same signature, expiry, rollback and hash checks.
+    fn local_copy_client(&self, config: &Config, copy: &Path) -> Result<TufClient, AgentError> {
+        let invalid = |message: String| AgentError::Invalid {
+            what: copy.display().to_string(),
+            message,
+        };
+        if !copy.is_absolute() {
+            return Err(invalid(
+                "a repository copy must be an absolute path".to_string(),
+            ));
+        }
+        let mut urls = Vec::new();
+        for name in [LOCAL_COPY_METADATA_DIR, LOCAL_COPY_TARGETS_DIR] {
+            let dir = copy.join(name);
+            if !dir.is_dir() {
+                return Err(invalid(format!(
+                    "no {name}/ directory: expected a copy of a published repository \
+                     (metadata/ and targets/, as `racklet-image publish` writes them)"
+                )));
+            }
+            urls.push(
+                url::Url::from_directory_path(&dir)
+                    .map_err(|()| invalid(format!("{name}/ is not a usable path")))?,
+            );
+        }
+        let targets_url = urls.pop().expect("two URLs");
+        let metadata_url = urls.pop().expect("two URLs");
+        Ok(TufClient::new(
+            metadata_url,
+            targets_url,
+            config.http_timeout(),
+            self.paths.image_tuf_root.clone(),
+            self.paths.tuf_datastore.clone(),
+        )
+        .with_transport(self.fetcher(config)?))
+    }
+
     /// The unprivileged fetcher, trusting the configured CA certificates
     /// (read here: the fetcher cannot read the file).
     fn fetcher(&self, config: &Config) -> Result<Fetcher, AgentError> {
@@ -473,7 +522,10 @@ impl Agent {
             )
         };
         self.check_clock(now, config.wait_for_time_sync)?;
-        let client = self.tuf_client(&config)?;
+        let client = match &request.from {
+            Some(copy) => self.local_copy_client(&config, copy)?,
+            None => self.tuf_client(&config)?,
+        };
         let repository = client.load().await?;
         let manifest: UpdateManifest = repository.update_manifest().await?;
         let decision = decide(&DecisionInput {
@@ -1002,6 +1054,7 @@ impl Agent {
                     allow_downgrade: false,
                     reboot: config.auto_reboot,
                     reboot_window: config.maintenance_window,
+                    from: None,
                 };
                 if let Err(error) = self.start_apply(request).await {
                     tracing::warn!(%error, "automatic update did not start");

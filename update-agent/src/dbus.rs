@@ -281,6 +281,34 @@ impl UpdateInterface {
             allow_downgrade,
             reboot,
             reboot_window: None,
+            from: None,
+        };
+        let version = self.agent.start_apply(request).await?;
+        Ok(json(&ApplyStarted {
+            started: true,
+            version,
+        }))
+    }
+
+    /// `Apply` from a copy of the published repository in the directory
+    /// `copy` (absolute; `metadata/` and `targets/`), verified like the
+    /// network repository.
+    async fn apply_from(
+        &self,
+        copy: &str,
+        version: &str,
+        allow_downgrade: bool,
+        reboot: bool,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<String, UpdateError> {
+        self.require_root("ApplyFrom", connection, &header).await?;
+        let request = ApplyRequest {
+            version: parse_optional_version(version)?,
+            allow_downgrade,
+            reboot,
+            reboot_window: None,
+            from: Some(std::path::PathBuf::from(copy)),
         };
         let version = self.agent.start_apply(request).await?;
         Ok(json(&ApplyStarted {
@@ -443,6 +471,13 @@ pub trait Update1 {
     fn status(&self) -> zbus::Result<String>;
     fn check(&self) -> zbus::Result<String>;
     fn apply(&self, version: &str, allow_downgrade: bool, reboot: bool) -> zbus::Result<String>;
+    fn apply_from(
+        &self,
+        copy: &str,
+        version: &str,
+        allow_downgrade: bool,
+        reboot: bool,
+    ) -> zbus::Result<String>;
     fn cancel(&self) -> zbus::Result<String>;
     fn rollback(&self, reboot: bool) -> zbus::Result<String>;
     fn mark_good(&self) -> zbus::Result<String>;
