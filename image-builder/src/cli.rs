@@ -87,6 +87,11 @@ pub enum Command {
         command: KeysCommand,
     },
     /// Add a build (its update artifacts and an entry in the update manifest) to a TUF repository.
+    ///
+    /// Offline use: the repository directory (its metadata/ and targets/) copied as it is,
+    /// e.g. to a USB stick, installs on a node with `racklet-update apply --from DIR`,
+    /// verified like the network repository; refresh it first (`repo refresh`) if its
+    /// timestamp would expire before it is used.
     Publish {
         /// The build directory (build/<variant>).
         #[arg(long)]
