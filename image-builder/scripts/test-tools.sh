@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install what the tests (not the build) need, only what is missing:
 # promtool (checks the agent's metrics), dbus-daemon (a private bus for the
-# agent's D-Bus API), python-tuf + cryptography (the second TUF client).
+# agent's D-Bus API), rauc (Debian's RAUC CLI against the agent's
+# de.pengutronix.rauc API; the package is the CLI alone: no service, no
+# unit, no D-Bus policy, its postinst starts nothing), python-tuf +
+# cryptography (the second TUF client).
 set -euo pipefail
 
 packages=(
@@ -11,6 +14,7 @@ packages=(
   faketime         # the publisher signs "in the past" for expired-metadata tests
   python3-prometheus-client  # a strict OpenMetrics parser in the metrics test
   openssh-client   # ssh-keygen: throwaway keys for the settings tests
+  rauc             # the RAUC CLI in tests/agent (rauc_cli_* cases)
 )
 missing=()
 for package in "${packages[@]}"; do

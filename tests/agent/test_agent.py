@@ -1106,6 +1106,8 @@ def cli_without_daemon_says_so(suite, node_name):
 # The user the cases below call as (nobody), and the agent's D-Bus policy file.
 OTHER_UID = 65534
 POLICY = os.path.join(TOP, "packages", "racklet-agents", "org.racklet.Update1.conf")
+# The policy of RAUC's API, which the agent serves beside its own (docs/rauc.md).
+RAUC_POLICY = os.path.join(TOP, "packages", "racklet-agents", "de.pengutronix.rauc.conf")
 # The state-changing commands: (CLI arguments, D-Bus method).
 STATE_CHANGES = [(("apply",), "Apply"), (("cancel",), "Cancel"), (("rollback",), "Rollback"),
                  (("mark-good",), "MarkGood"), (("mark-bad", "--reason", "x"), "MarkBad")]
@@ -1139,7 +1141,7 @@ class PrivateBus:
                 '<allow send_destination="org.freedesktop.DBus"'
                 ' send_interface="org.freedesktop.DBus.Introspectable"/>'
                 '</policy>'
-                f"<include>{POLICY}</include>")
+                f"<include>{POLICY}</include><include>{RAUC_POLICY}</include>")
             kind = "system"
         else:
             # The suite's bus, for every user.
@@ -1251,6 +1253,16 @@ def callers_other_than_root_read_and_check_but_change_nothing(suite, node_name):
         check(call.rc != 0 and "Access denied" in call.err, f"busctl call MarkGood as uid {OTHER_UID}: {call}")
         check("a state change by a user other than root" not in node.log_tail(200),
               "the daemon saw a state change the bus's policy should have refused")
+        # RAUC's API: anyone reads; the daemon itself refuses a Mark by another user.
+        check(shutil.which("rauc") is not None, RAUC_MISSING)
+        rauc_env = ["env", "DBUS_STARTER_BUS_TYPE=session", f"DBUS_SESSION_BUS_ADDRESS={system_bus.address}"]
+        rauc_status = as_user(node, OTHER_UID, [*rauc_env, "rauc", "status", "--output-format=json"])
+        check(rauc_status.rc == 0 and rauc_status.json and rauc_status.json.get("booted") == "A",
+              f"rauc status as uid {OTHER_UID}: {rauc_status}")
+        rauc_mark = as_user(node, OTHER_UID, [*rauc_env, "rauc", "status", "mark-bad"])
+        check(rauc_mark.rc != 0, f"rauc status mark-bad as uid {OTHER_UID} succeeded: {rauc_mark}")
+        check_in(f"de.pengutronix.rauc.Installer.Mark: refused: changing the update state needs root (the caller "
+                 f"is uid {OTHER_UID}; expected uid 0)", rauc_mark.out + rauc_mark.err, "rauc mark-bad as another user")
         node.stop()
         system_bus.close()
         buses.remove(system_bus)
@@ -2311,6 +2323,139 @@ def mark_good_by_hand_then_failing_gate(suite, node_name, boot_loader):
         check_equal(status["state"]["slots"]["b"]["state"], "good", "slot b record after the gate ended")
         node.check_boot("b-good", "after the gate ended")
         check(not os.path.exists(node.marker), "the gate rebooted after the operator's mark-good")
+    finally:
+        node.close()
+
+
+# --- RAUC's CLI against the agent's de.pengutronix.rauc API (docs/rauc.md) -----------
+
+RAUC_MISSING = ("Debian's rauc CLI is not installed: install it with `apt-get install -y rauc` "
+                "(image-builder/scripts/test-tools.sh does; the package is the CLI alone)")
+
+
+def rauc(node, *args, timeout=120):
+    """Debian's `rauc` CLI with `args`, talking to the node's private bus
+    (RAUC's CLI uses the session bus when DBUS_STARTER_BUS_TYPE=session)."""
+    check(shutil.which("rauc") is not None, RAUC_MISSING)
+    env = dict(node.env(), DBUS_STARTER_BUS_TYPE="session",
+               DBUS_SESSION_BUS_ADDRESS=node.env()["DBUS_SYSTEM_BUS_ADDRESS"])
+    completed = subprocess.run(["rauc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, timeout=timeout, cwd=node.dir)
+    return Result(completed)
+
+
+def rauc_ok(node, *args, timeout=120):
+    result = rauc(node, *args, timeout=timeout)
+    if result.rc != 0:
+        raise TestFailure(f"rauc {' '.join(args)} failed: {result}\n--- daemon log:\n{node.log_tail()}")
+    return result
+
+
+RAUC_SLOT = {"a": "rootfs.0", "b": "rootfs.1"}
+
+
+def check_rauc_status_matches(node, what):
+    """`rauc status --output-format=json` says what `racklet-update --json
+    status` says: compatible (variant), booted slot, primary (next boot),
+    each slot's bootname, state, boot status and version; returns it."""
+    ours = node.status()
+    theirs = json.loads(rauc_ok(node, "status", "--detailed", "--output-format=json").out)
+    check_equal(theirs.get("compatible"), ours["booted"]["variant"], f"rauc compatible {what}")
+    check_equal(theirs.get("variant"), ours["booted"]["arch"], f"rauc variant {what}")
+    check_equal(theirs.get("booted"), ours["booted"]["slot"].upper(), f"rauc booted {what}")
+    check_equal(theirs.get("boot_primary"), RAUC_SLOT[ours["next_boot"]], f"rauc boot_primary {what}")
+    slots = {name: fields for entry in theirs["slots"] for name, fields in entry.items()}
+    check_equal(sorted(slots), ["rootfs.0", "rootfs.1"], f"rauc slots {what}")
+    for slot in ours["boot_slots"]:
+        fields = slots[RAUC_SLOT[slot["slot"]]]
+        name = f"rauc {RAUC_SLOT[slot['slot']]} {what}"
+        check_equal(fields.get("bootname"), slot["slot"].upper(), f"{name} bootname")
+        check_equal(fields.get("class"), "rootfs", f"{name} class")
+        check_equal(fields.get("state"), "booted" if slot["booted"] else "inactive", f"{name} state")
+        usable = slot["boot_state"] == "good" or re.fullmatch(r"trying \([1-9]\d* tries left\)", slot["boot_state"])
+        check_equal(fields.get("boot_status"), "good" if usable else "bad", f"{name} boot_status")
+        bundle = (fields.get("slot_status") or {}).get("bundle") or {}
+        check_equal(bundle.get("version"), slot["version"], f"{name} bundle version")
+    return theirs
+
+
+@case
+def rauc_cli_status_marks_and_install(suite, node_name):
+    """Debian's rauc CLI against the agent's RAUC API: `rauc status` (text
+    and JSON, against `racklet-update status`), `rauc status mark-good`,
+    `rauc install DIR` from a copy of the repository (progress lines, exit
+    code from Completed), refused installs, mark-good during the try, and
+    `rauc status mark-active other` as a rollback."""
+    node = standard_node(suite, node_name)
+    new = suite.builds["1.1.0"]
+    try:
+        # Status for people and as JSON.
+        text = ANSI.sub("", rauc_ok(node, "status").out)
+        for line in ("Compatible:  qemu-x86_64", "Booted from: rootfs.0 (A)", "Activated: rootfs.0 (A)"):
+            check_in(line, text.splitlines(), "rauc status")
+        check(re.search(r"\[rootfs\.0\] \(/dev/disk/by-partlabel/root-a, raw, booted\)", text),
+              f"rauc status: rootfs.0 booted:\n{text}")
+        check(re.search(r"\[rootfs\.1\] \(/dev/disk/by-partlabel/root-b, raw, inactive\)", text),
+              f"rauc status: rootfs.1 inactive:\n{text}")
+        check_rauc_status_matches(node, "at the start")
+        # mark-good of the committed booted slot: done, nothing changes.
+        good = rauc_ok(node, "status", "mark-good")
+        check_in("marked slot rootfs.0 as good", good.out, "rauc status mark-good")
+        check_equal(node.status()["state"]["slots"]["a"]["state"], "good", "slot a after rauc mark-good")
+        # Refused: a directory that is no repository copy (exit code non-zero, nothing written).
+        empty = os.path.join(node.dir, "not-a-repo")
+        os.makedirs(empty)
+        refused = rauc(node, "install", empty)
+        check(refused.rc != 0, f"rauc install of an empty directory succeeded: {refused}")
+        check_in("no metadata/ directory", refused.out + refused.err, "rauc install of an empty directory")
+        node.assert_b_unbootable()
+        # Refused: an argument RAUC does not know (InstallBundle's args).
+        bogus = run(["busctl", f"--address={suite.bus_address}", "call", "de.pengutronix.rauc", "/",
+                     "de.pengutronix.rauc.Installer", "InstallBundle", "sa{sv}", empty, "1", "bogus", "b", "true"],
+                    check_rc=False)
+        check(bogus.returncode != 0 and "Unsupported key: bogus" in bogus.stderr,
+              f"InstallBundle with an unknown key: {bogus.stdout}{bogus.stderr}")
+        # Install from a copy of the repository (a USB stick, say).
+        usb = os.path.join(node.dir, "usb")
+        shutil.copytree(node.repo, usb)
+        installed = rauc(node, "install", usb)
+        check_equal(installed.rc, 0, f"rauc install {usb}: {installed}")
+        lines = installed.out.splitlines()
+        check(any(re.fullmatch(r"\s*\d{1,2}% Writing slot rootfs\.1", line) for line in lines),
+              f"rauc install printed no write progress: {installed.out!r}")
+        check_in("100% Installing done.", [line.strip() for line in lines], "rauc install's last progress")
+        check_in(f"Installing `{usb}` succeeded", installed.out, "rauc install's result")
+        node.assert_installed(new)
+        status = node.status()
+        check_equal(status["state"]["operation"], {"kind": "installed", "version": "1.1.0", "slot": "b"},
+                    "operation after rauc install")
+        check(not os.path.exists(node.marker), "rauc install rebooted")
+        theirs = check_rauc_status_matches(node, "after rauc install")
+        check_equal(theirs["boot_primary"], "rootfs.1", "rauc primary after the install")
+        # A second install while one waits for its reboot: refused, exit code non-zero.
+        again = rauc(node, "install", usb)
+        check(again.rc != 0, f"a second rauc install succeeded: {again}")
+        check_in("cancel it first", again.out + again.err, "a second rauc install")
+        # Boot B for its try; the operator commits it with rauc while the gate still runs.
+        release = add_slow_check(node, 0)
+        node.reboot_into("b", new)
+        node.start()
+        check_rauc_status_matches(node, "during the try")
+        committed = rauc_ok(node, "status", "mark-good", "booted")
+        check_in("marked slot rootfs.1 as good: slot b (1.1.0) committed", committed.out, "rauc mark-good booted")
+        node.check_boot("b-good", "after rauc status mark-good", uki_b=new.uki_b)
+        open(release, "w").close()
+        # mark-active other: a rollback to slot A, which holds a good version.
+        active = rauc_ok(node, "status", "mark-active", "other")
+        check_in("activated slot rootfs.0", active.out, "rauc status mark-active other")
+        node.check_boot("a-good", "after rauc status mark-active other")
+        check_equal(check_rauc_status_matches(node, "after the rollback")["boot_primary"], "rootfs.0",
+                    "rauc primary after mark-active other")
+        # No sense in our model: refused, saying why.
+        bad_other = rauc(node, "status", "mark-bad", "other")
+        check(bad_other.rc != 0, f"rauc status mark-bad other succeeded: {bad_other}")
+        check_in("only the booted slot can be marked bad", bad_other.out + bad_other.err, "mark-bad other")
+        node.check_boot("a-good", "after the refused mark-bad other")
     finally:
         node.close()
 

@@ -1,5 +1,7 @@
 //! The agent's D-Bus API, `org.racklet.Update1` on the system bus, served
-//! with zbus; the CLI's proxy; and reboots through logind.
+//! with zbus; the CLI's proxy; and reboots through logind. RAUC's API
+//! (`de.pengutronix.rauc`) is served beside it on the same connection
+//! (`rauc.rs`).
 //!
 //! Methods return JSON documents (the same ones `--json` prints).
 //!
@@ -70,9 +72,14 @@ pub enum UpdateError {
     Failed(String),
 }
 
+/// An error as a D-Bus error's message: one line, URL credentials hidden.
+pub(crate) fn error_message(error: &AgentError) -> String {
+    crate::config::redact_urls_in(&os_format::report::one_line(error))
+}
+
 impl From<AgentError> for UpdateError {
     fn from(error: AgentError) -> UpdateError {
-        let message = crate::config::redact_urls_in(&os_format::report::one_line(&error));
+        let message = error_message(&error);
         match error {
             AgentError::CallerNotRoot { .. } => UpdateError::NeedsRoot(message),
             AgentError::RateLimited { .. } => UpdateError::RateLimited(message),
@@ -429,14 +436,15 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Connection, AgentError> {
         .build()
         .await
         .map_err(AgentError::dbus(format!("taking the name {BUS_NAME}")))?;
+    // RAUC's API beside ours, for RAUC's CLI and tools (docs/rauc.md).
+    crate::rauc::serve(&connection, Arc::clone(&agent)).await?;
     let announcer = connection.clone();
     tokio::spawn(async move {
         let mut changes = agent.changes.subscribe();
         loop {
-            let wait = tokio::time::timeout(PROGRESS_INTERVAL, changes.changed()).await;
-            if matches!(wait, Ok(Err(_))) {
+            let Some(changed) = next_change(&mut changes).await else {
                 break;
-            }
+            };
             let Ok(interface) = announcer
                 .object_server()
                 .interface::<_, UpdateInterface>(OBJECT_PATH)
@@ -446,19 +454,30 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Connection, AgentError> {
             };
             let emitter = interface.signal_emitter();
             let handle = interface.get().await;
-            if wait.is_ok() {
+            if changed {
                 let _ = handle.operation_changed(emitter).await;
                 let _ = handle.last_error_changed(emitter).await;
                 let operation = agent.operation_name().await;
                 let last_error = agent.last_error().await;
                 let _ = UpdateInterface::changed(emitter, &operation, &last_error).await;
             }
-            if agent.is_busy().await || wait.is_ok() {
+            if agent.is_busy().await || changed {
                 let _ = handle.progress_changed(emitter).await;
             }
         }
     });
     Ok(connection)
+}
+
+/// Wait for the agent's next change, or [`PROGRESS_INTERVAL`]: `Some(true)`
+/// when it changed, `Some(false)` when the time is up, `None` when the agent
+/// is gone.
+pub(crate) async fn next_change(changes: &mut tokio::sync::watch::Receiver<u64>) -> Option<bool> {
+    match tokio::time::timeout(PROGRESS_INTERVAL, changes.changed()).await {
+        Ok(Ok(())) => Some(true),
+        Ok(Err(_)) => None,
+        Err(_) => Some(false),
+    }
 }
 
 /// The CLI's side.

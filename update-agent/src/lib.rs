@@ -15,6 +15,7 @@ pub mod health;
 pub mod install;
 pub mod metrics;
 pub mod policy;
+pub(crate) mod rauc;
 pub mod slots;
 pub mod state;
 pub mod status;
