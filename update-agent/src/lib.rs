@@ -21,3 +21,4 @@ pub mod state;
 pub mod status;
 pub mod transition;
 pub mod tuf;
+pub mod tuf_workflow;

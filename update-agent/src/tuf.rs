@@ -1,57 +1,67 @@
-//! The agent's TUF client: tough, with the trusted root remembered across
-//! runs, timeouts from the configuration, and a blocking `Read` over a
-//! verified target stream.
+//! The agent's TUF client: the client workflow of [`crate::tuf_workflow`]
+//! (the spec's section 5, on tough's key and signature types), with the
+//! trusted root remembered across runs, timeouts from the configuration, and
+//! a blocking `Read` over a verified target stream.
 //!
 //! ```text
 //! /usr/share/racklet/update/root.json      the root the image trusts first (read-only)
-//! /var/lib/racklet/update/tuf/root.json    the newest root this node has verified (tough)
+//! /var/lib/racklet/update/tuf/root.json    the newest root this node has verified
 //! /var/lib/racklet/update/tuf/timestamp.json, snapshot.json, targets.json
-//!                                          trusted versions, for rollback protection (tough)
+//!                                          trusted metadata, as served, for rollback protection
+//! /var/lib/racklet/update/tuf/<role>.json  delegated targets roles a target search loaded
 //! /var/lib/racklet/update/tuf/latest_known_time.json
-//!                                          the latest clock reading seen (tough)
+//!                                          the latest clock reading of a load that verified
 //! ```
 //!
-//! Root persistence: tough writes every root it verifies (each step of a
-//! rotation chain, then the final one) to `root.json` in the datastore, but
-//! its loader starts from whatever root it is given. [`TufClient::load`] hands
-//! it the newer (by version) of the datastore's root and the image's root, so
-//! a rotation is followed once and then remembered, and an image that ships a
-//! newer root than the node has seen moves it forward. A stored root that does
-//! not parse or is not signed by its own threshold is ignored (with a
-//! warning) in favour of the image's.
+//! (The layout is the one tough kept, so a node moves from the tough-based
+//! agent without losing its trusted state.)
 //!
-//! Rollback protection needs the datastore to persist: tough compares every
-//! fetched timestamp, snapshot and targets version with the stored ones and
-//! refuses older ones ([`TufError::Rollback`]). tough also refuses to run when
-//! the clock is behind the latest time it has seen ([`TufError::ClockSteppedBack`]).
+//! Root persistence: every root the workflow verifies (each step of a
+//! rotation chain, then the final one) goes to `root.json` in the datastore.
+//! [`TufClient::load`] starts from the newer (by version) of the datastore's
+//! root and the image's root, so a rotation is followed once and then
+//! remembered, and an image that ships a newer root than the node has seen
+//! moves it forward. A stored root that does not parse or is not signed by
+//! its own threshold is ignored (with a warning) in favour of the image's.
 //!
-//! Crash safety and the clock: tough writes its datastore in place (no temp
-//! file, no fsync; `root.json` removed, then written again, on every load) and
-//! records the clock in `latest_known_time.json` before it verifies anything.
-//! So tough works on a scratch copy of the datastore ([`ScratchDatastore`]);
-//! after a load, only the files whose bytes changed go back into the
-//! datastore, each written atomically (temp file, fsync, rename, directory
-//! fsync; [`crate::state::atomic_write`]): what tough verified before a later
-//! step failed stays trusted (a root rotation, as the spec's workflow says),
-//! but the latest known time goes back only from a load that verified, so it
-//! only moves forward with metadata that verified at that time: one wrong clock reading (a spoofed NTP answer a year ahead)
-//! makes that check fail and is then forgotten. A latest known time recorded
-//! by an older agent that lies both ahead of the clock and past the expiry of
-//! the trusted timestamp was never confirmed by signed metadata, and is
+//! Rollback protection needs the datastore to persist: every fetched
+//! timestamp, snapshot and targets version is compared with the trusted ones
+//! and older ones are refused ([`TufError::Rollback`]). A clock more than
+//! [`CLOCK_STEP_TOLERANCE`] behind the latest time seen is refused too
+//! ([`TufError::ClockSteppedBack`], [`clock_verdict`]).
+//!
+//! Crash safety and the clock: the workflow works on a scratch copy of the
+//! datastore ([`ScratchDatastore`]) and records the clock there before it
+//! verifies anything; after a load, only the files whose bytes changed go
+//! back into the datastore, each written atomically (temp file, fsync,
+//! rename, directory fsync; [`crate::state::atomic_write`]): what verified
+//! before a later step failed stays trusted (a root rotation, as the spec's
+//! workflow says), but the latest known time goes back only from a load that
+//! verified, so it only moves forward with metadata that verified at that
+//! time: one wrong clock reading (a spoofed NTP answer a year ahead) makes
+//! that check fail and is then forgotten. A latest known time recorded by an
+//! older agent that lies both ahead of the clock and past the expiry of the
+//! trusted timestamp was never confirmed by signed metadata, and is
 //! forgotten too ([`remembered_time_verdict`]).
 //!
-//! Targets: [`LoadedRepository::target_reader`] streams a target through a
-//! bounded channel (at most [`TARGET_CHANNEL_CHUNKS`] chunks in flight) into a
-//! blocking [`Read`]. tough checks the length as bytes arrive and the sha256 at
-//! the end, so **data read before `read` returns `Ok(0)` is unverified**: a
-//! consumer must treat any error as "discard everything written".
+//! Targets: [`LoadedRepository::target_info`] knows the top-level targets;
+//! [`LoadedRepository::find_target`] also searches the delegations (spec
+//! 5.6.7), loading delegated roles as it reaches them (written straight into
+//! the datastore, atomically). [`LoadedRepository::target_reader`] streams a
+//! target through a bounded channel (at most [`TARGET_CHANNEL_CHUNKS`] chunks
+//! in flight) into a blocking [`Read`], checking the length as bytes arrive
+//! (a chunk past the signed length is never passed on) and every signed hash
+//! it can compute at the end, so **data read before `read` returns `Ok(0)` is
+//! unverified**: a consumer must treat any error as "discard everything
+//! written".
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use os_format::layout::IMAGE_TUF_ROOT;
@@ -59,25 +69,26 @@ use os_format::update_manifest::{UpdateManifest, UpdateManifestError, UPDATE_MAN
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tough::error::Error as ToughError;
-use tough::schema::{RoleType, Root, Signed};
-use tough::{
-    Bytes, ExpirationEnforcement, IntoVec, Repository, RepositoryLoader, TargetName, Transport,
-    TransportError, TransportErrorKind, TransportStream,
-};
+use tough::schema::RoleType;
+use tough::{Bytes, Transport, TransportError, TransportStream};
 use url::Url;
 
 use crate::config::Config;
 use crate::download::{load_ca_certificates, ResumeRules, ResumingTransport, TransportSetupError};
+use crate::tuf_workflow::{
+    fetch_checked, load_targets_role, naming_hash, transport_error, verify_threshold,
+    DelegationSearch, RoleKeyIds, Session, TargetCheck, TargetFile, TargetsMeta, TopLevel,
+    Verified, MAX_DELEGATIONS,
+};
 
-/// tough's record of the latest clock reading, inside the datastore.
+/// The record of the latest clock reading, inside the datastore.
 pub const LATEST_KNOWN_TIME_FILE: &str = "latest_known_time.json";
 /// The trusted timestamp metadata, inside the datastore.
 pub const TRUSTED_TIMESTAMP_FILE: &str = "timestamp.json";
 
 /// The persistent TUF datastore on the device (on the data partition).
 pub const TUF_DATASTORE_DIR: &str = "/var/lib/racklet/update/tuf";
-/// The file tough keeps the newest verified root in, inside the datastore.
+/// The file the newest verified root is kept in, inside the datastore.
 pub const STORED_ROOT_FILE: &str = "root.json";
 /// The largest update manifest the agent reads (it is held in memory).
 pub const MAX_UPDATE_MANIFEST_SIZE: u64 = 16 * 1024 * 1024;
@@ -132,8 +143,7 @@ pub fn transport_trusting(
     )?)
 }
 
-/// Why talking to the repository failed. Every variant that comes from tough
-/// keeps tough's error as its source.
+/// Why talking to the repository failed.
 #[derive(Debug, Error)]
 pub enum TufError {
     #[error("{path}: cannot create the TUF datastore: {source}")]
@@ -166,38 +176,29 @@ pub enum TufError {
         expires: jiff::Timestamp,
     },
     /// Metadata (or the trusted root) has expired.
-    #[error("TUF {role} metadata has expired: the repository has not been re-signed in time, or this node's clock is wrong")]
+    #[error("TUF {role} metadata has expired (at {expires}): the repository has not been re-signed in time, or this node's clock is wrong")]
     Expired {
         role: String,
-        #[source]
-        source: Box<ToughError>,
+        expires: jiff::Timestamp,
     },
     /// The repository offers a lower version than this node already trusts:
     /// a replay of old metadata, or a repository that went back.
-    #[error("TUF rollback refused for {role} metadata: {source}")]
+    #[error("TUF rollback refused for {role} metadata: {reason}")]
     Rollback {
         role: String,
-        /// The version this node trusts, when tough names it.
+        /// The version this node trusts.
         trusted_version: Option<u64>,
-        /// The version the repository offered, when tough names it.
+        /// The version the repository offered (`None`: no longer listed).
         offered_version: Option<u64>,
-        #[source]
-        source: Box<ToughError>,
+        reason: String,
     },
     /// Metadata is not signed by a threshold of the keys trusted for its role.
-    #[error("TUF {role} metadata is not signed by enough trusted keys: {source}")]
-    Signature {
-        role: String,
-        #[source]
-        source: Box<ToughError>,
-    },
+    #[error("TUF {role} metadata is not signed by enough trusted keys: {reason}")]
+    Signature { role: String, reason: String },
     /// Metadata that does not parse, or disagrees with the metadata that lists
     /// it (version, length or hash).
-    #[error("invalid TUF metadata: {source}")]
-    InvalidMetadata {
-        #[source]
-        source: Box<ToughError>,
-    },
+    #[error("invalid TUF {role} metadata: {reason}")]
+    InvalidMetadata { role: String, reason: String },
     /// The repository could not be reached, or a file could not be fetched.
     #[error("cannot fetch {url}{}: {source}", if *.not_found { " (not found)" } else { "" })]
     Transport {
@@ -205,35 +206,27 @@ pub enum TufError {
         /// The server (or file system) said the file does not exist.
         not_found: bool,
         #[source]
-        source: Box<ToughError>,
+        source: Box<TransportError>,
     },
-    /// A target's bytes do not match its signed length or sha256.
-    #[error("target {target} does not match its signed length and sha256: {source}")]
-    TargetMismatch {
-        target: String,
-        #[source]
-        source: Box<ToughError>,
-    },
+    /// A target's bytes do not match its signed length and hashes.
+    #[error("target {target} does not match its signed length and hash: {reason}")]
+    TargetMismatch { target: String, reason: String },
     #[error("target {target} is not listed in the repository's signed targets")]
     TargetMissing { target: String },
     #[error("target {target}: no URL under the targets URL: {message}")]
     InvalidTargetUrl { target: String, message: String },
-    #[error("'{target}' is not a valid TUF target name: {source}")]
-    InvalidTargetName {
-        target: String,
-        #[source]
-        source: Box<ToughError>,
-    },
+    #[error("'{target}' is not a valid TUF target name: {reason}")]
+    InvalidTargetName { target: String, reason: String },
     /// The download of a target stopped without finishing or failing (the
     /// runtime shut down); its bytes are unverified.
     #[error("target {target}: the download stopped before its end")]
     TargetIncomplete { target: String },
-    /// The clock is behind the latest time tough has seen (kept in the
-    /// datastore's `latest_known_time.json`).
-    #[error("this node's clock went back since the last TUF check (wait for time synchronisation): {source}")]
+    /// The clock is behind the latest time seen (kept in the datastore's
+    /// `latest_known_time.json`).
+    #[error("this node's clock went back since the last TUF check (wait for time synchronisation): it reads {now}, a check already ran at {latest_known}")]
     ClockSteppedBack {
-        #[source]
-        source: Box<ToughError>,
+        latest_known: jiff::Timestamp,
+        now: jiff::Timestamp,
     },
     /// [`LoadedRepository::target_reader`] was called outside a tokio runtime.
     #[error("no tokio runtime to download in: {message}")]
@@ -246,136 +239,13 @@ pub enum TufError {
     },
     #[error("{0}")]
     Manifest(#[source] UpdateManifestError),
-    #[error("TUF: {source}")]
-    Other {
-        #[source]
-        source: Box<ToughError>,
-    },
 }
 
 impl TufError {
-    /// Classify a tough error; `target` names the target being read, if any
-    /// (a length or hash mismatch is then the target's, not metadata's).
-    pub fn from_tough(error: ToughError, target: Option<&str>) -> TufError {
-        let error = Box::new(error);
-        let mismatch = |error: Box<ToughError>| match target {
-            Some(target) => TufError::TargetMismatch {
-                target: target.to_string(),
-                source: error,
-            },
-            None => TufError::InvalidMetadata { source: error },
-        };
-        match &*error {
-            ToughError::ExpiredMetadata { role, .. } => TufError::Expired {
-                role: role.to_string(),
-                source: error,
-            },
-            ToughError::OlderMetadata {
-                role,
-                current_version,
-                new_version,
-                ..
-            } => TufError::Rollback {
-                role: role.to_string(),
-                trusted_version: Some(*current_version),
-                offered_version: Some(*new_version),
-                source: error,
-            },
-            ToughError::OlderSnapshotInTimestamp {
-                snapshot_new,
-                snapshot_old,
-                ..
-            } => TufError::Rollback {
-                role: "snapshot".to_string(),
-                trusted_version: Some(*snapshot_old),
-                offered_version: Some(*snapshot_new),
-                source: error,
-            },
-            ToughError::SnapshotRoleRollback {
-                role,
-                old_role_version,
-                new_role_version,
-                ..
-            } => TufError::Rollback {
-                role: role.trim_end_matches(".json").to_string(),
-                trusted_version: Some(*old_role_version),
-                offered_version: Some(*new_role_version),
-                source: error,
-            },
-            ToughError::SnapshotRoleMissing { role, .. } => TufError::Rollback {
-                role: role.trim_end_matches(".json").to_string(),
-                trusted_version: None,
-                offered_version: None,
-                source: error,
-            },
-            ToughError::VerifyMetadata { role, .. } => TufError::Signature {
-                role: role.to_string(),
-                source: error,
-            },
-            ToughError::VerifyRoleMetadata { role, .. } => TufError::Signature {
-                role: role.clone(),
-                source: error,
-            },
-            ToughError::VerifyTrustedMetadata { .. } => TufError::Signature {
-                role: "trusted root".to_string(),
-                source: error,
-            },
-            ToughError::SystemTimeSteppedBackward { .. } => {
-                TufError::ClockSteppedBack { source: error }
-            }
-            ToughError::HashMismatch { .. } | ToughError::MaxSizeExceeded { .. } => mismatch(error),
-            ToughError::Transport { url, source, .. } => {
-                if transport_mismatch(source) {
-                    return mismatch(error);
-                }
-                TufError::Transport {
-                    url: url.to_string(),
-                    not_found: source.kind() == TransportErrorKind::FileNotFound,
-                    source: error,
-                }
-            }
-            ToughError::ParseMetadata { .. }
-            | ToughError::ParseTrustedMetadata { .. }
-            | ToughError::VersionMismatch { .. }
-            | ToughError::MetaMissing { .. }
-            | ToughError::TimestampMetaLength { .. }
-            | ToughError::MissingSnapshotMeta { .. }
-            | ToughError::SnapshotTargetsMetaMissing { .. }
-            | ToughError::MaxUpdatesExceeded { .. }
-            | ToughError::SpecVersion { .. }
-            | ToughError::InvalidPath { .. }
-            | ToughError::DelegatedRolesNotConsistent { .. } => {
-                TufError::InvalidMetadata { source: error }
-            }
-            _ => TufError::Other { source: error },
-        }
-    }
-
     /// The `TufError` inside an `io::Error` from a [`TargetReader`].
     pub fn from_io(error: &io::Error) -> Option<&TufError> {
         error.get_ref()?.downcast_ref::<TufError>()
     }
-}
-
-/// Whether a transport error carries tough's length or hash check failure.
-fn transport_mismatch(error: &TransportError) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(ToughError::HashMismatch { .. } | ToughError::MaxSizeExceeded { .. }) =
-            cause.downcast_ref::<ToughError>()
-        {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
-}
-
-fn parse_target_name(name: &str) -> Result<TargetName, TufError> {
-    TargetName::new(name).map_err(|source| TufError::InvalidTargetName {
-        target: name.to_string(),
-        source: Box::new(source),
-    })
 }
 
 /// Where the root a load started from came from.
@@ -422,18 +292,17 @@ fn read_root(path: &Path, source: RootSource) -> Result<Option<TrustedRoot>, Str
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(format!("{}: cannot read: {error}", path.display())),
     };
-    let root: Signed<Root> = serde_json::from_slice(&bytes)
-        .map_err(|error| format!("{}: not a TUF root: {error}", path.display()))?;
-    root.signed.verify_role(&root).map_err(|error| {
-        format!(
+    let root = crate::tuf_workflow::trusted_root(bytes.clone()).map_err(|error| match error {
+        TufError::Signature { .. } => format!(
             "{}: not signed by its own root keys: {error}",
             path.display()
-        )
+        ),
+        _ => format!("{}: not a TUF root: {error}", path.display()),
     })?;
     Ok(Some(TrustedRoot {
         source,
         path: path.to_path_buf(),
-        version: root.signed.version.get(),
+        version: root.meta.version,
         bytes,
     }))
 }
@@ -539,7 +408,7 @@ impl TufClient {
         &self.datastore
     }
 
-    /// Where tough keeps the newest verified root.
+    /// Where the newest verified root is kept.
     pub fn stored_root_path(&self) -> PathBuf {
         self.datastore.join(STORED_ROOT_FILE)
     }
@@ -578,10 +447,12 @@ impl TufClient {
         })
     }
 
-    /// Refresh the metadata (TUF client workflow, expiry enforced) starting
-    /// from [`TufClient::trusted_root`]. tough works on a scratch copy of the
-    /// datastore; what it verified goes back atomically, file by file, and
-    /// only when the load succeeded (see the module's documentation).
+    /// Refresh the metadata (the TUF client workflow of
+    /// [`crate::tuf_workflow`], expiry enforced) starting from
+    /// [`TufClient::trusted_root`]. The workflow works on a scratch copy of
+    /// the datastore; what verified goes back atomically, file by file, the
+    /// clock reading only when the whole load verified (see the module's
+    /// documentation).
     pub async fn load(&self) -> Result<LoadedRepository, TufError> {
         tokio::fs::create_dir_all(&self.datastore)
             .await
@@ -602,50 +473,70 @@ impl TufClient {
             ScratchDatastore::copy_of(&datastore)
         })
         .await?;
-        if let Some(forgotten) = scratch.heal_latest_known_time(jiff::Timestamp::now())? {
+        let now = jiff::Timestamp::now();
+        if let Some(forgotten) = scratch.heal_latest_known_time(now)? {
             tracing::warn!(%forgotten, "forgot a latest known time that signed metadata never confirmed (a clock that was wrong)");
         }
-        let transport = match &self.transport {
-            Some(transport) => transport.clone(),
-            None => BoxedTransport(Box::new(transport_trusting(
+        let transport: Arc<dyn Transport> = match &self.transport {
+            Some(transport) => Arc::new(transport.clone()),
+            None => Arc::new(transport_trusting(
                 self.http_timeout,
                 Arc::clone(&self.resumed),
                 self.extra_ca_certificates.as_deref(),
-            )?)),
+            )?),
         };
-        let loaded = RepositoryLoader::new(
-            &root.bytes,
-            self.metadata_url.clone(),
-            self.targets_url.clone(),
-        )
-        .transport(transport)
-        .datastore(scratch.path())
-        .expiration_enforcement(ExpirationEnforcement::Safe)
-        .load()
-        .await;
-        // What tough verified stays trusted even when a later step failed
-        // (the spec's client workflow: a root rotation is kept); the clock
+        let session = Session {
+            transport,
+            metadata_url: self.metadata_url.clone(),
+            store: scratch.path().to_path_buf(),
+        };
+        let loaded = refresh_at(&session, &root, now).await;
+        // What verified stays trusted even when a later step failed (the
+        // spec's client workflow: a root rotation is kept); the clock
         // reading only when everything verified.
         let clock = if loaded.is_ok() {
             ClockReading::Keep
         } else {
             ClockReading::Drop
         };
-        let scratch = Arc::new(scratch);
-        let persisted = Arc::clone(&scratch);
         let datastore = self.datastore.clone();
         blocking(&self.datastore, move || {
-            persisted.persist_into(&datastore, clock)
+            scratch.persist_into(&datastore, clock)
         })
         .await?;
-        let repository = loaded.map_err(|error| TufError::from_tough(error, None))?;
+        let top = loaded?;
         Ok(LoadedRepository {
-            repository: Arc::new(repository),
+            loaded: Arc::new(Loaded {
+                top,
+                session: Session {
+                    store: self.datastore.clone(),
+                    ..session
+                },
+                delegated: Mutex::default(),
+                found: Mutex::default(),
+            }),
             targets_url: self.targets_url.clone(),
             started_from: root,
-            _scratch: scratch,
         })
     }
+}
+
+/// The clock rule, then the workflow: a clock behind the latest known time
+/// is refused; otherwise the clock reading is recorded in the store (it goes
+/// back to the datastore only from a load that verified).
+async fn refresh_at(
+    session: &Session,
+    root: &TrustedRoot,
+    now: jiff::Timestamp,
+) -> Result<TopLevel, TufError> {
+    let path = session.store.join(LATEST_KNOWN_TIME_FILE);
+    let latest_known = read_json_time(&path, None);
+    if clock_verdict(latest_known, now)? == ClockVerdict::Record {
+        let reading = serde_json::to_vec(&now.to_string()).expect("a string serialises");
+        std::fs::write(&path, reading).map_err(datastore_error(&path, "write"))?;
+    }
+    let start = crate::tuf_workflow::trusted_root(root.bytes.clone())?;
+    crate::tuf_workflow::refresh(session, start, now).await
 }
 
 /// Whether a load's clock reading goes into the datastore.
@@ -657,8 +548,8 @@ pub enum ClockReading {
     Drop,
 }
 
-/// A copy of the datastore that tough reads and writes during one load (and
-/// while targets of that load are read: tough samples the clock into it).
+/// A copy of the datastore that the workflow reads and writes during one
+/// load.
 #[derive(Debug)]
 pub struct ScratchDatastore {
     directory: tempfile::TempDir,
@@ -709,7 +600,7 @@ impl ScratchDatastore {
     }
 
     /// Write back into `datastore` each file whose bytes changed (atomically)
-    /// and remove the files tough removed; the latest known time only with
+    /// and remove the files the load removed; the latest known time only with
     /// [`ClockReading::Keep`].
     pub fn persist_into(&self, datastore: &Path, clock: ClockReading) -> Result<(), TufError> {
         let mut old: std::collections::BTreeMap<String, Vec<u8>> =
@@ -796,10 +687,10 @@ fn read_json_time(path: &Path, pointer: Option<&[&str]>) -> Option<jiff::Timesta
     value.as_str()?.parse().ok()
 }
 
-/// What to do with the latest known time tough remembered.
+/// What to do with the latest known time remembered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RememberedTime {
-    /// Keep it: tough refuses a clock behind it (a clock that stepped back).
+    /// Keep it: a clock behind it is refused ([`clock_verdict`]).
     Keep,
     /// Forget it: it is ahead of the clock, and no signed metadata this node
     /// trusts was valid then (it is past the trusted timestamp's expiry, or
@@ -825,6 +716,40 @@ pub fn remembered_time_verdict(
     }
 }
 
+/// How far behind the latest known time the clock may be before a check is
+/// refused: clock adjustments of a few seconds (an NTP step, processes
+/// started at one fixed fake time) are not a clock going back; a minute does
+/// not make expired metadata useful to anyone.
+pub const CLOCK_STEP_TOLERANCE: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
+/// What the clock rule says about this load's clock reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockVerdict {
+    /// The clock is at or past the latest known time: record it.
+    Record,
+    /// The clock is behind it, within [`CLOCK_STEP_TOLERANCE`]: go on and keep
+    /// the latest known time.
+    KeepLatest,
+}
+
+/// The clock rule (pure): a clock more than [`CLOCK_STEP_TOLERANCE`] behind
+/// the latest known time is refused ([`TufError::ClockSteppedBack`]).
+pub fn clock_verdict(
+    latest_known: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+) -> Result<ClockVerdict, TufError> {
+    match latest_known {
+        Some(latest_known) if latest_known > now => {
+            if latest_known.duration_since(now) > CLOCK_STEP_TOLERANCE {
+                Err(TufError::ClockSteppedBack { latest_known, now })
+            } else {
+                Ok(ClockVerdict::KeepLatest)
+            }
+        }
+        _ => Ok(ClockVerdict::Record),
+    }
+}
+
 /// Versions of the trusted top-level metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct MetadataVersions {
@@ -834,82 +759,226 @@ pub struct MetadataVersions {
     pub targets: u64,
 }
 
-/// A target's signed length and sha256.
+/// A target's signed length and hashes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TargetInfo {
     pub name: String,
     pub length: u64,
-    /// Lower-case hex.
+    /// Lower-case hex; empty when the target's metadata lists no sha256.
     pub sha256: String,
+    /// Every signed hash, by algorithm (lower-case hex).
+    pub hashes: BTreeMap<String, String>,
+}
+
+impl TargetInfo {
+    fn new(name: &str, file: &TargetFile) -> TargetInfo {
+        let hashes: BTreeMap<String, String> = file
+            .hashes
+            .iter()
+            .map(|(algorithm, hash)| (algorithm.clone(), hash.to_ascii_lowercase()))
+            .collect();
+        TargetInfo {
+            name: name.to_string(),
+            length: file.length,
+            sha256: hashes.get("sha256").cloned().unwrap_or_default(),
+            hashes,
+        }
+    }
+
+    /// Whether `reader` yields exactly this target (signed length, and every
+    /// signed hash this client computes; at least one).
+    pub fn matches(&self, reader: impl Read) -> io::Result<bool> {
+        crate::tuf_workflow::reader_matches(reader, self.length, &self.hashes)
+    }
 }
 
 /// Verified, unexpired metadata of a repository.
 #[derive(Clone, Debug)]
 pub struct LoadedRepository {
-    repository: Arc<Repository>,
+    loaded: Arc<Loaded>,
     /// Where its targets are (the client's `targets_url`).
     targets_url: Url,
     started_from: TrustedRoot,
-    /// tough keeps writing the clock into its datastore while targets are read.
-    _scratch: Arc<ScratchDatastore>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    top: TopLevel,
+    /// The transport, and the datastore delegated roles are kept in.
+    session: Session,
+    /// Delegated roles loaded so far, by name (verified again against each
+    /// delegator a search reaches them through).
+    delegated: Mutex<HashMap<String, Arc<Verified<TargetsMeta>>>>,
+    /// Targets a delegation search found, by name.
+    found: Mutex<HashMap<String, TargetFile>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl LoadedRepository {
-    /// tough's repository, for anything not wrapped here.
-    pub fn repository(&self) -> &Repository {
-        &self.repository
-    }
-
     /// The root this load started from (before following rotations).
     pub fn started_from(&self) -> &TrustedRoot {
         &self.started_from
     }
 
+    fn top(&self) -> &TopLevel {
+        &self.loaded.top
+    }
+
     pub fn versions(&self) -> MetadataVersions {
-        let repository = &self.repository;
+        let top = self.top();
         MetadataVersions {
-            root: repository.root().signed.version.get(),
-            timestamp: repository.timestamp().signed.version.get(),
-            snapshot: repository.snapshot().signed.version.get(),
-            targets: repository.targets().signed.version.get(),
+            root: top.root.meta.version,
+            timestamp: top.timestamp.meta.version,
+            snapshot: top.snapshot.meta.version,
+            targets: top.targets.meta.version,
         }
+    }
+
+    /// The top-level roles and when each expires.
+    fn expiries(&self) -> [(RoleType, &'static str, jiff::Timestamp); 4] {
+        let top = self.top();
+        [
+            (RoleType::Root, "root", top.root.meta.expires),
+            (RoleType::Timestamp, "timestamp", top.timestamp.meta.expires),
+            (RoleType::Snapshot, "snapshot", top.snapshot.meta.expires),
+            (RoleType::Targets, "targets", top.targets.meta.expires),
+        ]
     }
 
     /// The role whose metadata expires first, and when.
     pub fn earliest_expiry(&self) -> (RoleType, jiff::Timestamp) {
-        let repository = &self.repository;
-        [
-            (RoleType::Root, repository.root().signed.expires),
-            (RoleType::Timestamp, repository.timestamp().signed.expires),
-            (RoleType::Snapshot, repository.snapshot().signed.expires),
-            (RoleType::Targets, repository.targets().signed.expires),
-        ]
-        .into_iter()
-        .min_by_key(|(_, expires)| *expires)
-        .expect("four roles")
+        self.expiries()
+            .into_iter()
+            .map(|(role, _, expires)| (role, expires))
+            .min_by_key(|(_, expires)| *expires)
+            .expect("four roles")
     }
 
-    /// The signed length and hash of a target, if the repository lists it.
+    fn target_file(&self, name: &str) -> Option<TargetFile> {
+        if let Some(file) = self.top().targets.meta.targets.get(name) {
+            return Some(file.clone());
+        }
+        lock(&self.loaded.found).get(name).cloned()
+    }
+
+    /// The signed length and hashes of a target the top-level targets list
+    /// (or that [`LoadedRepository::find_target`] found through delegations).
     pub fn target_info(&self, name: &str) -> Option<TargetInfo> {
-        let target_name = TargetName::new(name).ok()?;
-        let target = self
-            .repository
-            .targets()
-            .signed
-            .find_target(&target_name, false)
-            .ok()?;
-        Some(TargetInfo {
-            name: name.to_string(),
-            length: target.length,
-            sha256: hex::encode(&*target.hashes.sha256),
-        })
+        self.target_file(name)
+            .map(|file| TargetInfo::new(name, &file))
+    }
+
+    /// Look a target up through the delegations (spec 5.6.7): the top-level
+    /// targets, then delegated roles in pre-order depth-first order, each
+    /// role's metadata loaded (and kept in the datastore) when the search
+    /// reaches it. `Ok(None)`: no role that may sign for the name lists it.
+    pub async fn find_target(&self, name: &str) -> Result<Option<TargetInfo>, TufError> {
+        if let Some(info) = self.target_info(name) {
+            return Ok(Some(info));
+        }
+        let now = jiff::Timestamp::now();
+        let mut search = DelegationSearch::new(MAX_DELEGATIONS);
+        let mut visited: HashMap<String, Arc<Verified<TargetsMeta>>> = HashMap::new();
+        let top = Arc::new(self.top().targets.clone());
+        while let Some(step) = search.next_step() {
+            let role = match &step.delegator {
+                None => Arc::clone(&top),
+                Some(delegator) => {
+                    let parent = visited
+                        .get(delegator)
+                        .cloned()
+                        .expect("a delegator is visited before its delegations");
+                    self.delegated_role(&step.role, &parent, now).await?
+                }
+            };
+            if let Some(file) = role.meta.targets.get(name) {
+                tracing::debug!(target = name, role = step.role, "found the target");
+                lock(&self.loaded.found).insert(name.to_string(), file.clone());
+                return Ok(Some(TargetInfo::new(name, file)));
+            }
+            if let Some(delegations) = &role.meta.delegations {
+                search.expand(
+                    &step.role,
+                    delegations.roles.iter().map(|delegated| {
+                        (
+                            delegated.name.as_str(),
+                            delegated.terminating,
+                            delegated.covers(name),
+                        )
+                    }),
+                );
+            }
+            visited.insert(step.role, role);
+        }
+        Ok(None)
+    }
+
+    /// The delegated role `name` as `parent` delegates it: loaded once per
+    /// process, verified against every delegator that reaches it.
+    async fn delegated_role(
+        &self,
+        name: &str,
+        parent: &Verified<TargetsMeta>,
+        now: jiff::Timestamp,
+    ) -> Result<Arc<Verified<TargetsMeta>>, TufError> {
+        let delegations = parent
+            .meta
+            .delegations
+            .as_ref()
+            .expect("the search only follows listed delegations");
+        let entry = delegations
+            .roles
+            .iter()
+            .find(|delegated| delegated.name == name)
+            .expect("the search only follows listed delegations");
+        let allowed = RoleKeyIds {
+            keyids: entry.keyids.clone(),
+            threshold: entry.threshold,
+        };
+        let cached = lock(&self.loaded.delegated).get(name).cloned();
+        if let Some(cached) = cached {
+            verify_threshold(name, &cached.envelope, &delegations.keys, &allowed)?;
+            return Ok(cached);
+        }
+        let top = self.top();
+        let listed = top
+            .snapshot
+            .meta
+            .meta
+            .get(&format!("{name}.json"))
+            .ok_or_else(|| TufError::InvalidMetadata {
+                role: name.to_string(),
+                reason: format!(
+                    "the snapshot (version {}) does not list {name}.json",
+                    top.snapshot.meta.version
+                ),
+            })?;
+        let role = load_targets_role(
+            &self.loaded.session,
+            name,
+            &delegations.keys,
+            &allowed,
+            listed,
+            top.root.meta.consistent_snapshot,
+            now,
+        )
+        .await?;
+        let role = Arc::new(role);
+        lock(&self.loaded.delegated).insert(name.to_string(), Arc::clone(&role));
+        Ok(role)
     }
 
     /// Read and check the update manifest (target `manifest.json`).
     pub async fn update_manifest(&self) -> Result<UpdateManifest, TufError> {
         let target = UPDATE_MANIFEST_TARGET;
         let info = self
-            .target_info(target)
+            .find_target(target)
+            .await?
             .ok_or_else(|| TufError::TargetMissing {
                 target: target.to_string(),
             })?;
@@ -920,89 +989,69 @@ impl LoadedRepository {
                 limit: MAX_UPDATE_MANIFEST_SIZE,
             });
         }
-        let stream = self
-            .repository
-            .read_target(&parse_target_name(target)?)
-            .await
-            .map_err(|error| TufError::from_tough(error, Some(target)))?
-            .ok_or_else(|| TufError::TargetMissing {
-                target: target.to_string(),
-            })?;
-        let bytes = stream
-            .into_vec()
-            .await
-            .map_err(|error| TufError::from_tough(error, Some(target)))?;
+        let url = self.target_url(target, jiff::Timestamp::now())?;
+        let mut check = TargetCheck::new(target, info.length, &info.hashes)?;
+        let transport = self.loaded.session.transport.as_ref();
+        let bytes = fetch_checked(transport, url, |chunk| check.update(chunk)).await?;
+        check.finish()?;
         UpdateManifest::from_json(target, &bytes).map_err(TufError::Manifest)
     }
 
-    /// Where `name` is downloaded from, for a target the agent checks itself
-    /// as it reads it (the fetcher decompresses it; the signed manifest's
-    /// uncompressed length and sha256 are checked instead of tough's hash
-    /// of the published bytes): tough's rule (consistent snapshots:
-    /// `HASH.NAME` under the targets URL), refused like tough's own read
-    /// once any top-level metadata has expired at `now`.
+    /// Where `name` is downloaded from (also for a target the agent checks
+    /// itself as it reads it: the fetcher decompresses it, and the signed
+    /// manifest's uncompressed length and sha256 are checked instead of the
+    /// hash of the published bytes): `NAME` under the targets URL, with
+    /// consistent snapshots `DIR/HASH.FILE` (spec 5.7.3); refused once any
+    /// top-level metadata has expired at `now`.
     pub fn target_url(&self, name: &str, now: jiff::Timestamp) -> Result<Url, TufError> {
-        let info = self
-            .target_info(name)
+        let file = self
+            .target_file(name)
             .ok_or_else(|| TufError::TargetMissing {
                 target: name.to_string(),
             })?;
-        let repository = &self.repository;
-        for (role, expires) in [
-            ("root", repository.root().signed.expires),
-            ("timestamp", repository.timestamp().signed.expires),
-            ("snapshot", repository.snapshot().signed.expires),
-            ("targets", repository.targets().signed.expires),
-        ] {
+        for (_, role, expires) in self.expiries() {
             if now >= expires {
                 return Err(TufError::ExpiredSinceLoad { role, expires });
             }
         }
-        let file = if repository.root().signed.consistent_snapshot {
-            format!("{}.{name}", info.sha256)
+        let hash = if self.top().root.meta.consistent_snapshot {
+            Some(
+                naming_hash(&file.hashes).ok_or_else(|| TufError::TargetMismatch {
+                    target: name.to_string(),
+                    reason: "no hash is signed".to_string(),
+                })?,
+            )
         } else {
-            name.to_string()
+            None
         };
-        let mut base = self.targets_url.clone();
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        base.join(&file)
-            .map_err(|error| TufError::InvalidTargetUrl {
-                target: name.to_string(),
-                message: error.to_string(),
-            })
+        crate::tuf_workflow::target_url(&self.targets_url, name, hash)
     }
 
     /// Start downloading a target; the returned reader yields its bytes as
-    /// they arrive. Fails at once when the target is not listed; any other
+    /// they arrive. Fails at once when the target is not listed (see
+    /// [`LoadedRepository::find_target`] for delegated targets); any other
     /// failure (expired metadata, transport, mismatch) comes from `read`.
     /// Must be called inside a tokio runtime (it spawns the download task);
     /// the reader must be read outside async code (`spawn_blocking`, a
     /// thread), since `read` blocks.
     pub fn target_reader(&self, name: &str) -> Result<TargetReader, TufError> {
-        let target_name = parse_target_name(name)?;
-        if self.target_info(name).is_none() {
+        let Some(file) = self.target_file(name) else {
             return Err(TufError::TargetMissing {
                 target: name.to_string(),
             });
-        }
+        };
         let runtime = tokio::runtime::Handle::try_current().map_err(|error| TufError::Runtime {
             message: error.to_string(),
         })?;
         let (sender, receiver) = mpsc::channel(TARGET_CHANNEL_CHUNKS);
-        let repository = Arc::clone(&self.repository);
-        let target = name.to_string();
+        let start = self
+            .target_url(name, jiff::Timestamp::now())
+            .and_then(|url| Ok((url, TargetCheck::new(name, file.length, &file.hashes)?)));
+        let transport = Arc::clone(&self.loaded.session.transport);
         runtime.spawn(async move {
-            match repository.read_target(&target_name).await {
-                Ok(Some(stream)) => feed(stream, &target, sender).await,
-                Ok(None) => {
-                    let _ = sender
-                        .send(Chunk::Failed(TufError::TargetMissing { target }))
-                        .await;
-                }
+            match start {
+                Ok((url, check)) => feed(transport, url, check, sender).await,
                 Err(error) => {
-                    let error = TufError::from_tough(error, Some(&target));
                     let _ = sender.send(Chunk::Failed(error)).await;
                 }
             }
@@ -1019,25 +1068,43 @@ impl LoadedRepository {
 /// What the download task sends the reader.
 enum Chunk {
     Data(Bytes),
-    /// The stream ended and tough verified length and hash.
+    /// The stream ended with the signed length and hashes.
     End,
     Failed(TufError),
 }
 
-/// Forward a target stream into the channel until it ends, fails, or the
-/// reader goes away.
+/// Download `url` into the channel, checking its bytes as they arrive, until
+/// it ends, fails, or the reader goes away. A chunk that would make the
+/// target longer than signed is never sent.
 async fn feed(
-    stream: impl Stream<Item = Result<Bytes, ToughError>>,
-    target: &str,
+    transport: Arc<dyn Transport>,
+    url: Url,
+    check: TargetCheck,
     sender: mpsc::Sender<Chunk>,
 ) {
+    let stream = match transport.fetch(url.clone()).await {
+        Ok(stream) => stream,
+        Err(source) => {
+            let _ = sender
+                .send(Chunk::Failed(transport_error(&url, source)))
+                .await;
+            return;
+        }
+    };
     let mut stream = pin!(stream);
+    let mut check = Some(check);
     loop {
         let chunk = match stream::next(stream.as_mut()).await {
             Some(Ok(bytes)) if bytes.is_empty() => continue,
-            Some(Ok(bytes)) => Chunk::Data(bytes),
-            Some(Err(error)) => Chunk::Failed(TufError::from_tough(error, Some(target))),
-            None => Chunk::End,
+            Some(Ok(bytes)) => match check.as_mut().map(|check| check.update(&bytes)) {
+                Some(Err(error)) => Chunk::Failed(error),
+                _ => Chunk::Data(bytes),
+            },
+            Some(Err(source)) => Chunk::Failed(transport_error(&url, source)),
+            None => match check.take().map(TargetCheck::finish) {
+                Some(Err(error)) => Chunk::Failed(error),
+                _ => Chunk::End,
+            },
         };
         let last = !matches!(chunk, Chunk::Data(_));
         if sender.send(chunk).await.is_err() || last {
@@ -1054,7 +1121,7 @@ enum ReaderState {
 }
 
 /// A target's bytes as a blocking [`Read`]. `read` returns `Ok(0)` only after
-/// tough has verified the target's length and sha256; a mismatch, a transport
+/// the target's length and signed hashes verified; a mismatch, a transport
 /// failure or an aborted download is an error (kind `InvalidData` for a
 /// mismatch) carrying the [`TufError`] (see [`TufError::from_io`]), and every
 /// later `read` fails too. Do not use in async code: `read` blocks.
@@ -1251,7 +1318,7 @@ mod tests {
         let in_an_hour = time("2026-12-04T11:00:00Z");
         let expiry_next_week = Some(time("2026-12-11T10:00:00Z"));
         for (remembered, expiry, expected) in [
-            // Nothing remembered, or a time behind the clock: tough's rule.
+            // Nothing remembered, or a time behind the clock: the clock rule.
             (None, expiry_next_week, RememberedTime::Keep),
             (Some(yesterday), expiry_next_week, RememberedTime::Keep),
             // The clock stepped back an hour, within the timestamp's life: refused.
@@ -1270,6 +1337,26 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_behind_the_latest_known_time_is_refused_beyond_the_tolerance() {
+        let now = time("2026-12-04T10:00:00Z");
+        assert_eq!(clock_verdict(None, now).unwrap(), ClockVerdict::Record);
+        assert_eq!(
+            clock_verdict(Some(time("2026-12-04T09:00:00Z")), now).unwrap(),
+            ClockVerdict::Record
+        );
+        assert_eq!(
+            clock_verdict(Some(time("2026-12-04T10:00:30Z")), now).unwrap(),
+            ClockVerdict::KeepLatest
+        );
+        let error = clock_verdict(Some(time("2026-12-04T11:00:00Z")), now).unwrap_err();
+        assert!(
+            matches!(error, TufError::ClockSteppedBack { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("went back"), "{error}");
+    }
+
+    #[test]
     fn the_scratch_datastore_goes_back_file_by_file_and_only_when_changed() {
         let parent = tempfile::tempdir().unwrap();
         let datastore = parent.path().join("tuf");
@@ -1285,7 +1372,7 @@ mod tests {
             "same file system"
         );
         assert!(!scratch.path().join(".root.json.tmp").exists());
-        // tough rewrites root.json as it was, removes snapshot.json and adds timestamp.json.
+        // A load rewrites root.json as it was, removes snapshot.json and adds timestamp.json.
         std::fs::remove_file(scratch.path().join("root.json")).unwrap();
         std::fs::write(scratch.path().join("root.json"), b"root v2").unwrap();
         std::fs::remove_file(scratch.path().join("snapshot.json")).unwrap();

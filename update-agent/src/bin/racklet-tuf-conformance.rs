@@ -13,42 +13,32 @@
 //!
 //! `DIR` holds the trusted metadata under unversioned names (`root.json`,
 //! `timestamp.json`, `snapshot.json`, `targets.json`, delegated roles as
-//! `<percent-encoded name>.json`) in the bytes the repository served; tough's
-//! own datastore (which re-serializes what it verified, and keeps
-//! `latest_known_time.json`) lives in `DIR/.tough-datastore/`, and after every
-//! run the exported files are brought in line with it. Downloaded targets are
-//! stored flat in the target directory as their percent-encoded names; a
-//! target already there with the signed length and sha256 is not fetched again.
+//! `<percent-encoded name>.json`) in the bytes the repository served: a copy
+//! of the agent's datastore (`DIR/.racklet-tuf/`, which also keeps
+//! `latest_known_time.json`), brought in line with it after every run.
+//! Targets are looked up through the delegations (the spec's search order);
+//! downloaded targets are stored flat in the target directory as their
+//! percent-encoded names; a target already there with the signed length and
+//! hashes is not fetched again.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tough::schema::{Delegations, Signed, Targets};
-use tough::{Bytes, Transport, TransportError, TransportStream};
-use update_agent::download::ResumingTransport;
-use update_agent::tuf::{default_transport, LoadedRepository, TargetInfo, TufClient, TufError};
+use update_agent::tuf::{
+    LoadedRepository, TargetInfo, TufClient, TufError, LATEST_KNOWN_TIME_FILE,
+};
+use update_agent::tuf_workflow::is_role_file;
 use url::Url;
-// tough's streams are `futures_core::Stream`s; update-agent reaches that
-// trait through zbus's re-export until `futures-core` is a direct dependency.
-use futures_core::Stream;
 
-/// tough's datastore, inside the metadata directory (no `.json` suffix, so
-/// the suite does not take it for a role).
-const DATASTORE_DIR: &str = ".tough-datastore";
-/// Top-level roles, in the order the client workflow trusts them.
-const TOP_LEVEL_ROLES: [&str; 4] = ["root", "timestamp", "snapshot", "targets"];
-/// Responses larger than this are not kept for export (tough's own size
-/// limits still apply to what it accepts).
-const MAX_RECORDED_SIZE: usize = 16 * 1024 * 1024;
+/// The agent's datastore, inside the metadata directory (hidden, no `.json`
+/// suffix: the suite does not take it for a role).
+const DATASTORE_DIR: &str = ".racklet-tuf";
+/// What older versions of this client kept there.
+const OLD_DATASTORE_DIR: &str = ".tough-datastore";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -166,7 +156,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let repository = refresh(cli, metadata_dir, metadata_url, targets_url).await?;
             for name in &cli.target_names {
-                download(&repository, name, target_dir).await?;
+                download(&repository, metadata_dir, name, target_dir).await?;
             }
             Ok(())
         }
@@ -176,13 +166,14 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
 /// Start over, trusting `trusted_root`.
 fn init(metadata_dir: &Path, trusted_root: &Path) -> Result<(), Failure> {
     fs::create_dir_all(metadata_dir)?;
-    let datastore = metadata_dir.join(DATASTORE_DIR);
-    match fs::remove_dir_all(&datastore) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error.into()),
-        _ => {}
+    for directory in [DATASTORE_DIR, OLD_DATASTORE_DIR] {
+        match fs::remove_dir_all(metadata_dir.join(directory)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error.into()),
+            _ => {}
+        }
     }
-    for role in TOP_LEVEL_ROLES {
-        remove_if_present(&metadata_dir.join(format!("{role}.json")))?;
+    for (_, path) in role_files(metadata_dir)? {
+        remove_if_present(&path)?;
     }
     let bytes = fs::read(trusted_root)
         .map_err(|error| Failure(format!("{}: {error}", trusted_root.display())))?;
@@ -199,37 +190,31 @@ async fn refresh(
     targets_url: &Url,
 ) -> Result<LoadedRepository, Failure> {
     let datastore = metadata_dir.join(DATASTORE_DIR);
-    let transport = default_transport(
-        Duration::from_secs(cli.http_timeout_seconds),
-        Default::default(),
-    )
-    .map_err(Failure::from)?;
-    let recorder = RecordingTransport::new(transport, metadata_url);
     let client = TufClient::new(
         metadata_url.clone(),
         targets_url.clone(),
         Duration::from_secs(cli.http_timeout_seconds),
         metadata_dir.join("root.json"),
         &datastore,
-    )
-    .with_transport(recorder.clone());
+    );
     let result = client.load().await;
-    let responses = recorder.responses();
-    export_metadata(metadata_dir, &datastore, &responses, result.as_ref().ok())?;
+    export_metadata(metadata_dir, &datastore)?;
     Ok(result?)
 }
 
 /// Download one target into `target_dir`, unless it is there already.
 async fn download(
     repository: &LoadedRepository,
+    metadata_dir: &Path,
     name: &str,
     target_dir: &Path,
 ) -> Result<(), Failure> {
-    let info = repository
-        .target_info(name)
-        .ok_or_else(|| TufError::TargetMissing {
-            target: name.to_string(),
-        })?;
+    let found = repository.find_target(name).await;
+    // The search may have loaded delegated roles, whatever its outcome.
+    export_metadata(metadata_dir, &metadata_dir.join(DATASTORE_DIR))?;
+    let info = found?.ok_or_else(|| TufError::TargetMissing {
+        target: name.to_string(),
+    })?;
     fs::create_dir_all(target_dir)?;
     let path = target_dir.join(encode_name(name));
     if matches_target(&path, &info)? {
@@ -255,7 +240,7 @@ fn save(mut reader: impl Read, directory: &Path, path: &Path) -> Result<(), Fail
 
 /// Whether `path` holds exactly the signed target.
 fn matches_target(path: &Path, info: &TargetInfo) -> Result<bool, Failure> {
-    let mut file = match fs::File::open(path) {
+    let file = match fs::File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(error) => return Err(error.into()),
@@ -263,9 +248,7 @@ fn matches_target(path: &Path, info: &TargetInfo) -> Result<bool, Failure> {
     if file.metadata()?.len() != info.length {
         return Ok(false);
     }
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()) == info.sha256)
+    Ok(info.matches(file)?)
 }
 
 /// A name as one safe file name: everything but ASCII letters, digits and
@@ -302,181 +285,46 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The bytes to export for a role whose trusted content is `trusted`: a
-/// response of this run, or the file already exported, that parses to the
-/// same JSON; otherwise `fallback` (tough's serialization).
-fn original_bytes<'a>(
-    trusted: &Value,
-    responses: &'a [Vec<u8>],
-    exported: Option<&'a [u8]>,
-    fallback: &'a [u8],
-) -> &'a [u8] {
-    let same =
-        |bytes: &&[u8]| serde_json::from_slice::<Value>(bytes).ok().as_ref() == Some(trusted);
-    responses
-        .iter()
-        .map(Vec::as_slice)
-        .find(same)
-        .or(exported.filter(same))
-        .unwrap_or(fallback)
-}
-
-/// Make `DIR/<role>.json` mirror tough's datastore, in the bytes served.
-fn export_metadata(
-    metadata_dir: &Path,
-    datastore: &Path,
-    responses: &[Vec<u8>],
-    loaded: Option<&LoadedRepository>,
-) -> Result<(), Failure> {
-    for role in TOP_LEVEL_ROLES {
-        let file = format!("{role}.json");
-        let exported_path = metadata_dir.join(&file);
-        let stored = match fs::read(datastore.join(&file)) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                // Nothing trusted for this role (tough dropped it after a key
-                // rotation, or never got this far). Keep the initial root.
-                if role != "root" {
-                    remove_if_present(&exported_path)?;
-                }
-                continue;
-            }
-            Err(error) => return Err(error.into()),
-        };
-        let trusted: Value = serde_json::from_slice(&stored)?;
-        let exported = fs::read(&exported_path).ok();
-        let bytes = original_bytes(&trusted, responses, exported.as_deref(), &stored);
-        if exported.as_deref() != Some(bytes) {
-            write_atomically(&exported_path, bytes)?;
+/// The role files (`*.json`, not hidden) in a directory, by name.
+fn role_files(directory: &Path) -> Result<Vec<(String, PathBuf)>, Failure> {
+    let mut files = Vec::new();
+    let entries = match fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(files),
+        Err(error) => return Err(error.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && is_role_file(&path) && name != LATEST_KNOWN_TIME_FILE {
+            files.push((name, path));
         }
     }
-    if let Some(repository) = loaded {
-        if let Some(delegations) = &repository.repository().targets().signed.delegations {
-            export_delegations(metadata_dir, delegations, responses)?;
+    Ok(files)
+}
+
+/// Make the metadata directory's role files a copy of the datastore's (the
+/// served bytes): changed ones rewritten, ones the datastore no longer has
+/// removed (the initial root stays until the datastore has one).
+fn export_metadata(metadata_dir: &Path, datastore: &Path) -> Result<(), Failure> {
+    let trusted = role_files(datastore)?;
+    for (name, path) in &trusted {
+        let bytes = fs::read(path)?;
+        let exported = metadata_dir.join(name);
+        if fs::read(&exported).ok().as_deref() != Some(bytes.as_slice()) {
+            write_atomically(&exported, &bytes)?;
+        }
+    }
+    let has_root = trusted.iter().any(|(name, _)| name == "root.json");
+    for (name, path) in role_files(metadata_dir)? {
+        let keep = trusted.iter().any(|(trusted, _)| *trusted == name)
+            || (name == "root.json" && !has_root);
+        if !keep {
+            remove_if_present(&path)?;
         }
     }
     Ok(())
-}
-
-/// Export every loaded delegated role (tough loads the whole tree).
-fn export_delegations(
-    metadata_dir: &Path,
-    delegations: &Delegations,
-    responses: &[Vec<u8>],
-) -> Result<(), Failure> {
-    for role in &delegations.roles {
-        let Some(targets) = &role.targets else {
-            continue;
-        };
-        export_delegated_role(metadata_dir, &role.name, targets, responses)?;
-        if let Some(nested) = &targets.signed.delegations {
-            export_delegations(metadata_dir, nested, responses)?;
-        }
-    }
-    Ok(())
-}
-
-fn export_delegated_role(
-    metadata_dir: &Path,
-    name: &str,
-    targets: &Signed<Targets>,
-    responses: &[Vec<u8>],
-) -> Result<(), Failure> {
-    let fallback = serde_json::to_vec(targets)?;
-    let trusted: Value = serde_json::from_slice(&fallback)?;
-    let path = metadata_dir.join(format!("{}.json", encode_name(name)));
-    let exported = fs::read(&path).ok();
-    let bytes = original_bytes(&trusted, responses, exported.as_deref(), &fallback);
-    if exported.as_deref() != Some(bytes) {
-        write_atomically(&path, bytes)?;
-    }
-    Ok(())
-}
-
-/// tough's default transport, keeping a copy of every complete metadata
-/// response (`*.json` under the metadata URL) so the exported files can be
-/// the served bytes rather than tough's re-serialization.
-#[derive(Clone, Debug)]
-struct RecordingTransport {
-    inner: ResumingTransport,
-    metadata_prefix: String,
-    responses: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl RecordingTransport {
-    fn new(inner: ResumingTransport, metadata_url: &Url) -> RecordingTransport {
-        let mut metadata_prefix = metadata_url.to_string();
-        if !metadata_prefix.ends_with('/') {
-            metadata_prefix.push('/');
-        }
-        RecordingTransport {
-            inner,
-            metadata_prefix,
-            responses: Arc::default(),
-        }
-    }
-
-    fn responses(&self) -> Vec<Vec<u8>> {
-        self.responses
-            .lock()
-            .map(|responses| responses.clone())
-            .unwrap_or_default()
-    }
-}
-
-#[tough::async_trait]
-impl Transport for RecordingTransport {
-    async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
-        let record =
-            url.as_str().starts_with(&self.metadata_prefix) && url.path().ends_with(".json");
-        let stream = self.inner.fetch(url).await?;
-        if !record {
-            return Ok(stream);
-        }
-        Ok(Box::pin(Recording {
-            inner: stream,
-            buffer: Vec::new(),
-            overflowed: false,
-            responses: Arc::clone(&self.responses),
-        }))
-    }
-}
-
-/// A stream that passes its chunks on and keeps a copy once it ends cleanly.
-struct Recording {
-    inner: TransportStream,
-    buffer: Vec<u8>,
-    overflowed: bool,
-    responses: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Stream for Recording {
-    type Item = Result<Bytes, TransportError>;
-
-    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let poll = this.inner.as_mut().poll_next(context);
-        match &poll {
-            Poll::Ready(Some(Ok(bytes))) => {
-                if this.buffer.len() + bytes.len() > MAX_RECORDED_SIZE {
-                    this.overflowed = true;
-                    this.buffer = Vec::new();
-                } else if !this.overflowed {
-                    this.buffer.extend_from_slice(bytes);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.overflowed = true,
-            Poll::Ready(None) => {
-                if !this.overflowed {
-                    if let Ok(mut responses) = this.responses.lock() {
-                        responses.push(std::mem::take(&mut this.buffer));
-                    }
-                }
-            }
-            Poll::Pending => {}
-        }
-        poll
-    }
 }
 
 #[cfg(test)]
@@ -492,31 +340,5 @@ mod tests {
         assert_eq!(encode_name("."), "%2E");
         assert_eq!(encode_name("a b?#%"), "a%20b%3F%23%25");
         assert_eq!(encode_name("ö"), "%C3%B6");
-    }
-
-    #[test]
-    fn original_bytes_prefers_a_served_response_with_the_same_content() {
-        let served = b"{ \"b\": 1,\n  \"a\": [1, 2] }".to_vec();
-        let other = b"{\"a\":[1,2],\"b\":2}".to_vec();
-        let fallback = b"{\"a\":[1,2],\"b\":1}".to_vec();
-        let trusted: Value = serde_json::from_slice(&fallback).unwrap();
-        let responses = vec![other.clone(), served.clone()];
-        assert_eq!(
-            original_bytes(&trusted, &responses, None, &fallback),
-            served.as_slice()
-        );
-        assert_eq!(
-            original_bytes(
-                &trusted,
-                std::slice::from_ref(&other),
-                Some(&served),
-                &fallback
-            ),
-            served.as_slice()
-        );
-        assert_eq!(
-            original_bytes(&trusted, &[other], Some(b"{}"), &fallback),
-            fallback.as_slice()
-        );
     }
 }
