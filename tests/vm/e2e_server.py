@@ -51,7 +51,9 @@ class Request:
 
 
 class RepoServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls=None):
+        """Serve `root` on 127.0.0.1 (a free port); over TLS with `tls`, an
+        ssl.SSLContext for a server."""
         self.root = Path(root)
         self.override: dict[str, bytes] = {}
         self.extra: dict[str, bytes] = {}
@@ -151,6 +153,8 @@ class RepoServer:
                     record.finished = time.monotonic()
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

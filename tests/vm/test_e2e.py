@@ -217,9 +217,10 @@ class NetVM(VM):
     """harness.VM with user-mode networking instead of `-nic none`: the guest's
     only route out is 10.0.2.100:80, relayed to our server on 127.0.0.1."""
 
-    def __init__(self, *args, port: int, block: list[str] | None = None, **kwargs):
+    def __init__(self, *args, port: int, block: list[str] | None = None, tls_port: int | None = None, **kwargs):
         self.port = port
         self.block = block
+        self.tls_port = tls_port
         super().__init__(*args, **kwargs)
 
     def command(self) -> list[str]:
@@ -230,8 +231,10 @@ class NetVM(VM):
             index = command.index("if=none,id=disk0,format=qcow2,file=" + str(self.disk))
             command[index] = self.block[0]
         relay = f"cmd:{sys.executable} {SERVER_SCRIPT} --relay {self.port}"
-        return command + ["-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-{relay}",
-                          "-device", "virtio-net-pci,netdev=n0"]
+        netdev = f"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:80-{relay}"
+        if self.tls_port:
+            netdev += f",guestfwd=tcp:10.0.2.100:443-cmd:{sys.executable} {SERVER_SCRIPT} --relay {self.tls_port}"
+        return command + ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
 
     def sigkill(self) -> None:
         """Power cut: SIGKILL QEMU (no shutdown, nothing flushed by the guest)."""
@@ -269,14 +272,17 @@ class Context:
         self.last_overlay = Overlay(self.disk(name), self.dir / f"{label}.qcow2")
         return self.last_overlay
 
-    def node(self, server: RepoServer, name: str = "v1", label: str = "vm", block=None) -> NetVM:
+    def node(self, server: RepoServer, name: str = "v1", label: str = "vm", block=None,
+             **vm_options) -> NetVM:
         """A fresh node of version `name`, booted into slot A, at its root
         shell, talking to `server`. Resumed from a state saved once per run
         just after such a boot (a boot under TCG costs 20-60 s; the state
-        loads in a few): see saved_boot(). --cold-boot boots each one."""
-        if self.options.cold_boot:
+        loads in a few): see saved_boot(). --cold-boot boots each one, and so
+        does a node with `vm_options` (NetVM's: more devices or forwards than
+        the saved state has)."""
+        if self.options.cold_boot or vm_options:
             overlay = self.overlay(name, label)
-            vm = self.vm(overlay, server, label, block=block(overlay) if block else None)
+            vm = self.vm(overlay, server, label, block=block(overlay) if block else None, **vm_options)
             boot_to_shell(vm, "a")
             return vm
         saved = saved_boot(self, name)
@@ -575,6 +581,28 @@ def describe_uboot(state: dict) -> str:
             f"{newest.get('racklet_committed')} tries a={newest.get('racklet_tries_a')} "
             f"b={newest.get('racklet_tries_b')}; committed-b marker: {state['marker_b']}; "
             f"valid copies: {[c is not None for c in state['copies']]}")
+
+
+def boot_confirmed(vm: NetVM, slot: str) -> bool:
+    """The agent confirmed this boot of the committed `slot` (its health gate
+    passed): all its boots are back, `racklet-<slot>+3.efi` (systemd-boot) or
+    no boot of it counted in the newest U-Boot state copy."""
+    if vm.arch == "x86_64":
+        return f"racklet-{slot}+{COMMITTED_BOOT_TRIES}.efi" in esp_entries(vm)
+    newest = uboot_state(vm)["newest"] or {}
+    return newest.get(f"racklet_boots_{slot}", "0") in ("", "0")
+
+
+def wait_for_boot_confirmed(vm: NetVM, slot: str, timeout: float = 300) -> float:
+    """Wait until the agent confirmed the boot of committed `slot`; seconds waited."""
+    started = time.monotonic()
+    while not boot_confirmed(vm, slot):
+        if time.monotonic() - started > timeout:
+            raise TestFailure(f"the agent did not confirm this boot of slot {slot} within {timeout:.0f} s: "
+                              f"{esp_entries(vm) if vm.arch == 'x86_64' else describe_uboot(uboot_state(vm))}\n"
+                              f"agent journal:\n{journal(vm)}")
+        time.sleep(3)
+    return time.monotonic() - started
 
 
 def check_committed_on_esp(vm: NetVM, slot: str, other_bootable: bool | None = None) -> str:
@@ -936,6 +964,10 @@ def e2e_update_scenario(ctx: Context) -> None:
     report = wait_for(vm, f"{v2} booted again", lambda r: r["booted"]["version"] == v2, timeout=120)
     on_good_slot(report, v2)
     check_committed_on_esp(vm, "b", other_bootable=True)
+    # Its boots counted afresh only once the agent confirmed this one (the
+    # gate passed): what step 5 counts down from.
+    waited = wait_for_boot_confirmed(vm, "b")
+    ctx.phase("B up -> its boot confirmed (gate)", waited)
 
     # 5. The committed slot's root rots on the card: B fails to start three
     #    times, the boot loader falls back to A's good 1 without help, the
@@ -1218,6 +1250,150 @@ def e2e_power_cuts(ctx: Context) -> None:
     ctx.options.cut_results = results
     print(f"power cuts: {passed} passed, {len(results) - passed} failed", flush=True)
     check(all(results), f"{len(results) - passed} of {len(results)} power cuts failed")
+
+
+def test_ca(directory: Path, ip: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for `ip` it signed: (CA
+    certificate, server certificate, server key), PEM, made with openssl."""
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, request, cert = directory / "server.key", directory / "server.csr", directory / "server.pem"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(["openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2",
+                    "-subj", "/CN=Racklet e2e test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"], **quiet)
+    subprocess.run(["openssl", "req", "-new", *ec, "-keyout", str(key), "-out", str(request),
+                    "-subj", f"/CN={ip}"], **quiet)
+    extensions = directory / "server.ext"
+    extensions.write_text(f"subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extensions)], **quiet)
+    return ca_cert, cert, key
+
+
+HTTPS_CONFIG = """\
+metadata_url = "{scheme}://10.0.2.100/metadata/"
+targets_url = "{scheme}://10.0.2.100/targets/"
+allow_insecure_http = false
+{ca}"""
+NODE_CA_PATH = "/etc/racklet/update-ca.pem"
+
+
+@test()
+def e2e_https_with_a_test_ca(ctx: Context) -> None:
+    """Issue 15 (4): the repository over HTTPS, its certificate from a
+    throwaway CA: refused (naming the certificate problem) until the node
+    trusts the CA through extra_ca_certificates, then 2.0.0 installs over
+    HTTPS; a plain http:// URL to another machine with allow_insecure_http =
+    false is refused naming the setting."""
+    import ssl
+    repo, server = ctx.repo("v1", "v2")
+    ca, cert, key = test_ca(ctx.dir, "10.0.2.100")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    tls = RepoServer(repo.path, tls=context)
+    ctx.servers.append(tls)
+    vm = ctx.node(server, tls_port=tls.port)
+    configure_agent(vm, auto=False, restart=False)
+    wait_for_network(vm)
+    base = vm.run("cat /etc/racklet/update.toml")
+
+    def agent_config(scheme: str, ca: str = "") -> None:
+        # Top-level keys before the base's [health] table.
+        write_file(vm, "/etc/racklet/update.toml", HTTPS_CONFIG.format(scheme=scheme, ca=ca) + base)
+        vm.run("systemctl restart racklet-update", timeout=120)
+
+    # Not trusted yet: the system's store does not hold the test CA.
+    agent_config("https")
+    code, result = cli_json(vm, "check", timeout=300)
+    text = json.dumps(result) if isinstance(result, dict) else result
+    ctx.note(f"https, CA not trusted: check exited {code}: {text[:300]}")
+    check(code != 0 and "certificate" in text.lower(), f"an untrusted certificate should fail the check: {text}")
+    # Trusted through extra_ca_certificates: the update installs over HTTPS.
+    write_file(vm, NODE_CA_PATH, ca.read_text())
+    agent_config("https", f'extra_ca_certificates = "{NODE_CA_PATH}"\n')
+    asked_before = len(server.requests)
+    code, result = cli_json(vm, "apply", timeout=1500)
+    report = status(vm)
+    check(code == 0 and operation(report) == "installed" and slot_view(report, "b")["version"] == "2.0.0",
+          f"apply over HTTPS: exit {code}: {result}; {summary(report)}")
+    over_tls = [r for r in tls.target_requests() if r.complete]
+    check(over_tls and len(server.requests) == asked_before,
+          f"the targets should come over TLS only: {len(over_tls)} TLS requests, "
+          f"{len(server.requests) - asked_before} plain")
+    ctx.note(f"https with the test CA: 2.0.0 installed; {len(tls.requests)} TLS requests "
+             f"({sum(r.sent for r in over_tls) / 1e6:.0f} MB of targets)")
+    # Plain http:// to another machine, not allowed.
+    agent_config("http")
+    report = status(vm)
+    error = report.get("config_error") or ""
+    ctx.note(f"plain http with allow_insecure_http = false: config_error: {error[:300]}")
+    check("allow_insecure_http" in error and "http://10.0.2.100" in error,
+          f"status should name the setting and the URL: config_error {error!r}")
+
+
+STICK_LABEL = "racklet-stick"
+STICK_MOUNT = "/run/racklet-stick"
+
+
+@test()
+def e2e_offline_install_from_a_copy(ctx: Context) -> None:
+    """Issue 17 (3): the published repository copied to a second disk (a USB
+    stick), no repository server at all: `apply --from` refuses the copy while
+    its metadata looks expired (node clock +10 days), then installs 2.0.0
+    from it, which passes its health gate and is committed."""
+    repo, server = ctx.repo("v1", "v2")
+    stick = ctx.dir / "stick.img"
+    size = sum(f.stat().st_size for f in repo.path.rglob("*") if f.is_file())
+    with open(stick, "wb") as handle:
+        handle.truncate(size + size // 5 + 64 * 1024 * 1024)
+    copy = ctx.dir / "stick"
+    shutil.copytree(repo.path, copy / "repo")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", STICK_LABEL, "-d", str(copy), str(stick)], check=True)
+    shutil.rmtree(copy)
+    vm = ctx.node(server, extra_args=["-drive", f"if=none,id=stick,format=raw,readonly=on,file={stick}",
+                                      "-device", "virtio-blk-pci,drive=stick"])
+    # (cold boot: the saved state has no second disk)
+    configure_agent(vm, auto=False)
+    # Offline: the server answers nothing from here on (and counts what it is asked).
+    server.down = True
+    asked_before = len(server.requests)
+    vm.run(f"mkdir -p {STICK_MOUNT} && mount -o ro \"$(blkid -L {STICK_LABEL})\" {STICK_MOUNT}")
+    listing = vm.run(f"ls {STICK_MOUNT}/repo").split()
+    check("metadata" in listing and "targets" in listing, f"the stick's repo/: {listing}")
+    # The copy seen from a clock past its timestamp's expiry: refused.
+    vm.run(f"date -u -s @{int(time.time()) + 10 * 86400}")
+    code, result = cli_json(vm, f"apply --from {STICK_MOUNT}/repo", timeout=600)
+    text = json.dumps(result) if isinstance(result, dict) else result
+    vm.run(f"date -u -s @{int(time.time())}")
+    ctx.note(f"apply --from with the node clock +10 days: exit {code}: {text[:300]}")
+    check(code != 0 and "expire" in text.lower(), f"the copy's expired metadata should be refused: {text}")
+    report = status(vm)
+    on_good_slot(report, "1.0.0")
+    check(operation(report) == "idle" and slot_view(report, "b")["version"] is None,
+          f"nothing should be written after the refusal: {summary(report)}")
+    # Then installed from it, rebooted, gated and committed.
+    mark = vm.cursor
+    started = time.monotonic()
+    vm.reboot(f"racklet-update apply --from {STICK_MOUNT}/repo --reboot")
+    reboot_at = wait_for_reboot(vm, mark, timeout=900)
+    during_install = [r for r in server.requests[asked_before:] if r.started < reboot_at]
+    boot_to_shell(vm, "b")
+    ctx.phase("apply --from -> B up", time.monotonic() - started)
+    report = wait_for(vm, "2.0.0 committed from the copy", lambda r: committed(r, "2.0.0"), timeout=400)
+    ctx.phase("apply --from -> committed", time.monotonic() - started)
+    check(slot_view(report, "a")["version"] == "1.0.0", f"slot A should still hold 1.0.0: {summary(report)}")
+    # The server answered nothing (each connection cut): the install can only
+    # have come from the copy. The agent's timer still tried its configured
+    # repository now and then (a failed check is retried), never for a target.
+    targets = [r for r in during_install if r.path.startswith("/targets/")]
+    check(not targets and all(r.status == -1 for r in during_install),
+          f"the repository server was asked for targets or answered during the install: {during_install[:3]}")
+    said = re.search(r"installing 2\.0\.0|2\.0\.0", vm.output[mark:])
+    ctx.note(f"offline: the server down, {len(during_install)} metadata requests of the timer's checks cut "
+             f"during the install, no target asked")
+    ctx.note(f"offline: refused with the clock +10 days, then 2.0.0 committed from the copy "
+             f"({size / 1e6:.0f} MB on the stick){'' if said else ' (the CLI printed nothing)'}; {summary(report)}")
 
 
 # ---------------------------------------------------------------------------
@@ -1531,7 +1707,7 @@ def main() -> int:
         return 0
     wanted = [word for item in options.only for word in item.split(",") if word]
     aliases = {"powercut": "e2e_power_cuts", "scenario": "e2e_update_scenario", "waves": "e2e_waves",
-               "attack": "e2e_attack", "fault": "e2e_fault"}
+               "attack": "e2e_attack", "fault": "e2e_fault", "https": "e2e_https", "offline": "e2e_offline"}
     wanted = [aliases.get(w, w) for w in wanted]
     selected = [(name, function) for name, arches, function in TESTS
                 if arch in arches and (not wanted or any(name == w or name.startswith(w) for w in wanted))]
