@@ -10,7 +10,8 @@
 #      guests of one vCPU each run at a time (TCG on two cores; three guests
 #      were tried: each job then cost 30-75% more CPU, and the run took longer);
 #   3. niced, from the start: rustfmt; once the x86_64 images are built:
-#      tests/agent, tests/repo, image checks and bad input, the bit-identical
+#      tests/agent, tests/repo, the TUF conformance suite (../shared's copy,
+#      tests/tuf-conformance), image checks and bad input, the bit-identical
 #      second build of 1.0.0 from a fresh clone; once the aarch64 images are
 #      built: rpi4 with the k3s stand-in, clippy (in the images' target
 #      directory, reusing their build scripts and proc macros), and last the
@@ -202,10 +203,11 @@ niced_lane() {
   if images_ready x86; then
     lane agent env RACKLET_UPDATE="$release/racklet-update" RACKLET_IMAGE="$release/racklet-image" tests/agent/run.sh \
       -- repo env RACKLET_IMAGE="$release/racklet-image" tests/repo/run.sh \
+      -- tuf-conformance env RACKLET_TUF_CONFORMANCE="$release/racklet-tuf-conformance" tests/tuf-conformance/run.sh \
       -- image-checks tests/image/run.sh --build "$e2e/v1" --only checks \
       -- reproducible nice -n 10 tests/image/run.sh --build "$e2e/v1" --only reproducible || code=1
   else
-    echo "=== agent, repo, image-checks, reproducible: not run: images-x86 failed"; code=1
+    echo "=== agent, repo, tuf-conformance, image-checks, reproducible: not run: images-x86 failed"; code=1
   fi
   # rpi4, clippy and the unit tests use target/image too: after the image
   # builds (cargo's lock would make them wait for each other).

@@ -34,6 +34,15 @@ if [ $# -gt 0 ] && [ -d "$1" ]; then
   shift
 fi
 mkdir -p "$work"
+# The copy kept beside the work tree on our machines (../shared, ORIGIN.txt).
+if [ -z "$suite" ]; then
+  for candidate in "$root/../shared/tuf-conformance" /work/shared/tuf-conformance; do
+    if [ -d "$candidate/tuf_conformance" ]; then
+      suite="$candidate"
+      break
+    fi
+  done
+fi
 if [ -z "$suite" ]; then
   suite="$work/suite"
   if [ ! -d "$suite/tuf_conformance" ]; then
@@ -83,5 +92,16 @@ if [ -s "$entry.xfails" ]; then
   echo "expected failures (strict): $(xargs echo <"$entry.xfails")"
 fi
 cd "$work"
-exec "$work/venv/bin/pytest" "$copy/tuf_conformance" --entrypoint "$entry" \
-  -p no:cacheprovider -rfEX "$@"
+# pytest's summary, then ours in the form tests/run-all.sh counts.
+set +e
+"$work/venv/bin/pytest" "$copy/tuf_conformance" --entrypoint "$entry" \
+  -p no:cacheprovider -rfEX "$@" | tee "$work/pytest.log"
+code=${PIPESTATUS[0]}
+set -e
+summary="$(grep -E '^=+ .*(passed|failed).* in [0-9.]+s' "$work/pytest.log" | tail -n 1)"
+passed="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$summary")"
+failed="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$summary")"
+xpassed="$(sed -nE 's/.* ([0-9]+) xpassed.*/\1/p' <<<"$summary")"
+errors="$(sed -nE 's/.* ([0-9]+) errors?.*/\1/p' <<<"$summary")"
+echo "tuf-conformance: ${passed:-0} passed, $(( ${failed:-0} + ${xpassed:-0} + ${errors:-0} )) failed"
+exit "$code"
