@@ -5,18 +5,24 @@
 //! writes the uncompressed bytes into a partition of the disk:
 //!
 //! * the bytes as shipped are counted and sha256-hashed as they arrive; more than
-//!   the signed `size` fails at once, fewer or a different sha256 fails at the end;
+//!   the signed `size` fails at once, fewer or a different sha256 fails at the end
+//!   (a stored artifact whose `size`/`sha256` equal its `uncompressed_size`/
+//!   `uncompressed_sha256`, which is how the daemon hands over what the fetcher
+//!   decompressed, is hashed once: the bytes read are the bytes written);
 //! * the uncompressed bytes are hashed too, never written past the signed
 //!   `uncompressed_size` (which must fit the partition), and must match
 //!   `uncompressed_size` and `uncompressed_sha256` at the end;
 //! * memory is bounded: a few fixed [`BUFFER_SIZE`] buffers and zstd's window
 //!   (at most 128 MiB, zstd's default decoder limit), nothing proportional to the
 //!   artifact;
-//! * decompression (with the shipped-bytes hash) runs on the calling thread, the
-//!   uncompressed hash and the `pwrite`s on a second thread, buffers handed back and
-//!   forth, so the two halves overlap like `zstd -dc | dd bs=1M` does;
+//! * reading (decompression, both hashes) runs on the calling thread, the writes
+//!   on a second thread, buffers handed back and forth, so the two halves overlap
+//!   like `zstd -dc | dd bs=1M` does;
 //! * writes go to the partition's byte range of the disk only (`pwrite` at
-//!   partition offset + position), in whole buffers, then `fdatasync`.
+//!   partition offset + position), in whole buffers, then `fdatasync`; whole
+//!   aligned blocks through an `O_DIRECT` descriptor of the disk where the kernel
+//!   takes it (no copy into the page cache, nothing cached to drop before the
+//!   read-back), the rest through the page cache.
 //!
 //! The disk is a block device or a disk image file opened read-write without
 //! truncation ([`open_disk_for_writing`]).
@@ -24,7 +30,9 @@
 //! Written bytes are not trusted until the whole artifact checked out: a failed
 //! artifact leaves garbage in the partition, which is why the slot keeps its
 //! "empty" PARTUUIDs while it is written (see [`crate::slots`]). [`verify_slot`]
-//! then re-reads the slot from the disk and checks its dm-verity root hash.
+//! then re-reads the slot from the disk and checks its dm-verity root hash: the
+//! root is read with `O_DIRECT` (from the device, whatever the page cache holds)
+//! by a second thread, ahead of the hashing.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -52,6 +60,86 @@ pub const BUFFER_SIZE: usize = 1 << 20;
 const BUFFER_COUNT: usize = 3;
 /// Size of the buffer used to read the rest of a source after its data ended.
 const DRAIN_BUFFER_SIZE: usize = 64 * 1024;
+
+/// Alignment `O_DIRECT` needs of buffers, disk offsets and lengths (the
+/// largest logical block size of the disks and file systems written).
+const DIRECT_ALIGNMENT: usize = 4096;
+
+/// A zeroed buffer whose start is [`DIRECT_ALIGNMENT`]-aligned, for
+/// `O_DIRECT` reads and writes (moving it does not move its bytes).
+struct AlignedBuffer {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+    /// The length it was made with.
+    capacity: usize,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> AlignedBuffer {
+        let storage = vec![0u8; len + DIRECT_ALIGNMENT];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGNMENT);
+        AlignedBuffer {
+            storage,
+            start,
+            len,
+            capacity: len,
+        }
+    }
+
+    /// Makes it `len` bytes long, at most the length it was made with.
+    fn truncate_or_restore(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity,
+            "{len} bytes do not fit {}",
+            self.capacity
+        );
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for AlignedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// `disk` opened once more with `O_DIRECT` (reads and writes go to the
+/// device, bypassing the page cache), where the kernel and file system allow
+/// it; `None` otherwise (then the caller uses `disk` itself).
+fn reopen_direct(disk: &File, write: bool) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
+    File::options()
+        .read(!write)
+        .write(write)
+        .custom_flags(flags)
+        .open(format!("/proc/self/fd/{}", disk.as_raw_fd()))
+        .ok()
+}
+
+/// The part of `len` bytes at disk offset `at` that `O_DIRECT` can take:
+/// whole aligned blocks, none if `at` is not aligned.
+fn direct_len(at: u64, len: usize) -> usize {
+    if at.is_multiple_of(DIRECT_ALIGNMENT as u64) {
+        len - len % DIRECT_ALIGNMENT
+    } else {
+        0
+    }
+}
+
+/// `O_DIRECT` refused these bytes (alignment, or not supported here).
+fn direct_refused(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
 
 /// What [`write_artifact`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -298,18 +386,19 @@ struct SourceState {
     over_long: Cell<bool>,
     /// The source itself returned an error.
     source_failed: Cell<bool>,
-    /// sha256 of the accepted bytes.
-    hasher: RefCell<Sha256>,
+    /// sha256 of the accepted bytes; `None` when they are the bytes written
+    /// (a stored artifact), which the writing side hashes anyway.
+    hasher: Option<RefCell<Sha256>>,
 }
 
 impl SourceState {
-    fn new(limit: u64) -> SourceState {
+    fn new(limit: u64, hash: bool) -> SourceState {
         SourceState {
             limit,
             count: Cell::new(0),
             over_long: Cell::new(false),
             source_failed: Cell::new(false),
-            hasher: RefCell::new(Sha256::new()),
+            hasher: hash.then(|| RefCell::new(Sha256::new())),
         }
     }
 }
@@ -347,7 +436,9 @@ impl<R: Read> Read for SignedReader<'_, R> {
             state.over_long.set(true);
             return Err(over_long_error());
         }
-        state.hasher.borrow_mut().update(&buffer[..got]);
+        if let Some(hasher) = &state.hasher {
+            hasher.borrow_mut().update(&buffer[..got]);
+        }
         state.count.set(state.count.get() + got as u64);
         Ok(got)
     }
@@ -362,7 +453,7 @@ fn over_long_error() -> io::Error {
 
 /// A buffer of uncompressed bytes on its way to the disk.
 struct Chunk {
-    buffer: Vec<u8>,
+    buffer: AlignedBuffer,
     len: usize,
     /// Offset of the first byte inside the partition.
     position: u64,
@@ -379,7 +470,8 @@ enum PumpError {
     WriterGone,
 }
 
-/// What the writing side did.
+/// What was written: the byte count, and the sha256 the reading side
+/// computed of the bytes it handed to the writing side.
 struct Written {
     bytes: u64,
     sha256: [u8; 32],
@@ -432,7 +524,12 @@ pub fn write_artifact<R: Read>(
         }
     }
 
-    let state = SourceState::new(artifact.size);
+    // A stored artifact whose shipped and uncompressed entries say the same
+    // (length and sha256): the bytes read are the bytes written, hashed once.
+    let shipped_is_written = artifact.compression == Compression::None
+        && artifact.size == artifact.uncompressed_size
+        && expected_sha256 == expected_uncompressed_sha256;
+    let state = SourceState::new(artifact.size, !shipped_is_written);
     let reader = SignedReader {
         inner: source,
         state: &state,
@@ -490,7 +587,12 @@ pub fn write_artifact<R: Read>(
                 got: count,
             });
         }
-        let got: [u8; 32] = state.hasher.borrow().clone().finalize().into();
+        // Without a hasher of its own, every byte read was written: the
+        // stream ended (neither too long nor short) and nothing failed.
+        let got: [u8; 32] = match &state.hasher {
+            Some(hasher) => hasher.borrow().clone().finalize().into(),
+            None => written.sha256,
+        };
         (got != expected_sha256).then(|| InstallError::Sha256Mismatch {
             artifact: name(),
             expected: hex::encode(expected_sha256),
@@ -574,8 +676,8 @@ struct Limits<'a> {
     disk: &'a File,
 }
 
-/// Decodes `decoded` into buffers on this thread and hashes and writes them on
-/// a second one. Returns how decoding ended and what the writer did.
+/// Decodes `decoded` into buffers and hashes them on this thread, and writes
+/// them on a second one. Returns how decoding ended and what the writer did.
 fn stream<D: Read>(
     decoded: &mut D,
     state: &SourceState,
@@ -584,17 +686,19 @@ fn stream<D: Read>(
 ) -> (Result<(), PumpError>, Result<Written, InstallError>) {
     std::thread::scope(|scope| {
         let (full_sender, full_receiver) = sync_channel::<Chunk>(BUFFER_COUNT);
-        let (empty_sender, empty_receiver) = sync_channel::<Vec<u8>>(BUFFER_COUNT);
+        let (empty_sender, empty_receiver) = sync_channel::<AlignedBuffer>(BUFFER_COUNT);
         for _ in 0..BUFFER_COUNT {
             empty_sender
-                .send(vec![0u8; BUFFER_SIZE])
+                .send(AlignedBuffer::new(BUFFER_SIZE))
                 .expect("the channel holds BUFFER_COUNT buffers");
         }
         let writer = scope.spawn(move || write_chunks(full_receiver, empty_sender, limits));
+        let mut hasher = Sha256::new();
         let pumped = pump(
             decoded,
             state,
             limits.artifact.uncompressed_size,
+            &mut hasher,
             full_sender,
             empty_receiver,
             progress,
@@ -602,18 +706,24 @@ fn stream<D: Read>(
         let written = writer
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let written = written.map(|bytes| Written {
+            bytes,
+            sha256: hasher.finalize().into(),
+        });
         (pumped, written)
     })
 }
 
-/// Fills buffers from `decoded` and sends them to the writer until the end of
-/// the stream, never sending more than `uncompressed_size` bytes in total.
+/// Fills buffers from `decoded`, hashes them into `hasher` and sends them to
+/// the writer until the end of the stream, never sending more than
+/// `uncompressed_size` bytes in total.
 fn pump<D: Read>(
     decoded: &mut D,
     state: &SourceState,
     uncompressed_size: u64,
+    hasher: &mut Sha256,
     full: SyncSender<Chunk>,
-    empty: Receiver<Vec<u8>>,
+    empty: Receiver<AlignedBuffer>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), PumpError> {
     let mut total = 0u64;
@@ -628,6 +738,7 @@ fn pump<D: Read>(
         }
         let at_end = len < buffer.len();
         if len > 0 {
+            hasher.update(&buffer[..len]);
             full.send(Chunk {
                 buffer,
                 len,
@@ -645,7 +756,10 @@ fn pump<D: Read>(
 
 /// Reads until `buffer` is full or the stream ends; returns the bytes read,
 /// or the error with the bytes read before it.
-fn fill<D: Read>(decoded: &mut D, buffer: &mut [u8]) -> Result<usize, (io::Error, usize)> {
+pub(crate) fn fill<D: Read>(
+    decoded: &mut D,
+    buffer: &mut [u8],
+) -> Result<usize, (io::Error, usize)> {
     let mut filled = 0;
     while filled < buffer.len() {
         match decoded.read(&mut buffer[filled..]) {
@@ -658,15 +772,18 @@ fn fill<D: Read>(decoded: &mut D, buffer: &mut [u8]) -> Result<usize, (io::Error
     Ok(filled)
 }
 
-/// The writing thread: hashes each chunk, `pwrite`s it inside the partition and
-/// hands the buffer back.
+/// The writing thread: writes each chunk inside the partition and hands the
+/// buffer back; returns the bytes written. Whole aligned blocks go through an
+/// `O_DIRECT` descriptor of the disk where there is one (no copy into the
+/// page cache, whose pages would only be dropped before the read-back), the
+/// rest (an unaligned tail) through `disk`; [`write_artifact`] syncs both.
 fn write_chunks(
     full: Receiver<Chunk>,
-    empty: SyncSender<Vec<u8>>,
+    empty: SyncSender<AlignedBuffer>,
     limits: &Limits<'_>,
-) -> Result<Written, InstallError> {
+) -> Result<u64, InstallError> {
     let partition = limits.partition;
-    let mut hasher = Sha256::new();
+    let mut direct = reopen_direct(limits.disk, true);
     let mut bytes = 0u64;
     for chunk in full {
         let data = &chunk.buffer[..chunk.len];
@@ -684,19 +801,29 @@ fn write_chunks(
                 partition.size
             ))));
         }
-        hasher.update(data);
+        let at = partition.offset + chunk.position;
+        let mut done = 0;
+        if let Some(file) = &direct {
+            let len = direct_len(at, data.len());
+            if len > 0 {
+                match file.write_all_at(&data[..len], at) {
+                    Ok(()) => done = len,
+                    // Written again below, through the page cache, and from
+                    // now on: a disk that does not take O_DIRECT here.
+                    Err(error) if direct_refused(&error) => direct = None,
+                    Err(error) => return Err(write_error(error)),
+                }
+            }
+        }
         limits
             .disk
-            .write_all_at(data, partition.offset + chunk.position)
+            .write_all_at(&data[done..], at + done as u64)
             .map_err(write_error)?;
         bytes += data.len() as u64;
         // The decompressing side may have stopped; then the buffer is dropped.
         let _ = empty.send(chunk.buffer);
     }
-    Ok(Written {
-        bytes,
-        sha256: hasher.finalize().into(),
-    })
+    Ok(bytes)
 }
 
 /// Reads the rest of the source to its end (bounded by the signed length the
@@ -772,6 +899,122 @@ impl Seek for Region<'_> {
     }
 }
 
+/// Bytes of each read of [`ReadAhead`]'s thread.
+const READ_AHEAD_CHUNK_SIZE: usize = 1 << 20;
+/// Chunks [`ReadAhead`]'s thread may read before they are used.
+const READ_AHEAD_CHUNKS: usize = 4;
+
+/// A [`Region`] read sequentially from its start by a second thread, ahead of
+/// its reader, so reading the disk overlaps what the reader does with the
+/// bytes (hashing them). The thread reads with `O_DIRECT` where it can, so
+/// the bytes come from the device even if some of the range is still in the
+/// page cache (and no page cache is filled only to be copied once); reads
+/// elsewhere in the region go to the disk directly. Memory:
+/// `READ_AHEAD_CHUNKS + 1` buffers of [`READ_AHEAD_CHUNK_SIZE`].
+struct ReadAhead<'a> {
+    region: Region<'a>,
+    /// Chunks in order, from the region's start; closed after the last one.
+    chunks: Receiver<io::Result<AlignedBuffer>>,
+    /// Used buffers, back to the reading thread.
+    used: SyncSender<AlignedBuffer>,
+    chunk: Option<AlignedBuffer>,
+    /// Bytes of `chunk` already read.
+    consumed: usize,
+    /// Region position of the chunks' next byte (`chunk[consumed]`).
+    stream_position: u64,
+}
+
+impl<'a> ReadAhead<'a> {
+    /// Starts reading `len` bytes of `disk` at `offset` on a thread of `scope`
+    /// (it ends when the region is read or the `ReadAhead` is dropped).
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        disk: &'a File,
+        offset: u64,
+        len: u64,
+    ) -> ReadAhead<'a>
+    where
+        'a: 'scope,
+    {
+        let (chunk_sender, chunks) = sync_channel(READ_AHEAD_CHUNKS);
+        let (used, used_receiver) = sync_channel::<AlignedBuffer>(READ_AHEAD_CHUNKS + 1);
+        for _ in 0..READ_AHEAD_CHUNKS {
+            used.send(AlignedBuffer::new(READ_AHEAD_CHUNK_SIZE))
+                .expect("the channel holds READ_AHEAD_CHUNKS + 1 buffers");
+        }
+        scope.spawn(move || {
+            let mut direct = reopen_direct(disk, false);
+            let mut done = 0u64;
+            while done < len {
+                let Ok(mut buffer) = used_receiver.recv() else {
+                    return;
+                };
+                let want = (len - done).min(READ_AHEAD_CHUNK_SIZE as u64) as usize;
+                buffer.truncate_or_restore(want);
+                let at = offset + done;
+                let mut read = None;
+                if let Some(file) = direct.as_ref().filter(|_| direct_len(at, want) == want) {
+                    match file.read_exact_at(&mut buffer, at) {
+                        Err(error) if direct_refused(&error) => direct = None,
+                        other => read = Some(other),
+                    }
+                }
+                let read = read.unwrap_or_else(|| disk.read_exact_at(&mut buffer, at));
+                let failed = read.is_err();
+                if chunk_sender.send(read.map(|()| buffer)).is_err() || failed {
+                    return;
+                }
+                done += want as u64;
+            }
+        });
+        ReadAhead {
+            region: Region::new(disk, offset, len),
+            chunks,
+            used,
+            chunk: None,
+            consumed: 0,
+            stream_position: 0,
+        }
+    }
+}
+
+impl Read for ReadAhead<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let position = self.region.position;
+        if position != self.stream_position || position >= self.region.len || buffer.is_empty() {
+            return self.region.read(buffer);
+        }
+        let left = self
+            .chunk
+            .as_ref()
+            .map_or(0, |chunk| chunk.len() - self.consumed);
+        if left == 0 {
+            let next = match self.chunks.recv() {
+                Ok(next) => next?,
+                // Unreachable before the region's end; read it directly then.
+                Err(_) => return self.region.read(buffer),
+            };
+            if let Some(used) = self.chunk.replace(next) {
+                let _ = self.used.try_send(used);
+            }
+            self.consumed = 0;
+        }
+        let chunk = self.chunk.as_ref().expect("a chunk was just received");
+        let len = buffer.len().min(chunk.len() - self.consumed);
+        buffer[..len].copy_from_slice(&chunk[self.consumed..self.consumed + len]);
+        self.consumed += len;
+        self.stream_position += len as u64;
+        self.region.position += len as u64;
+        Ok(len)
+    }
+}
+
+impl Seek for ReadAhead<'_> {
+    fn seek(&mut self, target: SeekFrom) -> io::Result<u64> {
+        self.region.seek(target)
+    }
+}
+
 /// Asks the kernel to drop cached pages of a byte range of the disk, so the
 /// next read comes from the device rather than from what was just written.
 /// Best effort: clean pages only (call after a sync), ignored where unsupported.
@@ -822,7 +1065,9 @@ fn parse_verity_info(
 /// `data_blocks` blocks must match the tree.
 ///
 /// Cached pages of both ranges are dropped first (the data was synced by
-/// [`write_artifact`]), so on a block device the bytes come from the device.
+/// [`write_artifact`]), so on a block device the bytes come from the device;
+/// the root's data is read with `O_DIRECT` where possible (bypassing the
+/// page cache, whatever it holds), by a second thread ahead of the hashing.
 /// A root that does not match fails with [`InstallError::RootHashMismatch`]
 /// naming the slot, the expected root hash and the one the data hashes to.
 pub fn verify_slot(
@@ -883,9 +1128,12 @@ pub fn verify_slot(
         )));
     }
 
-    let root = Region::new(disk, partitions.root.offset, data_bytes);
     let hash_device = Region::new(disk, partitions.verity.offset, hash_bytes);
-    let failure = match verity::verify(root, hash_device, &expected) {
+    let verified = std::thread::scope(|scope| {
+        let root = ReadAhead::start(scope, disk, partitions.root.offset, data_bytes);
+        verity::verify(root, hash_device, &expected)
+    });
+    let failure = match verified {
         Ok(_) => {
             tracing::info!(%slot, root_hash = %verity.root_hash, "slot verified");
             return Ok(());
@@ -896,11 +1144,10 @@ pub fn verify_slot(
         Err(failure) => failure,
     };
     // Tell a wrong root from a wrong hash tree: hash the root data alone.
-    let found = verity::compute_root_hash(
-        Region::new(disk, partitions.root.offset, data_bytes),
-        data_bytes,
-        &salt,
-    )
+    let found = std::thread::scope(|scope| {
+        let root = ReadAhead::start(scope, disk, partitions.root.offset, data_bytes);
+        verity::compute_root_hash(root, data_bytes, &salt)
+    })
     .map_err(|source| InstallError::VerifyRead { slot, source })?;
     if found != expected {
         return Err(InstallError::RootHashMismatch {
@@ -1598,5 +1845,121 @@ mod tests {
             matches!(error, InstallError::InvalidVerityInfo { .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_stored_artifact_is_hashed_once_and_a_bad_byte_is_a_sha256_mismatch() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+        // An odd length: the unaligned tail goes through the page cache, the
+        // rest through O_DIRECT (where the file system takes it).
+        let data = &fixture.new.data[..ROOT_LEN - 4096 + 123];
+        let stored = artifact("root.erofs", ArtifactKind::RootFilesystem, data, data);
+        assert_eq!(stored.compression, Compression::None);
+        let written = fixture.write_root(data, &stored).unwrap();
+        assert_eq!(written.uncompressed_sha256, stored.sha256);
+        assert_eq!(written.compressed_bytes, data.len() as u64);
+        let disk = fixture.disk_bytes();
+        let start = slot_b.root.offset as usize;
+        assert!(disk[start..start + data.len()] == *data);
+
+        let mut tampered = data.to_vec();
+        tampered[5000] ^= 0x20;
+        let error = fixture.write_root(&tampered, &stored).unwrap_err();
+        match &error {
+            InstallError::Sha256Mismatch { expected, got, .. } => {
+                assert_eq!(*expected, stored.sha256);
+                assert_eq!(*got, sha256_hex(&tampered));
+            }
+            other => panic!("expected Sha256Mismatch, found {other}"),
+        }
+
+        // Entries that disagree (shipped vs uncompressed) are both checked.
+        let mut disagreeing = stored.clone();
+        disagreeing.uncompressed_sha256 = "11".repeat(32);
+        let error = fixture.write_root(data, &disagreeing).unwrap_err();
+        assert!(
+            matches!(error, InstallError::UncompressedSha256Mismatch { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn writes_at_an_unaligned_partition_offset_land_where_they_belong() {
+        let fixture = Fixture::new();
+        let slot_b = fixture.slot(Slot::B);
+        let before = fixture.disk_bytes();
+        let partition = PartitionRange {
+            offset: slot_b.root.offset + 512,
+            size: slot_b.root.size - 512,
+            ..slot_b.root.clone()
+        };
+        let data = &fixture.new.data[..3 * BUFFER_SIZE / 2];
+        let stored = artifact("root.erofs", ArtifactKind::RootFilesystem, data, data);
+        write_artifact(data, &stored, &fixture.open(), &partition, &mut |_| {}).unwrap();
+        let after = fixture.disk_bytes();
+        let start = partition.offset as usize;
+        assert!(after[start..start + data.len()] == *data);
+        assert!(after[..start] == before[..start]);
+        assert!(after[start + data.len()..] == before[start + data.len()..]);
+    }
+
+    #[test]
+    fn aligned_buffers_and_direct_lengths() {
+        for len in [0, 1, 4096, BUFFER_SIZE] {
+            let mut buffer = AlignedBuffer::new(len);
+            assert_eq!(buffer.as_ptr() as usize % DIRECT_ALIGNMENT, 0);
+            assert_eq!(buffer.len(), len);
+            buffer.fill(7);
+            buffer.truncate_or_restore(len / 2);
+            assert_eq!(buffer.len(), len / 2);
+            buffer.truncate_or_restore(len);
+            assert!(buffer.iter().all(|byte| *byte == 7));
+        }
+        assert_eq!(direct_len(0, 10_000), 8192);
+        assert_eq!(direct_len(1 << 20, 4096), 4096);
+        assert_eq!(direct_len(512, 10_000), 0);
+        assert_eq!(direct_len(4096, 100), 0);
+    }
+
+    #[test]
+    fn read_ahead_reads_what_the_disk_holds_wherever_it_is_read() {
+        let bytes = pseudo_random(3 * READ_AHEAD_CHUNK_SIZE + 8192, 5);
+        let mut file = NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        let disk = File::open(file.path()).unwrap();
+        // Aligned (O_DIRECT where possible) and unaligned (page cache) regions.
+        for (offset, len) in [(4096u64, bytes.len() - 4096), (100, bytes.len() - 300)] {
+            let expected = &bytes[offset as usize..offset as usize + len];
+            std::thread::scope(|scope| {
+                let mut reader = ReadAhead::start(scope, &disk, offset, len as u64);
+                assert_eq!(reader.seek(SeekFrom::End(0)).unwrap(), len as u64);
+                reader.seek(SeekFrom::Start(0)).unwrap();
+                let mut got = vec![0u8; 1000];
+                reader.read_exact(&mut got).unwrap();
+                assert!(got == expected[..1000]);
+                // Elsewhere, then back where the read-ahead stream is.
+                reader.seek(SeekFrom::Start(len as u64 - 10)).unwrap();
+                let mut tail = Vec::new();
+                reader.read_to_end(&mut tail).unwrap();
+                assert!(tail == expected[len - 10..]);
+                reader.seek(SeekFrom::Start(1000)).unwrap();
+                let mut rest = Vec::new();
+                reader.read_to_end(&mut rest).unwrap();
+                assert!(rest == expected[1000..]);
+            });
+            // Dropped early: its thread stops.
+            std::thread::scope(|scope| {
+                let mut reader = ReadAhead::start(scope, &disk, offset, len as u64);
+                let mut got = [0u8; 10];
+                reader.read_exact(&mut got).unwrap();
+            });
+        }
+        // A region past the end of the disk: a read error, not short data.
+        std::thread::scope(|scope| {
+            let mut reader = ReadAhead::start(scope, &disk, 0, bytes.len() as u64 + 4096);
+            let mut sink = Vec::new();
+            assert!(reader.read_to_end(&mut sink).is_err());
+        });
     }
 }
