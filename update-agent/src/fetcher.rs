@@ -20,13 +20,19 @@
 //!   a range request; empty), then exactly one of [`FRAME_END`] (all bytes
 //!   sent; empty) or [`FRAME_FAILED`] (a JSON [`FetchFailure`]). A connection
 //!   that ends before either is a transport failure.
+//!
+//! For speed (issue 16): data frames are whole MiB but the last; the fetcher
+//! hashes the published bytes on the task that receives them, in parallel with
+//! zstd, which reads the received chunks where they are; the agent reads a data
+//! frame's payload straight into its caller's buffer; a spawned fetcher answers
+//! over a socket pair (more buffer than a pipe, like the socket-activated one).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +53,8 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 /// Bytes of the answer's data frames (and of the decompressor's reads).
 const DATA_FRAME_BYTES: usize = 1 << 20;
+/// A frame's kind byte and big-endian `u32` length.
+const FRAME_HEADER_BYTES: usize = 5;
 
 pub const FRAME_DATA: u8 = b'D';
 pub const FRAME_RESUMED: u8 = b'R';
@@ -151,9 +159,10 @@ pub async fn serve(input: impl Read + Send + 'static, output: impl Write + Send 
     tracing::info!(url = %url_text, decompress = request.zstd_uncompressed_length.is_some(), "fetching");
     let resumed = Arc::new(AtomicU64::new(0));
     let (sender, receiver) = mpsc::channel(crate::tuf::TARGET_CHANNEL_CHUNKS);
+    let shipped = Arc::new(Mutex::new(Sha256::new()));
     match start_download(&request, Arc::clone(&resumed)).await {
         Ok(stream) => {
-            tokio::spawn(forward(stream, sender));
+            tokio::spawn(forward(stream, sender, Arc::clone(&shipped)));
         }
         Err(failure) => {
             let _ = output.failed(&failure);
@@ -166,7 +175,7 @@ pub async fn serve(input: impl Read + Send + 'static, output: impl Write + Send 
             chunk: Bytes::new(),
             failure: None,
         };
-        answer(&request, source, &resumed, &mut output)
+        answer(&request, source, shipped, &resumed, &mut output)
     })
     .await;
     match answered {
@@ -237,11 +246,23 @@ fn transport_failure(error: TransportError) -> FetchFailure {
     FetchFailure::new(kind, crate::download::error_chain(&error))
 }
 
-/// The transport's stream into a channel the blocking side reads.
-async fn forward(stream: TransportStream, sender: mpsc::Sender<Result<Bytes, FetchFailure>>) {
+/// The transport's stream into a channel the blocking side reads; the bytes
+/// are hashed into `shipped` here, before they are sent, in parallel with the
+/// decompression on the blocking side.
+async fn forward(
+    stream: TransportStream,
+    sender: mpsc::Sender<Result<Bytes, FetchFailure>>,
+    shipped: Arc<Mutex<Sha256>>,
+) {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = crate::tuf::next_item(stream.as_mut()).await {
         let item = item.map_err(transport_failure);
+        if let Ok(bytes) = &item {
+            shipped
+                .lock()
+                .expect("nothing panics holding it")
+                .update(bytes);
+        }
         let last = item.is_err();
         if sender.send(item).await.is_err() || last {
             return;
@@ -249,15 +270,17 @@ async fn forward(stream: TransportStream, sender: mpsc::Sender<Result<Bytes, Fet
     }
 }
 
-/// The channel as a blocking `Read`; a failure is kept for the answer.
+/// The channel as a blocking `BufRead` (the received chunks are its
+/// buffer: the decompressor reads them where they are); a failure is kept
+/// for the answer.
 struct ChannelReader {
     receiver: mpsc::Receiver<Result<Bytes, FetchFailure>>,
     chunk: Bytes,
     failure: Option<FetchFailure>,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.chunk.is_empty() {
             if let Some(failure) = &self.failure {
                 return Err(failure.clone().into_io());
@@ -265,20 +288,43 @@ impl Read for ChannelReader {
             match self.receiver.blocking_recv() {
                 Some(Ok(bytes)) => self.chunk = bytes,
                 Some(Err(failure)) => self.failure = Some(failure),
-                None => return Ok(0),
+                None => break,
             }
         }
-        let count = buffer.len().min(self.chunk.len());
-        buffer[..count].copy_from_slice(&self.chunk.split_to(count));
-        Ok(count)
+        Ok(&self.chunk)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let _ = self.chunk.split_to(amount);
     }
 }
 
-/// Counts and hashes the published bytes; stops past their signed length.
+impl Read for ChannelReader {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        copy_buffered(self, buffer)
+    }
+}
+
+/// `Read::read` of a `BufRead`: from its buffer.
+fn copy_buffered(source: &mut impl BufRead, buffer: &mut [u8]) -> io::Result<usize> {
+    let available = source.fill_buf()?;
+    let count = buffer.len().min(available.len());
+    buffer[..count].copy_from_slice(&available[..count]);
+    source.consume(count);
+    Ok(count)
+}
+
+/// The sha256 of the published bytes, computed where they were received
+/// ([`forward`]), in parallel with the decompression: every byte the source
+/// gives was hashed there before, so once the source has ended it is the
+/// sha256 of all of them.
+type ShippedHash = Arc<Mutex<Sha256>>;
+
+/// Counts the published bytes; stops past their signed length.
 struct CheckedSource<R> {
     inner: R,
     count: u64,
-    hasher: Sha256,
+    hasher: ShippedHash,
     limit: Option<u64>,
 }
 
@@ -293,25 +339,45 @@ impl<R> CheckedSource<R> {
     }
 }
 
-impl<R: Read> Read for CheckedSource<R> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+impl<R: BufRead> BufRead for CheckedSource<R> {
+    /// Never more than the signed length: bytes past it are counted (and
+    /// dropped) and fail this and every later call.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if let Some(failure) = self.over_long() {
             return Err(failure.into_io());
         }
-        let count = self.inner.read(buffer)?;
-        self.count += count as u64;
-        self.hasher.update(&buffer[..count]);
-        match self.over_long() {
-            Some(failure) => Err(failure.into_io()),
-            None => Ok(count),
+        let available = self.inner.fill_buf()?.len();
+        let allowed = match self.limit {
+            Some(limit) => usize::try_from(limit - self.count).unwrap_or(usize::MAX),
+            None => usize::MAX,
+        };
+        if allowed == 0 && available > 0 {
+            self.inner.consume(available);
+            self.count += available as u64;
+            let failure = self.over_long().expect("counted past the limit");
+            return Err(failure.into_io());
         }
+        let buffer = self.inner.fill_buf()?;
+        Ok(&buffer[..available.min(allowed)])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.inner.consume(amount);
+        self.count += amount as u64;
+    }
+}
+
+impl<R: BufRead> Read for CheckedSource<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        copy_buffered(self, buffer)
     }
 }
 
 /// Read the published bytes (decompressing them if asked) and send them.
-fn answer<R: Read, W: Write>(
+fn answer<R: BufRead, W: Write>(
     request: &FetchRequest,
     source: R,
+    hasher: ShippedHash,
     resumed: &AtomicU64,
     output: &mut FrameWriter<W>,
 ) -> io::Result<()> {
@@ -319,12 +385,12 @@ fn answer<R: Read, W: Write>(
     let mut checked = CheckedSource {
         inner: source,
         count: 0,
-        hasher: Sha256::new(),
+        hasher,
         limit: request.signed.as_ref().map(|signed| signed.length),
     };
     let sent = match request.zstd_uncompressed_length {
         None => pump(&mut checked, None, resumed, output),
-        Some(limit) => match zstd::stream::read::Decoder::new(&mut checked) {
+        Some(limit) => match zstd::stream::read::Decoder::with_buffer(&mut checked) {
             Ok(decoder) => pump(decoder, Some(limit), resumed, output),
             Err(error) => Err(Err(FetchFailure::new(
                 FailureKind::Transport,
@@ -361,47 +427,63 @@ fn answer<R: Read, W: Write>(
 }
 
 /// `Err(Ok(_))`: the output failed; `Err(Err(_))`: the source failed.
+///
+/// Each data frame is a whole [`DATA_FRAME_BYTES`] (but the last): the buffer
+/// is filled first, so the agent wakes once per MiB, and its header goes into
+/// the buffer's first [`FRAME_HEADER_BYTES`], so the bytes are written to the
+/// output as they are, without another copy.
 fn pump<R: Read, W: Write>(
     mut source: R,
     limit: Option<u64>,
     resumed: &AtomicU64,
     output: &mut FrameWriter<W>,
 ) -> Result<(), Result<io::Error, FetchFailure>> {
-    let mut buffer = vec![0u8; DATA_FRAME_BYTES];
+    let mut framed = vec![0u8; FRAME_HEADER_BYTES + DATA_FRAME_BYTES];
     let mut sent: u64 = 0;
     let mut resumes_told = 0;
     loop {
-        let count = match source.read(&mut buffer) {
-            Ok(count) => count,
-            Err(error) => {
-                let failure = FetchFailure::from_io(&error).cloned().unwrap_or_else(|| {
-                    let kind = if limit.is_some() {
-                        FailureKind::Mismatch
-                    } else {
-                        FailureKind::Transport
-                    };
-                    let what = if limit.is_some() { "zstd: " } else { "" };
-                    FetchFailure::new(kind, format!("{what}after {sent} bytes: {error}"))
-                });
-                return Err(Err(failure));
-            }
-        };
+        let (count, failed) = fill(&mut source, &mut framed[FRAME_HEADER_BYTES..]);
         let resumes = resumed.load(Ordering::Relaxed);
         while resumes_told < resumes {
             output.frame(FRAME_RESUMED, &[]).map_err(Ok)?;
             resumes_told += 1;
         }
-        if count == 0 {
-            return Ok(());
-        }
-        sent += count as u64;
-        if let Some(limit) = limit.filter(|limit| sent > *limit) {
+        if let Some(limit) = limit.filter(|limit| sent + count as u64 > *limit) {
             return Err(Err(FetchFailure::new(
                 FailureKind::Mismatch,
                 format!("decompresses to more than its signed {limit} bytes"),
             )));
         }
-        output.frame(FRAME_DATA, &buffer[..count]).map_err(Ok)?;
+        if count > 0 {
+            output
+                .data_frame(&mut framed[..FRAME_HEADER_BYTES + count])
+                .map_err(Ok)?;
+            sent += count as u64;
+        }
+        if let Some(error) = failed {
+            let failure = FetchFailure::from_io(&error).cloned().unwrap_or_else(|| {
+                let kind = if limit.is_some() {
+                    FailureKind::Mismatch
+                } else {
+                    FailureKind::Transport
+                };
+                let what = if limit.is_some() { "zstd: " } else { "" };
+                FetchFailure::new(kind, format!("{what}after {sent} bytes: {error}"))
+            });
+            return Err(Err(failure));
+        }
+        if count < DATA_FRAME_BYTES {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads until `buffer` is full, the source ends or fails: the bytes read,
+/// and the error that stopped it.
+fn fill<R: Read>(source: &mut R, buffer: &mut [u8]) -> (usize, Option<io::Error>) {
+    match crate::install::fill(source, buffer) {
+        Ok(filled) => (filled, None),
+        Err((error, filled)) => (filled, Some(error)),
     }
 }
 
@@ -418,7 +500,15 @@ fn check_signed<R>(request: &FetchRequest, checked: &CheckedSource<R>) -> Result
             ),
         ));
     }
-    let sha256 = hex::encode(checked.hasher.clone().finalize());
+    // Called once the source ended: every byte is in the hash.
+    let sha256 = hex::encode(
+        checked
+            .hasher
+            .lock()
+            .expect("nothing panics holding it")
+            .clone()
+            .finalize(),
+    );
     if sha256 != signed.sha256 {
         return Err(FetchFailure::new(
             FailureKind::Mismatch,
@@ -438,7 +528,7 @@ struct FrameWriter<W: Write> {
 impl<W: Write> FrameWriter<W> {
     fn new(output: W) -> FrameWriter<W> {
         FrameWriter {
-            output: io::BufWriter::with_capacity(DATA_FRAME_BYTES + 5, output),
+            output: io::BufWriter::new(output),
         }
     }
 
@@ -451,6 +541,16 @@ impl<W: Write> FrameWriter<W> {
             self.output.flush()?;
         }
         Ok(())
+    }
+
+    /// A data frame whose payload follows [`FRAME_HEADER_BYTES`] reserved
+    /// for its header in `framed`: written straight to the output.
+    fn data_frame(&mut self, framed: &mut [u8]) -> io::Result<()> {
+        let length = u32::try_from(framed.len() - FRAME_HEADER_BYTES).expect("frames are small");
+        framed[0] = FRAME_DATA;
+        framed[1..FRAME_HEADER_BYTES].copy_from_slice(&length.to_be_bytes());
+        self.output.flush()?;
+        self.output.get_mut().write_all(framed)
     }
 
     fn end(&mut self) -> io::Result<()> {
@@ -556,19 +656,22 @@ impl Fetcher {
             }
             FetcherLaunch::Spawn(program) => {
                 let what = format!("the fetcher {} fetcher", program.display());
+                // Its answer comes over a socket pair, like from the socket-
+                // activated fetcher: a socket buffers about 200 KiB where a
+                // pipe buffers 64 KiB, so both sides wake up less often.
+                let (answer, its_stdout) = UnixStream::pair().map_err(|e| unreachable(&what, e))?;
                 let mut child = Command::new(program)
                     .arg("fetcher")
                     .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
+                    .stdout(Stdio::from(std::os::fd::OwnedFd::from(its_stdout)))
                     .stderr(Stdio::inherit())
                     .spawn()
                     .map_err(|e| unreachable(&what, e))?;
                 let mut stdin = child.stdin.take().expect("piped stdin");
-                let stdout = child.stdout.take().expect("piped stdout");
                 let written = stdin.write_all(&line);
                 drop(stdin);
                 let connection = FetchConnection {
-                    input: Box::new(io::BufReader::new(stdout)),
+                    input: Box::new(io::BufReader::new(answer)),
                     child: Some(child),
                 };
                 written.map_err(|e| unreachable(&what, e))?;
@@ -664,35 +767,60 @@ enum Frame {
 
 /// Read one frame; a fetcher that stopped early or sent something else is a
 /// transport failure.
+#[cfg(test)]
 fn read_frame(input: &mut dyn Read) -> Result<Frame, FetchFailure> {
-    let broken = |message: String| FetchFailure::new(FailureKind::Transport, message);
-    let mut header = [0u8; 5];
+    let (kind, length) = read_frame_header(input)?;
+    let payload = read_payload(input, length)?;
+    frame_of(kind, payload)
+}
+
+/// A frame's kind and payload length (checked against [`MAX_FRAME_BYTES`]).
+fn read_frame_header(input: &mut dyn Read) -> Result<(u8, usize), FetchFailure> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
     input.read_exact(&mut header).map_err(|error| {
-        broken(format!(
+        broken_answer(format!(
             "the fetcher stopped before the end of its answer ({error})"
         ))
     })?;
     let length = u32::from_be_bytes(header[1..].try_into().expect("4 bytes"));
     if length > MAX_FRAME_BYTES {
-        return Err(broken(format!(
+        return Err(broken_answer(format!(
             "the fetcher sent a frame of {length} bytes"
         )));
     }
-    let mut payload = vec![0u8; length as usize];
+    Ok((header[0], length as usize))
+}
+
+fn read_payload(input: &mut dyn Read, length: usize) -> Result<Vec<u8>, FetchFailure> {
+    let mut payload = vec![0u8; length];
     input
         .read_exact(&mut payload)
-        .map_err(|error| broken(format!("the fetcher stopped inside a frame ({error})")))?;
-    match header[0] {
+        .map_err(stopped_inside_a_frame)?;
+    Ok(payload)
+}
+
+fn frame_of(kind: u8, payload: Vec<u8>) -> Result<Frame, FetchFailure> {
+    match kind {
         FRAME_DATA => Ok(Frame::Data(payload)),
         FRAME_RESUMED => Ok(Frame::Resumed),
         FRAME_END => Ok(Frame::End),
         FRAME_FAILED => serde_json::from_slice(&payload)
             .map(Frame::Failed)
-            .map_err(|error| broken(format!("the fetcher's failure is not readable: {error}"))),
-        other => Err(broken(format!(
+            .map_err(|error| {
+                broken_answer(format!("the fetcher's failure is not readable: {error}"))
+            }),
+        other => Err(broken_answer(format!(
             "the fetcher sent a frame of kind {other:#04x}"
         ))),
     }
+}
+
+fn broken_answer(message: String) -> FetchFailure {
+    FetchFailure::new(FailureKind::Transport, message)
+}
+
+fn stopped_inside_a_frame(error: io::Error) -> FetchFailure {
+    broken_answer(format!("the fetcher stopped inside a frame ({error})"))
 }
 
 /// What a fetcher answers, as a blocking `Read`. `read` returns `Ok(0)` only
@@ -702,7 +830,9 @@ fn read_frame(input: &mut dyn Read) -> Result<Frame, FetchFailure> {
 /// checks it.
 pub struct FetchedReader {
     connection: Result<FetchConnection, FetchFailure>,
-    chunk: Bytes,
+    /// Bytes of the current data frame not read yet: [`Read::read`] reads
+    /// them from the connection straight into its caller's buffer.
+    frame_left: usize,
     done: bool,
     resumed: Arc<AtomicU64>,
 }
@@ -714,41 +844,61 @@ impl FetchedReader {
     ) -> FetchedReader {
         FetchedReader {
             connection,
-            chunk: Bytes::new(),
+            frame_left: 0,
             done: false,
             resumed,
         }
     }
 
-    /// The next bytes, `None` at a clean end.
-    fn next_chunk(&mut self) -> Result<Option<Bytes>, FetchFailure> {
-        if !self.chunk.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.chunk)));
-        }
-        if self.done {
-            return Ok(None);
-        }
-        let connection = self
-            .connection
-            .as_mut()
-            .map_err(|failure| failure.clone())?;
-        loop {
-            let frame = read_frame(&mut connection.input);
+    /// Reads frames up to the next data frame with bytes left (`frame_left`
+    /// > 0); `false` at a clean end. A failure stays: later calls return it.
+    fn next_data_frame(&mut self) -> Result<bool, FetchFailure> {
+        while self.frame_left == 0 {
+            if self.done {
+                return Ok(false);
+            }
+            let connection = self
+                .connection
+                .as_mut()
+                .map_err(|failure| failure.clone())?;
+            let frame = read_frame_header(&mut connection.input).and_then(|(kind, length)| {
+                if kind == FRAME_DATA {
+                    // Its payload is read by the caller, into its own buffer.
+                    return Ok(Err(length));
+                }
+                let payload = read_payload(&mut connection.input, length)?;
+                frame_of(kind, payload).map(Ok)
+            });
             match frame {
-                Ok(Frame::Data(bytes)) if bytes.is_empty() => continue,
-                Ok(Frame::Data(bytes)) => return Ok(Some(Bytes::from(bytes))),
-                Ok(Frame::Resumed) => {
+                Ok(Err(length)) => self.frame_left = length,
+                Ok(Ok(Frame::Resumed)) => {
                     self.resumed.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Frame::End) => {
-                    self.done = true;
-                    return Ok(None);
-                }
-                Ok(Frame::Failed(failure)) | Err(failure) => {
-                    self.connection = Err(failure.clone());
-                    return Err(failure);
-                }
+                Ok(Ok(Frame::End)) => self.done = true,
+                Ok(Ok(Frame::Data(_))) => unreachable!("data frames are not read here"),
+                Ok(Ok(Frame::Failed(failure))) | Err(failure) => return Err(self.fail(failure)),
             }
+        }
+        Ok(true)
+    }
+
+    /// Keeps `failure` for every later call.
+    fn fail(&mut self, failure: FetchFailure) -> FetchFailure {
+        self.frame_left = 0;
+        self.connection = Err(failure.clone());
+        failure
+    }
+
+    /// The next bytes (the rest of a data frame), `None` at a clean end.
+    fn next_chunk(&mut self) -> Result<Option<Bytes>, FetchFailure> {
+        if !self.next_data_frame()? {
+            return Ok(None);
+        }
+        let length = std::mem::take(&mut self.frame_left);
+        let connection = self.connection.as_mut().expect("a data frame came from it");
+        match read_payload(&mut connection.input, length) {
+            Ok(payload) => Ok(Some(Bytes::from(payload))),
+            Err(failure) => Err(self.fail(failure)),
         }
     }
 }
@@ -758,16 +908,26 @@ impl Read for FetchedReader {
         if buffer.is_empty() {
             return Ok(0);
         }
-        if self.chunk.is_empty() {
-            match self.next_chunk() {
-                Ok(Some(bytes)) => self.chunk = bytes,
-                Ok(None) => return Ok(0),
-                Err(failure) => return Err(failure.into_io()),
-            }
+        match self.next_data_frame() {
+            Ok(true) => {}
+            Ok(false) => return Ok(0),
+            Err(failure) => return Err(failure.into_io()),
         }
-        let count = buffer.len().min(self.chunk.len());
-        buffer[..count].copy_from_slice(&self.chunk.split_to(count));
-        Ok(count)
+        let want = buffer.len().min(self.frame_left);
+        let connection = self.connection.as_mut().expect("a data frame came from it");
+        let got = loop {
+            match connection.input.read(&mut buffer[..want]) {
+                Ok(0) => {
+                    let early = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Err(self.fail(stopped_inside_a_frame(early)).into_io());
+                }
+                Ok(got) => break got,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(self.fail(stopped_inside_a_frame(error)).into_io()),
+            }
+        };
+        self.frame_left -= got;
+        Ok(got)
     }
 }
 
@@ -777,8 +937,12 @@ mod tests {
 
     fn answer_to(request: &FetchRequest, published: &[u8]) -> Vec<u8> {
         let resumed = AtomicU64::new(0);
+        // Hashed as if received, like `forward` does.
+        let mut hasher = Sha256::new();
+        hasher.update(published);
+        let received = Arc::new(Mutex::new(hasher));
         let mut output = FrameWriter::new(Vec::new());
-        answer(request, published, &resumed, &mut output).unwrap();
+        answer(request, published, received, &resumed, &mut output).unwrap();
         output.output.into_inner().unwrap()
     }
 
@@ -827,11 +991,93 @@ mod tests {
         let answered = frames(&answer_to(&request(Some(&published), None), &published));
         assert_eq!(answered.last(), Some(&Frame::End));
         assert_eq!(data(&answered), published);
-        assert!(
-            answered.len() >= 5,
-            "several data frames: {}",
-            answered.len()
+        // Whole frames but the last, read straight from the source.
+        let lengths: Vec<usize> = answered
+            .iter()
+            .filter_map(|frame| match frame {
+                Frame::Data(bytes) => Some(bytes.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            lengths,
+            [DATA_FRAME_BYTES, DATA_FRAME_BYTES, DATA_FRAME_BYTES, 7]
         );
+    }
+
+    /// A reader over `answered` that returns at most `step` bytes per read.
+    struct Trickle {
+        bytes: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            let count = buffer.len().min(self.step).min(self.bytes.len() - self.at);
+            buffer[..count].copy_from_slice(&self.bytes[self.at..self.at + count]);
+            self.at += count;
+            Ok(count)
+        }
+    }
+
+    fn reader_of(bytes: Vec<u8>, step: usize, resumed: &Arc<AtomicU64>) -> FetchedReader {
+        let connection = FetchConnection {
+            input: Box::new(Trickle { bytes, at: 0, step }),
+            child: None,
+        };
+        FetchedReader::start(Ok(connection), Arc::clone(resumed))
+    }
+
+    #[test]
+    fn the_reader_reads_data_frames_into_its_callers_buffers() {
+        let mut output = FrameWriter::new(Vec::new());
+        output.frame(FRAME_DATA, b"first ").unwrap();
+        output.frame(FRAME_RESUMED, &[]).unwrap();
+        output.frame(FRAME_DATA, b"").unwrap();
+        let mut framed = vec![0u8; FRAME_HEADER_BYTES];
+        framed.extend_from_slice(b"second frame");
+        output.data_frame(&mut framed).unwrap();
+        output.end().unwrap();
+        let answered = output.output.into_inner().unwrap();
+        for (step, read_size) in [(1, 1), (3, 4), (1000, 5), (1000, 100)] {
+            let resumed = Arc::new(AtomicU64::new(0));
+            let mut reader = reader_of(answered.clone(), step, &resumed);
+            let mut got = Vec::new();
+            let mut buffer = vec![0u8; read_size];
+            loop {
+                let count = reader.read(&mut buffer).unwrap();
+                if count == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buffer[..count]);
+            }
+            assert_eq!(
+                got, b"first second frame",
+                "step {step}, reads of {read_size}"
+            );
+            assert_eq!(resumed.load(Ordering::Relaxed), 1);
+            assert_eq!(reader.read(&mut buffer).unwrap(), 0, "the end stays");
+        }
+
+        // Cut inside the second data frame: a transport failure, and it stays.
+        let cut = answered[..answered.len() - FRAME_HEADER_BYTES - 4].to_vec();
+        let resumed = Arc::new(AtomicU64::new(0));
+        let mut reader = reader_of(cut, 7, &resumed);
+        let mut got = Vec::new();
+        let error = reader.read_to_end(&mut got).unwrap_err();
+        let failure = FetchFailure::from_io(&error).expect("a fetch failure");
+        assert_eq!(failure.kind, FailureKind::Transport);
+        assert!(failure.message.contains("inside a frame"), "{failure}");
+        assert_eq!(got, b"first second f");
+        assert!(reader.read(&mut [0; 4]).is_err(), "later reads fail too");
+
+        // The tough transport's chunks: whole frames.
+        let resumed = Arc::new(AtomicU64::new(0));
+        let mut reader = reader_of(answered, 2, &resumed);
+        assert_eq!(reader.next_chunk().unwrap().unwrap(), &b"first "[..]);
+        assert_eq!(reader.next_chunk().unwrap().unwrap(), &b"second frame"[..]);
+        assert_eq!(reader.next_chunk().unwrap(), None);
     }
 
     #[test]
@@ -927,6 +1173,53 @@ mod tests {
             "{failure}"
         );
         assert!(reader.read(&mut [0; 4]).is_err(), "later reads fail too");
+    }
+
+    #[test]
+    fn the_decompressor_never_sees_bytes_past_the_signed_length() {
+        let uncompressed: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8).collect();
+        let compressed = zstd::encode_all(&uncompressed[..], 3).unwrap();
+        // A second, valid frame after the signed bytes.
+        let mut longer = compressed.clone();
+        longer.extend_from_slice(&compressed);
+        let answered = frames(&answer_to(
+            &request(Some(&compressed), Some(2 * uncompressed.len() as u64)),
+            &longer,
+        ));
+        let refused = failure(&answered);
+        assert_eq!(refused.kind, FailureKind::Mismatch);
+        assert!(
+            refused.message.contains("longer than its signed length"),
+            "{refused}"
+        );
+        assert!(data(&answered).len() <= uncompressed.len());
+    }
+
+    #[test]
+    fn the_channel_reader_hands_out_its_chunks_and_keeps_a_failure() {
+        let (sender, receiver) = mpsc::channel(4);
+        sender.try_send(Ok(Bytes::from_static(b"abc"))).unwrap();
+        sender.try_send(Ok(Bytes::from_static(b""))).unwrap();
+        sender.try_send(Ok(Bytes::from_static(b"defg"))).unwrap();
+        let failed = FetchFailure::new(FailureKind::Transport, "reset");
+        sender.try_send(Err(failed.clone())).unwrap();
+        drop(sender);
+        let mut reader = ChannelReader {
+            receiver,
+            chunk: Bytes::new(),
+            failure: None,
+        };
+        let mut buffer = [0u8; 2];
+        let mut got = Vec::new();
+        let error = loop {
+            match reader.read(&mut buffer) {
+                Ok(count) => got.extend_from_slice(&buffer[..count]),
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(got, b"abcdefg");
+        assert_eq!(FetchFailure::from_io(&error), Some(&failed));
+        assert!(reader.fill_buf().is_err(), "the failure stays");
     }
 
     #[test]
