@@ -432,6 +432,9 @@ async fn run_daemon(args: &DaemonArgs) -> Result<(), AgentError> {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("stopping");
+    agent
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     timer_task.abort();
     if agent.is_busy().await {
         // An install in flight stops; its slot stays unbootable and the next start says so.

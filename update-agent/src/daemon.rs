@@ -239,6 +239,10 @@ pub struct Agent {
     pub progress: Arc<Progress>,
     /// Bumped on every change the D-Bus side should announce.
     pub changes: watch::Sender<u64>,
+    /// Set when the daemon is told to stop: a step that fails from then on
+    /// failed because its tasks were cancelled, not for a reason worth
+    /// recording in the state (it would show after the reboot).
+    pub stopping: AtomicBool,
 }
 
 fn agent_error(what: impl Into<String>) -> impl FnOnce(String) -> AgentError {
@@ -283,6 +287,7 @@ impl Agent {
             }),
             progress: Arc::new(Progress::default()),
             changes,
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -389,6 +394,10 @@ impl Agent {
     }
 
     async fn record_error(&self, operation: &str, error: &AgentError) {
+        if self.stopping.load(Ordering::SeqCst) {
+            tracing::info!(operation, %error, "stopped while this step ran; not recorded");
+            return;
+        }
         tracing::error!(
             operation,
             error = %crate::config::redact_urls_in(&error.to_string()),
@@ -556,7 +565,11 @@ impl Agent {
     /// Is there an update for this node, and when may it start?
     pub async fn check(&self) -> Result<CheckReport, AgentError> {
         let now = Timestamp::now();
-        let result = self.fetch_and_decide(&ApplyRequest::default()).await;
+        let result = match self.fetch_and_decide(&ApplyRequest::default()).await {
+            // Cancelled by the daemon's stop: nothing to record.
+            Err(error) if self.stopping.load(Ordering::SeqCst) => return Err(error),
+            result => result,
+        };
         let mut inner = self.inner.lock().await;
         let result = result.map(|(decision, _, _)| {
             let (kind, version, wave_start) = decision_summary(&decision);
