@@ -53,6 +53,9 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 /// Bytes of the answer's data frames (and of the decompressor's reads).
 const DATA_FRAME_BYTES: usize = 1 << 20;
+/// The longest chunk [`Fetcher`]'s tough transport passes on (its channel
+/// holds [`crate::tuf::TARGET_CHANNEL_CHUNKS`] of them: memory stays small).
+const TRANSPORT_CHUNK_BYTES: usize = 64 << 10;
 /// A frame's kind byte and big-endian `u32` length.
 const FRAME_HEADER_BYTES: usize = 5;
 
@@ -889,12 +892,14 @@ impl FetchedReader {
         failure
     }
 
-    /// The next bytes (the rest of a data frame), `None` at a clean end.
+    /// The next bytes (of a data frame, at most [`TRANSPORT_CHUNK_BYTES`]),
+    /// `None` at a clean end.
     fn next_chunk(&mut self) -> Result<Option<Bytes>, FetchFailure> {
         if !self.next_data_frame()? {
             return Ok(None);
         }
-        let length = std::mem::take(&mut self.frame_left);
+        let length = self.frame_left.min(TRANSPORT_CHUNK_BYTES);
+        self.frame_left -= length;
         let connection = self.connection.as_mut().expect("a data frame came from it");
         match read_payload(&mut connection.input, length) {
             Ok(payload) => Ok(Some(Bytes::from(payload))),
@@ -1072,12 +1077,20 @@ mod tests {
         assert_eq!(got, b"first second f");
         assert!(reader.read(&mut [0; 4]).is_err(), "later reads fail too");
 
-        // The tough transport's chunks: whole frames.
+        // The tough transport's chunks: frames, cut to TRANSPORT_CHUNK_BYTES.
         let resumed = Arc::new(AtomicU64::new(0));
         let mut reader = reader_of(answered, 2, &resumed);
         assert_eq!(reader.next_chunk().unwrap().unwrap(), &b"first "[..]);
         assert_eq!(reader.next_chunk().unwrap().unwrap(), &b"second frame"[..]);
         assert_eq!(reader.next_chunk().unwrap(), None);
+        let published = vec![7u8; 2 * TRANSPORT_CHUNK_BYTES + 1];
+        let answered = answer_to(&request(Some(&published), None), &published);
+        let mut reader = reader_of(answered, usize::MAX, &resumed);
+        let mut lengths = Vec::new();
+        while let Some(chunk) = reader.next_chunk().unwrap() {
+            lengths.push(chunk.len());
+        }
+        assert_eq!(lengths, [TRANSPORT_CHUNK_BYTES, TRANSPORT_CHUNK_BYTES, 1]);
     }
 
     #[test]
