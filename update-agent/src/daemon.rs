@@ -192,6 +192,33 @@ pub const LOCAL_COPY_METADATA_DIR: &str = "metadata";
 /// The targets of a local repository copy, under its directory.
 pub const LOCAL_COPY_TARGETS_DIR: &str = "targets";
 
+/// The `file://` metadata and targets URLs of the repository copy in `copy`
+/// (read by the fetcher like any download); checked with the node's trusted
+/// root and datastore like the network repository.
+fn local_copy_urls(copy: &Path) -> Result<(url::Url, url::Url), AgentError> {
+    let invalid = |message: String| AgentError::Invalid {
+        what: copy.display().to_string(),
+        message,
+    };
+    if !copy.is_absolute() {
+        return Err(invalid(
+            "a repository copy must be an absolute path".to_string(),
+        ));
+    }
+    let url = |name: &str| {
+        let dir = copy.join(name);
+        if !dir.is_dir() {
+            return Err(invalid(format!(
+                "no {name}/ directory: expected a copy of a published repository \
+                 (metadata/ and targets/, as `racklet-image publish` writes them)"
+            )));
+        }
+        url::Url::from_directory_path(&dir)
+            .map_err(|()| invalid(format!("{name}/ is not a usable path")))
+    };
+    Ok((url(LOCAL_COPY_METADATA_DIR)?, url(LOCAL_COPY_TARGETS_DIR)?))
+}
+
 /// Progress of the running write (shared with the writer thread).
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -436,76 +463,35 @@ impl Agent {
         Ok(())
     }
 
-    fn tuf_client(&self, config: &Config) -> Result<TufClient, AgentError> {
-        let (Some(metadata_url), Some(targets_url)) = (&config.metadata_url, &config.targets_url)
-        else {
-            return Err(AgentError::Invalid {
-                what: self.paths.config.display().to_string(),
-                message: "no metadata_url/targets_url configured; updates are off".into(),
-            });
-        };
-        Ok(TufClient::new(
-            metadata_url.clone(),
-            targets_url.clone(),
-            config.http_timeout(),
-            self.paths.image_tuf_root.clone(),
-            self.paths.tuf_datastore.clone(),
-        )
-        .with_transport(self.fetcher(config)?))
-    }
-
-    /// A client of the repository copy in `copy` (`file://` URLs, read by
-    /// the fetcher like any download), with the node's trusted root and
-    /// datastore: the same signature, expiry, rollback and hash checks.
-    fn local_copy_client(&self, config: &Config, copy: &Path) -> Result<TufClient, AgentError> {
-        let invalid = |message: String| AgentError::Invalid {
-            what: copy.display().to_string(),
-            message,
-        };
-        if !copy.is_absolute() {
-            return Err(invalid(
-                "a repository copy must be an absolute path".to_string(),
-            ));
+    /// The repository's metadata and targets URLs: the configured ones, or
+    /// those of a local copy (`from`).
+    fn repository_urls(
+        &self,
+        config: &Config,
+        from: Option<&Path>,
+    ) -> Result<(url::Url, url::Url), AgentError> {
+        match from {
+            Some(copy) => local_copy_urls(copy),
+            None => match (&config.metadata_url, &config.targets_url) {
+                (Some(metadata_url), Some(targets_url)) => {
+                    Ok((metadata_url.clone(), targets_url.clone()))
+                }
+                _ => Err(AgentError::Invalid {
+                    what: self.paths.config.display().to_string(),
+                    message: "no metadata_url/targets_url configured; updates are off".into(),
+                }),
+            },
         }
-        let mut urls = Vec::new();
-        for name in [LOCAL_COPY_METADATA_DIR, LOCAL_COPY_TARGETS_DIR] {
-            let dir = copy.join(name);
-            if !dir.is_dir() {
-                return Err(invalid(format!(
-                    "no {name}/ directory: expected a copy of a published repository \
-                     (metadata/ and targets/, as `racklet-image publish` writes them)"
-                )));
-            }
-            urls.push(
-                url::Url::from_directory_path(&dir)
-                    .map_err(|()| invalid(format!("{name}/ is not a usable path")))?,
-            );
-        }
-        let targets_url = urls.pop().expect("two URLs");
-        let metadata_url = urls.pop().expect("two URLs");
-        Ok(TufClient::new(
-            metadata_url,
-            targets_url,
-            config.http_timeout(),
-            self.paths.image_tuf_root.clone(),
-            self.paths.tuf_datastore.clone(),
-        )
-        .with_transport(self.fetcher(config)?))
     }
 
     /// The unprivileged fetcher, trusting the configured CA certificates
     /// (read here: the fetcher cannot read the file).
     fn fetcher(&self, config: &Config) -> Result<Fetcher, AgentError> {
         let pem = match &config.extra_ca_certificates {
-            Some(path) => {
-                crate::download::load_ca_certificates(path).map_err(crate::tuf::TufError::from)?;
-                Some(
-                    std::fs::read_to_string(path).map_err(|source| AgentError::Io {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
-            }
+            Some(path) => Some(
+                crate::download::load_ca_certificates_pem(path)
+                    .map_err(crate::tuf::TufError::from)?,
+            ),
             None => None,
         };
         Ok(Fetcher::new(
@@ -520,7 +506,7 @@ impl Agent {
     async fn fetch_and_decide(
         &self,
         request: &ApplyRequest,
-    ) -> Result<(Decision, TufClient, crate::tuf::LoadedRepository), AgentError> {
+    ) -> Result<(Decision, Fetcher, crate::tuf::LoadedRepository), AgentError> {
         let now = Timestamp::now();
         let (config, failed, repair) = {
             let inner = self.inner.lock().await;
@@ -531,11 +517,19 @@ impl Agent {
             )
         };
         self.check_clock(now, config.wait_for_time_sync)?;
-        let client = match &request.from {
-            Some(copy) => self.local_copy_client(&config, copy)?,
-            None => self.tuf_client(&config)?,
-        };
-        let repository = client.load().await?;
+        let (metadata_url, targets_url) = self.repository_urls(&config, request.from.as_deref())?;
+        // The install's downloads go through the same fetcher as the metadata's.
+        let fetcher = self.fetcher(&config)?;
+        let repository = TufClient::new(
+            metadata_url,
+            targets_url,
+            config.http_timeout(),
+            self.paths.image_tuf_root.clone(),
+            self.paths.tuf_datastore.clone(),
+        )
+        .with_transport(fetcher.clone())
+        .load()
+        .await?;
         let manifest: UpdateManifest = repository.update_manifest().await?;
         let decision = decide(&DecisionInput {
             manifest: &manifest,
@@ -551,7 +545,7 @@ impl Agent {
             failed_versions: &failed,
             repair,
         });
-        Ok((decision, client, repository))
+        Ok((decision, fetcher, repository))
     }
 
     /// The other slot failed to start and waits for an install into it.
@@ -612,7 +606,7 @@ impl Agent {
             inner.state.clear_error();
         }
         let decided = self.fetch_and_decide(&request).await;
-        let (decision, client, repository) = match decided {
+        let (decision, fetcher, repository) = match decided {
             Ok(decided) => decided,
             Err(error) => {
                 self.inner.lock().await.busy = false;
@@ -668,7 +662,7 @@ impl Agent {
             let result = AgentError::joined(
                 "the install",
                 tokio::spawn(
-                    async move { installer.install(&installed, &client, &repository).await },
+                    async move { installer.install(&installed, &fetcher, &repository).await },
                 )
                 .await,
             )
@@ -683,7 +677,7 @@ impl Agent {
     async fn install(
         &self,
         update: &Update,
-        client: &TufClient,
+        fetcher: &Fetcher,
         repository: &crate::tuf::LoadedRepository,
     ) -> Result<(), AgentError> {
         let slot = self.booted.slot.other();
@@ -692,7 +686,6 @@ impl Agent {
         self.progress.cancel.store(false, Ordering::SeqCst);
         self.progress.bytes.store(0, Ordering::SeqCst);
         self.progress.resumed.store(0, Ordering::SeqCst);
-        let fetcher = self.fetcher(&self.config().await)?;
         // Counted as the agent receives them: uncompressed (the fetcher decompresses).
         let total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
             .iter()
@@ -727,7 +720,7 @@ impl Agent {
             loop {
                 let source = ArtifactSource::for_target(
                     repository,
-                    &fetcher,
+                    fetcher,
                     &target.target,
                     &target.artifact,
                 )?;
@@ -828,7 +821,6 @@ impl Agent {
                 .await,
             )??;
         }
-        let _ = client;
         let mut inner = self.inner.lock().await;
         if self.progress.cancel.load(Ordering::SeqCst) {
             return Err(AgentError::Cancelled);

@@ -67,14 +67,35 @@ pub enum TransportSetupError {
 pub fn load_ca_certificates(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TransportSetupError> {
+    read_ca_certificates(path).map(|(_, certificates)| certificates)
+}
+
+/// The text of a PEM file of CA certificates, checked as
+/// [`load_ca_certificates`] checks it (the file is read once): what the agent
+/// hands the fetcher, which cannot read the file itself.
+pub fn load_ca_certificates_pem(path: &Path) -> Result<String, TransportSetupError> {
+    let (bytes, _) = read_ca_certificates(path)?;
+    String::from_utf8(bytes).map_err(|_| TransportSetupError::InvalidCaCertificates {
+        path: path.to_path_buf(),
+        problem: "not text".to_string(),
+    })
+}
+
+/// The file's bytes and the certificates in them.
+fn read_ca_certificates(
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TransportSetupError> {
     let bytes = std::fs::read(path).map_err(|source| TransportSetupError::ReadCaCertificates {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_ca_certificates(&bytes).map_err(|problem| TransportSetupError::InvalidCaCertificates {
-        path: path.to_path_buf(),
-        problem,
-    })
+    let certificates = parse_ca_certificates(&bytes).map_err(|problem| {
+        TransportSetupError::InvalidCaCertificates {
+            path: path.to_path_buf(),
+            problem,
+        }
+    })?;
+    Ok((bytes, certificates))
 }
 
 /// [`load_ca_certificates`] on the file's bytes. Pure.
