@@ -7,7 +7,7 @@
 //!
 //! Who may call what (docs/update-flow.md, "Who may call what"): anyone may
 //! read (Status, properties, introspection) and ask for a check (Check); only
-//! root may change the update state ([`STATE_CHANGING_METHODS`]: Apply,
+//! root may change the update state ([`STATE_CHANGING_METHODS`]: Apply, ApplyFrom,
 //! Cancel, Rollback, MarkGood, MarkBad). The bus policy
 //! `org.racklet.Update1.conf` says so first; the daemon checks again itself:
 //! it asks the bus for the caller's UID (`GetConnectionUnixUser`, see
@@ -42,8 +42,9 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The methods that change the update state, each with its CLI command: root
 /// only, by the bus policy and by the daemon's own check of the caller.
-pub const STATE_CHANGING_METHODS: [(&str, &str); 5] = [
+pub const STATE_CHANGING_METHODS: [(&str, &str); 6] = [
     ("Apply", "apply"),
+    ("ApplyFrom", "apply --from"),
     ("Cancel", "cancel"),
     ("Rollback", "rollback"),
     ("MarkGood", "mark-good"),
@@ -214,6 +215,32 @@ impl UpdateInterface {
         .into())
     }
 
+    /// `Apply` and `ApplyFrom` (`method`) for a root caller: start the
+    /// install of `(version, allow_downgrade, reboot)`, from the repository
+    /// copy `from` if given.
+    async fn start_install(
+        &self,
+        method: &str,
+        (version, allow_downgrade, reboot): (&str, bool, bool),
+        from: Option<std::path::PathBuf>,
+        connection: &Connection,
+        header: &Header<'_>,
+    ) -> Result<String, UpdateError> {
+        self.require_root(method, connection, header).await?;
+        let request = ApplyRequest {
+            version: parse_optional_version(version)?,
+            allow_downgrade,
+            reboot,
+            reboot_window: None,
+            from,
+        };
+        let version = self.agent.start_apply(request).await?;
+        Ok(json(&ApplyStarted {
+            started: true,
+            version,
+        }))
+    }
+
     /// Let a check through: always for root, once per
     /// [`NON_ROOT_CHECK_INTERVAL`] for any other user.
     async fn admit_check(
@@ -282,19 +309,9 @@ impl UpdateInterface {
         #[zbus(connection)] connection: &Connection,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<String, UpdateError> {
-        self.require_root("Apply", connection, &header).await?;
-        let request = ApplyRequest {
-            version: parse_optional_version(version)?,
-            allow_downgrade,
-            reboot,
-            reboot_window: None,
-            from: None,
-        };
-        let version = self.agent.start_apply(request).await?;
-        Ok(json(&ApplyStarted {
-            started: true,
-            version,
-        }))
+        let wanted = (version, allow_downgrade, reboot);
+        self.start_install("Apply", wanted, None, connection, &header)
+            .await
     }
 
     /// `Apply` from a copy of the published repository in the directory
@@ -309,19 +326,10 @@ impl UpdateInterface {
         #[zbus(connection)] connection: &Connection,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<String, UpdateError> {
-        self.require_root("ApplyFrom", connection, &header).await?;
-        let request = ApplyRequest {
-            version: parse_optional_version(version)?,
-            allow_downgrade,
-            reboot,
-            reboot_window: None,
-            from: Some(std::path::PathBuf::from(copy)),
-        };
-        let version = self.agent.start_apply(request).await?;
-        Ok(json(&ApplyStarted {
-            started: true,
-            version,
-        }))
+        let wanted = (version, allow_downgrade, reboot);
+        let from = Some(std::path::PathBuf::from(copy));
+        self.start_install("ApplyFrom", wanted, from, connection, &header)
+            .await
     }
 
     /// Undo an install that has not been booted.
