@@ -5,6 +5,7 @@
 
 pub mod boot_state;
 pub mod cmdline;
+pub mod delta;
 pub mod error;
 pub mod gpt;
 pub mod layout;
