@@ -11,7 +11,8 @@
 //! 6. the CA bundle concatenated as update-ca-certificates would;
 //! 7. `ldconfig -r` for native images (Debian's loader searches the multiarch
 //!    directories without a cache, so foreign-arch images skip it);
-//! 8. our binaries, recipe files, k3s, os-release, machine-id, fstab;
+//! 8. our binaries, recipe files, k3s, os-release, machine-id, fstab, then
+//!    `systemd-sysusers --root` again for the users our recipes declare;
 //! 9. every timestamp clamped to SOURCE_DATE_EPOCH.
 
 use std::os::unix::fs::PermissionsExt;
@@ -306,6 +307,10 @@ pub fn compose(
     install_binaries(input, root)?;
     install_k3s(input, root)?;
     write_system_files(input, root)?;
+    // Users our recipes declare (e.g. racklet-update, sshd): in the image,
+    // so that units, D-Bus policies and the ESP's mount name them from the
+    // first boot on.
+    run_sysusers(root, input.source_date_epoch)?;
     enable_units(input, root)?;
     if native_arch() == Some(input.variant.arch) {
         run(Command::new("ldconfig").arg("-X").arg("-r").arg(root))?;
@@ -465,6 +470,13 @@ fn create_users(root: &Path, source_date_epoch: u64) -> Result<()> {
                 .map_err(BuildError::io(root.join(file)))?;
         }
     }
+    run_sysusers(root, source_date_epoch)
+}
+
+/// `systemd-sysusers --root`: the users and groups that `usr/lib/sysusers.d`
+/// declares, added to the image's files (run for Debian's packages, then
+/// again for our recipes' files, so that no user is left for the first boot).
+fn run_sysusers(root: &Path, source_date_epoch: u64) -> Result<()> {
     run(Command::new("systemd-sysusers")
         .arg(format!("--root={}", root.display()))
         .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string()))?;
@@ -630,7 +642,9 @@ fn write_system_files(input: &ComposeInput, root: &Path) -> Result<()> {
          # /var: the data partition. The initramfs mounts it (and the /etc overlay kept\n\
          # on it); systemd formats it if it was wiped and grows it to its partition.\n\
          PARTLABEL=data                   /var          ext4   rw,noatime,x-systemd.makefs,x-systemd.growfs 0 2\n\
-         PARTLABEL=esp                    /efi          vfat   umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60 0 2\n",
+         # The ESP: root's, and writable by the update agent's group (the agent\n\
+         # runs as racklet-update, not root); nobody else may read it.\n\
+         PARTLABEL=esp                    /efi          vfat   uid=0,gid=racklet-update,fmask=0117,dmask=0007,noauto,x-systemd.automount,x-systemd.idle-timeout=60 0 2\n",
         0o644,
     )?;
     // /var/run and /var/lock point into /run, as systemd's tmpfiles.d/var.conf

@@ -197,7 +197,9 @@ pub(crate) fn plan(
         ));
     }
     if let Some(seed) = settings.update.wave_seed {
-        files.push(file(UPDATE_SEED_PATH, format!("{seed}\n"), 0o600));
+        // Readable by all: the agent runs as its own user (racklet-update) and
+        // the file is root's; a wave seed is no secret.
+        files.push(file(UPDATE_SEED_PATH, format!("{seed}\n"), 0o644));
     }
     Plan {
         hostname,

@@ -14,8 +14,10 @@ second check within the minute is rate limited, while root's is not;
 factory-reset` each exit non-zero with the one line that names the command
 and says it needs root, and change nothing. Then, in the agent's own mount
 namespace (through /proc/<its pid>/root), the SSH host key is not there
-while it is on the node. Last, `systemd-analyze security` of both agents'
-units. Call it once per boot: the second call within a minute would find
+while it is on the node. The daemon runs as its own user (racklet-update,
+in the disk group, no capabilities), /efi is its group's, logind refuses it a
+reboot and racklet-update-reboot.path is active. Last, `systemd-analyze
+security` of both agents' units. Call it once per boot: the second call within a minute would find
 nobody's first check rate limited.
 
 Guest tools: setpriv (util-linux), systemctl and systemd-analyze (systemd),
@@ -39,6 +41,8 @@ HOST_KEY = "/var/lib/racklet/ssh/ssh_host_ed25519_key"
 FACTORY_RESET_FLAG = "/efi/racklet/factory-reset"
 # racklet-update-fetch.socket's socket (update-agent/src/fetcher.rs).
 FETCHER_SOCKET = "/run/racklet-update-fetch.sock"
+# The daemon's user (packages/racklet-agents/racklet-update.sysusers).
+AGENT_USER = "racklet-update"
 EXPOSURE = re.compile(r"Overall exposure level for (\S+): ([0-9.]+) ([A-Z]+)")
 # Longest a check may take before the CLI is stopped (`timeout`): on a guest
 # without clock sync the agent refuses at once; a check that went to an
@@ -122,9 +126,32 @@ def check_agent_privileges(vm) -> str:
     check(mode == "0", f"{HOST_KEY.rsplit('/', 1)[0]} in the agent's namespace has mode {mode!r}, "
                        "expected 0 (InaccessiblePaths=)")
 
-    # The fetcher's socket: only root may ask for downloads.
+    # The daemon is not root: its own user, the disk group for the slots, no
+    # capabilities; the ESP is its group's; logind refuses it a reboot (it
+    # asks through racklet-update-reboot.path, which is active).
+    ids = vm.run(f"grep -E '^(Uid|Gid|Groups|CapEff):' /proc/{pid}/status", check=False)[1]
+    fields = dict(re.findall(r"^(\w+):\s*([^\r\n]*)", ids, re.M))
+    agent_uid = vm.run(f"id -u {AGENT_USER}", check=False)[1].strip()
+    disk_gid = vm.run("getent group disk | cut -d: -f3", check=False)[1].strip()
+    check(agent_uid.isdigit() and agent_uid != "0" and fields.get("Uid", "").split()[:1] == [agent_uid],
+          f"the agent runs as uid {fields.get('Uid')!r}, expected {AGENT_USER} ({agent_uid!r}), not root")
+    check(disk_gid in fields.get("Groups", "").split(), f"the agent's groups {fields.get('Groups')!r} lack disk")
+    check(int(fields.get("CapEff", "1"), 16) == 0, f"the agent has capabilities: CapEff {fields.get('CapEff')}")
+    esp = vm.run("ls /efi > /dev/null; stat -c '%a %U %G' /efi", check=False)[1].strip().splitlines()[-1]
+    check(esp == f"770 root {AGENT_USER}", f"/efi: mode, owner, group {esp!r}, expected '770 root {AGENT_USER}'")
+    code, output = vm.run(f"setpriv --reuid={AGENT_USER} --regid={AGENT_USER} --init-groups -- busctl call "
+                          "org.freedesktop.login1 /org/freedesktop/login1 org.freedesktop.login1.Manager "
+                          "Reboot b false", check=False)
+    check(code != 0, f"logind let {AGENT_USER} reboot: exit {code} {output.strip()[:200]}")
+    logind_refusal = output.strip().splitlines()[-1] if output.strip() else f"exit {code}"
+    reboot_path = vm.run("systemctl is-enabled racklet-update-reboot.path; "
+                         "systemctl is-active racklet-update-reboot.path", check=False)[1].split()
+    check(reboot_path[-2:] == ["enabled", "active"], f"racklet-update-reboot.path: {reboot_path}")
+
+    # The fetcher's socket: only the agent's user (and root) may ask for downloads.
     socket = vm.run(f"stat -c '%a %U' {FETCHER_SOCKET}", check=False)[1].strip()
-    check(socket == "600 root", f"{FETCHER_SOCKET}: mode and owner {socket!r}, expected '600 root'")
+    check(socket == f"600 {AGENT_USER}", f"{FETCHER_SOCKET}: mode and owner {socket!r}, "
+                                         f"expected '600 {AGENT_USER}'")
     deny = vm.run("systemctl show -p IPAddressDeny --value racklet-update.service").strip()
     check(deny not in ("", "n/a"), f"racklet-update.service has no IPAddressDeny= (network): {deny!r}")
 
@@ -145,7 +172,9 @@ def check_agent_privileges(vm) -> str:
     return (f"as uid {NOBODY_UID}: status ok, check reached the agent ({first_check}), a second check "
             f"rate limited (try again in {limited.group(1)} s), root's not; apply, cancel, rollback, "
             f"mark-good, mark-bad and racklet-node factory-reset refused (needs root), nothing changed; "
-            f"the agent (pid {pid}) cannot read {HOST_KEY} (mode 0 in its namespace); {FETCHER_SOCKET} 600 root; "
+            f"the agent (pid {pid}) runs as {AGENT_USER} (uid {agent_uid}, groups {fields.get('Groups')}, no "
+            f"capabilities), /efi {esp}, logind refuses it a reboot ({logind_refusal[:120]}); "
+            f"it cannot read {HOST_KEY} (mode 0 in its namespace); {FETCHER_SOCKET} 600 {AGENT_USER}; "
             f"systemd-analyze security: "
             + ", ".join(f"{unit} {score}" for unit, score in scores.items()))
 

@@ -45,6 +45,10 @@ use crate::status::{
 use crate::transition::{self, BootView, CancelPlan, Transition};
 use crate::tuf::{TufClient, TUF_DATASTORE_DIR};
 
+/// Where the agent asks for a reboot (with its reason): the unit's
+/// RuntimeDirectory, which only the agent's user can write; watched by
+/// racklet-update-reboot.path, which runs `systemctl reboot`.
+pub const REBOOT_REQUEST_PATH: &str = "/run/racklet-update/reboot-requested";
 /// systemd-timesyncd touches this once the clock is synchronised.
 pub const TIME_SYNCHRONIZED_MARKER: &str = "/run/systemd/timesync/synchronized";
 /// If this unit is not installed, nothing will ever synchronise the clock, and
@@ -99,7 +103,7 @@ pub struct Paths {
     pub os_release: PathBuf,
     pub config: PathBuf,
     pub config_defaults: PathBuf,
-    /// Tests: write this file instead of asking logind to reboot.
+    /// Tests: write this file instead of [`REBOOT_REQUEST_PATH`].
     pub reboot_marker: Option<PathBuf>,
     /// Where downloads happen (the unprivileged fetcher).
     pub fetcher: FetcherLaunch,
@@ -1083,17 +1087,19 @@ impl Agent {
             .pending_automatic_reboot(Timestamp::now())
     }
 
-    /// Reboot through logind (or, in tests, write the marker file).
+    /// Ask for a reboot: write the reason to [`REBOOT_REQUEST_PATH`] (or, in
+    /// tests, to the marker file), which racklet-update-reboot.path turns
+    /// into `systemctl reboot`. The agent is not root: it has no other way.
     pub async fn reboot(&self, why: &str) -> Result<(), AgentError> {
         tracing::info!(why, "rebooting");
-        if let Some(marker) = &self.paths.reboot_marker {
-            std::fs::write(marker, why).map_err(|source| AgentError::Io {
-                path: marker.clone(),
-                source,
-            })?;
-            return Ok(());
-        }
-        crate::dbus::reboot_via_logind().await
+        let request = self
+            .paths
+            .reboot_marker
+            .as_deref()
+            .unwrap_or(Path::new(REBOOT_REQUEST_PATH));
+        state::atomic_write(request, format!("{why}\n").as_bytes())
+            .map_err(state::StateError::from)?;
+        Ok(())
     }
 
     pub async fn is_busy(&self) -> bool {

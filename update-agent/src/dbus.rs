@@ -1,5 +1,5 @@
 //! The agent's D-Bus API, `org.racklet.Update1` on the system bus, served
-//! with zbus; the CLI's proxy; and reboots through logind. RAUC's API
+//! with zbus; the CLI's proxy; and the CLI's reboots through logind. RAUC's API
 //! (`de.pengutronix.rauc`) is served beside it on the same connection
 //! (`rauc.rs`).
 //!
@@ -578,7 +578,9 @@ pub fn call_error(method: &'static str) -> impl FnOnce(zbus::Error) -> AgentErro
     }
 }
 
-/// Ask logind to reboot (never by killing things).
+/// Ask logind to reboot (never by killing things): the CLI's `mark-bad
+/// --reboot`, with the caller's own rights. The daemon, not root, asks through
+/// its reboot request file instead (`daemon::REBOOT_REQUEST_PATH`).
 pub async fn reboot_via_logind() -> Result<(), AgentError> {
     let connection = Connection::system()
         .await
