@@ -30,6 +30,21 @@ pub const DELTA_INDEX_SCHEMA: u32 = 1;
 /// How many of the newest earlier versions get patches to a new version when
 /// the publisher is not told otherwise.
 pub const DEFAULT_DELTA_SOURCES: usize = 3;
+/// The largest zstd window a patch may ask for (`ZSTD_WINDOWLOG_MAX_64`):
+/// 2 GiB. A decoder must allow at least a patch's `window_log`
+/// (`ZSTD_d_windowLogMax`; zstd's default limit is 27).
+pub const MAX_PATCH_WINDOW_LOG: u32 = 31;
+/// zstd's smallest window (`ZSTD_WINDOWLOG_MIN`).
+pub const MIN_PATCH_WINDOW_LOG: u32 = 10;
+
+/// The window a patch frame needs so that every byte of the result can
+/// reach back to the start of its source: log2 of `source_size +
+/// result_size` rounded up to a power of two, within zstd's limits.
+pub fn patch_window_log(source_size: u64, result_size: u64) -> u32 {
+    let span = source_size.saturating_add(result_size).max(1);
+    let log = u64::BITS - (span - 1).leading_zeros();
+    log.clamp(MIN_PATCH_WINDOW_LOG, MAX_PATCH_WINDOW_LOG)
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DeltaIndexError {
@@ -57,7 +72,9 @@ pub enum DeltaIndexError {
 pub enum PatchFormat {
     /// One zstd frame compressed with the whole source as its prefix
     /// (`zstd --patch-from=SOURCE`): decoded with the source referenced as
-    /// the prefix, it yields the result.
+    /// the prefix (`ZSTD_DCtx_refPrefix`, the zstd crate's `with_ref_prefix`)
+    /// and `ZSTD_d_windowLogMax` at least the patch's `window_log`, it yields
+    /// the result. The frame carries the result's size and a content checksum.
     ZstdPatchFrom,
 }
 
@@ -92,6 +109,11 @@ pub struct Patch {
     /// The bytes the patch yields: the target version's artifact, uncompressed.
     pub result_size: u64,
     pub result_sha256: String,
+    /// The frame's window log (see [`patch_window_log`]): the decoder's
+    /// `ZSTD_d_windowLogMax` must be at least this. A streaming decoder keeps
+    /// up to `min(2^window_log, result_size)` bytes of window unless it
+    /// decodes straight into the (mapped) output.
+    pub window_log: u32,
 }
 
 /// Everything a node running `from_version` needs to reach `to_version`
@@ -227,6 +249,12 @@ impl DeltaIndex {
                         )));
                     }
                 }
+                if !(MIN_PATCH_WINDOW_LOG..=MAX_PATCH_WINDOW_LOG).contains(&patch.window_log) {
+                    return Err(invalid(format!(
+                        "{}: window_log {} is outside {MIN_PATCH_WINDOW_LOG}..={MAX_PATCH_WINDOW_LOG}",
+                        patch.target, patch.window_log
+                    )));
+                }
                 if !kinds.insert(format!("{:?}", patch.kind)) {
                     return Err(invalid(format!("two patches rebuild {:?}", patch.kind)));
                 }
@@ -300,6 +328,7 @@ mod tests {
             source_sha256: digest('b'),
             result_size: 8192,
             result_sha256: digest('c'),
+            window_log: patch_window_log(4096, 8192),
         }
     }
 
@@ -347,6 +376,17 @@ mod tests {
     }
 
     #[test]
+    fn the_window_reaches_the_start_of_the_source() {
+        assert_eq!(patch_window_log(4096, 8192), 14);
+        assert_eq!(patch_window_log(8192, 8192), 14);
+        assert_eq!(patch_window_log(8192, 8193), 15);
+        assert_eq!(patch_window_log(0, 0), MIN_PATCH_WINDOW_LOG);
+        // Two 161 MB roots: 512 MiB.
+        assert_eq!(patch_window_log(161_284_096, 161_288_192), 29);
+        assert_eq!(patch_window_log(u64::MAX, 1), MAX_PATCH_WINDOW_LOG);
+    }
+
+    #[test]
     fn names_are_flat_and_say_what_they_rebuild() {
         assert_eq!(
             patch_target_name("rpi4", &version("2.0.0"), &version("1.1.0"), "root.erofs"),
@@ -370,6 +410,13 @@ mod tests {
         index.deltas[0].from_version = version("3.0.0");
         let error = index.check("deltas.json").unwrap_err().to_string();
         assert!(error.contains("higher version"), "{error}");
+        let mut index = sample();
+        index.deltas[0].patches[0].window_log = 32;
+        let error = index.check("deltas.json").unwrap_err().to_string();
+        assert!(
+            error.contains("window_log 32 is outside 10..=31"),
+            "{error}"
+        );
         let mut index = sample();
         index.deltas[0].patches[1].kind = PatchKind::RootFilesystem;
         let error = index.check("deltas.json").unwrap_err().to_string();
