@@ -9,7 +9,10 @@
 //! 1. mark the inactive slot unbootable (boot control) and give its partitions
 //!    the "empty" PARTUUIDs, so nothing can find a half-written slot;
 //! 2. stream root and verity targets through zstd into the inactive partitions,
-//!    checking length and hashes as they stream;
+//!    checking length and hashes as they stream; or, when the signed delta
+//!    index has a delta from the booted root ([`crate::delta`]), rebuild the
+//!    root from the booted slot's and a small patch and compute the hash tree
+//!    here (any failure of the delta falls back to the full download);
 //! 3. read the root back and recompute its dm-verity root hash;
 //! 4. give the partitions the PARTUUIDs derived from the new root hash;
 //! 5. place the new UKI with one boot try, and record `Installed`.
@@ -17,12 +20,14 @@
 //! After the reboot, `start()` sees the try, runs the health gate, and commits
 //! or marks the slot bad and reboots back. The active slot is never written.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use os_format::delta::{DeltaIndex, DELTA_INDEX_TARGET};
 use os_format::layout::Arch;
 use os_format::manifest::ArtifactKind;
 use os_format::settings::MaintenanceWindow;
@@ -32,6 +37,10 @@ use tokio::sync::{watch, Mutex};
 
 use crate::boot_control::{self, BootControl};
 use crate::config::{Config, CONFIG_PATH, IMAGE_DEFAULTS_PATH};
+use crate::delta::{
+    self, FullReason, FullReasonRecord, IndexLookup, InstallPath, LastInstallPath, PathInput,
+    SignedTarget,
+};
 use crate::error::AgentError;
 use crate::fetcher::{FailureKind, FetchFailure, Fetcher, FetcherLaunch, SignedBytes};
 use crate::install;
@@ -242,6 +251,8 @@ struct Inner {
     boot: Box<dyn BootControl>,
     /// A background apply is running.
     busy: bool,
+    /// The path the last install took (delta or full, and why).
+    last_install: Option<LastInstallPath>,
 }
 
 impl Inner {
@@ -304,6 +315,7 @@ impl Agent {
         let seed = state::load_or_create_seed(&paths.state_dir)?;
         let boot = boot_control::detect(&paths.esp)?;
         let (changes, _) = watch::channel(0);
+        let last_install = LastInstallPath::load(&paths.state_dir);
         Ok(Agent {
             paths,
             booted,
@@ -315,6 +327,7 @@ impl Agent {
                 state_set_aside,
                 boot,
                 busy: false,
+                last_install,
             }),
             progress: Arc::new(Progress::default()),
             changes,
@@ -393,6 +406,7 @@ impl Agent {
             seed: self.seed,
             config_error: inner.config_error.clone(),
             state_set_aside: inner.state_set_aside.clone(),
+            last_install: inner.last_install.clone(),
         })
     }
 
@@ -690,12 +704,19 @@ impl Agent {
         self.progress.cancel.store(false, Ordering::SeqCst);
         self.progress.bytes.store(0, Ordering::SeqCst);
         self.progress.resumed.store(0, Ordering::SeqCst);
-        // Counted as the agent receives them: uncompressed (the fetcher decompresses).
-        let total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
+        // Delta or full: decided from the signed index and what is booted.
+        let chosen = self.choose_install_path(update, repository).await;
+        // Counted as the agent writes them: the rebuilt root for a delta; for a
+        // full install root and hash tree uncompressed (the fetcher decompresses).
+        let full_total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
             .iter()
             .filter_map(|kind| update.target(*kind))
             .map(|target| target.artifact.uncompressed_size)
             .sum();
+        let total = match &chosen {
+            Ok(plan) => plan.root.result_size,
+            Err(_) => full_total,
+        };
         self.progress.total.store(total, Ordering::SeqCst);
         {
             // 1. Nothing may boot the slot while it is written.
@@ -713,6 +734,312 @@ impl Agent {
                 .await,
             )??
         };
+        let full_bytes = delta::full_download_bytes(update, slot);
+        let download = self.paths.state_dir.join(UKI_DOWNLOAD_NAME);
+        // 2.-4. By delta when one applies; any failure of it falls back to
+        // the full download.
+        let full_reason = match chosen {
+            Ok(plan) => {
+                tracing::info!(
+                    version = %update.version,
+                    from = %plan.from_version,
+                    patch_bytes = plan.patch_bytes,
+                    full_bytes = plan.full_bytes,
+                    "installing by delta from {} ({} of {})",
+                    plan.from_version,
+                    delta::megabytes(plan.patch_bytes),
+                    delta::megabytes(plan.full_bytes)
+                );
+                let started = std::time::Instant::now();
+                match self
+                    .install_by_delta(&plan, update, repository, &disk, &partitions, &download)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            seconds = started.elapsed().as_secs_f64(),
+                            "delta applied and verified"
+                        );
+                        self.record_install_path(LastInstallPath {
+                            time: Timestamp::now(),
+                            version: update.version.clone(),
+                            path: InstallPath::Delta,
+                            from_version: Some(plan.from_version.clone()),
+                            downloaded_bytes: plan.patch_bytes,
+                            full_bytes,
+                            reason: None,
+                        })
+                        .await;
+                        None
+                    }
+                    Err(_) if self.progress.cancel.load(Ordering::SeqCst) => {
+                        let _ = std::fs::remove_file(&download);
+                        return Err(AgentError::Cancelled);
+                    }
+                    Err(error) => {
+                        let _ = std::fs::remove_file(&download);
+                        Some((
+                            FullReason::DeltaFailed {
+                                from: plan.from_version.clone(),
+                                message: error.to_string(),
+                            },
+                            plan.patch_bytes,
+                        ))
+                    }
+                }
+            }
+            Err(reason) => Some((reason, 0)),
+        };
+        if let Some((reason, patch_bytes)) = full_reason {
+            tracing::warn!(version = %update.version, reason = %reason, code = reason.code().name(), "installing by full download: {reason}");
+            self.record_install_path(LastInstallPath {
+                time: Timestamp::now(),
+                version: update.version.clone(),
+                path: InstallPath::Full,
+                from_version: None,
+                downloaded_bytes: full_bytes + patch_bytes,
+                full_bytes,
+                reason: Some(FullReasonRecord {
+                    code: reason.code(),
+                    message: reason.to_string(),
+                }),
+            })
+            .await;
+            if patch_bytes > 0 {
+                // A failed delta: start the slot over, counted as a full install.
+                self.progress.bytes.store(0, Ordering::SeqCst);
+                self.progress.total.store(full_total, Ordering::SeqCst);
+                let mut inner = self.inner.lock().await;
+                let step =
+                    transition::begin_install(&inner.state, slot, &update.version, full_total);
+                self.carry_out(&mut inner, step)?;
+            }
+            self.install_full(update, fetcher, repository, &disk, &partitions, &download)
+                .await?;
+        }
+        // 5. Only a verified slot gets the PARTUUIDs the initramfs looks for; then its UKI is placed with one try.
+        let hash = root_hash_from_hex(&update.verity.root_hash)
+            .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
+        {
+            let disk = disk.clone();
+            AgentError::joined(
+                "the relabel task",
+                tokio::task::spawn_blocking(move || {
+                    slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
+                })
+                .await,
+            )??;
+        }
+        let mut inner = self.inner.lock().await;
+        if self.progress.cancel.load(Ordering::SeqCst) {
+            return Err(AgentError::Cancelled);
+        }
+        let step = transition::finish_install(
+            &inner.state,
+            slot,
+            &update.version,
+            &update.verity.root_hash,
+            full_total,
+            download.clone(),
+        );
+        self.carry_out(&mut inner, step)?;
+        let _ = std::fs::remove_file(&download);
+        tracing::info!(version = %update.version, %slot, "installed; the next boot tries it once");
+        Ok(())
+    }
+
+    /// Keep the path the install took (status, metrics) in memory and in
+    /// the state directory (failures are logged: they never stop an install).
+    async fn record_install_path(&self, record: LastInstallPath) {
+        if let Err(error) = record.store(&self.paths.state_dir) {
+            tracing::warn!(%error, "cannot record the install's path");
+        }
+        self.inner.lock().await.last_install = Some(record);
+        self.announce();
+    }
+
+    /// Delta or full, and why (see [`delta::choose_path`]): the signed delta
+    /// index (an absent target is no delta, not an error) and the signed
+    /// length and sha256 of the patches of the delta for the booted root.
+    async fn choose_install_path(
+        &self,
+        update: &Update,
+        repository: &crate::tuf::LoadedRepository,
+    ) -> Result<delta::DeltaPlan, FullReason> {
+        let index = self.fetch_delta_index(repository).await;
+        let mut signed = BTreeMap::new();
+        if let IndexLookup::Listed(index) = &index {
+            let found = index.find(
+                &self.booted.variant,
+                self.booted.arch,
+                &update.version,
+                &self.booted.verity_root_hash,
+            );
+            for patch in found.map(|delta| delta.patches.as_slice()).unwrap_or(&[]) {
+                match repository.find_target(&patch.target).await {
+                    Ok(Some(info)) => {
+                        signed.insert(
+                            patch.target.clone(),
+                            SignedTarget {
+                                length: info.length,
+                                sha256: info.sha256,
+                            },
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(target = %patch.target, %error, "cannot look the patch up in the signed targets")
+                    }
+                }
+            }
+        }
+        delta::choose_path(&PathInput {
+            index: &index,
+            variant: &self.booted.variant,
+            arch: self.booted.arch,
+            booted_slot: self.booted.slot,
+            booted_version: &self.booted.version,
+            booted_root_hash: &self.booted.verity_root_hash,
+            update,
+            signed: &signed,
+            max_patch_bytes: delta::MAX_PATCH_BYTES,
+        })
+    }
+
+    /// The signed `deltas.json`, if the repository publishes one.
+    async fn fetch_delta_index(&self, repository: &crate::tuf::LoadedRepository) -> IndexLookup {
+        let info = match repository.find_target(DELTA_INDEX_TARGET).await {
+            Ok(Some(info)) => info,
+            Ok(None) => return IndexLookup::Absent,
+            Err(error) => return IndexLookup::Unusable(error.to_string()),
+        };
+        if info.length > delta::MAX_DELTA_INDEX_BYTES {
+            return IndexLookup::Unusable(format!(
+                "{DELTA_INDEX_TARGET} is {} bytes, more than the {} bytes read",
+                info.length,
+                delta::MAX_DELTA_INDEX_BYTES
+            ));
+        }
+        let bytes = match read_signed_target(repository, DELTA_INDEX_TARGET, info.length).await {
+            Ok(bytes) => bytes,
+            Err(error) => return IndexLookup::Unusable(error.to_string()),
+        };
+        match DeltaIndex::from_json(DELTA_INDEX_TARGET, &bytes) {
+            Ok(index) => IndexLookup::Listed(index),
+            Err(error) => IndexLookup::Unusable(error.to_string()),
+        }
+    }
+
+    /// Steps 2-4 by delta: both patches fetched raw (the fetcher, checked by
+    /// tough against the signed targets as they stream, then against the
+    /// index before decoding), the UKI rebuilt from the booted slot's into
+    /// `download`, the root rebuilt into the inactive slot with its hash tree
+    /// computed here, then the same read-back check as a full install.
+    async fn install_by_delta(
+        &self,
+        plan: &delta::DeltaPlan,
+        update: &Update,
+        repository: &crate::tuf::LoadedRepository,
+        disk: &Path,
+        partitions: &SlotPartitions,
+        download: &Path,
+    ) -> Result<(), AgentError> {
+        let slot = partitions.slot;
+        let mut patches = Vec::new();
+        for patch in [&plan.root, &plan.kernel_image] {
+            let bytes = read_signed_target(repository, &patch.target, patch.size).await?;
+            delta::check_patch_bytes(patch, &bytes)?;
+            patches.push(bytes);
+        }
+        let kernel_image_bytes = patches.pop().expect("two patches");
+        let root_bytes = patches.pop().expect("two patches");
+        {
+            let esp = self.paths.esp.clone();
+            let booted_slot = self.booted.slot;
+            let patch = plan.kernel_image.clone();
+            let download = download.to_path_buf();
+            AgentError::joined(
+                "the UKI patch task",
+                tokio::task::spawn_blocking(move || {
+                    delta::rebuild_kernel_image(
+                        &esp,
+                        booted_slot,
+                        &patch,
+                        &kernel_image_bytes,
+                        &download,
+                    )
+                })
+                .await,
+            )??;
+        }
+        {
+            let disk = disk.to_path_buf();
+            let booted = SlotPartitions::locate(&disk, self.booted.slot)?;
+            let inactive = partitions.clone();
+            let patch = plan.root.clone();
+            let verity = update.verity.clone();
+            let progress = Arc::clone(&self.progress);
+            AgentError::joined(
+                "the root patch task",
+                tokio::task::spawn_blocking(move || {
+                    delta::rebuild_root(
+                        &disk,
+                        &booted,
+                        &inactive,
+                        &patch,
+                        &root_bytes,
+                        &verity,
+                        &mut |bytes| progress.bytes.store(bytes, Ordering::Relaxed),
+                        &|| progress.cancel.load(Ordering::Relaxed),
+                    )
+                })
+                .await,
+            )??;
+        }
+        self.announce();
+        self.verify_written_slot(update, disk, partitions).await?;
+        tracing::info!(%slot, "slot rebuilt from the delta and read back");
+        Ok(())
+    }
+
+    /// Step 3: read the written slot back and recompute its dm-verity root hash.
+    async fn verify_written_slot(
+        &self,
+        update: &Update,
+        disk: &Path,
+        partitions: &SlotPartitions,
+    ) -> Result<(), AgentError> {
+        {
+            let mut inner = self.inner.lock().await;
+            let step = transition::verify_install(&inner.state, partitions.slot, &update.version);
+            self.carry_out(&mut inner, step)?;
+        }
+        let disk = disk.to_path_buf();
+        let partitions: SlotPartitions = partitions.clone();
+        let verity = update.verity.clone();
+        AgentError::joined(
+            "the verify task",
+            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                let file = install::open_disk_for_writing(&disk)?;
+                install::verify_slot(&file, &partitions, &verity)?;
+                Ok(())
+            })
+            .await,
+        )?
+    }
+
+    /// Steps 2-4 by full download: root and hash tree streamed into the
+    /// partitions, read back, and the UKI downloaded to `download`.
+    async fn install_full(
+        &self,
+        update: &Update,
+        fetcher: &Fetcher,
+        repository: &crate::tuf::LoadedRepository,
+        disk: &Path,
+        partitions: &SlotPartitions,
+        download: &Path,
+    ) -> Result<(), AgentError> {
+        let slot = partitions.slot;
         // 2. Stream root and verity into the partitions.
         let mut written_before = 0;
         for kind in [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree] {
@@ -728,7 +1055,7 @@ impl Agent {
                     &target.target,
                     &target.artifact,
                 )?;
-                let disk = disk.clone();
+                let disk = disk.to_path_buf();
                 let partitions = partitions.clone();
                 let progress = Arc::clone(&self.progress);
                 let base = written_before;
@@ -775,25 +1102,7 @@ impl Agent {
             self.announce();
         }
         // 3. Read back and recompute the dm-verity root hash.
-        {
-            let mut inner = self.inner.lock().await;
-            let step = transition::verify_install(&inner.state, slot, &update.version);
-            self.carry_out(&mut inner, step)?;
-        }
-        {
-            let disk = disk.clone();
-            let partitions: SlotPartitions = partitions.clone();
-            let verity = update.verity.clone();
-            AgentError::joined(
-                "the verify task",
-                tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
-                    let file = install::open_disk_for_writing(&disk)?;
-                    install::verify_slot(&file, &partitions, &verity)?;
-                    Ok(())
-                })
-                .await,
-            )??;
-        }
+        self.verify_written_slot(update, disk, partitions).await?;
         // 4. The UKI, downloaded and checked before anything marks the slot as holding a root.
         let uki_target = update
             .target(ArtifactKind::KernelImage { slot })
@@ -801,51 +1110,14 @@ impl Agent {
                 what: format!("update {}", update.version),
                 message: format!("no kernel image for slot {slot}"),
             })?;
-        let download = self.paths.state_dir.join(UKI_DOWNLOAD_NAME);
-        {
-            let reader = repository.target_reader(&uki_target.target)?;
-            let artifact = uki_target.artifact.clone();
-            let download = download.clone();
-            AgentError::joined(
-                "the download task",
-                tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
-                    .await,
-            )??;
-        }
-        // 5. Only a verified slot gets the PARTUUIDs the initramfs looks for; then its UKI is placed with one try.
-        let hash = root_hash_from_hex(&update.verity.root_hash)
-            .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
-        {
-            let disk = disk.clone();
-            AgentError::joined(
-                "the relabel task",
-                tokio::task::spawn_blocking(move || {
-                    slots::set_slot_partition_uuids(&disk, slot, Some(&hash))
-                })
+        let reader = repository.target_reader(&uki_target.target)?;
+        let artifact = uki_target.artifact.clone();
+        let download = download.to_path_buf();
+        AgentError::joined(
+            "the download task",
+            tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
                 .await,
-            )??;
-        }
-        let mut inner = self.inner.lock().await;
-        if self.progress.cancel.load(Ordering::SeqCst) {
-            return Err(AgentError::Cancelled);
-        }
-        let written_bytes = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
-            .iter()
-            .filter_map(|kind| update.target(*kind))
-            .map(|target| target.artifact.uncompressed_size)
-            .sum::<u64>();
-        let step = transition::finish_install(
-            &inner.state,
-            slot,
-            &update.version,
-            &update.verity.root_hash,
-            written_bytes,
-            download.clone(),
-        );
-        self.carry_out(&mut inner, step)?;
-        let _ = std::fs::remove_file(&download);
-        tracing::info!(version = %update.version, %slot, "installed; the next boot tries it once");
-        Ok(())
+        )?
     }
 
     async fn finish_install(
@@ -1105,6 +1377,36 @@ impl Agent {
     pub async fn is_busy(&self) -> bool {
         self.inner.lock().await.busy
     }
+}
+
+/// A signed target's bytes (at most `limit`), read raw through the
+/// repository's transport (the fetcher) and checked by tough against the
+/// signed targets metadata (length, hashes) before they are returned.
+async fn read_signed_target(
+    repository: &crate::tuf::LoadedRepository,
+    name: &str,
+    limit: u64,
+) -> Result<Vec<u8>, AgentError> {
+    let reader = repository.target_reader(name)?;
+    let io_error = |source| AgentError::Io {
+        path: PathBuf::from(name),
+        source,
+    };
+    AgentError::joined(
+        "the target reader",
+        tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            reader.take(limit + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > limit {
+                return Err(std::io::Error::other(format!(
+                    "longer than the {limit} bytes expected"
+                )));
+            }
+            Ok(bytes)
+        })
+        .await,
+    )?
+    .map_err(io_error)
 }
 
 /// A reader that stops with an error once cancel is requested.

@@ -40,6 +40,9 @@ pub enum AgentError {
     Install(#[from] crate::install::InstallError),
     #[error(transparent)]
     Tuf(#[from] crate::tuf::TufError),
+    /// Applying a delta failed (the install then downloads the full image).
+    #[error(transparent)]
+    Delta(#[from] crate::delta::DeltaError),
     #[error("D-Bus: {context}: {source}")]
     DBus {
         context: String,

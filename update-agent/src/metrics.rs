@@ -58,6 +58,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::boot_control::SlotBootState;
 use crate::daemon::Agent;
+use crate::delta::{InstallPath, LastInstallPath};
 use crate::state::{atomic_write, AgentState, AtomicWriteError, Operation, SlotState};
 use crate::status::Booted;
 use crate::status::BootedStatus;
@@ -118,6 +119,9 @@ pub struct MetricsSnapshot {
     /// Bytes written into slots since the agent started (a counter the daemon
     /// keeps); `None` leaves out `racklet_update_written_bytes_total`.
     pub written_bytes_total: Option<u64>,
+    /// The path the last install took (delta or full, and why); `None`
+    /// leaves out the `last_install_*` metrics.
+    pub last_install: Option<LastInstallPath>,
 }
 
 /// OpenMetrics 1.0 text (ends with `# EOF`). Pure.
@@ -446,6 +450,61 @@ fn families(snapshot: &MetricsSnapshot) -> Vec<Family> {
             .sample(&[], Value::Int(written_total)),
         );
     }
+    if let Some(install) = &snapshot.last_install {
+        let reason = install
+            .reason
+            .as_ref()
+            .map_or("none", |reason| reason.code.name());
+        let from = install
+            .from_version
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        families.push(
+            Family::new(
+                "last_install_path",
+                Kind::Gauge,
+                "How the last install got its bytes: 1 for its path (delta or full, with the \
+                 reason for a full one and the version a delta started from), 0 for the other.",
+            )
+            .flag(
+                &[
+                    ("path", "delta"),
+                    ("version", &install.version.to_string()),
+                    ("from_version", &from),
+                    ("reason", reason),
+                ],
+                install.path == InstallPath::Delta,
+            )
+            .flag(
+                &[
+                    ("path", "full"),
+                    ("version", &install.version.to_string()),
+                    ("from_version", &from),
+                    ("reason", reason),
+                ],
+                install.path == InstallPath::Full,
+            ),
+        );
+        families.push(
+            Family::new(
+                "last_install_downloaded_bytes",
+                Kind::Gauge,
+                "Bytes the last install downloaded for root, hash tree and UKI (patches or full).",
+            )
+            .unit("bytes")
+            .sample(&[], Value::Int(install.downloaded_bytes)),
+        );
+        families.push(
+            Family::new(
+                "last_install_full_bytes",
+                Kind::Gauge,
+                "Bytes the full download of the last installed version is.",
+            )
+            .unit("bytes")
+            .sample(&[], Value::Int(install.full_bytes)),
+        );
+    }
     if let Some(error) = &state.last_error {
         families.push(
             Family::new(
@@ -576,6 +635,7 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
                 booted,
                 boot_slots,
                 written_bytes_total,
+                last_install: report.last_install,
             }
         }
         Err(error) => {
@@ -589,6 +649,7 @@ pub async fn agent_snapshot(agent: &Agent) -> MetricsSnapshot {
                 booted,
                 boot_slots: None,
                 written_bytes_total: None,
+                last_install: LastInstallPath::load(&agent.paths.state_dir),
             }
         }
     }
@@ -801,11 +862,48 @@ mod tests {
                 (Slot::B, SlotBootState::Trying { tries_left: 1 }),
             ]),
             written_bytes_total: Some(2_000_000),
+            last_install: Some(LastInstallPath {
+                time: time("2026-11-30T09:00:00Z"),
+                version: parse_version("1.2.0").unwrap(),
+                path: InstallPath::Delta,
+                from_version: Some(parse_version("1.1.0").unwrap()),
+                downloaded_bytes: 3_100_000,
+                full_bytes: 70_000_000,
+                reason: None,
+            }),
         }
     }
 
     fn lines(text: &str) -> Vec<&str> {
         text.lines().collect()
+    }
+
+    #[test]
+    fn the_last_install_path_is_a_labelled_flag_with_its_bytes() {
+        let text = render_prometheus_text(&busy_snapshot());
+        for expected in [
+            "racklet_update_last_install_path{path=\"delta\",version=\"1.2.0\",from_version=\"1.1.0\",reason=\"none\"} 1",
+            "racklet_update_last_install_path{path=\"full\",version=\"1.2.0\",from_version=\"1.1.0\",reason=\"none\"} 0",
+            "racklet_update_last_install_downloaded_bytes 3100000",
+            "racklet_update_last_install_full_bytes 70000000",
+        ] {
+            assert!(text.lines().any(|line| line == expected), "{expected} in\n{text}");
+        }
+        let mut snapshot = busy_snapshot();
+        let install = snapshot.last_install.as_mut().unwrap();
+        install.path = InstallPath::Full;
+        install.from_version = None;
+        install.reason = Some(crate::delta::FullReasonRecord {
+            code: crate::delta::FullReasonCode::DeltaFailed,
+            message: "the delta from 1.1.0 failed: patch x: sha256 mismatch".into(),
+        });
+        let text = render_openmetrics(&snapshot);
+        assert!(
+            text.contains("racklet_update_last_install_path{path=\"full\",version=\"1.2.0\",from_version=\"\",reason=\"delta-failed\"} 1"),
+            "{text}"
+        );
+        let fresh = MetricsSnapshot::default();
+        assert!(!render_openmetrics(&fresh).contains("last_install"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use os_format::update_manifest::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::boot_control::SlotBootState;
+use crate::delta::LastInstallPath;
 use crate::error::AgentError;
 use crate::state::{AgentState, SlotState, StateSetAside};
 
@@ -59,6 +60,11 @@ pub struct StatusReport {
     /// The state file this agent found unusable at its start, and where it
     /// went; `None` when it read its state.
     pub state_set_aside: Option<StateSetAside>,
+    /// The path the last install took: by delta (from which version, how
+    /// many bytes of the full download) or full (why); `None`: no install
+    /// since the agent kept this record.
+    #[serde(default)]
+    pub last_install: Option<LastInstallPath>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +183,15 @@ pub fn render_status(report: &StatusReport) -> String {
                 let _ = writeln!(text, " (resumed {times} times)");
             }
         }
+    }
+    if let Some(install) = &report.last_install {
+        let _ = writeln!(
+            text,
+            "install:     {} at {}: {}",
+            install.version,
+            install.time,
+            install.summary()
+        );
     }
     match &state.last_check {
         Some(check) => {

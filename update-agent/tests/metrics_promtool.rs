@@ -20,6 +20,7 @@ use jiff::Timestamp;
 use os_format::layout::Slot;
 use os_format::update_manifest::parse_version;
 use update_agent::boot_control::SlotBootState;
+use update_agent::delta::{FullReasonCode, FullReasonRecord, InstallPath, LastInstallPath};
 use update_agent::metrics::{
     render_openmetrics, render_prometheus_text, write_textfile, BootedInfo, MetricsSnapshot,
 };
@@ -81,6 +82,7 @@ fn busy_snapshot() -> MetricsSnapshot {
             (Slot::B, SlotBootState::Trying { tries_left: 1 }),
         ]),
         written_bytes_total: Some(9_876_543_210),
+        last_install: None,
     }
 }
 
@@ -113,6 +115,18 @@ fn trying_snapshot() -> MetricsSnapshot {
             (Slot::B, SlotBootState::Trying { tries_left: 0 }),
         ]),
         written_bytes_total: None,
+        last_install: Some(LastInstallPath {
+            time: time("2026-12-02T09:00:00Z"),
+            version: parse_version("1.3.0").unwrap(),
+            path: InstallPath::Full,
+            from_version: None,
+            downloaded_bytes: 73_000_000,
+            full_bytes: 70_000_000,
+            reason: Some(FullReasonRecord {
+                code: FullReasonCode::DeltaFailed,
+                message: "the delta from 1.2.0 failed".into(),
+            }),
+        }),
     }
 }
 
