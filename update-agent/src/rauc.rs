@@ -807,6 +807,7 @@ mod tests {
             config_error: None,
             automatic_reboot_at: None,
             state_set_aside: None,
+            last_install: None,
         }
     }
 
