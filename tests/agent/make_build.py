@@ -6,6 +6,13 @@ a real dm-verity tree: the root file system is random data (a multiple of
 block 0, tree from block 1, sha256, 4096-byte blocks, a 32-byte salt), both
 zstd-compressed. The UKIs are random bytes.
 
+A build made `from_build` another one (make_build's `base`) keeps the
+base's root and UKIs but for a few changed blocks and bytes, as a small
+update would: what a delta patch rebuilds on the node. The hash device's
+UUID follows the image builder's rule (image-builder/src/build/stages.rs:
+derived from "racklet-verity" and the root's sha256), so a hash tree the
+agent computes on the node is byte for byte the published one.
+
 Usage: make_build.py DIR VERSION [ROOT_BYTES] [VARIANT]
 Prints the manifest's verity section as JSON on stdout.
 """
@@ -29,7 +36,21 @@ def zstd(data: bytes) -> bytes:
     ).stdout
 
 
-def verity_format(root_path: str, hash_path: str, salt: str) -> str:
+def hash_device_uuid(root: bytes) -> str:
+    """The image builder's verity superblock UUID for a root: Guid::derive
+    (sha256's first 16 bytes, RFC 4122 version 4 and variant bits) of the
+    length-prefixed parts "racklet-verity" and the root's sha256."""
+    seed = b""
+    for part in (b"racklet-verity", hashlib.sha256(root).digest()):
+        seed += len(part).to_bytes(8, "little") + part
+    raw = bytearray(hashlib.sha256(seed).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def verity_format(root_path: str, hash_path: str, salt: str, uuid: str) -> str:
     """`veritysetup format`; returns the root hash (hex)."""
     if os.path.exists(hash_path):
         os.unlink(hash_path)
@@ -38,7 +59,7 @@ def verity_format(root_path: str, hash_path: str, salt: str) -> str:
             "veritysetup", "format",
             "--hash=sha256", "--data-block-size=4096", "--hash-block-size=4096",
             "--format=1", f"--salt={salt}",
-            "--uuid=00000000-0000-4000-8000-000000000001",
+            f"--uuid={uuid}",
             root_path, hash_path,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True,
@@ -64,25 +85,52 @@ def artifact(name, kind, compression, shipped, uncompressed):
     return entry
 
 
+def changed(data: bytes, version: str, blocks: int) -> bytes:
+    """`data` with `blocks` 4096-byte blocks spread over it overwritten."""
+    out = bytearray(data)
+    for index in range(blocks):
+        at = (index * 7919 + 1) * 4096 % max(len(out) - 4096, 1)
+        at -= at % 4096
+        out[at:at + 4096] = os.urandom(4096)
+    marker = f" {version} ".encode()
+    out[17:17 + len(marker)] = marker
+    return bytes(out)
+
+
 def make_build(directory: str, version: str, root_bytes: int = 4 << 20,
-               variant: str = "qemu-x86_64") -> dict:
+               variant: str = "qemu-x86_64", base: str = None) -> dict:
+    """`base`: the directory of a build this one changes a little (see the
+    module documentation); its root size is kept."""
     if root_bytes <= 0 or root_bytes % 4096:
         raise ValueError("ROOT_BYTES must be a positive multiple of 4096")
     update = os.path.join(directory, "update")
     raw = os.path.join(directory, "raw")
     os.makedirs(update, exist_ok=True)
     os.makedirs(raw, exist_ok=True)
-    root = os.urandom(root_bytes)
+    if base is not None:
+        def read_base(name):
+            with open(os.path.join(base, "raw", name), "rb") as source:
+                return source.read()
+        root = changed(read_base("root.img"), version, 8)
+        base_uki_a, base_uki_b = read_base("uki-a.efi"), read_base("uki-b.efi")
+    else:
+        root = os.urandom(root_bytes)
     root_path = os.path.join(raw, "root.img")
     hash_path = os.path.join(raw, "verity.img")
     with open(root_path, "wb") as out:
         out.write(root)
     salt = os.urandom(32).hex()
-    root_hash = verity_format(root_path, hash_path, salt)
+    root_hash = verity_format(root_path, hash_path, salt, hash_device_uuid(root))
     with open(hash_path, "rb") as source:
         verity = source.read()
-    uki_a = b"MZ racklet uki a " + version.encode() + b" " + os.urandom(8192)
-    uki_b = b"MZ racklet uki b " + version.encode() + b" " + os.urandom(8192)
+    if base is not None:
+        # Each slot's UKI is the base's with its version changed.
+        uki_a, uki_b = changed(base_uki_a, version, 0), changed(base_uki_b, version, 0)
+    else:
+        # The two slots' UKIs differ in their command line only (the slot).
+        body = b" " + os.urandom(64 << 10)
+        uki_a = b"MZ racklet uki a " + version.encode() + body
+        uki_b = b"MZ racklet uki b " + version.encode() + body
     for name, data in (("uki-a.efi", uki_a), ("uki-b.efi", uki_b)):
         with open(os.path.join(raw, name), "wb") as out:
             out.write(data)

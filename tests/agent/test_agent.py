@@ -64,6 +64,8 @@ from harness import (  # noqa: E402
 UPDATE = os.environ.get("RACKLET_UPDATE", os.path.join(TOP, "target", "debug", "racklet-update"))
 IMAGE = os.environ.get("RACKLET_IMAGE", os.path.join(TOP, "target", "debug", "racklet-image"))
 VARIANT = "qemu-x86_64"
+# The version built as a small change of 1.0.0 (see Suite.setup).
+DELTA_VERSION = "2.0.0"
 MIB = 1 << 20
 SECTOR = 512
 # Uncompressed root of every synthetic build: more than one of the agent's
@@ -515,6 +517,12 @@ class Suite:
             directory = os.path.join(self.tmp, "builds", version)
             manifest = make_build.make_build(directory, version, ROOT_BYTES, VARIANT)
             self.builds[version] = Build(directory, manifest)
+        # A small update of 1.0.0 (a few blocks of its root, the version in
+        # its UKIs): what the publisher's delta patches rebuild on the node.
+        directory = os.path.join(self.tmp, "builds", DELTA_VERSION)
+        manifest = make_build.make_build(directory, DELTA_VERSION, ROOT_BYTES, VARIANT,
+                                         base=self.builds["1.0.0"].directory)
+        self.builds[DELTA_VERSION] = Build(directory, manifest)
         # A private bus, configured like the session bus.
         bus_dir = os.path.join(self.tmp, "bus")
         os.makedirs(bus_dir)
@@ -2461,6 +2469,140 @@ def rauc_cli_status_marks_and_install(suite, node_name):
 
 
 # --- runner ------------------------------------------------------------------------
+
+
+# --- delta installs (issue 16) ----------------------------------------------------
+
+
+def patch_path(node, new, source, artifact):
+    """The published patch that rebuilds `artifact` of `new` from `source`."""
+    return node.target_path(new, f"from-{source.version}-{artifact}.zst-patch")
+
+
+def last_install(node):
+    record = node.status().get("last_install")
+    check(record is not None, "status has no last_install after an install")
+    return record
+
+
+def delta_log_lines(node):
+    with open(node.log) as source:
+        return [ANSI.sub("", line) for line in source if "delta" in line or "full download" in line]
+
+
+@boot_loader_case
+def delta_from_the_booted_version_installs_and_commits(suite, node_name, boot_loader):
+    """1.0.0 runs; 2.0.0 is published with patches from 1.0.0: the agent
+    downloads the two patches, rebuilds root and UKI from slot A, computes
+    the hash tree, and 2.0.0 installs, boots and commits."""
+    node = standard_node(suite, node_name, versions=("1.0.0", DELTA_VERSION), boot_loader=boot_loader)
+    old, new = suite.builds["1.0.0"], suite.builds[DELTA_VERSION]
+    try:
+        root_patch = patch_path(node, new, old, "root.erofs")
+        uki_patch = patch_path(node, new, old, "uki-b.efi")
+        patch_bytes = os.path.getsize(root_patch) + os.path.getsize(uki_patch)
+        full_bytes = sum(os.path.getsize(node.target_path(new, name))
+                         for name in ("root.erofs.zst", "verity.img.zst", "uki-b.efi.zst"))
+        check(patch_bytes * 20 < full_bytes, f"patches {patch_bytes} bytes vs full {full_bytes}: not a small delta")
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["path"], "delta", f"last_install path ({record})")
+        check_equal(record["from_version"], "1.0.0", "last_install from_version")
+        check_equal(record["version"], DELTA_VERSION, "last_install version")
+        check_equal(record["downloaded_bytes"], patch_bytes, "last_install downloaded_bytes")
+        check_equal(record["full_bytes"], full_bytes, "last_install full_bytes")
+        human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+        check(re.search(r"^install: +2\.0\.0 at \S+: delta from 1\.0\.0 \(\d+\.\d kB of \d+\.\d MB\)$", human, re.M),
+              f"status (human) should say the delta:\n{human}")
+        logged = "".join(delta_log_lines(node))
+        check_in("installing by delta from 1.0.0", logged, "daemon log")
+        check_in("delta applied and verified", logged, "daemon log")
+        check("full download" not in logged, f"the log mentions a full download:\n{logged}")
+        node.reboot_into("b", new)
+        node.add_check("10-ok.sh", "echo all good; exit 0")
+        node.start()
+
+        def committed():
+            status = node.status()
+            return status["state"]["slots"]["b"]["state"] == "good" and status
+        status = wait_until(committed, 20, "the health gate to commit slot b")
+        check_equal(status["booted"]["version"], DELTA_VERSION, "booted version after the reboot")
+        check_equal(status["last_install"]["path"], "delta", "last_install after the reboot")
+    finally:
+        node.close()
+
+
+@case
+def tampered_patch_falls_back_to_full_and_installs(suite, node_name):
+    """The root patch on the server is not the signed one: refused before
+    decoding, and 2.0.0 still installs by the full download."""
+    node = standard_node(suite, node_name, versions=("1.0.0", DELTA_VERSION), start=False)
+    old, new = suite.builds["1.0.0"], suite.builds[DELTA_VERSION]
+    try:
+        path = patch_path(node, new, old, "root.erofs")
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0x01
+        with open(path + ".tmp", "wb") as out:
+            out.write(data)
+        os.replace(path + ".tmp", path)
+        node.start()
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["path"], "full", f"last_install path ({record})")
+        check_equal(record["reason"]["code"], "delta-failed", "reason code")
+        check_in(os.path.basename(path).split(".", 1)[1], record["reason"]["message"], "reason names the patch")
+        check_in("sha", record["reason"]["message"], "reason says the hash")
+        check(record["downloaded_bytes"] > record["full_bytes"], f"downloaded bytes count the patches too: {record}")
+        check(node.status()["state"]["last_error"] is None, "last_error after the fallback install")
+        check_in("installing by full download", "".join(delta_log_lines(node)), "daemon log")
+    finally:
+        node.close()
+
+
+@case
+def booted_slot_not_a_delta_source_falls_back_to_full(suite, node_name):
+    """2.0.0's only delta starts from 1.1.0 while the node runs 1.0.0: no
+    delta for this root, so the full download, and 2.0.0 installs."""
+    node = Node(suite, node_name)
+    new = suite.builds[DELTA_VERSION]
+    try:
+        node.publish("1.1.0")
+        node.publish(DELTA_VERSION)
+        node.start()
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["path"], "full", f"last_install path ({record})")
+        check_equal(record["reason"]["code"], "no-delta-for-this-root", "reason code")
+        check_in("no delta from this slot's version (1.0.0", record["reason"]["message"], "reason")
+        check_equal(record["downloaded_bytes"], record["full_bytes"], "downloaded bytes")
+        human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
+        check_in("full: no delta from this slot's version", human, "status (human)")
+    finally:
+        node.close()
+
+
+@case
+def booted_uki_changed_falls_back_to_full(suite, node_name):
+    """Slot A's UKI on the ESP is not the one 2.0.0's UKI patch starts from
+    (its root still is): the source check refuses it, the full download
+    installs 2.0.0, and slot A's files stay as they were."""
+    node = standard_node(suite, node_name, versions=("1.0.0", DELTA_VERSION), start=False)
+    new = suite.builds[DELTA_VERSION]
+    try:
+        with open(node.esp_file("racklet-a.efi"), "ab") as out:
+            out.write(b"appended by a test")
+        node.uki_a_sha = sha256_file(node.esp_file("racklet-a.efi"))
+        node.start()
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["reason"]["code"], "delta-failed", f"reason code ({record})")
+        check_in("UKI", record["reason"]["message"], "reason")
+    finally:
+        node.close()
 
 
 def main(argv):

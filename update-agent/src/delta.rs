@@ -408,9 +408,14 @@ impl LastInstallPath {
     }
 }
 
-/// `3.1 MB` (decimal megabytes, one decimal).
+/// `3.1 MB`, `34.2 kB`, `512 bytes` (decimal units, one decimal).
 pub fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
+    match bytes {
+        0..1_000 => format!("{bytes} bytes"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
+        _ => format!("{:.1} GB", bytes as f64 / 1e9),
+    }
 }
 
 /// Everything that can go wrong applying a delta (each makes the install a
@@ -1222,6 +1227,9 @@ mod tests {
             reason: None,
         };
         assert_eq!(record.summary(), "delta from 1.0.0 (3.1 MB of 70.0 MB)");
+        assert_eq!(megabytes(34_159), "34.2 kB");
+        assert_eq!(megabytes(36), "36 bytes");
+        assert_eq!(megabytes(2_500_000_000), "2.5 GB");
         record.path = InstallPath::Full;
         record.reason = Some(FullReasonRecord {
             code: FullReasonCode::NoDeltaForThisRoot,
