@@ -112,6 +112,14 @@ pub enum Command {
         replace: bool,
         #[command(flatten)]
         expiries: ExpiryArgs,
+        /// Publish delta patches to this version from the N newest earlier versions
+        /// of the variant whose targets the repository holds (0: no deltas).
+        #[arg(long, value_name = "N", default_value_t = os_format::delta::DEFAULT_DELTA_SOURCES)]
+        delta_sources: usize,
+        /// zstd level of the delta patches (1-19; higher is slower, a few % smaller).
+        #[arg(long, value_name = "LEVEL", default_value_t = crate::repo::delta::DEFAULT_PATCH_LEVEL,
+              value_parser = clap::value_parser!(i32).range(1..=19))]
+        delta_level: i32,
     },
     /// Write a disk image to a card (a whole-disk block device) with progress,
     /// then read it back and compare. Refuses a disk the host uses (mounted,
@@ -526,6 +534,8 @@ pub fn run(cli: &Cli) -> Result<serde_json::Value> {
             max_version,
             replace,
             expiries,
+            delta_sources,
+            delta_level,
         } => {
             let now = parse_now(&repo.now)?;
             let waves = waves
@@ -546,16 +556,22 @@ pub fn run(cli: &Cli) -> Result<serde_json::Value> {
                 max_version,
                 replace: *replace,
                 expiries: expiries.expiries(),
+                delta_sources: *delta_sources,
+                delta_level: *delta_level,
             })?;
             if !cli.json {
                 println!(
-                    "published {} {} to {} (metadata version {}, timestamp expires {})",
+                    "published {} {} to {} (metadata version {}, timestamp expires {}) in {:.1} s",
                     report.variant,
                     report.version,
                     report.repository.display(),
                     report.metadata_version,
-                    report.timestamp_expires
+                    report.timestamp_expires,
+                    report.seconds
                 );
+                for line in crate::repo::delta::report_lines(&report.deltas) {
+                    println!("  {line}");
+                }
             }
             Ok(serde_json::to_value(report).expect("json"))
         }
@@ -650,12 +666,13 @@ fn run_repo(cli: &Cli, command: &RepoCommand) -> Result<serde_json::Value> {
             let report = crate::repo::validate(&repo.repo)?;
             if !cli.json {
                 println!(
-                    "{}: valid (root version {}, {} targets, {} bytes, {} published versions)",
+                    "{}: valid (root version {}, {} targets, {} bytes, {} published versions, {} deltas)",
                     report.repository.display(),
                     report.root_version,
                     report.targets_checked,
                     report.target_bytes,
-                    report.updates
+                    report.updates,
+                    report.deltas
                 );
             }
             Ok(serde_json::to_value(report).expect("json"))

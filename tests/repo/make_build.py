@@ -2,8 +2,12 @@
 """Write a synthetic build directory: <dir>/manifest.json plus <dir>/update/*.
 
 The manifest follows os-format's BuildManifest (schema 1, see
-os-format/src/manifest.rs); the artifacts are random bytes, not real erofs or
-UKIs: the publisher only checks their size and sha256 against the manifest.
+os-format/src/manifest.rs); the artifacts are pseudo-random bytes, not real
+erofs or UKIs (the publisher checks their sizes and sha256 digests, and
+decompresses them to compute delta patches). Every version of a variant shares
+most of its bytes with the others (the same seed), with the version written
+into the middle, so the patches between two versions are small, as between
+two real builds. Compressed artifacts are real zstd frames (the `zstd` tool).
 
 Usage: make_build.py DIR VERSION [VARIANT]
 """
@@ -11,6 +15,8 @@ Usage: make_build.py DIR VERSION [VARIANT]
 import hashlib
 import json
 import os
+import random
+import subprocess
 import sys
 
 ARTIFACTS = [
@@ -31,12 +37,21 @@ def make_build(directory: str, version: str, variant: str = "qemu-x86_64") -> di
     os.makedirs(update, exist_ok=True)
     artifacts = []
     for index, (name, kind, compression) in enumerate(ARTIFACTS):
-        data = os.urandom(1024 * (index + 2) + index)
+        # The two UKIs differ only in their slot, as real ones do (the
+        # command line): a patch rebuilds one from the other.
+        length = 64 * 1024 * (min(index, 2) + 2) + index
+        shared = random.Random(f"{variant}-{kind['kind']}").randbytes(length)
+        stamp = f"version {version} {name}".encode()
+        middle = length // 2
+        uncompressed = shared[:middle] + stamp + shared[middle + len(stamp) :]
+        if compression == "zstd":
+            data = subprocess.run(
+                ["zstd", "-q", "-3", "-c"], input=uncompressed, capture_output=True, check=True
+            ).stdout
+        else:
+            data = uncompressed
         with open(os.path.join(update, name), "wb") as out:
             out.write(data)
-        # "Uncompressed" values are made up for compressed artifacts: nothing
-        # in publishing decompresses them.
-        uncompressed = data + b"\0" * 100 if compression == "zstd" else data
         artifact = {"name": name}
         artifact.update(kind)
         artifact.update(

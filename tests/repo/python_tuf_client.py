@@ -5,7 +5,11 @@ Bootstraps python-tuf's ngclient with a root the caller trusts (normally
 metadata/1.root.json), refreshes from an HTTP server, downloads every target
 listed in targets.json, and checks each artifact's sha256 against the build
 manifests given on the command line (and the update manifest target against
-those builds too).
+those builds too). When more than one build is given, the delta index
+(deltas.json) must list a delta between them; each patch it names must be a
+signed target of the same size and sha256, and, applied with
+`zstd -d --patch-from` to the older build's artifact (as downloaded), must
+yield exactly the newer build's artifact.
 
 Usage:
   python_tuf_client.py --metadata-url URL --targets-url URL --root FILE
@@ -18,6 +22,8 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -25,6 +31,80 @@ from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import Updater
 
 UPDATE_MANIFEST_TARGET = "manifest.json"
+DELTA_INDEX_TARGET = "deltas.json"
+
+
+def artifact_for(build: dict, kind: str, slot=None):
+    for artifact in build["artifacts"]:
+        if artifact["kind"] == kind and artifact.get("slot") == slot:
+            return artifact
+    return None
+
+
+def uncompressed_file(path: str, artifact: dict, scratch: str) -> str:
+    """The artifact's bytes as a node holds them (decompressed if shipped compressed)."""
+    if artifact["compression"] == "none":
+        return path
+    out = os.path.join(scratch, os.path.basename(path) + ".raw")
+    subprocess.run(["zstd", "-d", "-q", "-f", path, "-o", out], check=True)
+    return out
+
+
+def check_deltas(index: dict, builds: dict, downloaded: dict, targets, scratch: str, check) -> int:
+    """Every patch signed as listed and, applied to its source, the exact result."""
+    applied = 0
+    for delta in index["deltas"]:
+        what = f'{delta["variant"]} {delta["from_version"]} -> {delta["to_version"]}'
+        source_build = builds.get((delta["variant"], delta["from_version"]))
+        result_build = builds.get((delta["variant"], delta["to_version"]))
+        for patch in delta["patches"]:
+            name = patch["target"]
+            signed = targets.get(name)
+            check(
+                signed is not None
+                and signed.length == patch["size"]
+                and signed.hashes.get("sha256") == patch["sha256"],
+                f"{what}: patch {name} is signed with the size and sha256 deltas.json gives",
+            )
+            if source_build is None or result_build is None or name not in downloaded:
+                continue
+            if patch["rebuilds"] == "root-filesystem":
+                source = artifact_for(source_build, "root-filesystem")
+                result = artifact_for(result_build, "root-filesystem")
+            else:
+                source = artifact_for(source_build, "kernel-image", patch["source_slot"])
+                result = artifact_for(result_build, "kernel-image", patch["slot"])
+            check(
+                source is not None
+                and result is not None
+                and patch["source_sha256"] == source["uncompressed_sha256"]
+                and patch["result_sha256"] == result["uncompressed_sha256"],
+                f"{what}: {name} goes from the source build's artifact to the result build's",
+            )
+            if source is None or result is None:
+                continue
+            source_target = f'{delta["variant"]}-{delta["from_version"]}-{source["name"]}'
+            if source_target not in downloaded:
+                check(False, f"{what}: source target {source_target} was not downloaded")
+                continue
+            source_file = uncompressed_file(downloaded[source_target], source, scratch)
+            output = os.path.join(scratch, name + ".applied")
+            applying = subprocess.run(
+                [
+                    "zstd", "-d", "-q", "-f", f'--long={patch["window_log"]}',
+                    f"--patch-from={source_file}", downloaded[name], "-o", output,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            ok = applying.returncode == 0 and sha256_of(output) == result["uncompressed_sha256"]
+            check(
+                ok,
+                f"{what}: zstd --patch-from applies {name} ({patch['size']} bytes) to "
+                f"{source['name']} and yields {result['name']} exactly {applying.stderr.strip()}",
+            )
+            applied += ok
+    return applied
 
 
 def sha256_of(path: str) -> str:
@@ -146,6 +226,29 @@ def main() -> int:
                         and listed["size"] == artifact["size"],
                         f"update manifest entry {name} matches the build",
                     )
+
+        # Deltas between the builds given: signed, and they rebuild the newer one.
+        if len(builds) > 1:
+            check(DELTA_INDEX_TARGET in downloaded, f"{DELTA_INDEX_TARGET} is a target")
+        if DELTA_INDEX_TARGET in downloaded:
+            with open(downloaded[DELTA_INDEX_TARGET], "rb") as data:
+                index = json.load(data)
+            pairs = {(d["variant"], d["from_version"], d["to_version"]) for d in index["deltas"]}
+            ordered = sorted(builds, key=lambda key: [int(part) for part in key[1].split(".")])
+            for older, newer in zip(ordered, ordered[1:]):
+                check(
+                    (older[0], older[1], newer[1]) in pairs,
+                    f"{DELTA_INDEX_TARGET} lists {older[0]} {older[1]} -> {newer[1]}",
+                )
+            if shutil.which("zstd") is None:
+                check(False, "the zstd tool is needed to apply the patches")
+            else:
+                applied = check_deltas(index, builds, downloaded, targets.targets, scratch, check)
+                patches = sum(len(d["patches"]) for d in index["deltas"])
+                print(
+                    f"{DELTA_INDEX_TARGET}: {len(index['deltas'])} deltas, {patches} patches, "
+                    f"{applied} applied with zstd --patch-from to the exact result"
+                )
 
     total = len(expected)
     if failures:

@@ -203,8 +203,27 @@ if cmp -s "$repo/metadata/1.root.json" "$scratch/first.root.json"; then
 else
   fail "metadata/1.root.json changed"
 fi
+# The second version comes with a delta from the first (deltas.json and its
+# patches are TUF targets; the client below downloads and applies them).
+if grep -q "^  delta from " "$scratch/publish-2.log" &&
+  ! grep -q "delta from" "$scratch/publish-1.log"; then
+  pass "publish reports the delta from the first version: $(grep -A3 '^  delta from ' "$scratch/publish-2.log" | tr -s ' ' | tr '\n' ';')"
+else
+  fail "publish did not report one delta from the first version:"
+  sed 's/^/     /' "$scratch/publish-1.log" "$scratch/publish-2.log"
+fi
 client after-targets-rotation "$scratch/first.root.json" 2 "$build1" "$build2"
+if grep -q "^deltas.json: 1 deltas, [1-9][0-9]* patches, [1-9]" "$scratch/after-targets-rotation.log"; then
+  pass "python-tuf: $(grep '^deltas.json:' "$scratch/after-targets-rotation.log")"
+else
+  fail "python-tuf did not apply the patches of deltas.json"
+fi
 racklet validate-2 repo validate --repo "$repo"
+if grep -q "1 deltas)" "$scratch/validate-2.log"; then
+  pass "repo validate checks the delta index against the signed targets"
+else
+  fail "repo validate: $(cat "$scratch/validate-2.log")"
+fi
 
 # forged NAME KEY_FILE: a copy of the repository whose next targets metadata is
 # signed with KEY_FILE (snapshot and timestamp with the real keys), served;
@@ -298,7 +317,7 @@ fi
 
 echo "$((checks - failures)) passed, $failures failed"
 if [ "$failures" -eq 0 ]; then
-  echo "PASS: tests/repo: $checks checks (published without the root key; python-tuf downloaded and verified every target of 2 versions, followed root 1 -> 2 (a rotated targets key) -> 3, and refused targets signed with the retired targets key)"
+  echo "PASS: tests/repo: $checks checks (published without the root key; python-tuf downloaded and verified every target of 2 versions and applied the delta's patches, followed root 1 -> 2 (a rotated targets key) -> 3, and refused targets signed with the retired targets key)"
   exit 0
 fi
 echo "FAIL: tests/repo: $failures of $checks checks failed"

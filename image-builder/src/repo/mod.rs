@@ -16,6 +16,7 @@
 //! change here needs a root key; one that would need a new root is refused
 //! (`BuildError::RootNeedsSigning`).
 
+pub mod delta;
 pub mod keys;
 pub mod staging;
 
@@ -24,6 +25,7 @@ use std::fs;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
+use os_format::delta::{DeltaIndex, DELTA_INDEX_TARGET};
 use os_format::manifest::{BuildManifest, BUILD_MANIFEST_FILE};
 use os_format::update_manifest::{
     check_waves, parse_version, Update, UpdateManifest, Version, Wave, UPDATE_MANIFEST_TARGET,
@@ -39,6 +41,7 @@ use tough::{
 };
 
 use crate::error::{BuildError, Result};
+use delta::{read_delta_index, DeltaReport};
 use keys::{
     days_from, runtime, whole_seconds, KeyDirectory, DEVELOPMENT_KEYS_WARNING, PUBLISHING_ROLES,
 };
@@ -75,6 +78,10 @@ pub struct PublishOptions {
     pub max_version: Option<Version>,
     pub replace: bool,
     pub expiries: Expiries,
+    /// Publish patches from this many of the newest earlier versions (0: none).
+    pub delta_sources: usize,
+    /// zstd level of the patches.
+    pub delta_level: i32,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +92,12 @@ pub struct PublishReport {
     pub targets: Vec<String>,
     pub metadata_version: u64,
     pub timestamp_expires: String,
+    /// One entry per earlier version a delta was computed from.
+    pub deltas: Vec<DeltaReport>,
+    /// Time spent reading sources and computing patches.
+    pub delta_seconds: f64,
+    /// The whole publish.
+    pub seconds: f64,
 }
 
 fn directory_url(path: &Path) -> Result<url::Url> {
@@ -126,20 +139,29 @@ pub async fn load_with_root(
     )))
 }
 
+/// The bytes of a target (length and sha256 checked by tough), `None` when
+/// the repository does not sign one of that name.
+pub(crate) async fn read_optional_target(
+    repository: &Repository,
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
+    let target = target_name(name)?;
+    let Some(stream) = repository
+        .read_target(&target)
+        .await
+        .map_err(BuildError::tuf(name))?
+    else {
+        return Ok(None);
+    };
+    let bytes = stream.into_vec().await.map_err(BuildError::tuf(name))?;
+    Ok(Some(bytes))
+}
+
 /// Read the update manifest target, if the repository has one.
 pub async fn read_update_manifest(repository: &Repository) -> Result<UpdateManifest> {
-    let name = TargetName::new(UPDATE_MANIFEST_TARGET).expect("a valid target name");
-    let Some(stream) = repository
-        .read_target(&name)
-        .await
-        .map_err(BuildError::tuf(UPDATE_MANIFEST_TARGET))?
-    else {
+    let Some(bytes) = read_optional_target(repository, UPDATE_MANIFEST_TARGET).await? else {
         return Ok(UpdateManifest::new());
     };
-    let bytes = stream
-        .into_vec()
-        .await
-        .map_err(BuildError::tuf(UPDATE_MANIFEST_TARGET))?;
     UpdateManifest::from_json(UPDATE_MANIFEST_TARGET, &bytes)
         .map_err(|error| BuildError::repository(UPDATE_MANIFEST_TARGET, error.to_string()))
 }
@@ -363,6 +385,8 @@ fn check_root_usable(
 /// What a change does to the manifest and targets before signing.
 struct Change {
     manifest: UpdateManifest,
+    /// The new delta index; `None` leaves the signed one (if any) as it is.
+    deltas: Option<DeltaIndex>,
     /// New target files: (name, path, size, sha256).
     new_targets: Vec<(String, PathBuf, u64, String)>,
 }
@@ -442,6 +466,17 @@ async fn write_new_version(
         manifest_bytes.len() as u64,
         manifest_sha256,
     ));
+    let delta_index_file = staging.path().join(DELTA_INDEX_TARGET);
+    if let Some(index) = &change.deltas {
+        let bytes = index.to_json();
+        fs::write(&delta_index_file, &bytes).map_err(BuildError::io(&delta_index_file))?;
+        all_new.push((
+            DELTA_INDEX_TARGET.to_string(),
+            delta_index_file.clone(),
+            bytes.len() as u64,
+            hex::encode(Sha256::digest(&bytes)),
+        ));
+    }
     for (name, _, size, sha256) in &all_new {
         editor
             .add_target(target_name(name)?, tuf_target(*size, sha256))
@@ -476,6 +511,9 @@ async fn write_new_version(
             .map_err(BuildError::tuf(format!("copying target {name}")))?;
     }
     fs::remove_file(&manifest_file).map_err(BuildError::io(&manifest_file))?;
+    if change.deltas.is_some() {
+        fs::remove_file(&delta_index_file).map_err(BuildError::io(&delta_index_file))?;
+    }
 
     // The staged repository must load from the live repository's first root
     // (the one nodes trust), unexpired, and serve the manifest it was given,
@@ -496,12 +534,21 @@ async fn write_new_version(
             "the staged repository serves a different manifest than was written",
         ));
     }
+    if let Some(index) = &change.deltas {
+        if &read_delta_index(&check).await? != index {
+            return Err(BuildError::repository(
+                staging.path().display().to_string(),
+                "the staged repository serves a different delta index than was written",
+            ));
+        }
+    }
     staging.commit()?;
     Ok((version.get(), timestamp_expires))
 }
 
 /// Add a build to the repository.
 pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
+    let started = std::time::Instant::now();
     let now = whole_seconds(options.now);
     let build = check_build(&options.build_dir)?;
     let version = parse_version(&build.version).map_err(|error| {
@@ -527,11 +574,14 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
     }
     let _lock = lock_repository(&options.repo_dir)?;
     runtime().block_on(async {
-        let mut manifest = if options.repo_dir.join(METADATA_DIR).join(FIRST_ROOT).exists() {
-            let repository = load_local(&options.repo_dir, ExpirationEnforcement::Unsafe).await?;
-            read_update_manifest(&repository).await?
+        let repository = if options.repo_dir.join(METADATA_DIR).join(FIRST_ROOT).exists() {
+            Some(load_local(&options.repo_dir, ExpirationEnforcement::Unsafe).await?)
         } else {
-            UpdateManifest::new()
+            None
+        };
+        let mut manifest = match &repository {
+            Some(repository) => read_update_manifest(repository).await?,
+            None => UpdateManifest::new(),
         };
         let what = format!("{} {version}", build.variant);
         if let Some(existing) = manifest.find(&build.variant, &version) {
@@ -567,7 +617,7 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
             }
         }
         let update = Update::from_build(&build, version.clone(), max_version, now, options.waves.clone());
-        let new_targets = update
+        let mut new_targets: Vec<(String, PathBuf, u64, String)> = update
             .targets
             .iter()
             .map(|target| {
@@ -579,7 +629,45 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
                 )
             })
             .collect();
-        let target_names = update.targets.iter().map(|target| target.target.clone()).collect();
+        let mut target_names: Vec<String> =
+            update.targets.iter().map(|target| target.target.clone()).collect();
+        // Patches from the newest earlier versions, computed outside the
+        // repository (the staging copy gets them with the other targets).
+        let delta_started = std::time::Instant::now();
+        let scratch = tempfile::Builder::new()
+            .prefix("racklet-deltas-")
+            .tempdir()
+            .map_err(BuildError::io(std::env::temp_dir()))?;
+        let (deltas, delta_reports) = match &repository {
+            Some(repository) if options.delta_sources > 0 => {
+                let sources = delta::delta_sources(
+                    &manifest.updates_for(&build.variant, build.arch),
+                    &version,
+                    options.delta_sources,
+                );
+                let outcome = delta::compute(&delta::DeltaJob {
+                    repository,
+                    sources: &sources,
+                    update: &update,
+                    build: &build,
+                    build_dir: &options.build_dir,
+                    scratch: scratch.path(),
+                    level: options.delta_level,
+                })
+                .await?;
+                let signed = read_delta_index(repository).await?;
+                let index = delta::updated_index(signed.clone(), &update, outcome.deltas);
+                index
+                    .check(DELTA_INDEX_TARGET)
+                    .map_err(|error| BuildError::repository(what.clone(), error.to_string()))?;
+                target_names.extend(outcome.new_targets.iter().map(|(name, ..)| name.clone()));
+                new_targets.extend(outcome.new_targets);
+                // No new target when nothing changes (no delta from any source).
+                ((index != signed).then_some(index), outcome.reports)
+            }
+            _ => (None, Vec::new()),
+        };
+        let delta_seconds = delta_started.elapsed().as_secs_f64();
         manifest.updates.push(update);
         manifest
             .check(UPDATE_MANIFEST_TARGET)
@@ -589,7 +677,7 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
             &options.keys,
             now,
             options.expiries,
-            Change { manifest, new_targets },
+            Change { manifest, deltas, new_targets },
         )
         .await?;
         Ok(PublishReport {
@@ -599,6 +687,9 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
             targets: target_names,
             metadata_version,
             timestamp_expires: timestamp_expires.to_string(),
+            deltas: delta_reports,
+            delta_seconds,
+            seconds: started.elapsed().as_secs_f64(),
         })
     })
 }
@@ -623,6 +714,7 @@ pub fn refresh(
             expiries,
             Change {
                 manifest,
+                deltas: None,
                 new_targets: Vec::new(),
             },
         )
@@ -662,7 +754,7 @@ pub fn set_max_version(
                 format!("nothing of it is published in {}", repo_dir.display()),
             ));
         }
-        let (version, _) = write_new_version(repo_dir, keys, now, expiries, Change { manifest, new_targets: Vec::new() }).await?;
+        let (version, _) = write_new_version(repo_dir, keys, now, expiries, Change { manifest, deltas: None, new_targets: Vec::new() }).await?;
         Ok(serde_json::json!({"ok": true, "variant": variant, "max_version": max_version.to_string(), "entries": changed, "metadata_version": version}))
     })
 }
@@ -756,6 +848,8 @@ pub struct Validation {
     pub targets_checked: usize,
     pub target_bytes: u64,
     pub updates: usize,
+    /// Entries of the delta index, each checked against the signed targets.
+    pub deltas: usize,
 }
 
 /// Load the repository from its first root with expiry enforced, read every
@@ -784,29 +878,49 @@ pub fn validate(repo_dir: &Path) -> Result<Validation> {
             target_bytes += bytes.len() as u64;
             targets_checked += 1;
         }
+        // Every target the manifest or the delta index names must be signed
+        // with the size and sha256 it gives.
+        let signed_as = |listed_by: String, name: &str, size: u64, sha256: &str| -> Result<()> {
+            let signed = targets
+                .iter()
+                .find(|(signed_name, _)| signed_name.raw() == name)
+                .map(|(_, signed)| signed)
+                .ok_or_else(|| {
+                    BuildError::repository(
+                        listed_by.clone(),
+                        format!("names target {name} that targets.json does not sign"),
+                    )
+                })?;
+            if signed.length != size || hex::encode(&signed.hashes.sha256) != sha256 {
+                return Err(BuildError::repository(
+                    name,
+                    format!("the size or sha256 in {listed_by} differs from the signed target's"),
+                ));
+            }
+            Ok(())
+        };
         for update in &manifest.updates {
             for target in &update.targets {
-                let signed = targets
-                    .iter()
-                    .find(|(name, _)| name.raw() == target.target)
-                    .map(|(_, signed)| signed)
-                    .ok_or_else(|| {
-                        BuildError::repository(
-                            format!("{} {}", update.variant, update.version),
-                            format!(
-                                "the manifest names target {} that targets.json does not sign",
-                                target.target
-                            ),
-                        )
-                    })?;
-                if signed.length != target.artifact.size
-                    || hex::encode(&signed.hashes.sha256) != target.artifact.sha256
-                {
-                    return Err(BuildError::repository(
-                        target.target.clone(),
-                        "the manifest's size or sha256 differs from the signed target's",
-                    ));
-                }
+                signed_as(
+                    format!("the manifest's {} {}", update.variant, update.version),
+                    &target.target,
+                    target.artifact.size,
+                    &target.artifact.sha256,
+                )?;
+            }
+        }
+        let index = read_delta_index(&repository).await?;
+        for delta in &index.deltas {
+            for patch in &delta.patches {
+                signed_as(
+                    format!(
+                        "{DELTA_INDEX_TARGET}'s {} {} -> {}",
+                        delta.variant, delta.from_version, delta.to_version
+                    ),
+                    &patch.target,
+                    patch.size,
+                    &patch.sha256,
+                )?;
             }
         }
         Ok(Validation {
@@ -815,6 +929,7 @@ pub fn validate(repo_dir: &Path) -> Result<Validation> {
             targets_checked,
             target_bytes,
             updates: manifest.updates.len(),
+            deltas: index.deltas.len(),
         })
     })
 }
