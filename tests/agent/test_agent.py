@@ -66,13 +66,16 @@ IMAGE = os.environ.get("RACKLET_IMAGE", os.path.join(TOP, "target", "debug", "ra
 VARIANT = "qemu-x86_64"
 # The version built as a small change of 1.0.0 (see Suite.setup).
 DELTA_VERSION = "2.0.0"
+OTHER_SOURCE_VERSION = "1.5.0"
 MIB = 1 << 20
 SECTOR = 512
 # Uncompressed root of every synthetic build: more than one of the agent's
 # 4 MiB write buffers, so a throttled download is caught with bytes written.
-ROOT_BYTES = 6 * MIB
-ROOT_PART_MIB = 8
-VERITY_PART_MIB = 1
+# RACKLET_AGENT_ROOT_MIB (measurements only, e.g. of a delta's time and
+# memory at a real root's size) makes every root that large.
+ROOT_BYTES = int(os.environ.get("RACKLET_AGENT_ROOT_MIB", "6")) * MIB
+ROOT_PART_MIB = ROOT_BYTES // MIB + 2
+VERITY_PART_MIB = ROOT_BYTES // MIB // 64 + 1
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 VERITY_TYPE = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"
@@ -519,10 +522,13 @@ class Suite:
             self.builds[version] = Build(directory, manifest)
         # A small update of 1.0.0 (a few blocks of its root, the version in
         # its UKIs): what the publisher's delta patches rebuild on the node.
-        directory = os.path.join(self.tmp, "builds", DELTA_VERSION)
-        manifest = make_build.make_build(directory, DELTA_VERSION, ROOT_BYTES, VARIANT,
-                                         base=self.builds["1.0.0"].directory)
-        self.builds[DELTA_VERSION] = Build(directory, manifest)
+        # 1.5.0 too, another small change of 1.0.0: a delta source the
+        # node does not run.
+        for version in (DELTA_VERSION, OTHER_SOURCE_VERSION):
+            directory = os.path.join(self.tmp, "builds", version)
+            manifest = make_build.make_build(directory, version, ROOT_BYTES, VARIANT,
+                                             base=self.builds["1.0.0"].directory)
+            self.builds[version] = Build(directory, manifest)
         # A private bus, configured like the session bus.
         bus_dir = os.path.join(self.tmp, "bus")
         os.makedirs(bus_dir)
@@ -2563,12 +2569,13 @@ def tampered_patch_falls_back_to_full_and_installs(suite, node_name):
 
 @case
 def booted_slot_not_a_delta_source_falls_back_to_full(suite, node_name):
-    """2.0.0's only delta starts from 1.1.0 while the node runs 1.0.0: no
-    delta for this root, so the full download, and 2.0.0 installs."""
+    """2.0.0's only delta starts from 1.5.0 (both small changes of 1.0.0)
+    while the node runs 1.0.0: no delta for this root, so the full
+    download, and 2.0.0 installs."""
     node = Node(suite, node_name)
     new = suite.builds[DELTA_VERSION]
     try:
-        node.publish("1.1.0")
+        node.publish(OTHER_SOURCE_VERSION)
         node.publish(DELTA_VERSION)
         node.start()
         node.ok("apply")
