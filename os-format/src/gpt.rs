@@ -185,6 +185,17 @@ impl Guid {
         self.0 == [0; 16]
     }
 
+    /// [`Guid::derive`] of several parts, each prefixed with its length (u64,
+    /// little-endian), so that no two lists of parts give the same seed.
+    pub fn derive_from_parts(parts: &[&[u8]]) -> Guid {
+        let mut seed = Vec::new();
+        for part in parts {
+            seed.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            seed.extend_from_slice(part);
+        }
+        Guid::derive(&seed)
+    }
+
     /// A deterministic version-4-shaped GUID from arbitrary bytes: the first 16
     /// bytes of SHA-256(`seed`), with the RFC 4122 version (4) and variant bits set.
     pub fn derive(seed: &[u8]) -> Guid {

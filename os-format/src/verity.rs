@@ -844,6 +844,14 @@ fn get_u32(bytes: &[u8], offset: usize) -> u32 {
     u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4-byte slice"))
 }
 
+/// The dm-verity superblock UUID of the hash device for a root file system
+/// whose sha256 is `root_sha256`: what the image builder writes, and what a
+/// node that rebuilds the hash device itself (a delta install) writes, so both
+/// are byte for byte the same. The root hash does not cover it.
+pub fn hash_device_uuid(root_sha256: &[u8; 32]) -> crate::gpt::Guid {
+    crate::gpt::Guid::derive_from_parts(&[b"racklet-verity", root_sha256])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1258,5 +1266,17 @@ mod tests {
         assert_eq!(salt, hasher.finalize().to_vec());
         assert_eq!(salt.len(), 32);
         assert_ne!(salt, salt_from_content_digest(&[8u8; 32]));
+    }
+
+    #[test]
+    fn hash_device_uuid_is_the_length_prefixed_rule() {
+        let digest = [7u8; 32];
+        let mut seed = Vec::new();
+        seed.extend_from_slice(&14u64.to_le_bytes());
+        seed.extend_from_slice(b"racklet-verity");
+        seed.extend_from_slice(&32u64.to_le_bytes());
+        seed.extend_from_slice(&digest);
+        assert_eq!(hash_device_uuid(&digest), crate::gpt::Guid::derive(&seed));
+        assert_ne!(hash_device_uuid(&digest), hash_device_uuid(&[8u8; 32]));
     }
 }

@@ -439,7 +439,7 @@ pub(crate) fn seal_root(
         .try_into()
         .expect("32 bytes");
     let salt = verity::salt_from_content_digest(&erofs_digest);
-    let verity_uuid = derive_guid(&[b"racklet-verity", &erofs_digest]);
+    let verity_uuid = verity::hash_device_uuid(&erofs_digest);
     let verity_image = work.path("verity.img");
     let bar = progress::bytes_bar(erofs_size, "computing the dm-verity tree");
     let tree = {
@@ -791,12 +791,7 @@ pub(crate) fn write_manifest(
 }
 
 fn derive_guid(parts: &[&[u8]]) -> Guid {
-    let mut seed = Vec::new();
-    for part in parts {
-        seed.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        seed.extend_from_slice(part);
-    }
-    Guid::derive(&seed)
+    Guid::derive_from_parts(parts)
 }
 
 /// zstd-compress `input` into `output` (with a frame checksum), counting progress on `bar`.
