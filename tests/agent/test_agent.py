@@ -1524,6 +1524,15 @@ def explicit_version_and_downgrade_refusal(suite, node_name):
         node.close()
 
 
+def flip_bit(path, offset):
+    """A published target tampered with: one bit flipped, the file replaced."""
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x01
+    with open(path + ".tmp", "wb") as out:
+        out.write(data)
+    os.replace(path + ".tmp", path)
+
+
 def failed_install(node, new, expected_words):
     apply = node.cli("apply")
     check(apply.rc != 0, f"apply succeeded: {apply}")
@@ -1548,11 +1557,7 @@ def tampered_target_is_refused(suite, node_name, boot_loader):
     new = suite.builds["1.1.0"]
     try:
         path = node.target_path(new, "root.erofs.zst")
-        data = bytearray(open(path, "rb").read())
-        data[len(data) // 2] ^= 0x01
-        with open(path + ".tmp", "wb") as out:
-            out.write(data)
-        os.replace(path + ".tmp", path)
+        flip_bit(path, os.path.getsize(path) // 2)
         node.start()
         check_equal(node.ok("check").json["result"], "available", "check (metadata is intact)")
         failed_install(node, new, ["root.erofs.zst", ("sha256", "hash", "match")])
@@ -1566,11 +1571,7 @@ def tampered_uki_is_refused(suite, node_name, boot_loader):
     new = suite.builds["1.1.0"]
     try:
         path = node.target_path(new, "uki-b.efi.zst")
-        data = bytearray(open(path, "rb").read())
-        data[100] ^= 0x01
-        with open(path + ".tmp", "wb") as out:
-            out.write(data)
-        os.replace(path + ".tmp", path)
+        flip_bit(path, 100)
         node.start()
         # Root and verity verified before the UKI is fetched, so slot B may keep the
         # new root hash's PARTUUIDs; without a UKI nothing boots it.
@@ -2547,11 +2548,7 @@ def tampered_patch_falls_back_to_full_and_installs(suite, node_name):
     old, new = suite.builds["1.0.0"], suite.builds[DELTA_VERSION]
     try:
         path = patch_path(node, new, old, "root.erofs")
-        data = bytearray(open(path, "rb").read())
-        data[len(data) // 2] ^= 0x01
-        with open(path + ".tmp", "wb") as out:
-            out.write(data)
-        os.replace(path + ".tmp", path)
+        flip_bit(path, os.path.getsize(path) // 2)
         node.start()
         node.ok("apply")
         node.assert_installed(new)
