@@ -11,7 +11,7 @@
 //! artifacts, uncompressed.
 
 use std::fs;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -233,65 +233,20 @@ async fn read_source(
     uncompressed_bytes(&target.target, &target.artifact, bytes)
 }
 
-/// The build's artifacts, uncompressed, in `scratch` (or in the build when
-/// they are stored uncompressed).
-struct Results<'a> {
-    build_dir: &'a Path,
-    scratch: &'a Path,
-    build: &'a BuildManifest,
-    ready: Vec<(ArtifactKind, PathBuf)>,
-}
+/// The build's artifacts that patches rebuild, uncompressed in memory, each
+/// checked against the build's manifest.
+type ResultBytes = Vec<(ArtifactKind, Vec<u8>)>;
 
-impl Results<'_> {
-    fn path(&mut self, kind: ArtifactKind) -> Result<Option<(PathBuf, &Artifact)>> {
-        let Some(artifact) = self
-            .build
-            .artifacts
-            .iter()
-            .find(|artifact| artifact.kind == kind)
-        else {
-            return Ok(None);
-        };
-        if let Some((_, path)) = self.ready.iter().find(|(ready, _)| *ready == kind) {
-            return Ok(Some((path.clone(), artifact)));
-        }
-        let shipped = self.build_dir.join(BUILD_UPDATE_DIR).join(&artifact.name);
-        let path = match artifact.compression {
-            // check_build has checked its size and sha256.
-            Compression::None => shipped,
-            Compression::Zstd => {
-                let path = self
-                    .scratch
-                    .join(format!("result-{}", uncompressed_name(artifact)));
-                let input = fs::File::open(&shipped).map_err(BuildError::io(&shipped))?;
-                let mut decoder = zstd::stream::read::Decoder::new(BufReader::new(input))
-                    .map_err(BuildError::io(&shipped))?;
-                let output = fs::File::create(&path).map_err(BuildError::io(&path))?;
-                let mut writer = HashingWriter {
-                    inner: io::BufWriter::with_capacity(1 << 20, output),
-                    hasher: Sha256::new(),
-                    written: 0,
-                };
-                io::copy(&mut decoder, &mut writer).map_err(BuildError::io(&shipped))?;
-                writer.flush().map_err(BuildError::io(&path))?;
-                let sha256 = hex::encode(writer.hasher.finalize());
-                if writer.written != artifact.uncompressed_size
-                    || sha256 != artifact.uncompressed_sha256
-                {
-                    return Err(BuildError::repository(
-                        shipped.display().to_string(),
-                        format!(
-                            "decompressed to {} bytes with sha256 {sha256}; the build's manifest says {} bytes with sha256 {}",
-                            writer.written, artifact.uncompressed_size, artifact.uncompressed_sha256
-                        ),
-                    ));
-                }
-                path
-            }
-        };
-        self.ready.push((kind, path.clone()));
-        Ok(Some((path, artifact)))
-    }
+fn read_results(build_dir: &Path, artifacts: &[Artifact]) -> Result<ResultBytes> {
+    artifacts
+        .iter()
+        .map(|artifact| {
+            let shipped = build_dir.join(BUILD_UPDATE_DIR).join(&artifact.name);
+            let bytes = fs::read(&shipped).map_err(BuildError::io(&shipped))?;
+            let data = uncompressed_bytes(&shipped.display().to_string(), artifact, bytes)?;
+            Ok((artifact.kind, data))
+        })
+        .collect()
 }
 
 /// One patch in the publish report: shipped (with its target) or skipped (with why).
@@ -380,12 +335,23 @@ fn describe(source: &Artifact, result: &Artifact) -> String {
 
 /// The patches from each source version to the new one.
 pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
-    let mut results = Results {
-        build_dir: job.build_dir,
-        scratch: job.scratch,
-        build: job.build,
-        ready: Vec::new(),
-    };
+    // The results are decompressed on a second thread while the first
+    // source is read.
+    let wanted: Vec<Artifact> = job
+        .build
+        .artifacts
+        .iter()
+        .filter(|artifact| {
+            planned_patches()
+                .iter()
+                .any(|(_, _, result_kind)| *result_kind == artifact.kind)
+        })
+        .cloned()
+        .collect();
+    let build_dir = job.build_dir.to_path_buf();
+    let mut pending = (!job.sources.is_empty())
+        .then(|| std::thread::spawn(move || read_results(&build_dir, &wanted)));
+    let mut results: Option<ResultBytes> = None;
     let mut outcome = DeltaOutcome {
         deltas: Vec::new(),
         new_targets: Vec::new(),
@@ -417,8 +383,16 @@ pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
                 source.version,
                 uncompressed_name(&source_target.artifact)
             ));
+            let reading = Instant::now();
             let source_bytes = match read_source(job.repository, source, source_kind).await {
-                Ok(bytes) => bytes,
+                Ok(bytes) => {
+                    tracing::debug!(
+                        target = %source_target.target,
+                        seconds = reading.elapsed().as_secs_f64(),
+                        "source read and decompressed"
+                    );
+                    bytes
+                }
                 Err(error) => {
                     spinner.finish_and_clear();
                     tracing::warn!(from = %source.version, %error, "no delta from this version");
@@ -432,7 +406,31 @@ pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
                 }
             };
             spinner.finish_and_clear();
-            let Some((result_path, result_artifact)) = results.path(result_kind)? else {
+            if let Some(thread) = pending.take() {
+                let waiting = Instant::now();
+                results = Some(thread.join().map_err(|_| {
+                    BuildError::Other(
+                        "the thread decompressing the build's artifacts panicked".into(),
+                    )
+                })??);
+                tracing::debug!(
+                    seconds = waiting.elapsed().as_secs_f64(),
+                    "waited for the build's artifacts"
+                );
+            }
+            let Some(result_artifact) = job
+                .build
+                .artifacts
+                .iter()
+                .find(|artifact| artifact.kind == result_kind)
+            else {
+                continue;
+            };
+            let Some((_, result_bytes)) = results
+                .iter()
+                .flatten()
+                .find(|(kind, _)| *kind == result_kind)
+            else {
                 continue;
             };
             let rebuilds = describe(&source_target.artifact, result_artifact);
@@ -449,8 +447,7 @@ pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
                 &format!("patch {rebuilds} from {}", source.version),
             );
             let started = Instant::now();
-            let input = fs::File::open(&result_path).map_err(BuildError::io(&result_path))?;
-            let mut reader = bar.wrap_read(BufReader::with_capacity(1 << 20, input));
+            let mut reader = bar.wrap_read(result_bytes.as_slice());
             let written = write_patch(
                 &source_bytes,
                 &mut reader,

@@ -535,7 +535,7 @@ async fn write_new_version(
         ));
     }
     if let Some(index) = &change.deltas {
-        if &read_delta_index(&check).await? != index {
+        if read_delta_index(&check).await?.to_json() != index.to_json() {
             return Err(BuildError::repository(
                 staging.path().display().to_string(),
                 "the staged repository serves a different delta index than was written",
