@@ -668,19 +668,6 @@ fn rebuild(
     Ok(())
 }
 
-/// The dm-verity superblock UUID the image builder gives a root whose
-/// sha256 is `root_sha256` (`racklet-verity` and the digest, length-prefixed,
-/// through [`os_format::gpt::Guid::derive`]), so a rebuilt hash device is
-/// byte for byte the published one. Not covered by the root hash.
-fn hash_device_uuid(root_sha256: &[u8]) -> [u8; 16] {
-    let mut seed = Vec::new();
-    for part in [b"racklet-verity".as_slice(), root_sha256] {
-        seed.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        seed.extend_from_slice(part);
-    }
-    os_format::gpt::Guid::derive(&seed).0
-}
-
 /// Writes sequentially into a partition's range of the disk, never past it.
 struct PartitionWriter<'a> {
     disk: &'a File,
@@ -844,12 +831,20 @@ pub fn rebuild_root(
         .flush()
         .map_err(io_error(format!("writing {target_what}")))?;
 
-    let root_sha256 = hex::decode(&patch.result_sha256).unwrap_or_default();
+    // The image builder's superblock UUID, so the hash device is byte for
+    // byte the published one (the UUID is not covered by the root hash).
+    let mut root_sha256 = [0u8; 32];
+    hex::decode_to_slice(&patch.result_sha256, &mut root_sha256).map_err(|_| {
+        verity_bad(format!(
+            "result_sha256 {:?} is not a sha256",
+            patch.result_sha256
+        ))
+    })?;
     let tree = verity::build_hash_tree(
         &output[..data_bytes as usize],
         data_bytes,
         &salt,
-        hash_device_uuid(&root_sha256),
+        verity::hash_device_uuid(&root_sha256).0,
         PartitionWriter {
             disk: &disk,
             partition: &inactive.verity,
