@@ -126,7 +126,7 @@ vm_jobs=(
   "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
   "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"
-  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault,offline,https"
+  "e2e-x86-attacks|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only attack,fault,offline,https,delta"
   "boot-arm|arm|python3 tests/vm/test_boot.py --build $e2e/v1 --only aarch64"
 )
 # One vCPU per guest: two guests on two cores (see tests/vm/harness.py).

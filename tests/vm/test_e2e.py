@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVER_SCRIPT = Path(__file__).resolve().parent / "e2e_server.py"
 # The variants this suite boots and their arch (x86_64: systemd-boot; aarch64: U-Boot).
 VARIANTS = {"qemu-x86_64": "x86_64", "qemu-aarch64": "aarch64"}
+# How a full root target's name ends (a patch's ends in "-root.erofs.zst-patch").
+FULL_ROOT_TARGET = "-root.erofs.zst"
 VERSIONS = {"v1": ("1.0.0", []), "v2": ("2.0.0", []), "v3": ("3.0.0", ["test-failing-health"])}
 
 BOOT_FAILURE = re.compile(
@@ -123,10 +125,14 @@ class Repo:
                                f"{result.stderr.strip()}\n{result.stdout.strip()}")
         return result.stdout
 
-    def publish(self, build: str | Path, *extra: str) -> None:
+    def publish(self, build: str | Path, *extra: str, deltas: bool = False) -> None:
+        """Publish a build; with `deltas`, racklet-image's patches from the
+        earlier versions too (its default), else none (`--delta-sources 0`,
+        so that the tests of the full download, e.g. a modified root or
+        hash-tree target, are not bypassed by a delta)."""
         directory = self.builds.dirs[build] if isinstance(build, str) else build
         self.image("publish", "--build", str(directory), "--repo", str(self.path),
-                   "--keys", str(self.builds.keys), *extra)
+                   "--keys", str(self.builds.keys), *(() if deltas else ("--delta-sources", "0")), *extra)
 
     def target_path(self, version: str, artifact: str) -> str:
         """The URL path of a published target, e.g. (2.0.0, root-filesystem)."""
@@ -300,10 +306,10 @@ class Context:
         vm.resume_shell()
         return vm
 
-    def repo(self, *published: str) -> tuple[Repo, RepoServer]:
+    def repo(self, *published: str, deltas: bool = False) -> tuple[Repo, RepoServer]:
         repo = Repo(self.builds, self.dir / "repo")
         for name in published:
-            repo.publish(name)
+            repo.publish(name, deltas=deltas)
         server = RepoServer(repo.path)
         self.servers.append(server)
         return repo, server
@@ -785,6 +791,22 @@ def monitor_until(vm: NetVM, since: int, what: str, predicate, timeout: float,
                       f"{summary(last[0]) + ' ESP ' + str(last[1]) if last else None}")
 
 
+def check_delta_install(server: RepoServer, report: dict, source: str, version: str) -> str:
+    """`version` was installed by delta from `source`: status says so, the
+    patches were downloaded, the full root and hash tree were not."""
+    last = report.get("last_install") or {}
+    check(last.get("path") == "delta" and last.get("version") == version and last.get("from_version") == source,
+          f"{version} should have been installed by delta from {source}: {last}")
+    fetched = [r.path for r in server.target_requests() if f"-{version}-" in r.path]
+    patches = [p for p in fetched if p.endswith(".zst-patch")]
+    full = [p for p in fetched if p.endswith((FULL_ROOT_TARGET, "-verity.img.zst"))]
+    check(patches and not full, f"a delta install downloads patches, not the full root or hash tree: {fetched}")
+    check(last["downloaded_bytes"] < 0.05 * last["full_bytes"],
+          f"the delta should be a small part of the full download: {last}")
+    return (f"{len(patches)} patches, {last['downloaded_bytes']} of {last['full_bytes']} bytes "
+            f"({100 * last['downloaded_bytes'] / last['full_bytes']:.2f} %), no full root or hash tree requested")
+
+
 def install_and_time(ctx: Context, vm: NetVM, server: RepoServer, version: str, timeout: float = 1500) -> dict:
     """The agent (already triggered) downloads and writes `version`; follow the
     operation (monitor, no typing) until `installed` or the automatic reboot.
@@ -904,7 +926,9 @@ def e2e_update_scenario(ctx: Context) -> None:
     onto the failed slot is refused."""
     builds = ctx.builds
     v1, v2, v3 = (builds.version(n) for n in ("v1", "v2", "v3"))
-    repo, server = ctx.repo("v1", "v2")
+    # Published with deltas: step 1 goes by delta, step 5 falls back to the
+    # full download from a tampered patch.
+    repo, server = ctx.repo("v1", "v2", deltas=True)
     started = time.monotonic()
     vm = ctx.node(server)
     ctx.phase("v1 at the shell", time.monotonic() - started)
@@ -937,6 +961,7 @@ def e2e_update_scenario(ctx: Context) -> None:
           f"slot A should hold {v1}, good: {summary(report)}")
     boot_loader_committed(ctx, vm, "step 1", "b", other_bootable=True, tried="b", since=mark)
     ctx.note(f"step 1: {summary(report)}")
+    ctx.note(f"step 1 by delta: {check_delta_install(server, report, v1, v2)}")
 
     # 2. /var survived.
     check_var_token(vm, token)
@@ -974,9 +999,15 @@ def e2e_update_scenario(ctx: Context) -> None:
     #    agent names slot B and repairs it (2 installed into B again).
     configure_agent(vm, auto=True, interval=60)
     flipped = corrupt_root(vm, "b")
-    # And the link is flaky: the root's download is cut three times.
+    # And the link is flaky: the root's download is cut three times. The
+    # delta from 1 (what A runs) is tampered with on the server: the agent
+    # refuses the patch and falls back to the full download.
     repair_requests = len(server.target_requests())
-    server.cut_paths, server.cut_after, server.cuts_left = "root", 24 << 20, 3
+    patch = repo.target_path(v2, f"from-{v1}-root")
+    tampered = bytearray((repo.path / patch.lstrip("/")).read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    server.override[patch] = bytes(tampered)
+    server.cut_paths, server.cut_after, server.cuts_left = FULL_ROOT_TARGET, 24 << 20, 3
     mark = vm.cursor
     started = time.monotonic()
     vm.reboot()
@@ -1004,7 +1035,14 @@ def e2e_update_scenario(ctx: Context) -> None:
     report = wait_for(vm, f"{v2} repaired and committed", lambda r: committed(r, v2), timeout=400, interval=1)
     report_install(ctx, "repair of B", times, reboot_at, time.monotonic())
     check(report["state"].get("failed_slot") is None, f"the repaired slot is still named: {summary(report)}")
-    roots = [r for r in server.target_requests()[repair_requests:] if "root" in r.path]
+    fallback = report.get("last_install") or {}
+    check(fallback.get("path") == "full" and fallback.get("version") == v2
+          and any(word in json.dumps(fallback.get("reason")) for word in ("sha256", "hash")),
+          f"the tampered patch should be refused and {v2} installed by the full download: {fallback}")
+    check(any(r.path == patch for r in server.target_requests()[repair_requests:]),
+          f"the agent never asked for the patch {patch}")
+    ctx.note(f"step 5: tampered patch refused: {fallback['reason']['message'][:200]}")
+    roots = [r for r in server.target_requests()[repair_requests:] if r.path.endswith(FULL_ROOT_TARGET)]
     size = len(server.content(roots[0].path)) if roots else 0
     sent = sum(r.sent for r in roots)
     check(len(roots) == 4 and sum(not r.complete for r in roots) == 3 and all(r.status == 206 for r in roots[1:])
@@ -1020,7 +1058,7 @@ def e2e_update_scenario(ctx: Context) -> None:
     ctx.note(f"step 5 repaired: {summary(report)}")
 
     # 3. 3 is published; installed into A; fails its gate; back to 2 by itself.
-    repo.publish("v3")
+    repo.publish("v3", deltas=True)
     configure_agent(vm, auto=True, interval=60)
     mark = vm.cursor
     times = install_and_time(ctx, vm, server, v3)
@@ -1429,6 +1467,32 @@ def refused(ctx: Context, vm: NetVM, running: str, words: list[str], what: str, 
 
 
 @test()
+def e2e_delta_from_another_version(ctx: Context) -> None:
+    """A node whose booted root is no delta's source installs the full
+    update: 2 published without deltas, 3 with a delta from 2 only; the node
+    runs 1, so it downloads 3's full root, and status says why."""
+    v3 = ctx.builds.version("v3")
+    repo, server = ctx.repo("v1", "v2")
+    repo.publish("v3", "--delta-sources", "1", deltas=True)
+    vm = manual_node(ctx, server)
+    code, result = cli_json(vm, "apply", timeout=1500)
+    check(code == 0, f"apply of {v3} failed ({code}): {result}")
+    report = status(vm)
+    check(operation(report) == "installed" and slot_view(report, "b")["version"] == v3,
+          f"{v3} should be installed in slot B: {summary(report)}")
+    last = report.get("last_install") or {}
+    reason = last.get("reason") or {}
+    check(last.get("path") == "full" and reason.get("code") == "no-delta-for-this-root",
+          f"a full install, because no delta starts from 1: {last}")
+    fetched = [r.path for r in server.target_requests()]
+    check(any(p.endswith("deltas.json") for p in fetched), f"the delta index was never fetched: {fetched}")
+    check(not any(p.endswith(".zst-patch") for p in fetched), f"a patch was downloaded: {fetched}")
+    check(any(p.endswith(f"-{v3}{FULL_ROOT_TARGET}") for p in fetched), f"{v3}'s full root was not downloaded")
+    ctx.note(f"status: {reason.get('message')}")
+    check(vm.poweroff() == 0, "QEMU did not exit cleanly after poweroff")
+
+
+@test()
 def e2e_attack_modified_target(ctx: Context) -> None:
     """A target modified on the server (same length) is refused."""
     repo, server, vm = attack_setup(ctx, "v1", "v2")
@@ -1703,7 +1767,7 @@ def main() -> int:
         return 0
     wanted = [word for item in options.only for word in item.split(",") if word]
     aliases = {"powercut": "e2e_power_cuts", "scenario": "e2e_update_scenario", "waves": "e2e_waves",
-               "attack": "e2e_attack", "fault": "e2e_fault", "https": "e2e_https", "offline": "e2e_offline"}
+               "attack": "e2e_attack", "fault": "e2e_fault", "https": "e2e_https", "offline": "e2e_offline", "delta": "e2e_delta"}
     wanted = [aliases.get(w, w) for w in wanted]
     selected = [(name, function) for name, arches, function in TESTS
                 if arch in arches and (not wanted or any(name == w or name.startswith(w) for w in wanted))]
