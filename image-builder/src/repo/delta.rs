@@ -29,13 +29,14 @@ use tough::Repository;
 use super::BUILD_UPDATE_DIR;
 use crate::error::{BuildError, Result};
 
-/// zstd level of a patch. Measured on our roots (two 161 MB lz4hc erofs
-/// images, only the agent changed, long-distance matching, window 2^29):
-/// level 1: 5.48 MB in 0.5 s, 3: 5.17 MB in 0.5 s, 6: 5.04 MB in 1.2 s,
-/// 9: 4.89 MB in 1.8 s, 12: 4.84 MB in 4.3 s, 15: 4.82 MB in 33 s; 19 is
-/// worse on an almost unchanged root (141 KB against 17.5 KB). See
-/// docs/update-flow.md "Delta updates".
-pub const DEFAULT_PATCH_LEVEL: i32 = 3;
+/// zstd level of a patch (long-distance matching on). Measured on our
+/// qemu-x86_64 roots (161 MB erofs, tests/bench/delta.sh), root patch bytes
+/// and seconds for the agent / openssl / kernel changes: level 3: 102 KB
+/// 0.33 s / 2.04 MB 0.39 s / 14.8 MB 0.54 s; level 6: 90 KB 0.48 s / 1.94 MB
+/// 0.49 s / 13.9 MB 1.09 s; level 9: 90 KB 0.70 s / 1.93 MB 0.94 s / 13.5 MB
+/// 1.55 s; level 12 saves under 1.5 % more at 2-4 s. Level 6 is where more
+/// time stops buying size. See docs/update-flow.md "Delta updates".
+pub const DEFAULT_PATCH_LEVEL: i32 = 6;
 
 /// Keep a patch only when it saves at least a tenth of the full download
 /// of the artifact it rebuilds.
