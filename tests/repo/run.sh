@@ -289,7 +289,8 @@ else
 fi
 
 # --- the client really checks: a corrupted target must be refused ----------------
-victim="$(find "$repo/targets" -name '*-uki-a.efi' | head -n 1)"
+# (A synthetic build ships uki-a.efi, a real one uki-a.efi.zst.)
+victim="$(find "$repo/targets" \( -name '*-uki-a.efi' -o -name '*-uki-a.efi.zst' \) | head -n 1)"
 if [ -n "$victim" ]; then
   # A new file over the old name: the served inode may be shared with a build.
   python3 - "$victim" <<'EOF'
@@ -312,7 +313,7 @@ EOF
     sed 's/^/     /' "$scratch/tampered.log"
   fi
 else
-  fail "no *-uki-a.efi target to corrupt"
+  fail "no *-uki-a.efi or *-uki-a.efi.zst target to corrupt"
 fi
 
 echo "$((checks - failures)) passed, $failures failed"

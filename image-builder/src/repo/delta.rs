@@ -10,9 +10,11 @@
 //! and sha256 checked) and decompressed in memory; results are the build's
 //! artifacts, uncompressed.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use os_format::delta::{
@@ -214,24 +216,67 @@ pub async fn read_delta_index(repository: &Repository) -> Result<DeltaIndex> {
         .map_err(|error| BuildError::repository(DELTA_INDEX_TARGET, error.to_string()))
 }
 
-/// One source artifact, read through TUF and decompressed.
-async fn read_source(
-    repository: &Repository,
+/// Each signed target's length and sha256 (hex), by name: from the targets
+/// metadata the publisher loaded and verified through TUF.
+pub(crate) type SignedTargets = HashMap<String, (u64, String)>;
+
+/// The source artifacts of one version, uncompressed.
+type SourceBytes = Vec<(ArtifactKind, Vec<u8>)>;
+
+/// Read `update`'s artifacts of `kinds` from the repository's target files
+/// (`<sha256>.<name>`, consistent snapshots), each checked against its signed
+/// length and sha256 before it is decompressed and checked against the
+/// manifest's uncompressed size and sha256.
+fn read_sources(
+    targets_dir: &Path,
+    signed: &SignedTargets,
     update: &Update,
-    kind: ArtifactKind,
-) -> Result<Vec<u8>> {
-    let target = update.target(kind).ok_or_else(|| {
-        BuildError::repository(
-            format!("{} {}", update.variant, update.version),
-            format!("has no {kind:?} target"),
-        )
-    })?;
-    let bytes = super::read_optional_target(repository, &target.target)
-        .await?
-        .ok_or_else(|| {
-            BuildError::repository(&target.target, "is not signed in this repository")
-        })?;
-    uncompressed_bytes(&target.target, &target.artifact, bytes)
+    kinds: &[ArtifactKind],
+) -> Result<SourceBytes> {
+    kinds
+        .iter()
+        .map(|kind| {
+            let target = update.target(*kind).ok_or_else(|| {
+                BuildError::repository(
+                    format!("{} {}", update.variant, update.version),
+                    format!("has no {kind:?} target"),
+                )
+            })?;
+            let (length, sha256) = signed.get(&target.target).ok_or_else(|| {
+                BuildError::repository(&target.target, "is not signed in this repository")
+            })?;
+            let path = targets_dir.join(format!("{sha256}.{}", target.target));
+            let bytes = fs::read(&path).map_err(BuildError::io(&path))?;
+            let actual = hex::encode(Sha256::digest(&bytes));
+            if bytes.len() as u64 != *length || &actual != sha256 {
+                return Err(BuildError::repository(
+                    path.display().to_string(),
+                    format!(
+                        "has {} bytes with sha256 {actual}; the signed targets metadata says {length} bytes with sha256 {sha256}",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok((*kind, uncompressed_bytes(&target.target, &target.artifact, bytes)?))
+        })
+        .collect()
+}
+
+/// Read one version's sources on a thread of their own.
+fn spawn_source_reader(
+    targets_dir: &Path,
+    signed: &Arc<SignedTargets>,
+    update: &Update,
+    kinds: Vec<ArtifactKind>,
+) -> std::thread::JoinHandle<Result<SourceBytes>> {
+    let (targets_dir, signed, update) = (targets_dir.to_path_buf(), signed.clone(), update.clone());
+    std::thread::spawn(move || read_sources(&targets_dir, &signed, &update, &kinds))
+}
+
+fn joined<T>(thread: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
+    thread
+        .join()
+        .map_err(|_| BuildError::Other(format!("the thread {what} panicked")))?
 }
 
 /// The build's artifacts that patches rebuild, uncompressed in memory, each
@@ -315,7 +360,9 @@ pub(crate) struct DeltaOutcome {
 }
 
 pub(crate) struct DeltaJob<'a> {
-    pub repository: &'a Repository,
+    /// The live repository's `targets/`, and what its targets metadata signs.
+    pub targets_dir: &'a Path,
+    pub signed: SignedTargets,
     pub sources: &'a [&'a Update],
     pub update: &'a Update,
     pub build: &'a BuildManifest,
@@ -335,7 +382,7 @@ fn describe(source: &Artifact, result: &Artifact) -> String {
 }
 
 /// The patches from each source version to the new one.
-pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
+pub(crate) fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
     // The results are decompressed on a second thread while the first
     // source is read.
     let wanted: Vec<Artifact> = job
@@ -358,62 +405,77 @@ pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
         new_targets: Vec::new(),
         reports: Vec::new(),
     };
-    for source in job.sources {
+    // Each version's sources are read on a thread while the previous
+    // version's patches are computed.
+    let signed = Arc::new(job.signed.clone());
+    let source_kinds = |source: &Update| -> Vec<ArtifactKind> {
+        planned_patches()
+            .iter()
+            .filter(|(_, source_kind, result_kind)| {
+                source.target(*source_kind).is_some()
+                    && job
+                        .build
+                        .artifacts
+                        .iter()
+                        .any(|artifact| artifact.kind == *result_kind)
+            })
+            .map(|(_, source_kind, _)| *source_kind)
+            .collect()
+    };
+    let mut next_sources = job
+        .sources
+        .first()
+        .map(|source| spawn_source_reader(job.targets_dir, &signed, source, source_kinds(source)));
+    for (index, source) in job.sources.iter().enumerate() {
         let mut report = DeltaReport {
             from_version: source.version.to_string(),
             skipped: None,
             patches: Vec::new(),
+        };
+        let spinner = crate::progress::stage_spinner(&format!(
+            "reading {} {} from the repository",
+            source.variant, source.version
+        ));
+        let reading = Instant::now();
+        let read = joined(
+            next_sources.take().expect("a reader per source"),
+            "reading a source version",
+        );
+        spinner.finish_and_clear();
+        next_sources = job
+            .sources
+            .get(index + 1)
+            .map(|next| spawn_source_reader(job.targets_dir, &signed, next, source_kinds(next)));
+        // A version whose targets cannot be read (or do not decompress to
+        // what its manifest says) gets no delta.
+        let sources = match read {
+            Ok(sources) => {
+                tracing::debug!(
+                    from = %source.version,
+                    seconds = reading.elapsed().as_secs_f64(),
+                    "sources read and decompressed"
+                );
+                sources
+            }
+            Err(error) => {
+                tracing::warn!(from = %source.version, %error, "no delta from this version");
+                report.skipped = Some(format!("its targets are not usable: {error}"));
+                outcome.reports.push(report);
+                continue;
+            }
         };
         let mut patches = Vec::new();
         for (kind, source_kind, result_kind) in planned_patches() {
             let Some(source_target) = source.target(source_kind) else {
                 continue;
             };
-            if !job
-                .build
-                .artifacts
-                .iter()
-                .any(|artifact| artifact.kind == result_kind)
-            {
+            let Some((_, source_bytes)) = sources.iter().find(|(read, _)| *read == source_kind)
+            else {
                 continue;
-            }
-            // The source first: a version whose targets cannot be read (or
-            // do not decompress to what the manifest says) gets no delta.
-            let spinner = crate::progress::stage_spinner(&format!(
-                "reading {} {} from the repository",
-                source.version,
-                uncompressed_name(&source_target.artifact)
-            ));
-            let reading = Instant::now();
-            let source_bytes = match read_source(job.repository, source, source_kind).await {
-                Ok(bytes) => {
-                    tracing::debug!(
-                        target = %source_target.target,
-                        seconds = reading.elapsed().as_secs_f64(),
-                        "source read and decompressed"
-                    );
-                    bytes
-                }
-                Err(error) => {
-                    spinner.finish_and_clear();
-                    tracing::warn!(from = %source.version, %error, "no delta from this version");
-                    report.skipped = Some(format!(
-                        "its {} is not usable: {error}",
-                        source_target.target
-                    ));
-                    patches.clear();
-                    report.patches.clear();
-                    break;
-                }
             };
-            spinner.finish_and_clear();
             if let Some(thread) = pending.take() {
                 let waiting = Instant::now();
-                results = Some(thread.join().map_err(|_| {
-                    BuildError::Other(
-                        "the thread decompressing the build's artifacts panicked".into(),
-                    )
-                })??);
+                results = Some(joined(thread, "decompressing the build's artifacts")?);
                 tracing::debug!(
                     seconds = waiting.elapsed().as_secs_f64(),
                     "waited for the build's artifacts"
@@ -450,7 +512,7 @@ pub(crate) async fn compute(job: &DeltaJob<'_>) -> Result<DeltaOutcome> {
             let started = Instant::now();
             let mut reader = bar.wrap_read(result_bytes.as_slice());
             let written = write_patch(
-                &source_bytes,
+                source_bytes,
                 &mut reader,
                 result_artifact.uncompressed_size,
                 &path,
@@ -622,6 +684,49 @@ mod tests {
         // The frame's window is the result's 300 000 bytes: above 2^18.
         assert!(apply(&bytes, &source, 18).is_err());
         assert!(apply(&bytes, &source, written.window_log).unwrap() == result);
+    }
+
+    #[test]
+    fn the_report_says_what_shipped_and_what_was_skipped_and_why() {
+        let reports = [
+            DeltaReport {
+                from_version: "2.0.0".into(),
+                skipped: None,
+                patches: vec![
+                    PatchReport {
+                        rebuilds: "root.erofs".into(),
+                        target: Some("x-3.0.0-from-2.0.0-root.erofs.zst-patch".into()),
+                        size: 2_000_000,
+                        full_size: 115_000_000,
+                        seconds: 0.5,
+                        skipped: None,
+                    },
+                    PatchReport {
+                        rebuilds: "uki-b.efi from uki-a.efi".into(),
+                        target: None,
+                        size: 13_000_000,
+                        full_size: 13_500_000,
+                        seconds: 0.1,
+                        skipped: Some("13000000 bytes is not clearly smaller".into()),
+                    },
+                ],
+            },
+            DeltaReport {
+                from_version: "1.0.0".into(),
+                skipped: Some("its qemu-x86_64-1.0.0-root.erofs.zst is not usable".into()),
+                patches: Vec::new(),
+            },
+        ];
+        assert_eq!(
+            report_lines(&reports),
+            [
+                "delta from 2.0.0:",
+                "  root.erofs: 2000000 of 115000000 bytes (1.74 %) in 0.5 s, shipped",
+                "  uki-b.efi from uki-a.efi: 13000000 of 13500000 bytes (96.30 %) in 0.1 s, \
+                 skipped: 13000000 bytes is not clearly smaller",
+                "no delta from 1.0.0: its qemu-x86_64-1.0.0-root.erofs.zst is not usable",
+            ]
+        );
     }
 
     #[test]

@@ -645,16 +645,25 @@ pub fn publish(options: &PublishOptions) -> Result<PublishReport> {
                     &version,
                     options.delta_sources,
                 );
+                let signed = repository
+                    .all_targets()
+                    .map(|(name, target)| {
+                        (
+                            name.raw().to_string(),
+                            (target.length, hex::encode(&target.hashes.sha256)),
+                        )
+                    })
+                    .collect();
                 let outcome = delta::compute(&delta::DeltaJob {
-                    repository,
+                    targets_dir: &options.repo_dir.join(TARGETS_DIR),
+                    signed,
                     sources: &sources,
                     update: &update,
                     build: &build,
                     build_dir: &options.build_dir,
                     scratch: scratch.path(),
                     level: options.delta_level,
-                })
-                .await?;
+                })?;
                 let signed = read_delta_index(repository).await?;
                 let index = delta::updated_index(signed.clone(), &update, outcome.deltas);
                 index
