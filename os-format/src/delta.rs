@@ -109,9 +109,11 @@ pub struct Patch {
     /// The bytes the patch yields: the target version's artifact, uncompressed.
     pub result_size: u64,
     pub result_sha256: String,
-    /// The frame's window log (see [`patch_window_log`]): the decoder's
-    /// `ZSTD_d_windowLogMax` must be at least this. A streaming decoder keeps
-    /// up to `min(2^window_log, result_size)` bytes of window unless it
+    /// The window log the frame was compressed with (see
+    /// [`patch_window_log`]); the frame's header asks for at most
+    /// `2^window_log` bytes (zstd writes `result_size` instead when that is
+    /// smaller), so a decoder whose `ZSTD_d_windowLogMax` is at least this
+    /// accepts it. A streaming decoder keeps that much window unless it
     /// decodes straight into the (mapped) output.
     pub window_log: u32,
 }
