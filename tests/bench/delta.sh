@@ -29,6 +29,8 @@
 #   RACKLET_BENCH_KEEP=1       keep the work directory
 #   RACKLET_BENCH_BUILDS=DIR   reuse a kept work directory's builds (DIR/out/*)
 #   RACKLET_BENCH_RUNS=3       apply runs per path (medians are printed)
+#   RACKLET_BENCH_LINK_MBIT=0  pace the node's downloads at this rate (0: no limit,
+#                              so a full install's download costs next to nothing)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -146,6 +148,7 @@ done
 # --- the node's apply time, then the figures ------------------------------------------
 python3 "$here/delta_apply.py" --work "$work" --variant "$variant" \
   --update "$bins/bin-base/racklet-update" --runs "${RACKLET_BENCH_RUNS:-3}" \
+  --link-mbit "${RACKLET_BENCH_LINK_MBIT:-0}" \
   >"$work/apply.json" 2>"$work/apply.log" || true
 python3 "$here/delta_report.py" --work "$work" --variant "$variant" --apply "$work/apply.json" \
   --apply-log "$work/apply.log"

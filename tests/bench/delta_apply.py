@@ -9,7 +9,8 @@ naming the root hash) runs `racklet-update daemon` on a private D-Bus, and
 `racklet-update --json apply --version 2.0.0` is timed (the call returns once
 the slot is written and verified) against two repositories served on
 127.0.0.1: one with the delta (the agent should take it) and one without (a
-full download). `status --json` must then name the path taken. RUNS rounds,
+full download). With --link-mbit each HTTP response is paced at that rate, as
+over a link of that speed (one download at a time). `status --json` must then name the path taken. RUNS rounds,
 each path once per round, with the page cache flushed (and dropped when
 permitted) before each run; medians are reported.
 
@@ -18,10 +19,12 @@ Prints JSON on stdout: {NAME: {"delta_seconds", "full_seconds",
 measured (e.g. the agent took the full download from the repository with the
 delta: the reason it gives is kept).
 
-Usage: delta_apply.py --work DIR --variant NAME --update BIN [--runs N]
+Usage: delta_apply.py --work DIR --variant NAME --update BIN [--runs N] [--link-mbit R]
 """
 
 import argparse
+import functools
+import http.server
 import json
 import os
 import shutil
@@ -29,11 +32,12 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import install_throughput  # noqa: E402
-from install_throughput import MIB, StampedLog, can_drop_caches, free_port, run  # noqa: E402
+from install_throughput import MIB, StampedLog, can_drop_caches, run  # noqa: E402
 
 CHANGES = ["agent", "package", "kernel"]
 OLD_VERSION = "1.0.0"
@@ -91,20 +95,35 @@ class Node(install_throughput.Node):
             out.write(f"BOOT_IMAGE=/vmlinuz console=ttyS0 ro quiet racklet.slot=a racklet.roothash={root_hash}\n")
 
 
-def serve(directory):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", directory, str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            import urllib.request
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata/1.root.json").read()
-            return server, port
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"http.server for {directory} does not answer")
+class PacedHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, each response paced at `bytes_per_second` (0: as fast as it goes)."""
+
+    bytes_per_second = 0
+
+    def log_message(self, *args):
+        pass
+
+    def copyfile(self, source, outputfile):
+        if not self.bytes_per_second:
+            return super().copyfile(source, outputfile)
+        started = time.monotonic()
+        sent = 0
+        while chunk := source.read(64 * 1024):
+            outputfile.write(chunk)
+            sent += len(chunk)
+            ahead = sent / self.bytes_per_second - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        return None
+
+
+def serve(directory, link_mbit):
+    """An HTTP server for `directory` on 127.0.0.1 (a thread of this process)."""
+    handler = type("Handler", (PacedHandler,), {"bytes_per_second": link_mbit * 1e6 / 8})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=directory))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
 
 
 def apply_once(node, update, bus_address, drop):
@@ -149,7 +168,7 @@ def apply_once(node, update, bus_address, drop):
     return seconds, record.get("path"), (record.get("reason") or {}).get("code")
 
 
-def measure(work, variant, name, update, bus_address, runs, drop):
+def measure(work, variant, name, update, bus_address, runs, drop, link_mbit):
     base_dir = os.path.join(work, "out", "base", variant)
     with open(os.path.join(work, "out", name, variant, "manifest.json")) as source:
         result_root_bytes = next(a["uncompressed_size"] for a in json.load(source)["artifacts"]
@@ -160,7 +179,7 @@ def measure(work, variant, name, update, bus_address, runs, drop):
     try:
         served = {}
         for kind, repo in (("delta", f"repo-{name}"), ("full", f"repo-{name}-full")):
-            server, port = serve(os.path.join(work, repo))
+            server, port = serve(os.path.join(work, repo), link_mbit)
             servers.append(server)
             served[kind] = (os.path.join(work, repo), port)
         for round_number in range(runs):
@@ -177,9 +196,10 @@ def measure(work, variant, name, update, bus_address, runs, drop):
                 log(f"{name} {kind} run {round_number + 1}: {seconds:.2f} s, path {path} ({reason})")
     finally:
         for server in servers:
-            server.kill()
-            server.wait()
+            server.shutdown()
+            server.server_close()
     return {
+        "link_mbit": link_mbit,
         "delta_seconds": statistics.median(times["delta"]),
         "full_seconds": statistics.median(times["full"]),
         "delta_path": paths["delta"][0],
@@ -195,6 +215,8 @@ def main():
     parser.add_argument("--variant", required=True)
     parser.add_argument("--update", required=True)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--link-mbit", type=float, default=0,
+                        help="pace each HTTP response at this rate (0: no limit)")
     args = parser.parse_args()
 
     drop = can_drop_caches()
@@ -218,7 +240,7 @@ def main():
         for name in CHANGES:
             try:
                 results[name] = measure(args.work, args.variant, name, args.update, bus_address,
-                                        args.runs, drop)
+                                        args.runs, drop, args.link_mbit)
                 if results[name]["delta_path"] != "delta":
                     results[name]["error"] = (f"the agent took the {results[name]['delta_path']} path "
                                               f"({results[name]['delta_reason']}) from the repository with the delta")

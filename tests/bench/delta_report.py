@@ -111,7 +111,9 @@ def main():
               f"{figures['publish_full']:.1f} s without")
         times = applied.get(name)
         if times and "delta_seconds" in times:
-            print(f"{name}: apply on the node: delta {times['delta_seconds']:.2f} s "
+            link = (f"over a {times['link_mbit']:g} Mbit/s link" if times.get("link_mbit")
+                    else "served from 127.0.0.1 without a rate limit")
+            print(f"{name}: apply on the node ({link}): delta {times['delta_seconds']:.2f} s "
                   f"(path: {times.get('delta_path', '?')}), full install "
                   f"{times['full_seconds']:.2f} s, ratio {times['delta_seconds'] / times['full_seconds']:.2f}"
                   f" (goal: delta no slower than full)")
