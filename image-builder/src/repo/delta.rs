@@ -6,9 +6,10 @@
 //! A patch is one zstd frame of the result compressed with the whole source
 //! as its prefix (`zstd --patch-from`), with long-distance matching and a
 //! window that reaches back to the start of the source. Sources are the
-//! repository's own targets of the older version, read through TUF (length
-//! and sha256 checked) and decompressed in memory; results are the build's
-//! artifacts, uncompressed.
+//! repository's own target files of the older version, each checked against
+//! the length and sha256 of the targets metadata publish loaded through TUF,
+//! then decompressed in memory and checked against that version's manifest;
+//! results are the build's artifacts, uncompressed and checked the same way.
 
 use std::collections::HashMap;
 use std::fs;
