@@ -118,11 +118,13 @@ lane() {
 # takes the first job in this order whose images are built, longest first
 # (TCG emulates an aarch64 guest more slowly). On aarch64 one power cut a run, at a random moment
 # (write, placed, first boot; `make e2e` cuts at all three): each aarch64 cut
-# costs 4-12 minutes.
+# costs 4-12 minutes. The delta tests: the scenario's v1 -> v2 by delta and
+# its repair through a tampered patch's fallback (both boot paths), and a
+# node no delta starts from (e2e_delta_from_another_version, both paths).
 # A job: name, the images it needs (x86 or arm), the command.
 vm_jobs=(
   "e2e-arm-update|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario"
-  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut --count 1"
+  "e2e-arm-powercut|arm|python3 tests/vm/test_e2e.py --variant qemu-aarch64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut,delta --count 1"
   "e2e-x86-update|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only scenario,waves"
   "e2e-x86-powercuts|x86|python3 tests/vm/test_e2e.py --variant qemu-x86_64 --builds $e2e --no-build --saved-boots $saved_boots --only powercut"
   "boot-x86|x86|python3 tests/vm/test_boot.py --build $e2e/v1 --only x86"

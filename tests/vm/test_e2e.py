@@ -1466,7 +1466,7 @@ def refused(ctx: Context, vm: NetVM, running: str, words: list[str], what: str, 
     return report
 
 
-@test()
+@test("x86_64", "aarch64")
 def e2e_delta_from_another_version(ctx: Context) -> None:
     """A node whose booted root is no delta's source installs the full
     update: 2 published without deltas, 3 with a delta from 2 only; the node
