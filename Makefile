@@ -63,7 +63,7 @@ else
 endif
 k3s_flag := $(if $(filter stand-in,$(K3S)),stand-in,$(K3S))
 
-.PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint fmt-check clippy test-image test-boot run bench clean check-variant images e2e soak
+.PHONY: keys publish build lock host-tools image-binaries builder test test-unit unit test-repo test-agent lint fmt-check clippy test-image test-boot run bench bench-delta clean check-variant images e2e soak
 
 check-variant:
 	@test -f variants/$(variant)/variant.toml || { echo "no variant '$(variant)'; expected variants/$(variant)/variant.toml"; exit 2; }
@@ -177,6 +177,11 @@ run: check-variant
 
 bench: builder
 	tests/bench/build-times.sh
+
+# Delta updates against full ones (tests/bench/delta.sh; outside CI, ~14 min):
+# an agent change, a Debian security update, a kernel update.
+bench-delta: builder
+	tests/bench/delta.sh
 
 clean:
 	rm -rf $(OUTPUT)
