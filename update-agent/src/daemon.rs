@@ -738,7 +738,7 @@ impl Agent {
         let download = self.paths.state_dir.join(UKI_DOWNLOAD_NAME);
         // 2.-4. By delta when one applies; any failure of it falls back to
         // the full download.
-        let full_reason = match chosen {
+        let delta_outcome = match chosen {
             Ok(plan) => {
                 tracing::info!(
                     version = %update.version,
@@ -760,7 +760,7 @@ impl Agent {
                             seconds = started.elapsed().as_secs_f64(),
                             "delta applied and verified"
                         );
-                        self.record_install_path(LastInstallPath {
+                        Ok(LastInstallPath {
                             time: Timestamp::now(),
                             version: update.version.clone(),
                             path: InstallPath::Delta,
@@ -769,8 +769,6 @@ impl Agent {
                             full_bytes,
                             reason: None,
                         })
-                        .await;
-                        None
                     }
                     Err(_) if self.progress.cancel.load(Ordering::SeqCst) => {
                         let _ = std::fs::remove_file(&download);
@@ -778,7 +776,7 @@ impl Agent {
                     }
                     Err(error) => {
                         let _ = std::fs::remove_file(&download);
-                        Some((
+                        Err((
                             FullReason::DeltaFailed {
                                 from: plan.from_version.clone(),
                                 message: error.to_string(),
@@ -788,35 +786,40 @@ impl Agent {
                     }
                 }
             }
-            Err(reason) => Some((reason, 0)),
+            Err(reason) => Err((reason, 0)),
         };
-        if let Some((reason, patch_bytes)) = full_reason {
-            tracing::warn!(version = %update.version, reason = %reason, code = reason.code().name(), "installing by full download: {reason}");
-            self.record_install_path(LastInstallPath {
-                time: Timestamp::now(),
-                version: update.version.clone(),
-                path: InstallPath::Full,
-                from_version: None,
-                downloaded_bytes: full_bytes + patch_bytes,
-                full_bytes,
-                reason: Some(FullReasonRecord {
-                    code: reason.code(),
-                    message: reason.to_string(),
-                }),
-            })
-            .await;
-            if patch_bytes > 0 {
-                // A failed delta: start the slot over, counted as a full install.
-                self.progress.bytes.store(0, Ordering::SeqCst);
-                self.progress.total.store(full_total, Ordering::SeqCst);
-                let mut inner = self.inner.lock().await;
-                let step =
-                    transition::begin_install(&inner.state, slot, &update.version, full_total);
-                self.carry_out(&mut inner, step)?;
+        // What status and the metrics say about this install's path: recorded
+        // once the slot is installed (below), never for an install that failed.
+        let install_path = match delta_outcome {
+            Ok(record) => record,
+            Err((reason, patch_bytes)) => {
+                tracing::warn!(version = %update.version, reason = %reason, code = reason.code().name(), "installing by full download: {reason}");
+                let record = LastInstallPath {
+                    time: Timestamp::now(),
+                    version: update.version.clone(),
+                    path: InstallPath::Full,
+                    from_version: None,
+                    downloaded_bytes: full_bytes + patch_bytes,
+                    full_bytes,
+                    reason: Some(FullReasonRecord {
+                        code: reason.code(),
+                        message: reason.to_string(),
+                    }),
+                };
+                if patch_bytes > 0 {
+                    // A failed delta: start the slot over, counted as a full install.
+                    self.progress.bytes.store(0, Ordering::SeqCst);
+                    self.progress.total.store(full_total, Ordering::SeqCst);
+                    let mut inner = self.inner.lock().await;
+                    let step =
+                        transition::begin_install(&inner.state, slot, &update.version, full_total);
+                    self.carry_out(&mut inner, step)?;
+                }
+                self.install_full(update, fetcher, repository, &disk, &partitions, &download)
+                    .await?;
+                record
             }
-            self.install_full(update, fetcher, repository, &disk, &partitions, &download)
-                .await?;
-        }
+        };
         // 5. Only a verified slot gets the PARTUUIDs the initramfs looks for; then its UKI is placed with one try.
         let hash = root_hash_from_hex(&update.verity.root_hash)
             .map_err(|error| agent_error("manifest verity.root_hash")(error.to_string()))?;
@@ -843,7 +846,9 @@ impl Agent {
             download.clone(),
         );
         self.carry_out(&mut inner, step)?;
+        drop(inner);
         let _ = std::fs::remove_file(&download);
+        self.record_install_path(install_path).await;
         tracing::info!(version = %update.version, %slot, "installed; the next boot tries it once");
         Ok(())
     }
@@ -887,8 +892,14 @@ impl Agent {
                         );
                     }
                     Ok(None) => {}
+                    // Not "not signed": the signed metadata could not be read.
                     Err(error) => {
-                        tracing::warn!(target = %patch.target, %error, "cannot look the patch up in the signed targets")
+                        return Err(FullReason::IndexUnusable {
+                            message: format!(
+                                "cannot look patch {} up in the signed targets: {error}",
+                                patch.target
+                            ),
+                        })
                     }
                 }
             }
