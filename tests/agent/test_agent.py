@@ -2589,6 +2589,31 @@ def booted_slot_not_a_delta_source_falls_back_to_full(suite, node_name):
 
 
 @case
+def interrupted_delta_falls_back_to_full(suite, node_name):
+    """The agent died during a delta to 2.0.0 (its record of the delta's
+    start is still in the state directory, as a SIGBUS under a memory map
+    would leave it): the next install of 2.0.0 goes full instead of trying
+    the same delta again, and the record is gone."""
+    node = standard_node(suite, node_name, versions=("1.0.0", DELTA_VERSION), start=False)
+    new = suite.builds[DELTA_VERSION]
+    started = os.path.join(node.state_dir, "delta-started")
+    try:
+        os.makedirs(node.state_dir, exist_ok=True)
+        with open(started, "w") as out:
+            out.write(f"{DELTA_VERSION}\n")
+        node.start()
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["path"], "full", f"last_install path ({record})")
+        check_equal(record["reason"]["code"], "delta-interrupted", "reason code")
+        check_in(f"the last delta to {DELTA_VERSION} never finished", record["reason"]["message"], "reason")
+        check(not os.path.exists(started), f"{started} is still there after the full install")
+    finally:
+        node.close()
+
+
+@case
 def booted_uki_changed_falls_back_to_full(suite, node_name):
     """Slot A's UKI on the ESP is not the one 2.0.0's UKI patch starts from
     (its root still is): the source check refuses it, the full download

@@ -704,8 +704,15 @@ impl Agent {
         self.progress.cancel.store(false, Ordering::SeqCst);
         self.progress.bytes.store(0, Ordering::SeqCst);
         self.progress.resumed.store(0, Ordering::SeqCst);
-        // Delta or full: decided from the signed index and what is booted.
-        let chosen = self.choose_install_path(update, repository).await;
+        // Delta or full: decided from the signed index and what is booted,
+        // unless a delta to this version was cut short by the agent's death.
+        let chosen = if delta::take_interrupted_delta(&self.paths.state_dir, &update.version) {
+            Err(FullReason::DeltaInterrupted {
+                version: update.version.clone(),
+            })
+        } else {
+            self.choose_install_path(update, repository).await
+        };
         // Counted as the agent writes them: the rebuilt root for a delta; for a
         // full install root and hash tree uncompressed (the fetcher decompresses).
         let full_total: u64 = [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree]
@@ -751,10 +758,16 @@ impl Agent {
                     delta::megabytes(plan.full_bytes)
                 );
                 let started = std::time::Instant::now();
-                match self
-                    .install_by_delta(&plan, update, repository, &disk, &partitions, &download)
-                    .await
+                if let Err(error) =
+                    delta::mark_delta_started(&self.paths.state_dir, &update.version)
                 {
+                    tracing::warn!(%error, "cannot record that a delta starts");
+                }
+                let applied = self
+                    .install_by_delta(&plan, update, repository, &disk, &partitions, &download)
+                    .await;
+                delta::clear_delta_started(&self.paths.state_dir);
+                match applied {
                     Ok(()) => {
                         tracing::info!(
                             seconds = started.elapsed().as_secs_f64(),

@@ -56,6 +56,12 @@ pub const MAX_PATCH_BYTES: u64 = 64 << 20;
 pub const MAX_DELTA_INDEX_BYTES: u64 = 8 << 20;
 /// The record of the last install's path, in the state directory.
 pub const LAST_INSTALL_FILE: &str = "last-install.json";
+/// Kept in the state directory while a delta is applied: the version it
+/// installs. Found at the next install of that version, it means the agent
+/// died during the delta (e.g. killed by SIGBUS: a read error under a
+/// memory map is a signal, not an error), so that install goes full instead
+/// of dying the same way again.
+pub const DELTA_STARTED_FILE: &str = "delta-started";
 /// Bytes of the patch handed to the decoder at a time (progress, hashing).
 const DECODE_INPUT_STEP: usize = 256 << 10;
 
@@ -157,6 +163,8 @@ pub enum FullReason {
     UpdateIncomplete { what: String },
     #[error("the delta from {from} failed: {message}")]
     DeltaFailed { from: Version, message: String },
+    #[error("the last delta to {version} never finished (the agent stopped during it)")]
+    DeltaInterrupted { version: Version },
 }
 
 /// [`FullReason`] as a short fixed name (metrics labels, scripts).
@@ -174,6 +182,7 @@ pub enum FullReasonCode {
     NotSmaller,
     UpdateIncomplete,
     DeltaFailed,
+    DeltaInterrupted,
 }
 
 impl FullReasonCode {
@@ -190,6 +199,7 @@ impl FullReasonCode {
             FullReasonCode::NotSmaller => "not-smaller",
             FullReasonCode::UpdateIncomplete => "update-incomplete",
             FullReasonCode::DeltaFailed => "delta-failed",
+            FullReasonCode::DeltaInterrupted => "delta-interrupted",
         }
     }
 }
@@ -208,6 +218,7 @@ impl FullReason {
             FullReason::NotSmaller { .. } => FullReasonCode::NotSmaller,
             FullReason::UpdateIncomplete { .. } => FullReasonCode::UpdateIncomplete,
             FullReason::DeltaFailed { .. } => FullReasonCode::DeltaFailed,
+            FullReason::DeltaInterrupted { .. } => FullReasonCode::DeltaInterrupted,
         }
     }
 }
@@ -406,6 +417,34 @@ impl LastInstallPath {
         bytes.push(b'\n');
         crate::state::atomic_write(state_dir.join(LAST_INSTALL_FILE), &bytes)
     }
+}
+
+/// Records that a delta to `version` starts ([`DELTA_STARTED_FILE`]).
+pub fn mark_delta_started(
+    state_dir: &Path,
+    version: &Version,
+) -> Result<(), crate::state::AtomicWriteError> {
+    crate::state::atomic_write(
+        state_dir.join(DELTA_STARTED_FILE),
+        format!("{version}\n").as_bytes(),
+    )
+}
+
+/// The delta ended, one way or another, without the agent dying.
+pub fn clear_delta_started(state_dir: &Path) {
+    let _ = std::fs::remove_file(state_dir.join(DELTA_STARTED_FILE));
+}
+
+/// Whether a delta to `version` was started and never ended (the agent
+/// died during it). The record is removed either way: one full install
+/// follows an interrupted delta, and a record of another version is stale.
+pub fn take_interrupted_delta(state_dir: &Path, version: &Version) -> bool {
+    let path = state_dir.join(DELTA_STARTED_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return false;
+    };
+    let _ = std::fs::remove_file(&path);
+    text.trim() == version.to_string()
 }
 
 /// `3.1 MB`, `34.2 kB`, `512 bytes` (decimal units, one decimal).
@@ -1342,6 +1381,32 @@ mod tests {
         assert!(
             error.contains(&patch.target) && error.contains("sha256"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_delta_is_found_once_and_only_for_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let two = Version::parse("2.0.0").unwrap();
+        let three = Version::parse("3.0.0").unwrap();
+        assert!(!take_interrupted_delta(dir.path(), &two), "no record");
+        mark_delta_started(dir.path(), &two).unwrap();
+        assert!(take_interrupted_delta(dir.path(), &two));
+        assert!(!take_interrupted_delta(dir.path(), &two), "taken once");
+        mark_delta_started(dir.path(), &two).unwrap();
+        assert!(
+            !take_interrupted_delta(dir.path(), &three),
+            "another version's"
+        );
+        assert!(
+            !dir.path().join(DELTA_STARTED_FILE).exists(),
+            "a stale record goes"
+        );
+        mark_delta_started(dir.path(), &two).unwrap();
+        clear_delta_started(dir.path());
+        assert!(
+            !take_interrupted_delta(dir.path(), &two),
+            "a delta that ended"
         );
     }
 }
