@@ -1419,7 +1419,10 @@ async fn read_signed_target(
     AgentError::joined(
         "the target reader",
         tokio::task::spawn_blocking(move || {
-            let mut bytes = Vec::new();
+            // Sized once (the limit is a signed length, or a small cap): no
+            // doubling past it while reading.
+            let mut bytes =
+                Vec::with_capacity(usize::try_from(limit).unwrap_or(0).saturating_add(1));
             reader.take(limit + 1).read_to_end(&mut bytes)?;
             if bytes.len() as u64 > limit {
                 return Err(std::io::Error::other(format!(
