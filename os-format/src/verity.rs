@@ -133,6 +133,9 @@ pub enum VerityError {
         non_hex = if text.chars().all(|c| c.is_ascii_hexdigit()) { "" } else { " (not all hex digits)" }
     )]
     InvalidRootHashHex { text: String },
+    /// More data arrived than the size the tree was made for.
+    #[error("more data than the expected {expected} bytes")]
+    LongerThanExpected { expected: u64 },
     /// An input ended before the expected number of bytes was read.
     #[error(
         "short read of {what}: expected {expected} bytes, found only {found} before end of input"
@@ -348,31 +351,10 @@ pub fn build_hash_tree_with_progress<R: Read, W: Write>(
     data_size_bytes: u64,
     salt: &[u8],
     uuid: [u8; 16],
-    mut hash_out: W,
+    hash_out: W,
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerityTree, VerityError> {
-    let tree = InMemoryTree::build(data, data_size_bytes, salt, progress)?;
-    let superblock = VeritySuperblock::new(uuid, tree.geometry.data_blocks, salt.to_vec());
-
-    let mut superblock_block = vec![0u8; BLOCK_SIZE];
-    superblock_block[..SUPERBLOCK_SIZE].copy_from_slice(&superblock.to_bytes());
-    hash_out
-        .write_all(&superblock_block)
-        .map_err(|source| io_error("writing the verity superblock", source))?;
-    for (level, blocks) in tree.levels.iter().enumerate().rev() {
-        hash_out
-            .write_all(blocks)
-            .map_err(|source| io_error(format!("writing hash tree level {level}"), source))?;
-    }
-    hash_out
-        .flush()
-        .map_err(|source| io_error("flushing the hash device", source))?;
-
-    Ok(VerityTree {
-        superblock,
-        root_hash: tree.root_hash,
-        hash_device_size_bytes: tree.geometry.hash_device_size_bytes(),
-    })
+    stream_tree(data, data_size_bytes, salt, true, progress)?.write_hash_device(uuid, hash_out)
 }
 
 /// Verifies `data` against `hash_device` (superblock at offset 0) and
@@ -542,7 +524,313 @@ pub fn compute_root_hash<R: Read>(
     data_size_bytes: u64,
     salt: &[u8],
 ) -> Result<RootHash, VerityError> {
-    Ok(InMemoryTree::build(data, data_size_bytes, salt, &mut |_| {})?.root_hash)
+    Ok(*stream_tree(data, data_size_bytes, salt, false, &mut |_| {})?.root_hash())
+}
+
+/// The dm-verity tree of data that streams past once (an update being
+/// written to its slot): [`StreamingTree::update`] hashes each 4096-byte block
+/// as it passes, so checking the data against a signed root hash costs the
+/// same one sha256 pass as checking its plain sha256, and needs no second
+/// read. Memory: one hash block being filled and the digests of the
+/// finished ones (1/128 of the tree, 64 KiB per GiB of data), never the data
+/// or the lowest level.
+pub struct StreamingTree {
+    geometry: TreeGeometry,
+    hasher: SaltedHasher,
+    salt: Vec<u8>,
+    data_size_bytes: u64,
+    /// Data bytes taken so far.
+    taken: u64,
+    /// The start of a data block split between two updates.
+    partial: Vec<u8>,
+    /// The lowest-level hash block being filled (or, for one data block,
+    /// that block's digest).
+    lowest_block: Vec<u8>,
+    lowest_filled: usize,
+    /// Digests of the finished lowest-level blocks, in order.
+    lowest_digests: Vec<u8>,
+    /// The finished lowest-level blocks themselves, when kept
+    /// ([`StreamingTree::keeping_lowest_level`]).
+    lowest_level: Option<Vec<u8>>,
+}
+
+impl StreamingTree {
+    /// [`StreamingTree::new`], keeping the lowest level too (1/128 of the
+    /// data: 8 MiB per GiB), so [`StreamedTree::write_hash_device`] can
+    /// write the whole hash device.
+    pub fn keeping_lowest_level(
+        data_size_bytes: u64,
+        salt: &[u8],
+    ) -> Result<StreamingTree, VerityError> {
+        let mut tree = StreamingTree::new(data_size_bytes, salt)?;
+        let lowest_blocks = tree.geometry.level_blocks.first().copied().unwrap_or(0);
+        tree.lowest_level = Some(Vec::with_capacity(to_usize(
+            lowest_blocks * VERITY_BLOCK_SIZE,
+        )?));
+        Ok(tree)
+    }
+
+    /// A tree for `data_size_bytes` (a non-zero multiple of 4096) of data
+    /// hashed with `salt`.
+    pub fn new(data_size_bytes: u64, salt: &[u8]) -> Result<StreamingTree, VerityError> {
+        if data_size_bytes == 0 {
+            return Err(VerityError::EmptyData);
+        }
+        if !data_size_bytes.is_multiple_of(VERITY_BLOCK_SIZE) {
+            return Err(VerityError::NotBlockAligned {
+                size: data_size_bytes,
+            });
+        }
+        if salt.len() > MAX_SALT_SIZE {
+            return Err(VerityError::SaltTooLong { len: salt.len() });
+        }
+        let geometry = TreeGeometry::for_data_blocks(data_size_bytes / VERITY_BLOCK_SIZE);
+        let lowest_blocks = geometry.level_blocks.first().copied().unwrap_or(0);
+        Ok(StreamingTree {
+            hasher: SaltedHasher::new(salt),
+            salt: salt.to_vec(),
+            data_size_bytes,
+            taken: 0,
+            partial: Vec::with_capacity(BLOCK_SIZE),
+            lowest_block: vec![0u8; BLOCK_SIZE],
+            lowest_filled: 0,
+            lowest_digests: Vec::with_capacity(to_usize(lowest_blocks)? * DIGEST_SIZE),
+            lowest_level: None,
+            geometry,
+        })
+    }
+
+    /// Hashes the next `bytes` of the data. More data than the size given
+    /// to [`StreamingTree::new`] is an error.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<(), VerityError> {
+        if bytes.len() as u64 > self.data_size_bytes - self.taken {
+            return Err(VerityError::LongerThanExpected {
+                expected: self.data_size_bytes,
+            });
+        }
+        self.taken += bytes.len() as u64;
+        if !self.partial.is_empty() {
+            let want = (BLOCK_SIZE - self.partial.len()).min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..want]);
+            bytes = &bytes[want..];
+            if self.partial.len() < BLOCK_SIZE {
+                return Ok(());
+            }
+            let block = std::mem::take(&mut self.partial);
+            self.add_data_block(&block);
+            self.partial = block;
+            self.partial.clear();
+        }
+        let mut blocks = bytes.chunks_exact(BLOCK_SIZE);
+        for block in &mut blocks {
+            self.add_data_block(block);
+        }
+        self.partial.extend_from_slice(blocks.remainder());
+        Ok(())
+    }
+
+    fn add_data_block(&mut self, block: &[u8]) {
+        let digest = self.hasher.digest(block);
+        self.lowest_block[self.lowest_filled..self.lowest_filled + DIGEST_SIZE]
+            .copy_from_slice(&digest);
+        self.lowest_filled += DIGEST_SIZE;
+        if self.lowest_filled == BLOCK_SIZE {
+            self.finish_lowest_block();
+        }
+    }
+
+    fn finish_lowest_block(&mut self) {
+        let digest = self.hasher.digest(&self.lowest_block);
+        self.lowest_digests.extend_from_slice(&digest);
+        if let Some(level) = self.lowest_level.as_mut() {
+            level.extend_from_slice(&self.lowest_block);
+        }
+        self.lowest_block.fill(0);
+        self.lowest_filled = 0;
+    }
+
+    /// Data bytes hashed so far.
+    pub fn bytes_taken(&self) -> u64 {
+        self.taken
+    }
+
+    /// The tree of all the data: an error if less than the size given to
+    /// [`StreamingTree::new`] was hashed.
+    pub fn finish(mut self) -> Result<StreamedTree, VerityError> {
+        if self.taken < self.data_size_bytes {
+            return Err(VerityError::ShortRead {
+                what: "data".to_string(),
+                expected: self.data_size_bytes,
+                found: self.taken,
+            });
+        }
+        let level_count = self.geometry.level_blocks.len();
+        if level_count == 0 {
+            // One data block: its digest is the root hash.
+            let root_hash = self.lowest_block[..DIGEST_SIZE]
+                .try_into()
+                .expect("one digest");
+            return Ok(StreamedTree {
+                geometry: self.geometry,
+                salt: self.salt,
+                upper_levels: Vec::new(),
+                lowest_digests: Vec::new(),
+                lowest_level: self.lowest_level.map(|_| Vec::new()),
+                root_hash,
+            });
+        }
+        if self.lowest_filled > 0 {
+            self.finish_lowest_block();
+        }
+        // Levels 1 and up, from the lowest level's block digests.
+        let mut upper_levels: Vec<Vec<u8>> = Vec::new();
+        let mut below_digests = self.lowest_digests.clone();
+        for &blocks in &self.geometry.level_blocks[1..] {
+            let mut level = below_digests;
+            level.resize(to_usize(blocks * VERITY_BLOCK_SIZE)?, 0);
+            below_digests = level
+                .chunks_exact(BLOCK_SIZE)
+                .flat_map(|block| self.hasher.digest(block))
+                .collect();
+            upper_levels.push(level);
+        }
+        let root_hash = below_digests[..DIGEST_SIZE]
+            .try_into()
+            .expect("the top level is one block");
+        Ok(StreamedTree {
+            geometry: self.geometry,
+            salt: self.salt,
+            upper_levels,
+            lowest_digests: self.lowest_digests,
+            lowest_level: self.lowest_level,
+            root_hash,
+        })
+    }
+}
+
+/// The tree of streamed data ([`StreamingTree::finish`]): its root hash, and
+/// enough of it to check a hash device written beside the data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamedTree {
+    geometry: TreeGeometry,
+    salt: Vec<u8>,
+    /// Levels 1 and up (index 0 = level 1), zero-padded whole blocks.
+    upper_levels: Vec<Vec<u8>>,
+    /// The digest of each lowest-level block (empty for one data block).
+    lowest_digests: Vec<u8>,
+    /// The lowest level, if it was kept.
+    lowest_level: Option<Vec<u8>>,
+    root_hash: RootHash,
+}
+
+impl StreamedTree {
+    /// The root hash of the streamed data.
+    pub fn root_hash(&self) -> &RootHash {
+        &self.root_hash
+    }
+
+    /// Writes the hash device (superblock block with `uuid`, then the levels,
+    /// top first) to `hash_out`, like [`build_hash_tree`]. Needs the lowest
+    /// level: a tree made by [`StreamingTree::keeping_lowest_level`].
+    pub fn write_hash_device<W: Write>(
+        &self,
+        uuid: [u8; 16],
+        mut hash_out: W,
+    ) -> Result<VerityTree, VerityError> {
+        let lowest_level = self.lowest_level.as_ref().ok_or_else(|| {
+            io_error(
+                "writing the hash device",
+                io::Error::other("the tree was streamed without keeping its lowest level"),
+            )
+        })?;
+        let superblock = VeritySuperblock::new(uuid, self.geometry.data_blocks, self.salt.clone());
+        let mut superblock_block = vec![0u8; BLOCK_SIZE];
+        superblock_block[..SUPERBLOCK_SIZE].copy_from_slice(&superblock.to_bytes());
+        hash_out
+            .write_all(&superblock_block)
+            .map_err(|source| io_error("writing the verity superblock", source))?;
+        for (index, level) in self.upper_levels.iter().enumerate().rev() {
+            hash_out.write_all(level).map_err(|source| {
+                io_error(format!("writing hash tree level {}", index + 1), source)
+            })?;
+        }
+        hash_out
+            .write_all(lowest_level)
+            .map_err(|source| io_error("writing hash tree level 0", source))?;
+        hash_out
+            .flush()
+            .map_err(|source| io_error("flushing the hash device", source))?;
+        Ok(VerityTree {
+            superblock,
+            root_hash: self.root_hash,
+            hash_device_size_bytes: self.geometry.hash_device_size_bytes(),
+        })
+    }
+
+    /// Checks that `hash_device` (superblock at offset 0) is the hash
+    /// device of the streamed data: its superblock's block count and salt,
+    /// its upper levels byte for byte, and each lowest-level block by its
+    /// digest. Reads the hash device once (1/128 of the data), hashes only
+    /// its lowest level. Returns the superblock.
+    pub fn check_hash_device<R: Read + Seek>(
+        &self,
+        mut hash_device: R,
+    ) -> Result<VeritySuperblock, VerityError> {
+        hash_device
+            .seek(SeekFrom::Start(0))
+            .map_err(|source| io_error("seeking to the start of the hash device", source))?;
+        let mut block = vec![0u8; BLOCK_SIZE];
+        read_exactly(
+            &mut hash_device,
+            &mut block,
+            "the hash device superblock block",
+        )?;
+        let superblock = VeritySuperblock::parse(&block)?;
+        if superblock.data_blocks != self.geometry.data_blocks {
+            return Err(VerityError::BadSuperblock {
+                reason: format!(
+                    "expected {} data blocks, found {}",
+                    self.geometry.data_blocks, superblock.data_blocks
+                ),
+            });
+        }
+        if superblock.salt != self.salt {
+            return Err(VerityError::BadSuperblock {
+                reason: format!(
+                    "expected salt {}, found {}",
+                    hex::encode(&self.salt),
+                    hex::encode(&superblock.salt)
+                ),
+            });
+        }
+        let level_count = self.geometry.level_blocks.len();
+        for level in (1..level_count).rev() {
+            let expected = &self.upper_levels[level - 1];
+            let start = self.geometry.level_start_block(level);
+            for (index, expected_block) in expected.chunks_exact(BLOCK_SIZE).enumerate() {
+                read_exactly(&mut hash_device, &mut block, "the hash tree's upper levels")?;
+                if block != expected_block {
+                    return Err(VerityError::CorruptHashBlock {
+                        offset: (start + index as u64) * VERITY_BLOCK_SIZE,
+                    });
+                }
+            }
+        }
+        if level_count > 0 {
+            let start = self.geometry.level_start_block(0);
+            let hasher = SaltedHasher::new(&self.salt);
+            let mut lowest = io::BufReader::with_capacity(LOWEST_LEVEL_READ_SIZE, &mut hash_device);
+            for (index, expected) in self.lowest_digests.chunks_exact(DIGEST_SIZE).enumerate() {
+                read_exactly(&mut lowest, &mut block, "the hash tree's lowest level")?;
+                if hasher.digest(&block)[..] != *expected {
+                    return Err(VerityError::CorruptHashBlock {
+                        offset: (start + index as u64) * VERITY_BLOCK_SIZE,
+                    });
+                }
+            }
+        }
+        Ok(superblock)
+    }
 }
 
 /// The device-mapper `verity` target parameters (what follows
@@ -639,82 +927,24 @@ impl TreeGeometry {
     }
 }
 
-/// A complete hash tree held in memory.
-struct InMemoryTree {
-    geometry: TreeGeometry,
-    /// Level contents, index 0 = lowest level; each a whole number of
-    /// zero-padded hash blocks.
-    levels: Vec<Vec<u8>>,
-    root_hash: RootHash,
-}
-
-impl InMemoryTree {
-    /// Streams `data_size_bytes` of `data` and builds every level.
-    fn build<R: Read>(
-        mut data: R,
-        data_size_bytes: u64,
-        salt: &[u8],
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<InMemoryTree, VerityError> {
-        if data_size_bytes == 0 {
-            return Err(VerityError::EmptyData);
-        }
-        if !data_size_bytes.is_multiple_of(VERITY_BLOCK_SIZE) {
-            return Err(VerityError::NotBlockAligned {
-                size: data_size_bytes,
-            });
-        }
-        if salt.len() > MAX_SALT_SIZE {
-            return Err(VerityError::SaltTooLong { len: salt.len() });
-        }
-        let geometry = TreeGeometry::for_data_blocks(data_size_bytes / VERITY_BLOCK_SIZE);
-        let hasher = SaltedHasher::new(salt);
-
-        // Leaf digests: level 0 if there is a tree, else just the root digest.
-        let leaf_len = match geometry.level_blocks.first() {
-            Some(&blocks) => to_usize(blocks * VERITY_BLOCK_SIZE)?,
-            None => DIGEST_SIZE,
-        };
-        let mut leaf_digests = vec![0u8; leaf_len];
-        let mut next_leaf = leaf_digests.chunks_exact_mut(DIGEST_SIZE);
-        for_each_data_chunk(&mut data, data_size_bytes, progress, &mut |chunk| {
-            for block in chunk.chunks_exact(BLOCK_SIZE) {
-                let slot = next_leaf
-                    .next()
-                    .expect("leaf level sized for every data block");
-                slot.copy_from_slice(&hasher.digest(block));
-            }
-            Ok(())
-        })?;
-
-        if geometry.level_blocks.is_empty() {
-            let root_hash = leaf_digests[..].try_into().expect("one digest");
-            return Ok(InMemoryTree {
-                geometry,
-                levels: Vec::new(),
-                root_hash,
-            });
-        }
-        let mut levels = vec![leaf_digests];
-        for &blocks in &geometry.level_blocks[1..] {
-            let below = levels.last().expect("level 0 present");
-            let mut level = vec![0u8; to_usize(blocks * VERITY_BLOCK_SIZE)?];
-            for (slot, child) in level
-                .chunks_exact_mut(DIGEST_SIZE)
-                .zip(below.chunks_exact(BLOCK_SIZE))
-            {
-                slot.copy_from_slice(&hasher.digest(child));
-            }
-            levels.push(level);
-        }
-        let top = levels.last().expect("at least one level");
-        let root_hash = hasher.digest(top);
-        Ok(InMemoryTree {
-            geometry,
-            levels,
-            root_hash,
-        })
-    }
+/// Streams `data_size_bytes` of `data` through a [`StreamingTree`]
+/// (keeping its lowest level if `keep_lowest_level`).
+fn stream_tree<R: Read>(
+    mut data: R,
+    data_size_bytes: u64,
+    salt: &[u8],
+    keep_lowest_level: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<StreamedTree, VerityError> {
+    let mut tree = if keep_lowest_level {
+        StreamingTree::keeping_lowest_level(data_size_bytes, salt)?
+    } else {
+        StreamingTree::new(data_size_bytes, salt)?
+    };
+    for_each_data_chunk(&mut data, data_size_bytes, progress, &mut |chunk| {
+        tree.update(chunk)
+    })?;
+    tree.finish()
 }
 
 /// sha256 with the salt already absorbed, cloned for every block.
@@ -1278,5 +1508,131 @@ mod tests {
         seed.extend_from_slice(&digest);
         assert_eq!(hash_device_uuid(&digest), crate::gpt::Guid::derive(&seed));
         assert_ne!(hash_device_uuid(&digest), hash_device_uuid(&[8u8; 32]));
+    }
+
+    /// The tree of `data` streamed in pieces of `step` bytes.
+    fn streamed(data: &[u8], salt: &[u8], step: usize) -> StreamedTree {
+        let mut tree = StreamingTree::new(data.len() as u64, salt).unwrap();
+        for piece in data.chunks(step) {
+            tree.update(piece).unwrap();
+        }
+        assert_eq!(tree.bytes_taken(), data.len() as u64);
+        tree.finish().unwrap()
+    }
+
+    #[test]
+    fn a_streamed_tree_is_the_built_one_and_checks_its_hash_device() {
+        // One block (no levels), one level, two levels, three levels; pieces
+        // that split blocks and pieces of many blocks.
+        for blocks in [1usize, 2, 129, 128 * 128 + 3] {
+            let data = pseudo_random_data(blocks * BLOCK_SIZE, blocks as u64);
+            let (built, hash_device) = build(&data, TEST_SALT);
+            let steps: &[usize] = if blocks > 1000 {
+                &[3 * BLOCK_SIZE + 17]
+            } else {
+                &[1000, BLOCK_SIZE, 3 * BLOCK_SIZE + 17, 1 << 20]
+            };
+            for &step in steps {
+                let tree = streamed(&data, TEST_SALT, step);
+                assert_eq!(
+                    tree.root_hash(),
+                    &built.root_hash,
+                    "{blocks} blocks, step {step}"
+                );
+                let superblock = tree.check_hash_device(Cursor::new(&hash_device)).unwrap();
+                assert_eq!(superblock, built.superblock);
+            }
+        }
+    }
+
+    #[test]
+    fn a_streamed_tree_writes_the_built_hash_device() {
+        for blocks in [1usize, 2, 129, 128 * 128 + 3] {
+            let data = pseudo_random_data(blocks * BLOCK_SIZE, 77 + blocks as u64);
+            let (built, hash_device) = build(&data, TEST_SALT);
+            let mut tree =
+                StreamingTree::keeping_lowest_level(data.len() as u64, TEST_SALT).unwrap();
+            tree.update(&data).unwrap();
+            let tree = tree.finish().unwrap();
+            let mut written = Vec::new();
+            assert_eq!(
+                tree.write_hash_device(TEST_UUID, &mut written).unwrap(),
+                built
+            );
+            assert!(
+                written == hash_device,
+                "{blocks} blocks: another hash device"
+            );
+        }
+        // Without the lowest level it says so.
+        let data = pseudo_random_data(3 * BLOCK_SIZE, 1);
+        let error = streamed(&data, TEST_SALT, BLOCK_SIZE)
+            .write_hash_device(TEST_UUID, Vec::new())
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("without keeping its lowest level"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_hash_device_that_is_not_the_streamed_data_s_is_named() {
+        let data = pseudo_random_data(128 * 128 * BLOCK_SIZE + 5 * BLOCK_SIZE, 9);
+        let (_, hash_device) = build(&data, TEST_SALT);
+        let tree = streamed(&data, TEST_SALT, 1 << 20);
+        let geometry = TreeGeometry::for_data_blocks((data.len() / BLOCK_SIZE) as u64);
+        // A byte of the top level, of level 1 and of the lowest level.
+        for level in [2usize, 1, 0] {
+            let block = geometry.level_start_block(level);
+            let mut damaged = hash_device.clone();
+            damaged[block as usize * BLOCK_SIZE + 40] ^= 1;
+            let error = tree.check_hash_device(Cursor::new(&damaged)).unwrap_err();
+            assert!(
+                matches!(error, VerityError::CorruptHashBlock { offset } if offset == block * VERITY_BLOCK_SIZE),
+                "level {level}: {error}"
+            );
+        }
+        // Another salt, another block count, a short device.
+        let (_, other_salt) = build(&data, &[9, 9]);
+        let error = tree
+            .check_hash_device(Cursor::new(&other_salt))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("expected salt 0011223344"),
+            "{error}"
+        );
+        let (_, shorter) = build(&data[..data.len() - BLOCK_SIZE], TEST_SALT);
+        let error = tree.check_hash_device(Cursor::new(&shorter)).unwrap_err();
+        assert!(error.to_string().contains("data blocks"), "{error}");
+        let error = tree
+            .check_hash_device(Cursor::new(&hash_device[..hash_device.len() - 1]))
+            .unwrap_err();
+        assert!(matches!(error, VerityError::ShortRead { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_streaming_tree_refuses_more_or_less_data_than_its_size() {
+        let data = pseudo_random_data(3 * BLOCK_SIZE, 4);
+        let mut tree = StreamingTree::new(2 * VERITY_BLOCK_SIZE, TEST_SALT).unwrap();
+        let error = tree.update(&data).unwrap_err();
+        assert!(
+            matches!(error, VerityError::LongerThanExpected { expected } if expected == 2 * VERITY_BLOCK_SIZE)
+        );
+        let mut tree = StreamingTree::new(2 * VERITY_BLOCK_SIZE, TEST_SALT).unwrap();
+        tree.update(&data[..BLOCK_SIZE + 1]).unwrap();
+        let error = tree.finish().err().unwrap();
+        assert!(
+            matches!(error, VerityError::ShortRead { found, .. } if found == VERITY_BLOCK_SIZE + 1)
+        );
+        assert!(matches!(
+            StreamingTree::new(4095, TEST_SALT),
+            Err(VerityError::NotBlockAligned { .. })
+        ));
+        assert!(matches!(
+            StreamingTree::new(0, TEST_SALT),
+            Err(VerityError::EmptyData)
+        ));
     }
 }

@@ -996,7 +996,7 @@ impl Agent {
                 .await,
             )??;
         }
-        {
+        let streamed = {
             let disk = disk.to_path_buf();
             let booted = SlotPartitions::locate(&disk, self.booted.slot)?;
             let inactive = partitions.clone();
@@ -1018,20 +1018,28 @@ impl Agent {
                     )
                 })
                 .await,
-            )??;
-        }
+            )??
+        };
         self.announce();
-        self.verify_written_slot(update, disk, partitions).await?;
+        self.verify_written_slot(update, disk, partitions, streamed)
+            .await?;
         tracing::info!(%slot, "slot rebuilt from the delta and read back");
         Ok(())
     }
 
-    /// Step 3: read the written slot back and recompute its dm-verity root hash.
+    /// Step 3: check the written slot. With `streamed` (the root was checked
+    /// against the signed root hash as it streamed or was decoded, and CRCs
+    /// kept of both partitions), both are read back from the device and
+    /// compared with what was written, and the hash tree checked against the
+    /// root's
+    /// ([`install::check_streamed_slot`]); otherwise the slot is read back
+    /// and its dm-verity root hash recomputed ([`install::verify_slot`]).
     async fn verify_written_slot(
         &self,
         update: &Update,
         disk: &Path,
         partitions: &SlotPartitions,
+        streamed: Option<install::StreamedSlot>,
     ) -> Result<(), AgentError> {
         {
             let mut inner = self.inner.lock().await;
@@ -1045,7 +1053,12 @@ impl Agent {
             "the verify task",
             tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
                 let file = install::open_disk_for_writing(&disk)?;
-                install::verify_slot(&file, &partitions, &verity)?;
+                match streamed {
+                    Some(streamed) => {
+                        install::check_streamed_slot(&file, &partitions, &verity, &streamed)?
+                    }
+                    None => install::verify_slot(&file, &partitions, &verity)?,
+                }
                 Ok(())
             })
             .await,
@@ -1066,6 +1079,7 @@ impl Agent {
         let slot = partitions.slot;
         // 2. Stream root and verity into the partitions.
         let mut written_before = 0;
+        let mut written = Vec::new();
         for kind in [ArtifactKind::RootFilesystem, ArtifactKind::VerityHashTree] {
             let target = update.target(kind).ok_or_else(|| AgentError::Invalid {
                 what: format!("update {}", update.version),
@@ -1083,9 +1097,10 @@ impl Agent {
                 let partitions = partitions.clone();
                 let progress = Arc::clone(&self.progress);
                 let base = written_before;
+                let verity = update.verity.clone();
                 let result = AgentError::joined(
                     "the writer task",
-                    tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                    tokio::task::spawn_blocking(move || -> Result<_, AgentError> {
                         let file = install::open_disk_for_writing(&disk)?;
                         let (reader, artifact) = source.open();
                         let partition = install::partition_for(&artifact, &partitions)?;
@@ -1093,22 +1108,35 @@ impl Agent {
                             inner: reader,
                             progress: Arc::clone(&progress),
                         };
-                        install::write_artifact(
-                            cancellable,
-                            &artifact,
-                            &file,
-                            partition,
-                            &mut |bytes| {
-                                progress.bytes.store(base + bytes, Ordering::Relaxed);
-                            },
-                        )?;
-                        Ok(())
+                        let mut progress =
+                            |bytes| progress.bytes.store(base + bytes, Ordering::Relaxed);
+                        let written = match kind {
+                            ArtifactKind::RootFilesystem => install::write_root_artifact(
+                                cancellable,
+                                &artifact,
+                                &verity,
+                                &file,
+                                partition,
+                                &mut progress,
+                            )?,
+                            _ => install::write_artifact(
+                                cancellable,
+                                &artifact,
+                                &file,
+                                partition,
+                                &mut progress,
+                            )?,
+                        };
+                        Ok(written)
                     })
                     .await,
                 )
                 .and_then(|result| result);
                 match result {
-                    Ok(()) => break,
+                    Ok(artifact) => {
+                        written.push(artifact);
+                        break;
+                    }
                     Err(error) if attempt < ARTIFACT_ATTEMPTS && retryable(&error) => {
                         tracing::warn!(target = %target.target, attempt, %error, "download failed; starting this artifact again");
                         attempt += 1;
@@ -1125,9 +1153,14 @@ impl Agent {
             written_before += target.artifact.uncompressed_size;
             self.announce();
         }
-        // 3. Read back and recompute the dm-verity root hash.
-        self.verify_written_slot(update, disk, partitions).await?;
-        // 4. The UKI, downloaded and checked before anything marks the slot as holding a root.
+        // 3. Check the written slot, reading it back from the disk, and
+        // 4. download the UKI meanwhile (the read-back keeps the disk busy,
+        // the download the network and the CPU); both before anything marks
+        // the slot as holding a root.
+        let streamed = match written.as_slice() {
+            [root, verity] => install::StreamedSlot::from_written(root, verity),
+            _ => None,
+        };
         let uki_target = update
             .target(ArtifactKind::KernelImage { slot })
             .ok_or_else(|| AgentError::Invalid {
@@ -1137,11 +1170,19 @@ impl Agent {
         let reader = repository.target_reader(&uki_target.target)?;
         let artifact = uki_target.artifact.clone();
         let download = download.to_path_buf();
-        AgentError::joined(
-            "the download task",
-            tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
-                .await,
-        )?
+        let uki = async {
+            AgentError::joined(
+                "the download task",
+                tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
+                    .await,
+            )?
+        };
+        let (verified, downloaded) = tokio::join!(
+            self.verify_written_slot(update, disk, partitions, streamed),
+            uki
+        );
+        verified?;
+        downloaded
     }
 
     async fn finish_install(

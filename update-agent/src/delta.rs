@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::install::{PieceCrcs, StreamedSlot};
 use crate::mapping::FileMapping;
 use crate::slots::{PartitionRange, SlotPartitions};
 
@@ -543,6 +544,15 @@ pub enum DeltaError {
         expected: String,
         found: String,
     },
+    #[error(
+        "patch {target}: the root it rebuilt hashes to dm-verity root hash {found}, the signed \
+         one is {expected} (the booted root is not the patch's source, or the patch is bad)"
+    )]
+    ResultRootHashMismatch {
+        target: String,
+        expected: String,
+        found: String,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -667,25 +677,62 @@ fn check_source(what: &str, patch: &Patch, source: &[u8]) -> Result<(), DeltaErr
     Ok(())
 }
 
+/// How [`rebuild`] checks what it decodes.
+enum ResultCheck {
+    /// The patch's `result_sha256` (a UKI).
+    Sha256(Sha256),
+    /// The signed dm-verity root hash of a root whose data blocks are all
+    /// of it (its tree, computed as it is decoded, kept to be written), and
+    /// CRCs of it for the read-back.
+    VerityTree {
+        tree: Box<verity::StreamingTree>,
+        expected_root_hash: String,
+        crcs: PieceCrcs,
+    },
+}
+
+/// What [`rebuild`] checked.
+enum CheckedResult {
+    Sha256,
+    VerityTree {
+        tree: Box<verity::StreamedTree>,
+        crcs: PieceCrcs,
+    },
+}
+
 /// Decodes `patch` from `source` into `output` (the signed result size),
-/// hashing as it goes; the result must be the patch's (`result_size`,
-/// `result_sha256`, which [`choose_path`] checked are the manifest's).
-/// `progress` gets the bytes decoded so far; `cancelled` stops it.
+/// checking as it goes (`check`); the result must be the patch's
+/// (`result_size`, and `result_sha256` or the signed root hash, which
+/// [`choose_path`] checked are the manifest's). `progress` gets the bytes
+/// decoded so far; `cancelled` stops it.
 fn rebuild(
     patch: &Patch,
     bytes: &[u8],
     source: &[u8],
     output: &mut [u8],
+    mut check: ResultCheck,
     progress: &mut dyn FnMut(u64),
     cancelled: &dyn Fn() -> bool,
-) -> Result<(), DeltaError> {
-    let mut hasher = Sha256::new();
+) -> Result<CheckedResult, DeltaError> {
     let mut done = 0u64;
     let decoded = decode_patch(bytes, source, output, &mut |range| {
         if cancelled() {
             return Err(DeltaError::Cancelled);
         }
-        hasher.update(range);
+        match &mut check {
+            ResultCheck::Sha256(hasher) => hasher.update(range),
+            ResultCheck::VerityTree { tree, crcs, .. } => {
+                // Never more than the output (the result size = the tree's).
+                tree.update(range).map_err(|_| DeltaError::Decode {
+                    target: patch.target.clone(),
+                    source: DecodeError::Zstd {
+                        message: "more bytes than the signed result".into(),
+                        produced: done,
+                    },
+                })?;
+                crcs.update(range);
+            }
+        }
         done += range.len() as u64;
         progress(done);
         Ok(())
@@ -694,17 +741,52 @@ fn rebuild(
         target: patch.target.clone(),
         source,
     })?;
-    let sha256 = hex::encode(hasher.finalize());
-    if decoded as u64 != patch.result_size || !sha256.eq_ignore_ascii_case(&patch.result_sha256) {
-        return Err(DeltaError::ResultMismatch {
-            target: patch.target.clone(),
-            expected_size: patch.result_size,
-            expected_sha256: patch.result_sha256.clone(),
-            size: decoded as u64,
-            sha256,
-        });
+    match check {
+        ResultCheck::Sha256(hasher) => {
+            let sha256 = hex::encode(hasher.finalize());
+            if decoded as u64 != patch.result_size
+                || !sha256.eq_ignore_ascii_case(&patch.result_sha256)
+            {
+                return Err(DeltaError::ResultMismatch {
+                    target: patch.target.clone(),
+                    expected_size: patch.result_size,
+                    expected_sha256: patch.result_sha256.clone(),
+                    size: decoded as u64,
+                    sha256,
+                });
+            }
+            Ok(CheckedResult::Sha256)
+        }
+        ResultCheck::VerityTree {
+            tree,
+            expected_root_hash,
+            crcs,
+        } => {
+            let short = || DeltaError::ResultMismatch {
+                target: patch.target.clone(),
+                expected_size: patch.result_size,
+                expected_sha256: patch.result_sha256.clone(),
+                size: decoded as u64,
+                sha256: "(not computed: checked by its dm-verity tree)".into(),
+            };
+            if decoded as u64 != patch.result_size {
+                return Err(short());
+            }
+            let tree = tree.finish().map_err(|_| short())?;
+            let found = verity::root_hash_to_hex(tree.root_hash());
+            if !found.eq_ignore_ascii_case(&expected_root_hash) {
+                return Err(DeltaError::ResultRootHashMismatch {
+                    target: patch.target.clone(),
+                    expected: expected_root_hash,
+                    found,
+                });
+            }
+            Ok(CheckedResult::VerityTree {
+                tree: Box::new(tree),
+                crcs,
+            })
+        }
     }
-    Ok(())
 }
 
 /// Writes sequentially into a partition's range of the disk, never past it.
@@ -733,6 +815,24 @@ impl Write for PartitionWriter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A writer that keeps CRCs of what it writes ([`PieceCrcs`]).
+struct CrcWriter<W> {
+    inner: W,
+    crcs: PieceCrcs,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buffer)?;
+        self.crcs.update(&buffer[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -769,10 +869,17 @@ fn log_memory(what: &str) {
 /// Rebuilds the root into `inactive` from the booted slot's root (`booted`)
 /// with `patch` (its checked `bytes`): the source is mapped read-only from a
 /// read-only descriptor of the disk, the result decoded into a shared map
-/// of the inactive root, the hash tree computed from it and written to the
-/// inactive verity partition; its root hash must be `verity.root_hash`.
-/// Then the disk is synced. The caller reads the slot back
-/// ([`crate::install::verify_slot`]).
+/// of the inactive root, its hash tree computed as it is decoded (one
+/// sha256 pass) and written to the inactive verity partition; its root hash
+/// must be `verity.root_hash`. Then the disk is synced. The source is not
+/// hashed first: a booted root that is not the patch's source rebuilds a
+/// root that fails that check, and the install goes full.
+///
+/// The caller reads the slot back: with the returned [`StreamedSlot`]
+/// (CRCs of what was written, where the disk takes `O_DIRECT`) by
+/// [`crate::install::check_streamed_slot`], otherwise whole by
+/// [`crate::install::verify_slot`]. (A root longer than its tree, which our
+/// builds never make, is checked by its sha256, its source too.)
 #[allow(clippy::too_many_arguments)]
 pub fn rebuild_root(
     disk_path: &Path,
@@ -783,7 +890,7 @@ pub fn rebuild_root(
     verity_info: &VerityInfo,
     progress: &mut dyn FnMut(u64),
     cancelled: &dyn Fn() -> bool,
-) -> Result<(), DeltaError> {
+) -> Result<Option<StreamedSlot>, DeltaError> {
     assert_ne!(
         booted.slot, inactive.slot,
         "the booted slot is never written"
@@ -831,7 +938,11 @@ pub fn rebuild_root(
     )))?;
     let source = FileMapping::read_only(&read_only, booted.root.offset, patch.source_size)
         .map_err(io_error(format!("mapping {booted_what}")))?;
-    check_source(&booted_what, patch, &source)?;
+    // The whole result is the tree's data: checked by it as it is decoded.
+    let by_tree = data_bytes == patch.result_size;
+    if !by_tree {
+        check_source(&booted_what, patch, &source)?;
+    }
 
     let disk = File::options()
         .read(true)
@@ -863,7 +974,27 @@ pub fn rebuild_root(
     let mut output = FileMapping::shared_writable(&disk, inactive.root.offset, patch.result_size)
         .map_err(io_error(format!("mapping {target_what}")))?;
     output.advise_sequential();
-    rebuild(patch, bytes, &source, &mut output, progress, cancelled)?;
+    let check = if by_tree {
+        ResultCheck::VerityTree {
+            tree: Box::new(
+                verity::StreamingTree::keeping_lowest_level(data_bytes, &salt)
+                    .map_err(|source| DeltaError::Verity { slot, source })?,
+            ),
+            expected_root_hash: verity_info.root_hash.clone(),
+            crcs: PieceCrcs::new(),
+        }
+    } else {
+        ResultCheck::Sha256(Sha256::new())
+    };
+    let checked = rebuild(
+        patch,
+        bytes,
+        &source,
+        &mut output,
+        check,
+        progress,
+        cancelled,
+    )?;
     log_memory("decoding the root patch");
     drop(source);
     output
@@ -879,11 +1010,35 @@ pub fn rebuild_root(
             patch.result_sha256
         ))
     })?;
+    let uuid = verity::hash_device_uuid(&root_sha256).0;
+    if let CheckedResult::VerityTree { tree, crcs } = checked {
+        drop(output);
+        let mut hash_device = CrcWriter {
+            inner: PartitionWriter {
+                disk: &disk,
+                partition: &inactive.verity,
+                position: 0,
+            },
+            crcs: PieceCrcs::new(),
+        };
+        tree.write_hash_device(uuid, &mut hash_device)
+            .map_err(|source| DeltaError::Verity { slot, source })?;
+        disk.sync_data()
+            .map_err(io_error(format!("syncing {}", disk_path.display())))?;
+        let found = verity::root_hash_to_hex(tree.root_hash());
+        tracing::info!(%slot, root_hash = %found, bytes = patch.result_size, "root rebuilt from the delta; hash tree computed on the node as it was decoded");
+        let streamed = StreamedSlot {
+            tree: *tree,
+            root: crcs.finish(&inactive.root),
+            verity: hash_device.crcs.finish(&inactive.verity),
+        };
+        return Ok(crate::install::reads_back_from_the_device(&disk).then_some(streamed));
+    }
     let tree = verity::build_hash_tree(
         &output[..data_bytes as usize],
         data_bytes,
         &salt,
-        verity::hash_device_uuid(&root_sha256).0,
+        uuid,
         PartitionWriter {
             disk: &disk,
             partition: &inactive.verity,
@@ -903,7 +1058,7 @@ pub fn rebuild_root(
     disk.sync_data()
         .map_err(io_error(format!("syncing {}", disk_path.display())))?;
     tracing::info!(%slot, root_hash = %found, bytes = patch.result_size, "root rebuilt from the delta; hash tree computed on the node");
-    Ok(())
+    Ok(None)
 }
 
 /// The booted slot's UKI files on the ESP (`racklet-<slot>.efi`, or with a
@@ -982,7 +1137,15 @@ pub fn rebuild_kernel_image(
         })?;
         let mut output = FileMapping::shared_writable(&file, 0, patch.result_size)
             .map_err(io_error(&output_what))?;
-        rebuild(patch, bytes, &source, &mut output, &mut |_| {}, &|| false)?;
+        rebuild(
+            patch,
+            bytes,
+            &source,
+            &mut output,
+            ResultCheck::Sha256(Sha256::new()),
+            &mut |_| {},
+            &|| false,
+        )?;
         output.flush().map_err(io_error(&output_what))?;
         drop(output);
         file.sync_all().map_err(io_error(&output_what))
@@ -1360,6 +1523,99 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(error.to_string().starts_with("zstd: "), "{error}");
+    }
+
+    /// A disk whose slot A holds a root, a newer root that shares most of
+    /// it, its verity info, and the root patch between them.
+    fn disk_and_root_patch() -> (tempfile::NamedTempFile, Vec<u8>, VerityInfo, Patch, Vec<u8>) {
+        use crate::slots::test_disk::{disk_image, Root};
+        let slot_a = Root::new(2 << 20, 5);
+        let disk = disk_image(&slot_a);
+        let mut result = slot_a.data.clone();
+        result[1_000_000..1_000_500].fill(0xe1);
+        result[1_800_000..1_800_100].fill(0x5e);
+        let salt = verity::salt_from_content_digest(&Sha256::digest(&result).into());
+        let tree =
+            verity::build_hash_tree(&result[..], result.len() as u64, &salt, [1; 16], io::sink())
+                .unwrap();
+        let info = VerityInfo {
+            root_hash: verity::root_hash_to_hex(&tree.root_hash),
+            salt: hex::encode(&salt),
+            hash_algorithm: "sha256".into(),
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            data_blocks: result.len() as u64 / 4096,
+        };
+        let bytes = {
+            use zstd::zstd_safe::CParameter;
+            let mut context = zstd::zstd_safe::CCtx::create();
+            context.set_parameter(CParameter::WindowLog(23)).unwrap();
+            context.ref_prefix(&slot_a.data).unwrap();
+            let mut patch = vec![0u8; zstd::zstd_safe::compress_bound(result.len())];
+            let written = context.compress2(&mut patch[..], &result).unwrap();
+            patch.truncate(written);
+            patch
+        };
+        let patch = Patch {
+            target: "root-patch".into(),
+            format: PatchFormat::ZstdPatchFrom,
+            kind: PatchKind::RootFilesystem,
+            size: bytes.len() as u64,
+            sha256: sha(&bytes),
+            source_size: slot_a.data.len() as u64,
+            source_sha256: sha(&slot_a.data),
+            result_size: result.len() as u64,
+            result_sha256: sha(&result),
+            window_log: 23,
+        };
+        (disk, result, info, patch, bytes)
+    }
+
+    #[test]
+    fn a_root_rebuilt_from_its_patch_is_checked_by_its_tree_as_it_is_decoded() {
+        let (disk, result, info, patch, bytes) = disk_and_root_patch();
+        let path = disk.path();
+        let booted = SlotPartitions::locate(path, Slot::A).unwrap();
+        let inactive = SlotPartitions::locate(path, Slot::B).unwrap();
+        let rebuild = || {
+            rebuild_root(
+                path,
+                &booted,
+                &inactive,
+                &patch,
+                &bytes,
+                &info,
+                &mut |_| {},
+                &|| false,
+            )
+        };
+        let streamed = rebuild().unwrap();
+        let file = crate::install::open_disk_for_writing(path).unwrap();
+        let mut written = vec![0u8; result.len()];
+        file.read_exact_at(&mut written, inactive.root.offset)
+            .unwrap();
+        assert!(written == result, "slot B holds another root");
+        // The hash tree it wrote is the root's, and both read back.
+        crate::install::verify_slot(&file, &inactive, &info).unwrap();
+        match streamed {
+            Some(streamed) => {
+                crate::install::check_streamed_slot(&file, &inactive, &info, &streamed).unwrap()
+            }
+            None => assert!(!crate::install::reads_back_from_the_device(&file)),
+        }
+
+        // A booted root that is not the patch's source: the rebuilt root is
+        // not the signed one (or the frame does not decode); nothing claims it is.
+        file.write_all_at(&[0xab; 4096], booted.root.offset + 1_200_000 / 4096 * 4096)
+            .unwrap();
+        let error = rebuild().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DeltaError::ResultRootHashMismatch { .. } | DeltaError::Decode { .. }
+            ),
+            "{error}"
+        );
     }
 
     #[test]

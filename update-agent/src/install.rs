@@ -29,10 +29,17 @@
 //!
 //! Written bytes are not trusted until the whole artifact checked out: a failed
 //! artifact leaves garbage in the partition, which is why the slot keeps its
-//! "empty" PARTUUIDs while it is written (see [`crate::slots`]). [`verify_slot`]
-//! then re-reads the slot from the disk and checks its dm-verity root hash: the
-//! root is read with `O_DIRECT` (from the device, whatever the page cache holds)
-//! by a second thread, ahead of the hashing.
+//! "empty" PARTUUIDs while it is written (see [`crate::slots`]).
+//!
+//! A root written by [`write_root_artifact`] is checked by its dm-verity
+//! tree, computed as it streams, against the signed root hash (instead of by
+//! its sha256: the same one pass); the writing side keeps a CRC-32 of each
+//! MiB written with `O_DIRECT`. [`check_streamed_slot`] then reads both
+//! partitions back from the device and compares them with those CRCs, and
+//! checks the hash tree on the disk against the root's. [`verify_slot`]
+//! checks any slot by reading it back whole and recomputing its dm-verity
+//! root hash: the root is read with `O_DIRECT` (from the device, whatever the
+//! page cache holds) by a second thread, ahead of the hashing.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -44,8 +51,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use os_format::layout::Slot;
 use os_format::manifest::{Artifact, ArtifactKind, Compression, VerityInfo};
 use os_format::verity::{
-    self, root_hash_to_hex, RootHash, VerityError, VeritySuperblock, ALGORITHM, SUPERBLOCK_SIZE,
-    VERITY_BLOCK_SIZE,
+    self, root_hash_to_hex, RootHash, StreamedTree, StreamingTree, VerityError, VeritySuperblock,
+    ALGORITHM, SUPERBLOCK_SIZE, VERITY_BLOCK_SIZE,
 };
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -152,8 +159,31 @@ pub struct WrittenArtifact {
     pub compressed_bytes: u64,
     /// Bytes written to the partition (its signed uncompressed size).
     pub uncompressed_bytes: u64,
-    /// sha256 of the written bytes, lower-case hex (equal to the manifest's).
-    pub uncompressed_sha256: String,
+    /// sha256 of the written bytes, lower-case hex (equal to the manifest's),
+    /// when that is how they were checked ([`write_artifact`]).
+    pub uncompressed_sha256: Option<String>,
+    /// The dm-verity tree of the written bytes, when that is how they were
+    /// checked ([`write_root_artifact`]); its root hash is the signed one.
+    pub verity_tree: Option<StreamedTree>,
+    /// The CRC-32 of each buffer written, when every byte went to the disk
+    /// with `O_DIRECT` (so [`read_back`] can read them back from the device
+    /// and compare); `None` if some went through the page cache.
+    pub written_crcs: Option<WrittenCrcs>,
+}
+
+/// What [`write_artifact`] wrote into a partition, as CRC-32s of
+/// [`BUFFER_SIZE`] pieces (4 bytes per MiB): enough to tell, reading it
+/// back, that the disk kept every byte. The bytes themselves were checked
+/// against the signature before they were written; this only catches a
+/// disk or card that does not keep what it is given, so a CRC suffices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenCrcs {
+    /// The partition written (its range on the disk).
+    pub partition: PartitionRange,
+    /// Bytes written from the partition's start.
+    pub bytes: u64,
+    /// The CRC-32 of each [`BUFFER_SIZE`] piece, the last one shorter.
+    pub crcs: Vec<u32>,
 }
 
 /// Everything that can go wrong installing or checking a slot. Each names the
@@ -255,6 +285,39 @@ pub enum InstallError {
         artifact: String,
         expected: String,
         got: String,
+    },
+    /// The uncompressed bytes do not hash to the signed dm-verity root hash.
+    #[error(
+        "{artifact}: the uncompressed bytes do not match the signed dm-verity root hash: \
+         expected {expected}, got {got}"
+    )]
+    UncompressedRootHashMismatch {
+        artifact: String,
+        expected: String,
+        got: String,
+    },
+    /// Reading written bytes back from the disk failed.
+    #[error(
+        "slot {slot}: reading partition {partition} back at partition offset {offset} failed: \
+         {source}"
+    )]
+    ReadBack {
+        slot: Slot,
+        partition: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The disk returned other bytes than were written to it.
+    #[error(
+        "slot {slot}: partition {partition} does not hold what was written to it: the {len} \
+         bytes at partition offset {offset} read back different (a failing disk or card?)"
+    )]
+    ReadBackMismatch {
+        slot: Slot,
+        partition: String,
+        offset: u64,
+        len: usize,
     },
     /// A write (or a write that would leave the partition) failed.
     #[error(
@@ -470,11 +533,41 @@ enum PumpError {
     WriterGone,
 }
 
-/// What was written: the byte count, and the sha256 the reading side
-/// computed of the bytes it handed to the writing side.
+/// How the reading side checks the uncompressed bytes it hands to the
+/// writing side.
+enum ContentHasher {
+    /// Their sha256 (the manifest's `uncompressed_sha256`).
+    Sha256(Sha256),
+    /// Their dm-verity tree (the manifest's root hash), for a root whose
+    /// data blocks are exactly its uncompressed bytes.
+    VerityTree(StreamingTree),
+}
+
+impl ContentHasher {
+    fn update(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
+        match self {
+            ContentHasher::Sha256(hasher) => hasher.update(bytes),
+            ContentHasher::VerityTree(tree) => tree
+                .update(bytes)
+                .map_err(|_| PumpError::UncompressedTooLong)?,
+        }
+        Ok(())
+    }
+}
+
+/// What the reading side computed of the bytes it handed on.
+enum ContentDigest {
+    Sha256([u8; 32]),
+    /// `Err`: fewer bytes than the tree's size (reported as a size mismatch).
+    VerityTree(Result<StreamedTree, VerityError>),
+}
+
+/// What was written: the byte count, the digest the reading side computed,
+/// and the writing side's CRCs if every byte went with `O_DIRECT`.
 struct Written {
     bytes: u64,
-    sha256: [u8; 32],
+    digest: ContentDigest,
+    crcs: Option<Vec<u32>>,
 }
 
 /// Streams one artifact from `source` into `partition` of `disk` (see the
@@ -491,6 +584,50 @@ pub fn write_artifact<R: Read>(
     partition: &PartitionRange,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenArtifact, InstallError> {
+    write_checked(source, artifact, None, disk, partition, progress)
+}
+
+/// [`write_artifact`] for a root file system whose manifest signs its
+/// dm-verity tree (`verity`): when the tree's data blocks are exactly the
+/// root's uncompressed bytes, those bytes are checked by their dm-verity
+/// root hash, computed as they stream, instead of by their sha256 (one
+/// sha256 pass either way; the root hash is what the kernel checks at boot),
+/// and [`WrittenArtifact::verity_tree`] lets [`check_streamed_slot`] check
+/// the hash tree written beside them without reading the root again.
+/// Otherwise (a root longer than its tree, unusable parameters) it is
+/// [`write_artifact`].
+pub fn write_root_artifact<R: Read>(
+    source: R,
+    artifact: &Artifact,
+    verity: &VerityInfo,
+    disk: &File,
+    partition: &PartitionRange,
+    progress: &mut dyn FnMut(u64),
+) -> Result<WrittenArtifact, InstallError> {
+    let tree = hex::decode(&verity.salt).ok().and_then(|salt| {
+        let covered = verity.data_blocks.checked_mul(VERITY_BLOCK_SIZE)?;
+        let usable = artifact.kind == ArtifactKind::RootFilesystem
+            && covered == artifact.uncompressed_size
+            && verity.hash_algorithm == ALGORITHM
+            && u64::from(verity.data_block_size) == VERITY_BLOCK_SIZE
+            && u64::from(verity.hash_block_size) == VERITY_BLOCK_SIZE
+            && verity::root_hash_from_hex(&verity.root_hash).is_ok();
+        usable
+            .then(|| StreamingTree::new(covered, &salt).ok())
+            .flatten()
+            .map(|tree| (tree, verity.root_hash.to_ascii_lowercase()))
+    });
+    write_checked(source, artifact, tree, disk, partition, progress)
+}
+
+fn write_checked<R: Read>(
+    source: R,
+    artifact: &Artifact,
+    tree: Option<(StreamingTree, String)>,
+    disk: &File,
+    partition: &PartitionRange,
+    progress: &mut dyn FnMut(u64),
+) -> Result<WrittenArtifact, InstallError> {
     let name = || artifact.name.clone();
     let expected_sha256 = parse_digest(artifact, "sha256", &artifact.sha256)?;
     let expected_uncompressed_sha256 = parse_digest(
@@ -498,6 +635,10 @@ pub fn write_artifact<R: Read>(
         "uncompressed_sha256",
         &artifact.uncompressed_sha256,
     )?;
+    let (hasher, expected_root_hash) = match tree {
+        Some((tree, root_hash)) => (ContentHasher::VerityTree(tree), Some(root_hash)),
+        None => (ContentHasher::Sha256(Sha256::new()), None),
+    };
     if artifact.uncompressed_size > partition.size {
         return Err(InstallError::TooLargeForPartition {
             artifact: name(),
@@ -525,7 +666,9 @@ pub fn write_artifact<R: Read>(
     }
 
     // A stored artifact whose shipped and uncompressed entries say the same
-    // (length and sha256): the bytes read are the bytes written, hashed once.
+    // (length and sha256): the bytes read are the bytes written, hashed once
+    // (by their sha256, or by their dm-verity tree against the signed root
+    // hash, which checks the same bytes).
     let shipped_is_written = artifact.compression == Compression::None
         && artifact.size == artifact.uncompressed_size
         && expected_sha256 == expected_uncompressed_sha256;
@@ -542,7 +685,7 @@ pub fn write_artifact<R: Read>(
     let (pumped, written, drained) = match artifact.compression {
         Compression::None => {
             let mut reader = reader;
-            let (pumped, written) = stream(&mut reader, &state, &limits, progress);
+            let (pumped, written) = stream(&mut reader, &state, &limits, hasher, progress);
             let drained = drain_if_ok(&written, &mut reader);
             (pumped, written, drained)
         }
@@ -554,7 +697,7 @@ pub fn write_artifact<R: Read>(
                     source,
                 }
             })?;
-            let (pumped, written) = stream(&mut decoder, &state, &limits, progress);
+            let (pumped, written) = stream(&mut decoder, &state, &limits, hasher, progress);
             let mut rest = decoder.finish();
             let drained = drain_if_ok(&written, &mut rest);
             (pumped, written, drained)
@@ -589,9 +732,11 @@ pub fn write_artifact<R: Read>(
         }
         // Without a hasher of its own, every byte read was written: the
         // stream ended (neither too long nor short) and nothing failed.
-        let got: [u8; 32] = match &state.hasher {
-            Some(hasher) => hasher.borrow().clone().finalize().into(),
-            None => written.sha256,
+        let got: [u8; 32] = match (&state.hasher, &written.digest) {
+            (Some(hasher), _) => hasher.borrow().clone().finalize().into(),
+            (None, ContentDigest::Sha256(sha256)) => *sha256,
+            // Checked below against the signed root hash instead.
+            (None, ContentDigest::VerityTree(_)) => return None,
         };
         (got != expected_sha256).then(|| InstallError::Sha256Mismatch {
             artifact: name(),
@@ -642,13 +787,36 @@ pub fn write_artifact<R: Read>(
             got: written.bytes,
         });
     }
-    if written.sha256 != expected_uncompressed_sha256 {
-        return Err(InstallError::UncompressedSha256Mismatch {
-            artifact: name(),
-            expected: hex::encode(expected_uncompressed_sha256),
-            got: hex::encode(written.sha256),
-        });
-    }
+    let (uncompressed_sha256, verity_tree) = match written.digest {
+        ContentDigest::Sha256(sha256) => {
+            if sha256 != expected_uncompressed_sha256 {
+                return Err(InstallError::UncompressedSha256Mismatch {
+                    artifact: name(),
+                    expected: hex::encode(expected_uncompressed_sha256),
+                    got: hex::encode(sha256),
+                });
+            }
+            (Some(hex::encode(sha256)), None)
+        }
+        ContentDigest::VerityTree(tree) => {
+            // The byte count matched the tree's size just above.
+            let tree = tree.map_err(|_| InstallError::UncompressedSizeMismatch {
+                artifact: name(),
+                expected: artifact.uncompressed_size,
+                got: written.bytes,
+            })?;
+            let got = root_hash_to_hex(tree.root_hash());
+            let expected = expected_root_hash.expect("a tree has its signed root hash");
+            if got != expected {
+                return Err(InstallError::UncompressedRootHashMismatch {
+                    artifact: name(),
+                    expected,
+                    got,
+                });
+            }
+            (None, Some(tree))
+        }
+    };
     disk.sync_data().map_err(|source| InstallError::Sync {
         artifact: name(),
         partition: partition.name.clone(),
@@ -665,7 +833,13 @@ pub fn write_artifact<R: Read>(
         partition: partition.name.clone(),
         compressed_bytes: state.count.get(),
         uncompressed_bytes: written.bytes,
-        uncompressed_sha256: hex::encode(written.sha256),
+        uncompressed_sha256,
+        verity_tree,
+        written_crcs: written.crcs.map(|crcs| WrittenCrcs {
+            partition: partition.clone(),
+            bytes: written.bytes,
+            crcs,
+        }),
     })
 }
 
@@ -682,6 +856,7 @@ fn stream<D: Read>(
     decoded: &mut D,
     state: &SourceState,
     limits: &Limits<'_>,
+    mut hasher: ContentHasher,
     progress: &mut dyn FnMut(u64),
 ) -> (Result<(), PumpError>, Result<Written, InstallError>) {
     std::thread::scope(|scope| {
@@ -693,7 +868,6 @@ fn stream<D: Read>(
                 .expect("the channel holds BUFFER_COUNT buffers");
         }
         let writer = scope.spawn(move || write_chunks(full_receiver, empty_sender, limits));
-        let mut hasher = Sha256::new();
         let pumped = pump(
             decoded,
             state,
@@ -706,9 +880,13 @@ fn stream<D: Read>(
         let written = writer
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        let written = written.map(|bytes| Written {
+        let written = written.map(|(bytes, crcs)| Written {
             bytes,
-            sha256: hasher.finalize().into(),
+            digest: match hasher {
+                ContentHasher::Sha256(hasher) => ContentDigest::Sha256(hasher.finalize().into()),
+                ContentHasher::VerityTree(tree) => ContentDigest::VerityTree(tree.finish()),
+            },
+            crcs,
         });
         (pumped, written)
     })
@@ -721,7 +899,7 @@ fn pump<D: Read>(
     decoded: &mut D,
     state: &SourceState,
     uncompressed_size: u64,
-    hasher: &mut Sha256,
+    hasher: &mut ContentHasher,
     full: SyncSender<Chunk>,
     empty: Receiver<AlignedBuffer>,
     progress: &mut dyn FnMut(u64),
@@ -738,7 +916,7 @@ fn pump<D: Read>(
         }
         let at_end = len < buffer.len();
         if len > 0 {
-            hasher.update(&buffer[..len]);
+            hasher.update(&buffer[..len])?;
             full.send(Chunk {
                 buffer,
                 len,
@@ -773,17 +951,19 @@ pub(crate) fn fill<D: Read>(
 }
 
 /// The writing thread: writes each chunk inside the partition and hands the
-/// buffer back; returns the bytes written. Whole aligned blocks go through an
-/// `O_DIRECT` descriptor of the disk where there is one (no copy into the
-/// page cache, whose pages would only be dropped before the read-back), the
+/// buffer back; returns the bytes written, and the CRC-32 of each chunk if
+/// all went with `O_DIRECT` ([`WrittenCrcs`]). Whole aligned blocks go
+/// through an `O_DIRECT` descriptor of the disk where there is one (no copy
+/// into the page cache, and they can be read back from the device), the
 /// rest (an unaligned tail) through `disk`; [`write_artifact`] syncs both.
 fn write_chunks(
     full: Receiver<Chunk>,
     empty: SyncSender<AlignedBuffer>,
     limits: &Limits<'_>,
-) -> Result<u64, InstallError> {
+) -> Result<(u64, Option<Vec<u32>>), InstallError> {
     let partition = limits.partition;
     let mut direct = reopen_direct(limits.disk, true);
+    let mut crcs = direct.as_ref().map(|_| Vec::new());
     let mut bytes = 0u64;
     for chunk in full {
         let data = &chunk.buffer[..chunk.len];
@@ -815,15 +995,121 @@ fn write_chunks(
                 }
             }
         }
-        limits
-            .disk
-            .write_all_at(&data[done..], at + done as u64)
-            .map_err(write_error)?;
+        if done < data.len() {
+            limits
+                .disk
+                .write_all_at(&data[done..], at + done as u64)
+                .map_err(write_error)?;
+            crcs = None;
+        }
+        if let Some(crcs) = crcs.as_mut() {
+            crcs.push(crc32fast::hash(data));
+        }
         bytes += data.len() as u64;
         // The decompressing side may have stopped; then the buffer is dropped.
         let _ = empty.send(chunk.buffer);
     }
-    Ok(bytes)
+    Ok((bytes, crcs))
+}
+
+/// CRC-32s of consecutive [`BUFFER_SIZE`] pieces of bytes that arrive in any
+/// sizes, from a partition's start: what [`WrittenCrcs`] holds, for bytes
+/// written some other way than [`write_artifact`] (a delta's).
+pub(crate) struct PieceCrcs {
+    hasher: crc32fast::Hasher,
+    filled: usize,
+    bytes: u64,
+    crcs: Vec<u32>,
+}
+
+impl PieceCrcs {
+    pub(crate) fn new() -> PieceCrcs {
+        PieceCrcs {
+            hasher: crc32fast::Hasher::new(),
+            filled: 0,
+            bytes: 0,
+            crcs: Vec::new(),
+        }
+    }
+
+    pub(crate) fn update(&mut self, mut bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let take = (BUFFER_SIZE - self.filled).min(bytes.len());
+            self.hasher.update(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == BUFFER_SIZE {
+                let hasher = std::mem::replace(&mut self.hasher, crc32fast::Hasher::new());
+                self.crcs.push(hasher.finalize());
+                self.filled = 0;
+            }
+        }
+    }
+
+    pub(crate) fn finish(mut self, partition: &PartitionRange) -> WrittenCrcs {
+        if self.filled > 0 {
+            self.crcs.push(self.hasher.finalize());
+        }
+        WrittenCrcs {
+            partition: partition.clone(),
+            bytes: self.bytes,
+            crcs: self.crcs,
+        }
+    }
+}
+
+/// Whether [`read_back`] reads `disk` from the device (it takes `O_DIRECT`).
+pub(crate) fn reads_back_from_the_device(disk: &File) -> bool {
+    reopen_direct(disk, false).is_some()
+}
+
+/// Reads what [`write_artifact`] wrote (`written`) back from the disk with
+/// `O_DIRECT` (from the device, whatever the page cache holds), a thread
+/// ahead of the comparison, and compares each piece with its CRC-32: the
+/// check that the disk kept what it was given. On a disk that does not take
+/// `O_DIRECT` this is not a read from the device; the caller uses
+/// [`verify_slot`] there (and [`write_artifact`] gives no CRCs).
+pub fn read_back(disk: &File, slot: Slot, written: &WrittenCrcs) -> Result<(), InstallError> {
+    let partition = &written.partition;
+    let pieces = written.bytes.div_ceil(BUFFER_SIZE as u64);
+    if written.crcs.len() as u64 != pieces || written.bytes > partition.size {
+        return Err(InstallError::ReadBack {
+            slot,
+            partition: partition.name.clone(),
+            offset: 0,
+            source: io::Error::other(format!(
+                "{} CRCs for {} bytes: not what was written",
+                written.crcs.len(),
+                written.bytes
+            )),
+        });
+    }
+    std::thread::scope(|scope| {
+        let mut region = ReadAhead::start(scope, disk, partition.offset, written.bytes);
+        let mut buffer = vec![0u8; BUFFER_SIZE];
+        for (index, expected) in written.crcs.iter().enumerate() {
+            let offset = index as u64 * BUFFER_SIZE as u64;
+            let len = (written.bytes - offset).min(BUFFER_SIZE as u64) as usize;
+            region
+                .read_exact(&mut buffer[..len])
+                .map_err(|source| InstallError::ReadBack {
+                    slot,
+                    partition: partition.name.clone(),
+                    offset,
+                    source,
+                })?;
+            if crc32fast::hash(&buffer[..len]) != *expected {
+                return Err(InstallError::ReadBackMismatch {
+                    slot,
+                    partition: partition.name.clone(),
+                    offset,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Reads the rest of the source to its end (bounded by the signed length the
@@ -1165,6 +1451,108 @@ pub fn verify_slot(
     })
 }
 
+/// What [`check_streamed_slot`] needs of a slot written by
+/// [`write_root_artifact`] and [`write_artifact`] with `O_DIRECT`: the
+/// root's tree, computed as it streamed, and both partitions' CRCs.
+#[derive(Clone, Debug)]
+pub struct StreamedSlot {
+    pub tree: StreamedTree,
+    pub root: WrittenCrcs,
+    pub verity: WrittenCrcs,
+}
+
+impl StreamedSlot {
+    /// The root's and the hash tree's [`WrittenArtifact`]s, if they allow
+    /// [`check_streamed_slot`] (the root checked by its tree, both written
+    /// with `O_DIRECT`).
+    pub fn from_written(root: &WrittenArtifact, verity: &WrittenArtifact) -> Option<StreamedSlot> {
+        Some(StreamedSlot {
+            tree: root.verity_tree.clone()?,
+            root: root.written_crcs.clone()?,
+            verity: verity.written_crcs.clone()?,
+        })
+    }
+}
+
+/// Checks a slot whose root was written by [`write_root_artifact`] (its
+/// bytes checked against the signed root hash as they streamed) and whose
+/// hash tree was written by [`write_artifact`], both with `O_DIRECT`
+/// ([`StreamedSlot`]): both partitions are read back from the device and
+/// compared with what was written ([`read_back`]), then the hash tree on
+/// `verity-<slot>` must be the one of the streamed root (superblock block
+/// count and salt, every hash block; only its lowest level is hashed).
+/// [`verify_slot`] checks the same by hashing the whole root again.
+pub fn check_streamed_slot(
+    disk: &File,
+    partitions: &SlotPartitions,
+    verity: &VerityInfo,
+    streamed: &StreamedSlot,
+) -> Result<(), InstallError> {
+    let slot = partitions.slot;
+    let tree = &streamed.tree;
+    let (expected, _, data_bytes) = parse_verity_info(slot, verity)?;
+    for (written, partition) in [
+        (&streamed.root, &partitions.root),
+        (&streamed.verity, &partitions.verity),
+    ] {
+        let (at, range) = (&written.partition, partition);
+        if (&at.name, at.offset, at.size) != (&range.name, range.offset, range.size) {
+            // Not reachable: the CRCs are of what was written to this slot.
+            return Err(InstallError::ReadBack {
+                slot,
+                partition: partition.name.clone(),
+                offset: 0,
+                source: io::Error::other(format!(
+                    "the CRCs are of {}, not of this partition",
+                    written.partition.name
+                )),
+            });
+        }
+        read_back(disk, slot, written)?;
+    }
+    if tree.root_hash() != &expected {
+        // Not reachable after write_root_artifact with the same `verity`.
+        return Err(InstallError::RootHashMismatch {
+            slot,
+            partition: partitions.root.name.clone(),
+            expected,
+            found: *tree.root_hash(),
+            detail: "computed while the root was written".to_string(),
+        });
+    }
+    let hash_bytes = verity::hash_device_size(data_bytes);
+    if partitions.verity.size < hash_bytes {
+        return Err(InstallError::SlotTooSmall {
+            slot,
+            partition: partitions.verity.name.clone(),
+            size: partitions.verity.size,
+            needed: hash_bytes,
+            what: "the verity hash tree",
+        });
+    }
+    drop_cached(disk, partitions.verity.offset, hash_bytes);
+    let hash_device = Region::new(disk, partitions.verity.offset, hash_bytes);
+    match tree.check_hash_device(hash_device) {
+        Ok(_) => {
+            tracing::info!(%slot, root_hash = %verity.root_hash, "slot verified (read back from the disk; the root's hash tree computed as it was written)");
+            Ok(())
+        }
+        Err(VerityError::BadSuperblock { reason }) => Err(InstallError::SuperblockMismatch {
+            slot,
+            partition: partitions.verity.name.clone(),
+            reason,
+        }),
+        Err(source @ (VerityError::Io { .. } | VerityError::ShortRead { .. })) => {
+            Err(InstallError::VerifyRead { slot, source })
+        }
+        Err(source) => Err(InstallError::HashTreeCorrupt {
+            slot,
+            partition: partitions.verity.name.clone(),
+            source,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;
@@ -1277,8 +1665,14 @@ mod tests {
                 partition: "root-b".into(),
                 compressed_bytes: fixture.root_zst.len() as u64,
                 uncompressed_bytes: ROOT_LEN as u64,
-                uncompressed_sha256: fixture.root_artifact.uncompressed_sha256.clone(),
+                uncompressed_sha256: Some(fixture.root_artifact.uncompressed_sha256.clone()),
+                verity_tree: None,
+                written_crcs: root.written_crcs.clone(),
             }
+        );
+        assert_eq!(
+            root.written_crcs.is_some(),
+            reopen_direct(&disk, true).is_some()
         );
         assert!(
             progress.windows(2).all(|pair| pair[0] <= pair[1]),
@@ -1857,7 +2251,7 @@ mod tests {
         let stored = artifact("root.erofs", ArtifactKind::RootFilesystem, data, data);
         assert_eq!(stored.compression, Compression::None);
         let written = fixture.write_root(data, &stored).unwrap();
-        assert_eq!(written.uncompressed_sha256, stored.sha256);
+        assert_eq!(written.uncompressed_sha256, Some(stored.sha256.clone()));
         assert_eq!(written.compressed_bytes, data.len() as u64);
         let disk = fixture.disk_bytes();
         let start = slot_b.root.offset as usize;
@@ -1961,5 +2355,239 @@ mod tests {
             let mut sink = Vec::new();
             assert!(reader.read_to_end(&mut sink).is_err());
         });
+    }
+
+    /// Writes the fixture's new root with [`write_root_artifact`] (its
+    /// verity info as signed) and its hash tree into slot B.
+    fn write_slot_b_by_tree(
+        fixture: &Fixture,
+        disk: &File,
+    ) -> (SlotPartitions, WrittenArtifact, WrittenArtifact) {
+        let slot_b = fixture.slot(Slot::B);
+        let root = write_root_artifact(
+            &fixture.root_zst[..],
+            &fixture.root_artifact,
+            &fixture.new.verity_info(),
+            disk,
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap();
+        let verity = write_artifact(
+            &fixture.verity_zst[..],
+            &fixture.verity_artifact,
+            disk,
+            &slot_b.verity,
+            &mut |_| {},
+        )
+        .unwrap();
+        (slot_b, root, verity)
+    }
+
+    /// Whether this test machine's temporary files take `O_DIRECT` (the
+    /// checks that need it say so and stop where they do not).
+    fn direct_io_here(disk: &File) -> bool {
+        let direct = reopen_direct(disk, true).is_some();
+        if !direct {
+            eprintln!("the temporary directory does not take O_DIRECT: read-back not tested");
+        }
+        direct
+    }
+
+    #[test]
+    fn a_root_checked_by_its_tree_while_written_is_checked_without_hashing_it_again() {
+        let fixture = Fixture::new();
+        let disk = fixture.open();
+        let (slot_b, root, verity) = write_slot_b_by_tree(&fixture, &disk);
+        let tree = root.verity_tree.clone().expect("checked by its tree");
+        assert_eq!(root.uncompressed_sha256, None);
+        assert_eq!(
+            root_hash_to_hex(tree.root_hash()),
+            fixture.new.verity_info().root_hash
+        );
+        // What is on the disk is what veritysetup made: the whole check agrees.
+        let info = fixture.new.verity_info();
+        verify_slot(&disk, &slot_b, &info).unwrap();
+        if !direct_io_here(&disk) {
+            assert!(
+                root.written_crcs.is_none() && StreamedSlot::from_written(&root, &verity).is_none()
+            );
+            return;
+        }
+        let crcs = root.written_crcs.as_ref().unwrap();
+        assert_eq!(
+            (crcs.bytes, crcs.crcs.len()),
+            (ROOT_LEN as u64, ROOT_LEN / BUFFER_SIZE)
+        );
+        let streamed = StreamedSlot::from_written(&root, &verity).unwrap();
+        check_streamed_slot(&disk, &slot_b, &info, &streamed).unwrap();
+
+        // A byte of the root the disk did not keep: named by its piece.
+        let at = slot_b.root.offset + BUFFER_SIZE as u64 + 12345;
+        let mut byte = [0u8];
+        disk.read_exact_at(&mut byte, at).unwrap();
+        disk.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
+        disk.sync_data().unwrap();
+        let error = check_streamed_slot(&disk, &slot_b, &info, &streamed).unwrap_err();
+        assert!(
+            matches!(&error, InstallError::ReadBackMismatch { partition, offset, .. }
+                if partition == "root-b" && *offset == BUFFER_SIZE as u64),
+            "{error}"
+        );
+        disk.write_all_at(&byte, at).unwrap();
+        // A hash block damaged on the disk: the read-back names it.
+        let hash_block = slot_b.verity.offset + VERITY_BLOCK_SIZE + 100;
+        disk.read_exact_at(&mut byte, hash_block).unwrap();
+        disk.write_all_at(&[byte[0] ^ 0x40], hash_block).unwrap();
+        disk.sync_data().unwrap();
+        let error = check_streamed_slot(&disk, &slot_b, &info, &streamed).unwrap_err();
+        assert!(
+            matches!(&error, InstallError::ReadBackMismatch { partition, .. } if partition == "verity-b"),
+            "{error}"
+        );
+        disk.write_all_at(&byte, hash_block).unwrap();
+        check_streamed_slot(&disk, &slot_b, &info, &streamed).unwrap();
+    }
+
+    #[test]
+    fn a_hash_tree_that_is_not_the_streamed_root_s_is_refused() {
+        let fixture = Fixture::new();
+        let disk = fixture.open();
+        let (slot_b, root, verity) = write_slot_b_by_tree(&fixture, &disk);
+        if !direct_io_here(&disk) {
+            return;
+        }
+        let info = fixture.new.verity_info();
+        let mut streamed = StreamedSlot::from_written(&root, &verity).unwrap();
+        // Signed, written and kept: but the hash tree of another root.
+        let other = Root::new(ROOT_LEN, 3);
+        let other_zst = zstd_compress(&other.hash_device);
+        let entry = artifact(
+            "verity.img.zst",
+            ArtifactKind::VerityHashTree,
+            &other_zst,
+            &other.hash_device,
+        );
+        let written =
+            write_artifact(&other_zst[..], &entry, &disk, &slot_b.verity, &mut |_| {}).unwrap();
+        streamed.verity = written.written_crcs.unwrap();
+        let error = check_streamed_slot(&disk, &slot_b, &info, &streamed).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                InstallError::SuperblockMismatch { .. } | InstallError::HashTreeCorrupt { .. }
+            ),
+            "{error}"
+        );
+        // CRCs of another partition are not taken for this one's.
+        let mut crossed = StreamedSlot::from_written(&root, &verity).unwrap();
+        crossed.verity = crossed.root.clone();
+        let error = check_streamed_slot(&disk, &slot_b, &info, &crossed).unwrap_err();
+        assert!(matches!(&error, InstallError::ReadBack { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_root_that_is_not_the_signed_tree_s_is_refused() {
+        let fixture = Fixture::new();
+        let disk = fixture.open();
+        let slot_b = fixture.slot(Slot::B);
+        // Signed bytes (length and sha256 of their own) of another root,
+        // under this root's verity info.
+        let mut other = fixture.new.data.clone();
+        other[ROOT_LEN / 2] ^= 1;
+        let other_zst = zstd_compress(&other);
+        let entry = artifact(
+            "root.erofs.zst",
+            ArtifactKind::RootFilesystem,
+            &other_zst,
+            &other,
+        );
+        let error = write_root_artifact(
+            &other_zst[..],
+            &entry,
+            &fixture.new.verity_info(),
+            &disk,
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, InstallError::UncompressedRootHashMismatch { artifact, expected, .. }
+                if artifact == "root.erofs.zst" && *expected == fixture.new.verity_info().root_hash),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_stored_root_is_hashed_once_by_its_tree() {
+        // How the daemon gets a root from the fetcher: stored, its shipped
+        // entry the uncompressed one. The tree checks the bytes read.
+        let fixture = Fixture::new();
+        let disk = fixture.open();
+        let slot_b = fixture.slot(Slot::B);
+        let info = fixture.new.verity_info();
+        let stored = artifact(
+            "root.erofs",
+            ArtifactKind::RootFilesystem,
+            &fixture.new.data,
+            &fixture.new.data,
+        );
+        let write = |bytes: &[u8]| {
+            write_root_artifact(bytes, &stored, &info, &disk, &slot_b.root, &mut |_| {})
+        };
+        let written = write(&fixture.new.data).unwrap();
+        assert!(written.verity_tree.is_some() && written.uncompressed_sha256.is_none());
+        let mut tampered = fixture.new.data.clone();
+        tampered[4096 * 7 + 1] ^= 0x80;
+        let error = write(&tampered).unwrap_err();
+        assert!(
+            matches!(&error, InstallError::UncompressedRootHashMismatch { .. }),
+            "{error}"
+        );
+        let error = write(&fixture.new.data[..ROOT_LEN - 1]).unwrap_err();
+        assert!(matches!(&error, InstallError::Truncated { .. }), "{error}");
+    }
+
+    #[test]
+    fn piece_crcs_are_the_crcs_of_whole_buffers_whatever_the_pieces() {
+        let bytes: Vec<u8> = (0..(2 * BUFFER_SIZE + 4097))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let expected: Vec<u32> = bytes.chunks(BUFFER_SIZE).map(crc32fast::hash).collect();
+        let partition = Fixture::new().slot(Slot::B).root;
+        for step in [1000, BUFFER_SIZE, 3 * BUFFER_SIZE] {
+            let mut crcs = PieceCrcs::new();
+            for piece in bytes.chunks(step) {
+                crcs.update(piece);
+            }
+            let written = crcs.finish(&partition);
+            assert_eq!(
+                (written.bytes, &written.crcs),
+                (bytes.len() as u64, &expected)
+            );
+        }
+    }
+
+    #[test]
+    fn a_root_longer_than_its_tree_is_checked_by_its_sha256() {
+        let fixture = Fixture::new();
+        let disk = fixture.open();
+        let slot_b = fixture.slot(Slot::B);
+        let mut info = fixture.new.verity_info();
+        info.data_blocks -= 1;
+        let root = write_root_artifact(
+            &fixture.root_zst[..],
+            &fixture.root_artifact,
+            &info,
+            &disk,
+            &slot_b.root,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(root.verity_tree, None);
+        assert_eq!(
+            root.uncompressed_sha256.as_deref(),
+            Some(fixture.root_artifact.uncompressed_sha256.as_str())
+        );
     }
 }
