@@ -131,6 +131,9 @@ pub struct UpdateSettings {
     pub auto_apply: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_reboot: Option<bool>,
+    /// Install by delta where one is published (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_updates: Option<bool>,
     /// This node's wave seed (`0..2048`); unset: drawn at random once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave_seed: Option<u32>,

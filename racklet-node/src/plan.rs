@@ -288,6 +288,7 @@ fn update_config(settings: &Settings) -> Option<String> {
         ("auto_apply", update.auto_apply),
         ("auto_reboot", update.auto_reboot),
         ("allow_insecure_http", update.allow_insecure_http),
+        ("delta_updates", update.delta_updates),
     ] {
         if let Some(value) = value {
             table.insert(key.into(), toml::Value::Boolean(value));
@@ -475,7 +476,7 @@ mod tests {
             &settings(
                 "[time]\nntp_servers = [\"ntp.example.org\", \"10.0.0.1\"]\n\
                  [network]\naddress = \"192.168.1.21/24\"\ngateway = \"192.168.1.1\"\ndns = [\"192.168.1.1\"]\n\
-                 [update]\nauto_apply = false\nmetadata_url = \"https://u.example.org/metadata/\"\nwave_seed = 42\n\
+                 [update]\nauto_apply = false\ndelta_updates = false\nmetadata_url = \"https://u.example.org/metadata/\"\nwave_seed = 42\n\
                  maintenance_window = \"02:00-04:00\"\n",
             ),
             &identity(),
@@ -498,7 +499,8 @@ mod tests {
         let update = contents(&plan, UPDATE_CONFIG_PATH).unwrap();
         assert!(
             update.contains("metadata_url = \"https://u.example.org/metadata/\"")
-                && update.contains("auto_apply = false"),
+                && update.contains("auto_apply = false")
+                && update.contains("delta_updates = false"),
             "{update}"
         );
         assert!(

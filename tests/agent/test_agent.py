@@ -2614,6 +2614,26 @@ def interrupted_delta_falls_back_to_full(suite, node_name):
 
 
 @case
+def deltas_turned_off_on_the_node_go_full(suite, node_name):
+    """`delta_updates = false` in the node's update.toml: 2.0.0 is published
+    with a delta from 1.0.0, yet the node downloads the full update and says
+    why; nothing of the delta is fetched."""
+    node = standard_node(suite, node_name, versions=("1.0.0", DELTA_VERSION),
+                         config="delta_updates = false\n")
+    new = suite.builds[DELTA_VERSION]
+    try:
+        node.ok("apply")
+        node.assert_installed(new)
+        record = last_install(node)
+        check_equal(record["path"], "full", f"last_install path ({record})")
+        check_equal(record["reason"]["code"], "deltas-off", "reason code")
+        check_in("delta_updates = false", record["reason"]["message"], "reason")
+        check_equal(record["downloaded_bytes"], record["full_bytes"], "downloaded bytes")
+    finally:
+        node.close()
+
+
+@case
 def booted_uki_changed_falls_back_to_full(suite, node_name):
     """Slot A's UKI on the ESP is not the one 2.0.0's UKI patch starts from
     (its root still is): the source check refuses it, the full download

@@ -146,6 +146,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra_ca_certificates: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_updates: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfigFile>,
 }
 
@@ -201,6 +203,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Accept plain `http://` repository URLs to other machines than this
     /// one (TUF still checks every byte; an observer sees what is fetched).
+    /// Install by delta where the repository publishes one for the booted
+    /// root (`delta_updates`, default true); false: always the full download.
+    pub delta_updates: bool,
     pub allow_insecure_http: bool,
     /// A PEM file of CA certificates the agent trusts for its repository's
     /// TLS, besides the system's trust store (absolute; read at each check).
@@ -250,6 +255,7 @@ impl Default for Config {
             metrics_textfile: None,
             metrics_listen: None,
             allow_insecure_http: false,
+            delta_updates: true,
             extra_ca_certificates: None,
         }
     }
@@ -347,6 +353,9 @@ impl Config {
         }
         if let Some(value) = &file.metrics_listen {
             config.metrics_listen = Some(parse_listen_address("metrics_listen", value)?);
+        }
+        if let Some(value) = file.delta_updates {
+            config.delta_updates = value;
         }
         if let Some(value) = file.allow_insecure_http {
             config.allow_insecure_http = value;
@@ -850,6 +859,7 @@ mod tests {
         assert_eq!(config.check_jitter(), Duration::from_secs(600));
         assert!(config.auto_apply);
         assert!(!config.auto_reboot);
+        assert!(config.delta_updates);
         assert_eq!(config.health.timeout(), Duration::from_secs(300));
         assert_eq!(
             config.health.checks_dir,
@@ -883,6 +893,7 @@ mod tests {
                          allow_insecure_http = true\n\
                          version_lock = \"1.2.0\"\n\
                          auto_reboot = true\n\
+                         delta_updates = false\n\
                          maintenance_window = \"22:30-04:00\"\n\
                          metrics_listen = \"127.0.0.1:9101\"\n\
                          metrics_textfile = \"/var/lib/node-exporter/racklet.prom\"\n\
@@ -895,6 +906,7 @@ mod tests {
         );
         assert_eq!(config.version_lock.to_string(), "1.2.0");
         assert!(config.auto_reboot);
+        assert!(!config.delta_updates);
         assert_eq!(
             config.maintenance_window.map(|window| window.to_string()),
             Some("22:30-04:00".to_string())

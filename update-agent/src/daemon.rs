@@ -705,11 +705,15 @@ impl Agent {
         self.progress.bytes.store(0, Ordering::SeqCst);
         self.progress.resumed.store(0, Ordering::SeqCst);
         // Delta or full: decided from the signed index and what is booted,
-        // unless a delta to this version was cut short by the agent's death.
+        // unless a delta to this version was cut short by the agent's death
+        // or this node's configuration turns deltas off.
+        let deltas_allowed = self.inner.lock().await.config.delta_updates;
         let chosen = if delta::take_interrupted_delta(&self.paths.state_dir, &update.version) {
             Err(FullReason::DeltaInterrupted {
                 version: update.version.clone(),
             })
+        } else if !deltas_allowed {
+            Err(FullReason::DeltasOff)
         } else {
             self.choose_install_path(update, repository).await
         };

@@ -166,6 +166,8 @@ pub enum FullReason {
     DeltaFailed { from: Version, message: String },
     #[error("the last delta to {version} never finished (the agent stopped during it)")]
     DeltaInterrupted { version: Version },
+    #[error("this node's configuration turns delta updates off (delta_updates = false)")]
+    DeltasOff,
 }
 
 /// [`FullReason`] as a short fixed name (metrics labels, scripts).
@@ -184,6 +186,7 @@ pub enum FullReasonCode {
     UpdateIncomplete,
     DeltaFailed,
     DeltaInterrupted,
+    DeltasOff,
 }
 
 impl FullReasonCode {
@@ -201,6 +204,7 @@ impl FullReasonCode {
             FullReasonCode::UpdateIncomplete => "update-incomplete",
             FullReasonCode::DeltaFailed => "delta-failed",
             FullReasonCode::DeltaInterrupted => "delta-interrupted",
+            FullReasonCode::DeltasOff => "deltas-off",
         }
     }
 }
@@ -220,6 +224,7 @@ impl FullReason {
             FullReason::UpdateIncomplete { .. } => FullReasonCode::UpdateIncomplete,
             FullReason::DeltaFailed { .. } => FullReasonCode::DeltaFailed,
             FullReason::DeltaInterrupted { .. } => FullReasonCode::DeltaInterrupted,
+            FullReason::DeltasOff => FullReasonCode::DeltasOff,
         }
     }
 }
