@@ -981,49 +981,46 @@ impl Agent {
         }
         let kernel_image_bytes = patches.pop().expect("two patches");
         let root_bytes = patches.pop().expect("two patches");
-        {
+        // The UKI and the root are rebuilt at the same time (each a blocking
+        // task of its own); the UKI's error is reported first.
+        let kernel_image = {
             let esp = self.paths.esp.clone();
             let booted_slot = self.booted.slot;
             let patch = plan.kernel_image.clone();
             let download = download.to_path_buf();
-            AgentError::joined(
-                "the UKI patch task",
-                tokio::task::spawn_blocking(move || {
-                    delta::rebuild_kernel_image(
-                        &esp,
-                        booted_slot,
-                        &patch,
-                        &kernel_image_bytes,
-                        &download,
-                    )
-                })
-                .await,
-            )??;
-        }
-        let streamed = {
+            tokio::task::spawn_blocking(move || {
+                delta::rebuild_kernel_image(
+                    &esp,
+                    booted_slot,
+                    &patch,
+                    &kernel_image_bytes,
+                    &download,
+                )
+            })
+        };
+        let root = {
             let disk = disk.to_path_buf();
             let booted = SlotPartitions::locate(&disk, self.booted.slot)?;
             let inactive = partitions.clone();
             let patch = plan.root.clone();
             let verity = update.verity.clone();
             let progress = Arc::clone(&self.progress);
-            AgentError::joined(
-                "the root patch task",
-                tokio::task::spawn_blocking(move || {
-                    delta::rebuild_root(
-                        &disk,
-                        &booted,
-                        &inactive,
-                        &patch,
-                        &root_bytes,
-                        &verity,
-                        &mut |bytes| progress.bytes.store(bytes, Ordering::Relaxed),
-                        &|| progress.cancel.load(Ordering::Relaxed),
-                    )
-                })
-                .await,
-            )??
+            tokio::task::spawn_blocking(move || {
+                delta::rebuild_root(
+                    &disk,
+                    &booted,
+                    &inactive,
+                    &patch,
+                    &root_bytes,
+                    &verity,
+                    &mut |bytes| progress.bytes.store(bytes, Ordering::Relaxed),
+                    &|| progress.cancel.load(Ordering::Relaxed),
+                )
+            })
         };
+        let (kernel_image, root) = tokio::join!(kernel_image, root);
+        AgentError::joined("the UKI patch task", kernel_image)??;
+        let streamed = AgentError::joined("the root patch task", root)??;
         self.announce();
         self.verify_written_slot(update, disk, partitions, streamed)
             .await?;

@@ -943,6 +943,8 @@ pub fn rebuild_root(
     )))?;
     let source = FileMapping::read_only(&read_only, booted.root.offset, patch.source_size)
         .map_err(io_error(format!("mapping {booted_what}")))?;
+    // zstd's matches read the source mostly front to back.
+    source.advise_sequential();
     // The whole result is the tree's data: checked by it as it is decoded.
     let by_tree = data_bytes == patch.result_size;
     if !by_tree {
