@@ -617,8 +617,9 @@ def report(args, rows, agents, drop, load_start, load_end):
           "(dd writes what a pipe read returns: 64 KiB)")
     print("write       = the agent's root write: 'installing' to the root's 'artifact written and checked' "
           "(relabel; the fetcher process: download, sha256 of the shipped bytes, zstd; frames over a pipe; "
-          "the daemon: sha256 of the uncompressed bytes, writes, fdatasync)")
-    print("total       = apply call to 'installed' (adds TUF metadata, verity write, read-back verify, relabel, UKI)")
+          "the daemon: the root's dm-verity tree as it streams, O_DIRECT writes with a CRC-32 per MiB, fdatasync)")
+    print("total       = apply call to 'installed' (adds TUF metadata, verity write, the read-back of both partitions "
+          "with the UKI download beside it, relabel, boot entry)")
     print()
     print(f"{'root MiB':>8} {'bytes':>11} {'zst MiB':>8} {'agent':>8} {'pipe s':>7} {'MB/s':>6} "
           f"{'write s':>8} {'MB/s':>6} {'total s':>8} {'MB/s':>6} {'write/pipe':>10} {'total/pipe':>10} "
@@ -655,7 +656,7 @@ def report(args, rows, agents, drop, load_start, load_end):
               + "  ".join(ratios))
     print()
     print("agent phases (median s): decide = apply call to 'installing' (TUF metadata, manifest, policy); "
-          "finish = relabel, UKI download, boot entry; cpu = daemon CPU s (user+sys, all threads) during the "
+          "verify = the read-back (the UKI downloads meanwhile); finish = relabel, boot entry; cpu = daemon CPU s (user+sys, all threads) during the "
           "apply; fetch = its fetcher processes' CPU s; server = http.server CPU s; idle = daemon RSS before "
           "the apply")
     print(f"{'root MiB':>8} {'agent':>8} {'decide':>7} {'root':>7} {'verity':>7} {'verify':>7} {'finish':>7} "

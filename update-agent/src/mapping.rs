@@ -16,7 +16,7 @@
 
 use std::ffi::c_void;
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::ptr::NonNull;
 
 use rustix::mm::{self, MapFlags, MsyncFlags, ProtFlags};
@@ -69,6 +69,18 @@ impl FileMapping {
                 len: 0,
                 writable,
             });
+        }
+        // Touching a page past the end of the file (or device) is a SIGBUS,
+        // not an error: the range must lie inside it.
+        let size = {
+            let mut handle = file;
+            handle.seek(SeekFrom::End(0))?
+        };
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes at offset {offset} end past the file's {size} bytes"),
+            ));
         }
         let aligned = offset - offset % page_size();
         let skip = (offset - aligned) as usize;
@@ -158,9 +170,24 @@ impl Drop for FileMapping {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Read, Write};
 
     use super::*;
+
+    #[test]
+    fn a_range_past_the_end_of_the_file_is_an_error_not_a_sigbus() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[1u8; 10_000]).unwrap();
+        FileMapping::read_only(&file, 0, 10_000).unwrap();
+        let error = FileMapping::read_only(&file, 5000, 5001).err().unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("5001 bytes at offset 5000 end past the file's 10000 bytes"),
+            "{error}"
+        );
+        assert!(FileMapping::shared_writable(&file, u64::MAX, 2).is_err());
+    }
 
     #[test]
     fn maps_an_unaligned_range_and_writes_through() {
