@@ -674,7 +674,6 @@ impl StreamingTree {
                 geometry: self.geometry,
                 salt: self.salt,
                 upper_levels: Vec::new(),
-                lowest_digests: Vec::new(),
                 lowest_level: self.lowest_level.map(|_| Vec::new()),
                 root_hash,
             });
@@ -684,7 +683,7 @@ impl StreamingTree {
         }
         // Levels 1 and up, from the lowest level's block digests.
         let mut upper_levels: Vec<Vec<u8>> = Vec::new();
-        let mut below_digests = self.lowest_digests.clone();
+        let mut below_digests = self.lowest_digests;
         for &blocks in &self.geometry.level_blocks[1..] {
             let mut level = below_digests;
             level.resize(to_usize(blocks * VERITY_BLOCK_SIZE)?, 0);
@@ -701,7 +700,6 @@ impl StreamingTree {
             geometry: self.geometry,
             salt: self.salt,
             upper_levels,
-            lowest_digests: self.lowest_digests,
             lowest_level: self.lowest_level,
             root_hash,
         })
@@ -716,8 +714,6 @@ pub struct StreamedTree {
     salt: Vec<u8>,
     /// Levels 1 and up (index 0 = level 1), zero-padded whole blocks.
     upper_levels: Vec<Vec<u8>>,
-    /// The digest of each lowest-level block (empty for one data block).
-    lowest_digests: Vec<u8>,
     /// The lowest level, if it was kept.
     lowest_level: Option<Vec<u8>>,
     root_hash: RootHash,
@@ -727,6 +723,21 @@ impl StreamedTree {
     /// The root hash of the streamed data.
     pub fn root_hash(&self) -> &RootHash {
         &self.root_hash
+    }
+
+    /// The digest of each lowest-level block: level 1 without its padding,
+    /// the root hash for a one-level tree, nothing for one data block.
+    fn lowest_block_digests(&self) -> &[u8] {
+        match (
+            self.upper_levels.first(),
+            self.geometry.level_blocks.first(),
+        ) {
+            (Some(level_1), Some(&lowest_blocks)) => {
+                &level_1[..lowest_blocks as usize * DIGEST_SIZE]
+            }
+            (None, Some(_)) => &self.root_hash,
+            _ => &[],
+        }
     }
 
     /// Writes the hash device (superblock block with `uuid`, then the levels,
@@ -820,7 +831,11 @@ impl StreamedTree {
             let start = self.geometry.level_start_block(0);
             let hasher = SaltedHasher::new(&self.salt);
             let mut lowest = io::BufReader::with_capacity(LOWEST_LEVEL_READ_SIZE, &mut hash_device);
-            for (index, expected) in self.lowest_digests.chunks_exact(DIGEST_SIZE).enumerate() {
+            for (index, expected) in self
+                .lowest_block_digests()
+                .chunks_exact(DIGEST_SIZE)
+                .enumerate()
+            {
                 read_exactly(&mut lowest, &mut block, "the hash tree's lowest level")?;
                 if hasher.digest(&block)[..] != *expected {
                     return Err(VerityError::CorruptHashBlock {
