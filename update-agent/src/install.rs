@@ -567,7 +567,7 @@ enum ContentDigest {
 struct Written {
     bytes: u64,
     digest: ContentDigest,
-    crcs: Option<Vec<u32>>,
+    crcs: Option<PieceCrcs>,
 }
 
 /// Streams one artifact from `source` into `partition` of `disk` (see the
@@ -604,26 +604,22 @@ pub fn write_root_artifact<R: Read>(
     partition: &PartitionRange,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenArtifact, InstallError> {
-    let tree = hex::decode(&verity.salt).ok().and_then(|salt| {
-        let covered = verity.data_blocks.checked_mul(VERITY_BLOCK_SIZE)?;
-        let usable = artifact.kind == ArtifactKind::RootFilesystem
-            && covered == artifact.uncompressed_size
-            && verity.hash_algorithm == ALGORITHM
-            && u64::from(verity.data_block_size) == VERITY_BLOCK_SIZE
-            && u64::from(verity.hash_block_size) == VERITY_BLOCK_SIZE
-            && verity::root_hash_from_hex(&verity.root_hash).is_ok();
-        usable
-            .then(|| StreamingTree::new(covered, &salt).ok())
-            .flatten()
-            .map(|tree| (tree, verity.root_hash.to_ascii_lowercase()))
-    });
+    let tree = verity_parameters(verity)
+        .ok()
+        .filter(|(_, _, data_bytes)| {
+            artifact.kind == ArtifactKind::RootFilesystem
+                && *data_bytes == artifact.uncompressed_size
+        })
+        .and_then(|(root_hash, salt, data_bytes)| {
+            Some((StreamingTree::new(data_bytes, &salt).ok()?, root_hash))
+        });
     write_checked(source, artifact, tree, disk, partition, progress)
 }
 
 fn write_checked<R: Read>(
     source: R,
     artifact: &Artifact,
-    tree: Option<(StreamingTree, String)>,
+    tree: Option<(StreamingTree, RootHash)>,
     disk: &File,
     partition: &PartitionRange,
     progress: &mut dyn FnMut(u64),
@@ -805,13 +801,12 @@ fn write_checked<R: Read>(
                 expected: artifact.uncompressed_size,
                 got: written.bytes,
             })?;
-            let got = root_hash_to_hex(tree.root_hash());
             let expected = expected_root_hash.expect("a tree has its signed root hash");
-            if got != expected {
+            if *tree.root_hash() != expected {
                 return Err(InstallError::UncompressedRootHashMismatch {
                     artifact: name(),
-                    expected,
-                    got,
+                    expected: root_hash_to_hex(&expected),
+                    got: root_hash_to_hex(tree.root_hash()),
                 });
             }
             (None, Some(tree))
@@ -835,11 +830,7 @@ fn write_checked<R: Read>(
         uncompressed_bytes: written.bytes,
         uncompressed_sha256,
         verity_tree,
-        written_crcs: written.crcs.map(|crcs| WrittenCrcs {
-            partition: partition.clone(),
-            bytes: written.bytes,
-            crcs,
-        }),
+        written_crcs: written.crcs.map(|crcs| crcs.finish(partition)),
     })
 }
 
@@ -960,10 +951,10 @@ fn write_chunks(
     full: Receiver<Chunk>,
     empty: SyncSender<AlignedBuffer>,
     limits: &Limits<'_>,
-) -> Result<(u64, Option<Vec<u32>>), InstallError> {
+) -> Result<(u64, Option<PieceCrcs>), InstallError> {
     let partition = limits.partition;
     let mut direct = reopen_direct(limits.disk, true);
-    let mut crcs = direct.as_ref().map(|_| Vec::new());
+    let mut crcs = direct.as_ref().map(|_| PieceCrcs::new());
     let mut bytes = 0u64;
     for chunk in full {
         let data = &chunk.buffer[..chunk.len];
@@ -1003,7 +994,7 @@ fn write_chunks(
             crcs = None;
         }
         if let Some(crcs) = crcs.as_mut() {
-            crcs.push(crc32fast::hash(data));
+            crcs.update(data);
         }
         bytes += data.len() as u64;
         // The decompressing side may have stopped; then the buffer is dropped.
@@ -1013,8 +1004,8 @@ fn write_chunks(
 }
 
 /// CRC-32s of consecutive [`BUFFER_SIZE`] pieces of bytes that arrive in any
-/// sizes, from a partition's start: what [`WrittenCrcs`] holds, for bytes
-/// written some other way than [`write_artifact`] (a delta's).
+/// sizes, from a partition's start: what [`WrittenCrcs`] holds, kept by
+/// [`write_artifact`]'s writing thread and by a delta's decoding.
 pub(crate) struct PieceCrcs {
     hasher: crc32fast::Hasher,
     filled: usize,
@@ -1316,32 +1307,34 @@ fn parse_verity_info(
     slot: Slot,
     verity: &VerityInfo,
 ) -> Result<(RootHash, Vec<u8>, u64), InstallError> {
-    let invalid = |reason: String| InstallError::InvalidVerityInfo { slot, reason };
-    let root_hash = verity::root_hash_from_hex(&verity.root_hash)
-        .map_err(|error| invalid(error.to_string()))?;
-    let salt = hex::decode(&verity.salt)
-        .map_err(|_| invalid(format!("salt {:?} is not hex", verity.salt)))?;
+    verity_parameters(verity).map_err(|reason| InstallError::InvalidVerityInfo { slot, reason })
+}
+
+/// [`parse_verity_info`] without a slot to name: the reason as text.
+fn verity_parameters(verity: &VerityInfo) -> Result<(RootHash, Vec<u8>, u64), String> {
+    let root_hash =
+        verity::root_hash_from_hex(&verity.root_hash).map_err(|error| error.to_string())?;
+    let salt =
+        hex::decode(&verity.salt).map_err(|_| format!("salt {:?} is not hex", verity.salt))?;
     if verity.hash_algorithm != ALGORITHM {
-        return Err(invalid(format!(
+        return Err(format!(
             "expected hash algorithm {ALGORITHM:?}, found {:?}",
             verity.hash_algorithm
-        )));
+        ));
     }
     for (what, size) in [
         ("data block size", verity.data_block_size),
         ("hash block size", verity.hash_block_size),
     ] {
         if u64::from(size) != VERITY_BLOCK_SIZE {
-            return Err(invalid(format!(
-                "expected {what} {VERITY_BLOCK_SIZE}, found {size}"
-            )));
+            return Err(format!("expected {what} {VERITY_BLOCK_SIZE}, found {size}"));
         }
     }
     let data_bytes = verity
         .data_blocks
         .checked_mul(VERITY_BLOCK_SIZE)
         .filter(|bytes| *bytes > 0)
-        .ok_or_else(|| invalid(format!("unusable data block count {}", verity.data_blocks)))?;
+        .ok_or_else(|| format!("unusable data block count {}", verity.data_blocks))?;
     Ok((root_hash, salt, data_bytes))
 }
 
