@@ -884,7 +884,8 @@ fn log_memory(what: &str) {
 /// (CRCs of what was written, where the disk takes `O_DIRECT`) by
 /// [`crate::install::check_streamed_slot`], otherwise whole by
 /// [`crate::install::verify_slot`]. (A root longer than its tree, which our
-/// builds never make, is checked by its sha256, its source too.)
+/// builds never make, is checked by its sha256, its source too, and its
+/// tree computed once it is decoded.)
 #[allow(clippy::too_many_arguments)]
 pub fn rebuild_root(
     disk_path: &Path,
@@ -1018,54 +1019,50 @@ pub fn rebuild_root(
         ))
     })?;
     let uuid = verity::hash_device_uuid(&root_sha256).0;
-    if let CheckedResult::VerityTree { tree, crcs } = checked {
-        drop(output);
-        let mut hash_device = CrcWriter {
-            inner: PartitionWriter {
-                disk: &disk,
-                partition: &inactive.verity,
-                position: 0,
-            },
-            crcs: PieceCrcs::new(),
-        };
-        tree.write_hash_device(uuid, &mut hash_device)
-            .map_err(|source| DeltaError::Verity { slot, source })?;
-        disk.sync_data()
-            .map_err(io_error(format!("syncing {}", disk_path.display())))?;
-        let found = verity::root_hash_to_hex(tree.root_hash());
-        tracing::info!(%slot, root_hash = %found, bytes = patch.result_size, "root rebuilt from the delta; hash tree computed on the node as it was decoded");
-        let streamed = StreamedSlot {
-            tree: *tree,
-            root: crcs.finish(&inactive.root),
-            verity: hash_device.crcs.finish(&inactive.verity),
-        };
-        return Ok(crate::install::reads_back_from_the_device(&disk).then_some(streamed));
-    }
-    let tree = verity::build_hash_tree(
-        &output[..data_bytes as usize],
-        data_bytes,
-        &salt,
-        uuid,
-        PartitionWriter {
+    let (tree, root_crcs) = match checked {
+        CheckedResult::VerityTree { tree, crcs } => (*tree, crcs),
+        // A root longer than its tree: its sha256 was checked as it was
+        // decoded; the tree covers its first `data_bytes`.
+        CheckedResult::Sha256 => {
+            let data = &output[..data_bytes as usize];
+            let verity_error = |source| DeltaError::Verity { slot, source };
+            let mut tree = verity::StreamingTree::keeping_lowest_level(data_bytes, &salt)
+                .map_err(verity_error)?;
+            tree.update(data).map_err(verity_error)?;
+            let tree = tree.finish().map_err(verity_error)?;
+            let found = verity::root_hash_to_hex(tree.root_hash());
+            if !found.eq_ignore_ascii_case(&verity_info.root_hash) {
+                return Err(DeltaError::RootHashMismatch {
+                    slot,
+                    expected: verity_info.root_hash.clone(),
+                    found,
+                });
+            }
+            let mut crcs = PieceCrcs::new();
+            crcs.update(&output);
+            (tree, crcs)
+        }
+    };
+    drop(output);
+    let mut hash_device = CrcWriter {
+        inner: PartitionWriter {
             disk: &disk,
             partition: &inactive.verity,
             position: 0,
         },
-    )
-    .map_err(|source| DeltaError::Verity { slot, source })?;
-    drop(output);
-    let found = verity::root_hash_to_hex(&tree.root_hash);
-    if !found.eq_ignore_ascii_case(&verity_info.root_hash) {
-        return Err(DeltaError::RootHashMismatch {
-            slot,
-            expected: verity_info.root_hash.clone(),
-            found,
-        });
-    }
+        crcs: PieceCrcs::new(),
+    };
+    tree.write_hash_device(uuid, &mut hash_device)
+        .map_err(|source| DeltaError::Verity { slot, source })?;
     disk.sync_data()
         .map_err(io_error(format!("syncing {}", disk_path.display())))?;
-    tracing::info!(%slot, root_hash = %found, bytes = patch.result_size, "root rebuilt from the delta; hash tree computed on the node");
-    Ok(None)
+    tracing::info!(%slot, root_hash = %verity::root_hash_to_hex(tree.root_hash()), bytes = patch.result_size, "root rebuilt from the delta; hash tree computed on the node");
+    let streamed = StreamedSlot {
+        tree,
+        root: root_crcs.finish(&inactive.root),
+        verity: hash_device.crcs.finish(&inactive.verity),
+    };
+    Ok(crate::install::reads_back_from_the_device(&disk).then_some(streamed))
 }
 
 /// The booted slot's UKI files on the ESP (`racklet-<slot>.efi`, or with a
@@ -1532,6 +1529,41 @@ mod tests {
         assert!(error.to_string().starts_with("zstd: "), "{error}");
     }
 
+    /// [`rebuild_root`] of the disk image at `path`, from slot A into slot B.
+    fn rebuild_into_slot_b(
+        path: &Path,
+        patch: &Patch,
+        bytes: &[u8],
+        info: &VerityInfo,
+    ) -> Result<Option<StreamedSlot>, DeltaError> {
+        let booted = SlotPartitions::locate(path, Slot::A).unwrap();
+        let inactive = SlotPartitions::locate(path, Slot::B).unwrap();
+        rebuild_root(
+            path,
+            &booted,
+            &inactive,
+            patch,
+            bytes,
+            info,
+            &mut |_| {},
+            &|| false,
+        )
+    }
+
+    /// The manifest's verity section for `data` hashed with `salt`.
+    fn verity_info_of(data: &[u8], salt: &[u8]) -> VerityInfo {
+        let tree =
+            verity::build_hash_tree(data, data.len() as u64, salt, [1; 16], io::sink()).unwrap();
+        VerityInfo {
+            root_hash: verity::root_hash_to_hex(&tree.root_hash),
+            salt: hex::encode(salt),
+            hash_algorithm: "sha256".into(),
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            data_blocks: data.len() as u64 / 4096,
+        }
+    }
+
     /// A disk whose slot A holds a root, a newer root that shares most of
     /// it, its verity info, and the root patch between them.
     fn disk_and_root_patch() -> (tempfile::NamedTempFile, Vec<u8>, VerityInfo, Patch, Vec<u8>) {
@@ -1542,17 +1574,7 @@ mod tests {
         result[1_000_000..1_000_500].fill(0xe1);
         result[1_800_000..1_800_100].fill(0x5e);
         let salt = verity::salt_from_content_digest(&Sha256::digest(&result).into());
-        let tree =
-            verity::build_hash_tree(&result[..], result.len() as u64, &salt, [1; 16], io::sink())
-                .unwrap();
-        let info = VerityInfo {
-            root_hash: verity::root_hash_to_hex(&tree.root_hash),
-            salt: hex::encode(&salt),
-            hash_algorithm: "sha256".into(),
-            data_block_size: 4096,
-            hash_block_size: 4096,
-            data_blocks: result.len() as u64 / 4096,
-        };
+        let info = verity_info_of(&result, &salt);
         let bytes = {
             use zstd::zstd_safe::CParameter;
             let mut context = zstd::zstd_safe::CCtx::create();
@@ -1584,18 +1606,7 @@ mod tests {
         let path = disk.path();
         let booted = SlotPartitions::locate(path, Slot::A).unwrap();
         let inactive = SlotPartitions::locate(path, Slot::B).unwrap();
-        let rebuild = || {
-            rebuild_root(
-                path,
-                &booted,
-                &inactive,
-                &patch,
-                &bytes,
-                &info,
-                &mut |_| {},
-                &|| false,
-            )
-        };
+        let rebuild = || rebuild_into_slot_b(path, &patch, &bytes, &info);
         let streamed = rebuild().unwrap();
         let file = crate::install::open_disk_for_writing(path).unwrap();
         let mut written = vec![0u8; result.len()];
@@ -1621,6 +1632,30 @@ mod tests {
                 error,
                 DeltaError::ResultRootHashMismatch { .. } | DeltaError::Decode { .. }
             ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_root_longer_than_its_tree_is_checked_by_its_sha256_then_its_tree() {
+        let (disk, result, _, patch, bytes) = disk_and_root_patch();
+        // The tree covers all but the root's last block.
+        let info = verity_info_of(&result[..result.len() - 4096], &[3u8; 32]);
+        let path = disk.path();
+        let inactive = SlotPartitions::locate(path, Slot::B).unwrap();
+        let streamed = rebuild_into_slot_b(path, &patch, &bytes, &info).unwrap();
+        let file = crate::install::open_disk_for_writing(path).unwrap();
+        crate::install::verify_slot(&file, &inactive, &info).unwrap();
+        if let Some(streamed) = streamed {
+            assert_eq!(streamed.root.bytes, result.len() as u64);
+            crate::install::check_streamed_slot(&file, &inactive, &info, &streamed).unwrap();
+        }
+        // Another signed root hash for the covered part: refused.
+        let mut other = info.clone();
+        other.root_hash = "ab".repeat(32);
+        let error = rebuild_into_slot_b(path, &patch, &bytes, &other).unwrap_err();
+        assert!(
+            matches!(error, DeltaError::RootHashMismatch { .. }),
             "{error}"
         );
     }
