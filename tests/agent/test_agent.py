@@ -2492,6 +2492,16 @@ def last_install(node):
     return record
 
 
+def installed_in_full(node, code, reason_part):
+    """The last install took the full download, for reason `code`, its message
+    naming `reason_part`; returns its record."""
+    record = last_install(node)
+    check_equal(record["path"], "full", f"last_install path ({record})")
+    check_equal(record["reason"]["code"], code, f"reason code ({record})")
+    check_in(reason_part, record["reason"]["message"], "reason")
+    return record
+
+
 def delta_log_lines(node):
     with open(node.log) as source:
         return [ANSI.sub("", line) for line in source if "delta" in line or "full download" in line]
@@ -2552,10 +2562,7 @@ def tampered_patch_falls_back_to_full_and_installs(suite, node_name):
         node.start()
         node.ok("apply")
         node.assert_installed(new)
-        record = last_install(node)
-        check_equal(record["path"], "full", f"last_install path ({record})")
-        check_equal(record["reason"]["code"], "delta-failed", "reason code")
-        check_in(os.path.basename(path).split(".", 1)[1], record["reason"]["message"], "reason names the patch")
+        record = installed_in_full(node, "delta-failed", os.path.basename(path).split(".", 1)[1])
         check_in("sha", record["reason"]["message"], "reason says the hash")
         check(record["downloaded_bytes"] > record["full_bytes"], f"downloaded bytes count the patches too: {record}")
         check(node.status()["state"]["last_error"] is None, "last_error after the fallback install")
@@ -2577,10 +2584,7 @@ def booted_slot_not_a_delta_source_falls_back_to_full(suite, node_name):
         node.start()
         node.ok("apply")
         node.assert_installed(new)
-        record = last_install(node)
-        check_equal(record["path"], "full", f"last_install path ({record})")
-        check_equal(record["reason"]["code"], "no-delta-for-this-root", "reason code")
-        check_in("no delta from this slot's version (1.0.0", record["reason"]["message"], "reason")
+        record = installed_in_full(node, "no-delta-for-this-root", "no delta from this slot's version (1.0.0")
         check_equal(record["downloaded_bytes"], record["full_bytes"], "downloaded bytes")
         human = run([UPDATE, "status"], env=dict(node.env(), RACKLET_LOG="warn")).stdout
         check_in("full: no delta from this slot's version", human, "status (human)")
@@ -2604,10 +2608,7 @@ def interrupted_delta_falls_back_to_full(suite, node_name):
         node.start()
         node.ok("apply")
         node.assert_installed(new)
-        record = last_install(node)
-        check_equal(record["path"], "full", f"last_install path ({record})")
-        check_equal(record["reason"]["code"], "delta-interrupted", "reason code")
-        check_in(f"the last delta to {DELTA_VERSION} never finished", record["reason"]["message"], "reason")
+        installed_in_full(node, "delta-interrupted", f"the last delta to {DELTA_VERSION} never finished")
         check(not os.path.exists(started), f"{started} is still there after the full install")
     finally:
         node.close()
@@ -2624,10 +2625,7 @@ def deltas_turned_off_on_the_node_go_full(suite, node_name):
     try:
         node.ok("apply")
         node.assert_installed(new)
-        record = last_install(node)
-        check_equal(record["path"], "full", f"last_install path ({record})")
-        check_equal(record["reason"]["code"], "deltas-off", "reason code")
-        check_in("delta_updates = false", record["reason"]["message"], "reason")
+        record = installed_in_full(node, "deltas-off", "delta_updates = false")
         check_equal(record["downloaded_bytes"], record["full_bytes"], "downloaded bytes")
     finally:
         node.close()
@@ -2647,9 +2645,7 @@ def booted_uki_changed_falls_back_to_full(suite, node_name):
         node.start()
         node.ok("apply")
         node.assert_installed(new)
-        record = last_install(node)
-        check_equal(record["reason"]["code"], "delta-failed", f"reason code ({record})")
-        check_in("UKI", record["reason"]["message"], "reason")
+        installed_in_full(node, "delta-failed", "UKI")
     finally:
         node.close()
 
