@@ -373,16 +373,7 @@ pub fn verify<R1: Read + Seek, R2: Read + Seek>(
     mut hash_device: R2,
     expected_root_hash: &RootHash,
 ) -> Result<VeritySuperblock, VerityError> {
-    hash_device
-        .seek(SeekFrom::Start(0))
-        .map_err(|source| io_error("seeking to the start of the hash device", source))?;
-    let mut superblock_block = vec![0u8; BLOCK_SIZE];
-    read_exactly(
-        &mut hash_device,
-        &mut superblock_block,
-        "the hash device superblock block",
-    )?;
-    let superblock = VeritySuperblock::parse(&superblock_block)?;
+    let superblock = read_superblock(&mut hash_device)?;
     let geometry = TreeGeometry::for_data_blocks(superblock.data_blocks);
     let hasher = SaltedHasher::new(&superblock.salt);
 
@@ -787,16 +778,8 @@ impl StreamedTree {
         &self,
         mut hash_device: R,
     ) -> Result<VeritySuperblock, VerityError> {
-        hash_device
-            .seek(SeekFrom::Start(0))
-            .map_err(|source| io_error("seeking to the start of the hash device", source))?;
+        let superblock = read_superblock(&mut hash_device)?;
         let mut block = vec![0u8; BLOCK_SIZE];
-        read_exactly(
-            &mut hash_device,
-            &mut block,
-            "the hash device superblock block",
-        )?;
-        let superblock = VeritySuperblock::parse(&block)?;
         if superblock.data_blocks != self.geometry.data_blocks {
             return Err(VerityError::BadSuperblock {
                 reason: format!(
@@ -940,6 +923,21 @@ impl TreeGeometry {
     fn hash_device_size_bytes(&self) -> u64 {
         (HASH_START_BLOCK + self.total_hash_blocks()) * VERITY_BLOCK_SIZE
     }
+}
+
+/// Reads and parses the superblock block at the start of `hash_device`,
+/// leaving it positioned at the first hash block.
+fn read_superblock<R: Read + Seek>(hash_device: &mut R) -> Result<VeritySuperblock, VerityError> {
+    hash_device
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| io_error("seeking to the start of the hash device", source))?;
+    let mut superblock_block = vec![0u8; BLOCK_SIZE];
+    read_exactly(
+        hash_device,
+        &mut superblock_block,
+        "the hash device superblock block",
+    )?;
+    VeritySuperblock::parse(&superblock_block)
 }
 
 /// Streams `data_size_bytes` of `data` through a [`StreamingTree`]
