@@ -1338,6 +1338,27 @@ fn verity_parameters(verity: &VerityInfo) -> Result<(RootHash, Vec<u8>, u64), St
     Ok((root_hash, salt, data_bytes))
 }
 
+/// The slot's partitions hold `data_bytes` of root and its hash tree;
+/// returns the hash tree's size.
+fn check_slot_sizes(partitions: &SlotPartitions, data_bytes: u64) -> Result<u64, InstallError> {
+    let hash_bytes = verity::hash_device_size(data_bytes);
+    for (partition, needed, what) in [
+        (&partitions.root, data_bytes, "the root file system"),
+        (&partitions.verity, hash_bytes, "the verity hash tree"),
+    ] {
+        if partition.size < needed {
+            return Err(InstallError::SlotTooSmall {
+                slot: partitions.slot,
+                partition: partition.name.clone(),
+                size: partition.size,
+                needed,
+                what,
+            });
+        }
+    }
+    Ok(hash_bytes)
+}
+
 /// Re-reads a written slot from the disk and checks it: the verity superblock
 /// on `verity-<slot>` must be the manifest's (block count, salt), the hash tree
 /// must lead to `verity.root_hash`, and the root partition's first
@@ -1356,21 +1377,7 @@ pub fn verify_slot(
 ) -> Result<(), InstallError> {
     let slot = partitions.slot;
     let (expected, salt, data_bytes) = parse_verity_info(slot, verity)?;
-    let hash_bytes = verity::hash_device_size(data_bytes);
-    for (partition, needed, what) in [
-        (&partitions.root, data_bytes, "the root file system"),
-        (&partitions.verity, hash_bytes, "the verity hash tree"),
-    ] {
-        if partition.size < needed {
-            return Err(InstallError::SlotTooSmall {
-                slot,
-                partition: partition.name.clone(),
-                size: partition.size,
-                needed,
-                what,
-            });
-        }
-    }
+    let hash_bytes = check_slot_sizes(partitions, data_bytes)?;
     drop_cached(disk, partitions.root.offset, data_bytes);
     drop_cached(disk, partitions.verity.offset, hash_bytes);
 
@@ -1513,16 +1520,7 @@ pub fn check_streamed_slot(
             detail: "computed while the root was written".to_string(),
         });
     }
-    let hash_bytes = verity::hash_device_size(data_bytes);
-    if partitions.verity.size < hash_bytes {
-        return Err(InstallError::SlotTooSmall {
-            slot,
-            partition: partitions.verity.name.clone(),
-            size: partitions.verity.size,
-            needed: hash_bytes,
-            what: "the verity hash tree",
-        });
-    }
+    let hash_bytes = check_slot_sizes(partitions, data_bytes)?;
     drop_cached(disk, partitions.verity.offset, hash_bytes);
     let hash_device = Region::new(disk, partitions.verity.offset, hash_bytes);
     match tree.check_hash_device(hash_device) {
