@@ -63,8 +63,19 @@ pub const LAST_INSTALL_FILE: &str = "last-install.json";
 /// memory map is a signal, not an error), so that install goes full instead
 /// of dying the same way again.
 pub const DELTA_STARTED_FILE: &str = "delta-started";
-/// Bytes of the patch handed to the decoder at a time (progress, hashing).
-const DECODE_INPUT_STEP: usize = 256 << 10;
+/// Bytes of the patch handed to the decoder at a time. Small, so that the
+/// decoder stops often even where a few bytes of patch copy megabytes of the
+/// source (an unchanged stretch): [`ResultPages`] prepares the pages ahead
+/// of it between calls.
+const DECODE_INPUT_STEP: usize = 4 << 10;
+/// The decoded bytes are handed on (hashing, progress, [`ResultPages`]) in
+/// ranges of at least this many bytes (but the last).
+const DECODED_RANGE_BYTES: usize = if cfg!(test) { 64 << 10 } else { 1 << 20 };
+/// How far ahead of the decoder the result's pages are zeroed
+/// ([`ResultPages`]).
+const ZEROED_AHEAD_BYTES: u64 = if cfg!(test) { 256 << 10 } else { 32 << 20 };
+/// Writeback of the decoded pages is started in steps of this many bytes.
+const WRITE_BEHIND_BYTES: u64 = if cfg!(test) { 128 << 10 } else { 8 << 20 };
 
 /// What the repository's delta index said.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -584,8 +595,9 @@ fn zstd_error(code: usize, produced: usize) -> DecodeError {
 /// into `output`, whose length is the signed result size: the frame may not
 /// yield more (zstd stops at the end of `output`). The output is zstd's
 /// history itself (a stable output buffer): zstd allocates no window, only
-/// its input block buffer. `produced(range, bytes)` is called with every
-/// newly decoded range, in order. Returns the bytes decoded.
+/// its input block buffer. `produced(range)` is called with every newly
+/// decoded range, in order, each at least [`DECODED_RANGE_BYTES`] but the
+/// last; the output past them is not written yet. Returns the bytes decoded.
 pub fn decode_patch(
     patch: &[u8],
     source: &[u8],
@@ -603,11 +615,11 @@ pub fn decode_patch(
     }
     let mut consumed = 0usize;
     let mut position = 0usize;
+    let mut reported = 0usize;
     let mut frame_done = false;
     while consumed < patch.len() {
         let end = (consumed + DECODE_INPUT_STEP).min(patch.len());
         let mut input = InBuffer::around(&patch[consumed..end]);
-        let before = position;
         loop {
             let input_before = input.pos();
             let output_before = position;
@@ -633,8 +645,10 @@ pub fn decode_patch(
             }
         }
         consumed += input.pos();
-        if position > before {
-            produced(&output[before..position])?;
+        let last = frame_done || consumed == patch.len();
+        if position - reported >= DECODED_RANGE_BYTES || (last && position > reported) {
+            produced(&output[reported..position])?;
+            reported = position;
         }
         if frame_done {
             break;
@@ -708,15 +722,16 @@ enum CheckedResult {
 /// Decodes `patch` from `source` into `output` (the signed result size),
 /// checking as it goes (`check`); the result must be the patch's
 /// (`result_size`, and `result_sha256` or the signed root hash, which
-/// [`choose_path`] checked are the manifest's). `progress` gets the bytes
-/// decoded so far; `cancelled` stops it.
+/// [`choose_path`] checked are the manifest's). `on_decoded` gets the bytes
+/// decoded so far (the output past them is not written yet); `cancelled`
+/// stops it.
 fn rebuild(
     patch: &Patch,
     bytes: &[u8],
     source: &[u8],
     output: &mut [u8],
     mut check: ResultCheck,
-    progress: &mut dyn FnMut(u64),
+    on_decoded: &mut dyn FnMut(u64) -> Result<(), DeltaError>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<CheckedResult, DeltaError> {
     let mut done = 0u64;
@@ -739,8 +754,7 @@ fn rebuild(
             }
         }
         done += range.len() as u64;
-        progress(done);
-        Ok(())
+        on_decoded(done)
     })?
     .map_err(|source| DeltaError::Decode {
         target: patch.target.clone(),
@@ -791,6 +805,71 @@ fn rebuild(
                 crcs,
             })
         }
+    }
+}
+
+/// The pages of a result decoded through a shared map of the disk
+/// ([`rebuild_root`]), prepared as the decoder goes:
+/// - **ahead of it, zeroed** by whole-page writes ([`ZEROED_AHEAD_BYTES`]):
+///   writing through a map faults each page in, and a page not in memory is
+///   first read from the disk. Those are the inactive slot's old bytes,
+///   about to be overwritten: a whole slot's worth of reads (on a memory
+///   card, seconds). A page zeroed by a write is in memory without a read.
+/// - **behind it, written out** ([`WRITE_BEHIND_BYTES`] at a time,
+///   [`crate::mapping::start_writeback`]): the disk writes while the
+///   decoder works, instead of all at the final flush.
+///
+/// Only whole pages the decoder has not written are zeroed: the output past
+/// the decoded bytes is not written yet ([`decode_patch`]). A page the
+/// decoder reaches before it is zeroed is read, as before: slower, never
+/// wrong.
+struct ResultPages<'a> {
+    disk: &'a File,
+    /// Where the result starts on the disk, and its length.
+    offset: u64,
+    len: u64,
+    /// Absolute offsets: zeroed up to here; writeback started up to here.
+    zeroed_to: u64,
+    written_to: u64,
+    zeros: Vec<u8>,
+}
+
+impl<'a> ResultPages<'a> {
+    fn new(disk: &'a File, offset: u64, len: u64) -> ResultPages<'a> {
+        ResultPages {
+            disk,
+            offset,
+            len,
+            zeroed_to: offset,
+            written_to: offset,
+            zeros: vec![0; (1usize << 20).min(ZEROED_AHEAD_BYTES as usize)],
+        }
+    }
+
+    /// The first `decoded` bytes of the result are final, the rest unwritten.
+    fn advance(&mut self, decoded: u64) -> io::Result<()> {
+        let page = rustix::param::page_size() as u64;
+        let decoded_end = self.offset + decoded;
+        let first_unwritten_page = decoded_end.div_ceil(page) * page;
+        let zero_end = (self.offset + (decoded + ZEROED_AHEAD_BYTES).min(self.len)) / page * page;
+        let mut from = self.zeroed_to.max(first_unwritten_page);
+        while from < zero_end {
+            let count = (zero_end - from).min(self.zeros.len() as u64);
+            self.disk
+                .write_all_at(&self.zeros[..count as usize], from)?;
+            from += count;
+            self.zeroed_to = from;
+        }
+        let final_pages_end = (decoded_end / page * page).max(self.offset);
+        if final_pages_end >= self.written_to + WRITE_BEHIND_BYTES {
+            crate::mapping::start_writeback(
+                self.disk,
+                self.written_to,
+                final_pages_end - self.written_to,
+            )?;
+            self.written_to = final_pages_end;
+        }
+        Ok(())
     }
 }
 
@@ -982,6 +1061,10 @@ pub fn rebuild_root(
     let mut output = FileMapping::shared_writable(&disk, inactive.root.offset, patch.result_size)
         .map_err(io_error(format!("mapping {target_what}")))?;
     output.advise_sequential();
+    let mut pages = ResultPages::new(&disk, inactive.root.offset, patch.result_size);
+    pages
+        .advance(0)
+        .map_err(io_error(format!("writing {target_what}")))?;
     let check = if by_tree {
         ResultCheck::VerityTree {
             tree: Box::new(
@@ -1000,7 +1083,13 @@ pub fn rebuild_root(
         &source,
         &mut output,
         check,
-        progress,
+        &mut |decoded| {
+            pages
+                .advance(decoded)
+                .map_err(io_error(format!("writing {target_what}")))?;
+            progress(decoded);
+            Ok(())
+        },
         cancelled,
     )?;
     log_memory("decoding the root patch");
@@ -1147,7 +1236,7 @@ pub fn rebuild_kernel_image(
             &source,
             &mut output,
             ResultCheck::Sha256(Sha256::new()),
-            &mut |_| {},
+            &mut |_| Ok(()),
             &|| false,
         )?;
         output.flush().map_err(io_error(&output_what))?;
@@ -1483,8 +1572,10 @@ mod tests {
         assert!(patch.len() < 10_000, "patch of {} bytes", patch.len());
         let mut output = vec![0u8; result.len()];
         let mut seen = Vec::new();
+        let mut range_lengths = Vec::new();
         let decoded = decode_patch(&patch, &source, &mut output, &mut |range| {
             seen.extend_from_slice(range);
+            range_lengths.push(range.len());
             Ok(())
         })
         .unwrap()
@@ -1492,6 +1583,57 @@ mod tests {
         assert_eq!(decoded, result.len());
         assert_eq!(output, result);
         assert_eq!(seen, result);
+        let (last, whole) = range_lengths.split_last().unwrap();
+        assert!(*last > 0);
+        assert!(whole.iter().all(|length| *length >= DECODED_RANGE_BYTES));
+    }
+
+    #[test]
+    fn result_pages_are_zeroed_only_ahead_of_the_decoded_bytes_and_inside_the_result() {
+        let page = rustix::param::page_size();
+        let file = tempfile::tempfile().unwrap();
+        let old = vec![0x5au8; 2 << 20];
+        file.write_all_at(&old, 0).unwrap();
+        let (offset, len) = (2 * page as u64, 600_000u64);
+        let mut pages = ResultPages::new(&file, offset, len);
+        let read = || {
+            let mut bytes = vec![0u8; old.len()];
+            file.read_exact_at(&mut bytes, 0).unwrap();
+            bytes
+        };
+        // 5000 bytes decoded: the rest of their last page is left as it is.
+        file.write_all_at(&[0x11; 5000], offset).unwrap();
+        pages.advance(5000).unwrap();
+        let bytes = read();
+        let offset = offset as usize;
+        let zeroed_from = offset + 2 * page;
+        let zeroed_to = offset + 5000 + ZEROED_AHEAD_BYTES as usize;
+        assert!(bytes[..offset].iter().all(|byte| *byte == 0x5a));
+        assert!(bytes[offset..offset + 5000]
+            .iter()
+            .all(|byte| *byte == 0x11));
+        assert!(bytes[offset + 5000..zeroed_from]
+            .iter()
+            .all(|byte| *byte == 0x5a));
+        let zeroed_end = zeroed_to / page * page;
+        assert!(bytes[zeroed_from..zeroed_end].iter().all(|byte| *byte == 0));
+        assert!(bytes[zeroed_end..].iter().all(|byte| *byte == 0x5a));
+        // Near the end: never past the result's last whole page.
+        let decoded = 400_000;
+        file.write_all_at(&vec![0x11; decoded], offset as u64)
+            .unwrap();
+        pages.advance(decoded as u64).unwrap();
+        let bytes = read();
+        let end = offset + len as usize;
+        let first_unwritten = (offset + decoded).div_ceil(page) * page;
+        assert!(bytes[offset..offset + decoded]
+            .iter()
+            .all(|byte| *byte == 0x11));
+        assert!(bytes[first_unwritten..end / page * page]
+            .iter()
+            .all(|byte| *byte == 0));
+        assert!(bytes[end / page * page..].iter().all(|byte| *byte == 0x5a));
+        pages.advance(len).unwrap();
     }
 
     #[test]
@@ -1606,9 +1748,17 @@ mod tests {
         let path = disk.path();
         let booted = SlotPartitions::locate(path, Slot::A).unwrap();
         let inactive = SlotPartitions::locate(path, Slot::B).unwrap();
+        // Slot B holds old bytes: the ones the rebuild does not write over
+        // (decoded or zeroed ahead of the decoder, in the test's small
+        // steps) would show in the result.
+        let file = crate::install::open_disk_for_writing(path).unwrap();
+        file.write_all_at(
+            &vec![0x5a; inactive.root.size as usize],
+            inactive.root.offset,
+        )
+        .unwrap();
         let rebuild = || rebuild_into_slot_b(path, &patch, &bytes, &info);
         let streamed = rebuild().unwrap();
-        let file = crate::install::open_disk_for_writing(path).unwrap();
         let mut written = vec![0u8; result.len()];
         file.read_exact_at(&mut written, inactive.root.offset)
             .unwrap();

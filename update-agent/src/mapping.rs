@@ -6,7 +6,8 @@
 //! whole root never counts against the agent's anonymous memory.
 //!
 //! The one module of the agent with `unsafe` code: `mmap`/`munmap`/`msync`
-//! through rustix, a slice over the mapped pages. The slice stays valid as
+//! through rustix, `sync_file_range` through libc, a slice over the mapped
+//! pages. The slice stays valid as
 //! long as the [`FileMapping`] lives (it unmaps on drop); the file's bytes
 //! under it may change (another writer), which changes what the slice reads
 //! but never its validity, except when the file shrinks under the map (a
@@ -125,6 +126,28 @@ impl FileMapping {
         // SAFETY: exactly the range this value mapped; advice changes no contents.
         let _ = unsafe { mm::madvise(self.base.as_ptr(), self.mapped_len, mm::Advice::Sequential) };
     }
+}
+
+/// Starts writing `len` bytes of `file`'s dirty pages from `offset` to the
+/// disk and returns without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`):
+/// what a decoder has finished goes out while it decodes the rest, instead
+/// of all at the final flush. Durability still comes from that flush.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too long to write back",
+        ));
+    };
+    // SAFETY: a plain system call on an open descriptor; it touches no memory.
+    let result = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl std::ops::Deref for FileMapping {
