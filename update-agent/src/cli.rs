@@ -213,6 +213,12 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             from,
         } => {
             let proxy = proxy().await?;
+            // Subscribed before the call, so the end of a quick install is
+            // not missed (None: the bus refused the match; polled then).
+            let changes = match no_wait {
+                true => None,
+                false => proxy.receive_changed().await.ok(),
+            };
             let version = version.as_deref().unwrap_or("");
             let text = match from {
                 Some(copy) => {
@@ -240,7 +246,7 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
                 }
                 return Ok(());
             }
-            wait_for_install(&proxy, &started.version, cli.json).await
+            wait_for_install(&proxy, changes, &started.version, cli.json).await
         }
         Command::Cancel => {
             let text = proxy()
@@ -281,9 +287,15 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
     }
 }
 
-/// Show a progress bar until the install ends; fail if it failed.
+/// How often the progress bar is updated while an install runs.
+const PROGRESS_POLL: Duration = Duration::from_millis(300);
+
+/// Show a progress bar until the install ends; fail if it failed. The
+/// agent's `Changed` signal (`changes`) ends a wait at once: the end of an
+/// install is seen when it happens, not at the next poll.
 async fn wait_for_install(
     proxy: &Update1Proxy<'_>,
+    mut changes: Option<crate::dbus::ChangedStream>,
     version: &semver::Version,
     json: bool,
 ) -> Result<(), AgentError> {
@@ -342,7 +354,19 @@ async fn wait_for_install(
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        match changes.as_mut() {
+            Some(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                let ended =
+                    tokio::time::timeout(PROGRESS_POLL, crate::tuf::next_item(stream.as_mut()))
+                        .await;
+                if let Ok(None) = ended {
+                    // The bus closed the subscription: poll.
+                    changes = None;
+                }
+            }
+            None => tokio::time::sleep(PROGRESS_POLL).await,
+        }
     }
 }
 

@@ -515,6 +515,9 @@ pub trait Update1 {
     fn progress(&self) -> zbus::Result<(u64, u64)>;
     #[zbus(property)]
     fn last_error(&self) -> zbus::Result<String>;
+    /// An operation ended: its name and "" or the error.
+    #[zbus(signal)]
+    fn changed(&self, operation: String, last_error: String) -> zbus::Result<()>;
 }
 
 /// Turn a D-Bus method error into the agent's error (refusals keep exit code 2).
