@@ -149,8 +149,8 @@ def apply_once(node, update, bus_address, drop):
         started = time.monotonic()
         applied = subprocess.run([update, "--json", "apply", "--version", NEW_VERSION], env=cli_env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=3600)
-        # The CLI polls the daemon every 0.3 s: the apply's end is the daemon's
-        # "installed" line (time-stamped here as it arrives).
+        # The apply's end is the daemon's "installed" line (time-stamped here as
+        # it arrives), not the CLI's exit (it adds its own start and D-Bus calls).
         cli_seconds = time.monotonic() - started
         if applied.returncode != 0:
             raise RuntimeError(f"apply exited {applied.returncode}: {applied.stdout}{applied.stderr}\n" +
