@@ -1174,8 +1174,12 @@ impl Agent {
         let uki = async {
             AgentError::joined(
                 "the download task",
-                tokio::task::spawn_blocking(move || download_checked(reader, &artifact, &download))
-                    .await,
+                tokio::task::spawn_blocking(move || {
+                    download_checked(reader, &artifact, &download)?;
+                    tracing::info!(artifact = %artifact.name, bytes = artifact.uncompressed_size, "kernel image downloaded and checked");
+                    Ok(())
+                })
+                .await,
             )?
         };
         let (verified, downloaded) = tokio::join!(
@@ -1579,17 +1583,22 @@ fn download_checked(
             artifact.size,
             &artifact.sha256,
             path,
+            Durability::Synced,
         ),
         Compression::Zstd => {
             let mut shipped = path.as_os_str().to_owned();
             shipped.push(".zst");
             let shipped = PathBuf::from(shipped);
+            // Read once, right away, then removed: never synced, so its
+            // bytes need never reach the disk (which is busy reading the
+            // slot back meanwhile).
             let result = copy_checked(
                 reader,
                 &artifact.name,
                 artifact.size,
                 &artifact.sha256,
                 &shipped,
+                Durability::Scratch,
             )
             .and_then(|()| {
                 let file = std::fs::File::open(&shipped).map_err(|source| AgentError::Io {
@@ -1607,12 +1616,22 @@ fn download_checked(
                     artifact.uncompressed_size,
                     &artifact.uncompressed_sha256,
                     path,
+                    Durability::Synced,
                 )
             });
             let _ = std::fs::remove_file(&shipped);
             result
         }
     }
+}
+
+/// Whether [`copy_checked`]'s file is on the disk when it returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Synced (`fsync`): a file that is kept.
+    Synced,
+    /// Left in the page cache: a scratch file read once and removed.
+    Scratch,
 }
 
 /// Copy `reader` to `path`; its bytes must be `size` long with sha256 `sha256`
@@ -1623,6 +1642,7 @@ fn copy_checked(
     size: u64,
     sha256: &str,
     path: &Path,
+    durability: Durability,
 ) -> Result<(), AgentError> {
     use sha2::{Digest, Sha256};
     use std::io::Write;
@@ -1658,7 +1678,9 @@ fn copy_checked(
             ),
         });
     }
-    file.sync_all().map_err(io_error)?;
+    if durability == Durability::Synced {
+        file.sync_all().map_err(io_error)?;
+    }
     Ok(())
 }
 
