@@ -1606,7 +1606,7 @@ mod tests {
         pages.advance(5000).unwrap();
         let bytes = read();
         let offset = offset as usize;
-        let zeroed_from = offset + 2 * page;
+        let zeroed_from = (offset + 5000).div_ceil(page) * page;
         let zeroed_to = offset + 5000 + ZEROED_AHEAD_BYTES as usize;
         assert!(bytes[..offset].iter().all(|byte| *byte == 0x5a));
         assert!(bytes[offset..offset + 5000]
