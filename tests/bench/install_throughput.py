@@ -475,11 +475,14 @@ def agent_run(node, update, bus_address, artifact, drop, perf_path=None):
     missing = [name for name, stamp in marks.items() if stamp is None]
     if missing:
         raise RuntimeError(f"the daemon log lacks {missing}; see {stamped.path}")
+    # Logged since 2918f8f only (a compared older agent has none).
+    uki_done = stamped.first("kernel image downloaded and checked")
     return {
         "decide": marks["installing"] - started,
         "root_write": marks["root"] - marks["installing"],
         "verity_write": marks["verity"] - marks["root"],
         "verify": marks["verified"] - marks["verity"],
+        "uki": uki_done - marks["verity"] if uki_done is not None else None,
         "finish": marks["installed"] - marks["verified"],
         "total": marks["installed"] - started,
         "cli_total": returned - started,
@@ -656,10 +659,10 @@ def report(args, rows, agents, drop, load_start, load_end):
               + "  ".join(ratios))
     print()
     print("agent phases (median s): decide = apply call to 'installing' (TUF metadata, manifest, policy); "
-          "verify = the read-back (the UKI downloads meanwhile); finish = relabel, boot entry; cpu = daemon CPU s (user+sys, all threads) during the "
+          "verify = the read-back (the UKI downloads meanwhile); uki = the UKI's download, from the same start; finish = relabel, boot entry; cpu = daemon CPU s (user+sys, all threads) during the "
           "apply; fetch = its fetcher processes' CPU s; server = http.server CPU s; idle = daemon RSS before "
           "the apply")
-    print(f"{'root MiB':>8} {'agent':>8} {'decide':>7} {'root':>7} {'verity':>7} {'verify':>7} {'finish':>7} "
+    print(f"{'root MiB':>8} {'agent':>8} {'decide':>7} {'root':>7} {'verity':>7} {'verify':>7} {'uki':>7} {'finish':>7} "
           f"{'total':>7} {'cpu':>7} {'fetch':>7} {'server':>7} {'idle RSS':>9} {'zstd -dc RSS':>13}")
     for size_mib, facts, results in rows:
         zstd_rss = max(r["zstd_rss"] for r in results["pipe"])
@@ -669,8 +672,11 @@ def report(args, rows, agents, drop, load_start, load_end):
             def mk(key):
                 return m([r[key] for r in runs])
 
+            ukis = [r["uki"] for r in runs if r.get("uki") is not None]
+            uki = f"{m(ukis):>7.2f}" if ukis else f"{'-':>7}"
+
             print(f"{size_mib:>8} {label:>8} {mk('decide'):>7.2f} {mk('root_write'):>7.2f} "
-                  f"{mk('verity_write'):>7.2f} {mk('verify'):>7.2f} {mk('finish'):>7.2f} {mk('total'):>7.2f} "
+                  f"{mk('verity_write'):>7.2f} {mk('verify'):>7.2f} {uki} {mk('finish'):>7.2f} {mk('total'):>7.2f} "
                   f"{mk('cpu'):>7.2f} {mk('fetcher_cpu'):>7.2f} {mk('server_cpu'):>7.2f} "
                   f"{mk('vm_rss_idle') / MIB:>6.1f}MiB "
                   f"{zstd_rss / MIB:>10.1f}MiB")
