@@ -848,7 +848,7 @@ impl<'a> ResultPages<'a> {
 
     /// The first `decoded` bytes of the result are final, the rest unwritten.
     fn advance(&mut self, decoded: u64) -> io::Result<()> {
-        let page = rustix::param::page_size() as u64;
+        let page = crate::mapping::page_size();
         let decoded_end = self.offset + decoded;
         let first_unwritten_page = decoded_end.div_ceil(page) * page;
         let zero_end = (self.offset + (decoded + ZEROED_AHEAD_BYTES).min(self.len)) / page * page;
@@ -1590,7 +1590,7 @@ mod tests {
 
     #[test]
     fn result_pages_are_zeroed_only_ahead_of_the_decoded_bytes_and_inside_the_result() {
-        let page = rustix::param::page_size();
+        let page = crate::mapping::page_size() as usize;
         let file = tempfile::tempfile().unwrap();
         let old = vec![0x5au8; 2 << 20];
         file.write_all_at(&old, 0).unwrap();

@@ -7,12 +7,12 @@
 //!
 //! The one module of the agent with `unsafe` code: `mmap`/`munmap`/`msync`
 //! through rustix, `sync_file_range` through libc, a slice over the mapped
-//! pages. The slice stays valid as
-//! long as the [`FileMapping`] lives (it unmaps on drop); the file's bytes
-//! under it may change (another writer), which changes what the slice reads
-//! but never its validity, except when the file shrinks under the map (a
-//! read past its new end raises SIGBUS): callers map ranges of disks (whose
-//! size does not change) and of files they do not truncate.
+//! pages. The slice stays valid as long as the [`FileMapping`] lives (it
+//! unmaps on drop); the file's bytes under it may change (another writer),
+//! which changes what the slice reads but never its validity, except when
+//! the file shrinks under the map (a read past its new end raises SIGBUS):
+//! callers map ranges of disks (whose size does not change) and of files
+//! they do not truncate.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
@@ -41,7 +41,8 @@ unsafe impl Send for FileMapping {}
 // SAFETY: shared access only reads (`&[u8]`); writes need `&mut`.
 unsafe impl Sync for FileMapping {}
 
-fn page_size() -> u64 {
+/// The size of a memory page: maps start at page boundaries.
+pub(crate) fn page_size() -> u64 {
     rustix::param::page_size() as u64
 }
 
