@@ -215,9 +215,10 @@ pub async fn run(cli: &Cli) -> Result<(), AgentError> {
             let proxy = proxy().await?;
             // Subscribed before the call, so the end of a quick install is
             // not missed (None: the bus refused the match; polled then).
-            let changes = match no_wait {
-                true => None,
-                false => proxy.receive_changed().await.ok(),
+            let changes = if *no_wait {
+                None
+            } else {
+                proxy.receive_changed().await.ok()
             };
             let version = version.as_deref().unwrap_or("");
             let text = match from {
